@@ -1,0 +1,60 @@
+# aicsd: `make demo` runs the main job on built-in synthetic data, `make test` runs every check.
+# Both create or update the virtual environment in .venv first, so a newcomer types only one command.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch/torchvision versions that install quickly on the project's machines; `make install TORCH_PIN=` lets pip choose.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+DEMO_ARGS ?=
+export PYTHONWARNINGS ?= ignore::DeprecationWarning
+
+.PHONY: install demo demo-quick test export clean-nbs docs-check clean
+
+install: $(STAMP)
+
+$(STAMP): settings.ini setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(if $(strip $(TORCH_PIN)),$(BIN)/python -m pip install --quiet $(TORCH_PIN))
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+	@echo "installed aicsd into $(VENV) (activate with: source $(BIN)/activate)"
+
+demo: $(STAMP)
+	$(BIN)/aicsd demo $(DEMO_ARGS)
+
+demo-quick: $(STAMP)
+	$(BIN)/aicsd demo --quick $(DEMO_ARGS)
+
+# 1. library in sync with notebooks, 2. notebooks clean, 3. notebook tests, 4. pytest, 5. docs processing
+test: $(STAMP)
+	@echo "== 1/5 nbdev_export: is aicsd/ in sync with nbs/?"
+	@before=$$(find aicsd -type f -name '*.py' | LC_ALL=C sort | xargs sha1sum); \
+	 $(BIN)/nbdev_export || exit 1; \
+	 after=$$(find aicsd -type f -name '*.py' | LC_ALL=C sort | xargs sha1sum); \
+	 if [ "$$before" != "$$after" ]; then \
+	   echo "FAIL: nbdev_export changed aicsd/: the library was out of sync with the notebooks."; \
+	   diff <(echo "$$before") <(echo "$$after"); \
+	   echo "Commit the exported files (edit nbs/, never aicsd/ by hand)."; exit 1; fi
+	@echo "== 2/5 nbdev_clean: are the notebooks clean?"
+	@before=$$(find nbs -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' | LC_ALL=C sort | xargs sha1sum); \
+	 $(BIN)/nbdev_clean || exit 1; \
+	 after=$$(find nbs -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' | LC_ALL=C sort | xargs sha1sum); \
+	 if [ "$$before" != "$$after" ]; then \
+	   echo "FAIL: nbdev_clean changed notebooks: commit them cleaned (or run nbdev_install_hooks)."; \
+	   diff <(echo "$$before") <(echo "$$after"); exit 1; fi
+	@echo "== 3/5 nbdev_test (cells flagged gpu/data/slow are skipped)"
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing
+	@echo "== 4/5 pytest tests/"
+	$(BIN)/python -m pytest tests/ -q -p no:cacheprovider
+	@echo "== 5/5 nbdev_proc_nbs (docs pre-processing; Quarto renders the site in CI on GitHub)"
+	$(BIN)/nbdev_proc_nbs
+	@echo "make test: all checks passed"
+
+export: $(STAMP)
+	$(BIN)/nbdev_export
+
+clean:
+	rm -rf _proc _docs .pytest_cache
