@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['class_distributions']
 
-# %% ../nbs/00_distributions.ipynb #83d632e1
+# %% ../nbs/00_distributions.ipynb #eaab1a5f
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# %% ../nbs/00_distributions.ipynb #8eaf4e09
+# %% ../nbs/00_distributions.ipynb #0bd56c56
 def _flat_mask(mask:Tensor|None, # bool mask, `B x H x W` or `B x 1 x H x W` (True = keep), or None
                logits:Tensor,    # logits `B x C x H x W`
               )->Tensor|None:    # bool `B x 1 x N` (or None)
@@ -23,7 +23,7 @@ def _flat_mask(mask:Tensor|None, # bool mask, `B x H x W` or `B x 1 x H x W` (Tr
                          f"`logits` {tuple(logits.shape)}; got {tuple(mask.shape)}")
     return mask.to(device=logits.device, dtype=torch.bool).reshape(B, 1, H * W)
 
-# %% ../nbs/00_distributions.ipynb #65d35f02
+# %% ../nbs/00_distributions.ipynb #d5fc7984
 def class_distributions(logits:Tensor, # segmentation logits `B x C x H x W`
                         T:float=1.0,   # temperature: logits are divided by `T` before the softmax
                         log:bool=False, # return log-probabilities instead of probabilities

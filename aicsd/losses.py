@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['icsd_loss', 'pixel_kd_loss', 'ce_loss', 'released_ics_matrix', 'released_icsd_loss']
 
-# %% ../nbs/02_losses.ipynb #89707fb9
+# %% ../nbs/02_losses.ipynb #5bc6d66c
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from .distributions import _flat_mask
 from .similarity import ics_matrix
 
-# %% ../nbs/02_losses.ipynb #0917c868
+# %% ../nbs/02_losses.ipynb #b24cc297
 def _check_pair(student_logits:Tensor, teacher_logits:Tensor):
     "Raise a clear error unless student and teacher logits are 4-D with the same shape."
     for name, t in (('student_logits', student_logits), ('teacher_logits', teacher_logits)):
@@ -23,7 +23,7 @@ def _check_pair(student_logits:Tensor, teacher_logits:Tensor):
         raise ValueError(f"`student_logits` {tuple(student_logits.shape)} and `teacher_logits` "
                          f"{tuple(teacher_logits.shape)} must have the same shape (upsample both to the label size)")
 
-# %% ../nbs/02_losses.ipynb #ea995a65
+# %% ../nbs/02_losses.ipynb #a5218a71
 def icsd_loss(student_logits:Tensor, # student logits `B x C x H x W`
               teacher_logits:Tensor, # teacher logits, same shape (no gradient flows into them)
               T:float=1.0,           # temperature of the spatial softmax
@@ -38,7 +38,7 @@ def icsd_loss(student_logits:Tensor, # student logits `B x C x H x W`
     if normalize == 'row': Ms, Mt = F.normalize(Ms, dim=2), F.normalize(Mt, dim=2)
     return (Ms - Mt.to(Ms.dtype)).pow(2).mean()
 
-# %% ../nbs/02_losses.ipynb #38765844
+# %% ../nbs/02_losses.ipynb #f8815da7
 def _pixel_mask(mask:Tensor|None, target:Tensor|None, ignore_index:int, logits:Tensor)->Tensor|None:
     "Combine an explicit pixel mask and a label map's ignored pixels into one bool `B x 1 x N` mask (or None)."
     m = _flat_mask(mask, logits)
@@ -50,7 +50,7 @@ def _pixel_mask(mask:Tensor|None, target:Tensor|None, ignore_index:int, logits:T
         m = t if m is None else m & t
     return m
 
-# %% ../nbs/02_losses.ipynb #658b7c51
+# %% ../nbs/02_losses.ipynb #66890964
 def pixel_kd_loss(student_logits:Tensor, # student logits `B x C x H x W`
                   teacher_logits:Tensor, # teacher logits, same shape (no gradient flows into them)
                   T:float=1.0,           # temperature of the softmax over classes
@@ -70,7 +70,7 @@ def pixel_kd_loss(student_logits:Tensor, # student logits `B x C x H x W`
         if m is None: return kl.mean() * T**2
         return (kl * m).sum() / m.sum().clamp_min(1) * T**2
 
-# %% ../nbs/02_losses.ipynb #151052c6
+# %% ../nbs/02_losses.ipynb #66a64631
 def ce_loss(logits:Tensor, # logits `B x C x H x W`
             target:Tensor, # labels `B x H x W` (int), `ignore_index` where unlabelled
             ignore_index:int=255, # label value left out of the mean
@@ -84,7 +84,7 @@ def ce_loss(logits:Tensor, # logits `B x C x H x W`
         tot = F.cross_entropy(x, target.long(), ignore_index=ignore_index, reduction='sum')
         return tot / (target != ignore_index).sum().clamp_min(1)
 
-# %% ../nbs/02_losses.ipynb #7354de4c
+# %% ../nbs/02_losses.ipynb #7709a11e
 def released_ics_matrix(logits:Tensor, # logits `B x C x H x W`
                        )->Tensor: # `C x C` float32 (float64 for float64 input): one matrix for the whole batch
     "The released code's 'ICS matrix': height-axis softmax, KLDivLoss fed probabilities, `j>=i` mirrored, summed over the batch."
@@ -102,7 +102,7 @@ def released_ics_matrix(logits:Tensor, # logits `B x C x H x W`
         R = (A[None, :] - G) / B                                        # R[i, j] for i <= j
         return torch.where(upper, R, R.T)                               # mirrored: exactly symmetric
 
-# %% ../nbs/02_losses.ipynb #a2f776e2
+# %% ../nbs/02_losses.ipynb #61cfd604
 def released_icsd_loss(student_logits:Tensor, # student logits `B x C x H x W`
                        teacher_logits:Tensor, # teacher logits, same shape (no gradient flows into them)
                       )->Tensor: # scalar: what the released code's ICSD branch returns (before its lambda)

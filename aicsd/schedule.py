@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['alw_alpha', 'poly_lr_lambda', 'DistillObjective']
 
-# %% ../nbs/04_schedule.ipynb #ec92d37d
+# %% ../nbs/04_schedule.ipynb #e87639e1
 import math
 import torch
 from torch import Tensor
 from .losses import ce_loss, pixel_kd_loss, icsd_loss
 
-# %% ../nbs/04_schedule.ipynb #9bd8287a
+# %% ../nbs/04_schedule.ipynb #b7d6a245
 def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
               total:int|float, # number of iterations (or epochs) of the whole training
              )->float: # alpha in [0, 1]: 0 at the start, 1 at `total`, linear in between
@@ -19,7 +19,7 @@ def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
     if not total > 0: raise ValueError(f"`total` must be > 0 (length of training); got {total}")
     return float(min(max(step / total, 0.0), 1.0))
 
-# %% ../nbs/04_schedule.ipynb #ea28da59
+# %% ../nbs/04_schedule.ipynb #cea6a1aa
 def poly_lr_lambda(total_steps:int, # number of optimiser steps of the whole training
                    power:float=0.9, # exponent of the polynomial decay
                    warmup_steps:int=0, # linear warm-up length (0 = none)
@@ -34,7 +34,7 @@ def poly_lr_lambda(total_steps:int, # number of optimiser steps of the whole tra
         return max(1.0 - t, 0.0) ** power
     return factor
 
-# %% ../nbs/04_schedule.ipynb #bc63dd8c
+# %% ../nbs/04_schedule.ipynb #a6a554ae
 class DistillObjective:
     "Total loss and named, weighted terms (CE, pixel KD, ICSD) for baseline, KD, ICSD and AICSD training."
     methods = ('baseline', 'kd', 'icsd', 'aicsd')

@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['ics_matrix']
 
-# %% ../nbs/01_similarity.ipynb #08f8ebb5
+# %% ../nbs/01_similarity.ipynb #77fbf81e
 import torch
 from torch import Tensor
 from .distributions import class_distributions, _flat_mask
 
-# %% ../nbs/01_similarity.ipynb #f83b17f7
+# %% ../nbs/01_similarity.ipynb #ede18845
 def ics_matrix(logits:Tensor, # segmentation logits `B x C x H x W`
                T:float=1.0,   # temperature of the spatial softmax
                mask:Tensor|None=None, # optional bool `B x H x W`, True = position used (e.g. not crop padding)
