@@ -294,13 +294,23 @@ def _mismatch_report(model, sd, source, show=8):
         if lst: lines += [f"  {len(lst)} {name}: " + ', '.join(lst[:show]) + (f', ... ({len(lst) - show} more)' if len(lst) > show else '')]
     return '\n'.join(lines)
 
+def _alias_report(model, sd, source, show=4):
+    "Keys that name one shared tensor in `model` (MobileNetV2's `features` and its two views) but differ in `sd`."
+    groups = {}
+    for k, v in model.state_dict(keep_vars=True).items(): groups.setdefault(id(v), []).append(k)
+    bad = [ks for ks in groups.values() if len(ks) > 1 and not all(torch.equal(sd[ks[0]], sd[k]) for k in ks[1:])]
+    if not bad: return None
+    return (f"{source}: {len(bad)} tensors shared by several keys have different values under those keys "
+            f"(a consistent checkpoint stores the same tensor under each name): "
+            + '; '.join(' vs '.join(ks) for ks in bad[:show]) + (f'; ... ({len(bad) - show} more)' if len(bad) > show else ''))
+
 def load_state_dict_strict(model:nn.Module, # the model to fill
                            sd:dict, # a state_dict (a 'module.' or '_orig_mod.' prefix is removed)
                            source:str='state_dict', # what to call it in the error message
                           ):
-    "Load `sd` into `model`; raise `CheckpointMismatchError` listing every missing/unexpected key and shape mismatch."
+    "Load `sd` into `model`; raise `CheckpointMismatchError` listing missing/unexpected keys, shape and alias mismatches."
     sd = _strip_prefixes(dict(sd))
-    msg = _mismatch_report(model, sd, source)
+    msg = _mismatch_report(model, sd, source) or _alias_report(model, sd, source)
     if msg: raise CheckpointMismatchError(msg)
     model.load_state_dict(sd, strict=True)
     return model
