@@ -31,7 +31,8 @@ TRAIN_OPTIONS = {
         _opt('--scale-max', type=float, help='random scale upper bound'),
         _opt('--hflip', action=_BOOL, help='random horizontal flip'),
         _opt('--blur', action=_BOOL, help='random Gaussian blur (released code: on)'),
-        _opt('--eval-resize', type=int, metavar='PX', help='evaluate with the short side resized (released code: 513); default native'),
+        _opt('--eval-resize', type=int, metavar='PX', help='evaluate with the short side resized to PX; default native resolution'),
+        _opt('--eval-square', action=_BOOL, help="with --eval-resize: resize to PX x PX, as the released code's FixedResize"),
         _opt('--workers', type=int, help='data loader worker processes per rank'),
         _opt('--max-val', type=int, metavar='N', help='evaluate on the first N validation images only'),
     ],
@@ -91,9 +92,11 @@ def add_train_options(p:argparse.ArgumentParser, # a subcommand parser
     g = p.add_argument_group('What to train')
     if distill:
         g.add_argument('--teacher', metavar='CKPT', help='teacher checkpoint (best.pt of `aicsd train`)')
+        g.add_argument('--teacher-backbone', metavar='BACKBONE', choices=BACKBONES,
+                       help="the teacher is a checkpoint of the authors' released code with this backbone")
         g.add_argument('--student', metavar='BACKBONE', choices=BACKBONES, help='student backbone')
         g.add_argument('--method', choices=['baseline', 'kd', 'icsd', 'aicsd'], help='distillation method')
-        p.set_defaults(student=DEFAULTS['model'], method='aicsd', teacher=None)
+        p.set_defaults(student=DEFAULTS['model'], method='aicsd', teacher=None, teacher_backbone=None)
     else:
         g.add_argument('--model', metavar='BACKBONE', choices=BACKBONES, help=f"backbone: {', '.join(BACKBONES)}")
         p.set_defaults(model=DEFAULTS['model'])
@@ -114,7 +117,8 @@ def read_config(path:str|Path, # .yaml, .yml or .toml
     if not path.is_file(): raise FileNotFoundError(f"config file not found: {path}")
     text = path.read_text()
     if path.suffix.lower() == '.toml':
-        import tomllib
+        try: import tomllib                      # Python >= 3.11
+        except ImportError: import tomli as tomllib  # Python 3.10
         d = tomllib.loads(text)
     elif path.suffix.lower() in ('.yaml', '.yml'):
         import yaml
@@ -141,7 +145,7 @@ PAPER_MIOU = {  # (dataset, student) -> method -> reported val mIoU (%), PAPER.m
 PAPER_TEACHER = dict(voc=77.85, cityscapes=77.66)
 _PROTOCOL = dict(output_stride=16, epochs=120, batch_size=6, momentum=0.9, weight_decay=5e-4, poly_power=0.9,
                  head_mult=10.0, crop_size=513, scale_min=0.5, scale_max=2.0, hflip=True, blur=True,
-                 eval_resize=513, temperature=1.0, pretrained_backbone=True, amp='bf16')
+                 eval_resize=513, eval_square=True, temperature=1.0, pretrained_backbone=True, amp='bf16')
 _DATA = dict(voc=dict(data='voc', data_root='data/VOCdevkit/VOC2012', train_split='trainaug', val_split='val', lr=0.007),
              cityscapes=dict(data='cityscapes', data_root='data/cityscapes', train_split='train', val_split='val', lr=0.01))
 _SHORT = dict(resnet18='r18', mobilenetv2='mbv2', resnet101='r101')
@@ -221,7 +225,7 @@ def build_parser()->argparse.ArgumentParser:
         description='mIoU, pixel accuracy, mean class accuracy, frequency-weighted IoU and per-class IoU.',
         epilog="example:\n  aicsd evaluate --ckpt runs/s/best.pt --data voc --data-root data/VOCdevkit/VOC2012 --eval-resize 513")
     e.add_argument('--ckpt', required=True, metavar='PATH', help='best.pt / last.pt (or any file load_model reads)')
-    for n in ('--data', '--data-root', '--val-split', '--eval-resize', '--workers', '--max-val', '--device',
+    for n in ('--data', '--data-root', '--val-split', '--eval-resize', '--eval-square', '--workers', '--max-val', '--device',
               '--amp', '--threads', '--val-batch-size'):
         names, kw = next((nm, kw) for g in TRAIN_OPTIONS.values() for nm, kw in g if n in nm)
         e.add_argument(*names, **kw); e.set_defaults(**{_dest(names): DEFAULTS[_dest(names)]})
@@ -338,7 +342,8 @@ def run_evaluate(a:argparse.Namespace)->dict:
     _, _, _, owned = init_distributed(dev)
     try:
         model = load_model(a.ckpt, map_location='cpu').to(dev)
-        ds = get_dataset(a.data, a.data_root, a.val_split, eval_transform(resize_short=a.eval_resize))
+        from aicsd.distill import eval_transform_for
+        ds = get_dataset(a.data, a.data_root, a.val_split, eval_transform_for(vars(a)))
         nc = model_arch(model)['num_classes']
         res = evaluate(model, ds, nc, batch_size=a.val_batch_size, device=dev, workers=a.workers,
                        amp_dtype=_amp_dtype(a.amp, dev), max_items=a.max_val)

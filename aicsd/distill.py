@@ -13,12 +13,12 @@ from torch import nn, Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'make_config', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint', 'dist_env',
-           'resolve_device', 'init_distributed', 'cleanup_distributed', 'CPUSyncBatchNorm', 'convert_sync_batchnorm',
-           'distill_step', 'train_step', 'evaluate', 'RunLog', 'fit']
+__all__ = ['DEFAULTS', 'make_config', 'eval_transform_for', 'load_teacher', 'rng_state', 'set_rng_state', 'save_checkpoint',
+           'load_checkpoint', 'dist_env', 'resolve_device', 'init_distributed', 'cleanup_distributed',
+           'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'distill_step', 'train_step', 'evaluate', 'RunLog', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
-from .models import deeplabv3plus, param_groups, model_arch, load_model
+from .models import deeplabv3plus, param_groups, model_arch, load_model, load_released_checkpoint
 from .data import get_dataset, train_transform, eval_transform, build_loader, make_synthetic
 from .schedule import alw_alpha, poly_lr_lambda, DistillObjective
 from .metrics import SegMetrics
@@ -30,12 +30,14 @@ DEFAULTS = dict(
     method='baseline',         # baseline | kd | icsd | aicsd
     model='resnet18',          # backbone of the trained network (student in distill mode)
     teacher=None,              # path to the teacher checkpoint (distill mode)
+    teacher_backbone=None,     # set for a checkpoint of the authors' released code: its backbone (e.g. 'resnet101')
     output_stride=16, pretrained_backbone=False, no_dropout=False,
     # data
     data='synthetic', data_root='data/synthetic', train_split='train', val_split='val',
     num_classes=None,          # None: from the dataset
     crop_size=513, scale_min=0.5, scale_max=2.0, hflip=True, blur=False,
-    eval_resize=None,          # short side for evaluation (513 = released code); None: native resolution
+    eval_resize=None,          # resize for evaluation: short side (aspect kept); None: native resolution
+    eval_square=False,         # with eval_resize: resize to eval_resize x eval_resize (the released code's FixedResize)
     workers=0, max_val=None,   # max_val: evaluate on the first N validation images only
     # optimisation (torchvision reference / paper)
     epochs=120, max_steps=None, batch_size=6, val_batch_size=1, lr=0.007, momentum=0.9,
@@ -70,6 +72,28 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     for k, v in out.items():  # plain types only: the configuration is stored in weights_only checkpoints
         if isinstance(v, Path): out[k] = str(v)
     return out
+
+# %% ../nbs/08_distill.ipynb #5989ab44
+def eval_transform_for(cfg:dict, # a configuration (`make_config`)
+                      ): # the evaluation transform the configuration asks for
+    "Evaluation transform: native resolution, short side resized, or (`eval_square`) the released code's square resize."
+    if cfg.get('eval_resize') and cfg.get('eval_square'): return eval_transform(resize=int(cfg['eval_resize']))
+    return eval_transform(resize_short=cfg.get('eval_resize'))
+
+def load_teacher(path:str, # checkpoint: `best.pt`/`last.pt` of aicsd, or a file of the authors' released code
+                 backbone:str|None=None, # for a released-code checkpoint: its backbone ('resnet101', ...)
+                 num_classes:int|None=None, # classes of the data (checked against the checkpoint)
+                 output_stride:int=16, # output stride of a released-code teacher
+                ): # the teacher in eval mode
+    "Load a teacher from an aicsd checkpoint (which knows its architecture) or from a released-code checkpoint."
+    ck = torch.load(path, map_location='cpu', weights_only=True)
+    if isinstance(ck, dict) and 'arch' in ck: return load_model(ck)
+    if backbone is None:
+        raise ValueError(f"teacher checkpoint {path} has no 'arch' entry, so it is not an aicsd checkpoint; if it was "
+                         f"written by the authors' released code, say which backbone it is with --teacher-backbone "
+                         f"(e.g. resnet101)")
+    if num_classes is None: raise ValueError("num_classes is needed to load a released-code teacher")
+    return load_released_checkpoint(ck, backbone, num_classes, output_stride=output_stride)
 
 # %% ../nbs/08_distill.ipynb #d410ec26
 def rng_state()->dict:
@@ -290,7 +314,7 @@ def _datasets(cfg:dict, rank:int):
         if dist.is_initialized(): dist.barrier()
     ttf = train_transform(cfg['crop_size'], scale=(cfg['scale_min'], cfg['scale_max']), hflip=cfg['hflip'],
                           blur=cfg['blur'])
-    etf = eval_transform(resize_short=cfg['eval_resize'])
+    etf = eval_transform_for(cfg)
     tr = get_dataset(cfg['data'], root, cfg['train_split'], ttf)
     va = get_dataset(cfg['data'], root, cfg['val_split'], etf)
     nc = cfg['num_classes'] or _num_classes(tr)
@@ -351,7 +375,8 @@ def fit(cfg:dict|None=None, # configuration (see `DEFAULTS`); keys left out take
         teacher = None
         if objective.needs_teacher:
             if not cfg['teacher']: raise ValueError(f"method {cfg['method']!r} needs --teacher CKPT")
-            teacher = load_model(cfg['teacher'], map_location='cpu')
+            teacher = load_teacher(cfg['teacher'], backbone=cfg['teacher_backbone'], num_classes=nc,
+                                   output_stride=cfg['output_stride'])
             tnc = model_arch(teacher)['num_classes']
             if tnc != nc: raise ValueError(f"teacher {cfg['teacher']} predicts {tnc} classes, the data has {nc}")
             teacher.eval().requires_grad_(False)
