@@ -34,11 +34,3 @@ def tiny_args(root, out, *more) -> list:
 def state_dict(path):
     import torch
     return torch.load(path, map_location='cpu', weights_only=True)['model']
-
-def cli(args, capsys=None) -> tuple:
-    "Run `aicsd ARGS` in this process (same parser and code path as the console script): (exit code, stdout, stderr)."
-    import aicsd.cli
-    try: rc = aicsd.cli.main([str(a) for a in args])
-    except SystemExit as e: rc = e.code
-    out, err = capsys.readouterr() if capsys is not None else ('', '')
-    return rc, out, err
