@@ -18,7 +18,7 @@ __all__ = ['DEFAULTS', 'make_config', 'eval_transform_for', 'load_teacher', 'rng
            'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'distill_step', 'train_step', 'evaluate', 'RunLog', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
-from .models import deeplabv3plus, param_groups, model_arch, load_model, load_released_checkpoint
+from .models import deeplabv3plus, param_groups, model_arch, load_model, load_released_checkpoint, atomic_save
 from .data import get_dataset, train_transform, eval_transform, build_loader, make_synthetic
 from .schedule import alw_alpha, poly_lr_lambda, DistillObjective
 from .metrics import SegMetrics
@@ -118,11 +118,7 @@ def save_checkpoint(path:str|Path, # file to write
                     **state, # anything weights_only can read back
                    )->Path:
     "Write `state` to `path` atomically (temporary file, then `os.replace`)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_save(state, path)
 
 def load_checkpoint(path:str|Path, map_location='cpu')->dict:
     "Read a checkpoint written by `save_checkpoint` (`weights_only=True`)."
