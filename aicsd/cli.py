@@ -79,6 +79,7 @@ TRAIN_OPTIONS = {
         _opt('--sync-bn', action=_BOOL, help='SyncBatchNorm under torchrun'),
         _opt('--threads', type=int, help='torch CPU threads'),
         _opt('--deterministic', action=_BOOL, help='torch.use_deterministic_algorithms'),
+        _opt('--dtype', choices=['float32', 'float64'], help='float64: model, data and losses in double precision (exact numerics checks; slow)'),
     ],
 }
 

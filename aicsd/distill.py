@@ -49,10 +49,12 @@ DEFAULTS = dict(
     stop_after=None,           # leave after this many steps of this session (checkpoint written; resume later)
     # runtime
     seed=0, device='auto', amp='none', channels_last=True, sync_bn=False, threads=None, deterministic=False,
+    dtype='float32',           # 'float64': model, data and losses in double precision (numerics checks; slow)
 )
 
 _CHOICES = dict(mode=('train', 'distill'), method=('baseline', 'kd', 'icsd', 'aicsd'),
-                amp=('none', 'bf16', 'fp16'), alw_unit=('step', 'epoch'))
+                amp=('none', 'bf16', 'fp16'), alw_unit=('step', 'epoch'),
+                dtype=('float32', 'float64'))
 
 def make_config(cfg:dict|None=None, # options to set; anything left out takes its default
                 **kwargs, # more options (override `cfg`)
@@ -65,6 +67,8 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     out.update(given)
     for k, ch in _CHOICES.items():
         if out[k] not in ch: raise ValueError(f"configuration '{k}' must be one of {ch}, got {out[k]!r}")
+    if out['dtype'] == 'float64' and out['amp'] != 'none':
+        raise ValueError(f"dtype 'float64' runs without mixed precision: set amp='none' (--amp none), got {out['amp']!r}")
     if out['mode'] == 'distill' and out['method'] != 'baseline' and not out['teacher']:
         raise ValueError(f"method {out['method']!r} needs a teacher checkpoint: set 'teacher' (--teacher PATH)")
     for k in ('batch_size', 'epochs'):
@@ -213,6 +217,10 @@ def convert_sync_batchnorm(model:nn.Module, device:torch.device)->nn.Module:
 def _autocast(device:torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
+def _full(x:Tensor)->Tensor:
+    "Half-precision outputs of autocast to float32; float32 and float64 stay as they are."
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
 def distill_step(student:nn.Module, # network being trained (train mode)
                  teacher:nn.Module|None, # frozen network, or None for ground-truth-only training
                  objective, # `DistillObjective`: (student_logits, teacher_logits, target, alpha) -> (total, terms)
@@ -226,10 +234,10 @@ def distill_step(student:nn.Module, # network being trained (train mode)
     if teacher is not None:
         teacher.eval()
         with torch.no_grad(), _autocast(images.device, teacher_dtype or amp_dtype):
-            t_logits = teacher(images).float()
+            t_logits = _full(teacher(images))
     with _autocast(images.device, amp_dtype):
         s_logits = student(images)
-    total, terms = objective(s_logits.float(), t_logits, target, alpha=alpha)
+    total, terms = objective(_full(s_logits), t_logits, target, alpha=alpha)
     return total, terms, s_logits
 
 def train_step(student, teacher, objective, images, target, optimizer, scheduler=None, scaler=None,
@@ -264,10 +272,12 @@ def evaluate(model:nn.Module, # network to evaluate (eval mode is set here)
     if max_items is not None and max_items < len(dataset): dataset = Subset(dataset, range(int(max_items)))
     dl = build_loader(dataset, batch_size, train=False, num_workers=workers)
     was = model.training; model.eval()
+    fdt = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     m = SegMetrics(num_classes, ignore_index=255)
     dev = torch.device(device)
     for x, y in _progress(dl, progress and (not dist.is_initialized() or dist.get_rank() == 0), desc='eval'):
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        if fdt is not None: x = x.to(fdt)                        # float64 models evaluate float64 images
         with _autocast(dev, amp_dtype): logits = model(x)
         m.update(logits.argmax(1), y)
     model.train(was)
@@ -378,8 +388,9 @@ def fit(cfg:dict|None=None, # configuration (see `DEFAULTS`); keys left out take
             teacher.eval().requires_grad_(False)
         if world > 1 and cfg['sync_bn']: student = convert_sync_batchnorm(student, device)
         mf = torch.channels_last if (device.type == 'cuda' and cfg['channels_last']) else torch.contiguous_format
-        student.to(device, memory_format=mf)
-        if teacher is not None: teacher.to(device, memory_format=mf)
+        fdt = getattr(torch, cfg['dtype'])
+        student.to(device, dtype=fdt, memory_format=mf)
+        if teacher is not None: teacher.to(device, dtype=fdt, memory_format=mf)
         model = student
         if world > 1:
             ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -439,7 +450,7 @@ def fit(cfg:dict|None=None, # configuration (see `DEFAULTS`); keys left out take
             bar = _progress(loader, tty, desc=f'epoch {epoch + 1}/{epochs}', total=spe, initial=skip)
             for i, (x, y) in enumerate(bar, start=skip):
                 if gstep >= total: break
-                x = x.to(device, non_blocking=True, memory_format=mf); y = y.to(device, non_blocking=True)
+                x = x.to(device, dtype=fdt, non_blocking=True, memory_format=mf); y = y.to(device, non_blocking=True)
                 alpha = alw_alpha(gstep, total) if cfg['alw_unit'] == 'step' else alw_alpha(epoch, epochs)
                 loss, terms = train_step(model, teacher, objective, x, y, opt, sched, scaler, alpha=alpha,
                                          amp_dtype=amp_dtype, teacher_dtype=teacher_dtype, clip_grad=cfg['clip_grad'])
