@@ -7,105 +7,73 @@ from __future__ import annotations
 import argparse, json, os, sys, time, textwrap
 from pathlib import Path
 import torch
-from .distill import DEFAULTS, make_config, fit, evaluate, load_checkpoint
+from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate, load_checkpoint
+from .objective import METHODS, TERMS, parse_method
 
 # %% auto #0
-__all__ = ['TRAIN_OPTIONS', 'BACKBONES', 'PAPER_MIOU', 'PAPER_TEACHER', 'RECIPES', 'EPILOG', 'DEMO_PRESETS', 'DEMO_METHODS',
+__all__ = ['BACKBONES', 'PAPER_MIOU', 'PAPER_TEACHER', 'RECIPES', 'EPILOG', 'DEMO_PRESETS', 'DEMO_METHODS', 'methods_help',
            'add_train_options', 'read_config', 'recipe_text', 'build_parser', 'args_to_config', 'parse', 'main',
            'run_evaluate', 'run_demo', 'format_table', 'write_report', 'demo_figures']
 
 # %% ../nbs/09_cli.ipynb #939854fc
-_BOOL = argparse.BooleanOptionalAction
+def _method_arg(s:str)->str:
+    "argparse type of --method: a method or a '+' combination, checked against the methods table."
+    try: parse_method(s)
+    except ValueError as e: raise argparse.ArgumentTypeError(str(e))
+    return s
 
-def _opt(*names, **kw): return names, kw
+def _weight_arg(s:str)->tuple:
+    "argparse type of --weight: TERM=W."
+    k, sep, v = s.partition('=')
+    try: w = float(v)
+    except ValueError: w = None
+    if not sep or w is None or not k.strip():
+        raise argparse.ArgumentTypeError(f"expected TERM=WEIGHT such as cwd=3, got {s!r}")
+    if k.strip() not in TERMS: raise argparse.ArgumentTypeError(f"unknown term {k.strip()!r}; terms: {', '.join(TERMS)}")
+    return k.strip(), w
 
-TRAIN_OPTIONS = {
-    'Data': [
-        _opt('--data', choices=['voc', 'cityscapes', 'synthetic'], help='dataset'),
-        _opt('--data-root', metavar='DIR', help='dataset folder (VOC2012/, the Cityscapes root, or the synthetic folder)'),
-        _opt('--train-split', help='training split (VOC: train or trainaug)'),
-        _opt('--val-split', help='validation split'),
-        _opt('--num-classes', type=int, metavar='C', help='classes (default: from the dataset)'),
-        _opt('--crop-size', type=int, metavar='PX', help='training crop (paper: 513)'),
-        _opt('--scale-min', type=float, help='random scale lower bound'),
-        _opt('--scale-max', type=float, help='random scale upper bound'),
-        _opt('--hflip', action=_BOOL, help='random horizontal flip'),
-        _opt('--blur', action=_BOOL, help='random Gaussian blur (released code: on)'),
-        _opt('--eval-resize', type=int, metavar='PX', help='evaluate with the short side resized to PX; default native resolution'),
-        _opt('--eval-square', action=_BOOL, help="with --eval-resize: resize to PX x PX, as the released code's FixedResize"),
-        _opt('--workers', type=int, help='data loader worker processes per rank'),
-        _opt('--max-val', type=int, metavar='N', help='evaluate on the first N validation images only'),
-    ],
-    'Model': [
-        _opt('--output-stride', type=int, choices=[8, 16], help='DeepLabV3+ output stride'),
-        _opt('--pretrained-backbone', action=_BOOL, help="start from torchvision's ImageNet weights (downloads)"),
-        _opt('--no-dropout', action='store_true', help='set every dropout probability to 0 (e.g. to compare runs across world sizes)'),
-    ],
-    'Optimisation': [
-        _opt('--epochs', type=int, help='epochs (paper: 120)'),
-        _opt('--max-steps', type=int, metavar='N', help='stop after N iterations (the poly schedule spans N)'),
-        _opt('--batch-size', '-b', type=int, help='batch size per process (paper: 6)'),
-        _opt('--val-batch-size', type=int, help='evaluation batch size per process'),
-        _opt('--lr', type=float, help='base learning rate of the backbone (paper: 0.007 VOC, 0.01 Cityscapes)'),
-        _opt('--head-mult', type=float, help='learning-rate multiplier of ASPP and decoder (paper: 10)'),
-        _opt('--momentum', type=float, help='SGD momentum'),
-        _opt('--weight-decay', '--wd', type=float, help='weight decay'),
-        _opt('--poly-power', type=float, help='poly learning-rate power'),
-        _opt('--warmup-steps', type=int, help='linear warm-up iterations'),
-        _opt('--clip-grad', type=float, metavar='NORM', help='clip the gradient norm'),
-    ],
-    'Distillation': [
-        _opt('--lambda-kd', type=float, help='weight of pixel-wise KD'),
-        _opt('--lambda-icsd', type=float, help='weight of ICSD'),
-        _opt('--temperature', '-T', type=float, help='softmax temperature'),
-        _opt('--alw-unit', choices=['step', 'epoch'], help="ALW alpha per iteration (ours) or per epoch (paper)"),
-        _opt('--teacher-bf16', action=_BOOL, help='run the frozen teacher under bf16 autocast'),
-    ],
-    'Checkpoints and logs': [
-        _opt('--out', metavar='DIR', help='run folder: last.pt, best.pt, *.csv, tb/'),
-        _opt('--ckpt-every', type=int, metavar='N', help='also write last.pt every N iterations (0: epoch ends only)'),
-        _opt('--eval-every', type=int, metavar='K', help='evaluate every K epochs'),
-        _opt('--log-every', type=int, metavar='N', help='log the losses every N iterations'),
-        _opt('--resume', action=_BOOL, help='continue the run in --out from its last.pt, at the exact batch'),
-        _opt('--stop-after', type=int, metavar='N', help='leave after N iterations of this session (resume later)'),
-        _opt('--tensorboard', action=_BOOL, help='write TensorBoard events'),
-        _opt('--quiet', '-q', action=_BOOL, help='no progress bars or per-epoch lines'),
-    ],
-    'Runtime': [
-        _opt('--seed', type=int, help='random seed'),
-        _opt('--device', help="'auto', 'cpu', 'cuda' or 'cuda:N'"),
-        _opt('--amp', choices=['none', 'bf16', 'fp16'], help='mixed precision (fp16 uses a grad scaler; CUDA)'),
-        _opt('--channels-last', action=_BOOL, help='channels-last memory format on CUDA'),
-        _opt('--sync-bn', action=_BOOL, help='SyncBatchNorm under torchrun'),
-        _opt('--threads', type=int, help='torch CPU threads'),
-        _opt('--deterministic', action=_BOOL, help='torch.use_deterministic_algorithms'),
-        _opt('--dtype', choices=['float32', 'float64'], help='float64: model, data and losses in double precision (exact numerics checks; slow)'),
-    ],
-}
+class _Weights(argparse.Action):
+    "--weight TERM=W, repeatable; merges into a dict (a config file's `weight:` mapping included)."
+    def __call__(self, parser, ns, values, option_string=None):
+        d = dict(getattr(ns, self.dest) or {}); d[values[0]] = values[1]; setattr(ns, self.dest, d)
 
-def _dest(names): return [n for n in names if n.startswith('--')][0][2:].replace('-', '_')
+def methods_help()->str:
+    "One line per method of the methods table, for --help."
+    w = max(map(len, METHODS))
+    return '\n'.join(f"  {n:<{w}}  {m.doc}{' [ALW]' if m.alw else ''}" for n, m in METHODS.items())
+
+def _add_option(g, o:Option):
+    flags = [f"--{o.name.replace('_', '-')}", *o.flags]
+    help = o.help + (' (default: %(default)s)' if o.flag != 'true' and o.default not in (None, False) else '')
+    if o.flag == 'bool': g.add_argument(*flags, action=argparse.BooleanOptionalAction, help=o.help)
+    elif o.flag == 'true': g.add_argument(*flags, action='store_true', help=help)
+    elif o.name == 'weight': g.add_argument(*flags, type=_weight_arg, action=_Weights, metavar=o.metavar, help=help)
+    else: g.add_argument(*flags, type=o.type, choices=o.choices, metavar=o.metavar, help=help)
 
 def add_train_options(p:argparse.ArgumentParser, # a subcommand parser
                       distill:bool=False, # add the distillation options (teacher, student, method)
                      )->argparse.ArgumentParser:
-    "Add the grouped options of `train` / `distill` to `p`, with defaults from `DEFAULTS`."
+    "Add the grouped options of `train` / `distill` to `p` from `OPTIONS`, with their defaults."
     p.add_argument('--config', '-c', metavar='FILE', help='YAML or TOML file whose keys are the long options (flags override it)')
     g = p.add_argument_group('What to train')
     if distill:
         g.add_argument('--teacher', metavar='CKPT', help='teacher checkpoint (best.pt of `aicsd train`)')
         g.add_argument('--teacher-backbone', metavar='BACKBONE', choices=BACKBONES,
                        help="the teacher is a checkpoint of the authors' released code with this backbone")
-        g.add_argument('--student', metavar='BACKBONE', choices=BACKBONES, help='student backbone')
-        g.add_argument('--method', choices=['baseline', 'kd', 'icsd', 'aicsd'], help='distillation method')
+        g.add_argument('--student', metavar='BACKBONE', choices=BACKBONES, help='student backbone (default: %(default)s)')
+        g.add_argument('--method', metavar='METHOD', type=_method_arg,
+                       help=f"distillation method, or several joined by '+' (their terms summed, e.g. cwd+icsd): "
+                            f"{', '.join(METHODS)} (default: %(default)s; the list with each method's terms is below)")
         p.set_defaults(student=DEFAULTS['model'], method='aicsd', teacher=None, teacher_backbone=None)
     else:
-        g.add_argument('--model', metavar='BACKBONE', choices=BACKBONES, help=f"backbone: {', '.join(BACKBONES)}")
+        g.add_argument('--model', metavar='BACKBONE', choices=BACKBONES, help=f"backbone: {', '.join(BACKBONES)} (default: %(default)s)")
         p.set_defaults(model=DEFAULTS['model'])
-    for title, opts in TRAIN_OPTIONS.items():
-        g = p.add_argument_group(title)
-        for names, kw in opts:
-            g.add_argument(*names, **kw)
-            p.set_defaults(**{_dest(names): DEFAULTS[_dest(names)]})
+    groups = {}
+    for o in OPTIONS:
+        if not o.help: continue
+        if o.group not in groups: groups[o.group] = p.add_argument_group(o.group)
+        _add_option(groups[o.group], o)
+        p.set_defaults(**{o.name: o.default})
     return p
 
 BACKBONES = ['resnet101', 'resnet50', 'resnet18', 'mobilenetv2']
@@ -217,19 +185,21 @@ def build_parser()->argparse.ArgumentParser:
                "  aicsd train --config voc-teacher-r101.yaml   (from `aicsd recipes voc-teacher-r101`)")
     add_train_options(t)
     d = sub.add_parser('distill', formatter_class=fmt, help='train a student from a frozen teacher',
-        description='Distil a frozen teacher into a student. Methods: baseline (CE only), kd (CE + pixel KD), '
-                    'icsd (CE + KD + ICSD), aicsd (ICSD with adaptive loss weighting).',
-        epilog="example:\n  aicsd distill --teacher runs/voc-t/best.pt --student resnet18 --method aicsd "
-               "--data voc --data-root data/VOCdevkit/VOC2012 --out runs/voc-r18-aicsd")
+        description='Distil a frozen teacher into a student with a method of the methods table (listed below), '
+                    "or a '+' combination of them; --alw puts any of them under adaptive loss weighting.",
+        epilog="methods (--method):\n" + methods_help() +
+               "\n\nexamples:\n  aicsd distill --teacher runs/voc-t/best.pt --student resnet18 --method aicsd "
+               "--data voc --data-root data/VOCdevkit/VOC2012 --out runs/voc-r18-aicsd\n"
+               "  aicsd distill ... --method cwd+icsd --alw --weight cwd=3")
     add_train_options(d, distill=True)
     e = sub.add_parser('evaluate', formatter_class=fmt, help='evaluate a checkpoint',
         description='mIoU, pixel accuracy, mean class accuracy, frequency-weighted IoU and per-class IoU.',
         epilog="example:\n  aicsd evaluate --ckpt runs/s/best.pt --data voc --data-root data/VOCdevkit/VOC2012 --eval-resize 513")
     e.add_argument('--ckpt', required=True, metavar='PATH', help='best.pt / last.pt (or any file load_model reads)')
-    for n in ('--data', '--data-root', '--val-split', '--eval-resize', '--eval-square', '--workers', '--max-val', '--device',
-              '--amp', '--threads', '--val-batch-size'):
-        names, kw = next((nm, kw) for g in TRAIN_OPTIONS.values() for nm, kw in g if n in nm)
-        e.add_argument(*names, **kw); e.set_defaults(**{_dest(names): DEFAULTS[_dest(names)]})
+    for o in OPTIONS:
+        if o.name in ('data', 'data_root', 'val_split', 'eval_resize', 'eval_square', 'workers', 'max_val', 'device',
+                      'amp', 'threads', 'val_batch_size'):
+            _add_option(e, o); e.set_defaults(**{o.name: o.default})
     e.add_argument('--json', metavar='FILE', help='also write the metrics to FILE')
     m = sub.add_parser('demo', formatter_class=fmt, help='the whole method on synthetic data, on a CPU',
         description='Synthetic data -> small teacher -> students (baseline, KD, ICSD, AICSD, same seed) -> '

@@ -5,6 +5,8 @@
 # %% ../nbs/08_distill.ipynb #a14e7f63
 from __future__ import annotations
 import csv, gc, math, os, random, sys, time, warnings
+from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,69 +15,148 @@ from torch import nn, Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'make_config', 'eval_transform_for', 'load_teacher', 'rng_state', 'set_rng_state', 'save_checkpoint',
-           'load_checkpoint', 'dist_env', 'resolve_device', 'init_distributed', 'cleanup_distributed',
-           'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'distill_step', 'train_step', 'evaluate', 'RunLog', 'fit']
+__all__ = ['OPTIONS', 'DEFAULTS', 'RESUME_KEYS', 'Option', 'make_objective', 'make_config', 'poly_lr_lambda',
+           'eval_transform_for', 'load_teacher', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint',
+           'dist_env', 'resolve_device', 'init_distributed', 'cleanup_distributed', 'CPUSyncBatchNorm',
+           'convert_sync_batchnorm', 'StudentWithModules', 'model_outputs', 'tap_channels', 'distill_step',
+           'train_step', 'evaluate', 'RunLog', 'Run', 'Progress', 'build_models', 'build_run', 'Checkpointer',
+           'train_one_epoch', 'evaluate_and_keep_best', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import deeplabv3plus, param_groups, model_arch, load_model, load_released_checkpoint, atomic_save
 from .data import get_dataset, train_transform, eval_transform, build_loader, make_synthetic
-from .schedule import alw_alpha, poly_lr_lambda, DistillObjective
+from .objective import alw_alpha, DistillObjective, METHODS, parse_method
 from .metrics import SegMetrics
 
 # %% ../nbs/08_distill.ipynb #442be153
-DEFAULTS = dict(
-    # what to train
-    mode='train',              # 'train' (one network, ground truth only) or 'distill'
-    method='baseline',         # baseline | kd | icsd | aicsd
-    model='resnet18',          # backbone of the trained network (student in distill mode)
-    teacher=None,              # path to the teacher checkpoint (distill mode)
-    teacher_backbone=None,     # set for a checkpoint of the authors' released code: its backbone (e.g. 'resnet101')
-    output_stride=16, pretrained_backbone=False, no_dropout=False,
-    # data
-    data='synthetic', data_root='data/synthetic', train_split='train', val_split='val',
-    num_classes=None,          # None: from the dataset
-    crop_size=513, scale_min=0.5, scale_max=2.0, hflip=True, blur=False,
-    eval_resize=None,          # resize for evaluation: short side (aspect kept); None: native resolution
-    eval_square=False,         # with eval_resize: resize to eval_resize x eval_resize (the released code's FixedResize)
-    workers=0, max_val=None,   # max_val: evaluate on the first N validation images only
-    # optimisation (torchvision reference / paper)
-    epochs=120, max_steps=None, batch_size=6, val_batch_size=1, lr=0.007, momentum=0.9,
-    weight_decay=5e-4, head_mult=10.0, poly_power=0.9, warmup_steps=0, clip_grad=None,
-    # distillation
-    lambda_kd=1.0, lambda_icsd=0.1, temperature=1.0, alw_unit='step', teacher_bf16=False,
-    # checkpoints and logging
-    out='runs/exp', ckpt_every=0, eval_every=1, log_every=10, resume=False, tensorboard=True, quiet=False,
-    stop_after=None,           # leave after this many steps of this session (checkpoint written; resume later)
-    # runtime
-    seed=0, device='auto', amp='none', channels_last=True, sync_bn=False, threads=None, deterministic=False,
-    dtype='float32',           # 'float64': model, data and losses in double precision (numerics checks; slow)
-)
+@dataclass(frozen=True)
+class Option:
+    "One configuration key: its default, its command-line flag(s) and help (one table feeds both)."
+    name:str # configuration key; the long flag is --name with '-' for '_'
+    default:object # default value
+    group:str # --help section
+    help:str='' # one line for --help ('' : configuration only, no flag)
+    flags:tuple=() # more flags, e.g. ('-b',)
+    type:Callable|None=None # argparse type
+    choices:tuple|None=None # allowed values
+    flag:str='value' # 'value' (takes an argument), 'bool' (--x/--no-x), 'true' (--x only)
+    metavar:str|None=None
 
-_CHOICES = dict(mode=('train', 'distill'), method=('baseline', 'kd', 'icsd', 'aicsd'),
-                amp=('none', 'bf16', 'fp16'), alw_unit=('step', 'epoch'),
-                dtype=('float32', 'float64'))
+def _O(name, default, group, help='', **kw): return Option(name, default, group, help, **kw)
+
+OPTIONS = [
+    # what to train (the command line adds --model / --student, --teacher, --method itself)
+    _O('mode', 'train', 'What to train', choices=('train', 'distill')),
+    _O('method', 'baseline', 'What to train'),
+    _O('model', 'resnet18', 'What to train'),
+    _O('teacher', None, 'What to train'),
+    _O('teacher_backbone', None, 'What to train'),
+    _O('alw', None, 'Distillation', "put the method's terms under adaptive loss weighting (default: on for aicsd only)", flag='bool'),
+    _O('weight', None, 'Distillation', 'weight of a term, e.g. --weight cwd=3 (repeat the option for more terms)',
+       metavar='TERM=W'),
+    _O('lambda_kd', 1.0, 'Distillation', 'weight of pixel-wise KD', type=float),
+    _O('lambda_icsd', 0.1, 'Distillation', 'weight of ICSD', type=float),
+    _O('temperature', 1.0, 'Distillation', 'softmax temperature of KD and ICSD', flags=('-T',), type=float),
+    _O('alw_unit', 'step', 'Distillation', 'ALW alpha per iteration (ours) or per epoch (paper)', choices=('step', 'epoch')),
+    _O('teacher_bf16', False, 'Distillation', 'run the frozen teacher under bf16 autocast', flag='bool'),
+    # data
+    _O('data', 'synthetic', 'Data', 'dataset', choices=('voc', 'cityscapes', 'synthetic')),
+    _O('data_root', 'data/synthetic', 'Data', 'dataset folder (VOC2012/, the Cityscapes root, or the synthetic folder)', metavar='DIR'),
+    _O('train_split', 'train', 'Data', 'training split (VOC: train or trainaug)'),
+    _O('val_split', 'val', 'Data', 'validation split'),
+    _O('num_classes', None, 'Data', 'classes (default: from the dataset)', type=int, metavar='C'),
+    _O('crop_size', 513, 'Data', 'training crop (paper: 513)', type=int, metavar='PX'),
+    _O('scale_min', 0.5, 'Data', 'random scale lower bound', type=float),
+    _O('scale_max', 2.0, 'Data', 'random scale upper bound', type=float),
+    _O('hflip', True, 'Data', 'random horizontal flip', flag='bool'),
+    _O('blur', False, 'Data', 'random Gaussian blur (released code: on)', flag='bool'),
+    _O('eval_resize', None, 'Data', 'evaluate with the short side resized to PX; default native resolution', type=int, metavar='PX'),
+    _O('eval_square', False, 'Data', "with --eval-resize: resize to PX x PX, as the released code's FixedResize", flag='bool'),
+    _O('workers', 0, 'Data', 'data loader worker processes per rank', type=int),
+    _O('max_val', None, 'Data', 'evaluate on the first N validation images only', type=int, metavar='N'),
+    # model
+    _O('output_stride', 16, 'Model', 'DeepLabV3+ output stride', type=int, choices=(8, 16)),
+    _O('pretrained_backbone', False, 'Model', "start from torchvision's ImageNet weights (downloads)", flag='bool'),
+    _O('no_dropout', False, 'Model', 'set every dropout probability to 0 (e.g. to compare runs across world sizes)', flag='true'),
+    # optimisation (torchvision reference / paper)
+    _O('epochs', 120, 'Optimisation', 'epochs (paper: 120)', type=int),
+    _O('max_steps', None, 'Optimisation', 'stop after N iterations (the poly schedule spans N)', type=int, metavar='N'),
+    _O('batch_size', 6, 'Optimisation', 'batch size per process (paper: 6)', flags=('-b',), type=int),
+    _O('val_batch_size', 1, 'Optimisation', 'evaluation batch size per process', type=int),
+    _O('lr', 0.007, 'Optimisation', 'base learning rate of the backbone (paper: 0.007 VOC, 0.01 Cityscapes)', type=float),
+    _O('head_mult', 10.0, 'Optimisation', "learning-rate multiplier of ASPP, decoder and the terms' adapters (paper: 10)", type=float),
+    _O('momentum', 0.9, 'Optimisation', 'SGD momentum', type=float),
+    _O('weight_decay', 5e-4, 'Optimisation', 'weight decay', flags=('--wd',), type=float),
+    _O('poly_power', 0.9, 'Optimisation', 'poly learning-rate power', type=float),
+    _O('warmup_steps', 0, 'Optimisation', 'linear warm-up iterations', type=int),
+    _O('clip_grad', None, 'Optimisation', 'clip the gradient norm', type=float, metavar='NORM'),
+    # checkpoints and logs
+    _O('out', 'runs/exp', 'Checkpoints and logs', 'run folder: last.pt, best.pt, *.csv, tb/', metavar='DIR'),
+    _O('ckpt_every', 0, 'Checkpoints and logs', 'also write last.pt every N iterations (0: epoch ends only)', type=int, metavar='N'),
+    _O('eval_every', 1, 'Checkpoints and logs', 'evaluate every K epochs', type=int, metavar='K'),
+    _O('log_every', 10, 'Checkpoints and logs', 'log the losses every N iterations', type=int, metavar='N'),
+    _O('resume', False, 'Checkpoints and logs', 'continue the run in --out from its last.pt, at the exact batch', flag='bool'),
+    _O('stop_after', None, 'Checkpoints and logs', 'leave after N iterations of this session (resume later)', type=int, metavar='N'),
+    _O('tensorboard', True, 'Checkpoints and logs', 'write TensorBoard events', flag='bool'),
+    _O('quiet', False, 'Checkpoints and logs', 'no progress bars or per-epoch lines', flags=('-q',), flag='bool'),
+    # runtime
+    _O('seed', 0, 'Runtime', 'random seed', type=int),
+    _O('device', 'auto', 'Runtime', "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    _O('amp', 'none', 'Runtime', 'mixed precision (fp16 uses a grad scaler; CUDA)', choices=('none', 'bf16', 'fp16')),
+    _O('channels_last', True, 'Runtime', 'channels-last memory format on CUDA', flag='bool'),
+    _O('sync_bn', False, 'Runtime', 'SyncBatchNorm under torchrun', flag='bool'),
+    _O('threads', None, 'Runtime', 'torch CPU threads', type=int),
+    _O('deterministic', False, 'Runtime', 'torch.use_deterministic_algorithms', flag='bool'),
+    _O('dtype', 'float32', 'Runtime', 'float64: model, data and losses in double precision (exact numerics checks; slow)',
+       choices=('float32', 'float64')),
+]
+DEFAULTS = {o.name: o.default for o in OPTIONS}
+
+def make_objective(cfg:dict)->DistillObjective:
+    "The objective a configuration asks for (method, weights, ALW, temperature)."
+    return DistillObjective(cfg['method'], lambda_kd=cfg['lambda_kd'], lambda_icsd=cfg['lambda_icsd'],
+                            T=cfg['temperature'], weights=cfg['weight'], alw=cfg['alw'])
 
 def make_config(cfg:dict|None=None, # options to set; anything left out takes its default
                 **kwargs, # more options (override `cfg`)
                )->dict: # a complete configuration
-    "Merge `cfg` and `kwargs` over `DEFAULTS`, check names and choices."
+    "Merge `cfg` and `kwargs` over `DEFAULTS`, check names, choices and the method."
     out = dict(DEFAULTS)
     given = {**(cfg or {}), **kwargs}
     unknown = sorted(k for k in given if k not in DEFAULTS)
     if unknown: raise KeyError(f"unknown configuration key(s) {unknown}; valid keys: {sorted(DEFAULTS)}")
     out.update(given)
-    for k, ch in _CHOICES.items():
-        if out[k] not in ch: raise ValueError(f"configuration '{k}' must be one of {ch}, got {out[k]!r}")
+    for o in OPTIONS:
+        if o.choices and out[o.name] not in o.choices:
+            raise ValueError(f"configuration '{o.name}' must be one of {o.choices}, got {out[o.name]!r}")
+    if out['weight'] is not None: out['weight'] = {str(k): float(v) for k, v in dict(out['weight']).items()}
+    obj = make_objective(out)                              # checks the method, the weights and the temperature
+    if out['mode'] == 'train' and obj.needs_teacher:
+        raise ValueError(f"mode 'train' trains on the ground truth only; method {out['method']!r} needs mode 'distill'")
     if out['dtype'] == 'float64' and out['amp'] != 'none':
         raise ValueError(f"dtype 'float64' runs without mixed precision: set amp='none' (--amp none), got {out['amp']!r}")
-    if out['mode'] == 'distill' and out['method'] != 'baseline' and not out['teacher']:
+    if out['mode'] == 'distill' and obj.needs_teacher and not out['teacher']:
         raise ValueError(f"method {out['method']!r} needs a teacher checkpoint: set 'teacher' (--teacher PATH)")
     for k in ('batch_size', 'epochs'):
         if int(out[k]) < 1: raise ValueError(f"'{k}' must be >= 1, got {out[k]}")
     for k, v in out.items():  # plain types only: the configuration is stored in weights_only checkpoints
         if isinstance(v, Path): out[k] = str(v)
     return out
+
+# %% ../nbs/08_distill.ipynb #188a5971
+def poly_lr_lambda(total_steps:int, # number of optimiser steps of the whole training
+                   power:float=0.9, # exponent of the polynomial decay
+                   warmup_steps:int=0, # linear warm-up length (0 = none)
+                  ): # callable step -> factor in [0, 1], for `LambdaLR`
+    "Poly learning-rate factor `(1 - t/T)^power` with optional linear warm-up, for `torch.optim.lr_scheduler.LambdaLR`."
+    if not total_steps > 0: raise ValueError(f"`total_steps` must be > 0; got {total_steps}")
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"`warmup_steps` must be in [0, total_steps={total_steps}); got {warmup_steps}")
+    def factor(step:int)->float:
+        if step < warmup_steps: return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / (total_steps - warmup_steps)
+        return max(1.0 - t, 0.0) ** power
+    return factor
 
 # %% ../nbs/08_distill.ipynb #5989ab44
 def eval_transform_for(cfg:dict, # a configuration (`make_config`)
@@ -221,24 +302,57 @@ def _full(x:Tensor)->Tensor:
     "Half-precision outputs of autocast to float32; float32 and float64 stay as they are."
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
-def distill_step(student:nn.Module, # network being trained (train mode)
+class StudentWithModules(nn.Module):
+    "The student and its terms' modules as one module: what DDP wraps and the optimizer trains."
+    def __init__(self, student:nn.Module, modules:nn.ModuleDict|None=None):
+        super().__init__()
+        self.student, self.extras = student, modules if modules is not None else nn.ModuleDict()
+    def forward(self, x:Tensor, taps:tuple=())->dict: return model_outputs(self.student, x, taps)
+
+def _core(model:nn.Module)->nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+def model_outputs(model:nn.Module, # a DeepLabV3Plus (or a `StudentWithModules`, possibly inside DDP)
+                  x:Tensor, # images
+                  taps:tuple=(), # feature taps to return besides the logits
+                 )->dict: # {'logits': ..., tap: ...}, half precision cast to float32
+    "A model's outputs as a dict: the logits and the requested feature taps."
+    if isinstance(_core(model), StudentWithModules): return model(x, taps=tuple(taps))
+    if not taps: return {'logits': _full(model(x))}
+    out, f = model(x, return_features=True)
+    return {'logits': _full(out), **{k: _full(f[k]) for k in taps}}
+
+@torch.no_grad()
+def tap_channels(model:nn.Module, # a DeepLabV3Plus
+                 taps:tuple=(), # feature taps
+                )->dict: # {'logits': C, tap: channels}
+    "Channels of the logits and of each tap, from one small forward pass in eval mode."
+    was = model.training; model.eval()
+    p = next(model.parameters())
+    out = model_outputs(model, torch.zeros(1, 3, 64, 64, dtype=p.dtype, device=p.device), taps)
+    model.train(was)
+    return {k: int(v.shape[1]) for k, v in out.items()}
+
+def distill_step(student:nn.Module, # network being trained (train mode): a model or a `StudentWithModules`
                  teacher:nn.Module|None, # frozen network, or None for ground-truth-only training
-                 objective, # `DistillObjective`: (student_logits, teacher_logits, target, alpha) -> (total, terms)
+                 objective, # `DistillObjective`: (student outputs, teacher outputs, target, alpha, modules) -> (total, terms)
                  images:Tensor, target:Tensor, # B x 3 x H x W batch and its B x H x W labels (255 ignored)
                  alpha:float=0.0, # ALW weight
                  amp_dtype=None, # autocast dtype for the student, or None
                  teacher_dtype=None, # autocast dtype for the teacher (e.g. torch.bfloat16), or None
                 )->tuple: # (total loss, dict of weighted terms, student logits)
     "Forward pass of one distillation step: frozen teacher, training student, named weighted terms."
-    t_logits = None
+    t_out = None
     if teacher is not None:
         teacher.eval()
         with torch.no_grad(), _autocast(images.device, teacher_dtype or amp_dtype):
-            t_logits = _full(teacher(images))
+            t_out = model_outputs(teacher, images, objective.teacher_taps)
     with _autocast(images.device, amp_dtype):
-        s_logits = student(images)
-    total, terms = objective(_full(s_logits), t_logits, target, alpha=alpha)
-    return total, terms, s_logits
+        s_out = model_outputs(student, images, objective.student_taps)
+    core = _core(student)
+    modules = core.extras if isinstance(core, StudentWithModules) else None
+    total, terms = objective(s_out, t_out, target, alpha=alpha, modules=modules)
+    return total, terms, s_out['logits']
 
 def train_step(student, teacher, objective, images, target, optimizer, scheduler=None, scaler=None,
                alpha:float=0.0, amp_dtype=None, teacher_dtype=None,
@@ -327,8 +441,7 @@ def _datasets(cfg:dict, rank:int):
     return tr, va, nc
 
 def _num_classes(ds)->int:
-    for a in ('num_classes',):
-        if hasattr(ds, a): return int(getattr(ds, a))
+    if hasattr(ds, 'num_classes'): return int(ds.num_classes)
     if hasattr(ds, 'classes'): return len(ds.classes)
     raise ValueError("cannot tell the number of classes of the dataset: set num_classes (--num-classes)")
 
@@ -341,155 +454,213 @@ def _disable_dropout(model:nn.Module):
     for m in model.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd): m.p = 0.0
 
-def _ckpt_state(model, opt, sched, scaler, cfg, epoch, step_in_epoch, global_step, best, metrics=None):
-    return dict(model=model.state_dict(), arch=model_arch(model), config=cfg,
-                optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                scaler=scaler.state_dict() if scaler is not None else {},
-                epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
-                best_miou=float(best), metrics=metrics or {}, rng=rng_state())
-
 # %% ../nbs/08_distill.ipynb #d4a8e351
-def fit(cfg:dict|None=None, # configuration (see `DEFAULTS`); keys left out take their defaults
+@dataclass
+class Run:
+    "Everything a run holds, built by `build_run`."
+    cfg:dict; device:torch.device; rank:int; world:int; owned:bool; out:Path
+    train_ds:object; val_ds:object; num_classes:int; loader:object
+    student:nn.Module; teacher:nn.Module|None; objective:DistillObjective
+    net:StudentWithModules; model:nn.Module # model: `net`, or DDP around it
+    opt:torch.optim.Optimizer; sched:object; scaler:object
+    amp_dtype:object; teacher_dtype:object; dtype:torch.dtype; memory_format:object
+    steps_per_epoch:int; epochs:int; total:int
+    @property
+    def main(self)->bool: return self.rank == 0
+
+@dataclass
+class Progress:
+    "Where a run stands: the next batch to train and the best mIoU so far."
+    epoch:int=0; step_in_epoch:int=0; step:int=0; best:float=-1.0; metrics:dict=field(default_factory=dict)
+
+def build_models(cfg:dict, num_classes:int)->tuple: # (student, teacher or None, objective, modules)
+    "The student (seeded: identical on every rank), the frozen teacher, the objective and the terms' modules."
+    torch.manual_seed(cfg['seed'])
+    student = deeplabv3plus(cfg['model'], num_classes, output_stride=cfg['output_stride'],
+                            pretrained_backbone=cfg['pretrained_backbone'])
+    if cfg['no_dropout']: _disable_dropout(student)
+    objective = make_objective(cfg)
+    teacher = None
+    if objective.needs_teacher:
+        if not cfg['teacher']: raise ValueError(f"method {cfg['method']!r} needs --teacher CKPT")
+        teacher = load_teacher(cfg['teacher'], backbone=cfg['teacher_backbone'], num_classes=num_classes,
+                               output_stride=cfg['output_stride'])
+        tnc = model_arch(teacher)['num_classes']
+        if tnc != num_classes: raise ValueError(f"teacher {cfg['teacher']} predicts {tnc} classes, the data has {num_classes}")
+        teacher.eval().requires_grad_(False)
+    modules = objective.build_modules(tap_channels(student, objective.student_taps),
+                                      tap_channels(teacher, objective.teacher_taps) if teacher is not None else None,
+                                      num_classes)
+    return student, teacher, objective, modules
+
+def build_run(cfg:dict)->Run:
+    "Device, process group, data, models, DDP, optimizer and schedule of a configuration."
+    if cfg['threads']: torch.set_num_threads(int(cfg['threads']))
+    if cfg['deterministic']: torch.use_deterministic_algorithms(True, warn_only=True)
+    device = resolve_device(cfg['device'], dist_env()[2])
+    rank, world, local, owned = init_distributed(device)
+    out = Path(cfg['out'])
+    if rank == 0: out.mkdir(parents=True, exist_ok=True)
+    train_ds, val_ds, nc = _datasets(cfg, rank)
+    if len(train_ds) < cfg['batch_size'] * world:
+        raise ValueError(f"{len(train_ds)} training images cannot fill a batch of {cfg['batch_size']} on {world} process(es)")
+    loader = build_loader(train_ds, cfg['batch_size'], train=True, num_workers=cfg['workers'], seed=cfg['seed'],
+                          distributed=world > 1)
+    student, teacher, objective, modules = build_models(cfg, nc)
+    net = StudentWithModules(student, modules)
+    if world > 1 and cfg['sync_bn']: convert_sync_batchnorm(net, device)
+    mf = torch.channels_last if (device.type == 'cuda' and cfg['channels_last']) else torch.contiguous_format
+    fdt = getattr(torch, cfg['dtype'])
+    net.to(device, dtype=fdt, memory_format=mf)
+    if teacher is not None: teacher.to(device, dtype=fdt, memory_format=mf)
+    model = net
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None)
+    groups = param_groups(student, cfg['lr'], head_mult=cfg['head_mult'])
+    if len(modules): groups.append(dict(params=list(modules.parameters()), lr=cfg['lr'] * cfg['head_mult']))
+    opt = torch.optim.SGD(groups, lr=cfg['lr'], momentum=cfg['momentum'], weight_decay=cfg['weight_decay'])
+    loader.sampler.set_epoch(0); spe = len(loader)
+    epochs, total = cfg['epochs'], cfg['epochs'] * spe
+    if cfg['max_steps']: total = int(cfg['max_steps']); epochs = math.ceil(total / spe)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr_lambda(total, power=cfg['poly_power'],
+                                                                  warmup_steps=cfg['warmup_steps']))
+    amp_dtype = _amp_dtype(cfg['amp'], device)
+    scaler = torch.amp.GradScaler(device.type) if cfg['amp'] == 'fp16' else None
+    teacher_dtype = torch.bfloat16 if cfg['teacher_bf16'] else None
+    return Run(cfg, device, rank, world, owned, out, train_ds, val_ds, nc, loader, student, teacher, objective, net, model,
+               opt, sched, scaler, amp_dtype, teacher_dtype, fdt, mf, spe, epochs, total)
+
+# %% ../nbs/08_distill.ipynb #e35e8ed3
+RESUME_KEYS = ('model', 'method', 'batch_size', 'seed', 'data', 'teacher', 'alw', 'weight')
+
+class Checkpointer:
+    "Writes and reads `last.pt` and `best.pt` of a run folder (rank 0 writes; every rank reads)."
+    def __init__(self, run:Run): self.run, self.last, self.best = run, run.out/'last.pt', run.out/'best.pt'
+
+    def _student(self): return dict(model=self.run.student.state_dict(), arch=model_arch(self.run.student))
+
+    def save_last(self, prog:Progress):
+        "Write `last.pt` (every rank takes part: the RNG states are gathered)."
+        r = self.run
+        st = rng_state()
+        if r.world > 1:
+            allst = [None] * r.world
+            dist.all_gather_object(allst, st)
+        else: allst = st
+        if r.main:
+            save_checkpoint(self.last, **self._student(), config=r.cfg, modules=r.net.extras.state_dict(),
+                            optimizer=r.opt.state_dict(), scheduler=r.sched.state_dict(),
+                            scaler=r.scaler.state_dict() if r.scaler is not None else {},
+                            epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step,
+                            best_miou=float(prog.best), metrics=prog.metrics or {}, rng=allst)
+
+    def save_best(self, prog:Progress):
+        "Write `best.pt`: the student, its metrics and the configuration."
+        if self.run.main:
+            save_checkpoint(self.best, **self._student(), config=self.run.cfg, metrics=prog.metrics,
+                            epoch=prog.epoch, global_step=prog.step)
+
+    def resume(self)->Progress|None:
+        "Restore the run from `last.pt` if it exists (None otherwise)."
+        r = self.run
+        if not self.last.exists(): return None
+        ck = load_checkpoint(self.last)
+        for k in RESUME_KEYS:
+            if ck['config'].get(k, DEFAULTS[k]) != r.cfg[k]:
+                raise ValueError(f"cannot resume {self.last}: it was run with {k}={ck['config'].get(k)!r}, now {r.cfg[k]!r}")
+        r.student.load_state_dict(ck['model']); r.net.extras.load_state_dict(ck.get('modules', {}))
+        r.opt.load_state_dict(ck['optimizer']); r.sched.load_state_dict(ck['scheduler'])
+        if r.scaler is not None and ck['scaler']: r.scaler.load_state_dict(ck['scaler'])
+        rngs = ck['rng']
+        set_rng_state(rngs[r.rank] if isinstance(rngs, list) else rngs)
+        return Progress(ck['epoch'], ck['step_in_epoch'], ck['global_step'], ck['best_miou'], ck['metrics'])
+
+    def start(self)->Progress:
+        "A fresh run: forget the logs of an earlier one in the same folder, seed each rank."
+        r = self.run
+        if r.main:
+            for f in ('train_log.csv', 'eval_log.csv'): (r.out/f).unlink(missing_ok=True)
+        s = r.cfg['seed'] + r.rank
+        torch.manual_seed(s); random.seed(s); np.random.seed(s)
+        return Progress()
+
+# %% ../nbs/08_distill.ipynb #3ff4845e
+def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
+                    stop_at:int|None=None, # leave (checkpoint written) once this global step is reached
+                    tty:bool=False)->bool: # True when stopped by `stop_at` in the middle of the epoch
+    "Train the rest of epoch `prog.epoch` from batch `prog.step_in_epoch`; `prog` moves along."
+    cfg, spe = run.cfg, run.steps_per_epoch
+    skip = prog.step_in_epoch
+    run.loader.sampler.set_epoch(prog.epoch, skip=skip * cfg['batch_size'])
+    bar = _progress(run.loader, tty, desc=f'epoch {prog.epoch + 1}/{run.epochs}', total=spe, initial=skip)
+    for i, (x, y) in enumerate(bar, start=skip):
+        if prog.step >= run.total: break
+        x = x.to(run.device, dtype=run.dtype, non_blocking=True, memory_format=run.memory_format)
+        y = y.to(run.device, non_blocking=True)
+        alpha = alw_alpha(prog.step, run.total) if cfg['alw_unit'] == 'step' else alw_alpha(prog.epoch, run.epochs)
+        loss, terms = train_step(run.model, run.teacher, run.objective, x, y, run.opt, run.sched, run.scaler,
+                                 alpha=alpha, amp_dtype=run.amp_dtype, teacher_dtype=run.teacher_dtype,
+                                 clip_grad=cfg['clip_grad'])
+        prog.step += 1; prog.step_in_epoch = i + 1
+        if run.main and (prog.step % max(1, cfg['log_every']) == 0 or prog.step == run.total):
+            vals = dict(epoch=prog.epoch, lr=run.opt.param_groups[0]['lr'], alpha=float(alpha), loss=float(loss),
+                        **{k: float(v) for k, v in terms.items()})
+            if not math.isfinite(vals['loss']): raise FloatingPointError(f"loss is {vals['loss']} at step {prog.step}")
+            log.row('train_log', prog.step, vals)
+            if tty: bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
+        mid = i + 1 < spe
+        if cfg['ckpt_every'] and prog.step % cfg['ckpt_every'] == 0 and mid and prog.step < run.total:
+            ckpt.save_last(prog)
+        if stop_at is not None and prog.step >= stop_at and mid:
+            ckpt.save_last(prog); return True
+    prog.epoch += 1; prog.step_in_epoch = 0
+    return False
+
+def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer, t0:float, tty:bool=False):
+    "Evaluate the student, log, and write `best.pt` when the mIoU improves."
+    cfg = run.cfg
+    m = evaluate(run.student, run.val_ds, run.num_classes, batch_size=cfg['val_batch_size'], device=run.device,
+                 workers=cfg['workers'], amp_dtype=run.amp_dtype, max_items=cfg['max_val'], progress=tty)
+    prog.metrics = {k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in m.items()}
+    if run.main:
+        log.row('eval_log', prog.step, dict(epoch=prog.epoch, **{k: v for k, v in prog.metrics.items() if isinstance(v, float)},
+                                            time_s=round(time.time() - t0, 2)))
+        if not cfg['quiet']:
+            print(f"epoch {prog.epoch}/{run.epochs} step {prog.step}: mIoU {prog.metrics['miou']:.4f} "
+                  f"pixel acc {prog.metrics['pixel_acc']:.4f}", flush=True)
+    if prog.metrics['miou'] > prog.best:
+        prog.best = prog.metrics['miou']
+        ckpt.save_best(prog)
+
+# %% ../nbs/08_distill.ipynb #db7bd979
+def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take their defaults
         **kwargs, # more options, e.g. fit(epochs=2, out='runs/x')
        )->dict: # best_miou, metrics (last evaluation), steps, time_s, out, model (rank 0, unwrapped, CPU)
     "Train (or distil into) a DeepLabV3+ according to `cfg`; resume from `out/last.pt` if `resume`."
     cfg = make_config(cfg, **kwargs)
     t0 = time.time()
-    if cfg['threads']: torch.set_num_threads(int(cfg['threads']))
-    if cfg['deterministic']: torch.use_deterministic_algorithms(True, warn_only=True)
-    _, _, local = dist_env()
-    device = resolve_device(cfg['device'], local)
-    rank, world, local, owned = init_distributed(device)
-    main = rank == 0
-    out = Path(cfg['out'])
-    if main: out.mkdir(parents=True, exist_ok=True)
-    student = ddp = opt = None
+    run, joined_before = None, dist.is_initialized()
     try:
-        train_ds, val_ds, nc = _datasets(cfg, rank)
-        if len(train_ds) < cfg['batch_size'] * world:
-            raise ValueError(f"{len(train_ds)} training images cannot fill a batch of {cfg['batch_size']} on {world} process(es)")
-        loader = build_loader(train_ds, cfg['batch_size'], train=True, num_workers=cfg['workers'], seed=cfg['seed'],
-                              distributed=world > 1)
-        # models: same initialisation on every rank (seeded), then per-rank RNG for dropout
-        torch.manual_seed(cfg['seed'])
-        backbone = cfg['model']
-        student = deeplabv3plus(backbone, nc, output_stride=cfg['output_stride'],
-                                pretrained_backbone=cfg['pretrained_backbone'])
-        if cfg['no_dropout']: _disable_dropout(student)
-        objective = DistillObjective(cfg['method'], lambda_kd=cfg['lambda_kd'], lambda_icsd=cfg['lambda_icsd'],
-                                     T=cfg['temperature'], ignore_index=255)
-        teacher = None
-        if objective.needs_teacher:
-            if not cfg['teacher']: raise ValueError(f"method {cfg['method']!r} needs --teacher CKPT")
-            teacher = load_teacher(cfg['teacher'], backbone=cfg['teacher_backbone'], num_classes=nc,
-                                   output_stride=cfg['output_stride'])
-            tnc = model_arch(teacher)['num_classes']
-            if tnc != nc: raise ValueError(f"teacher {cfg['teacher']} predicts {tnc} classes, the data has {nc}")
-            teacher.eval().requires_grad_(False)
-        if world > 1 and cfg['sync_bn']: student = convert_sync_batchnorm(student, device)
-        mf = torch.channels_last if (device.type == 'cuda' and cfg['channels_last']) else torch.contiguous_format
-        fdt = getattr(torch, cfg['dtype'])
-        student.to(device, dtype=fdt, memory_format=mf)
-        if teacher is not None: teacher.to(device, dtype=fdt, memory_format=mf)
-        model = student
-        if world > 1:
-            ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == 'cuda' else None)
-            model = ddp
-        opt = torch.optim.SGD(param_groups(student, cfg['lr'], head_mult=cfg['head_mult']), lr=cfg['lr'],
-                              momentum=cfg['momentum'], weight_decay=cfg['weight_decay'])
-        loader.sampler.set_epoch(0); spe = len(loader)
-        epochs = cfg['epochs']
-        total = epochs * spe
-        if cfg['max_steps']: total = int(cfg['max_steps']); epochs = math.ceil(total / spe)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr_lambda(total, power=cfg['poly_power'],
-                                                                      warmup_steps=cfg['warmup_steps']))
-        amp_dtype = _amp_dtype(cfg['amp'], device)
-        scaler = torch.amp.GradScaler(device.type) if cfg['amp'] == 'fp16' else None
-        teacher_dtype = torch.bfloat16 if cfg['teacher_bf16'] else None
-        start_epoch = start_step = gstep = 0
-        best, metrics = -1.0, {}
-        ck_path = out/'last.pt'
-        if cfg['resume'] and ck_path.exists():
-            ck = load_checkpoint(ck_path)
-            for k in ('model', 'method', 'batch_size', 'seed', 'data', 'teacher'):
-                if ck['config'].get(k) != cfg[k]:
-                    raise ValueError(f"cannot resume {ck_path}: it was run with {k}={ck['config'].get(k)!r}, now {cfg[k]!r}")
-            student.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer'])
-            sched.load_state_dict(ck['scheduler'])
-            if scaler is not None and ck['scaler']: scaler.load_state_dict(ck['scaler'])
-            start_epoch, start_step, gstep = ck['epoch'], ck['step_in_epoch'], ck['global_step']
-            best, metrics = ck['best_miou'], ck['metrics']
-            rngs = ck['rng']
-            set_rng_state(rngs[rank] if isinstance(rngs, list) else rngs)
-            if main and not cfg['quiet']: print(f"resumed {ck_path} at epoch {start_epoch}, batch {start_step} (step {gstep})")
-        else:
-            if main:  # a fresh run replaces the logs of an earlier one in the same folder
-                for f in ('train_log.csv', 'eval_log.csv'): (out/f).unlink(missing_ok=True)
-            torch.manual_seed(cfg['seed'] + rank); random.seed(cfg['seed'] + rank); np.random.seed(cfg['seed'] + rank)
-        log = RunLog(out, enabled=main, tensorboard=cfg['tensorboard'])
-        tty = sys.stderr.isatty() and not cfg['quiet'] and main and 'PYTEST_CURRENT_TEST' not in os.environ
-
-        def save_last(epoch, step_in_epoch):
-            # RNG state of every rank, gathered to rank 0 (identical world size needed to resume)
-            st = rng_state()
-            if world > 1:
-                allst = [None] * world
-                dist.all_gather_object(allst, st)
-            else: allst = st
-            if main:
-                c = _ckpt_state(student, opt, sched, scaler, cfg, epoch, step_in_epoch, gstep, best, metrics)
-                c['rng'] = allst
-                save_checkpoint(ck_path, **c)
-
-        stop_at = gstep + int(cfg['stop_after']) if cfg['stop_after'] else None
-        stopped = False
-        for epoch in range(start_epoch, epochs):
-            if gstep >= total or (stop_at is not None and gstep >= stop_at): break
-            skip = start_step if epoch == start_epoch else 0
-            loader.sampler.set_epoch(epoch, skip=skip * cfg['batch_size'])
-            bar = _progress(loader, tty, desc=f'epoch {epoch + 1}/{epochs}', total=spe, initial=skip)
-            for i, (x, y) in enumerate(bar, start=skip):
-                if gstep >= total: break
-                x = x.to(device, dtype=fdt, non_blocking=True, memory_format=mf); y = y.to(device, non_blocking=True)
-                alpha = alw_alpha(gstep, total) if cfg['alw_unit'] == 'step' else alw_alpha(epoch, epochs)
-                loss, terms = train_step(model, teacher, objective, x, y, opt, sched, scaler, alpha=alpha,
-                                         amp_dtype=amp_dtype, teacher_dtype=teacher_dtype, clip_grad=cfg['clip_grad'])
-                gstep += 1
-                if main and (gstep % max(1, cfg['log_every']) == 0 or gstep == total):
-                    vals = dict(epoch=epoch, lr=opt.param_groups[0]['lr'], alpha=float(alpha), loss=float(loss),
-                                **{k: float(v) for k, v in terms.items()})
-                    if not math.isfinite(vals['loss']): raise FloatingPointError(f"loss is {vals['loss']} at step {gstep}")
-                    log.row('train_log', gstep, vals)
-                    if tty: bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
-                if cfg['ckpt_every'] and gstep % cfg['ckpt_every'] == 0 and i + 1 < spe and gstep < total:
-                    save_last(epoch, i + 1)
-                if stop_at is not None and gstep >= stop_at and i + 1 < spe:
-                    save_last(epoch, i + 1); stopped = True; break
-            if stopped: break
-            done = gstep >= total
-            if done or (epoch + 1) % max(1, cfg['eval_every']) == 0:
-                metrics = evaluate(student, val_ds, nc, batch_size=cfg['val_batch_size'], device=device,
-                                   workers=cfg['workers'], amp_dtype=amp_dtype, max_items=cfg['max_val'], progress=tty)
-                metrics = {k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in metrics.items()}
-                if main:
-                    log.row('eval_log', gstep, dict(epoch=epoch + 1, **{k: v for k, v in metrics.items() if isinstance(v, float)},
-                                                    time_s=round(time.time() - t0, 2)))
-                    if not cfg['quiet']:
-                        print(f"epoch {epoch + 1}/{epochs} step {gstep}: mIoU {metrics['miou']:.4f} "
-                              f"pixel acc {metrics['pixel_acc']:.4f}", flush=True)
-                if metrics['miou'] > best:
-                    best = metrics['miou']
-                    if main:
-                        save_checkpoint(out/'best.pt', model=student.state_dict(), arch=model_arch(student),
-                                        config=cfg, metrics=metrics, epoch=epoch + 1, global_step=gstep)
-            save_last(epoch + 1, 0)
-            if done: break
+        run = build_run(cfg)
+        ckpt = Checkpointer(run)
+        prog = ckpt.resume() if cfg['resume'] else None
+        if prog is not None and run.main and not cfg['quiet']:
+            print(f"resumed {ckpt.last} at epoch {prog.epoch}, batch {prog.step_in_epoch} (step {prog.step})")
+        if prog is None: prog = ckpt.start()
+        log = RunLog(run.out, enabled=run.main, tensorboard=cfg['tensorboard'])
+        tty = sys.stderr.isatty() and not cfg['quiet'] and run.main and 'PYTEST_CURRENT_TEST' not in os.environ
+        stop_at = prog.step + int(cfg['stop_after']) if cfg['stop_after'] else None
+        while prog.epoch < run.epochs and prog.step < run.total and not (stop_at is not None and prog.step >= stop_at):
+            if train_one_epoch(run, prog, log, ckpt, stop_at, tty): break
+            done = prog.step >= run.total
+            if done or prog.epoch % max(1, cfg['eval_every']) == 0: evaluate_and_keep_best(run, prog, log, ckpt, t0, tty)
+            ckpt.save_last(prog)
         log.close()
-        res = dict(best_miou=best, metrics=metrics, steps=gstep, time_s=time.time() - t0, out=str(out),
-                   num_classes=nc)
-        if main and world == 1: res['model'] = student.to('cpu').eval()
+        res = dict(best_miou=prog.best, metrics=prog.metrics, steps=prog.step, time_s=time.time() - t0, out=str(run.out),
+                   num_classes=run.num_classes)
+        if run.main and run.world == 1: res['model'] = run.student.to('cpu').eval()
         return res
     finally:
-        model = ddp = opt = sched = None
-        if world > 1: student = None
-        cleanup_distributed(owned)
+        if run is not None: run.model = run.opt = run.sched = run.net = None   # drop DDP and the optimizer first
+        run = ckpt = None
+        cleanup_distributed(owned=not joined_before and dist.is_initialized())
