@@ -32,6 +32,23 @@ def _weight_arg(s:str)->tuple:
     if k.strip() not in TERMS: raise argparse.ArgumentTypeError(f"unknown term {k.strip()!r}; terms: {', '.join(TERMS)}")
     return k.strip(), w
 
+def _param_arg(s:str)->tuple:
+    "argparse type of --param: TERM.KEY=V (V read as YAML: 2, 0.5, true, null)."
+    import yaml
+    k, sep, v = s.partition('=')
+    term, dot, key = k.strip().partition('.')
+    if not sep or not dot or not key: raise argparse.ArgumentTypeError(f"expected TERM.KEY=VALUE such as cwd.tau=2, got {s!r}")
+    if term not in TERMS: raise argparse.ArgumentTypeError(f"unknown term {term!r}; terms: {', '.join(TERMS)}")
+    if key not in TERMS[term].params:
+        raise argparse.ArgumentTypeError(f"term {term!r} has no parameter {key!r}; it takes {sorted(TERMS[term].params) or 'none'}")
+    return term, key, yaml.safe_load(v)
+
+class _Params(argparse.Action):
+    "--param TERM.KEY=V, repeatable; merges into a dict of dicts."
+    def __call__(self, parser, ns, values, option_string=None):
+        d = {k: dict(v) for k, v in (getattr(ns, self.dest) or {}).items()}
+        d.setdefault(values[0], {})[values[1]] = values[2]; setattr(ns, self.dest, d)
+
 class _Weights(argparse.Action):
     "--weight TERM=W, repeatable; merges into a dict (a config file's `weight:` mapping included)."
     def __call__(self, parser, ns, values, option_string=None):
@@ -48,6 +65,7 @@ def _add_option(g, o:Option):
     if o.flag == 'bool': g.add_argument(*flags, action=argparse.BooleanOptionalAction, help=o.help)
     elif o.flag == 'true': g.add_argument(*flags, action='store_true', help=help)
     elif o.name == 'weight': g.add_argument(*flags, type=_weight_arg, action=_Weights, metavar=o.metavar, help=help)
+    elif o.name == 'param': g.add_argument(*flags, type=_param_arg, action=_Params, metavar=o.metavar, help=help)
     else: g.add_argument(*flags, type=o.type, choices=o.choices, metavar=o.metavar, help=help)
 
 def add_train_options(p:argparse.ArgumentParser, # a subcommand parser

@@ -54,6 +54,8 @@ OPTIONS = [
     _O('alw', None, 'Distillation', "put the method's terms under adaptive loss weighting (default: on for aicsd only)", flag='bool'),
     _O('weight', None, 'Distillation', 'weight of a term, e.g. --weight cwd=3 (repeat the option for more terms)',
        metavar='TERM=W'),
+    _O('param', None, 'Distillation', "a term's hyper-parameter, e.g. --param cwd.tau=2 (repeat the option for more)",
+       metavar='TERM.KEY=V'),
     _O('lambda_kd', 1.0, 'Distillation', 'weight of pixel-wise KD', type=float),
     _O('lambda_icsd', 0.1, 'Distillation', 'weight of ICSD', type=float),
     _O('temperature', 1.0, 'Distillation', 'softmax temperature of KD and ICSD', flags=('-T',), type=float),
@@ -115,7 +117,7 @@ DEFAULTS = {o.name: o.default for o in OPTIONS}
 def make_objective(cfg:dict)->DistillObjective:
     "The objective a configuration asks for (method, weights, ALW, temperature)."
     return DistillObjective(cfg['method'], lambda_kd=cfg['lambda_kd'], lambda_icsd=cfg['lambda_icsd'],
-                            T=cfg['temperature'], weights=cfg['weight'], alw=cfg['alw'])
+                            T=cfg['temperature'], weights=cfg['weight'], alw=cfg['alw'], params=cfg['param'])
 
 def make_config(cfg:dict|None=None, # options to set; anything left out takes its default
                 **kwargs, # more options (override `cfg`)
@@ -130,6 +132,7 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
         if o.choices and out[o.name] not in o.choices:
             raise ValueError(f"configuration '{o.name}' must be one of {o.choices}, got {out[o.name]!r}")
     if out['weight'] is not None: out['weight'] = {str(k): float(v) for k, v in dict(out['weight']).items()}
+    if out['param'] is not None: out['param'] = {str(k): dict(v) for k, v in dict(out['param']).items()}
     obj = make_objective(out)                              # checks the method, the weights and the temperature
     if out['mode'] == 'train' and obj.needs_teacher:
         raise ValueError(f"mode 'train' trains on the ground truth only; method {out['method']!r} needs mode 'distill'")
@@ -531,7 +534,7 @@ def build_run(cfg:dict)->Run:
                opt, sched, scaler, amp_dtype, teacher_dtype, fdt, mf, spe, epochs, total)
 
 # %% ../nbs/08_distill.ipynb #e35e8ed3
-RESUME_KEYS = ('model', 'method', 'batch_size', 'seed', 'data', 'teacher', 'alw', 'weight')
+RESUME_KEYS = ('model', 'method', 'batch_size', 'seed', 'data', 'teacher', 'alw', 'weight', 'param')
 
 class Checkpointer:
     "Writes and reads `last.pt` and `best.pt` of a run folder (rank 0 writes; every rank reads)."

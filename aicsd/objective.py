@@ -10,10 +10,13 @@ from typing import Callable
 import torch
 from torch import nn, Tensor
 from .losses import ce_loss, pixel_kd_loss, icsd_loss, released_icsd_loss
+from . import baselines as B
 
 # %% auto #0
 __all__ = ['TERMS', 'METHODS', 'alw_alpha', 'Term', 'register_term', 'term_ce', 'term_kd', 'term_icsd', 'term_released_icsd',
-           'Method', 'register_method', 'parse_method', 'DistillObjective']
+           'Method', 'register_method', 'term_at', 'term_fitnet', 'term_sp', 'term_ickd', 'term_skd', 'term_ifvd',
+           'term_cwd', 'term_dist', 'term_cirkd_pixel', 'CIRKDMemoryTerm', 'term_cirkd_memory', 'term_released_pa',
+           'term_released_ic', 'term_released_pi', 'parse_method', 'DistillObjective']
 
 # %% ../nbs/04_objective.ipynb #7affb6ee
 def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
@@ -98,6 +101,84 @@ register_method('aicsd', Method(('ce', 'kd', 'icsd'), alw=True, doc='ICSD with a
                                 paper='AICSD'))
 register_method('released_icsd', Method(('ce', 'kd', 'released_icsd'), doc="CE + KD + the released code's ICSD term",
                                         paper="AICSD authors' code"));
+
+# %% ../nbs/04_objective.ipynb #f8f9605e
+def _adapted(s, tap, mod): return mod(s[tap]) if mod is not None else s[tap]
+
+def term_at(s, t, target, mod=None, p:float=2.0): return B.at_loss(s['decoder'], t['decoder'], p=p)
+def term_fitnet(s, t, target, mod=None): return B.fitnet_loss(_adapted(s, 'decoder', mod), t['decoder'])
+def term_sp(s, t, target, mod=None): return B.sp_loss(s['aspp'], t['aspp'])
+def term_ickd(s, t, target, mod=None): return B.ickd_loss(_adapted(s, 'aspp', mod), t['aspp'])
+def term_skd(s, t, target, mod=None, scale:float=0.5, kernel:int|None=2):
+    return B.skd_loss(s['decoder'], t['decoder'], scale=scale, kernel=kernel)
+def term_ifvd(s, t, target, mod=None):
+    return B.ifvd_loss(s['decoder'], t['decoder'], target, num_classes=s['logits'].shape[1])
+def term_cwd(s, t, target, mod=None, tau:float=4.0): return B.cwd_loss(s['logits'], t['logits'], tau=tau)
+def term_dist(s, t, target, mod=None, beta:float=1.0, gamma:float=1.0, tau:float=1.0):
+    return B.dist_loss(s['logits'], t['logits'], beta=beta, gamma=gamma, tau=tau)
+def term_cirkd_pixel(s, t, target, mod=None, tau:float=0.1, pool:int=2):
+    return B.cirkd_pixel_loss(s['decoder'], t['decoder'], tau=tau, pool=pool)
+
+class CIRKDMemoryTerm(nn.Module):
+    "CIRKD's projector (student -> teacher channels) and its class-wise memory of teacher pixels and regions."
+    def __init__(self, s_channels:int, t_channels:int, num_classes:int, pixel_size:int=20000, region_size:int=2000):
+        super().__init__()
+        self.projector = B.cirkd_projector(s_channels, t_channels)
+        self.memory = B.CIRKDMemory(num_classes, t_channels, pixel_size=pixel_size, region_size=region_size)
+
+def term_cirkd_memory(s, t, target, mod=None, tau:float=0.1, kd_tau:float=1.0, pixel_contrast:int=4096,
+                      region_contrast:int=1024):
+    "CIRKD's pixel-to-pixel and pixel-to-region contrast against the memory (enqueue first, as CIRKD does)."
+    ps = mod.projector(s['decoder'])
+    with torch.no_grad(): mod.memory.enqueue(t['decoder'].detach(), target)
+    return (B.cirkd_memory_pixel_loss(ps, t['decoder'], target, mod.memory, contrast_size=pixel_contrast, tau=tau, kd_tau=kd_tau)
+            + B.cirkd_region_loss(ps, t['decoder'], target, mod.memory, contrast_size=region_contrast, tau=tau, kd_tau=kd_tau))
+
+def term_released_pa(s, t, target, mod=None, scale:float=0.5): return B.released_pa_loss(s['aspp'], t['aspp'], scale=scale)
+def term_released_ic(s, t, target, mod=None): return B.released_ic_loss(s['logits'], t['logits'])
+def term_released_pi(s, t, target, mod=None):
+    "The released code's pixel KD: `KLDivLoss()` with mean reduction, i.e. our KD (T = 1, every pixel) divided by C."
+    return pixel_kd_loss(s['logits'], t['logits']) / s['logits'].shape[1]
+
+def _adapter(tap): return lambda sc, tc, nc: B.channel_adapter(sc[tap], tc[tap])
+def _cirkd_memory(pixel_size=20000, region_size=2000):
+    return lambda sc, tc, nc: CIRKDMemoryTerm(sc['decoder'], tc['decoder'], nc, pixel_size, region_size)
+
+for _n, _t in dict(
+    at=Term(term_at, ('decoder',), weight=1e4, alw='fade', params=dict(p=2.0), ref='Zagoruyko & Komodakis, ICLR 2017; CIRKD'),
+    fitnet=Term(term_fitnet, ('decoder',), weight=1.0, alw='fade', module=_adapter('decoder'), ref='Romero et al., ICLR 2015 (weight ours)'),
+    sp=Term(term_sp, ('aspp',), weight=3000.0, ref='Tung & Mori, ICCV 2019 (CIFAR weight)'),
+    ickd=Term(term_ickd, ('aspp',), weight=2.5, module=_adapter('aspp'), ref='Liu et al., ICCV 2021 (CIFAR weight)'),
+    skd=Term(term_skd, ('decoder',), weight=10.0, params=dict(scale=0.5, kernel=2), ref='Liu et al., CVPR 2019; CIRKD'),
+    ifvd=Term(term_ifvd, ('logits', 'decoder'), weight=20.0, ref='Wang et al., ECCV 2020; CIRKD'),
+    cwd=Term(term_cwd, weight=3.0, alw='fade', params=dict(tau=4.0), ref='Shu et al., ICCV 2021; CIRKD'),
+    dist=Term(term_dist, weight=1.0, alw='fade', params=dict(beta=1.0, gamma=1.0, tau=1.0), ref='Huang et al., NeurIPS 2022'),
+    cirkd_pixel=Term(term_cirkd_pixel, ('decoder',), weight=1.0, params=dict(tau=0.1, pool=2), ref='Yang et al., CVPR 2022'),
+    cirkd_memory=Term(term_cirkd_memory, ('decoder',), weight=0.1, module=_cirkd_memory(),
+                      params=dict(tau=0.1, kd_tau=1.0, pixel_contrast=4096, region_contrast=1024), ref='Yang et al., CVPR 2022'),
+    released_pa=Term(term_released_pa, ('aspp',), weight=9500.0, params=dict(scale=0.5), ref="AICSD released code ('pa')"),
+    released_ic=Term(term_released_ic, weight=1.0, ref="AICSD released code ('ic'; weight not set by its README)"),
+    released_pi=Term(term_released_pi, weight=10.0, alw='fade', ref="AICSD released code ('pi')"),
+).items(): register_term(_n, _t)
+
+for _n, _m in dict(
+    at=Method(('ce', 'at'), doc='CE + attention transfer ("AD" in the paper)', paper='Zagoruyko & Komodakis 2017'),
+    fitnet=Method(('ce', 'fitnet'), doc='CE + FitNet feature regression (adapter)', paper='Romero et al. 2015'),
+    sp=Method(('ce', 'sp'), doc='CE + similarity-preserving KD', paper='Tung & Mori 2019'),
+    ickd=Method(('ce', 'ickd'), doc='CE + inter-channel correlation KD (adapter)', paper='Liu et al. 2021'),
+    skd=Method(('ce', 'kd', 'skd'), doc='CE + KD + pair-wise similarity (no adversarial term)', paper='Liu et al. 2019'),
+    ifvd=Method(('ce', 'kd', 'ifvd'), doc='CE + KD + intra-class feature variation (no adversarial term)', paper='Wang et al. 2020'),
+    cwd=Method(('ce', 'cwd'), doc='CE + channel-wise distillation of the logits', paper='Shu et al. 2021'),
+    dist=Method(('ce', 'dist'), doc='CE + DIST (inter- and intra-class Pearson relations)', paper='Huang et al. 2022'),
+    cirkd=Method(('ce', 'kd', 'cirkd_pixel', 'cirkd_memory'), doc='CE + KD + CIRKD pixel/region contrast with memories',
+                 paper='Yang et al. 2022'),
+    released_readme_icsd=Method(('ce', 'released_pa'), doc="what the released README's 'ICSD' command trains (pa 9500)",
+                                paper="AICSD authors' code"),
+    released_readme_aicsd=Method(('ce', 'released_pa', 'released_pi'),
+                                 doc="the released README's 'AICSD' command (pa 9500 + pi 10; its --ALW flag does not exist)",
+                                 paper="AICSD authors' code"),
+    released_ic=Method(('ce', 'released_ic'), doc="CE + the released code's logit-ICKD 'ic' term", paper="AICSD authors' code"),
+).items(): register_method(_n, _m)
 
 # %% ../nbs/04_objective.ipynb #9c1c7d1b
 def parse_method(spec:str, # a method name or names joined by '+', e.g. 'aicsd' or 'cwd+icsd'

@@ -1,0 +1,60 @@
+"""Every method of the methods table trains a few steps with finite losses and resumes exactly (in-process, float64),
+and the command line lists them all and takes combinations, ALW, weights and term parameters."""
+import math
+import pytest
+import torch
+from conftest import aicsd_cmd, run, tiny_args
+
+from aicsd.objective import METHODS
+from aicsd.distill import fit, load_checkpoint
+
+def _cfg(root, out, **kw):
+    # float64: "resumed == uninterrupted" is then a statement about the code, not about a CPU's float32 kernels
+    return dict(data='synthetic', data_root=str(root), crop_size=32, scale_min=1.0, scale_max=1.0, batch_size=4,
+                val_batch_size=5, lr=0.01, threads=1, device='cpu', tensorboard=False, quiet=True, out=str(out),
+                dtype='float64', **kw)
+
+@pytest.fixture(scope='module')
+def teacher(tiny_data, tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp('teacher')
+    fit(_cfg(tiny_data, out, model='resnet18', max_steps=3))
+    return out / 'best.pt'
+
+# small CIRKD memories and contrast sets keep the test fast; everything else at its defaults
+PARAMS = {'cirkd_memory': {'pixel_contrast': 64, 'region_contrast': 16}}
+
+@pytest.mark.parametrize('method', [m for m in METHODS if m != 'baseline'])
+def test_method_trains_and_resumes_exactly(method, teacher, tiny_data, tmp_path):
+    kw = dict(mode='distill', method=method, model='mobilenetv2', teacher=str(teacher), max_steps=3, log_every=1,
+              param=PARAMS if 'cirkd' in method else None)
+    a = fit(_cfg(tiny_data, tmp_path / 'a', **kw))                                  # uninterrupted
+    fit(_cfg(tiny_data, tmp_path / 'b', stop_after=1, **kw))                       # stopped mid-epoch ...
+    assert load_checkpoint(tmp_path / 'b' / 'last.pt')['global_step'] == 1
+    b = fit(_cfg(tiny_data, tmp_path / 'b', resume=True, **kw))                    # ... and resumed
+    rows = (tmp_path / 'a' / 'train_log.csv').read_text().splitlines()
+    assert len(rows) == 1 + 3
+    for r in rows[1:]: assert all(math.isfinite(float(v)) for v in r.split(',')), r
+    sa, sb = a['model'].state_dict(), b['model'].state_dict()
+    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+    ca, cb = load_checkpoint(tmp_path / 'a' / 'last.pt'), load_checkpoint(tmp_path / 'b' / 'last.pt')
+    assert ca['modules'].keys() == cb['modules'].keys()
+    assert [k for k in ca['modules'] if not torch.equal(ca['modules'][k], cb['modules'][k])] == []
+    assert set(ca['model']) == set(sa)                   # the exported student holds no adapter or memory
+
+def test_help_lists_every_method(tmp_path):
+    p = run(aicsd_cmd() + ['distill', '--help'], cwd=tmp_path)
+    for m in METHODS: assert f"\n  {m} " in p.stdout, m
+
+def test_combination_alw_weights_params_on_the_command_line(teacher, tiny_data, tmp_path):
+    out = tmp_path / 'c'
+    run(aicsd_cmd() + ['distill', '--teacher', teacher, '--student', 'mobilenetv2', '--method', 'cwd+icsd', '--alw',
+                       '--weight', 'cwd=2', '--param', 'cwd.tau=2', '--max-steps', 2, '--log-every', 1]
+        + tiny_args(tiny_data, out), cwd=tmp_path)
+    header = (out / 'train_log.csv').read_text().splitlines()[0].split(',')
+    assert header[5:] == ['ce', 'kd', 'icsd', 'cwd']
+    cfg = load_checkpoint(out / 'last.pt')['config']
+    assert (cfg['method'], cfg['alw'], cfg['weight'], cfg['param']) == ('cwd+icsd', True, {'cwd': 2.0}, {'cwd': {'tau': 2}})
+    p = run(aicsd_cmd() + ['distill', '--teacher', teacher, '--method', 'cwd+ickdd'] + tiny_args(tiny_data, out),
+            cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "unknown method 'ickdd'" in p.stderr
