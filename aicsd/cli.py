@@ -11,9 +11,9 @@ from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate, load
 from .objective import METHODS, TERMS, parse_method
 
 # %% auto #0
-__all__ = ['BACKBONES', 'PAPER_MIOU', 'PAPER_TEACHER', 'RECIPES', 'EPILOG', 'DEMO_PRESETS', 'DEMO_METHODS', 'methods_help',
-           'add_train_options', 'read_config', 'recipe_text', 'build_parser', 'args_to_config', 'parse', 'main',
-           'run_evaluate', 'run_demo', 'format_table', 'write_report', 'demo_figures']
+__all__ = ['BACKBONES', 'PAPER_MIOU', 'PAPER_TEACHER', 'RECIPES', 'EPILOG', 'DEMO_PRESETS', 'DEMO_METHODS', 'DEMO_PARAMS',
+           'methods_help', 'add_train_options', 'read_config', 'recipe_text', 'build_parser', 'args_to_config', 'parse',
+           'main', 'run_evaluate', 'run_demo', 'run_compare', 'format_table', 'write_report']
 
 # %% ../nbs/09_cli.ipynb #939854fc
 def _method_arg(s:str)->str:
@@ -176,6 +176,7 @@ def recipe_text(name:str, # a key of RECIPES
 EPILOG = """\
 examples:
   aicsd demo --quick                        synthetic data -> teacher -> 4 students -> runs/demo/report.md
+  aicsd compare                             every method, same teacher, 3 seeds -> runs/compare/report.md
   aicsd data synthetic --root data/synthetic
   aicsd train --model resnet18 --data synthetic --data-root data/synthetic --crop-size 64 --epochs 5 --out runs/t
   aicsd distill --teacher runs/t/best.pt --student mobilenetv2 --method aicsd --data synthetic \\
@@ -227,6 +228,18 @@ def build_parser()->argparse.ArgumentParser:
     m.add_argument('--data-root', default=None, metavar='DIR', help='synthetic data folder (created if missing)')
     m.add_argument('--fresh', action='store_true', help='retrain the teacher even if a cached one matches')
     m.add_argument('--threads', type=int, default=None, help='torch CPU threads (default 1)')
+    m.add_argument('--seeds', type=int, nargs='+', default=None, help='student seeds (default: 0 1 2; --quick: 0)')
+    c = sub.add_parser('compare', formatter_class=fmt, help='every method on the same synthetic teacher (mean ± std over seeds)',
+        description='The demo over every method of the methods table (or --methods): same teacher, same data, same '
+                    'student steps, 3 seeds each; report.md and results.json in --out.',
+        epilog="methods:\n" + methods_help())
+    c.add_argument('--methods', nargs='+', type=_method_arg, default=None, metavar='METHOD', help='methods to compare (default: all)')
+    c.add_argument('--quick', action='store_true', help='tiny settings, one seed (a smoke test)')
+    c.add_argument('--out', default='runs/compare', metavar='DIR', help='where the report goes')
+    c.add_argument('--data-root', default=None, metavar='DIR', help='synthetic data folder (created if missing)')
+    c.add_argument('--fresh', action='store_true', help='retrain the teacher even if a cached one matches')
+    c.add_argument('--threads', type=int, default=None, help='torch CPU threads (default 1)')
+    c.add_argument('--seeds', type=int, nargs='+', default=None, help='student seeds (default: 0 1 2; --quick: 0)')
     r = sub.add_parser('recipes', formatter_class=fmt, help="list the paper's experiments or print one as a config",
         epilog="example:\n  aicsd recipes voc-r18-aicsd > voc-r18-aicsd.yaml\n  aicsd distill --config voc-r18-aicsd.yaml")
     r.add_argument('name', nargs='?', help='recipe to print')
@@ -311,7 +324,10 @@ def _main(argv):
             if a.json: Path(a.json).write_text(json.dumps(res, indent=1))
     elif a.command == 'demo':
         from aicsd.cli import run_demo
-        run_demo(out=a.out, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads)
+        run_demo(out=a.out, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads, seeds=a.seeds)
+    elif a.command == 'compare':
+        run_compare(out=a.out, methods=a.methods, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads,
+                    seeds=a.seeds)
     elif a.command == 'recipes':
         if a.name: sys.stdout.write(recipe_text(a.name, a.format))
         else:
@@ -342,11 +358,13 @@ def run_evaluate(a:argparse.Namespace)->dict:
 # %% ../nbs/09_cli.ipynb #fb64acdb
 DEMO_PRESETS = dict(  # sizes chosen for 2 CPU cores; steps, not epochs, so the time does not depend on n_train
     full=dict(n_train=160, n_val=32, size=64, num_classes=9, teacher='resnet18', student='mobilenetv2',
-              crop_size=64, batch_size=8, teacher_steps=150, student_steps=50, lr=0.02),
+              crop_size=64, batch_size=8, teacher_steps=150, student_steps=50, lr=0.02, seeds=(0, 1, 2)),
     quick=dict(n_train=160, n_val=32, size=64, num_classes=9, teacher='resnet18', student='mobilenetv2',
-               crop_size=48, batch_size=8, teacher_steps=24, student_steps=10, lr=0.02, max_val=16),
+               crop_size=48, batch_size=8, teacher_steps=24, student_steps=10, lr=0.02, max_val=16, seeds=(0,)),
 )
 DEMO_METHODS = ('baseline', 'kd', 'icsd', 'aicsd')
+# small CIRKD memories: the defaults (20,000 pixels per class) would dwarf these tiny runs and their checkpoints
+DEMO_PARAMS = {'cirkd_memory': dict(pixel_size=2000, region_size=200, pixel_contrast=1024, region_contrast=256)}
 _TEACHER_KEYS = ('model', 'data_root', 'crop_size', 'batch_size', 'lr', 'seed', 'max_steps', 'scale_min', 'scale_max', 'max_val')
 
 def _demo_cfg(P:dict, root:Path, out:Path, threads, seed)->dict:
@@ -367,20 +385,30 @@ def _teacher(P, base, out, fresh, preset):
     t0 = time.time(); r = fit(cfg)
     return ck, r['metrics'], time.time() - t0, False
 
+def _mean_std(xs:list)->tuple:
+    import statistics
+    return (float(statistics.fmean(xs)), float(statistics.stdev(xs)) if len(xs) > 1 else 0.0)
+
 # %% ../nbs/09_cli.ipynb #4992944e
 def run_demo(out:str|Path='runs/demo', # report folder
              quick:bool=False, # the short version (CI)
              data_root:str|Path|None=None, # synthetic data folder (default data/synthetic-demo)
              fresh:bool=False, # retrain the teacher even if cached
              threads:int|None=None, # torch CPU threads
-             seed:int=0,
-            )->list: # rows of the results table (dicts)
-    "Synthetic data -> teacher -> baseline/KD/ICSD/AICSD students -> report, heatmaps, predictions."
+             seed:int=0, # seed of the data and the teacher
+             methods:tuple|None=None, # methods to train (default the demo's four; `aicsd compare`: all)
+             seeds:tuple|None=None, # student seeds (default: the preset's, 3 for the full demo)
+            )->list: # rows of the results table (dicts with mean and std over seeds)
+    "Synthetic data -> teacher -> students of each method and seed -> report, heatmaps, predictions."
     import matplotlib; matplotlib.use('Agg')
-    from aicsd.data import make_synthetic
+    from aicsd.data import make_synthetic, get_dataset, eval_transform
     from aicsd.models import load_model
+    from aicsd.viz import demo_figures, model_ics
     t_start = time.time()
     P = DEMO_PRESETS['quick' if quick else 'full']
+    methods = tuple(methods or DEMO_METHODS); seeds = tuple(P['seeds'] if seeds is None else seeds)
+    bad = [m for m in methods if m not in METHODS and '+' not in m]
+    if bad: raise ValueError(f"unknown method(s) {bad}; methods: {', '.join(METHODS)}")
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     root = Path(data_root or f"data/synthetic-demo-{P['size']}px")
     threads = threads or 1  # one thread per process: robust when other jobs share the cores (--threads 2 on a quiet machine)
@@ -392,98 +420,62 @@ def run_demo(out:str|Path='runs/demo', # report folder
     base = _demo_cfg(P, root, out, threads, seed)
     print(f"teacher: DeepLabV3+ {P['teacher']}, {P['teacher_steps']} steps ...", flush=True)
     tck, tmet, tsec, cached = _teacher(P, base, out, fresh, 'quick' if quick else 'full')
-    rows = [dict(method=f"teacher ({P['teacher']})", miou=tmet['miou'], pixel_acc=tmet['pixel_acc'],
-                 time_s=tsec, note='cached' if cached else '')]
-    models = {'teacher': load_model(tck).eval()}
-    for m in DEMO_METHODS:
-        print(f"student {P['student']} with {m} ...", flush=True)
-        cfg = make_config(base, mode='distill', method=m, model=P['student'], teacher=str(tck),
-                          max_steps=P['student_steps'], out=str(out/f"student-{m}"))
-        t0 = time.time(); r = fit(cfg); sec = time.time() - t0
-        rows.append(dict(method=m, miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], time_s=sec, note=''))
-        models[m] = r['model']
-    dists = demo_figures(models, root, out, n=8)
-    for row, k in zip(rows, ['teacher', *DEMO_METHODS]): row['ics_dist'] = dists[k]
+    teacher = load_model(tck).eval()
+    val = get_dataset('synthetic', root, 'val', eval_transform())
+    rows = [dict(method=f"teacher ({P['teacher']})", miou=tmet['miou'], pixel_acc=tmet['pixel_acc'], ics_dist=0.0,
+                 time_s=tsec, n=1, note='cached' if cached else '')]
+    models = {'teacher': teacher}
+    for m in methods:
+        res = []
+        for sd in seeds:
+            print(f"student {P['student']} with {m}, seed {sd} ...", flush=True)
+            cfg = make_config(base, mode='distill', method=m, model=P['student'], teacher=str(tck), seed=sd,
+                              max_steps=P['student_steps'], out=str(out/f"student-{m}"/f"seed{sd}"),
+                              param={k: v for k, v in DEMO_PARAMS.items() if k in parse_method(m)[0]} or None)
+            t0 = time.time(); r = fit(cfg); sec = time.time() - t0
+            d = model_ics({'teacher': teacher, m: r['model']}, val, n=8)[1][m]
+            res.append(dict(miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], ics_dist=d, time_s=sec))
+            if sd == seeds[0]: models[m] = r['model']
+        row = dict(method=m, n=len(res), time_s=sum(x['time_s'] for x in res) / len(res), note='')
+        for k in ('miou', 'pixel_acc', 'ics_dist'): row[k], row[k + '_std'] = _mean_std([x[k] for x in res])
+        row['runs'] = res
+        rows.append(row)
+    demo_figures(models, root, out, n=8)
     total = time.time() - t_start
-    write_report(rows, out, P, total, quick)
-    print(format_table(rows)); print(f"demo finished in {total:.0f} s; report: {out/'report.md'}")
+    write_report(rows, out, P, total, quick, seeds)
+    print(format_table(rows)); print(f"finished in {total:.0f} s; report: {out/'report.md'}")
     return rows
 
-# %% ../nbs/09_cli.ipynb #b0ffc250
-def format_table(rows:list)->str:
-    "A markdown table of the demo results."
-    h = "| method | mIoU (%) | pixel acc. (%) | ICS distance to teacher | time (s) |\n|---|---:|---:|---:|---:|\n"
-    return h + ''.join(f"| {r['method']} | {100*r['miou']:.2f} | {100*r['pixel_acc']:.2f} | "
-                       f"{r.get('ics_dist', float('nan')):.4f} | {r['time_s']:.0f}{' (' + r['note'] + ')' if r.get('note') else ''} |\n"
-                       for r in rows)
+def run_compare(out:str|Path='runs/compare', # report folder
+                methods:tuple|None=None, # default: every method of the methods table
+                **kw, # more `run_demo` arguments (quick, seeds, threads, ...)
+               )->list:
+    "Every method on the same synthetic teacher and students, seeds as the demo: `aicsd compare`."
+    return run_demo(out=out, methods=tuple(methods or METHODS), **kw)
 
-def write_report(rows, out:Path, P:dict, total:float, quick:bool):
-    "Write `out/report.md`."
-    txt = (f"# aicsd demo{' (quick)' if quick else ''}\n\n"
+# %% ../nbs/09_cli.ipynb #b0ffc250
+def _pm(r, k, scale=100.0, fmt='.2f'):
+    v = f"{scale * r[k]:{fmt}}"
+    return v + (f" ± {scale * r[k + '_std']:{fmt}}" if r.get('n', 1) > 1 and k + '_std' in r else '')
+
+def format_table(rows:list)->str:
+    "A markdown table of the demo results (mean ± std over seeds where there are several)."
+    h = "| method | mIoU (%) | pixel acc. (%) | ICS distance to teacher | time per run (s) |\n|---|---:|---:|---:|---:|\n"
+    return h + ''.join(f"| {r['method']} | {_pm(r, 'miou')} | {_pm(r, 'pixel_acc')} | {_pm(r, 'ics_dist', 1.0, '.4f')} | "
+                       f"{r['time_s']:.0f}{' (' + r['note'] + ')' if r.get('note') else ''} |\n" for r in rows)
+
+def write_report(rows, out:Path, P:dict, total:float, quick:bool, seeds:tuple=(0,)):
+    "Write `out/report.md` and `out/results.json`."
+    txt = (f"# aicsd {'quick ' if quick else ''}comparison\n\n"
            f"Synthetic shapes ({P['n_train']} train / {P['n_val']} val images, {P['size']} px), teacher DeepLabV3+ "
            f"{P['teacher']} ({P['teacher_steps']} steps), students DeepLabV3+ {P['student']} ({P['student_steps']} "
-           f"steps each, crop {P['crop_size']}, batch {P['batch_size']}, same seed), CPU.\n\n"
+           f"steps each, crop {P['crop_size']}, batch {P['batch_size']}, seeds {', '.join(map(str, seeds))}), CPU.\n\n"
            + format_table(rows) +
-           "\nICS distance: mean squared difference between the model's and the teacher's inter-class similarity "
-           "matrices (averaged over 8 validation images).\n\n"
+           f"\nMean ± standard deviation over {len(seeds)} seed(s). ICS distance: mean squared difference between the "
+           "model's and the teacher's inter-class similarity matrices (averaged over 8 validation images).\n\n"
            f"Total wall time: {total:.0f} s.\n\n![ICS matrices](ics_matrices.png)\n\n![Predictions](predictions.png)\n")
     (out/'report.md').write_text(txt)
-
-# %% ../nbs/09_cli.ipynb #b4d843de
-def _palette(n:int):
-    import seaborn as sns
-    from matplotlib.colors import ListedColormap
-    return ListedColormap(sns.color_palette('tab20', max(n, 2))[:n])
-
-def _show_mask(ax, m, n):
-    import numpy as np
-    a = np.ma.masked_where(m == 255, m)
-    ax.imshow(a, cmap=_palette(n), vmin=-0.5, vmax=n - 0.5, interpolation='nearest'); ax.set_axis_off()
-
-def _show_image(ax, img):
-    import numpy as np
-    x = img if isinstance(img, np.ndarray) else (img.permute(1, 2, 0).numpy() if torch.is_tensor(img) else np.asarray(img))
-    if x.dtype != np.uint8 and x.max() > 1: x = x / 255.0
-    ax.imshow(x); ax.set_axis_off()
-
-@torch.no_grad()
-def demo_figures(models:dict, # name -> model (eval mode, CPU), 'teacher' first
-                 root:Path, out:Path, n:int=8)->dict: # name -> ICS distance to the teacher
-    "Write ics_matrices.png, ics_<name>.png and predictions.png; return each model's ICS distance to the teacher."
-    import matplotlib.pyplot as plt, seaborn as sns
-    from aicsd.data import get_dataset, eval_transform
-    from aicsd.similarity import ics_matrix
-    ds = get_dataset('synthetic', root, 'val', eval_transform())
-    raw = get_dataset('synthetic', root, 'val', None)
-    k = min(n, len(ds))
-    x = torch.stack([ds[i][0] for i in range(k)]); y = torch.stack([torch.as_tensor(ds[i][1]) for i in range(k)])
-    logits = {name: m.eval()(x) for name, m in models.items()}
-    M = {name: ics_matrix(l.float()).mean(0) for name, l in logits.items()}
-    dist = {name: float(((M[name] - M['teacher'])**2).mean()) for name in M}
-    names = getattr(raw, 'classes', None)
-    C = M['teacher'].shape[0]
-    vmax = max(float(v.max()) for v in M.values())
-    fig, axs = plt.subplots(1, len(M), figsize=(3.3 * len(M), 3.4), constrained_layout=True)
-    for ax, (name, m) in zip(axs, M.items()):
-        sns.heatmap(m.numpy(), ax=ax, vmin=0, vmax=vmax, cmap='viridis', square=True, cbar=ax is axs[-1],
-                    xticklabels=False, yticklabels=list(names) if names is not None and ax is axs[0] else False)
-        ax.set_title(name if name == 'teacher' else f"{name}\n(dist. to teacher {dist[name]:.3g})", fontsize=9)
-    fig.suptitle('Inter-class similarity matrices M[i,j] = KL(P_i || P_j), mean over validation images')
-    fig.savefig(out/'ics_matrices.png', dpi=110); plt.close(fig)
-    for name, m in M.items():
-        fig, ax = plt.subplots(figsize=(4.6, 4), constrained_layout=True)
-        sns.heatmap(m.numpy(), ax=ax, vmin=0, vmax=vmax, cmap='viridis', square=True,
-                    xticklabels=list(names) if names is not None else 'auto',
-                    yticklabels=list(names) if names is not None else 'auto')
-        ax.set_title(f'ICS matrix: {name}'); fig.savefig(out/f'ics_{name}.png', dpi=100); plt.close(fig)
-    rows = min(3, k); cols = 2 + len(logits)
-    fig, axs = plt.subplots(rows, cols, figsize=(1.8 * cols, 1.9 * rows), constrained_layout=True, squeeze=False)
-    for i in range(rows):
-        _show_image(axs[i, 0], raw[i][0]); _show_mask(axs[i, 1], y[i].numpy(), C)
-        for j, (name, l) in enumerate(logits.items()): _show_mask(axs[i, 2 + j], l[i].argmax(0).numpy(), C)
-    for j, t in enumerate(['image', 'ground truth', *logits]): axs[0, j].set_title(t, fontsize=9)
-    fig.savefig(out/'predictions.png', dpi=100); plt.close(fig)
-    return dist
+    (out/'results.json').write_text(json.dumps(rows, indent=1))
 
 # %% ../nbs/09_cli.ipynb #57de37ec
 if __name__ == '__main__' and Path(sys.argv[0]).name == 'cli.py': sys.exit(main())

@@ -36,7 +36,7 @@ class Term:
     weight:float=1.0 # default weight (lambda) under the protocol it was published with
     alw:str='grow' # under ALW: 'grow' (x alpha) or 'fade' (x (1 - alpha))
     params:dict=field(default_factory=dict) # hyper-parameters and their defaults, passed to `fn` as keywords
-    module:Callable|None=None # factory(s_channels:dict, t_channels:dict, num_classes:int) -> nn.Module, or None
+    module:Callable|None=None # factory(s_channels:dict, t_channels:dict, num_classes:int, **params) -> nn.Module, or None
     ref:str='' # where it comes from
 
     @property
@@ -127,7 +127,7 @@ class CIRKDMemoryTerm(nn.Module):
         self.memory = B.CIRKDMemory(num_classes, t_channels, pixel_size=pixel_size, region_size=region_size)
 
 def term_cirkd_memory(s, t, target, mod=None, tau:float=0.1, kd_tau:float=1.0, pixel_contrast:int=4096,
-                      region_contrast:int=1024):
+                      region_contrast:int=1024, pixel_size:int=20000, region_size:int=2000):
     "CIRKD's pixel-to-pixel and pixel-to-region contrast against the memory (enqueue first, as CIRKD does)."
     ps = mod.projector(s['decoder'])
     with torch.no_grad(): mod.memory.enqueue(t['decoder'].detach(), target)
@@ -140,9 +140,10 @@ def term_released_pi(s, t, target, mod=None):
     "The released code's pixel KD: `KLDivLoss()` with mean reduction, i.e. our KD (T = 1, every pixel) divided by C."
     return pixel_kd_loss(s['logits'], t['logits']) / s['logits'].shape[1]
 
-def _adapter(tap): return lambda sc, tc, nc: B.channel_adapter(sc[tap], tc[tap])
-def _cirkd_memory(pixel_size=20000, region_size=2000):
-    return lambda sc, tc, nc: CIRKDMemoryTerm(sc['decoder'], tc['decoder'], nc, pixel_size, region_size)
+def _adapter(tap): return lambda sc, tc, nc, **_: B.channel_adapter(sc[tap], tc[tap])
+def _cirkd_memory(sc, tc, nc, pixel_size:int=20000, region_size:int=2000, **_):
+    "The module of `cirkd_memory`: its queue sizes are term parameters (`--param cirkd_memory.pixel_size=2000`)."
+    return CIRKDMemoryTerm(sc['decoder'], tc['decoder'], nc, pixel_size, region_size)
 
 for _n, _t in dict(
     at=Term(term_at, ('decoder',), weight=1e4, alw='fade', params=dict(p=2.0), ref='Zagoruyko & Komodakis, ICLR 2017; CIRKD'),
@@ -154,8 +155,9 @@ for _n, _t in dict(
     cwd=Term(term_cwd, weight=3.0, alw='fade', params=dict(tau=4.0), ref='Shu et al., ICCV 2021; CIRKD'),
     dist=Term(term_dist, weight=1.0, alw='fade', params=dict(beta=1.0, gamma=1.0, tau=1.0), ref='Huang et al., NeurIPS 2022'),
     cirkd_pixel=Term(term_cirkd_pixel, ('decoder',), weight=1.0, params=dict(tau=0.1, pool=2), ref='Yang et al., CVPR 2022'),
-    cirkd_memory=Term(term_cirkd_memory, ('decoder',), weight=0.1, module=_cirkd_memory(),
-                      params=dict(tau=0.1, kd_tau=1.0, pixel_contrast=4096, region_contrast=1024), ref='Yang et al., CVPR 2022'),
+    cirkd_memory=Term(term_cirkd_memory, ('decoder',), weight=0.1, module=_cirkd_memory,
+                      params=dict(tau=0.1, kd_tau=1.0, pixel_contrast=4096, region_contrast=1024, pixel_size=20000,
+                                  region_size=2000), ref='Yang et al., CVPR 2022'),
     released_pa=Term(term_released_pa, ('aspp',), weight=9500.0, params=dict(scale=0.5), ref="AICSD released code ('pa')"),
     released_ic=Term(term_released_ic, weight=1.0, ref="AICSD released code ('ic'; weight not set by its README)"),
     released_pi=Term(term_released_pi, weight=10.0, alw='fade', ref="AICSD released code ('pi')"),
@@ -258,7 +260,7 @@ class DistillObjective:
                       num_classes:int,
                      )->nn.ModuleDict: # term name -> module, for the terms that have one
         "The terms' modules (adapters, memories): trained with the student, saved in its checkpoint."
-        return nn.ModuleDict({n: TERMS[n].module(s_channels, t_channels, num_classes)
+        return nn.ModuleDict({n: TERMS[n].module(s_channels, t_channels, num_classes, **self.params[n])
                               for n in self.names if TERMS[n].module is not None})
 
     def coefficient(self, name:str, alpha:float|None=None)->float:

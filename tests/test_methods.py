@@ -22,7 +22,7 @@ def teacher(tiny_data, tmp_path_factory):
     return out / 'best.pt'
 
 # small CIRKD memories and contrast sets keep the test fast; everything else at its defaults
-PARAMS = {'cirkd_memory': {'pixel_contrast': 64, 'region_contrast': 16}}
+PARAMS = {'cirkd_memory': {'pixel_contrast': 64, 'region_contrast': 16, 'pixel_size': 500, 'region_size': 50}}
 
 @pytest.mark.parametrize('method', [m for m in METHODS if m != 'baseline'])
 def test_method_trains_and_resumes_exactly(method, teacher, tiny_data, tmp_path):
@@ -58,3 +58,14 @@ def test_combination_alw_weights_params_on_the_command_line(teacher, tiny_data, 
     p = run(aicsd_cmd() + ['distill', '--teacher', teacher, '--method', 'cwd+ickdd'] + tiny_args(tiny_data, out),
             cwd=tmp_path, check=False)
     assert p.returncode == 2 and "unknown method 'ickdd'" in p.stderr
+
+def test_quick_comparison(tmp_path):
+    "`aicsd compare --quick` (one seed, few steps): a row per method, finite numbers, report and figures written."
+    out = tmp_path / 'cmp'
+    run(aicsd_cmd() + ['compare', '--quick', '--methods', 'baseline', 'cwd', 'aicsd', '--out', out,
+                       '--data-root', tmp_path / 'syn'], cwd=tmp_path, timeout=400)
+    import json
+    rows = json.loads((out / 'results.json').read_text())
+    assert [r['method'] for r in rows[1:]] == ['baseline', 'cwd', 'aicsd']
+    for r in rows: assert all(math.isfinite(r[k]) for k in ('miou', 'pixel_acc', 'ics_dist')), r
+    assert {'report.md', 'ics_matrices.png', 'predictions.png'} <= {p.name for p in out.iterdir()}
