@@ -369,7 +369,7 @@ _TEACHER_KEYS = ('model', 'data_root', 'crop_size', 'batch_size', 'lr', 'seed', 
 
 def _demo_cfg(P:dict, root:Path, out:Path, threads, seed)->dict:
     return dict(data='synthetic', data_root=str(root), crop_size=P['crop_size'], batch_size=P['batch_size'],
-                lr=P['lr'], seed=seed, tensorboard=False, quiet=True, eval_every=10**6, log_every=5,
+                lr=P['lr'], seed=seed, tensorboard=False, figures=False, quiet=True, eval_every=10**6, log_every=5,
                 threads=threads, device='cpu', workers=0, val_batch_size=16, scale_min=0.75, scale_max=1.25,
                 max_val=P.get('max_val'))
 

@@ -100,6 +100,8 @@ OPTIONS = [
     _O('resume', False, 'Checkpoints and logs', 'continue the run in --out from its last.pt, at the exact batch', flag='bool'),
     _O('stop_after', None, 'Checkpoints and logs', 'leave after N iterations of this session (resume later)', type=int, metavar='N'),
     _O('tensorboard', True, 'Checkpoints and logs', 'write TensorBoard events', flag='bool'),
+    _O('figures', True, 'Checkpoints and logs', 'at each evaluation, draw the ICS matrices (teacher | student | difference), '
+       'predictions and curves into out/figures/ and TensorBoard', flag='bool'),
     _O('quiet', False, 'Checkpoints and logs', 'no progress bars or per-epoch lines', flags=('-q',), flag='bool'),
     # runtime
     _O('seed', 0, 'Runtime', 'random seed', type=int),
@@ -631,6 +633,12 @@ def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer
         if not cfg['quiet']:
             print(f"epoch {prog.epoch}/{run.epochs} step {prog.step}: mIoU {prog.metrics['miou']:.4f} "
                   f"pixel acc {prog.metrics['pixel_acc']:.4f}", flush=True)
+    if run.main and cfg['figures'] and run.dtype == torch.float32:   # (figures are drawn from float32 logits)
+        from aicsd.viz import write_eval_figures
+        import matplotlib.pyplot as plt
+        r = write_eval_figures(run.out, prog.step, run.student, run.teacher, data=run.val_ds, n=4, tb_writer=log.tb)
+        plt.close('all')
+        if r.get('ics_distance') is not None: prog.metrics['ics_distance'] = float(r['ics_distance'])
     if prog.metrics['miou'] > prog.best:
         prog.best = prog.metrics['miou']
         ckpt.save_best(prog)

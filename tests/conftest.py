@@ -29,7 +29,7 @@ def tiny_args(root, out, *more) -> list:
     "Options of a tiny CPU run on `tiny_data` (3 steps per epoch at batch 4)."
     return ['--data', 'synthetic', '--data-root', root, '--crop-size', 32, '--scale-min', 1, '--scale-max', 1,
             '--batch-size', 4, '--val-batch-size', 5, '--lr', 0.01, '--threads', 1, '--device', 'cpu',
-            '--no-tensorboard', '--quiet', '--out', out, *more]
+            '--no-tensorboard', '--no-figures', '--quiet', '--out', out, *more]
 
 def state_dict(path):
     import torch

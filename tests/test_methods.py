@@ -11,7 +11,7 @@ from aicsd.distill import fit, load_checkpoint
 def _cfg(root, out, **kw):
     # float64: "resumed == uninterrupted" is then a statement about the code, not about a CPU's float32 kernels
     return dict(data='synthetic', data_root=str(root), crop_size=32, scale_min=1.0, scale_max=1.0, batch_size=4,
-                val_batch_size=5, lr=0.01, threads=1, device='cpu', tensorboard=False, quiet=True, out=str(out),
+                val_batch_size=5, lr=0.01, threads=1, device='cpu', tensorboard=False, figures=False, quiet=True, out=str(out),
                 dtype='float64', **kw)
 
 @pytest.fixture(scope='module')
