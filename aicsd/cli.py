@@ -123,7 +123,7 @@ def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
     p.set_defaults(**cfg)
 
 # %% ../nbs/09_cli.ipynb #cdfd83d4
-PAPER_MIOU = {  # (dataset, student) -> method -> reported val mIoU (%), PAPER.md section 6
+PAPER_MIOU = {  # (dataset, student) -> method -> reported val mIoU (%), the paper's table (nbs/paper.ipynb)
     ('voc', 'resnet18'): dict(baseline=67.50, kd=69.13, icsd=None, aicsd=70.03),
     ('voc', 'mobilenetv2'): dict(baseline=63.92, kd=66.39, icsd=None, aicsd=68.05),
     ('cityscapes', 'resnet18'): dict(baseline=64.09, kd=65.21, icsd=None, aicsd=68.46),
@@ -162,7 +162,7 @@ def recipe_text(name:str, # a key of RECIPES
     if name not in RECIPES: raise KeyError(f"unknown recipe {name!r}; `aicsd recipes` lists: {', '.join(RECIPES)}")
     r = dict(RECIPES[name]); paper = r.pop('paper')
     head = (f"# aicsd recipe {name}: run with `aicsd {r['command']} --config FILE` (flags override keys)\n"
-            f"# paper (PAPER.md section 6): val mIoU {paper['miou']}"
+            f"# paper (its results table): val mIoU {paper['miou']}"
             + (f", teacher {paper['teacher_miou']}" if 'teacher_miou' in paper else '') + "\n"
             "# lambda_kd = 1 and lambda_icsd = 0.1 are ours (not in the material we had); batch_size is per process (6 in total in the paper)\n")
     if fmt == 'toml':

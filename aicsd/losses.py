@@ -106,7 +106,7 @@ def released_ics_matrix(logits:Tensor, # logits `B x C x H x W`
 def released_icsd_loss(student_logits:Tensor, # student logits `B x C x H x W`
                        teacher_logits:Tensor, # teacher logits, same shape (no gradient flows into them)
                       )->Tensor: # scalar: what the released code's ICSD branch returns (before its lambda)
-    "Reproduces the released code's ICSD loss exactly (PAPER.md section 7), for any C and any device."
+    "Reproduces the released code's ICSD loss exactly (nbs/paper.ipynb, 'What the released code computes'), for any C and any device."
     _check_pair(student_logits, teacher_logits)
     B = student_logits.shape[0]
     S = F.normalize(released_ics_matrix(student_logits), dim=1)
