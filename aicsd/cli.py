@@ -11,9 +11,10 @@ from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate, load
 from .objective import METHODS, TERMS, parse_method
 
 # %% auto #0
-__all__ = ['BACKBONES', 'PAPER_MIOU', 'PAPER_TEACHER', 'RECIPES', 'EPILOG', 'DEMO_PRESETS', 'DEMO_METHODS', 'DEMO_PARAMS',
-           'methods_help', 'add_train_options', 'read_config', 'recipe_text', 'build_parser', 'args_to_config', 'parse',
-           'main', 'run_evaluate', 'run_demo', 'run_compare', 'format_table', 'write_report']
+__all__ = ['BACKBONES', 'PAPER_MIOU', 'PAPER_TEACHER', 'RECIPES', 'EPILOG', 'BENCHES', 'DEMO_PRESETS', 'DEMO_METHODS',
+           'DEMO_PARAMS', 'methods_help', 'add_train_options', 'read_config', 'recipe_text', 'build_parser',
+           'args_to_config', 'parse', 'main', 'run_evaluate', 'run_bench', 'run_demo', 'run_compare', 'format_table',
+           'write_report']
 
 # %% ../nbs/09_cli.ipynb #939854fc
 def _method_arg(s:str)->str:
@@ -244,8 +245,21 @@ def build_parser()->argparse.ArgumentParser:
         epilog="example:\n  aicsd recipes voc-r18-aicsd > voc-r18-aicsd.yaml\n  aicsd distill --config voc-r18-aicsd.yaml")
     r.add_argument('name', nargs='?', help='recipe to print')
     r.add_argument('--format', choices=['yaml', 'toml'], default='yaml')
+    b = sub.add_parser('bench', formatter_class=fmt, help='speed and memory: ICSD term, distill step, data loading',
+        description='Ours vs the released-code approach vs the floor, in one process with interleaved rounds '
+                    '(aicsd.bench, nbs/11_bench.ipynb); prints markdown tables with the machine they came from.',
+        epilog="examples:\n  aicsd bench                      icsd, step and data (a few minutes on a CPU)\n"
+               "  aicsd bench --latency            params, GMACs and images/s of every backbone\n"
+               "  aicsd bench icsd --quick         tiny shapes (seconds)\n  make gpu-check                   every GPU path")
+    b.add_argument('what', nargs='*', metavar='WHAT', help=f"any of {', '.join(BENCHES)} (default: icsd step data)")
+    b.add_argument('--latency', action='store_true', help='also the latency table (same as adding `latency`)')
+    b.add_argument('--quick', action='store_true', help='tiny shapes: a smoke test in seconds')
+    b.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    b.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores)')
     _add_data_commands(sub, fmt)
     return p
+
+BENCHES = ('icsd', 'stride4', 'step', 'data', 'latency', 'gpu')
 
 # %% ../nbs/09_cli.ipynb #ba986373
 def _add_data_commands(sub, fmt):
@@ -334,6 +348,8 @@ def _main(argv):
             for k, v in RECIPES.items():
                 print(f"{k:<28} aicsd {v['command']:<8} paper mIoU {v['paper']['miou']}")
     elif a.command == 'data': _run_data(a)
+    elif a.command == 'bench': run_bench(a.what or ['icsd', 'step', 'data'], latency=a.latency, quick=a.quick,
+                                         device=a.device, threads=a.threads)
     return 0
 
 # %% ../nbs/09_cli.ipynb #b2c9ed31
@@ -354,6 +370,27 @@ def run_evaluate(a:argparse.Namespace)->dict:
                        amp_dtype=_amp_dtype(a.amp, dev), max_items=a.max_val)
         return {k: (v.tolist() if isinstance(v, torch.Tensor) else float(v)) for k, v in res.items()}
     finally: cleanup_distributed(owned)
+
+# %% ../nbs/09_cli.ipynb #d1ee1eae
+def run_bench(what:list, # names from BENCHES
+              latency:bool=False, quick:bool=False, device:str='cpu', threads:int|None=None,
+             )->dict: # name -> rows
+    "Run the named benchmarks of `aicsd.bench` and print each table (markdown) after the machine's description."
+    from aicsd import bench as B
+    bad = [w for w in what if w not in BENCHES]
+    if bad: raise ValueError(f"unknown benchmark(s) {bad}; choose from {', '.join(BENCHES)}")
+    what = list(dict.fromkeys([*what, *(['latency'] if latency else [])]))
+    if threads: torch.set_num_threads(threads)
+    print('machine: ' + ', '.join(f'{k} {v}' for k, v in B.machine_info().items()), flush=True)
+    calls = dict(icsd=lambda: B.bench_icsd(device=device, quick=quick), stride4=lambda: B.bench_stride4(quick=quick),
+                 step=lambda: B.bench_step(device=device, quick=quick), data=lambda: B.bench_data(quick=quick),
+                 latency=lambda: B.bench_latency(device=device, quick=quick), gpu=lambda: B.gpu_check(quick=quick))
+    out = {}
+    for w in what:
+        print(f"\n## {w}\n", flush=True)
+        out[w] = calls[w]()
+        print(B.format_rows(out[w]), flush=True)
+    return out
 
 # %% ../nbs/09_cli.ipynb #fb64acdb
 DEMO_PRESETS = dict(  # sizes chosen for 2 CPU cores; steps, not epochs, so the time does not depend on n_train

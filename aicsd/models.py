@@ -228,9 +228,9 @@ class DeepLabV3Plus(nn.Module):
                ):
         high, low = self.backbone(x)
         a = self.aspp(high)
-        out, dec = self.decoder(a, low, return_features=True)
-        out = F.interpolate(out, size=x.shape[2:], mode='bilinear', align_corners=True)
-        return (out, dict(low=low, high=high, aspp=a, decoder=dec)) if return_features else out
+        out4, dec = self.decoder(a, low, return_features=True)
+        out = F.interpolate(out4, size=x.shape[2:], mode='bilinear', align_corners=True)
+        return (out, dict(low=low, high=high, aspp=a, decoder=dec, logits4=out4)) if return_features else out
 
     def extra_repr(self): return f"backbone={self.backbone_name!r}, num_classes={self.num_classes}, output_stride={self.output_stride}"
 

@@ -62,3 +62,9 @@ def test_recipes_roundtrip(tmp_path):
     assert 'voc-r18-aicsd' in p.stdout and '70.03' in p.stdout
     p = run(aicsd_cmd() + ['recipes', 'cityscapes-mbv2-aicsd'], cwd=tmp_path)
     assert '66.53' in p.stdout and 'lr: 0.01' in p.stdout
+
+def test_bench_quick(tmp_path):
+    "`aicsd bench --quick` prints the machine and a markdown table per benchmark (ours, released, floor for ICSD)."
+    p = run(aicsd_cmd() + ['bench', 'icsd', 'data', '--quick', '--threads', 1], cwd=tmp_path)
+    assert p.stdout.startswith('machine: ') and '## icsd' in p.stdout and '## data' in p.stdout
+    for name in ('| floor', '| icsd', '| released'): assert name in p.stdout, name
