@@ -317,8 +317,12 @@ def parse(argv:list|None=None)->argparse.Namespace:
 
 def main(argv:list|None=None)->int:
     "Entry point of the `aicsd` console script."
+    from aicsd.distill import RunLockedError
     try: return _main(argv)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except KeyboardInterrupt as e:          # RunInterrupted: last.pt written; a plain one: a second Ctrl-C
+        print(f"aicsd: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, RunLockedError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"aicsd: error: {msg}", file=sys.stderr)
         return 2
@@ -406,7 +410,7 @@ _TEACHER_KEYS = ('model', 'data_root', 'crop_size', 'batch_size', 'lr', 'seed', 
 
 def _demo_cfg(P:dict, root:Path, out:Path, threads, seed)->dict:
     return dict(data='synthetic', data_root=str(root), crop_size=P['crop_size'], batch_size=P['batch_size'],
-                lr=P['lr'], seed=seed, tensorboard=False, figures=False, quiet=True, eval_every=10**6, log_every=5,
+                lr=P['lr'], seed=seed, tensorboard=False, figures=False, quiet=True, force=True, eval_every=10**6, log_every=5,
                 threads=threads, device='cpu', workers=0, val_batch_size=16, scale_min=0.75, scale_max=1.25,
                 max_val=P.get('max_val'))
 

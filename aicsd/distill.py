@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_distill.ipynb #a14e7f63
 from __future__ import annotations
-import csv, gc, math, os, random, sys, time, warnings
+import csv, gc, math, os, random, shutil, signal, socket, sys, threading, time, warnings
 from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
@@ -19,12 +19,13 @@ __all__ = ['OPTIONS', 'DEFAULTS', 'RESUME_KEYS', 'Option', 'make_objective', 'ma
            'eval_transform_for', 'load_teacher', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint',
            'dist_env', 'resolve_device', 'init_distributed', 'cleanup_distributed', 'CPUSyncBatchNorm',
            'convert_sync_batchnorm', 'StudentWithModules', 'model_outputs', 'tap_channels', 'distill_step',
-           'train_step', 'evaluate', 'RunLog', 'Run', 'Progress', 'build_models', 'build_run', 'Checkpointer',
-           'train_one_epoch', 'evaluate_and_keep_best', 'fit']
+           'train_step', 'evaluate', 'RunLog', 'Run', 'Progress', 'build_models', 'build_run', 'RunExistsError',
+           'RunLockedError', 'RunInterrupted', 'RunLock', 'Checkpointer', 'train_one_epoch', 'evaluate_and_keep_best',
+           'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import deeplabv3plus, param_groups, model_arch, load_model, load_released_checkpoint, atomic_save
-from .data import get_dataset, train_transform, eval_transform, build_loader, make_synthetic
+from .data import get_dataset, train_transform, eval_transform, build_loader, make_synthetic, DEFAULT_ROOTS
 from .objective import alw_alpha, DistillObjective, METHODS, parse_method
 from .metrics import SegMetrics
 
@@ -63,7 +64,8 @@ OPTIONS = [
     _O('teacher_bf16', False, 'Distillation', 'run the frozen teacher under bf16 autocast', flag='bool'),
     # data
     _O('data', 'synthetic', 'Data', 'dataset', choices=('voc', 'cityscapes', 'synthetic')),
-    _O('data_root', 'data/synthetic', 'Data', 'dataset folder (VOC2012/, the Cityscapes root, or the synthetic folder)', metavar='DIR'),
+    _O('data_root', None, 'Data', 'dataset folder (VOC2012/, the Cityscapes root, or the synthetic folder); default: '
+       + ', '.join(f'{k} {v}' for k, v in DEFAULT_ROOTS.items()), metavar='DIR'),
     _O('train_split', 'train', 'Data', 'training split (VOC: train or trainaug)'),
     _O('val_split', 'val', 'Data', 'validation split'),
     _O('num_classes', None, 'Data', 'classes (default: from the dataset)', type=int, metavar='C'),
@@ -98,6 +100,8 @@ OPTIONS = [
     _O('eval_every', 1, 'Checkpoints and logs', 'evaluate every K epochs', type=int, metavar='K'),
     _O('log_every', 10, 'Checkpoints and logs', 'log the losses every N iterations', type=int, metavar='N'),
     _O('resume', False, 'Checkpoints and logs', 'continue the run in --out from its last.pt, at the exact batch', flag='bool'),
+    _O('force', False, 'Checkpoints and logs', 'start afresh in an --out that holds a run: its files are moved aside to '
+       'out/replaced-<time>/ (nothing is deleted)', flag='bool'),
     _O('stop_after', None, 'Checkpoints and logs', 'leave after N iterations of this session (resume later)', type=int, metavar='N'),
     _O('tensorboard', True, 'Checkpoints and logs', 'write TensorBoard events', flag='bool'),
     _O('figures', True, 'Checkpoints and logs', 'at each evaluation, draw the ICS matrices (teacher | student | difference), '
@@ -130,6 +134,8 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     unknown = sorted(k for k in given if k not in DEFAULTS)
     if unknown: raise KeyError(f"unknown configuration key(s) {unknown}; valid keys: {sorted(DEFAULTS)}")
     out.update(given)
+    if not out['data_root']: out['data_root'] = DEFAULT_ROOTS.get(out['data'])
+    if out['resume'] and out['force']: raise ValueError("--resume continues the run in --out and --force replaces it: give one")
     for o in OPTIONS:
         if o.choices and out[o.name] not in o.choices:
             raise ValueError(f"configuration '{o.name}' must be one of {o.choices}, got {out[o.name]!r}")
@@ -507,6 +513,9 @@ def build_run(cfg:dict)->Run:
     out = Path(cfg['out'])
     if rank == 0: out.mkdir(parents=True, exist_ok=True)
     train_ds, val_ds, nc = _datasets(cfg, rank)
+    if len(val_ds) == 0:
+        raise ValueError(f"the validation split {cfg['val_split']!r} of {cfg['data_root']} has no images, so no mIoU and no "
+                         f"best.pt could be computed; check --data-root and --val-split")
     if len(train_ds) < cfg['batch_size'] * world:
         raise ValueError(f"{len(train_ds)} training images cannot fill a batch of {cfg['batch_size']} on {world} process(es)")
     loader = build_loader(train_ds, cfg['batch_size'], train=True, num_workers=cfg['workers'], seed=cfg['seed'],
@@ -536,6 +545,38 @@ def build_run(cfg:dict)->Run:
                opt, sched, scaler, amp_dtype, teacher_dtype, fdt, mf, spe, epochs, total)
 
 # %% ../nbs/08_distill.ipynb #e35e8ed3
+class RunExistsError(ValueError): "The run folder holds a run and neither --resume nor --force was given."
+class RunLockedError(RuntimeError): "Another live process is writing to the run folder."
+class RunInterrupted(KeyboardInterrupt): "Ctrl-C: the run stopped after a whole step and wrote last.pt."
+
+def _alive(pid:int)->bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+class RunLock:
+    "`out/.lock`: one run writes a folder at a time; a lock left by a dead process on this host is taken over."
+    def __init__(self, out:Path): self.path, self.held = Path(out)/'.lock', False
+    def acquire(self)->'RunLock':
+        me = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, (me + '\n').encode()); os.close(fd); self.held = True
+                return self
+            except FileExistsError:
+                try: pid, host = self.path.read_text().split()[:2]; pid = int(pid)
+                except (OSError, ValueError): pid, host = None, None
+                if pid is not None and host == socket.gethostname() and not _alive(pid):
+                    warnings.warn(f"{self.path}: the run that held it (process {pid}) is gone; taking the folder over")
+                    self.path.unlink(missing_ok=True); continue
+                raise RunLockedError(f"{self.path.parent} is in use by process {pid} on {host} (lock file {self.path}); wait "
+                                     f"for that run to end or choose another --out; if that process is gone, delete the lock file")
+        raise RunLockedError(f"could not take {self.path}")
+    def release(self):
+        if self.held: self.path.unlink(missing_ok=True); self.held = False
+
 RESUME_KEYS = ('model', 'method', 'batch_size', 'seed', 'data', 'teacher', 'alw', 'weight', 'param')
 
 class Checkpointer:
@@ -566,9 +607,10 @@ class Checkpointer:
                             epoch=prog.epoch, global_step=prog.step)
 
     def resume(self)->Progress|None:
-        "Restore the run from `last.pt` if it exists (None otherwise)."
+        "Restore the run from `last.pt` (which must exist)."
         r = self.run
-        if not self.last.exists(): return None
+        if not self.last.exists():
+            raise FileNotFoundError(f"--resume: there is no {self.last} to continue; drop --resume to start a run in {r.out}")
         ck = load_checkpoint(self.last)
         for k in RESUME_KEYS:
             if ck['config'].get(k, DEFAULTS[k]) != r.cfg[k]:
@@ -580,11 +622,22 @@ class Checkpointer:
         set_rng_state(rngs[r.rank] if isinstance(rngs, list) else rngs)
         return Progress(ck['epoch'], ck['step_in_epoch'], ck['global_step'], ck['best_miou'], ck['metrics'])
 
+    RUN_FILES = ('last.pt', 'best.pt', 'train_log.csv', 'eval_log.csv', 'tb', 'figures')
+
     def start(self)->Progress:
-        "A fresh run: forget the logs of an earlier one in the same folder, seed each rank."
+        "A fresh run: refuse to replace an earlier run in the same folder unless `force` (then move it aside); seed."
         r = self.run
         if r.main:
-            for f in ('train_log.csv', 'eval_log.csv'): (r.out/f).unlink(missing_ok=True)
+            old = [f for f in self.RUN_FILES if (r.out/f).exists()]
+            if old and not r.cfg['force']:
+                raise RunExistsError(f"{r.out} already holds a run ({', '.join(old)}); nothing was changed. Continue it with "
+                                     f"--resume, start afresh with --force (its files are moved to {r.out}/replaced-<time>/), "
+                                     f"or choose another --out")
+            if old:
+                aside = r.out/time.strftime('replaced-%Y%m%d-%H%M%S')
+                aside.mkdir()
+                for f in old: shutil.move(str(r.out/f), str(aside/f))
+                if not r.cfg['quiet']: print(f"--force: the earlier run's files were moved to {aside}")
         s = r.cfg['seed'] + r.rank
         torch.manual_seed(s); random.seed(s); np.random.seed(s)
         return Progress()
@@ -592,7 +645,9 @@ class Checkpointer:
 # %% ../nbs/08_distill.ipynb #3ff4845e
 def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
                     stop_at:int|None=None, # leave (checkpoint written) once this global step is reached
-                    tty:bool=False)->bool: # True when stopped by `stop_at` in the middle of the epoch
+                    tty:bool=False,
+                    interrupted:Callable|None=None, # () -> True when Ctrl-C was pressed: checkpoint, raise RunInterrupted
+                   )->bool: # True when stopped by `stop_at` in the middle of the epoch
     "Train the rest of epoch `prog.epoch` from batch `prog.step_in_epoch`; `prog` moves along."
     cfg, spe = run.cfg, run.steps_per_epoch
     skip = prog.step_in_epoch
@@ -618,6 +673,10 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
             ckpt.save_last(prog)
         if stop_at is not None and prog.step >= stop_at and mid:
             ckpt.save_last(prog); return True
+        if interrupted is not None and interrupted():
+            ckpt.save_last(prog)
+            raise RunInterrupted(f"interrupted at step {prog.step}; {ckpt.last} written: continue with the same command "
+                                 f"and --resume")
     prog.epoch += 1; prog.step_in_epoch = 0
     return False
 
@@ -650,9 +709,16 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
     "Train (or distil into) a DeepLabV3+ according to `cfg`; resume from `out/last.pt` if `resume`."
     cfg = make_config(cfg, **kwargs)
     t0 = time.time()
-    run, joined_before = None, dist.is_initialized()
+    run, joined_before, lock, old_handler = None, dist.is_initialized(), None, None
+    stop = []
     try:
         run = build_run(cfg)
+        if run.main: lock = RunLock(run.out).acquire()
+        if run.world == 1 and threading.current_thread() is threading.main_thread():
+            def _on_sigint(sig, frame):           # first Ctrl-C: finish the step, checkpoint, leave; second: leave now
+                if stop: raise KeyboardInterrupt
+                stop.append(True)
+            old_handler = signal.signal(signal.SIGINT, _on_sigint)
         ckpt = Checkpointer(run)
         prog = ckpt.resume() if cfg['resume'] else None
         if prog is not None and run.main and not cfg['quiet']:
@@ -662,7 +728,7 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         tty = sys.stderr.isatty() and not cfg['quiet'] and run.main and 'PYTEST_CURRENT_TEST' not in os.environ
         stop_at = prog.step + int(cfg['stop_after']) if cfg['stop_after'] else None
         while prog.epoch < run.epochs and prog.step < run.total and not (stop_at is not None and prog.step >= stop_at):
-            if train_one_epoch(run, prog, log, ckpt, stop_at, tty): break
+            if train_one_epoch(run, prog, log, ckpt, stop_at, tty, interrupted=lambda: bool(stop)): break
             done = prog.step >= run.total
             if done or prog.epoch % max(1, cfg['eval_every']) == 0: evaluate_and_keep_best(run, prog, log, ckpt, t0, tty)
             ckpt.save_last(prog)
@@ -672,6 +738,8 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         if run.main and run.world == 1: res['model'] = run.student.to('cpu').eval()
         return res
     finally:
+        if old_handler is not None: signal.signal(signal.SIGINT, old_handler)
+        if lock is not None: lock.release()
         if run is not None: run.model = run.opt = run.sched = run.net = None   # drop DDP and the optimizer first
         run = ckpt = None
         cleanup_distributed(owned=not joined_before and dist.is_initialized())

@@ -1,0 +1,60 @@
+"""Never lose a run, never use the wrong data silently: each case fails loudly, names the file or option, changes nothing."""
+import os, signal, subprocess, sys, time
+import torch
+from conftest import ENV, aicsd_cmd, run, tiny_args
+
+def _train(root, out, *more):
+    return aicsd_cmd() + ['train', '--model', 'mobilenetv2', '--epochs', 1] + tiny_args(root, out) + list(more)
+
+def test_existing_run_is_not_replaced(tiny_data, tmp_path):
+    out = tmp_path / 'r'
+    run(_train(tiny_data, out), cwd=tmp_path)
+    before = (out / 'best.pt').read_bytes()
+    p = run(_train(tiny_data, out, '--lr', 0.5), cwd=tmp_path, check=False)
+    assert p.returncode == 2 and '--resume' in p.stderr and '--force' in p.stderr and str(out) in p.stderr, p.stderr
+    assert (out / 'best.pt').read_bytes() == before                       # nothing overwritten
+    run(_train(tiny_data, out, '--force'), cwd=tmp_path)                  # --force moves the old run aside
+    aside = [d for d in out.iterdir() if d.name.startswith('replaced-')]
+    assert len(aside) == 1 and (aside[0] / 'best.pt').read_bytes() == before
+
+def test_resume_without_checkpoint_is_an_error(tiny_data, tmp_path):
+    p = run(_train(tiny_data, tmp_path / 'none', '--resume'), cwd=tmp_path, check=False)
+    assert p.returncode == 2 and 'last.pt' in p.stderr and 'drop --resume' in p.stderr
+
+def test_lock_keeps_a_second_run_out(tiny_data, tmp_path):
+    out = tmp_path / 'l'; out.mkdir()
+    (out / '.lock').write_text(f"{os.getpid()} {os.uname().nodename}\n")     # this (live) test process holds it
+    p = run(_train(tiny_data, out), cwd=tmp_path, check=False)
+    assert p.returncode == 2 and 'in use by process' in p.stderr and not (out / 'last.pt').exists()
+    dead = subprocess.Popen([sys.executable, '-c', 'pass']); dead.wait()   # a pid that has exited
+    (out / '.lock').write_text(f"{dead.pid} {os.uname().nodename}\n")
+    run(_train(tiny_data, out), cwd=tmp_path)                              # a stale lock is taken over
+    assert (out / 'last.pt').exists() and not (out / '.lock').exists()
+
+def test_ctrl_c_checkpoints_and_resumes(tiny_data, tmp_path):
+    out = tmp_path / 'c'
+    args = _train(tiny_data, out, '--epochs', 50, '--log-every', 1)
+    p = subprocess.Popen([str(a) for a in args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (out / 'train_log.csv').exists():
+        assert p.poll() is None and time.time() - t0 < 120, p.stderr.read() if p.poll() is not None else 'too slow'
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert 'Traceback' not in err and 'interrupted at step' in err and '--resume' in err, err
+    step = torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['global_step']
+    assert 1 <= step < 150
+    r = run(_train(tiny_data, out, '--epochs', 50, '--log-every', 1, '--max-steps', step + 2, '--resume'), cwd=tmp_path,
+            check=False)
+    assert r.returncode == 0, r.stderr                       # it continues from the checkpoint's step ...
+    assert torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['global_step'] == step + 2   # ... to the end
+
+def test_empty_val_split_and_default_roots(tmp_path):
+    from aicsd.data import make_synthetic
+    root = make_synthetic(tmp_path / 'syn', n_train=8, n_val=0, size=32, num_classes=3, seed=0, ext='png')
+    p = run(_train(root, tmp_path / 'e'), cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "validation split 'val'" in p.stderr and 'no images' in p.stderr, p.stderr
+    # --data voc without --data-root reads the documented VOC root, never the synthetic folder
+    p = run(aicsd_cmd() + ['train', '--data', 'voc', '--out', tmp_path / 'v', '--device', 'cpu'], cwd=tmp_path, check=False)
+    assert p.returncode == 2 and 'data/VOCdevkit/VOC2012' in p.stderr, p.stderr
