@@ -327,6 +327,13 @@ def main(argv:list|None=None)->int:
         print(f"aicsd: error: {msg}", file=sys.stderr)
         return 2
 
+def _json_safe(x):
+    "NaN (a class absent from the data) as null: strict JSON readers reject NaN."
+    if isinstance(x, float) and x != x: return None
+    if isinstance(x, dict): return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list): return [_json_safe(v) for v in x]
+    return x
+
 def _main(argv):
     a = parse(argv)
     if a.command in ('train', 'distill'):
@@ -338,8 +345,8 @@ def _main(argv):
     elif a.command == 'evaluate':
         res = run_evaluate(a)
         if int(os.environ.get('RANK', 0)) == 0:
-            print(json.dumps({k: v for k, v in res.items() if k != 'iou'}))
-            if a.json: Path(a.json).write_text(json.dumps(res, indent=1))
+            print(json.dumps(_json_safe({k: v for k, v in res.items() if k != 'iou'})))
+            if a.json: Path(a.json).write_text(json.dumps(_json_safe(res), indent=1))
     elif a.command == 'demo':
         from aicsd.cli import run_demo
         run_demo(out=a.out, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads, seeds=a.seeds)
@@ -366,10 +373,24 @@ def run_evaluate(a:argparse.Namespace)->dict:
     dev = resolve_device(a.device, dist_env()[2])
     _, _, _, owned = init_distributed(dev)
     try:
-        model = load_model(a.ckpt, map_location='cpu').to(dev)
+        ck = load_checkpoint(a.ckpt)
+        if not isinstance(ck, dict) or 'arch' not in ck:
+            raise ValueError(f"{a.ckpt} is not an aicsd checkpoint (no 'arch' entry); for the released code's checkpoints "
+                             f"use aicsd.models.load_released_checkpoint in Python")
+        model = load_model(ck, map_location='cpu').to(dev)
         from aicsd.distill import eval_transform_for
-        ds = get_dataset(a.data, a.data_root, a.val_split, eval_transform_for(vars(a)))
+        opts = vars(a).copy()
+        trained = ck.get('config', {})
+        if opts.get('eval_resize') is None and trained.get('eval_resize'):   # the checkpoint's own evaluation protocol
+            opts['eval_resize'], opts['eval_square'] = trained['eval_resize'], trained.get('eval_square', False)
+            print(f"evaluating as in training: --eval-resize {opts['eval_resize']}"
+                  + (' --eval-square' if opts['eval_square'] else ''), file=sys.stderr)
+        ds = get_dataset(a.data, a.data_root, a.val_split, eval_transform_for(opts))
         nc = model_arch(model)['num_classes']
+        dnc = getattr(ds, 'num_classes', None)
+        if dnc is not None and dnc != nc:
+            raise ValueError(f"{a.ckpt} predicts {nc} classes but {a.data} ({ds.root if hasattr(ds, 'root') else a.data_root}) "
+                             f"has {dnc}: this checkpoint was not trained on this dataset")
         res = evaluate(model, ds, nc, batch_size=a.val_batch_size, device=dev, workers=a.workers,
                        amp_dtype=_amp_dtype(a.amp, dev), max_items=a.max_val)
         return {k: (v.tolist() if isinstance(v, torch.Tensor) else float(v)) for k, v in res.items()}

@@ -394,13 +394,18 @@ def make_synthetic(root='data/synthetic', # output folder (VOC layout)
     root = Path(root); size = (size, size) if isinstance(size, int) else tuple(size)
     if ext not in ('jpg', 'png'): raise ValueError(f"ext must be 'jpg' or 'png', got {ext!r}")
     settings = _synthetic_settings(n_train, n_val, size, num_classes, seed, border, ext)
+    for k, v in (('n_train', n_train), ('n_val', n_val)):
+        if int(v) < 0: raise ValueError(f"{k} (--{k.replace('_', '-')}) must be >= 0, got {v}")
+    if n_train + n_val < 1: raise ValueError("n_train + n_val must be >= 1: the dataset would be empty")
     if root.exists() and any(root.iterdir()):
         info = read_synthetic_info(root)
         if info is not None and info.get('settings') == settings: return root
+        if info is None:       # never delete a folder we did not write, --overwrite or not
+            raise FileExistsError(f"{root} holds files that are not an aicsd synthetic dataset (no classes.json from "
+                                  f"make_synthetic); nothing was changed. Choose another root (--root).")
         if not overwrite:
-            what = f"a synthetic dataset made with {info.get('settings')}" if info else "files that are not a synthetic dataset"
-            raise FileExistsError(f"{root} already holds {what}; asked for {settings}. "
-                                  "Pass overwrite=True (`--overwrite`) to replace it, or choose another root.")
+            raise FileExistsError(f"{root} already holds a synthetic dataset made with {info.get('settings')}; asked for "
+                                  f"{settings}. Pass overwrite=True (`--overwrite`) to replace it, or choose another root.")
     table = synthetic_classes(num_classes)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.tmp-', dir=root.parent))

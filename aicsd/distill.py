@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 # %% auto #0
 __all__ = ['OPTIONS', 'DEFAULTS', 'RESUME_KEYS', 'Option', 'make_objective', 'make_config', 'poly_lr_lambda',
-           'eval_transform_for', 'load_teacher', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint',
+           'eval_transform_for', 'load_checkpoint', 'load_teacher', 'rng_state', 'set_rng_state', 'save_checkpoint',
            'dist_env', 'resolve_device', 'init_distributed', 'cleanup_distributed', 'CPUSyncBatchNorm',
            'convert_sync_batchnorm', 'StudentWithModules', 'model_outputs', 'tap_channels', 'distill_step',
            'train_step', 'evaluate', 'RunLog', 'Run', 'Progress', 'build_models', 'build_run', 'RunExistsError',
@@ -148,8 +148,21 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
         raise ValueError(f"dtype 'float64' runs without mixed precision: set amp='none' (--amp none), got {out['amp']!r}")
     if out['mode'] == 'distill' and obj.needs_teacher and not out['teacher']:
         raise ValueError(f"method {out['method']!r} needs a teacher checkpoint: set 'teacher' (--teacher PATH)")
-    for k in ('batch_size', 'epochs'):
-        if int(out[k]) < 1: raise ValueError(f"'{k}' must be >= 1, got {out[k]}")
+    def flag(k): return f"'{k}' (--{k.replace('_', '-')})"
+    for k in ('batch_size', 'epochs', 'crop_size', 'val_batch_size', 'log_every', 'eval_every'):
+        if int(out[k]) < 1: raise ValueError(f"{flag(k)} must be >= 1, got {out[k]}")
+    if int(out['batch_size']) < 2:
+        raise ValueError(f"{flag('batch_size')} must be >= 2: the BatchNorm after ASPP's image pooling sees one value per "
+                         f"image and channel, so one image per process cannot be trained (got {out['batch_size']})")
+    for k in ('max_steps', 'stop_after'):
+        if out[k] is not None and int(out[k]) < 1: raise ValueError(f"{flag(k)} must be >= 1 when given, got {out[k]}")
+    for k in ('ckpt_every', 'warmup_steps', 'workers'):
+        if int(out[k]) < 0: raise ValueError(f"{flag(k)} must be >= 0, got {out[k]}")
+    for k in ('lr', 'temperature', 'scale_min', 'scale_max'):
+        if not (math.isfinite(float(out[k])) and float(out[k]) > 0): raise ValueError(f"{flag(k)} must be a number > 0, got {out[k]}")
+    if out['scale_min'] > out['scale_max']: raise ValueError(f"--scale-min {out['scale_min']} > --scale-max {out['scale_max']}")
+    for k in ('momentum', 'weight_decay', 'head_mult'):
+        if not (math.isfinite(float(out[k])) and float(out[k]) >= 0): raise ValueError(f"{flag(k)} must be a number >= 0, got {out[k]}")
     for k, v in out.items():  # plain types only: the configuration is stored in weights_only checkpoints
         if isinstance(v, Path): out[k] = str(v)
     return out
@@ -176,13 +189,23 @@ def eval_transform_for(cfg:dict, # a configuration (`make_config`)
     if cfg.get('eval_resize') and cfg.get('eval_square'): return eval_transform(resize=int(cfg['eval_resize']))
     return eval_transform(resize_short=cfg.get('eval_resize'))
 
+def load_checkpoint(path:str|Path, map_location='cpu')->dict:
+    "Read a checkpoint written by `save_checkpoint` (`weights_only=True`)."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
+    try: return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # random bytes, a text file, a truncated file, a pickle that would run code (refused)
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read checkpoint {path}: it is not a complete PyTorch checkpoint that loads with "
+                         f"weights_only=True ({type(e).__name__}: {why})") from None
+
 def load_teacher(path:str, # checkpoint: `best.pt`/`last.pt` of aicsd, or a file of the authors' released code
                  backbone:str|None=None, # for a released-code checkpoint: its backbone ('resnet101', ...)
                  num_classes:int|None=None, # classes of the data (checked against the checkpoint)
                  output_stride:int=16, # output stride of a released-code teacher
                 ): # the teacher in eval mode
     "Load a teacher from an aicsd checkpoint (which knows its architecture) or from a released-code checkpoint."
-    ck = torch.load(path, map_location='cpu', weights_only=True)
+    ck = load_checkpoint(path)
     if isinstance(ck, dict) and 'arch' in ck: return load_model(ck)
     if backbone is None:
         raise ValueError(f"teacher checkpoint {path} has no 'arch' entry, so it is not an aicsd checkpoint; if it was "
@@ -215,12 +238,6 @@ def save_checkpoint(path:str|Path, # file to write
                    )->Path:
     "Write `state` to `path` atomically (temporary file, then `os.replace`)."
     return atomic_save(state, path)
-
-def load_checkpoint(path:str|Path, map_location='cpu')->dict:
-    "Read a checkpoint written by `save_checkpoint` (`weights_only=True`)."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
 
 # %% ../nbs/08_distill.ipynb #0547e8c1
 def dist_env()->tuple: # (rank, world_size, local_rank)
@@ -581,7 +598,10 @@ RESUME_KEYS = ('model', 'method', 'batch_size', 'seed', 'data', 'teacher', 'alw'
 
 class Checkpointer:
     "Writes and reads `last.pt` and `best.pt` of a run folder (rank 0 writes; every rank reads)."
-    def __init__(self, run:Run): self.run, self.last, self.best = run, run.out/'last.pt', run.out/'best.pt'
+    def __init__(self, run:Run):
+        self.run, self.last, self.best = run, run.out/'last.pt', run.out/'best.pt'
+        if run.main:   # temporary files of saves that were killed midway (they are never read)
+            for f in run.out.glob('.*.pt.*.tmp'): f.unlink(missing_ok=True)
 
     def _student(self): return dict(model=self.run.student.state_dict(), arch=model_arch(self.run.student))
 

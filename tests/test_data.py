@@ -150,7 +150,7 @@ def test_synthetic_reuse_mismatch_and_overwrite(tmp_path):
     make_synthetic(root, n_train=5, n_val=2, size=32, overwrite=True)
     assert read_synthetic_info(root)['settings']['n_train'] == 5 and len(VOCSegmentation(root)) == 5
     (tmp_path / 'other').mkdir(); (tmp_path / 'other' / 'notes.txt').write_text('mine')
-    with pytest.raises(FileExistsError, match='not a synthetic dataset'): make_synthetic(tmp_path / 'other')
+    with pytest.raises(FileExistsError, match='not an aicsd synthetic dataset'): make_synthetic(tmp_path / 'other')
     (tmp_path / 'empty').mkdir()
     assert len(VOCSegmentation(make_synthetic(tmp_path / 'empty', n_train=2, n_val=1, size=16), 'val')) == 1
 

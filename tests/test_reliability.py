@@ -58,3 +58,40 @@ def test_empty_val_split_and_default_roots(tmp_path):
     # --data voc without --data-root reads the documented VOC root, never the synthetic folder
     p = run(aicsd_cmd() + ['train', '--data', 'voc', '--out', tmp_path / 'v', '--device', 'cpu'], cwd=tmp_path, check=False)
     assert p.returncode == 2 and 'data/VOCdevkit/VOC2012' in p.stderr, p.stderr
+
+def test_clear_errors_for_bad_input(tiny_data, tmp_path):
+    "Each bad input: exit 2, one message naming the file or option, no traceback."
+    junk = tmp_path / 'junk.pt'; junk.write_bytes(os.urandom(3000))
+    text = tmp_path / 'text.pt'; text.write_text('101\n')
+    ev = ['evaluate', '--data', 'synthetic', '--data-root', tiny_data, '--device', 'cpu', '--threads', 1, '--ckpt']
+    cases = [(ev + [junk], f'cannot read checkpoint {junk}'), (ev + [text], f'cannot read checkpoint {text}'),
+             (_train(tiny_data, tmp_path / 'b1', '--batch-size', 1)[len(aicsd_cmd()):], '--batch-size'),
+             (_train(tiny_data, tmp_path / 'c0', '--crop-size', 0)[len(aicsd_cmd()):], '--crop-size'),
+             (_train(tiny_data, tmp_path / 'lr', '--lr', 'nan')[len(aicsd_cmd()):], '--lr'),
+             (_train(tiny_data, tmp_path / 'ms', '--max-steps', -5)[len(aicsd_cmd()):], '--max-steps'),
+             (['data', 'synthetic', '--root', tmp_path / 'neg', '--n-train', -3], '--n-train')]
+    for args, want in cases:
+        p = run(aicsd_cmd() + [str(a) for a in args],
+                cwd=tmp_path, check=False)
+        assert p.returncode == 2 and want in p.stderr and 'Traceback' not in p.stderr, (args, p.stderr[-800:])
+
+def test_evaluate_refuses_other_class_count_and_writes_strict_json(tiny_data, tmp_path):
+    import json
+    from aicsd.data import make_synthetic
+    out = tmp_path / 't'
+    run(_train(tiny_data, out), cwd=tmp_path)                                   # 4 classes
+    three = make_synthetic(tmp_path / 'syn3', n_train=4, n_val=2, size=32, num_classes=3, seed=0, ext='png')
+    p = run(aicsd_cmd() + ['evaluate', '--ckpt', out / 'best.pt', '--data', 'synthetic', '--data-root', three,
+                           '--device', 'cpu'], cwd=tmp_path, check=False)
+    assert p.returncode == 2 and 'predicts 4 classes' in p.stderr and 'has 3' in p.stderr, p.stderr
+    js = tmp_path / 'm.json'
+    run(aicsd_cmd() + ['evaluate', '--ckpt', out / 'best.pt', '--data', 'synthetic', '--data-root', tiny_data,
+                       '--device', 'cpu', '--json', js], cwd=tmp_path)
+    assert 'NaN' not in js.read_text()
+    json.loads(js.read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+def test_synthetic_overwrite_never_deletes_a_user_folder(tmp_path):
+    mine = tmp_path / 'VOC2012'; mine.mkdir(); (mine / 'notes.txt').write_text('keep me')
+    p = run(aicsd_cmd() + ['data', 'synthetic', '--root', mine, '--overwrite'], cwd=tmp_path, check=False)
+    assert p.returncode != 0 and 'nothing was changed' in p.stderr and '--overwrite' not in p.stderr.split('nothing')[1]
+    assert (mine / 'notes.txt').read_text() == 'keep me'
