@@ -685,7 +685,12 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
         if run.main and (prog.step % max(1, cfg['log_every']) == 0 or prog.step == run.total):
             vals = dict(epoch=prog.epoch, lr=run.opt.param_groups[0]['lr'], alpha=float(alpha), loss=float(loss),
                         **{k: float(v) for k, v in terms.items()})
-            if not math.isfinite(vals['loss']): raise FloatingPointError(f"loss is {vals['loss']} at step {prog.step}")
+            if not math.isfinite(vals['loss']):
+                bad = [k for k in terms if not math.isfinite(vals[k])]
+                raise FloatingPointError(
+                    f"the loss is {vals['loss']} at step {prog.step} (non-finite term(s): {', '.join(bad) or 'none: the sum overflowed'}"
+                    f"; lr {vals['lr']:.3g}); {ckpt.last if ckpt.last.exists() else 'no checkpoint'} holds the last good state. "
+                    f"Lower --lr or the term's --weight, or add --clip-grad, and resume or restart")
             log.row('train_log', prog.step, vals)
             if tty: bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
         mid = i + 1 < spe
