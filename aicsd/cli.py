@@ -191,6 +191,15 @@ examples:
 Each subcommand has its own --help. Config keys mirror the long options (--batch-size -> batch_size).
 """
 
+def _add_demo_args(p:argparse.ArgumentParser, out:str, quick_help:str):
+    "The options `demo` and `compare` share."
+    p.add_argument('--quick', action='store_true', help=quick_help)
+    p.add_argument('--out', default=out, metavar='DIR', help='where the report goes')
+    p.add_argument('--data-root', default=None, metavar='DIR', help='synthetic data folder (created if missing)')
+    p.add_argument('--fresh', action='store_true', help='retrain the teacher even if a cached one matches')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default 1)')
+    p.add_argument('--seeds', type=int, nargs='+', default=None, help='student seeds (default: 0 1 2; --quick: 0)')
+
 def build_parser()->argparse.ArgumentParser:
     "The `aicsd` argument parser with its subcommands."
     fmt = lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=34)
@@ -224,23 +233,13 @@ def build_parser()->argparse.ArgumentParser:
     m = sub.add_parser('demo', formatter_class=fmt, help='the whole method on synthetic data, on a CPU',
         description='Synthetic data -> small teacher -> students (baseline, KD, ICSD, AICSD, same seed) -> '
                     'report.md, ICS heatmaps and predictions in --out.')
-    m.add_argument('--quick', action='store_true', help='a ~1-2 minute version (what CI runs)')
-    m.add_argument('--out', default='runs/demo', metavar='DIR', help='where the report goes')
-    m.add_argument('--data-root', default=None, metavar='DIR', help='synthetic data folder (created if missing)')
-    m.add_argument('--fresh', action='store_true', help='retrain the teacher even if a cached one matches')
-    m.add_argument('--threads', type=int, default=None, help='torch CPU threads (default 1)')
-    m.add_argument('--seeds', type=int, nargs='+', default=None, help='student seeds (default: 0 1 2; --quick: 0)')
+    _add_demo_args(m, 'runs/demo', 'a ~1-2 minute version (what CI runs)')
     c = sub.add_parser('compare', formatter_class=fmt, help='every method on the same synthetic teacher (mean ± std over seeds)',
         description='The demo over every method of the methods table (or --methods): same teacher, same data, same '
                     'student steps, 3 seeds each; report.md and results.json in --out.',
         epilog="methods:\n" + methods_help())
     c.add_argument('--methods', nargs='+', type=_method_arg, default=None, metavar='METHOD', help='methods to compare (default: all)')
-    c.add_argument('--quick', action='store_true', help='tiny settings, one seed (a smoke test)')
-    c.add_argument('--out', default='runs/compare', metavar='DIR', help='where the report goes')
-    c.add_argument('--data-root', default=None, metavar='DIR', help='synthetic data folder (created if missing)')
-    c.add_argument('--fresh', action='store_true', help='retrain the teacher even if a cached one matches')
-    c.add_argument('--threads', type=int, default=None, help='torch CPU threads (default 1)')
-    c.add_argument('--seeds', type=int, nargs='+', default=None, help='student seeds (default: 0 1 2; --quick: 0)')
+    _add_demo_args(c, 'runs/compare', 'tiny settings, one seed (a smoke test)')
     r = sub.add_parser('recipes', formatter_class=fmt, help="list the paper's experiments or print one as a config",
         epilog="example:\n  aicsd recipes voc-r18-aicsd > voc-r18-aicsd.yaml\n  aicsd distill --config voc-r18-aicsd.yaml")
     r.add_argument('name', nargs='?', help='recipe to print')
