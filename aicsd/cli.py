@@ -371,6 +371,7 @@ def run_evaluate(a:argparse.Namespace)->dict:
     if a.threads: torch.set_num_threads(a.threads)
     dev = resolve_device(a.device, dist_env()[2])
     _, _, _, owned = init_distributed(dev)
+    failed = True
     try:
         ck = load_checkpoint(a.ckpt)
         if not isinstance(ck, dict) or 'arch' not in ck:
@@ -392,8 +393,10 @@ def run_evaluate(a:argparse.Namespace)->dict:
                              f"has {dnc}: this checkpoint was not trained on this dataset")
         res = evaluate(model, ds, nc, batch_size=a.val_batch_size, device=dev, workers=a.workers,
                        amp_dtype=_amp_dtype(a.amp, dev), max_items=a.max_val)
-        return {k: (v.tolist() if isinstance(v, torch.Tensor) else float(v)) for k, v in res.items()}
-    finally: cleanup_distributed(owned)
+        out = {k: (v.tolist() if isinstance(v, torch.Tensor) else float(v)) for k, v in res.items()}
+        failed = False
+        return out
+    finally: cleanup_distributed(owned, failed=failed)   # a failing rank leaves without waiting for the others
 
 # %% ../nbs/09_cli.ipynb #d1ee1eae
 def run_bench(what:list, # names from BENCHES

@@ -15,17 +15,17 @@ from torch import nn, Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 # %% auto #0
-__all__ = ['OPTIONS', 'DEFAULTS', 'RESUME_KEYS', 'Option', 'make_objective', 'make_config', 'poly_lr_lambda',
-           'eval_transform_for', 'load_checkpoint', 'load_teacher', 'rng_state', 'set_rng_state', 'save_checkpoint',
-           'dist_env', 'resolve_device', 'init_distributed', 'cleanup_distributed', 'CPUSyncBatchNorm',
-           'convert_sync_batchnorm', 'StudentWithModules', 'model_outputs', 'tap_channels', 'distill_step',
-           'train_step', 'evaluate', 'RunLog', 'Run', 'Progress', 'build_models', 'build_run', 'RunExistsError',
-           'RunLockedError', 'RunInterrupted', 'RunLock', 'Checkpointer', 'train_one_epoch', 'evaluate_and_keep_best',
-           'fit']
+__all__ = ['OPTIONS', 'DEFAULTS', 'Option', 'make_objective', 'make_config', 'poly_lr_lambda', 'eval_transform_for',
+           'load_checkpoint', 'load_teacher', 'rng_state', 'set_rng_state', 'save_checkpoint', 'dist_env',
+           'resolve_device', 'init_distributed', 'cleanup_distributed', 'CPUSyncBatchNorm', 'convert_sync_batchnorm',
+           'StudentWithModules', 'model_outputs', 'tap_channels', 'distill_step', 'train_step', 'evaluate',
+           'same_size_groups', 'RunLog', 'Run', 'Progress', 'build_models', 'build_run', 'RunExistsError',
+           'RunLockedError', 'RunInterrupted', 'RunLock', 'resume_changes', 'Checkpointer', 'train_one_epoch',
+           'evaluate_and_keep_best', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import deeplabv3plus, param_groups, model_arch, load_model, load_released_checkpoint, atomic_save
-from .data import get_dataset, train_transform, eval_transform, build_loader, make_synthetic, DEFAULT_ROOTS
+from .data import get_dataset, train_transform, eval_transform, build_loader, make_synthetic, DEFAULT_ROOTS, ShardSampler
 from .objective import alw_alpha, DistillObjective, METHODS, parse_method
 from .metrics import SegMetrics
 
@@ -42,33 +42,34 @@ class Option:
     choices:tuple|None=None # allowed values
     flag:str='value' # 'value' (takes an argument), 'bool' (--x/--no-x), 'true' (--x only)
     metavar:str|None=None
+    resume:str='warn' # on --resume with another value: 'same' refuses (it defines the run), 'warn' applies it with a warning, 'free' applies it
 
 def _O(name, default, group, help='', **kw): return Option(name, default, group, help, **kw)
 
 OPTIONS = [
     # what to train (the command line adds --model / --student, --teacher, --method itself)
-    _O('mode', 'train', 'What to train', choices=('train', 'distill')),
-    _O('method', 'baseline', 'What to train'),
-    _O('model', 'resnet18', 'What to train'),
-    _O('teacher', None, 'What to train'),
-    _O('teacher_backbone', None, 'What to train'),
-    _O('alw', None, 'Distillation', "put the method's terms under adaptive loss weighting (default: on for aicsd only)", flag='bool'),
+    _O('mode', 'train', 'What to train', choices=('train', 'distill'), resume='same'),
+    _O('method', 'baseline', 'What to train', resume='same'),
+    _O('model', 'resnet18', 'What to train', resume='same'),
+    _O('teacher', None, 'What to train', resume='same'),
+    _O('teacher_backbone', None, 'What to train', resume='same'),
+    _O('alw', None, 'Distillation', "put the method's terms under adaptive loss weighting (default: on for aicsd only)", flag='bool', resume='same'),
     _O('weight', None, 'Distillation', 'weight of a term, e.g. --weight cwd=3 (repeat the option for more terms)',
-       metavar='TERM=W'),
+       metavar='TERM=W', resume='same'),
     _O('param', None, 'Distillation', "a term's hyper-parameter, e.g. --param cwd.tau=2 (repeat the option for more)",
-       metavar='TERM.KEY=V'),
-    _O('lambda_kd', 1.0, 'Distillation', 'weight of pixel-wise KD', type=float),
-    _O('lambda_icsd', 0.1, 'Distillation', 'weight of ICSD', type=float),
-    _O('temperature', 1.0, 'Distillation', 'softmax temperature of KD and ICSD', flags=('-T',), type=float),
-    _O('alw_unit', 'step', 'Distillation', 'ALW alpha per iteration (ours) or per epoch (paper)', choices=('step', 'epoch')),
+       metavar='TERM.KEY=V', resume='same'),
+    _O('lambda_kd', 1.0, 'Distillation', 'weight of pixel-wise KD', type=float, resume='same'),
+    _O('lambda_icsd', 0.1, 'Distillation', 'weight of ICSD', type=float, resume='same'),
+    _O('temperature', 1.0, 'Distillation', 'softmax temperature of KD and ICSD', flags=('-T',), type=float, resume='same'),
+    _O('alw_unit', 'step', 'Distillation', 'ALW alpha per iteration (ours) or per epoch (paper)', choices=('step', 'epoch'), resume='same'),
     _O('teacher_bf16', False, 'Distillation', 'run the frozen teacher under bf16 autocast', flag='bool'),
     # data
-    _O('data', 'synthetic', 'Data', 'dataset', choices=('voc', 'cityscapes', 'synthetic')),
+    _O('data', 'synthetic', 'Data', 'dataset', choices=('voc', 'cityscapes', 'synthetic'), resume='same'),
     _O('data_root', None, 'Data', 'dataset folder (VOC2012/, the Cityscapes root, or the synthetic folder); default: '
        + ', '.join(f'{k} {v}' for k, v in DEFAULT_ROOTS.items()), metavar='DIR'),
-    _O('train_split', 'train', 'Data', 'training split (VOC: train or trainaug)'),
+    _O('train_split', 'train', 'Data', 'training split (VOC: train or trainaug)', resume='same'),
     _O('val_split', 'val', 'Data', 'validation split'),
-    _O('num_classes', None, 'Data', 'classes (default: from the dataset)', type=int, metavar='C'),
+    _O('num_classes', None, 'Data', 'classes (default: from the dataset)', type=int, metavar='C', resume='same'),
     _O('crop_size', 513, 'Data', 'training crop (paper: 513)', type=int, metavar='PX'),
     _O('scale_min', 0.5, 'Data', 'random scale lower bound', type=float),
     _O('scale_max', 2.0, 'Data', 'random scale upper bound', type=float),
@@ -76,47 +77,47 @@ OPTIONS = [
     _O('blur', False, 'Data', 'random Gaussian blur (released code: on)', flag='bool'),
     _O('eval_resize', None, 'Data', 'evaluate with the short side resized to PX; default native resolution', type=int, metavar='PX'),
     _O('eval_square', False, 'Data', "with --eval-resize: resize to PX x PX, as the released code's FixedResize", flag='bool'),
-    _O('workers', 0, 'Data', 'data loader worker processes per rank', type=int),
+    _O('workers', 0, 'Data', 'data loader worker processes per rank', type=int, resume='free'),
     _O('max_val', None, 'Data', 'evaluate on the first N validation images only', type=int, metavar='N'),
     # model
-    _O('output_stride', 16, 'Model', 'DeepLabV3+ output stride', type=int, choices=(8, 16)),
-    _O('pretrained_backbone', False, 'Model', "start from torchvision's ImageNet weights (downloads)", flag='bool'),
-    _O('no_dropout', False, 'Model', 'set every dropout probability to 0 (e.g. to compare runs across world sizes)', flag='true'),
+    _O('output_stride', 16, 'Model', 'DeepLabV3+ output stride', type=int, choices=(8, 16), resume='same'),
+    _O('pretrained_backbone', False, 'Model', "start from torchvision's ImageNet weights (downloads)", flag='bool', resume='free'),
+    _O('no_dropout', False, 'Model', 'set every dropout probability to 0 (e.g. to compare runs across world sizes)', flag='true', resume='same'),
     # optimisation (torchvision reference / paper)
-    _O('epochs', 120, 'Optimisation', 'epochs (paper: 120)', type=int),
-    _O('max_steps', None, 'Optimisation', 'stop after N iterations (the poly schedule spans N)', type=int, metavar='N'),
-    _O('batch_size', 6, 'Optimisation', 'batch size per process (paper: 6)', flags=('-b',), type=int),
-    _O('val_batch_size', 1, 'Optimisation', 'evaluation batch size per process', type=int),
-    _O('lr', 0.007, 'Optimisation', 'base learning rate of the backbone (paper: 0.007 VOC, 0.01 Cityscapes)', type=float),
-    _O('head_mult', 10.0, 'Optimisation', "learning-rate multiplier of ASPP, decoder and the terms' adapters (paper: 10)", type=float),
-    _O('momentum', 0.9, 'Optimisation', 'SGD momentum', type=float),
-    _O('weight_decay', 5e-4, 'Optimisation', 'weight decay', flags=('--wd',), type=float),
-    _O('poly_power', 0.9, 'Optimisation', 'poly learning-rate power', type=float),
-    _O('warmup_steps', 0, 'Optimisation', 'linear warm-up iterations', type=int),
+    _O('epochs', 120, 'Optimisation', 'epochs (paper: 120)', type=int, resume='same'),
+    _O('max_steps', None, 'Optimisation', 'stop after N iterations (the poly schedule spans N)', type=int, metavar='N', resume='same'),
+    _O('batch_size', 6, 'Optimisation', 'batch size per process (paper: 6)', flags=('-b',), type=int, resume='same'),
+    _O('val_batch_size', 1, 'Optimisation', 'evaluation batch size per process', type=int, resume='free'),
+    _O('lr', 0.007, 'Optimisation', 'base learning rate of the backbone (paper: 0.007 VOC, 0.01 Cityscapes)', type=float, resume='same'),
+    _O('head_mult', 10.0, 'Optimisation', "learning-rate multiplier of ASPP, decoder and the terms' adapters (paper: 10)", type=float, resume='same'),
+    _O('momentum', 0.9, 'Optimisation', 'SGD momentum', type=float, resume='same'),
+    _O('weight_decay', 5e-4, 'Optimisation', 'weight decay', flags=('--wd',), type=float, resume='same'),
+    _O('poly_power', 0.9, 'Optimisation', 'poly learning-rate power', type=float, resume='same'),
+    _O('warmup_steps', 0, 'Optimisation', 'linear warm-up iterations', type=int, resume='same'),
     _O('clip_grad', None, 'Optimisation', 'clip the gradient norm', type=float, metavar='NORM'),
     # checkpoints and logs
-    _O('out', 'runs/exp', 'Checkpoints and logs', 'run folder: last.pt, best.pt, *.csv, tb/', metavar='DIR'),
-    _O('ckpt_every', 0, 'Checkpoints and logs', 'also write last.pt every N iterations (0: epoch ends only)', type=int, metavar='N'),
+    _O('out', 'runs/exp', 'Checkpoints and logs', 'run folder: last.pt, best.pt, *.csv, tb/', metavar='DIR', resume='free'),
+    _O('ckpt_every', 0, 'Checkpoints and logs', 'also write last.pt every N iterations (0: epoch ends only)', type=int, metavar='N', resume='free'),
     _O('eval_every', 1, 'Checkpoints and logs', 'evaluate every K epochs', type=int, metavar='K'),
-    _O('log_every', 10, 'Checkpoints and logs', 'log the losses every N iterations', type=int, metavar='N'),
-    _O('resume', False, 'Checkpoints and logs', 'continue the run in --out from its last.pt, at the exact batch', flag='bool'),
+    _O('log_every', 10, 'Checkpoints and logs', 'log the losses every N iterations', type=int, metavar='N', resume='free'),
+    _O('resume', False, 'Checkpoints and logs', 'continue the run in --out from its last.pt, at the exact batch', flag='bool', resume='free'),
     _O('force', False, 'Checkpoints and logs', 'start afresh in an --out that holds a run: its files are moved aside to '
-       'out/replaced-<time>/ (nothing is deleted)', flag='bool'),
-    _O('stop_after', None, 'Checkpoints and logs', 'leave after N iterations of this session (resume later)', type=int, metavar='N'),
-    _O('tensorboard', True, 'Checkpoints and logs', 'write TensorBoard events', flag='bool'),
+       'out/replaced-<time>/ (nothing is deleted)', flag='bool', resume='free'),
+    _O('stop_after', None, 'Checkpoints and logs', 'leave after N iterations of this session (resume later)', type=int, metavar='N', resume='free'),
+    _O('tensorboard', True, 'Checkpoints and logs', 'write TensorBoard events', flag='bool', resume='free'),
     _O('figures', True, 'Checkpoints and logs', 'at each evaluation, draw the ICS matrices (teacher | student | difference), '
-       'predictions and curves into out/figures/ and TensorBoard', flag='bool'),
-    _O('quiet', False, 'Checkpoints and logs', 'no progress bars or per-epoch lines', flags=('-q',), flag='bool'),
+       'predictions and curves into out/figures/ and TensorBoard', flag='bool', resume='free'),
+    _O('quiet', False, 'Checkpoints and logs', 'no progress bars or per-epoch lines', flags=('-q',), flag='bool', resume='free'),
     # runtime
-    _O('seed', 0, 'Runtime', 'random seed', type=int),
-    _O('device', 'auto', 'Runtime', "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    _O('seed', 0, 'Runtime', 'random seed', type=int, resume='same'),
+    _O('device', 'auto', 'Runtime', "'auto', 'cpu', 'cuda' or 'cuda:N'", resume='free'),
     _O('amp', 'none', 'Runtime', 'mixed precision (fp16 uses a grad scaler; CUDA)', choices=('none', 'bf16', 'fp16')),
-    _O('channels_last', True, 'Runtime', 'channels-last memory format on CUDA', flag='bool'),
+    _O('channels_last', True, 'Runtime', 'channels-last memory format on CUDA', flag='bool', resume='free'),
     _O('sync_bn', False, 'Runtime', 'SyncBatchNorm under torchrun', flag='bool'),
-    _O('threads', None, 'Runtime', 'torch CPU threads', type=int),
-    _O('deterministic', False, 'Runtime', 'torch.use_deterministic_algorithms', flag='bool'),
+    _O('threads', None, 'Runtime', 'torch CPU threads', type=int, resume='free'),
+    _O('deterministic', False, 'Runtime', 'torch.use_deterministic_algorithms', flag='bool', resume='free'),
     _O('dtype', 'float32', 'Runtime', 'float64: model, data and losses in double precision (exact numerics checks; slow)',
-       choices=('float32', 'float64')),
+       choices=('float32', 'float64'), resume='same'),
 ]
 DEFAULTS = {o.name: o.default for o in OPTIONS}
 
@@ -206,7 +207,12 @@ def load_teacher(path:str, # checkpoint: `best.pt`/`last.pt` of aicsd, or a file
                 ): # the teacher in eval mode
     "Load a teacher from an aicsd checkpoint (which knows its architecture) or from a released-code checkpoint."
     ck = load_checkpoint(path)
-    if isinstance(ck, dict) and 'arch' in ck: return load_model(ck)
+    if isinstance(ck, dict) and 'arch' in ck:
+        if backbone is not None and backbone != ck['arch'].get('backbone'):
+            raise ValueError(f"teacher checkpoint {path} is an aicsd checkpoint of a {ck['arch'].get('backbone')} DeepLabV3+, "
+                             f"but --teacher-backbone says {backbone}; that option is only for checkpoints of the authors' "
+                             f"released code: drop it (aicsd checkpoints know their architecture)")
+        return load_model(ck)
     if backbone is None:
         raise ValueError(f"teacher checkpoint {path} has no 'arch' entry, so it is not an aicsd checkpoint; if it was "
                          f"written by the authors' released code, say which backbone it is with --teacher-backbone "
@@ -251,7 +257,12 @@ def resolve_device(device:str='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'
     if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
     dev = torch.device(device)
     if dev.type == 'cuda':
-        if not torch.cuda.is_available(): raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        if not torch.cuda.is_available():
+            why = 'this torch build has no CUDA' if torch.version.cuda is None else 'no CUDA GPU is visible'
+            raise ValueError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu, or --device auto "
+                             f"to take a GPU when there is one")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
         if dev.index is None: dev = torch.device('cuda', local_rank)
         torch.cuda.set_device(dev)
     return dev
@@ -264,11 +275,16 @@ def init_distributed(device:torch.device)->tuple: # (rank, world, local_rank, we
         return rank, world, local, True
     return rank, world, local, False
 
-def cleanup_distributed(owned:bool):
+def cleanup_distributed(owned:bool, # we created the process group (so we destroy it)
+                        failed:bool=False, # leaving on an error: do not wait for the other ranks
+                       ):
     "Collect garbage, wait for every rank and destroy the group we created."
     gc.collect()
     if owned and dist.is_initialized():
-        dist.barrier(); dist.destroy_process_group()
+        # A rank leaving on an error must not wait at a barrier: the other ranks are blocked in a collective of the
+        # training step and would never arrive. It leaves at once with its error; torchrun then stops the others.
+        if not failed: dist.barrier()
+        dist.destroy_process_group()
 
 # %% ../nbs/08_distill.ipynb #1db688ae
 class _SyncBNFunction(torch.autograd.Function):
@@ -412,18 +428,31 @@ def evaluate(model:nn.Module, # network to evaluate (eval mode is set here)
             )->dict: # SegMetrics.compute() over all ranks
     "Confusion-matrix metrics of `model` on `dataset`, sharded over ranks and summed."
     if max_items is not None and max_items < len(dataset): dataset = Subset(dataset, range(int(max_items)))
-    dl = build_loader(dataset, batch_size, train=False, num_workers=workers)
+    K, r = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    dl = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), K, r), num_workers=workers,
+                    collate_fn=same_size_groups, pin_memory=torch.cuda.is_available())
     was = model.training; model.eval()
     fdt = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     m = SegMetrics(num_classes, ignore_index=255)
     dev = torch.device(device)
-    for x, y in _progress(dl, progress and (not dist.is_initialized() or dist.get_rank() == 0), desc='eval'):
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        if fdt is not None: x = x.to(fdt)                        # float64 models evaluate float64 images
-        with _autocast(dev, amp_dtype): logits = model(x)
-        m.update(logits.argmax(1), y)
+    for groups in _progress(dl, progress and r == 0, desc='eval'):
+        for x, y in groups:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if fdt is not None: x = x.to(fdt)                        # float64 models evaluate float64 images
+            with _autocast(dev, amp_dtype): logits = model(x)
+            m.update(logits.argmax(1), y)
     model.train(was)
     return m.compute()
+
+def same_size_groups(batch:list, # `(image, mask)` pairs, possibly of different sizes
+                    )->list: # `(images, masks)` stacks, one per run of consecutive same-size images; never padded
+    "Evaluation collate: split a batch into runs of same-size images instead of padding them."
+    groups = []
+    for im, msk in batch:
+        if groups and groups[-1][-1][0].shape == im.shape: groups[-1].append((im, msk))
+        else: groups.append([(im, msk)])
+    return [(torch.stack([torch.as_tensor(im) for im, _ in g]), torch.stack([torch.as_tensor(k) for _, k in g]))
+            for g in groups]
 
 def _progress(it, enable:bool, **kw):
     if not enable: return it
@@ -433,13 +462,27 @@ def _progress(it, enable:bool, **kw):
 # %% ../nbs/08_distill.ipynb #5dd4dacd
 class RunLog:
     "CSV (and optionally TensorBoard) logging on rank 0; a no-op on other ranks."
-    def __init__(self, out:Path, enabled:bool=True, tensorboard:bool=True):
+    def __init__(self, out:Path, # the run folder
+                 enabled:bool=True, # False on ranks other than 0
+                 tensorboard:bool=True, # also write TensorBoard events under out/tb
+                 resume_step:int|None=None, # resuming at this step: rows logged after it (by the interrupted session) are dropped
+                ):
         self.out, self.enabled, self.tb = Path(out), enabled, None
+        if enabled and resume_step is not None:
+            for name in ('train_log', 'eval_log'): self._truncate(self.out/f'{name}.csv', resume_step)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(self.out/'tb'))
+                self.tb = SummaryWriter(str(self.out/'tb'), purge_step=resume_step)
             except Exception as e: warnings.warn(f"TensorBoard disabled: {e}")
+    @staticmethod
+    def _truncate(f:Path, step:int):
+        "Keep the header and the rows of steps <= `step` (written to a temporary file, then moved into place)."
+        if not f.exists(): return
+        lines = f.read_text().splitlines(keepends=True)
+        keep = lines[:1] + [l for l in lines[1:] if l.split(',', 1)[0].strip().isdigit() and int(l.split(',', 1)[0]) <= step]
+        if len(keep) == len(lines): return
+        tmp = f.with_name(f'.{f.name}.tmp'); tmp.write_text(''.join(keep)); os.replace(tmp, f)
     def row(self, name:str, step:int, values:dict):
         if not self.enabled: return
         f = self.out/f'{name}.csv'
@@ -504,8 +547,14 @@ class Progress:
 def build_models(cfg:dict, num_classes:int)->tuple: # (student, teacher or None, objective, modules)
     "The student (seeded: identical on every rank), the frozen teacher, the objective and the terms' modules."
     torch.manual_seed(cfg['seed'])
-    student = deeplabv3plus(cfg['model'], num_classes, output_stride=cfg['output_stride'],
-                            pretrained_backbone=cfg['pretrained_backbone'])
+    try:
+        student = deeplabv3plus(cfg['model'], num_classes, output_stride=cfg['output_stride'],
+                                pretrained_backbone=cfg['pretrained_backbone'])
+    except OSError as e:   # urllib's URLError (offline), a refused connection, an unwritable cache
+        if not cfg['pretrained_backbone']: raise
+        raise ValueError(f"--pretrained-backbone: torchvision's ImageNet weights of {cfg['model']} could not be downloaded "
+                         f"({type(e).__name__}: {e}). Offline, copy the weight file into {torch.hub.get_dir()}/checkpoints/ "
+                         f"from a machine with internet (or set TORCH_HOME), or drop --pretrained-backbone") from None
     if cfg['no_dropout']: _disable_dropout(student)
     objective = make_objective(cfg)
     teacher = None
@@ -561,7 +610,9 @@ def build_run(cfg:dict)->Run:
     return Run(cfg, device, rank, world, owned, out, train_ds, val_ds, nc, loader, student, teacher, objective, net, model,
                opt, sched, scaler, amp_dtype, teacher_dtype, fdt, mf, spe, epochs, total)
 
-# %% ../nbs/08_distill.ipynb #e35e8ed3
+
+
+# %% ../nbs/08_distill.ipynb #c269875c
 class RunExistsError(ValueError): "The run folder holds a run and neither --resume nor --force was given."
 class RunLockedError(RuntimeError): "Another live process is writing to the run folder."
 class RunInterrupted(KeyboardInterrupt): "Ctrl-C: the run stopped after a whole step and wrote last.pt."
@@ -594,12 +645,26 @@ class RunLock:
     def release(self):
         if self.held: self.path.unlink(missing_ok=True); self.held = False
 
-RESUME_KEYS = ('model', 'method', 'batch_size', 'seed', 'data', 'teacher', 'alw', 'weight', 'param')
+def _warn(msg:str):
+    "A warning the user must see (printed even where Python warnings are filtered)."
+    print(f"aicsd: warning: {msg}", file=sys.stderr, flush=True)
+
+def resume_changes(old:dict, # configuration stored in last.pt
+                   new:dict, # configuration of the resuming command
+                  )->tuple: # (refused, warned): lists of 'flag old -> new'
+    "The options that differ between a run and its resume, split by their `resume` policy."
+    refused, warned = [], []
+    for o in OPTIONS:
+        a, b = old.get(o.name, o.default), new.get(o.name, o.default)
+        if a == b or o.resume == 'free': continue
+        (refused if o.resume == 'same' else warned).append(f"--{o.name.replace('_', '-')} {a!r} -> {b!r}")
+    return refused, warned
 
 class Checkpointer:
     "Writes and reads `last.pt` and `best.pt` of a run folder (rank 0 writes; every rank reads)."
     def __init__(self, run:Run):
         self.run, self.last, self.best = run, run.out/'last.pt', run.out/'best.pt'
+        self.prev = run.out/'last.prev.pt'   # the last.pt before the current one (see `resume`)
         if run.main:   # temporary files of saves that were killed midway (they are never read)
             for f in run.out.glob('.*.pt.*.tmp'): f.unlink(missing_ok=True)
 
@@ -614,6 +679,7 @@ class Checkpointer:
             dist.all_gather_object(allst, st)
         else: allst = st
         if r.main:
+            if self.last.exists(): os.replace(self.last, self.prev)   # atomic: at every moment one complete file exists
             save_checkpoint(self.last, **self._student(), config=r.cfg, modules=r.net.extras.state_dict(),
                             optimizer=r.opt.state_dict(), scheduler=r.sched.state_dict(),
                             scaler=r.scaler.state_dict() if r.scaler is not None else {},
@@ -626,15 +692,31 @@ class Checkpointer:
             save_checkpoint(self.best, **self._student(), config=self.run.cfg, metrics=prog.metrics,
                             epoch=prog.epoch, global_step=prog.step)
 
-    def resume(self)->Progress|None:
-        "Restore the run from `last.pt` (which must exist)."
-        r = self.run
-        if not self.last.exists():
+    def _read_last(self)->tuple: # (checkpoint, path it came from)
+        "`last.pt`, or `last.prev.pt` with a warning when `last.pt` is missing or unreadable."
+        r, errors = self.run, []
+        if not self.last.exists() and not self.prev.exists():
             raise FileNotFoundError(f"--resume: there is no {self.last} to continue; drop --resume to start a run in {r.out}")
-        ck = load_checkpoint(self.last)
-        for k in RESUME_KEYS:
-            if ck['config'].get(k, DEFAULTS[k]) != r.cfg[k]:
-                raise ValueError(f"cannot resume {self.last}: it was run with {k}={ck['config'].get(k)!r}, now {r.cfg[k]!r}")
+        for p in (self.last, self.prev):
+            if not p.exists(): errors.append(f"{p.name} is missing"); continue
+            try: ck = load_checkpoint(p)
+            except ValueError as e: errors.append(str(e)); continue
+            if errors and r.main:
+                _warn(f"{errors[0]}; resuming from {p}, the checkpoint written before it (step {ck.get('global_step')})")
+            return ck, p
+        raise ValueError(f"--resume: neither checkpoint of {r.out} can be read: " + '; '.join(errors) +
+                         ". Start the run again with --force (the files are moved aside) or choose another --out")
+
+    def resume(self)->Progress|None:
+        "Restore the run from `last.pt` (or the one before it); refuse changed options that define the run."
+        r = self.run
+        ck, path = self._read_last()
+        refused, warned = resume_changes(ck['config'], r.cfg)
+        if refused:
+            raise ValueError(f"cannot resume {path}: {'; '.join(refused)}. These options define the run: resume with the values "
+                             f"it was started with, or start a new run with another --out (or --force to move this one aside)")
+        if warned and r.main:
+            _warn(f"--resume {path}: {'; '.join(warned)}; the rest of the run uses the new value(s)")
         r.student.load_state_dict(ck['model']); r.net.extras.load_state_dict(ck.get('modules', {}))
         r.opt.load_state_dict(ck['optimizer']); r.sched.load_state_dict(ck['scheduler'])
         if r.scaler is not None and ck['scaler']: r.scaler.load_state_dict(ck['scaler'])
@@ -642,7 +724,7 @@ class Checkpointer:
         set_rng_state(rngs[r.rank] if isinstance(rngs, list) else rngs)
         return Progress(ck['epoch'], ck['step_in_epoch'], ck['global_step'], ck['best_miou'], ck['metrics'])
 
-    RUN_FILES = ('last.pt', 'best.pt', 'train_log.csv', 'eval_log.csv', 'tb', 'figures')
+    RUN_FILES = ('last.pt', 'last.prev.pt', 'best.pt', 'train_log.csv', 'eval_log.csv', 'tb', 'figures')
 
     def start(self)->Progress:
         "A fresh run: refuse to replace an earlier run in the same folder unless `force` (then move it aside); seed."
@@ -693,13 +775,14 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
                     f"Lower --lr or the term's --weight, or add --clip-grad, and resume or restart")
             log.row('train_log', prog.step, vals)
             if tty: bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
-        mid = i + 1 < spe
+        mid, saved = i + 1 < spe, False
         if cfg['ckpt_every'] and prog.step % cfg['ckpt_every'] == 0 and mid and prog.step < run.total:
-            ckpt.save_last(prog)
+            ckpt.save_last(prog); saved = True
         if stop_at is not None and prog.step >= stop_at and mid:
-            ckpt.save_last(prog); return True
+            if not saved: ckpt.save_last(prog)
+            return True
         if interrupted is not None and interrupted():
-            ckpt.save_last(prog)
+            if not saved: ckpt.save_last(prog)
             raise RunInterrupted(f"interrupted at step {prog.step}; {ckpt.last} written: continue with the same command "
                                  f"and --resume")
     prog.epoch += 1; prog.step_in_epoch = 0
@@ -735,7 +818,7 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
     cfg = make_config(cfg, **kwargs)
     t0 = time.time()
     run, joined_before, lock, old_handler = None, dist.is_initialized(), None, None
-    stop = []
+    stop, failed = [], True
     try:
         run = build_run(cfg)
         if run.main: lock = RunLock(run.out).acquire()
@@ -749,7 +832,7 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         if prog is not None and run.main and not cfg['quiet']:
             print(f"resumed {ckpt.last} at epoch {prog.epoch}, batch {prog.step_in_epoch} (step {prog.step})")
         if prog is None: prog = ckpt.start()
-        log = RunLog(run.out, enabled=run.main, tensorboard=cfg['tensorboard'])
+        log = RunLog(run.out, enabled=run.main, tensorboard=cfg['tensorboard'], resume_step=prog.step if cfg['resume'] else None)
         tty = sys.stderr.isatty() and not cfg['quiet'] and run.main and 'PYTEST_CURRENT_TEST' not in os.environ
         stop_at = prog.step + int(cfg['stop_after']) if cfg['stop_after'] else None
         while prog.epoch < run.epochs and prog.step < run.total and not (stop_at is not None and prog.step >= stop_at):
@@ -761,10 +844,11 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         res = dict(best_miou=prog.best, metrics=prog.metrics, steps=prog.step, time_s=time.time() - t0, out=str(run.out),
                    num_classes=run.num_classes)
         if run.main and run.world == 1: res['model'] = run.student.to('cpu').eval()
+        failed = False
         return res
     finally:
         if old_handler is not None: signal.signal(signal.SIGINT, old_handler)
         if lock is not None: lock.release()
         if run is not None: run.model = run.opt = run.sched = run.net = None   # drop DDP and the optimizer first
         run = ckpt = None
-        cleanup_distributed(owned=not joined_before and dist.is_initialized())
+        cleanup_distributed(owned=not joined_before and dist.is_initialized(), failed=failed)

@@ -48,3 +48,29 @@ def test_distributed_evaluation_is_exact(tiny_data, tmp_path):
     one, two = json.loads((tmp_path / 'one.json').read_text()), json.loads((tmp_path / 'two.json').read_text())
     assert one.keys() == two.keys()
     for k in one: assert json.dumps(one[k]) == json.dumps(two[k]), k    # exactly, NaN included
+
+def bad_label_copy(src, dst, index=5):
+    "A copy of a synthetic dataset whose training label `index` holds a value outside the classes."
+    import shutil
+    import numpy as np
+    from PIL import Image
+    from aicsd.data import save_label_png
+    shutil.copytree(src, dst)
+    name = (dst / 'ImageSets' / 'Segmentation' / 'train.txt').read_text().split()[index]
+    f = dst / 'SegmentationClass' / f'{name}.png'
+    m = np.array(Image.open(f)); m[0, 0] = 77
+    save_label_png(m, f)
+    return dst, f
+
+def test_a_crashing_rank_ends_the_job(tiny_data, tmp_path):
+    "One rank fails (a bad label only it reads): the torchrun job exits non-zero with that rank's message, no hang."
+    import time
+    root, bad = bad_label_copy(tiny_data, tmp_path / 'bad')
+    t0 = time.time()
+    p = run(TORCHRUN + ['train', '--model', 'mobilenetv2', '--epochs', 1, '--sync-bn'] + tiny_args(root, tmp_path / 'x') +
+            ['--batch-size', 2], cwd=tmp_path, timeout=240, check=False)
+    took = time.time() - t0
+    print(f"torchrun exited {p.returncode} after {took:.1f} s")
+    assert p.returncode != 0, p.stderr[-3000:]
+    assert f'Label file {bad}' in p.stderr and 'holds values [77]' in p.stderr, p.stderr[-3000:]
+    assert took < 180, f"the job took {took:.0f} s to end"

@@ -45,7 +45,7 @@ def test_ctrl_c_checkpoints_and_resumes(tiny_data, tmp_path):
     assert 'Traceback' not in err and 'interrupted at step' in err and '--resume' in err, err
     step = torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['global_step']
     assert 1 <= step < 150
-    r = run(_train(tiny_data, out, '--epochs', 50, '--log-every', 1, '--max-steps', step + 2, '--resume'), cwd=tmp_path,
+    r = run(_train(tiny_data, out, '--epochs', 50, '--log-every', 1, '--stop-after', 2, '--resume'), cwd=tmp_path,
             check=False)
     assert r.returncode == 0, r.stderr                       # it continues from the checkpoint's step ...
     assert torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['global_step'] == step + 2   # ... to the end
@@ -95,3 +95,45 @@ def test_synthetic_overwrite_never_deletes_a_user_folder(tmp_path):
     p = run(aicsd_cmd() + ['data', 'synthetic', '--root', mine, '--overwrite'], cwd=tmp_path, check=False)
     assert p.returncode != 0 and 'nothing was changed' in p.stderr and '--overwrite' not in p.stderr.split('nothing')[1]
     assert (mine / 'notes.txt').read_text() == 'keep me'
+
+def _steps(csv):
+    return [int(l.split(',')[0]) for l in csv.read_text().splitlines()[1:]]
+
+def test_corrupt_last_falls_back_to_the_previous_checkpoint(tiny_data, tmp_path):
+    "A truncated last.pt: --resume says so and continues from last.prev.pt; the log has every step once."
+    out = tmp_path / 'f'
+    args = _train(tiny_data, out, '--epochs', 2, '--ckpt-every', 1, '--log-every', 1)
+    run(args + ['--stop-after', 4], cwd=tmp_path)                            # last.pt at step 4, last.prev.pt at 3
+    prev = torch.load(out / 'last.prev.pt', map_location='cpu', weights_only=True)['global_step']
+    assert prev == 3 and _steps(out / 'train_log.csv') == [1, 2, 3, 4]
+    data = (out / 'last.pt').read_bytes(); (out / 'last.pt').write_bytes(data[:len(data) // 2])   # cut short
+    r = run(args + ['--resume'], cwd=tmp_path, check=False)
+    assert r.returncode == 0, r.stderr
+    assert f'cannot read checkpoint {out / "last.pt"}' in r.stderr and f'resuming from {out / "last.prev.pt"}' in r.stderr
+    assert 'step 3' in r.stderr, r.stderr
+    assert torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['global_step'] == 6
+    assert _steps(out / 'train_log.csv') == [1, 2, 3, 4, 5, 6]               # step 4's row was dropped, then re-logged
+    for f in ('last.pt', 'last.prev.pt'): (out / f).write_bytes(b'junk')     # nothing readable: a clear refusal
+    r = run(args + ['--resume'], cwd=tmp_path, check=False)
+    assert r.returncode == 2 and 'neither checkpoint' in r.stderr and '--force' in r.stderr, r.stderr
+
+def test_resume_refuses_a_changed_schedule_and_warns_about_a_changed_crop(tiny_data, tmp_path):
+    out = tmp_path / 'o'
+    run(_train(tiny_data, out, '--stop-after', 1), cwd=tmp_path)
+    r = run(_train(tiny_data, out, '--lr', 0.02, '--resume'), cwd=tmp_path, check=False)
+    assert r.returncode == 2 and '--lr 0.01 -> 0.02' in r.stderr and 'define the run' in r.stderr, r.stderr
+    assert torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['global_step'] == 1      # unchanged
+    r = run(_train(tiny_data, out, '--crop-size', 24, '--resume'), cwd=tmp_path, check=False)
+    assert r.returncode == 0 and 'warning' in r.stderr and '--crop-size 32 -> 24' in r.stderr, r.stderr
+
+def test_device_and_teacher_backbone_messages(tiny_data, tmp_path):
+    out = tmp_path / 't'
+    if not torch.cuda.is_available():
+        r = run(_train(tiny_data, out, '--device', 'cuda'), cwd=tmp_path, check=False)
+        assert r.returncode == 2 and '--device cuda:' in r.stderr and '--device cpu' in r.stderr, r.stderr
+        assert 'Traceback' not in r.stderr
+    run(_train(tiny_data, out), cwd=tmp_path)
+    r = run(aicsd_cmd() + ['distill', '--method', 'kd', '--student', 'mobilenetv2', '--teacher', out / 'best.pt',
+                           '--teacher-backbone', 'resnet101', '--epochs', 1] + tiny_args(tiny_data, tmp_path / 'd'),
+            cwd=tmp_path, check=False)
+    assert r.returncode == 2 and 'mobilenetv2' in r.stderr and '--teacher-backbone' in r.stderr and 'drop it' in r.stderr, r.stderr

@@ -6,7 +6,7 @@ from conftest import ENV, aicsd_cmd, run, tiny_args, state_dict
 def _args(root, out):
     # 3 steps per epoch, 2 epochs; checkpoints every 2 steps (2: mid-epoch 1, 3: epoch end, 4: mid-epoch 2, 6: end)
     return aicsd_cmd() + ['distill', '--method', 'baseline', '--student', 'mobilenetv2', '--epochs', 2,
-                          '--ckpt-every', 2] + tiny_args(root, out) + ['--scale-min', 0.75, '--scale-max', 1.5]
+                          '--ckpt-every', 2] + tiny_args(root, out) + ['--scale-min', 0.75, '--scale-max', 1.5, '--log-every', 1]
 
 def test_sigkill_resume_bit_exact(tiny_data, tmp_path):
     # random scale, crop and flip (and dropout) stay on: their randomness must resume too
@@ -32,3 +32,6 @@ def test_sigkill_resume_bit_exact(tiny_data, tmp_path):
     cb = torch.load(b / 'last.pt', map_location='cpu', weights_only=True)
     assert ca['global_step'] == cb['global_step'] == 6
     assert ck['global_step'] in (2, 3, 4)                                # it was killed between two checkpoints
+    # the log of the resumed run has every step once, with the uninterrupted run's values (rows the killed session
+    # wrote after its last checkpoint were dropped on resume)
+    assert (a / 'train_log.csv').read_text() == (b / 'train_log.csv').read_text()
