@@ -193,7 +193,7 @@ def upsample_logits(logits4:Tensor, size)->Tensor:
 
 def bench_stride4(kinds=('smooth', 'high-frequency'),
                   B:int=2, C:int=21, size:int=513, # the full-resolution crop; logits4 are ceil(size/4) wide
-                  repeats:int=5, normalize=None, quick:bool=False,
+                  repeats:int=5, normalize:str|None=None, quick:bool=False,
                  )->list: # rows: kind, time_full_s, time_s4_s, speedup, loss_full, loss_s4, loss_ratio, grad_cosine
     "ICSD on full-resolution logits (upsampled from stride 4) against ICSD on the stride-4 logits themselves."
     if quick: B, C, size = 2, 5, 65
@@ -303,7 +303,7 @@ def bench_step(variants:list|None=None, # dicts: name, style ('ours'/'released')
 # %% ../nbs/11_bench.ipynb #c4c1419c
 def bench_data(crop:int=513, batch_size:int=8, workers=(0, 2), batches:int=10,
                image_size=(375, 500), # (H, W) of the synthetic JPEGs (VOC's typical size)
-               root=None, # where to write the synthetic images (default: a temporary folder, removed after)
+               root:str|Path|None=None, # where to write the synthetic images (default: a temporary folder, removed after)
                quick:bool=False,
               )->list: # rows: workers, batch_size, crop, images_per_s
     "Training data-loader throughput (decode JPEG, augment, collate) on synthetic VOC-sized images."

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools, json, os, shutil, tempfile
 from pathlib import Path
 from itertools import product
+from typing import Callable
 
 import numpy as np
 import torch
@@ -138,6 +139,12 @@ class SegmentationDataset(Dataset):
     "Base class: lists of image and label files, the class names, and reading with checks."
     images: list; labels: list; classes: list
     transform = None
+    def __init__(self, root:str|Path, # the dataset's folder
+                 split:str='train', # which split the subclass lists
+                 transform:Callable|None=None, # called as `transform(image, mask)`
+                ):
+        "Subclasses call this, then fill `images`, `labels` (same order) and `classes`."
+        self.root, self.split, self.transform = Path(root), split, transform
     @property
     def num_classes(self)->int: return len(self.classes)
     def __len__(self): return len(self.images)
@@ -174,12 +181,12 @@ def _stems(folder:Path, exts)->dict:
 # %% ../nbs/06_data.ipynb #4b23b4ad
 class VOCSegmentation(SegmentationDataset):
     "Pascal VOC 2012 segmentation (also SBD trainaug and the synthetic set, which share its layout)."
-    def __init__(self, root, # the folder holding `JPEGImages/`, e.g. `data/VOCdevkit/VOC2012`
+    def __init__(self, root:str|Path, # the folder holding `JPEGImages/`, e.g. `data/VOCdevkit/VOC2012`
                  split:str='train', # a list in `ImageSets/Segmentation/` (`train`, `val`, `trainval`, `trainaug`)
-                 transform=None, # called as `transform(image, mask)`
+                 transform:Callable|None=None, # called as `transform(image, mask)`
                  kind:str='voc', # which help text errors show (`'voc'` or `'synthetic'`)
                 ):
-        self.root, self.split, self.transform = Path(root), split, transform
+        super().__init__(root, split, transform)
         if not (self.root / 'JPEGImages').is_dir():
             raise _missing(kind, self.root, f"No JPEGImages/ folder in {self.root}.")
         sets = self.root / 'ImageSets' / 'Segmentation'
@@ -225,11 +232,11 @@ def cityscapes_lut()->np.ndarray:
 
 class CityscapesSegmentation(SegmentationDataset):
     "Cityscapes fine annotations, label ids mapped to the 19 train ids (255 ignored)."
-    def __init__(self, root, # the folder holding `leftImg8bit/` and `gtFine/`, e.g. `data/cityscapes`
+    def __init__(self, root:str|Path, # the folder holding `leftImg8bit/` and `gtFine/`, e.g. `data/cityscapes`
                  split:str='train', # `train`, `val` or `test`
-                 transform=None, # called as `transform(image, mask)`
+                 transform:Callable|None=None, # called as `transform(image, mask)`
                 ):
-        self.root, self.split, self.transform = Path(root), split, transform
+        super().__init__(root, split, transform)
         self.classes = list(CITYSCAPES_CLASSES)
         img_dir, gt_dir = self.root / 'leftImg8bit' / split, self.root / 'gtFine' / split
         for d in (img_dir, gt_dir):
@@ -537,9 +544,9 @@ NUM_CLASSES = {'voc': 21, 'cityscapes': 19, 'synthetic': 9}
 DEFAULT_ROOTS = {'voc': 'data/VOCdevkit/VOC2012', 'cityscapes': 'data/cityscapes', 'synthetic': 'data/synthetic'}
 
 def get_dataset(name:str, # 'voc', 'cityscapes' or 'synthetic' (VOC layout)
-                root=None, # dataset root; default `DEFAULT_ROOTS[name]`
+                root:str|Path|None=None, # dataset root; default `DEFAULT_ROOTS[name]`
                 split:str='train', # split name ('train', 'val', 'trainaug' for VOC, ...)
-                transform=None, # joint transform
+                transform:Callable|None=None, # joint transform
                )->SegmentationDataset:
     "Open a dataset by name."
     if name not in DEFAULT_ROOTS:

@@ -315,6 +315,9 @@ class _SyncBNFunction(torch.autograd.Function):
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     "Batch norm whose training statistics cover all ranks (gloo, CPU); a plain batch norm otherwise."
+    def __init__(self, num_features:int, eps:float=1e-5, momentum:float|None=0.1, affine:bool=True,
+                 track_running_stats:bool=True, device:torch.device|str|None=None, dtype:torch.dtype|None=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
     def _check_input_dim(self, x):
         if x.dim() < 2: raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
     def forward(self, x:Tensor)->Tensor:
@@ -379,11 +382,11 @@ def tap_channels(model:nn.Module, # a DeepLabV3Plus
 
 def distill_step(student:nn.Module, # network being trained (train mode): a model or a `StudentWithModules`
                  teacher:nn.Module|None, # frozen network, or None for ground-truth-only training
-                 objective, # `DistillObjective`: (student outputs, teacher outputs, target, alpha, modules) -> (total, terms)
+                 objective:DistillObjective, # (student outputs, teacher outputs, target, alpha, modules) -> (total, terms)
                  images:Tensor, target:Tensor, # B x 3 x H x W batch and its B x H x W labels (255 ignored)
                  alpha:float=0.0, # ALW weight
-                 amp_dtype=None, # autocast dtype for the student, or None
-                 teacher_dtype=None, # autocast dtype for the teacher (e.g. torch.bfloat16), or None
+                 amp_dtype:torch.dtype|None=None, # autocast dtype for the student, or None
+                 teacher_dtype:torch.dtype|None=None, # autocast dtype for the teacher (e.g. torch.bfloat16), or None
                 )->tuple: # (total loss, dict of weighted terms, student logits)
     "Forward pass of one distillation step: frozen teacher, training student, named weighted terms."
     t_out = None
@@ -398,8 +401,11 @@ def distill_step(student:nn.Module, # network being trained (train mode): a mode
     total, terms = objective(s_out, t_out, target, alpha=alpha, modules=modules)
     return total, terms, s_out['logits']
 
-def train_step(student, teacher, objective, images, target, optimizer, scheduler=None, scaler=None,
-               alpha:float=0.0, amp_dtype=None, teacher_dtype=None,
+def train_step(student:nn.Module, teacher:nn.Module|None, objective:DistillObjective, images:Tensor, target:Tensor,
+               optimizer:torch.optim.Optimizer,
+               scheduler:torch.optim.lr_scheduler.LRScheduler|None=None, # stepped after each optimiser step, or None
+               scaler:torch.amp.GradScaler|None=None, # fp16 loss scaling, or None
+               alpha:float=0.0, amp_dtype:torch.dtype|None=None, teacher_dtype:torch.dtype|None=None,
                clip_grad:float|None=None, # max gradient norm, or None
               )->tuple: # (total loss, terms), detached
     "One optimisation step: `distill_step`, backward (through the grad scaler), clipping, SGD and lr update."
@@ -422,7 +428,7 @@ def evaluate(model:nn.Module, # network to evaluate (eval mode is set here)
              dataset:Dataset, # validation set yielding (image, mask) after its eval transform
              num_classes:int,
              batch_size:int=1, device='cpu', workers:int=0,
-             amp_dtype=None, # autocast dtype, or None
+             amp_dtype:torch.dtype|None=None, # autocast dtype, or None
              max_items:int|None=None, # evaluate the first `max_items` only
              progress:bool=False,
             )->dict: # SegMetrics.compute() over all ranks

@@ -56,7 +56,7 @@ class SegMetrics:
     "Confusion-matrix segmentation metrics, ignore index, summed across processes under torch.distributed."
     def __init__(self, num_classes:int, # C
                  ignore_index:int=255, # label value that is not counted
-                 device=None, # where to keep the matrix (default: the device of the first update)
+                 device:torch.device|str|None=None, # where to keep the matrix (default: the device of the first update)
                 ):
         if isinstance(num_classes, bool) or not hasattr(num_classes, '__index__') or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")

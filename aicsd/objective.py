@@ -53,19 +53,19 @@ def register_term(name:str, # the name methods, weights and logs use
     return term
 
 # %% ../nbs/04_objective.ipynb #8898e185
-def term_ce(s, t, target, mod=None, ignore_index:int=255):
+def term_ce(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, ignore_index:int=255):
     "Cross-entropy with the ground truth."
     return ce_loss(s['logits'], target, ignore_index=ignore_index)
 
-def term_kd(s, t, target, mod=None, T:float=1.0, ignore_index:int=255):
+def term_kd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, T:float=1.0, ignore_index:int=255):
     "Pixel-wise KD (Hinton), ignored pixels left out."
     return pixel_kd_loss(s['logits'], t['logits'], T=T, target=target, ignore_index=ignore_index)
 
-def term_icsd(s, t, target, mod=None, T:float=1.0, normalize:str|None=None):
+def term_icsd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, T:float=1.0, normalize:str|None=None):
     "ICSD: MSE between the per-image inter-class similarity matrices."
     return icsd_loss(s['logits'], t['logits'], T=T, normalize=normalize)
 
-def term_released_icsd(s, t, target, mod=None):
+def term_released_icsd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     "What the released code computes as ICSD (for audits; not a KL divergence)."
     return released_icsd_loss(s['logits'], t['logits'])
 
@@ -105,18 +105,23 @@ register_method('released_icsd', Method(('ce', 'kd', 'released_icsd'), doc="CE +
 # %% ../nbs/04_objective.ipynb #f8f9605e
 def _adapted(s, tap, mod): return mod(s[tap]) if mod is not None else s[tap]
 
-def term_at(s, t, target, mod=None, p:float=2.0): return B.at_loss(s['decoder'], t['decoder'], p=p)
-def term_fitnet(s, t, target, mod=None): return B.fitnet_loss(_adapted(s, 'decoder', mod), t['decoder'])
-def term_sp(s, t, target, mod=None): return B.sp_loss(s['aspp'], t['aspp'])
-def term_ickd(s, t, target, mod=None): return B.ickd_loss(_adapted(s, 'aspp', mod), t['aspp'])
-def term_skd(s, t, target, mod=None, scale:float=0.5, kernel:int|None=2):
+def term_at(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, p:float=2.0):
+    return B.at_loss(s['decoder'], t['decoder'], p=p)
+def term_fitnet(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
+    return B.fitnet_loss(_adapted(s, 'decoder', mod), t['decoder'])
+def term_sp(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
+    return B.sp_loss(s['aspp'], t['aspp'])
+def term_ickd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
+    return B.ickd_loss(_adapted(s, 'aspp', mod), t['aspp'])
+def term_skd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, scale:float=0.5, kernel:int|None=2):
     return B.skd_loss(s['decoder'], t['decoder'], scale=scale, kernel=kernel)
-def term_ifvd(s, t, target, mod=None):
+def term_ifvd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     return B.ifvd_loss(s['decoder'], t['decoder'], target, num_classes=s['logits'].shape[1])
-def term_cwd(s, t, target, mod=None, tau:float=4.0): return B.cwd_loss(s['logits'], t['logits'], tau=tau)
-def term_dist(s, t, target, mod=None, beta:float=1.0, gamma:float=1.0, tau:float=1.0):
+def term_cwd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=4.0):
+    return B.cwd_loss(s['logits'], t['logits'], tau=tau)
+def term_dist(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, beta:float=1.0, gamma:float=1.0, tau:float=1.0):
     return B.dist_loss(s['logits'], t['logits'], beta=beta, gamma=gamma, tau=tau)
-def term_cirkd_pixel(s, t, target, mod=None, tau:float=0.1, pool:int=2):
+def term_cirkd_pixel(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=0.1, pool:int=2):
     return B.cirkd_pixel_loss(s['decoder'], t['decoder'], tau=tau, pool=pool)
 
 class CIRKDMemoryTerm(nn.Module):
@@ -126,17 +131,19 @@ class CIRKDMemoryTerm(nn.Module):
         self.projector = B.cirkd_projector(s_channels, t_channels)
         self.memory = B.CIRKDMemory(num_classes, t_channels, pixel_size=pixel_size, region_size=region_size)
 
-def term_cirkd_memory(s, t, target, mod=None, tau:float=0.1, kd_tau:float=1.0, pixel_contrast:int=4096,
-                      region_contrast:int=1024, pixel_size:int=20000, region_size:int=2000):
+def term_cirkd_memory(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=0.1, kd_tau:float=1.0,
+                      pixel_contrast:int=4096, region_contrast:int=1024, pixel_size:int=20000, region_size:int=2000):
     "CIRKD's pixel-to-pixel and pixel-to-region contrast against the memory (enqueue first, as CIRKD does)."
     ps = mod.projector(s['decoder'])
     with torch.no_grad(): mod.memory.enqueue(t['decoder'].detach(), target)
     return (B.cirkd_memory_pixel_loss(ps, t['decoder'], target, mod.memory, contrast_size=pixel_contrast, tau=tau, kd_tau=kd_tau)
             + B.cirkd_region_loss(ps, t['decoder'], target, mod.memory, contrast_size=region_contrast, tau=tau, kd_tau=kd_tau))
 
-def term_released_pa(s, t, target, mod=None, scale:float=0.5): return B.released_pa_loss(s['aspp'], t['aspp'], scale=scale)
-def term_released_ic(s, t, target, mod=None): return B.released_ic_loss(s['logits'], t['logits'])
-def term_released_pi(s, t, target, mod=None):
+def term_released_pa(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, scale:float=0.5):
+    return B.released_pa_loss(s['aspp'], t['aspp'], scale=scale)
+def term_released_ic(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
+    return B.released_ic_loss(s['logits'], t['logits'])
+def term_released_pi(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     "The released code's pixel KD: `KLDivLoss()` with mean reduction, i.e. our KD (T = 1, every pixel) divided by C."
     return pixel_kd_loss(s['logits'], t['logits']) / s['logits'].shape[1]
 

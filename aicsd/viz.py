@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from typing import TYPE_CHECKING
 from matplotlib.figure import Figure
 from matplotlib.colors import ListedColormap, PowerNorm
 from matplotlib.patches import Patch, Rectangle
@@ -19,7 +18,8 @@ import seaborn as sns
 from .distributions import class_distributions
 from .similarity import ics_matrix
 from .data import voc_palette, denormalize, CITYSCAPES_CLASSES, IGNORE_INDEX
-if TYPE_CHECKING: from torch.utils.tensorboard import SummaryWriter
+try: from torch.utils.tensorboard import SummaryWriter   # the type of `write_eval_figures`'s `tb_writer`
+except Exception: SummaryWriter = None                     # TensorBoard stays optional
 
 # %% auto #0
 __all__ = ['CITYSCAPES_PALETTE', 'IGNORE_COLOUR', 'class_names', 'palette_for', 'paint', 'to_rgb', 'row_normalize', 'plot_ics',
