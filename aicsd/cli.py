@@ -107,10 +107,12 @@ def read_config(path:str|Path, # .yaml, .yml or .toml
     if path.suffix.lower() == '.toml':
         try: import tomllib                      # Python >= 3.11
         except ImportError: import tomli as tomllib  # Python 3.10
-        d = tomllib.loads(text)
+        try: d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e: raise ValueError(f"config file {path} is not valid TOML: {e}") from None
     elif path.suffix.lower() in ('.yaml', '.yml'):
         import yaml
-        d = yaml.safe_load(text) or {}
+        try: d = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e: raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     else: raise ValueError(f"config file {path} must end in .yaml, .yml or .toml")
     if not isinstance(d, dict): raise ValueError(f"config file {path} must hold a mapping of option: value")
     return {k.replace('-', '_'): v for k, v in d.items()}
@@ -317,11 +319,12 @@ def parse(argv:list|None=None)->argparse.Namespace:
 def main(argv:list|None=None)->int:
     "Entry point of the `aicsd` console script."
     from aicsd.distill import RunLockedError
+    from aicsd.models import CheckpointMismatchError
     try: return _main(argv)
     except KeyboardInterrupt as e:          # RunInterrupted: last.pt written; a plain one: a second Ctrl-C
         print(f"aicsd: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, RunLockedError) as e:
+    except (ValueError, KeyError, OSError, RunLockedError, CheckpointMismatchError, FloatingPointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"aicsd: error: {msg}", file=sys.stderr)
         return 2

@@ -196,9 +196,22 @@ def load_checkpoint(path:str|Path, map_location='cpu')->dict:
     if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # random bytes, a text file, a truncated file, a pickle that would run code (refused)
-        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read checkpoint {path}: it is not a complete PyTorch checkpoint that loads with "
-                         f"weights_only=True ({type(e).__name__}: {why})") from None
+        raise ValueError(f"cannot read checkpoint {path}: {_why_unreadable(e)}") from None
+
+def _why_unreadable(e:Exception)->str:
+    "torch.load's error, said in terms of what is wrong with the file."
+    msg = str(e)
+    if 'Unsupported global' in msg or 'trust the source' in msg:
+        return ("it holds Python objects other than tensors, numbers, strings and containers; unpickling them could run "
+                "code, so aicsd refuses it (torch.load with weights_only=True). If you trust its source, load it yourself "
+                "and save its state_dict")
+    if 'central directory' in msg or 'PytorchStreamReader' in msg or isinstance(e, EOFError):
+        return ("the file is truncated or corrupted (its zip archive is incomplete): a copy cut short, a full disk, or "
+                "a save that was killed")
+    if 'Unsupported operand' in msg or 'unpack requires' in msg or 'invalid load key' in msg:
+        return "it is not a PyTorch checkpoint (its bytes are neither a zip archive nor a pickle torch.save writes)"
+    first = msg.strip().splitlines()[0][:200] if msg.strip() else ''
+    return f"it is not a complete PyTorch checkpoint ({type(e).__name__}: {first})"
 
 def load_teacher(path:str, # checkpoint: `best.pt`/`last.pt` of aicsd, or a file of the authors' released code
                  backbone:str|None=None, # for a released-code checkpoint: its backbone ('resnet101', ...)
@@ -770,15 +783,16 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
                                  alpha=alpha, amp_dtype=run.amp_dtype, teacher_dtype=run.teacher_dtype,
                                  clip_grad=cfg['clip_grad'])
         prog.step += 1; prog.step_in_epoch = i + 1
+        if not math.isfinite(float(loss)):   # every rank, every step: nothing non-finite reaches a checkpoint
+            bad = [k for k, v in terms.items() if not math.isfinite(float(v))]
+            where = f" on rank {run.rank}" if run.world > 1 else ''
+            raise FloatingPointError(
+                f"the loss is {float(loss)} at step {prog.step}{where} (non-finite term(s): {', '.join(bad) or 'none: the sum overflowed'}"
+                f"; lr {run.opt.param_groups[0]['lr']:.3g}); {ckpt.last if ckpt.last.exists() else 'no checkpoint'} holds the last "
+                f"good state. Lower --lr or the term's --weight, or add --clip-grad, and resume or restart")
         if run.main and (prog.step % max(1, cfg['log_every']) == 0 or prog.step == run.total):
             vals = dict(epoch=prog.epoch, lr=run.opt.param_groups[0]['lr'], alpha=float(alpha), loss=float(loss),
                         **{k: float(v) for k, v in terms.items()})
-            if not math.isfinite(vals['loss']):
-                bad = [k for k in terms if not math.isfinite(vals[k])]
-                raise FloatingPointError(
-                    f"the loss is {vals['loss']} at step {prog.step} (non-finite term(s): {', '.join(bad) or 'none: the sum overflowed'}"
-                    f"; lr {vals['lr']:.3g}); {ckpt.last if ckpt.last.exists() else 'no checkpoint'} holds the last good state. "
-                    f"Lower --lr or the term's --weight, or add --clip-grad, and resume or restart")
             log.row('train_log', prog.step, vals)
             if tty: bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
         mid, saved = i + 1 < spe, False

@@ -69,6 +69,7 @@ def test_clear_errors_for_bad_input(tiny_data, tmp_path):
              (_train(tiny_data, tmp_path / 'c0', '--crop-size', 0)[len(aicsd_cmd()):], '--crop-size'),
              (_train(tiny_data, tmp_path / 'lr', '--lr', 'nan')[len(aicsd_cmd()):], '--lr'),
              (_train(tiny_data, tmp_path / 'ms', '--max-steps', -5)[len(aicsd_cmd()):], '--max-steps'),
+             (_train(tiny_data, tmp_path / 'nan', '--lr', 1e9, '--epochs', 3)[len(aicsd_cmd()):], 'non-finite term(s): ce'),
              (['data', 'synthetic', '--root', tmp_path / 'neg', '--n-train', -3], '--n-train')]
     for args, want in cases:
         p = run(aicsd_cmd() + [str(a) for a in args],
