@@ -196,22 +196,21 @@ def load_checkpoint(path:str|Path, map_location='cpu')->dict:
     if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # random bytes, a text file, a truncated file, a pickle that would run code (refused)
-        raise ValueError(f"cannot read checkpoint {path}: {_why_unreadable(e)}") from None
+        raise ValueError(f"cannot read checkpoint {path}: {_why_unreadable(path, e)}") from None
 
-def _why_unreadable(e:Exception)->str:
+def _why_unreadable(path:Path, e:Exception)->str:
     "torch.load's error, said in terms of what is wrong with the file."
     msg = str(e)
     if 'Unsupported global' in msg or 'trust the source' in msg:
         return ("it holds Python objects other than tensors, numbers, strings and containers; unpickling them could run "
                 "code, so aicsd refuses it (torch.load with weights_only=True). If you trust its source, load it yourself "
                 "and save its state_dict")
-    if 'central directory' in msg or 'PytorchStreamReader' in msg or isinstance(e, EOFError):
-        return ("the file is truncated or corrupted (its zip archive is incomplete): a copy cut short, a full disk, or "
-                "a save that was killed")
-    if 'Unsupported operand' in msg or 'unpack requires' in msg or 'invalid load key' in msg:
-        return "it is not a PyTorch checkpoint (its bytes are neither a zip archive nor a pickle torch.save writes)"
-    first = msg.strip().splitlines()[0][:200] if msg.strip() else ''
-    return f"it is not a complete PyTorch checkpoint ({type(e).__name__}: {first})"
+    with open(path, 'rb') as fh: head = fh.read(4)
+    if head.startswith(b'PK') or head.startswith(b'\x80'):   # torch.save's zip archive, or its older pickle format
+        return (f"the file is truncated or corrupted ({type(e).__name__}: {msg.strip().splitlines()[0].split('. ')[0][:120] if msg.strip() else ''}): "
+                f"a copy cut short, a full disk, or a save that was killed")
+    return (f"it is not a PyTorch checkpoint: it starts with {head!r}, not with the zip archive (or pickle) that torch.save "
+            f"writes")
 
 def load_teacher(path:str, # checkpoint: `best.pt`/`last.pt` of aicsd, or a file of the authors' released code
                  backbone:str|None=None, # for a released-code checkpoint: its backbone ('resnet101', ...)
