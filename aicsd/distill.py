@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 __all__ = ['OPTIONS', 'DEFAULTS', 'Option', 'make_objective', 'make_config', 'poly_lr_lambda', 'eval_transform_for',
            'load_checkpoint', 'load_teacher', 'rng_state', 'set_rng_state', 'save_checkpoint', 'dist_env',
            'resolve_device', 'init_distributed', 'cleanup_distributed', 'CPUSyncBatchNorm', 'convert_sync_batchnorm',
-           'StudentWithModules', 'model_outputs', 'tap_channels', 'distill_step', 'train_step', 'evaluate',
-           'same_size_groups', 'RunLog', 'Run', 'Progress', 'build_models', 'build_run', 'RunExistsError',
-           'RunLockedError', 'RunInterrupted', 'RunLock', 'resume_changes', 'Checkpointer', 'train_one_epoch',
-           'evaluate_and_keep_best', 'fit']
+           'StudentWithModules', 'model_outputs', 'tap_channels', 'distill_step', 'train_step', 'native_bf16',
+           'choose_teacher_bf16', 'evaluate', 'same_size_groups', 'RunLog', 'Run', 'Progress', 'build_models',
+           'build_run', 'resolve_teacher_bf16', 'RunExistsError', 'RunLockedError', 'RunInterrupted', 'RunLock',
+           'resume_changes', 'Checkpointer', 'train_one_epoch', 'evaluate_and_keep_best', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import deeplabv3plus, param_groups, model_arch, load_model, load_released_checkpoint, atomic_save
@@ -62,7 +62,8 @@ OPTIONS = [
     _O('lambda_icsd', 0.1, 'Distillation', 'weight of ICSD', type=float, resume='same'),
     _O('temperature', 1.0, 'Distillation', 'softmax temperature of KD and ICSD', flags=('-T',), type=float, resume='same'),
     _O('alw_unit', 'step', 'Distillation', 'ALW alpha per iteration (ours) or per epoch (paper)', choices=('step', 'epoch'), resume='same'),
-    _O('teacher_bf16', False, 'Distillation', 'run the frozen teacher under bf16 autocast', flag='bool'),
+    _O('teacher_bf16', None, 'Distillation', 'run the frozen teacher under bf16 autocast (default: when measured faster at the '
+       'start of the run, on a CPU with native bf16 or a GPU)', flag='bool'),
     # data
     _O('data', 'synthetic', 'Data', 'dataset', choices=('voc', 'cityscapes', 'synthetic'), resume='same'),
     _O('data_root', None, 'Data', 'dataset folder (VOC2012/, the Cityscapes root, or the synthetic folder); default: '
@@ -145,6 +146,8 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     obj = make_objective(out)                              # checks the method, the weights and the temperature
     if out['mode'] == 'train' and obj.needs_teacher:
         raise ValueError(f"mode 'train' trains on the ground truth only; method {out['method']!r} needs mode 'distill'")
+    if out['dtype'] == 'float64' and out['teacher_bf16']:
+        raise ValueError("dtype 'float64' runs the teacher in float64 too: drop --teacher-bf16")
     if out['dtype'] == 'float64' and out['amp'] != 'none':
         raise ValueError(f"dtype 'float64' runs without mixed precision: set amp='none' (--amp none), got {out['amp']!r}")
     if out['mode'] == 'distill' and obj.needs_teacher and not out['teacher']:
@@ -434,6 +437,39 @@ def train_step(student:nn.Module, teacher:nn.Module|None, objective:DistillObjec
     if scheduler is not None: scheduler.step()
     return total.detach(), {k: v.detach() for k, v in terms.items()}
 
+# %% ../nbs/08_distill.ipynb #b21951a5
+def native_bf16(device:torch.device, # where the teacher runs
+               )->bool: # True where bf16 has hardware support: CUDA (compute capability 8+), AVX512-BF16 or AMX CPUs
+    "Whether `device` computes bf16 natively (on CPUs: Linux /proc/cpuinfo flags)."
+    device = torch.device(device)
+    if device.type == 'cuda': return torch.cuda.is_bf16_supported()
+    try: flags = Path('/proc/cpuinfo').read_text()
+    except OSError: return False
+    return ' avx512_bf16' in flags or ' amx_bf16' in flags
+
+@torch.no_grad()
+def choose_teacher_bf16(teacher:nn.Module, # the frozen teacher (eval mode)
+                        x:Tensor, # a batch of the run's shape, on the teacher's device
+                        min_seconds:float=0.25, # below this fp32 forward time, do not bother: fp32
+                        margin:float=0.85, # bf16 must take less than `margin` x the fp32 time
+                        rounds:int=2, # timed rounds, fp32 and bf16 alternating (after one warm-up each)
+                       )->tuple: # (use bf16?, the measurement in words)
+    "Time the teacher's forward in fp32 and under bf16 autocast, interleaved, best of `rounds`; bf16 when clearly faster."
+    dev = x.device
+    if not native_bf16(dev): return False, f'no native bf16 on this {dev.type}'
+    def timed(dtype):
+        if dev.type == 'cuda': torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        with _autocast(dev, dtype): teacher(x)
+        if dev.type == 'cuda': torch.cuda.synchronize(dev)
+        return time.perf_counter() - t
+    t32 = min(timed(None), timed(None))                   # warm-up, then a first measurement
+    if t32 < min_seconds: return False, f'teacher forward {t32 * 1e3:.0f} ms in fp32: too small to gain'
+    timed(torch.bfloat16)
+    t16 = float('inf')
+    for _ in range(rounds): t32, t16 = min(t32, timed(None)), min(t16, timed(torch.bfloat16))
+    return t16 < margin * t32, f'teacher forward {t32:.2f} s in fp32, {t16:.2f} s in bf16'
+
 # %% ../nbs/08_distill.ipynb #e1238f4d
 @torch.no_grad()
 def evaluate(model:nn.Module, # network to evaluate (eval mode is set here)
@@ -624,13 +660,32 @@ def build_run(cfg:dict)->Run:
                                                                   warmup_steps=cfg['warmup_steps']))
     amp_dtype = _amp_dtype(cfg['amp'], device)
     scaler = torch.amp.GradScaler(device.type) if cfg['amp'] == 'fp16' else None
-    teacher_dtype = torch.bfloat16 if cfg['teacher_bf16'] else None
+    teacher_dtype = torch.bfloat16 if cfg['teacher_bf16'] else None   # None (automatic): settled by `resolve_teacher_bf16`
     return Run(cfg, device, rank, world, owned, out, train_ds, val_ds, nc, loader, student, teacher, objective, net, model,
                opt, sched, scaler, amp_dtype, teacher_dtype, fdt, mf, spe, epochs, total)
 
 
 
 # %% ../nbs/08_distill.ipynb #c269875c
+def resolve_teacher_bf16(run:Run):
+    "Settle `teacher_bf16=None` (automatic): rank 0 measures (`choose_teacher_bf16`), every rank uses its choice."
+    cfg = run.cfg
+    if cfg['teacher_bf16'] is None:
+        on, why = False, 'no teacher'
+        if run.teacher is not None and run.dtype == torch.float32 and run.amp_dtype is None:
+            if run.main:
+                g = torch.Generator().manual_seed(0)          # the run's own RNG streams are not touched
+                x = torch.randn(cfg['batch_size'], 3, cfg['crop_size'], cfg['crop_size'], generator=g)
+                on, why = choose_teacher_bf16(run.teacher, x.to(run.device, memory_format=run.memory_format))
+            if run.world > 1:
+                box = [on, why]; dist.broadcast_object_list(box, src=0); on, why = box
+        cfg['teacher_bf16'] = bool(on)
+        if run.main and not cfg['quiet'] and run.teacher is not None:
+            print(f"teacher in {'bf16 (autocast)' if on else 'fp32'}: {why}; --teacher-bf16 / --no-teacher-bf16 decide it by hand",
+                  flush=True)
+    run.teacher_dtype = torch.bfloat16 if cfg['teacher_bf16'] else None
+
+# %% ../nbs/08_distill.ipynb #b8b4861c
 class RunExistsError(ValueError): "The run folder holds a run and neither --resume nor --force was given."
 class RunLockedError(RuntimeError): "Another live process is writing to the run folder."
 class RunInterrupted(KeyboardInterrupt): "Ctrl-C: the run stopped after a whole step and wrote last.pt."
@@ -729,6 +784,7 @@ class Checkpointer:
         "Restore the run from `last.pt` (or the one before it); refuse changed options that define the run."
         r = self.run
         ck, path = self._read_last()
+        if r.cfg['teacher_bf16'] is None: r.cfg['teacher_bf16'] = ck['config'].get('teacher_bf16', False)   # keep its choice
         refused, warned = resume_changes(ck['config'], r.cfg)
         if refused:
             raise ValueError(f"cannot resume {path}: {'; '.join(refused)}. These options define the run: resume with the values "
@@ -851,6 +907,7 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         if prog is not None and run.main and not cfg['quiet']:
             print(f"resumed {ckpt.last} at epoch {prog.epoch}, batch {prog.step_in_epoch} (step {prog.step})")
         if prog is None: prog = ckpt.start()
+        resolve_teacher_bf16(run)
         log = RunLog(run.out, enabled=run.main, tensorboard=cfg['tensorboard'], resume_step=prog.step if cfg['resume'] else None)
         tty = sys.stderr.isatty() and not cfg['quiet'] and run.main and 'PYTEST_CURRENT_TEST' not in os.environ
         stop_at = prog.step + int(cfg['stop_after']) if cfg['stop_after'] else None
