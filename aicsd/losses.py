@@ -7,6 +7,7 @@ __all__ = ['icsd_loss', 'pixel_kd_loss', 'ce_loss', 'released_ics_matrix_plain',
            'released_icsd_loop']
 
 # %% ../nbs/02_losses.ipynb #5bc6d66c
+import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -111,6 +112,12 @@ def released_ics_matrix_plain(logits:Tensor, # logits `B x C x H x W`
         return torch.where(_upper(C, logits.device), R, R.T)            # mirrored: exactly symmetric
 
 # %% ../nbs/02_losses.ipynb #61cfd604
+_LOG2E = 1 / math.log(2)
+
+def _exp(x:Tensor, out:Tensor)->Tensor:
+    "`torch.exp(x, out=out)` computed as `exp2(x log2 e)`: three times faster for float32 on the CPU we measured."
+    return torch.mul(x, _LOG2E, out=out).exp2_()
+
 class _ReleasedICS(torch.autograd.Function):
     "The released 'ICS matrix' by bands of columns, with the analytic backward above."
     @staticmethod
@@ -118,27 +125,30 @@ class _ReleasedICS(torch.autograd.Function):
         B, C, H, W = logits.shape
         dt = _cdtype(logits); kw = dict(dtype=dt, device=logits.device)
         w = min(W, _rup(max(1, _block_width(logits.device, C * H)), 16) if logits.device.type == 'cpu' else W)
-        items = [(b, a, min(W, a + w)) for b in range(B) for a in range(0, W, w)]
+        items = [(b, a, min(W, a + w)) for a in range(0, W, w) for b in range(B)]   # images in turn: see above
         nw = _workers(logits.device, len(items))
-        Cp = _rup(C, ICS_SETTINGS['pad'])
-        bufL, bufQ = _scratch('L', (nw, C * H * w), dt, logits.device), _scratch('Q', (nw, Cp * H * w), dt, logits.device)
+        Cp = _rup(C, 4)                                                      # products run faster on a multiple of 4 rows
+        bufD, bufQ = _scratch('rD', (nw, C * H * w), dt, logits.device), _scratch('rQ', (nw, Cp * H * w), dt, logits.device)
         As, Gs = torch.empty(len(items), C, **kw), torch.empty(len(items), Cp, Cp, **kw)
-        lse = torch.empty(B, C, 1, W, **kw)                                  # log-normaliser of each column
+        lS = torch.empty(B, C, 1, W, **kw)                                   # log S of each column
+        lse = torch.empty(B, C, 1, W, **kw) if ctx.needs_input_grad[0] else None   # log-normaliser of each column
         def block(i, k):
             b, a, e = items[i]; n = e - a
-            zc = logits[b, :, :, a:e]
-            mx = zc.amax(1, keepdim=True)
-            L = torch.sub(zc, mx, out=bufL[k, :C * H * n].view(C, H, n))
+            D = bufD[k, :C * H * n].view(C, H, n)
+            D.copy_(logits[b, :, :, a:e])
+            mx = D.amax(1, keepdim=True)
+            D.sub_(mx)                                                       # D = z - column maximum
             Qa = bufQ[k, :Cp * H * n].view(Cp, H * n); Qa[C:].zero_()
-            Q = torch.exp(L, out=Qa[:C].view(C, H, n))
-            S = Q.sum(1, keepdim=True); logS = S.log()
-            L.sub_(logS); Q.div_(S)                                          # L = log Q, Q = softmax over H
-            torch.add(mx, logS, out=lse[b, :, :, a:e])
-            torch.linalg.vecdot(Q.view(C, -1), L.view(C, -1), out=As[i])    # sum_x Q log Q per class
+            Q = _exp(D, out=Qa[:C].view(C, H, n))
+            S = Q.sum(1, keepdim=True)
+            Q.mul_(S.reciprocal())                                           # Q = softmax over H
+            logS = torch.log(S, out=lS[b, :, :, a:e])
+            if lse is not None: torch.add(mx, logS, out=lse[b, :, :, a:e])
+            torch.sum(D.mul_(Q).view(C, -1), 1, out=As[i])                   # sum Q D (sum Q log Q = sum Q D - sum_w log S)
             torch.mm(Qa, Qa.T, out=Gs[i])                                    # Q Q^T of the band
         with torch.autocast(logits.device.type, enabled=False):
             run_blocks(block, range(len(items)), nw)
-            A, G = As.sum(0), Gs.sum(0)[:C, :C]                              # fixed order: deterministic
+            A, G = As.sum(0) - lS.sum((0, 2, 3)), Gs.sum(0)[:C, :C]         # fixed order: deterministic
             R = (A[None, :] - G) / B
             out = torch.where(_upper(C, logits.device), R, R.T)
         ctx.save_for_backward(logits, lse)
@@ -151,7 +161,7 @@ class _ReleasedICS(torch.autograd.Function):
         logits, lse = ctx.saved_tensors
         B, C, H, W = logits.shape
         items, w = ctx.items, ctx.w
-        dt = lse.dtype; kw = dict(dtype=dt, device=logits.device)
+        dt = lse.dtype
         nw = _workers(logits.device, len(items))
         with torch.autocast(logits.device.type, enabled=False):
             HR = HR.to(dt)
@@ -161,17 +171,18 @@ class _ReleasedICS(torch.autograd.Function):
             K = -(U + U.T) / B
             grad = _empty_grad(logits)
             direct = grad.dtype == dt
-            bufL, bufQ, bufg = (_scratch(n, (nw, C * H * w), dt, logits.device) for n in ('L', 'Q2', 'g'))
+            bufL = _scratch('rD', (nw, C * H * w), dt, logits.device)        # the forward's buffers, and one more
+            bufQ = _scratch('rQ', (nw, _rup(C, 4) * H * w), dt, logits.device)
+            bufg = _scratch('rg', (nw, C * H * w), dt, logits.device)
             def block(i, k):
                 b, s, e = items[i]; n = e - s
-                L = torch.sub(logits[b, :, :, s:e], lse[b, :, :, s:e], out=bufL[k, :C * H * n].view(C, H, n))
-                Q = torch.exp(L, out=bufQ[k, :C * H * n].view(C, H, n))
+                L = torch.sub(logits[b, :, :, s:e], lse[b, :, :, s:e], out=bufL[k, :C * H * n].view(C, H, n))   # log Q
+                Q = _exp(L, out=bufQ[k, :C * H * n].view(C, H, n))
                 g = torch.mm(K, Q.view(C, -1), out=bufg[k, :C * H * n].view(C, -1)).view(C, H, n)
-                g.addcmul_(L, a)                                             # g = K Q + a log Q
-                t = torch.mul(Q, g, out=L).sum(1, keepdim=True)              # sum over H of Q g
-                g.sub_(t)
-                if direct: torch.mul(g, Q, out=grad[b, :, :, s:e])
-                else: grad[b, :, :, s:e] = g.mul_(Q)
+                P = g.addcmul_(L, a).mul_(Q)                                 # P = Q g, g = K Q + a log Q
+                t = P.sum(1, keepdim=True)                                   # sum over H of Q g
+                if direct: torch.addcmul(P, Q, t, value=-1, out=grad[b, :, :, s:e])
+                else: grad[b, :, :, s:e] = P.addcmul_(Q, t, value=-1)
             run_blocks(block, range(len(items)), nw)
         return grad
 
