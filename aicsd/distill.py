@@ -28,6 +28,7 @@ from .models import deeplabv3plus, param_groups, model_arch, load_model, load_re
 from .data import get_dataset, train_transform, eval_transform, build_loader, make_synthetic, DEFAULT_ROOTS, ShardSampler
 from .objective import alw_alpha, DistillObjective, METHODS, parse_method
 from .metrics import SegMetrics
+from .similarity import ics_matrix
 
 # %% ../nbs/08_distill.ipynb #442be153
 @dataclass(frozen=True)
@@ -453,6 +454,7 @@ def choose_teacher_bf16(teacher:nn.Module, # the frozen teacher (eval mode)
                         min_seconds:float=0.25, # below this fp32 forward time, do not bother: fp32
                         margin:float=0.85, # bf16 must take less than `margin` x the fp32 time
                         rounds:int=2, # timed rounds, fp32 and bf16 alternating (after one warm-up each)
+                        check:Tensor|None=None, # real images: bf16 must also keep the ICS (< 1 % change) and argmax (> 98 %)
                        )->tuple: # (use bf16?, the measurement in words)
     "Time the teacher's forward in fp32 and under bf16 autocast, interleaved, best of `rounds`; bf16 when clearly faster."
     dev = x.device
@@ -468,7 +470,14 @@ def choose_teacher_bf16(teacher:nn.Module, # the frozen teacher (eval mode)
     timed(torch.bfloat16)
     t16 = float('inf')
     for _ in range(rounds): t32, t16 = min(t32, timed(None)), min(t16, timed(torch.bfloat16))
-    return t16 < margin * t32, f'teacher forward {t32:.2f} s in fp32, {t16:.2f} s in bf16'
+    why = f'teacher forward {t32:.2f} s in fp32, {t16:.2f} s in bf16'
+    if t16 >= margin * t32 or check is None: return t16 < margin * t32, why
+    z32 = teacher(check).float()
+    with _autocast(dev, torch.bfloat16): z16 = teacher(check).float()
+    M32, M16 = ics_matrix(z32), ics_matrix(z16)
+    change, agree = float((M16 - M32).norm() / M32.norm().clamp_min(1e-12)), float((z16.argmax(1) == z32.argmax(1)).float().mean())
+    why += f'; on a validation image its ICS matrix moves {change:.2%}, argmax agrees on {agree:.1%} of pixels'
+    return change < 0.01 and agree > 0.98, why
 
 # %% ../nbs/08_distill.ipynb #e1238f4d
 @torch.no_grad()
@@ -676,7 +685,8 @@ def resolve_teacher_bf16(run:Run):
             if run.main:
                 g = torch.Generator().manual_seed(0)          # the run's own RNG streams are not touched
                 x = torch.randn(cfg['batch_size'], 3, cfg['crop_size'], cfg['crop_size'], generator=g)
-                on, why = choose_teacher_bf16(run.teacher, x.to(run.device, memory_format=run.memory_format))
+                im = run.val_ds[0][0][None].to(run.device, dtype=torch.float32)     # a real image for the numerics check
+                on, why = choose_teacher_bf16(run.teacher, x.to(run.device, memory_format=run.memory_format), check=im)
             if run.world > 1:
                 box = [on, why]; dist.broadcast_object_list(box, src=0); on, why = box
         cfg['teacher_bf16'] = bool(on)
