@@ -57,18 +57,19 @@ test: $(STAMP)
 	  refresh_quarto_yml(); _build_modidx(); proc_nbs(get_config().nbs_path, n_workers=2); print('docs processed into _proc/')"
 	@echo "make test: all checks passed"
 
-# On a machine with CUDA GPUs (under 10 minutes on one): mixed precision, channels-last, torch.compile and
-# 1024x2048 evaluation with their results checked (aicsd.bench.gpu_check raises on a wrong result), then a
-# 3-step training run under torchrun with NCCL and SyncBatchNorm on every GPU of the machine.
-gpu-check: $(STAMP)
-	$(BIN)/python -c "from aicsd.bench import gpu_check, format_rows; \
-	  rows = gpu_check(); print(format_rows([r for r in rows if r['check'] != 'machine']))"
-	@tmp=$$(mktemp -d) && n=$$(nvidia-smi -L | wc -l) && echo "== torchrun: $$n GPU process(es), NCCL, SyncBatchNorm" && \
-	 $(BIN)/python -c "from aicsd.data import make_synthetic; make_synthetic('$$tmp/syn', n_train=32, n_val=4, size=160)" && \
-	 $(BIN)/python -m torch.distributed.run --standalone --nproc_per_node=$$n -m aicsd.cli train --model resnet18 \
-	   --data synthetic --data-root $$tmp/syn --crop-size 129 --batch-size 4 --max-steps 3 --sync-bn --amp bf16 \
-	   --device cuda --out $$tmp/ddp --no-tensorboard --no-figures --quiet && \
-	 test -f $$tmp/ddp/last.pt && echo "gpu-check: all checks passed" ; st=$$?; rm -rf $$tmp; exit $$st
+# On a machine with CUDA GPUs (under 10 minutes on one): 1. the tests flagged `gpu` (tests/test_gpu.py), 2. `aicsd bench
+# gpu`: every GPU path at the paper's sizes with its results checked (mixed precision, channels-last, evaluation at
+# 1024x2048, torchrun with NCCL and SyncBatchNorm on every GPU, torch.compile), as tables. It exits non-zero on a wrong
+# result. GPU_PY=python3 uses a Python that already has torch (no .venv, nothing installed); GPU_ARGS adds options of
+# `aicsd bench`, e.g. GPU_ARGS="--out gpu.jsonl --budget-s 400".
+GPU_PY ?= $(BIN)/python
+GPU_ARGS ?=
+gpu-check: $(if $(filter $(BIN)/python,$(GPU_PY)),$(STAMP))
+	@echo "== 1/2 pytest -m gpu tests/test_gpu.py"
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider
+	@echo "== 2/2 aicsd bench gpu"
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m aicsd.cli bench gpu --device cuda $(GPU_ARGS)
+	@echo "gpu-check: all checks passed"
 
 export: $(STAMP)
 	$(BIN)/nbdev_export

@@ -255,7 +255,9 @@ def build_parser()->argparse.ArgumentParser:
     b.add_argument('what', nargs='*', metavar='WHAT', help=f"any of {', '.join(BENCHES)} (default: icsd step data)")
     b.add_argument('--latency', action='store_true', help='also the latency table (same as adding `latency`)')
     b.add_argument('--quick', action='store_true', help='tiny shapes: a smoke test in seconds')
-    b.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    b.add_argument('--device', default='auto', help="'cpu', 'cuda' or 'auto' (the GPU when there is one)")
+    b.add_argument('--out', metavar='FILE', default=None, help='also append every row to FILE as JSON lines')
+    b.add_argument('--budget-s', type=float, default=None, help='gpu: skip the sections that would start after this many seconds')
     b.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores)')
     _add_data_commands(sub, fmt)
     return p
@@ -362,7 +364,7 @@ def _main(argv):
                 print(f"{k:<28} aicsd {v['command']:<8} paper mIoU {v['paper']['miou']}")
     elif a.command == 'data': _run_data(a)
     elif a.command == 'bench': run_bench(a.what or ['icsd', 'step', 'data'], latency=a.latency, quick=a.quick,
-                                         device=a.device, threads=a.threads)
+                                         device=a.device, threads=a.threads, out=a.out, budget_s=a.budget_s)
     return 0
 
 # %% ../nbs/09_cli.ipynb #b2c9ed31
@@ -403,7 +405,11 @@ def run_evaluate(a:argparse.Namespace)->dict:
 
 # %% ../nbs/09_cli.ipynb #d1ee1eae
 def run_bench(what:list, # names from BENCHES
-              latency:bool=False, quick:bool=False, device:str='cpu', threads:int|None=None,
+              latency:bool=False, quick:bool=False,
+              device:str='auto', # 'auto': the GPU when there is one
+              threads:int|None=None,
+              out:str|Path|None=None, # also append every row, as a JSON line with its benchmark's name, to this file
+              budget_s:float|None=None, # `gpu`: sections starting after this many seconds are skipped (and say so)
              )->dict: # name -> rows
     "Run the named benchmarks of `aicsd.bench` and print each table (markdown) after the machine's description."
     from aicsd import bench as B
@@ -411,16 +417,24 @@ def run_bench(what:list, # names from BENCHES
     if bad: raise ValueError(f"unknown benchmark(s) {bad}; choose from {', '.join(BENCHES)}")
     what = list(dict.fromkeys([*what, *(['latency'] if latency else [])]))
     if threads: torch.set_num_threads(threads)
+    if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
     print('machine: ' + ', '.join(f'{k} {v}' for k, v in B.machine_info().items()), flush=True)
     calls = dict(icsd=lambda: B.bench_icsd(device=device, quick=quick), stride4=lambda: B.bench_stride4(quick=quick),
                  step=lambda: B.bench_step(device=device, quick=quick), data=lambda: B.bench_data(quick=quick),
-                 latency=lambda: B.bench_latency(device=device, quick=quick), gpu=lambda: B.gpu_check(quick=quick))
-    out = {}
+                 latency=lambda: B.bench_latency(device=device, quick=quick),
+                 gpu=lambda: B.gpu_check(quick=quick, device=device, budget_s=budget_s))
+    res, failed = {}, []
     for w in what:
         print(f"\n## {w}\n", flush=True)
-        out[w] = calls[w]()
-        print(B.format_rows(out[w]), flush=True)
-    return out
+        try: res[w] = calls[w]()
+        except AssertionError as e:              # gpu_check: a wrong result; its rows are still worth printing
+            if not hasattr(e, 'rows'): raise
+            res[w] = e.rows; failed.append(str(e))
+        print(B.format_tables(res[w]), flush=True)
+        if out is not None:
+            with open(out, 'a') as f: f.writelines(json.dumps({'bench': w, **r}, default=str) + '\n' for r in res[w])
+    if failed: raise SystemExit('aicsd bench: ' + '\n'.join(failed))
+    return res
 
 # %% ../nbs/09_cli.ipynb #fb64acdb
 DEMO_PRESETS = dict(  # sizes chosen for 2 CPU cores; steps, not epochs, so the time does not depend on n_train

@@ -6,6 +6,9 @@ import pytest
 # one thread per process: the tests run side by side with other jobs on a 2-core machine
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'gpu: needs a CUDA GPU (skipped without one); `make gpu-check` runs them')
+
 def aicsd_cmd() -> list:
     "The installed console script, or `python -m aicsd.cli` when it is not on disk."
     exe = Path(sys.executable).with_name('aicsd')

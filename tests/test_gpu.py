@@ -4,7 +4,7 @@ non-finite or precision-dependent losses, a teacher that changes under bf16/fp16
 import pytest, torch
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 def _losses():
     from aicsd.losses import icsd_loss, released_icsd_loss
@@ -43,6 +43,7 @@ def test_logits4_tap_on_cuda():
 
 def test_gpu_check_quick():
     from aicsd.bench import gpu_check
-    rows = gpu_check(quick=True, compile=False, verbose=False)
+    rows = gpu_check(quick=True, verbose=False, sections=('losses', 'teacher', 'steps', 'eval'))
+    assert [r['status'] for r in rows if 'status' in r] == ['ok'] * 4
     checks = {r['check'] for r in rows}
-    assert any(c.startswith('step R101 -> resnet18') for c in checks) and any(c.startswith('eval ') for c in checks)
+    assert any(c.startswith('step resnet101 -> resnet18') for c in checks) and any(c.startswith('eval ') for c in checks)
