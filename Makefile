@@ -65,11 +65,12 @@ test: $(STAMP)
 GPU_PY ?= $(BIN)/python
 GPU_ARGS ?=
 gpu-check: $(if $(filter $(BIN)/python,$(GPU_PY)),$(STAMP))
-	@echo "== 1/2 pytest -m gpu tests/test_gpu.py"
-	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider
-	@echo "== 2/2 aicsd bench gpu"
-	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m aicsd.cli bench gpu --device cuda $(GPU_ARGS)
-	@echo "gpu-check: all checks passed"
+	@export PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}; st=0; \
+	 echo "== 1/2 pytest -m gpu tests/test_gpu.py"; \
+	 $(GPU_PY) -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider || st=1; \
+	 echo "== 2/2 aicsd bench gpu"; \
+	 $(GPU_PY) -m aicsd.cli bench gpu --device cuda $(GPU_ARGS) || st=1; \
+	 if [ $$st = 0 ]; then echo "gpu-check: all checks passed"; else echo "gpu-check: FAILED (see above)"; fi; exit $$st
 
 export: $(STAMP)
 	$(BIN)/nbdev_export

@@ -267,9 +267,17 @@ def _step_fn(teacher, student, opt, x, y, style='ours', amp=None, teacher_amp=No
         return loss.detach()
     return step
 
+def _with_cudnn_benchmark(f, on:bool):
+    "`f` run with `torch.backends.cudnn.benchmark` set to `on` (the flag is read at each convolution: variants interleave)."
+    def g():
+        old = torch.backends.cudnn.benchmark; torch.backends.cudnn.benchmark = on
+        try: return f()
+        finally: torch.backends.cudnn.benchmark = old
+    return g
+
 DEFAULT_STEP_VARIANTS = [dict(name='ours', style='ours'), dict(name='released-style', style='released')]
 
-def bench_step(variants:list|None=None, # dicts: name, style ('ours'/'released'), channels_last, amp, teacher_amp (None/'bf16'/'fp16')
+def bench_step(variants:list|None=None, # dicts: name, style ('ours'/'released'), channels_last, amp, teacher_amp (None/'bf16'/'fp16'), cudnn_benchmark
                teacher:str='resnet101', student:str='resnet18',
                crop:int=513, batch:int=2, num_classes:int=21,
                device='cpu', repeats:int=3, memory:bool=True, quick:bool=False,
@@ -293,7 +301,8 @@ def bench_step(variants:list|None=None, # dicts: name, style ('ours'/'released')
         T, S, xx = nets[cl]
         opt = torch.optim.SGD(S.parameters(), lr=1e-4, momentum=0.9)
         scaler = torch.amp.GradScaler(dev.type) if v.get('amp') == 'fp16' else None
-        fns[v['name']] = _step_fn(T, S, opt, xx, y, v.get('style', 'ours'), v.get('amp'), v.get('teacher_amp'), scaler)
+        f = _step_fn(T, S, opt, xx, y, v.get('style', 'ours'), v.get('amp'), v.get('teacher_amp'), scaler)
+        fns[v['name']] = _with_cudnn_benchmark(f, bool(v.get('cudnn_benchmark')))
         students[v['name']] = S
     del T0, S0
     times = time_interleaved(fns, repeats, device=dev)
@@ -491,18 +500,21 @@ def _gpu_steps(c):
             _check(e < 0.05 and max(diff.values()) < 0.05,
                    f"{student} under {p}: logits differ from fp32 by {e:.3g}, loss terms by {diff} (relative)")
         del S
-        variants = [dict(name='ours fp32', style='ours'), dict(name='ours bf16', amp='bf16'),
-                    dict(name='ours fp16+GradScaler', amp='fp16'), dict(name='ours fp32 channels-last', channels_last=True),
+        variants = [dict(name='ours fp32', style='ours'), dict(name='ours fp32, teacher bf16', teacher_amp='bf16'),
+                    dict(name='ours bf16', amp='bf16'), dict(name='ours fp16+GradScaler', amp='fp16'),
+                    dict(name='ours fp32 channels-last', channels_last=True),
                     dict(name='ours bf16 channels-last', amp='bf16', channels_last=True),
+                    dict(name='ours bf16 channels-last cudnn.benchmark', amp='bf16', channels_last=True, cudnn_benchmark=True),
                     dict(name='released-style fp32', style='released')]
         rows = bench_step(variants, c.teacher, student, c.crop, c.batch, c.num_classes, device=c.dev, repeats=3)
         for r in rows:
             _check(math.isfinite(r['loss']), f"{student} step {r['variant']}: loss {r['loss']}")
             c.log(check=f'step {c.teacher} -> {student}', **r)
-        o, rel = rows[0], rows[-1]
-        c.log(check=f'goal {student}: ours fp32 >= 2x released-style, memory <=', speedup=rel['time_s'] / o['time_s'],
-              memory_ratio=o.get('peak_mb', 0) / max(rel.get('peak_mb', 1), 1e-9),
-              met=rel['time_s'] / o['time_s'] >= 2 and o.get('peak_mb', 0) <= rel.get('peak_mb', 0))
+        rel = rows[-1]
+        for o in rows[:2]:
+            c.log(check=f'goal {student}: ours >= 2x released-style fp32, memory <=', variant=o['variant'],
+                  speedup=rel['time_s'] / o['time_s'], memory_ratio=o.get('peak_mb', 0) / max(rel.get('peak_mb', 1), 1e-9),
+                  met=rel['time_s'] / o['time_s'] >= 2 and o.get('peak_mb', 0) <= rel.get('peak_mb', 0))
         gc.collect(); torch.cuda.empty_cache()
 
 def _gpu_eval(c):
@@ -583,6 +595,29 @@ def _gpu_compile(c):
         err = _rel(cl, e)
         c.log(check=f'{student} compiled vs eager (fp32, eval)', rel_diff=err, compile_s=tce)
         _check(err < 1e-3, f"{student}: compiled logits differ from eager by {err:.3g} (relative)")
+        # gradients of one training step (fp32, TF32 off) from the same weights, eager and compiled, each against
+        # float64 eager: the compiled error may not exceed 10x eager float32's own error (its noise floor)
+        S.train()
+        for mod in S.modules():                      # dropout off: compiled code draws its masks from another generator
+            if isinstance(mod, nn.Dropout): mod.eval()
+        E2 = copy.deepcopy(S); Ec = torch.compile(E2); S64 = copy.deepcopy(S).double()
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            res = {}
+            for name, net, run, dt in (('eager', S, S, torch.float32), ('compiled', E2, Ec, torch.float32),
+                                       ('float64', S64, S64, torch.float64)):
+                net.zero_grad(set_to_none=True)
+                l = _distill_loss(run(x.to(dt)), c.t32.to(dt), y); l.backward()
+                res[name] = (l.item(), torch.cat([p.grad.flatten() for p in net.parameters()]))
+        finally: torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        (l64, g64), err = res['float64'], {}
+        for k in ('eager', 'compiled'): err[k] = (abs(res[k][0] - l64) / abs(l64), _rel(res[k][1], g64))
+        c.log(check=f'{student} compiled vs eager (fp32 training step, each vs float64)', loss_err_eager=err['eager'][0],
+              loss_err_compiled=err['compiled'][0], grad_err_eager=err['eager'][1], grad_err_compiled=err['compiled'][1])
+        _check(all(err['compiled'][i] <= 10 * err['eager'][i] + 1e-6 for i in (0, 1)),
+               f"{student}: a compiled training step is further from float64 than eager float32: {err}")
+        del S64
+        del E2, Ec
         S.train(); opt = torch.optim.SGD(S.parameters(), lr=1e-4, momentum=0.9)
         def step(model):
             def f():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from .distributions import _flat_mask
-from .similarity import ics_matrix, ICS_SETTINGS, run_blocks, _workers, _empty_grad, _cdtype, _rup, _block_width, _scratch
+from .similarity import ics_matrix, ICS_SETTINGS, run_blocks, _workers, _empty_grad, _cdtype, _rup, _block_width, _scratch, _mm_nt
 
 # %% ../nbs/02_losses.ipynb #b24cc297
 def _check_pair(student_logits:Tensor, teacher_logits:Tensor):
@@ -145,7 +145,7 @@ class _ReleasedICS(torch.autograd.Function):
             logS = torch.log(S, out=lS[b, :, :, a:e])
             if lse is not None: torch.add(mx, logS, out=lse[b, :, :, a:e])
             torch.sum(D.mul_(Q).view(C, -1), 1, out=As[i])                   # sum Q D (sum Q log Q = sum Q D - sum_w log S)
-            torch.mm(Qa, Qa.T, out=Gs[i])                                    # Q Q^T of the band
+            _mm_nt(Qa, Qa, Gs[i])                                            # Q Q^T of the band
         with torch.autocast(logits.device.type, enabled=False):
             run_blocks(block, range(len(items)), nw)
             A, G = As.sum(0) - lS.sum((0, 2, 3)), Gs.sum(0)[:C, :C]         # fixed order: deterministic

@@ -31,6 +31,8 @@ ICS_SETTINGS = dict(
     block={'cpu': 1 << 18}, # elements per block buffer, by device type; other devices: 1 << 24 (about one block per image)
     workers=None,           # worker threads on CPU; None: `torch.get_num_threads()`
     pad=8,                  # round the small matrices' sizes up to a multiple of this (faster products on CPU)
+    split={'cuda': 2048},   # by device type: run a long `C x N` by `N x C` product as one batched product of
+                            # chunks of this many positions, then sum (a single long product keeps one GPU core busy)
 )
 
 # %% ../nbs/01_similarity.ipynb #4f62a50b
@@ -110,6 +112,23 @@ def _scratch(name:str, shape:tuple, dtype, device, ones_row:int|None=None)->Tens
     return cache[name][1]
 
 # %% ../nbs/01_similarity.ipynb #3312a0ef
+def _mm_nt(A:Tensor, # `m x K`, unit stride along K
+           B:Tensor, # `n x K`, unit stride along K
+           out:Tensor, # `m x n`
+           chunk:int|None=None, # positions per chunk; default: `ICS_SETTINGS['split']` for the device (none: one product)
+          )->Tensor: # `out = A @ B.T`
+    "`A @ B.T` for wide `A` and `B`; optionally split along K into a batched product of chunks, summed in a fixed order."
+    K = A.shape[1]
+    chunk = chunk or ICS_SETTINGS['split'].get(A.device.type)
+    if not chunk or K < 2 * chunk or A.stride(1) != 1 or B.stride(1) != 1: return torch.mm(A, B.T, out=out)
+    nb = K // chunk
+    Ab = A.as_strided((nb, A.shape[0], chunk), (chunk, A.stride(0), 1))           # views: no copy
+    Bb = B.as_strided((nb, chunk, B.shape[0]), (chunk, 1, B.stride(0)))
+    torch.sum(torch.bmm(Ab, Bb), 0, out=out)
+    if nb * chunk < K: out.addmm_(A[:, nb * chunk:], B[:, nb * chunk:].T)
+    return out
+
+# %% ../nbs/01_similarity.ipynb #2edbd05a
 class _ICSMatrix(torch.autograd.Function):
     "ICS matrices by blocks of positions, with the analytic backward derived above."
     @staticmethod
@@ -142,7 +161,7 @@ class _ICSMatrix(torch.autograd.Function):
                 if T != 1: D.mul_(1 / T)
                 Ea = bE[k, :, :e - a]; E = torch.exp(D, out=Ea[:C])
                 if m is not None: o = ~m[b, :, a:e]; D.masked_fill_(o, 0.); E.masked_fill_(o, 0.)
-                torch.mm(Ea, Da.T, out=Ys[i])                                            # [E D^T | S] of the block
+                _mm_nt(Ea, Da, Ys[i])                                                    # [E D^T | S] of the block
                 if keep: Ev[b, :, a:e] = E
             run_blocks(block, range(len(items)), nw)
             # combine the blocks, each shifted by its own maximum, at the shift of the whole map (fixed order)

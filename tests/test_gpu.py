@@ -30,9 +30,10 @@ def test_fused_icsd_memory_on_cuda():
     from aicsd.bench import bench_icsd
     rows = bench_icsd([(2, 21, 129, 129)], device='cuda', repeats=2, loop_limit=0)
     x = {r['method']: r['x_logits'] for r in rows}
-    assert abs(x['floor'] - 2.0) < 0.1, x                       # log_softmax output + its gradient
+    floor = min(x['floor'], x['floor_g'])                       # log_softmax output + its gradient (CUDA's
+    assert abs(floor - 2.0) < 0.1, x                            # sum().backward() also materialises a 3rd copy)
     assert x['icsd'] < x['icsd_plain'] and x['released'] < x['released_plain'], x
-    assert x['icsd'] <= x['floor'] + 0.1, x
+    assert x['icsd'] <= floor + 0.1 and x['released'] <= floor + 0.1, x
 
 def test_logits4_tap_on_cuda():
     from aicsd.models import deeplabv3plus
