@@ -14,10 +14,10 @@ from .losses import (icsd_loss, released_icsd_loss, released_icsd_loop, released
 from .models import deeplabv3plus, BACKBONES
 
 # %% auto #0
-__all__ = ['VOC_SHAPES', 'CITYSCAPES_SHAPES', 'DEFAULT_STEP_VARIANTS', 'GPU_SECTIONS', 'machine_info', 'time_interleaved',
-           'peak_memory', 'ics_settings', 'format_rows', 'format_tables', 'bench_icsd', 'stride4_pair',
-           'upsample_logits', 'bench_stride4', 'calibrate_bn', 'bench_step', 'bench_data', 'model_cost',
-           'bench_latency', 'bf16_ics_effect', 'bench_env', 'gpu_check']
+__all__ = ['VOC_SHAPES', 'CITYSCAPES_SHAPES', 'DEFAULT_STEP_VARIANTS', 'GAP_REASONS', 'GPU_SECTIONS', 'machine_info',
+           'time_interleaved', 'peak_memory', 'ics_settings', 'format_rows', 'format_tables', 'append_rows',
+           'read_rows', 'bench_icsd', 'stride4_pair', 'upsample_logits', 'bench_stride4', 'calibrate_bn', 'bench_step',
+           'bench_data', 'model_cost', 'bench_latency', 'bf16_ics_effect', 'goals', 'bench_env', 'gpu_check']
 
 # %% ../nbs/11_bench.ipynb #e94ef55b
 def machine_info()->dict:
@@ -112,6 +112,25 @@ def format_tables(rows:list, # dicts; consecutive rows with the same keys share 
         if groups and list(groups[-1][0]) == list(r): groups[-1].append(r)
         else: groups.append([r])
     return '\n\n'.join(format_rows(g, floatfmt=floatfmt) for g in groups)
+
+def append_rows(path:str|Path, # a JSON-lines file (created if missing)
+                rows:list, # dicts
+                **extra, # added to every row, first (e.g. `bench='gpu'`)
+               ):
+    "Append rows to a JSON-lines file, one object per line (the file `aicsd bench --out` writes)."
+    with open(path, 'a') as f: f.writelines(json.dumps({**extra, **r}, default=str) + '\n' for r in rows)
+
+def read_rows(path:str|Path, # a file `append_rows` wrote
+              bench:str|None=None, # keep only the rows of this benchmark
+             )->list: # dicts, in file order (tuples come back as lists)
+    "Rows of a JSON-lines file written by `append_rows` (`aicsd bench --out`)."
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip(): continue
+        try: rows.append(json.loads(line))
+        except json.JSONDecodeError as e: raise ValueError(f"{path}, line {i}: not a JSON object ({e.msg}); "
+                                                          "expected one row per line, as `aicsd bench --out` writes") from None
+    return [r for r in rows if bench is None or r.get('bench') == bench]
 
 # %% ../nbs/11_bench.ipynb #b33c6cae
 VOC_SHAPES = [(2, 21, 513, 513), (8, 21, 513, 513)]
@@ -409,6 +428,57 @@ def bf16_ics_effect(backbones=('resnet101', 'resnet18'), size:int=513, batch:int
                          logit_rel_diff=((z16 - z32).norm() / z32.norm()).item()))
     return rows
 
+# %% ../nbs/11_bench.ipynb #c06da595
+GAP_REASONS = dict(
+    icsd_time_cpu="page faults: the floor's three large tensors are re-faulted on every call as installed; and the "
+                  "loss exponentiates each position twice (student and teacher)",
+    released_time_cpu="its softmax runs over the height axis: three exponentials per position (ICSD: two) and strided "
+                      "reads of column bands",
+    icsd_time_cuda="one small kernel sequence per image: at these sizes the GPU waits on launches, not on memory "
+                   "(3-5 ms, 6-10% of a 53 ms step on an H200)",
+    step_time="the released-style step's extra work is the teacher's backward: (3T+3S)/(T+3S) = 1.8-1.9x for a "
+              "ResNet-101 teacher at equal speed per MAC; 2x needs a cheaper teacher forward (bf16)",
+)
+
+def goals(res:dict, # benchmark name -> rows, as `run_bench` returns them
+          device:str='cpu', # where they were measured
+         )->list: # rows: goal, where, target, measured, met, why
+    "Each goal of issue 12 that the given rows can judge: met, or the measured gap and its reason."
+    out = []
+    def add(goal, where, target, measured, met, why=''):
+        out.append(dict(goal=goal, where=where, target=target, measured=measured, met='yes' if met else 'no',
+                        why='' if met else why))
+    for shape in dict.fromkeys(tuple(r['shape']) for r in res.get('icsd', [])):
+        rs = {r['method']: r for r in res['icsd'] if tuple(r['shape']) == shape}
+        floor_mem = min(rs['floor'].get('x_logits', 0), rs['floor_g'].get('x_logits', 0)) if 'floor' in rs else None
+        for m in ('icsd', 'released'):
+            if m not in rs: continue
+            x = rs[m]['x_floor']
+            add(f'{m} time', 'x'.join(map(str, shape)), '<= 1.5 x floor', f'{x:.2f} x', x <= 1.5,
+                GAP_REASONS.get(f'{m}_time_{device}', ''))
+            if floor_mem and 'x_logits' in rs[m]:
+                xm = rs[m]['x_logits']
+                add(f'{m} memory', 'x'.join(map(str, shape)), f'<= floor ({floor_mem:.2f} x logits)',
+                    f'{xm:.2f} x logits', xm <= floor_mem + 0.05)
+    steps = {r['variant']: r for r in res.get('step', [])}
+    rel = next((r for k, r in steps.items() if k.startswith('released')), None)
+    for k, r in steps.items():
+        if rel is None or r is rel or not k.startswith('ours'): continue
+        sp = rel['time_s'] / r['time_s']
+        add('step time', k, '>= 2 x faster than released-style', f'{sp:.2f} x', sp >= 2, GAP_REASONS['step_time'])
+        if 'peak_mb' in r and 'peak_mb' in rel:
+            add('step memory', k, '<= released-style', f"{r['peak_mb'] / rel['peak_mb']:.2f} x", r['peak_mb'] <= rel['peak_mb'])
+    if res.get('data') and steps:
+        need = max(r['images_per_s'] for r in steps.values())
+        have = max(r['images_per_s'] for r in res['data'])
+        add('data loader', f'{len(res["data"])} setting(s)', f'>= the step ({need:.3g} images/s)', f'{have:.3g} images/s',
+            have >= need, 'use more loader processes (--workers)')
+    for r in res.get('gpu', []):
+        if str(r.get('check', '')).startswith('goal '):
+            add('step time and memory (GPU)', r['variant'], '>= 2 x released-style, memory <=',
+                f"{r['speedup']:.2f} x, memory {r['memory_ratio']:.2f} x", r['met'] is True, GAP_REASONS['step_time'])
+    return out
+
 # %% ../nbs/11_bench.ipynb #c15e5e37
 def bench_env(envs:dict, # name -> dict of environment variables to set
               call:str="bench_step(quick=True, repeats=2, memory=False, variants=[dict(name='ours', style='ours')])",
@@ -645,7 +715,7 @@ def gpu_check(quick:bool=False, # small crops and batch (a minute)
               sections=GPU_SECTIONS, # which checks, in this order
               compile:bool=True, # include the torch.compile checks
               budget_s:float|None=None, # sections that start after this many seconds are skipped (and say so)
-              out:str|Path|None=None, # append each row to this JSON-lines file as it is measured
+              out:str|Path|None=None, # append each row to this JSON-lines file as it is measured (`append_rows`)
               verbose:bool=True, # print each row as it is measured
              )->list: # rows of measurements; raises AssertionError naming every failed section, after running all
     "Exercise and check the GPU paths; every section runs even when one fails, and the failures are raised at the end."
@@ -659,8 +729,7 @@ def gpu_check(quick:bool=False, # small crops and batch (a minute)
     def log(**row):
         rows.append(row)
         if verbose: print(row, flush=True)
-        if out is not None:
-            with open(out, 'a') as f: f.write(json.dumps(row, default=str) + '\n')
+        if out is not None: append_rows(out, [row], bench='gpu')
     c = _GPUCheck(dev=dev, quick=quick, batch=batch, crop=crop, num_classes=num_classes, teacher=teacher,
                   students=tuple(students), budget_s=budget_s, log=log)
     log(check='machine', **machine_info())

@@ -422,7 +422,7 @@ def run_bench(what:list, # names from BENCHES
     calls = dict(icsd=lambda: B.bench_icsd(device=device, quick=quick), stride4=lambda: B.bench_stride4(quick=quick),
                  step=lambda: B.bench_step(device=device, quick=quick), data=lambda: B.bench_data(quick=quick),
                  latency=lambda: B.bench_latency(device=device, quick=quick),
-                 gpu=lambda: B.gpu_check(quick=quick, device=device, budget_s=budget_s))
+                 gpu=lambda: B.gpu_check(quick=quick, device=device, budget_s=budget_s, out=out))  # writes as it goes
     res, failed = {}, []
     for w in what:
         print(f"\n## {w}\n", flush=True)
@@ -431,8 +431,10 @@ def run_bench(what:list, # names from BENCHES
             if not hasattr(e, 'rows'): raise
             res[w] = e.rows; failed.append(str(e))
         print(B.format_tables(res[w]), flush=True)
-        if out is not None:
-            with open(out, 'a') as f: f.writelines(json.dumps({'bench': w, **r}, default=str) + '\n' for r in res[w])
+        if out is not None and w != 'gpu': B.append_rows(out, res[w], bench=w)
+    if g := B.goals(res, torch.device(device).type):
+        print("\n## goals\n\n" + B.format_rows(g), flush=True)
+        if out is not None: B.append_rows(out, g, bench='goals')
     if failed: raise SystemExit('aicsd bench: ' + '\n'.join(failed))
     return res
 

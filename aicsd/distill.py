@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_distill.ipynb #a14e7f63
 from __future__ import annotations
-import csv, gc, math, os, random, shutil, signal, socket, sys, threading, time, warnings
+import csv, ctypes, gc, math, os, platform, random, shutil, signal, socket, subprocess, sys, threading, time, warnings
 from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
@@ -16,12 +16,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 # %% auto #0
 __all__ = ['OPTIONS', 'DEFAULTS', 'Option', 'make_objective', 'make_config', 'poly_lr_lambda', 'eval_transform_for',
-           'load_checkpoint', 'load_teacher', 'rng_state', 'set_rng_state', 'save_checkpoint', 'dist_env',
-           'resolve_device', 'init_distributed', 'cleanup_distributed', 'CPUSyncBatchNorm', 'convert_sync_batchnorm',
-           'StudentWithModules', 'model_outputs', 'tap_channels', 'distill_step', 'train_step', 'native_bf16',
-           'choose_teacher_bf16', 'evaluate', 'same_size_groups', 'RunLog', 'Run', 'Progress', 'build_models',
-           'build_run', 'resolve_teacher_bf16', 'RunExistsError', 'RunLockedError', 'RunInterrupted', 'RunLock',
-           'resume_changes', 'Checkpointer', 'train_one_epoch', 'evaluate_and_keep_best', 'fit']
+           'load_checkpoint', 'load_teacher', 'rng_state', 'set_rng_state', 'save_checkpoint',
+           'set_malloc_mmap_threshold', 'dist_env', 'resolve_device', 'init_distributed', 'cleanup_distributed',
+           'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'StudentWithModules', 'model_outputs', 'tap_channels',
+           'distill_step', 'train_step', 'native_bf16', 'choose_teacher_bf16', 'evaluate', 'same_size_groups', 'RunLog',
+           'Run', 'Progress', 'build_models', 'build_run', 'resolve_teacher_bf16', 'RunExistsError', 'RunLockedError',
+           'RunInterrupted', 'RunLock', 'resume_changes', 'Checkpointer', 'train_one_epoch', 'evaluate_and_keep_best',
+           'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import deeplabv3plus, param_groups, model_arch, load_model, load_released_checkpoint, atomic_save
@@ -117,6 +118,8 @@ OPTIONS = [
     _O('channels_last', True, 'Runtime', 'channels-last memory format on CUDA', flag='bool', resume='free'),
     _O('sync_bn', False, 'Runtime', 'SyncBatchNorm under torchrun', flag='bool'),
     _O('threads', None, 'Runtime', 'torch CPU threads', type=int, resume='free'),
+    _O('malloc_mmap_mb', 64, 'Runtime', "on a CPU with glibc, keep allocations below this many MB on the heap (faster "
+       "steps; 0: glibc's default; MALLOC_MMAP_THRESHOLD_ in the environment wins)", type=int, resume='free'),
     _O('deterministic', False, 'Runtime', 'torch.use_deterministic_algorithms', flag='bool', resume='free'),
     _O('dtype', 'float32', 'Runtime', 'float64: model, data and losses in double precision (exact numerics checks; slow)',
        choices=('float32', 'float64'), resume='same'),
@@ -260,6 +263,15 @@ def save_checkpoint(path:str|Path, # file to write
                    )->Path:
     "Write `state` to `path` atomically (temporary file, then `os.replace`)."
     return atomic_save(state, path)
+
+# %% ../nbs/08_distill.ipynb #52a90803
+def set_malloc_mmap_threshold(mb:int, # allocations below this many MB come from the heap; 0: leave glibc's default
+                             )->bool: # True when glibc took the setting
+    "Keep allocations below `mb` MB on glibc's heap (and twice that free before trimming), in the running process."
+    if mb <= 0 or 'MALLOC_MMAP_THRESHOLD_' in os.environ or platform.libc_ver()[0] != 'glibc': return False
+    try: mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError): return False
+    return mallopt(-3, int(mb) << 20) == 1 and mallopt(-1, int(mb) << 21) == 1   # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 # %% ../nbs/08_distill.ipynb #0547e8c1
 def dist_env()->tuple: # (rank, world_size, local_rank)
@@ -638,6 +650,7 @@ def build_run(cfg:dict)->Run:
     if cfg['threads']: torch.set_num_threads(int(cfg['threads']))
     if cfg['deterministic']: torch.use_deterministic_algorithms(True, warn_only=True)
     device = resolve_device(cfg['device'], dist_env()[2])
+    if device.type == 'cpu': set_malloc_mmap_threshold(cfg['malloc_mmap_mb'])
     rank, world, local, owned = init_distributed(device)
     out = Path(cfg['out'])
     if rank == 0: out.mkdir(parents=True, exist_ok=True)
