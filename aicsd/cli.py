@@ -433,7 +433,9 @@ def run_bench(what:list, # names from BENCHES
         print(B.format_tables(res[w]), flush=True)
         if out is not None and w != 'gpu': B.append_rows(out, res[w], bench=w)
     if g := B.goals(res, torch.device(device).type):
-        print("\n## goals\n\n" + B.format_rows(g), flush=True)
+        note = ("\n(--quick: tiny shapes, where fixed costs dominate; these rows only show the table; the goals are "
+                "for the full sizes)\n") if quick else ''
+        print("\n## goals\n" + note + "\n" + B.format_rows(g), flush=True)
         if out is not None: B.append_rows(out, g, bench='goals')
     if failed: raise SystemExit('aicsd bench: ' + '\n'.join(failed))
     return res
