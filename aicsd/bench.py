@@ -611,13 +611,10 @@ def _gpu_latency(c):
     "Eval-mode cost of every backbone (params, GMACs, images/s at batch 1 and 8, fp32 and bf16)."
     for r in bench_latency(device=c.dev, quick=c.quick, repeats=3): c.log(check='latency', **r)
 
-def _train_log(path:Path)->list:
-    import csv
-    with open(path) as f: return list(csv.DictReader(f))
-
 def _gpu_ddp(c):
     "torchrun on every GPU: train a teacher, then distil with AICSD (NCCL, SyncBatchNorm, bf16); the first loss must match one process."
     from aicsd.data import make_synthetic
+    from aicsd.viz import read_run                    # the one reader of a run's logs
     n = torch.cuda.device_count() if c.dev.type == 'cuda' else 1
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -635,13 +632,12 @@ def _gpu_ddp(c):
             return time.perf_counter() - t0
         dt = run([*tr, 'train', '--model', 'resnet18', *common, *amp, '--sync-bn', '--out', tmp / 't'], 'torchrun train')
         how = ('NCCL' if c.dev.type == 'cuda' else 'gloo') + (', SyncBatchNorm' if n > 1 else ', one rank: SyncBatchNorm is plain BN') + ', bf16' * bool(amp)
-        c.log(check=f'torchrun train x{n} ({how})', wall_s=dt, steps=len(_train_log(tmp / 't/train_log.csv')))
+        c.log(check=f'torchrun train x{n} ({how})', wall_s=dt, steps=len(read_run(tmp / 't')['train']['step']))
         _check((tmp / 't/last.pt').is_file(), "torchrun train wrote no last.pt")
         dis = ['distill', '--teacher', tmp / 't/last.pt', '--student', 'mobilenetv2', '--method', 'aicsd', *common]
         dt = run([*tr, *dis, *amp, '--sync-bn', '--out', tmp / 'd'], 'torchrun distill')
-        dt1 = run([*one, *dis, *amp, '--out', tmp / 'd1', '--batch-size', 4 * n], 'one-process distill')
-        a, b = _train_log(tmp / 'd/train_log.csv'), _train_log(tmp / 'd1/train_log.csv')
-        l, l1 = float(a[0]['loss']), float(b[0]['loss'])
+        run([*one, *dis, *amp, '--out', tmp / 'd1', '--batch-size', 4 * n], 'one-process distill')
+        l, l1 = (float(read_run(tmp / r)['train']['loss'][0]) for r in ('d', 'd1'))
         c.log(check=f'torchrun distill x{n} vs one process', wall_s=dt, loss_step1=l, loss_step1_one_process=l1,
               rel_diff=abs(l - l1) / abs(l1))
         _check(math.isfinite(l) and abs(l - l1) <= 0.02 * abs(l1),
@@ -686,8 +682,7 @@ def _gpu_compile(c):
               loss_err_compiled=err['compiled'][0], grad_err_eager=err['eager'][1], grad_err_compiled=err['compiled'][1])
         _check(all(err['compiled'][i] <= 10 * err['eager'][i] + 1e-6 for i in (0, 1)),
                f"{student}: a compiled training step is further from float64 than eager float32: {err}")
-        del S64
-        del E2, Ec
+        del S64, E2, Ec
         S.train(); opt = torch.optim.SGD(S.parameters(), lr=1e-4, momentum=0.9)
         def step(model):
             def f():
@@ -712,8 +707,7 @@ def gpu_check(quick:bool=False, # small crops and batch (a minute)
               device='cuda', # 'cuda' (or 'cpu' for a smoke test of this code)
               batch:int=8, crop:int=513, num_classes:int=21,
               teacher:str='resnet101', students=('resnet18', 'mobilenetv2'),
-              sections=GPU_SECTIONS, # which checks, in this order
-              compile:bool=True, # include the torch.compile checks
+              sections=GPU_SECTIONS, # which checks, in this order (leave out 'compile' to skip torch.compile)
               budget_s:float|None=None, # sections that start after this many seconds are skipped (and say so)
               out:str|Path|None=None, # append each row to this JSON-lines file as it is measured (`append_rows`)
               verbose:bool=True, # print each row as it is measured
@@ -736,7 +730,6 @@ def gpu_check(quick:bool=False, # small crops and batch (a minute)
     fns = dict(losses=_gpu_losses, icsd=_gpu_icsd, teacher=_gpu_teacher, steps=_gpu_steps, eval=_gpu_eval,
                latency=_gpu_latency, ddp=_gpu_ddp, compile=_gpu_compile)
     for name in sections:
-        if name == 'compile' and not compile: continue
         if c.over(): log(check=name, status='skipped: time budget spent'); continue
         t0 = time.perf_counter()
         try: fns[name](c); log(check=name, status='ok', seconds=time.perf_counter() - t0)

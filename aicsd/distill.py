@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_distill.ipynb #a14e7f63
 from __future__ import annotations
-import csv, ctypes, gc, math, os, platform, random, shutil, signal, socket, subprocess, sys, threading, time, warnings
+import csv, ctypes, gc, math, os, platform, random, shutil, signal, socket, sys, threading, time, warnings
 from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
