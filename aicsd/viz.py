@@ -204,36 +204,45 @@ def plot_distributions(logits:Tensor, # one image's logits `C x H x W` (or `1 x 
 
 # %% ../nbs/10_viz.ipynb #a2b42b3e
 def _indices(p)->Tensor:
+    "One image's class indices `H x W`, from its logits (`C x H x W`, `1 x C x H x W`) or labels (`H x W`, `1 x H x W`)."
     p = torch.as_tensor(p).detach().cpu()
-    return p.argmax(-3) if p.is_floating_point() else p.long()
+    if p.is_floating_point(): return p.reshape(p.shape[-3:]).argmax(0)
+    return p.reshape(p.shape[-2:]).long()
 
-def plot_predictions(images, # `B x 3 x H x W` tensor or a list of images (any form `to_rgb` takes)
-                     target:Tensor|list|None=None, # `B x H x W` labels (255 ignored), a list of them, or None
-                     preds:dict|None=None, # name -> `B x H x W` class indices or `B x C x H x W` logits
+def _num_classes_of(preds:dict)->int|None:
+    "C of the first logits among `preds` (a batch tensor or a list of per-image tensors), or None."
+    for v in preds.values():
+        p = torch.as_tensor(v[0])
+        if p.is_floating_point(): return int(p.shape[-3])
+    return None
+
+def plot_predictions(images, # `B x 3 x H x W` tensor, or a list of images of any sizes (any form `to_rgb` takes)
+                     target:Tensor|list|None=None, # `B x H x W` labels (255 ignored), a list of them (one per image), or None
+                     preds:dict|None=None, # name -> `B x H x W` indices, `B x C x H x W` logits, or a list of one image's each
                      classes:list|None=None, # class names (default '0'..'C-1')
                      palette:np.ndarray|None=None, # `C x 3` uint8; default the dataset's (`palette_for`)
                      max_rows:int=4, # at most this many images
                     )->Figure: # a rows x (image, ground truth, models) grid of axes and one legend
-    "Images, ground truth and each model's prediction in the dataset's palette, with a legend."
+    "Images, ground truth and each model's prediction in the dataset's palette, with a legend; each row at its image's size."
     preds = preds or {}
     n = min(len(images), max_rows)
     maps = {'ground truth': target} if target is not None else {}
     maps.update(preds)
     maps = {k: [_indices(v[i]) for i in range(n)] for k, v in maps.items()}
-    C = next((int(p.shape[-3]) for p in preds.values() if torch.as_tensor(p).is_floating_point()), None)
+    C = _num_classes_of(preds)
     if classes is None and C is None:
         C = int(max([int(m[m != IGNORE_INDEX].max()) if (m != IGNORE_INDEX).any() else 0
                      for v in maps.values() for m in v] + [0])) + 1
     cls = class_names(classes, C)
     pal = palette_for(cls) if palette is None else np.asarray(palette, np.uint8)
-    cols = 1 + len(maps)
-    H, W = to_rgb(images[0]).shape[:2]
-    cw = 2.0; rh = cw * H / W
-    fig = Figure(figsize=(cw * cols, rh * n + 0.9), layout='constrained')
-    axs = fig.subplots(n, cols, squeeze=False)
+    rgbs = [to_rgb(images[i]) for i in range(n)]
+    ratios = [r.shape[0] / r.shape[1] for r in rgbs]                 # each row as tall as its image is
+    cols, cw = 1 + len(maps), 2.0
+    fig = Figure(figsize=(cw * cols, cw * sum(ratios) + 0.9), layout='constrained')
+    axs = fig.subplots(n, cols, squeeze=False, gridspec_kw={'height_ratios': ratios})
     seen = set()
     for i in range(n):
-        axs[i, 0].imshow(to_rgb(images[i]))
+        axs[i, 0].imshow(rgbs[i])
         for j, (nm, v) in enumerate(maps.items()):
             axs[i, j + 1].imshow(paint(v[i], pal), interpolation='nearest')
             seen |= set(torch.unique(v[i]).tolist())
@@ -243,6 +252,7 @@ def plot_predictions(images, # `B x 3 x H x W` tensor or a list of images (any f
     if IGNORE_INDEX in seen: handles.append(Patch(facecolor=np.array(IGNORE_COLOUR) / 255.0, edgecolor='0.5', label='ignored (255)'))
     fig.legend(handles=handles, loc='outside lower center', ncols=min(len(handles), 4), fontsize=7, frameon=False)
     return fig
+
 
 # %% ../nbs/10_viz.ipynb #5303aa20
 def _is_metrics(m)->bool: return hasattr(m, 'compute') and hasattr(m, 'confmat')   # a SegMetrics
@@ -419,7 +429,7 @@ def demo_figures(models:dict, # name -> model (eval mode, CPU), 'teacher' first
         f.savefig(out/f'ics_{nm}.png', dpi=100)
     k = min(3, len(raw))
     plot_predictions([raw[i][0] for i in range(k)], [raw[i][1] for i in range(k)],
-                     {nm: torch.cat(ls[:k]) for nm, ls in logits.items()}, cls).savefig(out/'predictions.png', dpi=100)
+                     {nm: ls[:k] for nm, ls in logits.items()}, cls).savefig(out/'predictions.png', dpi=100)
     return dist
 
 # %% ../nbs/10_viz.ipynb #7d909e40
@@ -454,7 +464,7 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
         k = min(n, len(data), 3)
         items = [data[i] for i in range(k)]
         figs['predictions'] = plot_predictions([x for x, _ in items], [y for _, y in items],
-                                               {nm: torch.cat(ls[:k]) for nm, ls in logits.items()}, cls, max_rows=k)
+                                               {nm: ls[:k] for nm, ls in logits.items()}, cls, max_rows=k)
     paths = {}
     for key, f in figs.items():
         paths[key] = fdir/f'{key}_step{step:07d}.png'

@@ -1,0 +1,207 @@
+"""What users run, with every default on: each command end to end on data trees written in the real on-disk
+formats, with the mixed image sizes of the real data sets.
+
+The first real VOC run of a user crashed at its first evaluation (figures stacked the logits of images of
+different sizes) while every test passed `--no-figures` on synthetic images of one size. Here nothing is switched
+off: figures, TensorBoard, progress output and the default loader stay as a user gets them. Only the sizes are
+small (crops of 32 px, two steps an epoch) so the matrix fits in CI.
+
+Trees: Pascal VOC 2012 (JPEG images, palette PNG labels with 255 borders, landscape / portrait / square images, one
+smaller than the crop), VOC trainaug built from an SBD release (`cls/*.mat`) by `aicsd data sbd`, and Cityscapes with
+`*_gtFine_labelIds.png` only and with `*_gtFine_labelTrainIds.png`, images smaller than the crop.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run, aicsd_cmd
+
+CROP = 32
+# (height, width): landscape, portrait, square, and one smaller than the crop
+TRAIN_SIZES = [(40, 52), (52, 40), (36, 36), (20, 26)]
+VAL_SIZES = [(40, 52), (52, 40), (30, 30)]
+
+
+# ---------------------------------------------------------------------------------------------- the trees
+def _label(size, k, num_classes, border=True):
+    "A label map: background, one object of class 1 + k % (C-1), a 255 band around the object (VOC's void border)."
+    h, w = size
+    m = np.zeros(size, np.uint8)
+    y0, x0, y1, x1 = h // 5, w // 5, h - h // 5, w - w // 4
+    if border: m[y0 - 2:y1 + 2, x0 - 2:x1 + 2] = 255
+    m[y0:y1, x0:x1] = 1 + k % (num_classes - 1)
+    return m
+
+
+def _image(lab, seed):
+    "An RGB image whose colour follows the label (so a network can learn something), with noise."
+    rng = np.random.default_rng(seed)
+    lab = lab.astype(np.int64)
+    base = np.stack([(lab * 37) % 256, (lab * 91) % 256, (lab * 53) % 256], -1).astype(np.float64)
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+def write_voc(root: Path) -> Path:
+    "VOC2012/: JPEGImages/*.jpg, SegmentationClass/*.png (palette), ImageSets/Segmentation/{train,val}.txt."
+    from aicsd.data import save_label_png
+    for d in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'): (root / d).mkdir(parents=True)
+    splits = {'train': TRAIN_SIZES, 'val': VAL_SIZES}
+    for s, sizes in splits.items():
+        ids = [f'2007_{s}{k:04d}' for k in range(len(sizes))]
+        for k, (i, size) in enumerate(zip(ids, sizes)):
+            lab = _label(size, k, 21)
+            save_label_png(lab, root / 'SegmentationClass' / f'{i}.png')
+            Image.fromarray(_image(lab, k)).save(root / 'JPEGImages' / f'{i}.jpg', quality=90)
+        (root / 'ImageSets/Segmentation' / f'{s}.txt').write_text(''.join(f'{i}\n' for i in ids))
+    return root
+
+
+def write_sbd(root: Path, voc: Path) -> Path:
+    "benchmark_RELEASE/dataset/: cls/<id>.mat (GTcls.Segmentation), train.txt, val.txt; images go into VOC's JPEGImages."
+    from scipy.io import savemat
+    d = root / 'benchmark_RELEASE' / 'dataset'
+    (d / 'cls').mkdir(parents=True)
+    ids = [f'2008_sbd{k:03d}' for k in range(3)]
+    for k, (i, size) in enumerate(zip(ids, [(44, 34), (34, 44), (24, 30)])):
+        lab = _label(size, k + 5, 21, border=False)                  # SBD has no void border
+        savemat(str(d / 'cls' / f'{i}.mat'), {'GTcls': {'Segmentation': lab, 'Boundaries': np.zeros(1),
+                                                         'CategoriesPresent': np.unique(lab)}})
+        Image.fromarray(_image(lab, 50 + k)).save(voc / 'JPEGImages' / f'{i}.jpg', quality=90)
+    (d / 'train.txt').write_text(''.join(f'{i}\n' for i in ids[:2]))
+    (d / 'val.txt').write_text(f'{ids[2]}\n')
+    return root
+
+
+# Cityscapes label ids (the 34 of the devkit) and their train ids: road 7 -> 0, car 26 -> 13, unlabeled 0 -> 255
+ROAD, CAR, UNLABELED = 7, 26, 0
+TRAIN_ID = {ROAD: 0, CAR: 13, UNLABELED: 255}
+
+
+def write_cityscapes(root: Path, train_ids: bool) -> Path:
+    "leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/*_gtFine_labelIds.png (+ labelTrainIds)."
+    size = (24, 48)                                                  # a 1:2 frame, smaller than the crop in height
+    for s, city, n in (('train', 'aachen', 4), ('val', 'lindau', 2)):
+        (root / 'leftImg8bit' / s / city).mkdir(parents=True); (root / 'gtFine' / s / city).mkdir(parents=True)
+        for k in range(n):
+            stem = f'{city}_{k:06d}_000019'
+            ids = np.full(size, ROAD, np.uint8); ids[:4] = UNLABELED; ids[8:18, 6 + 4 * k:26 + 4 * k] = CAR
+            Image.fromarray(ids).save(root / 'gtFine' / s / city / f'{stem}_gtFine_labelIds.png')
+            if train_ids:
+                tid = np.vectorize(TRAIN_ID.get)(ids).astype(np.uint8)
+                Image.fromarray(tid).save(root / 'gtFine' / s / city / f'{stem}_gtFine_labelTrainIds.png')
+            Image.fromarray(_image(ids, 100 + k)).save(root / 'leftImg8bit' / s / city / f'{stem}_leftImg8bit.png')
+    return root
+
+
+@pytest.fixture(scope='module')
+def trees(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp('trees')
+    voc = write_voc(base / 'VOCdevkit' / 'VOC2012')
+    return dict(voc=voc, sbd=write_sbd(base / 'sbd', voc),
+                cs_ids=write_cityscapes(base / 'cs_ids', train_ids=False),
+                cs_train=write_cityscapes(base / 'cs_train', train_ids=True), base=base)
+
+
+# ---------------------------------------------------------------------------------------------- running and checking
+def aicsd(*args, cwd, timeout=400):
+    "Run `aicsd ARGS` as a user would (no flag switched off); fail with its output on a non-zero exit."
+    return run([*aicsd_cmd(), *args], cwd=cwd, timeout=timeout)
+
+
+def small(data, root, out, *more):
+    "The issue's command: tiny crop and batch, two steps; every other option at its default."
+    return ['--data', data, '--data-root', root, '--crop-size', CROP, '--batch-size', 2, '--max-steps', 2,
+            '--out', out, *more]
+
+
+def assert_full_run(out: Path, p, teacher=True, steps=(2,)):
+    "Checkpoints, logs, TensorBoard events and every figure of each evaluation are there; nothing was skipped."
+    for f in ('last.pt', 'best.pt', 'train_log.csv', 'eval_log.csv'): assert (out / f).is_file(), f
+    assert any((out / 'tb').rglob('events.out.tfevents.*')), 'no TensorBoard events'
+    figs = {q.name for q in (out / 'figures').iterdir()}
+    for s in steps:
+        want = {f'ics_step{s:07d}.png', f'predictions_step{s:07d}.png'} | ({f'ics_rows_step{s:07d}.png'} if teacher else set())
+        assert want <= figs, (want - figs, figs)
+    assert 'curves.png' in figs
+    err = p.stderr
+    assert 'Traceback' not in err, err[-3000:]
+    assert 'aicsd: warning: figures' not in err, err[-3000:]         # a drawing failure must not go unseen here
+    assert not [l for l in err.splitlines() if l.startswith('ERROR')], err[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------- VOC, mixed sizes
+@pytest.fixture(scope='module')
+def voc_teacher(trees, tmp_path_factory) -> Path:
+    "The issue's command, verbatim but for the paths: `aicsd train --model resnet18 --data voc ...`."
+    out = tmp_path_factory.mktemp('runs') / 'run1'
+    p = aicsd('train', '--model', 'resnet18', *small('voc', trees['voc'], out), cwd=trees['base'])
+    assert_full_run(out, p, teacher=False)
+    return out
+
+
+def test_train_voc_mixed_sizes_defaults(voc_teacher):
+    import csv
+    rows = list(csv.DictReader(open(voc_teacher / 'eval_log.csv')))
+    assert [int(r['step']) for r in rows] == [2] and 0 <= float(rows[0]['miou']) <= 1
+
+
+@pytest.mark.parametrize('method', ['aicsd', 'cwd+icsd', 'cirkd'])
+def test_distill_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path, method):
+    out = tmp_path / 'student'
+    more = ['--param', 'cirkd_memory.pixel_size=64', '--param', 'cirkd_memory.region_size=8'] if method == 'cirkd' else []
+    p = aicsd('distill', '--teacher', voc_teacher / 'best.pt', '--student', 'mobilenetv2', '--method', method,
+              *small('voc', trees['voc'], out), *more, cwd=tmp_path)
+    assert_full_run(out, p)
+
+
+def test_resume_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path):
+    "Stopped after one step, resumed to the end: the evaluation and its figures happen in the resumed session."
+    out = tmp_path / 'student'
+    args = ['distill', '--teacher', voc_teacher / 'best.pt', '--student', 'mobilenetv2', '--method', 'aicsd',
+            *small('voc', trees['voc'], out)]
+    aicsd(*args, '--stop-after', 1, cwd=tmp_path)
+    assert (out / 'last.pt').is_file() and not (out / 'figures').exists()
+    p = aicsd(*args, '--resume', cwd=tmp_path)
+    assert_full_run(out, p)
+
+
+def test_evaluate_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path):
+    p = aicsd('evaluate', '--ckpt', voc_teacher / 'best.pt', '--data', 'voc', '--data-root', trees['voc'],
+              '--json', tmp_path / 'm.json', cwd=tmp_path)
+    import json
+    m = json.loads((tmp_path / 'm.json').read_text())
+    assert 0 <= m['miou'] <= 1 and len(m['iou']) == 21, m
+    assert 'Traceback' not in p.stderr
+
+
+# ---------------------------------------------------------------------------------------------- SBD trainaug
+def test_sbd_trainaug_then_train_defaults(trees, tmp_path):
+    import shutil
+    voc = tmp_path / 'VOC2012'; shutil.copytree(trees['voc'], voc)   # `data sbd` writes into the VOC tree
+    aicsd('data', 'sbd', '--sbd-root', trees['sbd'], '--voc-root', voc, cwd=tmp_path)
+    ids = (voc / 'ImageSets/Segmentation/trainaug.txt').read_text().split()
+    assert len(ids) == len(TRAIN_SIZES) + 3 and len(list((voc / 'SegmentationClassAug').glob('*.png'))) == len(ids)
+    out = tmp_path / 'aug'
+    p = aicsd('train', '--model', 'mobilenetv2', *small('voc', voc, out, '--train-split', 'trainaug'), cwd=tmp_path)
+    assert_full_run(out, p, teacher=False, steps=(2,))
+
+
+# ---------------------------------------------------------------------------------------------- Cityscapes
+@pytest.mark.parametrize('tree', ['cs_ids', 'cs_train'])
+def test_train_cityscapes_defaults(trees, tmp_path, tree):
+    out = tmp_path / 'cs'
+    p = aicsd('train', '--model', 'mobilenetv2', *small('cityscapes', trees[tree], out), cwd=tmp_path)
+    assert_full_run(out, p, teacher=False)
+    import csv
+    rows = list(csv.DictReader(open(out / 'eval_log.csv')))
+    assert len(rows) == 1 and 0 <= float(rows[0]['miou']) <= 1
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+def test_demo_quick_defaults(tmp_path):
+    out = tmp_path / 'demo'
+    aicsd('demo', '--quick', '--out', out, '--data-root', tmp_path / 'syn', cwd=tmp_path, timeout=600)
+    assert (out / 'report.md').is_file()
+    assert {'ics_matrices.png', 'predictions.png'} <= {q.name for q in out.rglob('*.png')}
