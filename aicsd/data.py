@@ -18,7 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'VOC_CLASSES', 'CITYSCAPES_CLASSES', 'DATASET_HELP',
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VOC_CLASSES', 'CITYSCAPES_CLASSES', 'DATASET_HELP',
            'CITYSCAPES_TRAIN_IDS', 'SHAPE_FAMILIES', 'COLOUR_FAMILIES', 'TEXTURES', 'SYNTHETIC_VERSION', 'NUM_CLASSES',
            'DEFAULT_ROOTS', 'voc_palette', 'colorize', 'denormalize', 'read_image', 'read_label', 'SegmentationDataset',
            'VOCSegmentation', 'save_label_png', 'cityscapes_lut', 'CityscapesSegmentation', 'train_transform',
@@ -30,6 +30,7 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'VOC_CLASSES', 'CITY
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
+IGNORE_COLOUR = (224, 224, 192)   # ignored pixels in pictures: the VOC devkit's colour of the void label
 
 VOC_CLASSES = ['background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
                'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa',
@@ -55,14 +56,16 @@ def _voc_palette(n):
     return pal
 
 # %% ../nbs/06_data.ipynb #d5338a61
-def colorize(mask, # `H x W` integer class indices (255 = ignored)
-             palette:np.ndarray|None=None, # `n x 3` uint8 colours; default the VOC palette
+def colorize(mask, # `H x W` class indices, 255 ignored (tensor or array)
+             palette:np.ndarray|None=None, # `C x 3` uint8 colours of classes `0..C-1`; default the VOC palette
             )->np.ndarray: # `H x W x 3` uint8 picture
-    "Paint a label map with a palette, for pictures."
-    palette = voc_palette() if palette is None else palette
+    "Colour a label map with `palette`; 255 (and anything outside the palette) in the void colour."
+    palette = voc_palette(IGNORE_INDEX) if palette is None else np.asarray(palette, np.uint8)
     m = torch.as_tensor(mask).cpu().numpy().astype(np.int64)
-    return palette[np.clip(m, 0, len(palette) - 1)]
+    pal = np.concatenate([palette, np.array([IGNORE_COLOUR], np.uint8)])
+    return pal[np.where((m >= 0) & (m < len(palette)), m, len(palette))]
 
+# %% ../nbs/06_data.ipynb #0b243a25
 def denormalize(image:torch.Tensor, # `3 x H x W` normalised float image
                 mean=IMAGENET_MEAN, std=IMAGENET_STD)->np.ndarray: # `H x W x 3` float in [0, 1]
     "Undo `Normalize` for display."
@@ -378,15 +381,63 @@ def draw_synthetic(table:list, # attribute table (`synthetic_classes`)
     return np.clip(img, 0, 255).astype(np.uint8), (_void_border(lab, border) if border else lab)
 
 # %% ../nbs/06_data.ipynb #ba00dd43
-def _synthetic_settings(n_train, n_val, size, num_classes, seed, border, ext):
+def _synthetic_settings(n_train, n_val, size, num_classes, seed, border, ext)->dict:
+    "The settings a synthetic dataset is made with (stored in its `classes.json`), after checking them."
+    if ext not in ('jpg', 'png'): raise ValueError(f"ext must be 'jpg' or 'png', got {ext!r}")
+    for k, v in (('n_train', n_train), ('n_val', n_val)):
+        if int(v) < 0: raise ValueError(f"{k} (--{k.replace('_', '-')}) must be >= 0, got {v}")
+    if n_train + n_val < 1: raise ValueError("n_train + n_val must be >= 1: the dataset would be empty")
     return dict(version=SYNTHETIC_VERSION, n_train=n_train, n_val=n_val, size=list(size), num_classes=num_classes,
                 seed=seed, border=border, ext=ext)
 
-def read_synthetic_info(root)->dict|None:
+# %% ../nbs/06_data.ipynb #20a19e1c
+def read_synthetic_info(root, # a dataset folder
+                       )->dict|None: # `classes.json` (`classes`, `attributes`, `settings`), or None
     "The `classes.json` of a synthetic dataset (`classes`, `attributes`, `settings`), or None."
     p = Path(root) / 'classes.json'
     return json.loads(p.read_text()) if p.is_file() else None
 
+# %% ../nbs/06_data.ipynb #e0625d51
+def _existing_synthetic(root:Path, # the dataset root asked for
+                        settings:dict, # `_synthetic_settings` of the dataset asked for
+                        overwrite:bool, # may a synthetic dataset made with other settings be replaced
+                       )->bool: # True: `root` already holds this very dataset
+    "Check a dataset root before writing: reuse the same dataset, never touch a foreign folder, replace only with `overwrite`."
+    if not (root.exists() and any(root.iterdir())): return False
+    info = read_synthetic_info(root)
+    if info is not None and info.get('settings') == settings: return True
+    if info is None:       # never delete a folder we did not write, --overwrite or not
+        raise FileExistsError(f"{root} holds files that are not an aicsd synthetic dataset (no classes.json from "
+                              f"make_synthetic); nothing was changed. Choose another root (--root).")
+    if not overwrite:
+        raise FileExistsError(f"{root} already holds a synthetic dataset made with {info.get('settings')}; asked for "
+                              f"{settings}. Pass overwrite=True (`--overwrite`) to replace it, or choose another root.")
+    return False
+
+# %% ../nbs/06_data.ipynb #2376b530
+def _write_synthetic(folder:Path, # an empty folder to write into
+                     table:list,  # the attribute table (`synthetic_classes`)
+                     settings:dict, # `_synthetic_settings`
+                    ):
+    "Write the images, labels, split lists and `classes.json` of a synthetic dataset, in the VOC layout."
+    s = settings
+    for d in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'): (folder / d).mkdir(parents=True)
+    names = [f'syn_{i:05d}' for i in range(s['n_train'] + s['n_val'])]
+    pal = voc_palette()
+    for i, name in enumerate(names):
+        img, lab = draw_synthetic(table, tuple(s['size']), s['seed'], i, s['border'])
+        if s['ext'] == 'jpg': Image.fromarray(img).save(folder / 'JPEGImages' / f'{name}.jpg', quality=90)
+        else: Image.fromarray(img).save(folder / 'JPEGImages' / f'{name}.png')
+        save_label_png(lab, folder / 'SegmentationClass' / f'{name}.png', pal)
+    sets = folder / 'ImageSets/Segmentation'
+    for split, ids in (('train', names[:s['n_train']]), ('val', names[s['n_train']:]), ('trainval', names)):
+        (sets / f'{split}.txt').write_text(''.join(f'{n}\n' for n in ids))
+    info = dict(classes=[r['name'] for r in table], attributes=table, settings=settings,
+                about="aicsd synthetic shapes: classes share shape family, colour family and texture; "
+                      "attribute overlap is the known class-relation structure (aicsd.data.attribute_overlap).")
+    (folder / 'classes.json').write_text(json.dumps(info, indent=1))
+
+# %% ../nbs/06_data.ipynb #2edbc54e
 def make_synthetic(root='data/synthetic', # output folder (VOC layout)
                    n_train:int=320, # training images
                    n_val:int=80, # validation images
@@ -399,39 +450,13 @@ def make_synthetic(root='data/synthetic', # output folder (VOC layout)
                   )->Path: # the dataset root
     "Write (or reuse) the synthetic shapes dataset in the Pascal VOC layout, with `classes.json`."
     root = Path(root); size = (size, size) if isinstance(size, int) else tuple(size)
-    if ext not in ('jpg', 'png'): raise ValueError(f"ext must be 'jpg' or 'png', got {ext!r}")
     settings = _synthetic_settings(n_train, n_val, size, num_classes, seed, border, ext)
-    for k, v in (('n_train', n_train), ('n_val', n_val)):
-        if int(v) < 0: raise ValueError(f"{k} (--{k.replace('_', '-')}) must be >= 0, got {v}")
-    if n_train + n_val < 1: raise ValueError("n_train + n_val must be >= 1: the dataset would be empty")
-    if root.exists() and any(root.iterdir()):
-        info = read_synthetic_info(root)
-        if info is not None and info.get('settings') == settings: return root
-        if info is None:       # never delete a folder we did not write, --overwrite or not
-            raise FileExistsError(f"{root} holds files that are not an aicsd synthetic dataset (no classes.json from "
-                                  f"make_synthetic); nothing was changed. Choose another root (--root).")
-        if not overwrite:
-            raise FileExistsError(f"{root} already holds a synthetic dataset made with {info.get('settings')}; asked for "
-                                  f"{settings}. Pass overwrite=True (`--overwrite`) to replace it, or choose another root.")
+    if _existing_synthetic(root, settings, overwrite): return root
     table = synthetic_classes(num_classes)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.tmp-', dir=root.parent))
     try:
-        for d in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'): (tmp / d).mkdir(parents=True)
-        names = [f'syn_{i:05d}' for i in range(n_train + n_val)]
-        pal = voc_palette()
-        for i, name in enumerate(names):
-            img, lab = draw_synthetic(table, size, seed, i, border)
-            if ext == 'jpg': Image.fromarray(img).save(tmp / 'JPEGImages' / f'{name}.jpg', quality=90)
-            else: Image.fromarray(img).save(tmp / 'JPEGImages' / f'{name}.png')
-            save_label_png(lab, tmp / 'SegmentationClass' / f'{name}.png', pal)
-        sets = tmp / 'ImageSets/Segmentation'
-        for split, ids in (('train', names[:n_train]), ('val', names[n_train:]), ('trainval', names)):
-            (sets / f'{split}.txt').write_text(''.join(f'{n}\n' for n in ids))
-        info = dict(classes=[r['name'] for r in table], attributes=table, settings=settings,
-                    about="aicsd synthetic shapes: classes share shape family, colour family and texture; "
-                          "attribute overlap is the known class-relation structure (aicsd.data.attribute_overlap).")
-        (tmp / 'classes.json').write_text(json.dumps(info, indent=1))
+        _write_synthetic(tmp, table, settings)
         if root.exists():
             if (read_synthetic_info(root) or {}).get('settings') == settings:
                 return root                       # another process finished first

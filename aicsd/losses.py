@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from .distributions import _flat_mask
-from .similarity import ics_matrix, ICS_SETTINGS, run_blocks, _workers, _empty_grad, _cdtype, _rup, _block_width, _scratch, _mm_nt
+from .distributions import flat_mask
+from .similarity import ics_matrix
+from .blocks import run_blocks, n_workers, empty_grad, compute_dtype, round_up, block_width, scratch, mm_nt
 
 # %% ../nbs/02_losses.ipynb #b24cc297
 def _check_pair(student_logits:Tensor, teacher_logits:Tensor):
@@ -44,12 +45,12 @@ def icsd_loss(student_logits:Tensor, # student logits `B x C x H x W`
 # %% ../nbs/02_losses.ipynb #f8815da7
 def _pixel_mask(mask:Tensor|None, target:Tensor|None, ignore_index:int, logits:Tensor)->Tensor|None:
     "Combine an explicit pixel mask and a label map's ignored pixels into one bool `B x 1 x N` mask (or None)."
-    m = _flat_mask(mask, logits)
+    m = flat_mask(mask, logits)
     if target is not None:
         if target.shape != logits.shape[:1] + logits.shape[2:]:
             raise ValueError(f"`target` must have shape (B, H, W) = {tuple(logits.shape[:1] + logits.shape[2:])} "
                              f"to match the logits {tuple(logits.shape)}; got {tuple(target.shape)}")
-        t = _flat_mask(target != ignore_index, logits)
+        t = flat_mask(target != ignore_index, logits)
         m = t if m is None else m & t
     return m
 
@@ -111,80 +112,98 @@ def released_ics_matrix_plain(logits:Tensor, # logits `B x C x H x W`
         R = (A[None, :] - G) / B                                        # R[i, j] for i <= j
         return torch.where(_upper(C, logits.device), R, R.T)            # mirrored: exactly symmetric
 
-# %% ../nbs/02_losses.ipynb #61cfd604
+# %% ../nbs/02_losses.ipynb #91d92c4b
 _LOG2E = 1 / math.log(2)
 
-def _exp(x:Tensor, out:Tensor)->Tensor:
+def _exp(x:Tensor,   # exponents
+         out:Tensor, # where to write `e^x`
+        )->Tensor:   # `out`
     "`torch.exp(x, out=out)` computed as `exp2(x log2 e)`: three times faster for float32 on the CPU we measured."
     return torch.mul(x, _LOG2E, out=out).exp2_()
 
+# %% ../nbs/02_losses.ipynb #80f7a8bc
+def _released_bands(logits:Tensor,  # logits `B x C x H x W`
+                    need_lse:bool,  # keep each column's log-normaliser, for the backward
+                   )->tuple: # (R, lse, items): the `C x C` matrix, `B x C x 1 x W` log-normalisers (or None), the bands
+    "The released 'ICS matrix' by bands of whole columns: per band `Q Q^T` and the sum of `Q log Q`, added in a fixed order."
+    B, C, H, W = logits.shape
+    dt = compute_dtype(logits); kw = dict(dtype=dt, device=logits.device)
+    w = min(W, round_up(max(1, block_width(logits.device, C * H)), 16) if logits.device.type == 'cpu' else W)
+    items = [(b, a, min(W, a + w)) for a in range(0, W, w) for b in range(B)]   # images in turn: see above
+    nw = n_workers(logits.device, len(items))
+    Cp = round_up(C, 4)                                                  # products run faster on a multiple of 4 rows
+    bufD, bufQ = scratch('rD', (nw, C * H * w), dt, logits.device), scratch('rQ', (nw, Cp * H * w), dt, logits.device)
+    As, Gs = torch.empty(len(items), C, **kw), torch.empty(len(items), Cp, Cp, **kw)
+    lS = torch.empty(B, C, 1, W, **kw)                                   # log S of each column
+    lse = torch.empty(B, C, 1, W, **kw) if need_lse else None            # log-normaliser of each column
+    def block(i, k):
+        b, a, e = items[i]; n = e - a
+        D = bufD[k, :C * H * n].view(C, H, n)
+        D.copy_(logits[b, :, :, a:e])
+        mx = D.amax(1, keepdim=True)
+        D.sub_(mx)                                                       # D = z - column maximum
+        Qa = bufQ[k, :Cp * H * n].view(Cp, H * n); Qa[C:].zero_()
+        Q = _exp(D, out=Qa[:C].view(C, H, n))
+        S = Q.sum(1, keepdim=True)
+        Q.mul_(S.reciprocal())                                           # Q = softmax over H
+        logS = torch.log(S, out=lS[b, :, :, a:e])
+        if lse is not None: torch.add(mx, logS, out=lse[b, :, :, a:e])
+        torch.sum(D.mul_(Q).view(C, -1), 1, out=As[i])                   # sum Q D (sum Q log Q = sum Q D - sum_w log S)
+        mm_nt(Qa, Qa, Gs[i])                                             # Q Q^T of the band
+    with torch.autocast(logits.device.type, enabled=False):
+        run_blocks(block, range(len(items)), nw)
+        A, G = As.sum(0) - lS.sum((0, 2, 3)), Gs.sum(0)[:C, :C]         # fixed order: deterministic
+        R = (A[None, :] - G) / B
+        return torch.where(_upper(C, logits.device), R, R.T), lse, items
+
+# %% ../nbs/02_losses.ipynb #94a118e5
+def _released_grad_bands(logits:Tensor, # logits `B x C x H x W`
+                         lse:Tensor,    # each column's log-normaliser (`_released_bands`)
+                         items:list,    # the forward's bands `(b, a, e)` (the first one full width)
+                         HR:Tensor,     # upstream gradient `C x C`
+                        )->Tensor: # gradient with respect to the logits, in their layout
+    "The backward by bands: `P - Q * t` with `P = Q (K Q + a log Q)` and `t` its column sums, written into the gradient."
+    B, C, H, W = logits.shape
+    w, dt = items[0][2] - items[0][1], lse.dtype
+    nw = n_workers(logits.device, len(items))
+    with torch.autocast(logits.device.type, enabled=False):
+        HR = HR.to(dt)
+        up = _upper(C, logits.device)
+        U = torch.where(up, HR, 0) + torch.where(up, HR.T, 0).triu(1)   # mirrored entries folded onto j >= i
+        a = (U.sum(0) / B).view(C, 1, 1)
+        K = -(U + U.T) / B
+        grad = empty_grad(logits)
+        direct = grad.dtype == dt
+        bufL = scratch('rD', (nw, C * H * w), dt, logits.device)         # the forward's buffers, and one more
+        bufQ = scratch('rQ', (nw, round_up(C, 4) * H * w), dt, logits.device)
+        bufg = scratch('rg', (nw, C * H * w), dt, logits.device)
+        def block(i, k):
+            b, s, e = items[i]; n = e - s
+            L = torch.sub(logits[b, :, :, s:e], lse[b, :, :, s:e], out=bufL[k, :C * H * n].view(C, H, n))   # log Q
+            Q = _exp(L, out=bufQ[k, :C * H * n].view(C, H, n))
+            g = torch.mm(K, Q.view(C, -1), out=bufg[k, :C * H * n].view(C, -1)).view(C, H, n)
+            P = g.addcmul_(L, a).mul_(Q)                                 # P = Q g, g = K Q + a log Q
+            t = P.sum(1, keepdim=True)                                   # sum over H of Q g
+            if direct: torch.addcmul(P, Q, t, value=-1, out=grad[b, :, :, s:e])
+            else: grad[b, :, :, s:e] = P.addcmul_(Q, t, value=-1)
+        run_blocks(block, range(len(items)), nw)
+    return grad
+
+# %% ../nbs/02_losses.ipynb #033afe3b
 class _ReleasedICS(torch.autograd.Function):
     "The released 'ICS matrix' by bands of columns, with the analytic backward above."
     @staticmethod
     def forward(ctx, logits:Tensor):
-        B, C, H, W = logits.shape
-        dt = _cdtype(logits); kw = dict(dtype=dt, device=logits.device)
-        w = min(W, _rup(max(1, _block_width(logits.device, C * H)), 16) if logits.device.type == 'cpu' else W)
-        items = [(b, a, min(W, a + w)) for a in range(0, W, w) for b in range(B)]   # images in turn: see above
-        nw = _workers(logits.device, len(items))
-        Cp = _rup(C, 4)                                                      # products run faster on a multiple of 4 rows
-        bufD, bufQ = _scratch('rD', (nw, C * H * w), dt, logits.device), _scratch('rQ', (nw, Cp * H * w), dt, logits.device)
-        As, Gs = torch.empty(len(items), C, **kw), torch.empty(len(items), Cp, Cp, **kw)
-        lS = torch.empty(B, C, 1, W, **kw)                                   # log S of each column
-        lse = torch.empty(B, C, 1, W, **kw) if ctx.needs_input_grad[0] else None   # log-normaliser of each column
-        def block(i, k):
-            b, a, e = items[i]; n = e - a
-            D = bufD[k, :C * H * n].view(C, H, n)
-            D.copy_(logits[b, :, :, a:e])
-            mx = D.amax(1, keepdim=True)
-            D.sub_(mx)                                                       # D = z - column maximum
-            Qa = bufQ[k, :Cp * H * n].view(Cp, H * n); Qa[C:].zero_()
-            Q = _exp(D, out=Qa[:C].view(C, H, n))
-            S = Q.sum(1, keepdim=True)
-            Q.mul_(S.reciprocal())                                           # Q = softmax over H
-            logS = torch.log(S, out=lS[b, :, :, a:e])
-            if lse is not None: torch.add(mx, logS, out=lse[b, :, :, a:e])
-            torch.sum(D.mul_(Q).view(C, -1), 1, out=As[i])                   # sum Q D (sum Q log Q = sum Q D - sum_w log S)
-            _mm_nt(Qa, Qa, Gs[i])                                            # Q Q^T of the band
-        with torch.autocast(logits.device.type, enabled=False):
-            run_blocks(block, range(len(items)), nw)
-            A, G = As.sum(0) - lS.sum((0, 2, 3)), Gs.sum(0)[:C, :C]         # fixed order: deterministic
-            R = (A[None, :] - G) / B
-            out = torch.where(_upper(C, logits.device), R, R.T)
+        out, lse, items = _released_bands(logits, ctx.needs_input_grad[0])
         ctx.save_for_backward(logits, lse)
-        ctx.items, ctx.w = items, w
+        ctx.items = items
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, HR:Tensor):
         logits, lse = ctx.saved_tensors
-        B, C, H, W = logits.shape
-        items, w = ctx.items, ctx.w
-        dt = lse.dtype
-        nw = _workers(logits.device, len(items))
-        with torch.autocast(logits.device.type, enabled=False):
-            HR = HR.to(dt)
-            up = _upper(C, logits.device)
-            U = torch.where(up, HR, 0) + torch.where(up, HR.T, 0).triu(1)   # mirrored entries folded onto j >= i
-            a = (U.sum(0) / B).view(C, 1, 1)
-            K = -(U + U.T) / B
-            grad = _empty_grad(logits)
-            direct = grad.dtype == dt
-            bufL = _scratch('rD', (nw, C * H * w), dt, logits.device)        # the forward's buffers, and one more
-            bufQ = _scratch('rQ', (nw, _rup(C, 4) * H * w), dt, logits.device)
-            bufg = _scratch('rg', (nw, C * H * w), dt, logits.device)
-            def block(i, k):
-                b, s, e = items[i]; n = e - s
-                L = torch.sub(logits[b, :, :, s:e], lse[b, :, :, s:e], out=bufL[k, :C * H * n].view(C, H, n))   # log Q
-                Q = _exp(L, out=bufQ[k, :C * H * n].view(C, H, n))
-                g = torch.mm(K, Q.view(C, -1), out=bufg[k, :C * H * n].view(C, -1)).view(C, H, n)
-                P = g.addcmul_(L, a).mul_(Q)                                 # P = Q g, g = K Q + a log Q
-                t = P.sum(1, keepdim=True)                                   # sum over H of Q g
-                if direct: torch.addcmul(P, Q, t, value=-1, out=grad[b, :, :, s:e])
-                else: grad[b, :, :, s:e] = P.addcmul_(Q, t, value=-1)
-            run_blocks(block, range(len(items)), nw)
-        return grad
+        return _released_grad_bands(logits, lse, ctx.items, HR)
 
 # %% ../nbs/02_losses.ipynb #e505f770
 def released_ics_matrix(logits:Tensor, # logits `B x C x H x W` (any float dtype; contiguous or channels-last)

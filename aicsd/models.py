@@ -9,7 +9,7 @@ from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 import torchvision
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import Bottleneck
 from torchvision.models.mobilenetv2 import InvertedResidual
 
 # %% auto #0
@@ -20,7 +20,7 @@ __all__ = ['BACKBONES', 'CHANNELS', 'MBV2_SETTING', 'resnet_layout', 'ResNetBack
            'load_released_checkpoint']
 
 # %% ../nbs/05_models.ipynb #071f91c5
-BACKBONES = ('resnet101', 'resnet50', 'resnet18', 'mobilenetv2')
+BACKBONES = ('resnet101', 'resnet50', 'resnet18', 'mobilenetv2')   # the one list of DeepLabV3+ backbones
 # (low-level channels, high-level channels) of each backbone
 CHANNELS = {'resnet101': (256, 2048), 'resnet50': (256, 2048), 'resnet18': (64, 512), 'mobilenetv2': (24, 320)}
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_viz.ipynb #7e7a9f12
 from __future__ import annotations
-import csv, math
+import csv
 from pathlib import Path
 import numpy as np
 import torch
@@ -12,20 +12,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from matplotlib.figure import Figure
-from matplotlib.colors import ListedColormap, PowerNorm
+from matplotlib.colors import PowerNorm
 from matplotlib.patches import Patch, Rectangle
 import seaborn as sns
 from .distributions import class_distributions
 from .similarity import ics_matrix
-from .data import voc_palette, denormalize, CITYSCAPES_CLASSES, IGNORE_INDEX
+from .data import voc_palette, denormalize, colorize, CITYSCAPES_CLASSES, IGNORE_INDEX, IGNORE_COLOUR
 try: from torch.utils.tensorboard import SummaryWriter   # the type of `write_eval_figures`'s `tb_writer`
 except Exception: SummaryWriter = None                     # TensorBoard stays optional
 
 # %% auto #0
-__all__ = ['CITYSCAPES_PALETTE', 'IGNORE_COLOUR', 'class_names', 'palette_for', 'paint', 'to_rgb', 'row_normalize', 'plot_ics',
-           'plot_ics_models', 'plot_distributions', 'plot_predictions', 'plot_class_iou', 'plot_confusion', 'read_run',
-           'plot_curves', 'model_logits', 'model_ics', 'demo_figures', 'write_eval_figures', 'ics_pair_view',
-           'ICSExplorer']
+__all__ = ['CITYSCAPES_PALETTE', 'paint', 'class_names', 'palette_for', 'to_rgb', 'row_normalize', 'plot_ics', 'plot_ics_models',
+           'plot_distributions', 'plot_predictions', 'plot_class_iou', 'plot_confusion', 'read_run', 'plot_curves',
+           'model_logits', 'model_ics', 'demo_figures', 'write_eval_figures', 'ics_pair_view', 'ICSExplorer']
 
 # %% ../nbs/10_viz.ipynb #5d4dee8c
 def _register_figure_display():
@@ -43,12 +42,6 @@ def _register_figure_display():
 _register_figure_display()
 
 # %% ../nbs/10_viz.ipynb #424d334e
-CITYSCAPES_PALETTE = np.array([
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)], np.uint8)
-IGNORE_COLOUR = (224, 224, 192)   # the VOC devkit's colour of the void label
-
 def class_names(source:list|Dataset|None=None, # a dataset (with `.classes`), a list of names, or None
                 num_classes:int|None=None, # C, used when `source` has no names
                )->list: # C names
@@ -61,19 +54,20 @@ def class_names(source:list|Dataset|None=None, # a dataset (with `.classes`), a 
     if num_classes is None: raise ValueError("no class names found: pass names or num_classes")
     return [str(c) for c in range(num_classes)]
 
+# %% ../nbs/10_viz.ipynb #b9673633
+CITYSCAPES_PALETTE = np.array([
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)], np.uint8)
+
 def palette_for(classes:list, # class names (C of them)
                )->np.ndarray: # `C x 3` uint8 colours
     "The dataset's palette: Cityscapes colours for the Cityscapes classes, the VOC devkit colours otherwise."
     if list(classes) == list(CITYSCAPES_CLASSES): return CITYSCAPES_PALETTE.copy()
     return voc_palette(max(len(classes), 1))[:len(classes)]
 
-def paint(mask, # `H x W` class indices, 255 ignored (tensor or array)
-          palette:np.ndarray, # `C x 3` uint8
-         )->np.ndarray: # `H x W x 3` uint8
-    "Colour a label map with `palette`; 255 (and anything outside the palette) in the void colour."
-    m = torch.as_tensor(mask).cpu().numpy().astype(np.int64)
-    pal = np.concatenate([np.asarray(palette, np.uint8), np.array([IGNORE_COLOUR], np.uint8)])
-    return pal[np.where((m >= 0) & (m < len(palette)), m, len(palette))]
+# %% ../nbs/10_viz.ipynb #e897ee9a
+paint = colorize   # the earlier name of `aicsd.data.colorize` here: one function, two names
 
 # %% ../nbs/10_viz.ipynb #ad81ee36
 def to_rgb(image, # `3 x H x W` tensor (float: ImageNet-normalised; uint8: raw), `H x W x 3` array, or PIL image
@@ -244,7 +238,7 @@ def plot_predictions(images, # `B x 3 x H x W` tensor, or a list of images of an
     for i in range(n):
         axs[i, 0].imshow(rgbs[i])
         for j, (nm, v) in enumerate(maps.items()):
-            axs[i, j + 1].imshow(paint(v[i], pal), interpolation='nearest')
+            axs[i, j + 1].imshow(colorize(v[i], pal), interpolation='nearest')
             seen |= set(torch.unique(v[i]).tolist())
         for ax in axs[i]: ax.set_xticks([]); ax.set_yticks([])
     for j, t in enumerate(['image', *maps]): axs[0, j].set_title(t, fontsize=9)
@@ -252,7 +246,6 @@ def plot_predictions(images, # `B x 3 x H x W` tensor, or a list of images of an
     if IGNORE_INDEX in seen: handles.append(Patch(facecolor=np.array(IGNORE_COLOUR) / 255.0, edgecolor='0.5', label='ignored (255)'))
     fig.legend(handles=handles, loc='outside lower center', ncols=min(len(handles), 4), fontsize=7, frameon=False)
     return fig
-
 
 # %% ../nbs/10_viz.ipynb #5303aa20
 def _is_metrics(m)->bool: return hasattr(m, 'compute') and hasattr(m, 'confmat')   # a SegMetrics
@@ -512,6 +505,24 @@ def ics_pair_view(logits:Tensor, # one image's logits `C x H x W` (or `1 x C x H
     fig.suptitle(f'{title + ": " if title else ""}KL(P_{i} || P_{j}) = {kl:.4f} nats,  KL(P_{j} || P_{i}) = {float(M[j, i]):.4f}')
     return dict(P_i=P[i], P_j=P[j], kl=kl, M=M, fig=fig)
 
+# %% ../nbs/10_viz.ipynb #e2c18fa7
+def _explorer_controls(n_images:int, # images to choose from
+                       classes:list, # class names
+                       models:list,  # network names
+                       T:float, i:int, j:int, # initial temperature and class pair
+                      )->dict: # the widgets by role, and `box`, the layout holding them
+    "The explorer's widgets: image slider, class dropdowns, temperature slider, network buttons, KL line, output."
+    import ipywidgets as W
+    C, opts = len(classes), [(f'{c}: {n}', c) for c, n in enumerate(classes)]
+    w = dict(image=W.IntSlider(value=0, min=0, max=n_images - 1, description='image'),
+             i=W.Dropdown(options=opts, value=min(i, C - 1), description='class i'),
+             j=W.Dropdown(options=opts, value=min(j, C - 1), description='class j'),
+             T=W.FloatLogSlider(value=T, base=10, min=-1, max=1, step=0.05, description='T'),
+             model=W.ToggleButtons(options=models, description='network'), kl=W.HTML(), out=W.Output())
+    w['box'] = W.VBox([W.HBox([w['image'], w['T']]), W.HBox([w['i'], w['j']]), w['model'], w['kl'], w['out']])
+    return w
+
+# %% ../nbs/10_viz.ipynb #250f6fd0
 class ICSExplorer:
     "Interactive view of class distributions and their KL: image, class pair, temperature and network."
     def __init__(self, logits:dict, # name -> logits `B x C x H x W` of the same images ('teacher', 'student', ...)
@@ -520,21 +531,12 @@ class ICSExplorer:
                  T:float=1.0, # initial temperature
                  i:int=1, j:int=2, # initial class pair
                 ):
-        import ipywidgets as W
         self.logits = {k: v.detach().cpu() for k, v in logits.items()}
-        first = next(iter(self.logits.values()))
-        B, C = first.shape[:2]
+        B, C = next(iter(self.logits.values())).shape[:2]
         self.images, self.classes = images, class_names(classes, C)
-        opts = [(f'{c}: {n}', c) for c, n in enumerate(self.classes)]
-        self.w_image = W.IntSlider(value=0, min=0, max=B - 1, description='image')
-        self.w_i = W.Dropdown(options=opts, value=min(i, C - 1), description='class i')
-        self.w_j = W.Dropdown(options=opts, value=min(j, C - 1), description='class j')
-        self.w_T = W.FloatLogSlider(value=T, base=10, min=-1, max=1, step=0.05, description='T')
-        self.w_model = W.ToggleButtons(options=list(self.logits), description='network')
-        self.w_kl = W.HTML()
-        self.w_out = W.Output()
-        self.widget = W.VBox([W.HBox([self.w_image, self.w_T]), W.HBox([self.w_i, self.w_j]), self.w_model,
-                              self.w_kl, self.w_out])
+        w = _explorer_controls(B, self.classes, list(self.logits), T, i, j)
+        self.w_image, self.w_i, self.w_j, self.w_T, self.w_model, self.w_kl, self.w_out, self.widget = (
+            w['image'], w['i'], w['j'], w['T'], w['model'], w['kl'], w['out'], w['box'])
         self._busy = False
         for w in (self.w_image, self.w_i, self.w_j, self.w_T, self.w_model): w.observe(self._changed, names='value')
         self.last = None
