@@ -4,10 +4,10 @@
 
 # %% ../nbs/09_cli.ipynb #543bbab8
 from __future__ import annotations
-import argparse, json, os, sys, time, textwrap
+import argparse, inspect, json, os, sys, time, textwrap
 from pathlib import Path
 import torch
-from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate, load_checkpoint
+from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate, load_checkpoint, check_ranges
 from .objective import METHODS, TERMS, parse_method
 
 # %% auto #0
@@ -60,10 +60,19 @@ def methods_help()->str:
     w = max(map(len, METHODS))
     return '\n'.join(f"  {n:<{w}}  {m.doc}{' [ALW]' if m.alw else ''}" for n, m in METHODS.items())
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    "--help of every subcommand: each option's line ends with its default ('on'/'off' for switches) unless it says it."
+    def _get_help_string(self, a):
+        h = a.help or ''
+        if not a.option_strings or a.default is argparse.SUPPRESS or 'default:' in h or '%(default)' in h: return h
+        if a.required: return h + ' (required)'
+        if isinstance(a.default, bool): return h + f" (default: {'on' if a.default else 'off'})"
+        return h + (' (default: none)' if a.default is None else ' (default: %(default)s)')
+
 def _add_option(g, o:Option):
-    flags = [f"--{o.name.replace('_', '-')}", *o.flags]
-    help = o.help + (' (default: %(default)s)' if o.flag != 'true' and o.default not in (None, False) else '')
-    if o.flag == 'bool': g.add_argument(*flags, action=argparse.BooleanOptionalAction, help=o.help)
+    "An option of the table as an argument; `_Help` adds its default."
+    flags, help = [f"--{o.name.replace('_', '-')}", *o.flags], o.help
+    if o.flag == 'bool': g.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help)
     elif o.flag == 'true': g.add_argument(*flags, action='store_true', help=help)
     elif o.name == 'weight': g.add_argument(*flags, type=_weight_arg, action=_Weights, metavar=o.metavar, help=help)
     elif o.name == 'param': g.add_argument(*flags, type=_param_arg, action=_Params, metavar=o.metavar, help=help)
@@ -78,7 +87,8 @@ def add_train_options(p:argparse.ArgumentParser, # a subcommand parser
     if distill:
         g.add_argument('--teacher', metavar='CKPT', help='teacher checkpoint (best.pt of `aicsd train`)')
         g.add_argument('--teacher-backbone', metavar='BACKBONE', choices=BACKBONES,
-                       help="the teacher is a checkpoint of the authors' released code with this backbone")
+                       help="the teacher is a checkpoint of the authors' released code with this backbone (default: "
+                            "none: an aicsd checkpoint)")
         g.add_argument('--student', metavar='BACKBONE', choices=BACKBONES, help='student backbone (default: %(default)s)')
         g.add_argument('--method', metavar='METHOD', type=_method_arg,
                        help=f"distillation method, or several joined by '+' (their terms summed, e.g. cwd+icsd): "
@@ -197,14 +207,15 @@ def _add_demo_args(p:argparse.ArgumentParser, out:str, quick_help:str):
     "The options `demo` and `compare` share."
     p.add_argument('--quick', action='store_true', help=quick_help)
     p.add_argument('--out', default=out, metavar='DIR', help='where the report goes')
-    p.add_argument('--data-root', default=None, metavar='DIR', help='synthetic data folder (created if missing)')
+    p.add_argument('--data-root', default=None, metavar='DIR',
+                   help='synthetic data folder (created if missing; default: data/synthetic-demo-64px)')
     p.add_argument('--fresh', action='store_true', help='retrain the teacher even if a cached one matches')
-    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default 1)')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: 1)')
     p.add_argument('--seeds', type=int, nargs='+', default=None, help='student seeds (default: 0 1 2; --quick: 0)')
 
 def build_parser()->argparse.ArgumentParser:
     "The `aicsd` argument parser with its subcommands."
-    fmt = lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=34)
+    fmt = lambda prog: _Help(prog, max_help_position=34)
     p = argparse.ArgumentParser(prog='aicsd', formatter_class=fmt, epilog=EPILOG,
         description='AICSD: Adaptive Inter-Class Similarity Distillation for semantic segmentation.')
     from aicsd import __version__
@@ -245,7 +256,7 @@ def build_parser()->argparse.ArgumentParser:
     r = sub.add_parser('recipes', formatter_class=fmt, help="list the paper's experiments or print one as a config",
         epilog="example:\n  aicsd recipes voc-r18-aicsd > voc-r18-aicsd.yaml\n  aicsd distill --config voc-r18-aicsd.yaml")
     r.add_argument('name', nargs='?', help='recipe to print')
-    r.add_argument('--format', choices=['yaml', 'toml'], default='yaml')
+    r.add_argument('--format', choices=['yaml', 'toml'], default='yaml', help='config file format')
     b = sub.add_parser('bench', formatter_class=fmt, help='speed and memory: ICSD term, distill step, data loading',
         description='Ours vs the released-code approach vs the floor, in one process with interleaved rounds '
                     '(aicsd.bench, nbs/11_bench.ipynb); prints markdown tables with the machine they came from.',
@@ -257,7 +268,8 @@ def build_parser()->argparse.ArgumentParser:
     b.add_argument('--quick', action='store_true', help='tiny shapes: a smoke test in seconds')
     b.add_argument('--device', default='auto', help="'cpu', 'cuda' or 'auto' (the GPU when there is one)")
     b.add_argument('--out', metavar='FILE', default=None, help='also append every row to FILE as JSON lines')
-    b.add_argument('--budget-s', type=float, default=None, help='gpu: skip the sections that would start after this many seconds')
+    b.add_argument('--budget-s', type=float, default=None,
+                   help='gpu: skip the sections that would start after this many seconds (default: no limit)')
     b.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores)')
     _add_data_commands(sub, fmt)
     return p
@@ -266,19 +278,25 @@ BENCHES = ('icsd', 'stride4', 'step', 'data', 'latency', 'gpu')
 
 # %% ../nbs/09_cli.ipynb #ba986373
 def _add_data_commands(sub, fmt):
+    from aicsd.data import make_synthetic
+    d = {k: v.default for k, v in inspect.signature(make_synthetic).parameters.items()}
     p = sub.add_parser('data', formatter_class=fmt, help='prepare or inspect datasets')
     ds = p.add_subparsers(dest='data_command', metavar='ACTION', required=True)
-    s = ds.add_parser('synthetic', help='write the built-in synthetic dataset (VOC layout)')
-    s.add_argument('--root', default='data/synthetic'); s.add_argument('--n-train', type=int, default=None)
-    s.add_argument('--n-val', type=int, default=None); s.add_argument('--size', type=int, default=None)
-    s.add_argument('--num-classes', type=int, default=None); s.add_argument('--seed', type=int, default=0)
-    s.add_argument('--overwrite', action='store_true')
-    b = ds.add_parser('sbd', help='build VOC trainaug (SegmentationClassAug) from the SBD release')
+    s = ds.add_parser('synthetic', formatter_class=fmt, help='write the built-in synthetic dataset (VOC layout)')
+    s.add_argument('--root', default=d['root'], metavar='DIR', help='dataset folder')
+    s.add_argument('--n-train', type=int, default=d['n_train'], metavar='N', help='training images')
+    s.add_argument('--n-val', type=int, default=d['n_val'], metavar='N', help='validation images')
+    s.add_argument('--size', type=int, default=d['size'], metavar='PX', help='image side')
+    s.add_argument('--num-classes', type=int, default=d['num_classes'], metavar='C', help='classes including background (2..28)')
+    s.add_argument('--seed', type=int, default=d['seed'], help='everything drawn depends only on the seed')
+    s.add_argument('--overwrite', action='store_true', help='replace a synthetic dataset made with other settings')
+    b = ds.add_parser('sbd', formatter_class=fmt, help='build VOC trainaug (SegmentationClassAug) from the SBD release')
     b.add_argument('--sbd-root', required=True, metavar='DIR', help='the SBD folder holding cls/*.mat')
     b.add_argument('--voc-root', required=True, metavar='DIR', help='VOCdevkit/VOC2012')
-    t = ds.add_parser('stats', help='class frequencies of a split')
-    t.add_argument('--data', choices=['voc', 'cityscapes', 'synthetic'], default='synthetic')
-    t.add_argument('--data-root', default='data/synthetic'); t.add_argument('--split', default='train')
+    t = ds.add_parser('stats', formatter_class=fmt, help='class frequencies of a split')
+    t.add_argument('--data', choices=['voc', 'cityscapes', 'synthetic'], default='synthetic', help='dataset')
+    t.add_argument('--data-root', default='data/synthetic', metavar='DIR', help='dataset folder')
+    t.add_argument('--split', default='train', help='split to count')
 
 def _run_data(a):
     import aicsd.data as D
@@ -373,6 +391,7 @@ def run_evaluate(a:argparse.Namespace)->dict:
     from aicsd.models import load_model, model_arch
     from aicsd.data import get_dataset, eval_transform
     from aicsd.distill import dist_env, resolve_device, init_distributed, cleanup_distributed, _amp_dtype
+    check_ranges(vars(a))                      # --max-val, --val-batch-size, ... as for train and distill
     if a.threads: torch.set_num_threads(a.threads)
     dev = resolve_device(a.device, dist_env()[2])
     _, _, _, owned = init_distributed(dev)

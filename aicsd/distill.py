@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_distill.ipynb #a14e7f63
 from __future__ import annotations
-import csv, ctypes, gc, math, os, platform, random, shutil, signal, socket, sys, threading, time, warnings
+import csv, ctypes, gc, math, os, platform, random, shutil, signal, socket, sys, tempfile, threading, time
 from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
@@ -15,8 +15,8 @@ from torch import nn, Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 # %% auto #0
-__all__ = ['OPTIONS', 'DEFAULTS', 'Option', 'make_objective', 'make_config', 'poly_lr_lambda', 'eval_transform_for',
-           'load_checkpoint', 'load_teacher', 'rng_state', 'set_rng_state', 'save_checkpoint',
+__all__ = ['OPTIONS', 'DEFAULTS', 'Option', 'check_ranges', 'make_objective', 'make_config', 'poly_lr_lambda',
+           'eval_transform_for', 'load_checkpoint', 'load_teacher', 'rng_state', 'set_rng_state', 'save_checkpoint',
            'set_malloc_mmap_threshold', 'dist_env', 'resolve_device', 'init_distributed', 'cleanup_distributed',
            'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'StudentWithModules', 'model_outputs', 'tap_channels',
            'distill_step', 'train_step', 'native_bf16', 'choose_teacher_bf16', 'evaluate', 'same_size_groups', 'RunLog',
@@ -25,11 +25,16 @@ __all__ = ['OPTIONS', 'DEFAULTS', 'Option', 'make_objective', 'make_config', 'po
            'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
-from .models import deeplabv3plus, param_groups, model_arch, load_model, load_released_checkpoint, atomic_save
+from .models import deeplabv3plus, param_groups, model_arch, load_model, load_released_checkpoint
 from .data import get_dataset, train_transform, eval_transform, build_loader, make_synthetic, DEFAULT_ROOTS, ShardSampler
-from .objective import alw_alpha, DistillObjective, METHODS, parse_method
+from .objective import alw_alpha, DistillObjective, METHODS, parse_method, out_of_range
 from .metrics import SegMetrics
 from .similarity import ics_matrix
+
+# %% ../nbs/08_distill.ipynb #f1623b7d
+def _warn(msg:str):
+    "A warning the user must see: one `aicsd: warning: ...` line on stderr (printed even where Python warnings are filtered)."
+    print(f"aicsd: warning: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
 
 # %% ../nbs/08_distill.ipynb #442be153
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ class Option:
     flag:str='value' # 'value' (takes an argument), 'bool' (--x/--no-x), 'true' (--x only)
     metavar:str|None=None
     resume:str='warn' # on --resume with another value: 'same' refuses (it defines the run), 'warn' applies it with a warning, 'free' applies it
+    check:str|None=None # the range of a number (`out_of_range`: '>0', '>=0', 'int>=1', ...); None values (not given) pass
+    why:str='' # why the range, said when a value is refused
 
 def _O(name, default, group, help='', **kw): return Option(name, default, group, help, **kw)
 
@@ -56,13 +63,14 @@ OPTIONS = [
     _O('teacher', None, 'What to train', resume='same'),
     _O('teacher_backbone', None, 'What to train', resume='same'),
     _O('alw', None, 'Distillation', "put the method's terms under adaptive loss weighting (default: on for aicsd only)", flag='bool', resume='same'),
-    _O('weight', None, 'Distillation', 'weight of a term, e.g. --weight cwd=3 (repeat the option for more terms)',
-       metavar='TERM=W', resume='same'),
-    _O('param', None, 'Distillation', "a term's hyper-parameter, e.g. --param cwd.tau=2 (repeat the option for more)",
-       metavar='TERM.KEY=V', resume='same'),
-    _O('lambda_kd', 1.0, 'Distillation', 'weight of pixel-wise KD', type=float, resume='same'),
-    _O('lambda_icsd', 0.1, 'Distillation', 'weight of ICSD', type=float, resume='same'),
-    _O('temperature', 1.0, 'Distillation', 'softmax temperature of KD and ICSD', flags=('-T',), type=float, resume='same'),
+    _O('weight', None, 'Distillation', "weight of a term, e.g. --weight cwd=3 (repeat the option for more terms; default: "
+       "the method's weights)", metavar='TERM=W', resume='same', check='>=0'),
+    _O('param', None, 'Distillation', "a term's hyper-parameter, e.g. --param cwd.tau=2 (repeat the option for more; "
+       "default: the term's own)", metavar='TERM.KEY=V', resume='same'),
+    _O('lambda_kd', 1.0, 'Distillation', 'weight of pixel-wise KD', type=float, resume='same', check='>=0'),
+    _O('lambda_icsd', 0.1, 'Distillation', 'weight of ICSD', type=float, resume='same', check='>=0'),
+    _O('temperature', 1.0, 'Distillation', 'softmax temperature of KD and ICSD', flags=('-T',), type=float, resume='same',
+       check='>0'),
     _O('alw_unit', 'step', 'Distillation', 'ALW alpha per iteration (ours) or per epoch (paper)', choices=('step', 'epoch'), resume='same'),
     _O('teacher_bf16', None, 'Distillation', 'run the frozen teacher under bf16 autocast (default: when measured faster at the '
        'start of the run, on a CPU with native bf16 or a GPU)', flag='bool'),
@@ -72,59 +80,86 @@ OPTIONS = [
        + ', '.join(f'{k} {v}' for k, v in DEFAULT_ROOTS.items()), metavar='DIR'),
     _O('train_split', 'train', 'Data', 'training split (VOC: train or trainaug)', resume='same'),
     _O('val_split', 'val', 'Data', 'validation split'),
-    _O('num_classes', None, 'Data', 'classes (default: from the dataset)', type=int, metavar='C', resume='same'),
-    _O('crop_size', 513, 'Data', 'training crop (paper: 513)', type=int, metavar='PX'),
-    _O('scale_min', 0.5, 'Data', 'random scale lower bound', type=float),
-    _O('scale_max', 2.0, 'Data', 'random scale upper bound', type=float),
+    _O('num_classes', None, 'Data', 'classes (default: from the dataset)', type=int, metavar='C', resume='same',
+       check='int>=2'),
+    _O('crop_size', 513, 'Data', 'training crop (paper: 513)', type=int, metavar='PX', check='int>=1'),
+    _O('scale_min', 0.5, 'Data', 'random scale lower bound', type=float, check='>0'),
+    _O('scale_max', 2.0, 'Data', 'random scale upper bound', type=float, check='>0'),
     _O('hflip', True, 'Data', 'random horizontal flip', flag='bool'),
     _O('blur', False, 'Data', 'random Gaussian blur (released code: on)', flag='bool'),
-    _O('eval_resize', None, 'Data', 'evaluate with the short side resized to PX; default native resolution', type=int, metavar='PX'),
+    _O('eval_resize', None, 'Data', 'evaluate with the short side resized to PX (default: native resolution)', type=int,
+       metavar='PX', check='int>=1'),
     _O('eval_square', False, 'Data', "with --eval-resize: resize to PX x PX, as the released code's FixedResize", flag='bool'),
-    _O('workers', 0, 'Data', 'data loader worker processes per rank', type=int, resume='free'),
-    _O('max_val', None, 'Data', 'evaluate on the first N validation images only', type=int, metavar='N'),
+    _O('workers', 0, 'Data', 'data loader worker processes per rank', type=int, resume='free', check='int>=0'),
+    _O('max_val', None, 'Data', 'evaluate on the first N validation images only (default: all)', type=int, metavar='N',
+       check='int>=1'),
     # model
     _O('output_stride', 16, 'Model', 'DeepLabV3+ output stride', type=int, choices=(8, 16), resume='same'),
     _O('pretrained_backbone', False, 'Model', "start from torchvision's ImageNet weights (downloads)", flag='bool', resume='free'),
     _O('no_dropout', False, 'Model', 'set every dropout probability to 0 (e.g. to compare runs across world sizes)', flag='true', resume='same'),
     # optimisation (torchvision reference / paper)
-    _O('epochs', 120, 'Optimisation', 'epochs (paper: 120)', type=int, resume='same'),
-    _O('max_steps', None, 'Optimisation', 'stop after N iterations (the poly schedule spans N)', type=int, metavar='N', resume='same'),
-    _O('batch_size', 6, 'Optimisation', 'batch size per process (paper: 6)', flags=('-b',), type=int, resume='same'),
-    _O('val_batch_size', 1, 'Optimisation', 'evaluation batch size per process', type=int, resume='free'),
-    _O('lr', 0.007, 'Optimisation', 'base learning rate of the backbone (paper: 0.007 VOC, 0.01 Cityscapes)', type=float, resume='same'),
-    _O('head_mult', 10.0, 'Optimisation', "learning-rate multiplier of ASPP, decoder and the terms' adapters (paper: 10)", type=float, resume='same'),
-    _O('momentum', 0.9, 'Optimisation', 'SGD momentum', type=float, resume='same'),
-    _O('weight_decay', 5e-4, 'Optimisation', 'weight decay', flags=('--wd',), type=float, resume='same'),
-    _O('poly_power', 0.9, 'Optimisation', 'poly learning-rate power', type=float, resume='same'),
-    _O('warmup_steps', 0, 'Optimisation', 'linear warm-up iterations', type=int, resume='same'),
-    _O('clip_grad', None, 'Optimisation', 'clip the gradient norm', type=float, metavar='NORM'),
+    _O('epochs', 120, 'Optimisation', 'epochs (paper: 120)', type=int, resume='same', check='int>=1'),
+    _O('max_steps', None, 'Optimisation', 'stop after N iterations (the poly schedule spans N; default: all epochs)',
+       type=int, metavar='N', resume='same', check='int>=1'),
+    _O('batch_size', 6, 'Optimisation', 'batch size per process (paper: 6)', flags=('-b',), type=int, resume='same',
+       check='int>=2', why="the BatchNorm after ASPP's image pooling sees one value per image and channel, so one "
+                           "image per process cannot be trained"),
+    _O('val_batch_size', 1, 'Optimisation', 'evaluation batch size per process', type=int, resume='free', check='int>=1'),
+    _O('lr', 0.007, 'Optimisation', 'base learning rate of the backbone (paper: 0.007 VOC, 0.01 Cityscapes)', type=float,
+       resume='same', check='>0'),
+    _O('head_mult', 10.0, 'Optimisation', "learning-rate multiplier of ASPP, decoder and the terms' adapters (paper: 10)",
+       type=float, resume='same', check='>=0'),
+    _O('momentum', 0.9, 'Optimisation', 'SGD momentum', type=float, resume='same', check='>=0'),
+    _O('weight_decay', 5e-4, 'Optimisation', 'weight decay', flags=('--wd',), type=float, resume='same', check='>=0'),
+    _O('poly_power', 0.9, 'Optimisation', 'poly learning-rate power', type=float, resume='same', check='>=0'),
+    _O('warmup_steps', 0, 'Optimisation', 'linear warm-up iterations', type=int, resume='same', check='int>=0'),
+    _O('clip_grad', None, 'Optimisation', 'clip the gradient norm (default: no clipping)', type=float, metavar='NORM',
+       check='>0'),
     # checkpoints and logs
     _O('out', 'runs/exp', 'Checkpoints and logs', 'run folder: last.pt, best.pt, *.csv, tb/', metavar='DIR', resume='free'),
-    _O('ckpt_every', 0, 'Checkpoints and logs', 'also write last.pt every N iterations (0: epoch ends only)', type=int, metavar='N', resume='free'),
-    _O('eval_every', 1, 'Checkpoints and logs', 'evaluate every K epochs', type=int, metavar='K'),
-    _O('log_every', 10, 'Checkpoints and logs', 'log the losses every N iterations', type=int, metavar='N', resume='free'),
+    _O('ckpt_every', 0, 'Checkpoints and logs', 'also write last.pt every N iterations (0: epoch ends only)', type=int,
+       metavar='N', resume='free', check='int>=0'),
+    _O('eval_every', 1, 'Checkpoints and logs', 'evaluate every K epochs', type=int, metavar='K', check='int>=1'),
+    _O('log_every', 10, 'Checkpoints and logs', 'log the losses every N iterations', type=int, metavar='N', resume='free',
+       check='int>=1'),
     _O('resume', False, 'Checkpoints and logs', 'continue the run in --out from its last.pt, at the exact batch', flag='bool', resume='free'),
     _O('force', False, 'Checkpoints and logs', 'start afresh in an --out that holds a run: its files are moved aside to '
        'out/replaced-<time>/ (nothing is deleted)', flag='bool', resume='free'),
-    _O('stop_after', None, 'Checkpoints and logs', 'leave after N iterations of this session (resume later)', type=int, metavar='N', resume='free'),
+    _O('stop_after', None, 'Checkpoints and logs', 'leave after N iterations of this session (resume later; default: run '
+       'to the end)', type=int, metavar='N', resume='free', check='int>=1'),
     _O('tensorboard', True, 'Checkpoints and logs', 'write TensorBoard events', flag='bool', resume='free'),
     _O('figures', True, 'Checkpoints and logs', 'at each evaluation, draw the ICS matrices (teacher | student | difference), '
        'predictions and curves into out/figures/ and TensorBoard', flag='bool', resume='free'),
     _O('quiet', False, 'Checkpoints and logs', 'no progress bars or per-epoch lines', flags=('-q',), flag='bool', resume='free'),
     # runtime
-    _O('seed', 0, 'Runtime', 'random seed', type=int, resume='same'),
+    _O('seed', 0, 'Runtime', 'random seed', type=int, resume='same', check='int>=0'),
     _O('device', 'auto', 'Runtime', "'auto', 'cpu', 'cuda' or 'cuda:N'", resume='free'),
     _O('amp', 'none', 'Runtime', 'mixed precision (fp16 uses a grad scaler; CUDA)', choices=('none', 'bf16', 'fp16')),
     _O('channels_last', True, 'Runtime', 'channels-last memory format on CUDA', flag='bool', resume='free'),
     _O('sync_bn', False, 'Runtime', 'SyncBatchNorm under torchrun', flag='bool'),
-    _O('threads', None, 'Runtime', 'torch CPU threads', type=int, resume='free'),
+    _O('threads', None, 'Runtime', "torch CPU threads (default: torch's choice)", type=int, resume='free', check='int>=1'),
     _O('malloc_mmap_mb', 64, 'Runtime', "on a CPU with glibc, keep allocations below this many MB on the heap (faster "
-       "steps; 0: glibc's default; MALLOC_MMAP_THRESHOLD_ in the environment wins)", type=int, resume='free'),
+       "steps; 0: glibc's default; MALLOC_MMAP_THRESHOLD_ in the environment wins)", type=int, resume='free',
+       check='int>=0'),
     _O('deterministic', False, 'Runtime', 'torch.use_deterministic_algorithms', flag='bool', resume='free'),
     _O('dtype', 'float32', 'Runtime', 'float64: model, data and losses in double precision (exact numerics checks; slow)',
        choices=('float32', 'float64'), resume='same'),
 ]
 DEFAULTS = {o.name: o.default for o in OPTIONS}
+
+
+# %% ../nbs/08_distill.ipynb #6479d196
+def check_ranges(cfg:dict, # a configuration, or part of one (keys of `OPTIONS`)
+                )->dict: # `cfg`
+    "Refuse any value outside its option's range (`Option.check`); a dict (`weight`) is checked value by value."
+    for o in OPTIONS:
+        v = cfg.get(o.name)
+        if o.check is None or v is None: continue
+        for k, x in (v.items() if isinstance(v, dict) else [(None, v)]):
+            if bad := out_of_range(x, o.check):
+                flag = f"--{o.name.replace('_', '-')}" + (f" {k}={x}" if k is not None else '')
+                raise ValueError(f"'{o.name}' ({flag}) must be {bad}, got {x!r}" + (f": {o.why}" if o.why else ''))
+    return cfg
 
 def make_objective(cfg:dict)->DistillObjective:
     "The objective a configuration asks for (method, weights, ALW, temperature)."
@@ -134,7 +169,7 @@ def make_objective(cfg:dict)->DistillObjective:
 def make_config(cfg:dict|None=None, # options to set; anything left out takes its default
                 **kwargs, # more options (override `cfg`)
                )->dict: # a complete configuration
-    "Merge `cfg` and `kwargs` over `DEFAULTS`, check names, choices and the method."
+    "Merge `cfg` and `kwargs` over `DEFAULTS`, check names, choices, ranges and the method."
     out = dict(DEFAULTS)
     given = {**(cfg or {}), **kwargs}
     unknown = sorted(k for k in given if k not in DEFAULTS)
@@ -145,9 +180,12 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     for o in OPTIONS:
         if o.choices and out[o.name] not in o.choices:
             raise ValueError(f"configuration '{o.name}' must be one of {o.choices}, got {out[o.name]!r}")
-    if out['weight'] is not None: out['weight'] = {str(k): float(v) for k, v in dict(out['weight']).items()}
+    if out['weight'] is not None: out['weight'] = {str(k): v for k, v in dict(out['weight']).items()}
     if out['param'] is not None: out['param'] = {str(k): dict(v) for k, v in dict(out['param']).items()}
-    obj = make_objective(out)                              # checks the method, the weights and the temperature
+    check_ranges(out)
+    if out['weight'] is not None: out['weight'] = {k: float(v) for k, v in out['weight'].items()}
+    if out['scale_min'] > out['scale_max']: raise ValueError(f"--scale-min {out['scale_min']} > --scale-max {out['scale_max']}")
+    obj = make_objective(out)                              # checks the method, and the terms' parameters (`bounds`)
     if out['mode'] == 'train' and obj.needs_teacher:
         raise ValueError(f"mode 'train' trains on the ground truth only; method {out['method']!r} needs mode 'distill'")
     if out['dtype'] == 'float64' and out['teacher_bf16']:
@@ -156,21 +194,6 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
         raise ValueError(f"dtype 'float64' runs without mixed precision: set amp='none' (--amp none), got {out['amp']!r}")
     if out['mode'] == 'distill' and obj.needs_teacher and not out['teacher']:
         raise ValueError(f"method {out['method']!r} needs a teacher checkpoint: set 'teacher' (--teacher PATH)")
-    def flag(k): return f"'{k}' (--{k.replace('_', '-')})"
-    for k in ('batch_size', 'epochs', 'crop_size', 'val_batch_size', 'log_every', 'eval_every'):
-        if int(out[k]) < 1: raise ValueError(f"{flag(k)} must be >= 1, got {out[k]}")
-    if int(out['batch_size']) < 2:
-        raise ValueError(f"{flag('batch_size')} must be >= 2: the BatchNorm after ASPP's image pooling sees one value per "
-                         f"image and channel, so one image per process cannot be trained (got {out['batch_size']})")
-    for k in ('max_steps', 'stop_after'):
-        if out[k] is not None and int(out[k]) < 1: raise ValueError(f"{flag(k)} must be >= 1 when given, got {out[k]}")
-    for k in ('ckpt_every', 'warmup_steps', 'workers'):
-        if int(out[k]) < 0: raise ValueError(f"{flag(k)} must be >= 0, got {out[k]}")
-    for k in ('lr', 'temperature', 'scale_min', 'scale_max'):
-        if not (math.isfinite(float(out[k])) and float(out[k]) > 0): raise ValueError(f"{flag(k)} must be a number > 0, got {out[k]}")
-    if out['scale_min'] > out['scale_max']: raise ValueError(f"--scale-min {out['scale_min']} > --scale-max {out['scale_max']}")
-    for k in ('momentum', 'weight_decay', 'head_mult'):
-        if not (math.isfinite(float(out[k])) and float(out[k]) >= 0): raise ValueError(f"{flag(k)} must be a number >= 0, got {out[k]}")
     for k, v in out.items():  # plain types only: the configuration is stored in weights_only checkpoints
         if isinstance(v, Path): out[k] = str(v)
     return out
@@ -258,11 +281,21 @@ def set_rng_state(st:dict):
     np.random.set_state((n['name'], n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
     if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
 
+def _write_tmp(state:dict, path:Path)->Path: # the complete temporary file, for the caller to move into place
+    "`torch.save` `state` to a new temporary file beside `path` (`.NAME.*.tmp`), synced to the disk."
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as fh: torch.save(state, fh); fh.flush(); os.fsync(fh.fileno())
+    except BaseException: os.remove(tmp); raise
+    return Path(tmp)
+
 def save_checkpoint(path:str|Path, # file to write
                     **state, # anything weights_only can read back
                    )->Path:
-    "Write `state` to `path` atomically (temporary file, then `os.replace`)."
-    return atomic_save(state, path)
+    "Write `state` to `path` atomically (a complete, synced temporary file, then `os.replace`)."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(_write_tmp(state, path), path)
+    return path
 
 # %% ../nbs/08_distill.ipynb #52a90803
 def set_malloc_mmap_threshold(mb:int, # allocations below this many MB come from the heap; 0: leave glibc's default
@@ -549,7 +582,7 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(self.out/'tb'), purge_step=resume_step)
-            except Exception as e: warnings.warn(f"TensorBoard disabled: {e}")
+            except Exception as e: _warn(f"TensorBoard disabled: {type(e).__name__}: {e}")
     @staticmethod
     def _truncate(f:Path, step:int):
         "Keep the header and the rows of steps <= `step` (written to a temporary file, then moved into place)."
@@ -733,17 +766,13 @@ class RunLock:
                 try: pid, host = self.path.read_text().split()[:2]; pid = int(pid)
                 except (OSError, ValueError): pid, host = None, None
                 if pid is not None and host == socket.gethostname() and not _alive(pid):
-                    warnings.warn(f"{self.path}: the run that held it (process {pid}) is gone; taking the folder over")
+                    _warn(f"{self.path}: the run that held it (process {pid}) is gone; taking the folder over")
                     self.path.unlink(missing_ok=True); continue
                 raise RunLockedError(f"{self.path.parent} is in use by process {pid} on {host} (lock file {self.path}); wait "
                                      f"for that run to end or choose another --out; if that process is gone, delete the lock file")
         raise RunLockedError(f"could not take {self.path}")
     def release(self):
         if self.held: self.path.unlink(missing_ok=True); self.held = False
-
-def _warn(msg:str):
-    "A warning the user must see (printed even where Python warnings are filtered)."
-    print(f"aicsd: warning: {msg}", file=sys.stderr, flush=True)
 
 def resume_changes(old:dict, # configuration stored in last.pt
                    new:dict, # configuration of the resuming command
@@ -774,13 +803,14 @@ class Checkpointer:
             allst = [None] * r.world
             dist.all_gather_object(allst, st)
         else: allst = st
-        if r.main:
-            if self.last.exists(): os.replace(self.last, self.prev)   # atomic: at every moment one complete file exists
-            save_checkpoint(self.last, **self._student(), config=r.cfg, modules=r.net.extras.state_dict(),
-                            optimizer=r.opt.state_dict(), scheduler=r.sched.state_dict(),
-                            scaler=r.scaler.state_dict() if r.scaler is not None else {},
-                            epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step,
-                            best_miou=float(prog.best), metrics=prog.metrics or {}, rng=allst)
+        if r.main:   # the new file complete on disk first, then two renames: last.pt -> last.prev.pt, new -> last.pt
+            tmp = _write_tmp(dict(**self._student(), config=r.cfg, modules=r.net.extras.state_dict(),
+                                  optimizer=r.opt.state_dict(), scheduler=r.sched.state_dict(),
+                                  scaler=r.scaler.state_dict() if r.scaler is not None else {},
+                                  epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step,
+                                  best_miou=float(prog.best), metrics=prog.metrics or {}, rng=allst), self.last)
+            if self.last.exists(): os.replace(self.last, self.prev)
+            os.replace(tmp, self.last)
 
     def save_best(self, prog:Progress):
         "Write `best.pt`: the student, its metrics and the configuration."
@@ -886,6 +916,17 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
     prog.epoch += 1; prog.step_in_epoch = 0
     return False
 
+def _eval_figures(run:Run, prog:Progress, log:RunLog)->dict: # `write_eval_figures`' result, {} when it failed
+    "Draw the evaluation figures; a failure is one warning line, never the end of the run."
+    try:
+        from aicsd.viz import write_eval_figures
+        import matplotlib.pyplot as plt
+        try: return write_eval_figures(run.out, prog.step, run.student, run.teacher, data=run.val_ds, n=4, tb_writer=log.tb)
+        finally: plt.close('all')
+    except Exception as e:
+        _warn(f"figures at step {prog.step} not drawn: {type(e).__name__}: {e}")
+        return {}
+
 def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer, t0:float, tty:bool=False):
     "Evaluate the student, log, and write `best.pt` when the mIoU improves."
     cfg = run.cfg
@@ -899,10 +940,7 @@ def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer
             print(f"epoch {prog.epoch}/{run.epochs} step {prog.step}: mIoU {prog.metrics['miou']:.4f} "
                   f"pixel acc {prog.metrics['pixel_acc']:.4f}", flush=True)
     if run.main and cfg['figures'] and run.dtype == torch.float32:   # (figures are drawn from float32 logits)
-        from aicsd.viz import write_eval_figures
-        import matplotlib.pyplot as plt
-        r = write_eval_figures(run.out, prog.step, run.student, run.teacher, data=run.val_ds, n=4, tb_writer=log.tb)
-        plt.close('all')
+        r = _eval_figures(run, prog, log)
         if r.get('ics_distance') is not None: prog.metrics['ics_distance'] = float(r['ics_distance'])
     if prog.metrics['miou'] > prog.best:
         prog.best = prog.metrics['miou']

@@ -13,10 +13,10 @@ from .losses import ce_loss, pixel_kd_loss, icsd_loss, released_icsd_loss
 from . import baselines as B
 
 # %% auto #0
-__all__ = ['TERMS', 'METHODS', 'alw_alpha', 'Term', 'register_term', 'term_ce', 'term_kd', 'term_icsd', 'term_released_icsd',
-           'Method', 'register_method', 'term_at', 'term_fitnet', 'term_sp', 'term_ickd', 'term_skd', 'term_ifvd',
-           'term_cwd', 'term_dist', 'term_cirkd_pixel', 'CIRKDMemoryTerm', 'term_cirkd_memory', 'term_released_pa',
-           'term_released_ic', 'term_released_pi', 'parse_method', 'DistillObjective']
+__all__ = ['TERMS', 'METHODS', 'alw_alpha', 'out_of_range', 'Term', 'register_term', 'term_ce', 'term_kd', 'term_icsd',
+           'term_released_icsd', 'Method', 'register_method', 'term_at', 'term_fitnet', 'term_sp', 'term_ickd',
+           'term_skd', 'term_ifvd', 'term_cwd', 'term_dist', 'term_cirkd_pixel', 'CIRKDMemoryTerm', 'term_cirkd_memory',
+           'term_released_pa', 'term_released_ic', 'term_released_pi', 'parse_method', 'DistillObjective']
 
 # %% ../nbs/04_objective.ipynb #7affb6ee
 def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
@@ -25,6 +25,20 @@ def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
     "Adaptive loss weighting factor: linear in training progress, clipped to [0, 1]."
     if not total > 0: raise ValueError(f"`total` must be > 0 (length of training); got {total}")
     return float(min(max(step / total, 0.0), 1.0))
+
+# %% ../nbs/04_objective.ipynb #63444e14
+def out_of_range(value, # a number, or whatever a flag or a config file gave
+                 check:str, # the range: '>0', '>=0', '>=1', ...; 'int>=1' for whole numbers
+                )->str|None: # None when `value` is within; else what was expected, e.g. 'a finite number > 0'
+    "The one range check of options, term weights and term parameters: a finite number within a bound."
+    whole = check.startswith('int'); rest = check[3:] if whole else check
+    op = '>=' if rest.startswith('>=') else '>'
+    bound = float(rest[len(op):])
+    want = f"{'an integer' if whole else 'a finite number'} {op} {rest[len(op):]}"
+    try: x = float(value)
+    except (TypeError, ValueError): return want
+    if isinstance(value, bool) or not math.isfinite(x) or (whole and not x.is_integer()): return want
+    return None if (x >= bound if op == '>=' else x > bound) else want
 
 # %% ../nbs/04_objective.ipynb #b311ed1b
 @dataclass(frozen=True)
@@ -37,6 +51,7 @@ class Term:
     alw:str='grow' # under ALW: 'grow' (x alpha) or 'fade' (x (1 - alpha))
     params:dict=field(default_factory=dict) # hyper-parameters and their defaults, passed to `fn` as keywords
     module:Callable|None=None # factory(s_channels:dict, t_channels:dict, num_classes:int, **params) -> nn.Module, or None
+    bounds:dict=field(default_factory=dict) # parameter -> its range (`out_of_range`), checked when a method is configured
     ref:str='' # where it comes from
 
     @property
@@ -70,9 +85,10 @@ def term_released_icsd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     return released_icsd_loss(s['logits'], t['logits'])
 
 register_term('ce', Term(term_ce, teacher=False, params=dict(ignore_index=255), ref='supervised cross-entropy'))
-register_term('kd', Term(term_kd, alw='fade', params=dict(T=1.0, ignore_index=255),
+register_term('kd', Term(term_kd, alw='fade', params=dict(T=1.0, ignore_index=255), bounds=dict(T='>0'),
                          ref='Hinton et al., NeurIPS-W 2015; pixel-wise as in CIRKD losses/'))
-register_term('icsd', Term(term_icsd, weight=0.1, params=dict(T=1.0, normalize=None), ref='AICSD (Mansourian et al., 2025)'))
+register_term('icsd', Term(term_icsd, weight=0.1, params=dict(T=1.0, normalize=None), bounds=dict(T='>0'),
+                           ref='AICSD (Mansourian et al., 2025)'))
 register_term('released_icsd', Term(term_released_icsd, weight=0.1, ref="AICSD authors' released code (see 02_losses)"));
 
 # %% ../nbs/04_objective.ipynb #b27027c8
@@ -153,19 +169,26 @@ def _cirkd_memory(sc, tc, nc, pixel_size:int=20000, region_size:int=2000, **_):
     return CIRKDMemoryTerm(sc['decoder'], tc['decoder'], nc, pixel_size, region_size)
 
 for _n, _t in dict(
-    at=Term(term_at, ('decoder',), weight=1e4, alw='fade', params=dict(p=2.0), ref='Zagoruyko & Komodakis, ICLR 2017; CIRKD'),
+    at=Term(term_at, ('decoder',), weight=1e4, alw='fade', params=dict(p=2.0), bounds=dict(p='>0'),
+            ref='Zagoruyko & Komodakis, ICLR 2017; CIRKD'),
     fitnet=Term(term_fitnet, ('decoder',), weight=1.0, alw='fade', module=_adapter('decoder'), ref='Romero et al., ICLR 2015 (weight ours)'),
     sp=Term(term_sp, ('aspp',), weight=3000.0, ref='Tung & Mori, ICCV 2019 (CIFAR weight)'),
     ickd=Term(term_ickd, ('aspp',), weight=2.5, module=_adapter('aspp'), ref='Liu et al., ICCV 2021 (CIFAR weight)'),
-    skd=Term(term_skd, ('decoder',), weight=10.0, params=dict(scale=0.5, kernel=2), ref='Liu et al., CVPR 2019; CIRKD'),
+    skd=Term(term_skd, ('decoder',), weight=10.0, params=dict(scale=0.5, kernel=2), bounds=dict(scale='>0'),
+             ref='Liu et al., CVPR 2019; CIRKD'),
     ifvd=Term(term_ifvd, ('logits', 'decoder'), weight=20.0, ref='Wang et al., ECCV 2020; CIRKD'),
-    cwd=Term(term_cwd, weight=3.0, alw='fade', params=dict(tau=4.0), ref='Shu et al., ICCV 2021; CIRKD'),
-    dist=Term(term_dist, weight=1.0, alw='fade', params=dict(beta=1.0, gamma=1.0, tau=1.0), ref='Huang et al., NeurIPS 2022'),
-    cirkd_pixel=Term(term_cirkd_pixel, ('decoder',), weight=1.0, params=dict(tau=0.1, pool=2), ref='Yang et al., CVPR 2022'),
+    cwd=Term(term_cwd, weight=3.0, alw='fade', params=dict(tau=4.0), bounds=dict(tau='>0'), ref='Shu et al., ICCV 2021; CIRKD'),
+    dist=Term(term_dist, weight=1.0, alw='fade', params=dict(beta=1.0, gamma=1.0, tau=1.0),
+               bounds=dict(beta='>=0', gamma='>=0', tau='>0'), ref='Huang et al., NeurIPS 2022'),
+    cirkd_pixel=Term(term_cirkd_pixel, ('decoder',), weight=1.0, params=dict(tau=0.1, pool=2),
+                      bounds=dict(tau='>0', pool='int>=1'), ref='Yang et al., CVPR 2022'),
     cirkd_memory=Term(term_cirkd_memory, ('decoder',), weight=0.1, module=_cirkd_memory,
                       params=dict(tau=0.1, kd_tau=1.0, pixel_contrast=4096, region_contrast=1024, pixel_size=20000,
-                                  region_size=2000), ref='Yang et al., CVPR 2022'),
-    released_pa=Term(term_released_pa, ('aspp',), weight=9500.0, params=dict(scale=0.5), ref="AICSD released code ('pa')"),
+                                  region_size=2000),
+                      bounds=dict(tau='>0', kd_tau='>0', **dict.fromkeys(('pixel_contrast', 'region_contrast', 'pixel_size',
+                                  'region_size'), 'int>=1')), ref='Yang et al., CVPR 2022'),
+    released_pa=Term(term_released_pa, ('aspp',), weight=9500.0, params=dict(scale=0.5), bounds=dict(scale='>0'),
+                     ref="AICSD released code ('pa')"),
     released_ic=Term(term_released_ic, weight=1.0, ref="AICSD released code ('ic'; weight not set by its README)"),
     released_pi=Term(term_released_pi, weight=10.0, alw='fade', ref="AICSD released code ('pi')"),
 ).items(): register_term(_n, _t)
@@ -223,14 +246,14 @@ class DistillObjective:
         self.names, m_alw = parse_method(method)
         self.alw = m_alw if alw is None else bool(alw)
         if normalize not in (None, 'row'): raise ValueError(f"`normalize` must be None or 'row'; got {normalize!r}")
-        if not T > 0: raise ValueError(f"`T` (temperature) must be > 0; got {T}")
+        if bad := out_of_range(T, '>0'): raise ValueError(f"`T` (temperature, --temperature) must be {bad}; got {T}")
         w = {n: float(TERMS[n].weight) for n in self.names}
         given = dict(weights or {})
         if lambda_kd is not None: given.setdefault('kd', lambda_kd)
         if lambda_icsd is not None: given.setdefault('icsd', lambda_icsd)
         for k, v in given.items():
             if k not in TERMS: raise ValueError(f"weight for unknown term {k!r}; terms: {', '.join(TERMS)}")
-            if not math.isfinite(float(v)): raise ValueError(f"weight of {k!r} must be a finite number; got {v}")
+            if bad := out_of_range(v, '>=0'): raise ValueError(f"weight of {k!r} (--weight {k}=W) must be {bad}; got {v}")
             if k in w: w[k] = float(v)            # weights of terms the method does not use are ignored
         self.weights = w
         shared = dict(T=float(T), ignore_index=ignore_index, normalize=normalize)
@@ -242,6 +265,9 @@ class DistillObjective:
             bad = sorted(set(extra) - set(p))
             if bad: raise ValueError(f"term {n!r} has no parameter(s) {bad}; it takes {sorted(p)}")
             p.update(extra); self.params[n] = p
+            for k, c in TERMS[n].bounds.items():
+                if p.get(k) is not None and (bad := out_of_range(p[k], c)):
+                    raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) must be {bad}; got {p[k]!r}")
         self.T, self.ignore_index, self.normalize = float(T), ignore_index, normalize
 
     @property

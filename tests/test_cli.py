@@ -1,5 +1,5 @@
 """End to end through the `aicsd` command on tiny synthetic data: train, distill with each method, evaluate."""
-import json
+import argparse, json
 import pytest
 import torch
 from conftest import aicsd_cmd, run, tiny_args
@@ -56,6 +56,43 @@ def test_errors_are_clear(tiny_data, tmp_path):
     assert p.returncode == 2 and 'teacher' in p.stderr
     p = run(aicsd_cmd() + ['train', '--model', 'vgg16'], cwd=tmp_path, check=False)
     assert p.returncode == 2 and 'invalid choice' in p.stderr
+
+def test_out_of_range_weights_are_refused(teacher, tiny_data, tmp_path):
+    "`--lambda-kd -1` and friends: exit 2 before anything runs, the message names the flag and the range."
+    for more, flag in ((['--lambda-kd', -1], '--lambda-kd'), (['--weight', 'kd=nan'], '--weight kd='),
+                       (['-T', 0], '--temperature'), (['--param', 'kd.T=-2'], '--param kd.T')):
+        out = tmp_path / 'x'
+        p = run(aicsd_cmd() + ['distill', '--teacher', teacher / 'best.pt', '--student', 'mobilenetv2', '--method', 'kd',
+                               '--epochs', 1, *more] + tiny_args(tiny_data, out), cwd=tmp_path, check=False)
+        assert p.returncode == 2 and flag in p.stderr and 'finite number' in p.stderr, (more, p.returncode, p.stderr[-800:])
+        assert 'Traceback' not in p.stderr and not out.exists()
+
+def _parsers(p, name='aicsd'):
+    "`p` and its subcommands' parsers, at every depth."
+    yield name, p
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for n, sp in a.choices.items(): yield from _parsers(sp, f'{name} {n}')
+
+def test_every_option_shows_its_help_and_default():
+    "Each option of each subcommand (`aicsd data synthetic` too) has a help line that shows its default (on/off for switches)."
+    from aicsd.cli import build_parser
+    squash = lambda s: ''.join(s.split())                  # line breaks differ with the column width: compare without them
+    seen = 0
+    for name, p in _parsers(build_parser()):
+        text = squash(p.format_help())
+        for a in p._actions:
+            if not a.option_strings or isinstance(a, (argparse._HelpAction, argparse._VersionAction)): continue
+            seen += 1
+            assert a.help and a.help.strip(), (name, a.option_strings)
+            block = squash(p._get_formatter()._format_action(a))     # what --help prints for this option
+            assert block in text, (name, block)
+            if a.required: want = '(required)'
+            elif isinstance(a.default, bool): want = f"default: {'on' if a.default else 'off'}"
+            elif a.default is not None: want = f'{a.default}'
+            else: want = 'default:'
+            assert squash(want) in block and ('default:' in block or a.required), (name, block, want)
+    assert seen > 100
 
 def test_recipes_roundtrip(tmp_path):
     p = run(aicsd_cmd() + ['recipes'], cwd=tmp_path)

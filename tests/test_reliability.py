@@ -1,5 +1,6 @@
 """Never lose a run, never use the wrong data silently: each case fails loudly, names the file or option, changes nothing."""
-import os, signal, subprocess, sys, time
+import os, re, signal, subprocess, sys, time
+import pytest
 import torch
 from conftest import ENV, aicsd_cmd, run, tiny_args
 
@@ -26,10 +27,20 @@ def test_lock_keeps_a_second_run_out(tiny_data, tmp_path):
     (out / '.lock').write_text(f"{os.getpid()} {os.uname().nodename}\n")     # this (live) test process holds it
     p = run(_train(tiny_data, out), cwd=tmp_path, check=False)
     assert p.returncode == 2 and 'in use by process' in p.stderr and not (out / 'last.pt').exists()
+
+def test_stale_lock_takeover_is_one_warning_line(tiny_data, tmp_path):
+    "A lock left by a process that is gone is taken over, with one `aicsd: warning:` line (no Python UserWarning)."
+    out = tmp_path / 's'; out.mkdir()
     dead = subprocess.Popen([sys.executable, '-c', 'pass']); dead.wait()   # a pid that has exited
     (out / '.lock').write_text(f"{dead.pid} {os.uname().nodename}\n")
-    run(_train(tiny_data, out), cwd=tmp_path)                              # a stale lock is taken over
+    env = {k: v for k, v in ENV.items() if k != 'PYTHONWARNINGS'}         # Python's warnings shown, as a user sees them
+    p = subprocess.run([str(a) for a in _train(tiny_data, out)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0, p.stderr
     assert (out / 'last.pt').exists() and not (out / '.lock').exists()
+    warned = [l for l in p.stderr.splitlines() if 'warning' in l.lower()]
+    assert len(warned) == 1 and warned[0].startswith('aicsd: warning: ') and f'process {dead.pid}' in warned[0], p.stderr
+    assert 'UserWarning' not in p.stderr and 'warnings.warn' not in p.stderr, p.stderr
 
 def test_ctrl_c_checkpoints_and_resumes(tiny_data, tmp_path):
     out = tmp_path / 'c'
@@ -138,3 +149,70 @@ def test_device_and_teacher_backbone_messages(tiny_data, tmp_path):
                            '--teacher-backbone', 'resnet101', '--epochs', 1] + tiny_args(tiny_data, tmp_path / 'd'),
             cwd=tmp_path, check=False)
     assert r.returncode == 2 and 'mobilenetv2' in r.stderr and '--teacher-backbone' in r.stderr and 'drop it' in r.stderr, r.stderr
+
+def _cfg(root, out, **kw):
+    "A tiny in-process run on `tiny_data`: 3 steps per epoch."
+    return {**dict(data='synthetic', data_root=str(root), model='mobilenetv2', crop_size=32, scale_min=1.0, scale_max=1.0,
+                   batch_size=4, val_batch_size=5, lr=0.01, threads=1, device='cpu', tensorboard=False, figures=False,
+                   quiet=True, out=str(out)), **kw}
+
+def _spy_last_writes(monkeypatch, out) -> list:
+    "Each write of a last.pt: (its step, the step last.pt held when the write began, the step it held when it ended)."
+    seen, save = [], torch.save
+    def held():
+        f = out / 'last.pt'
+        return torch.load(f, map_location='cpu', weights_only=True)['global_step'] if f.exists() else None
+    def spy(obj, f, *a, **k):
+        if not (isinstance(obj, dict) and 'optimizer' in obj): return save(obj, f, *a, **k)
+        before = held(); save(obj, f, *a, **k)
+        seen.append((obj['global_step'], before, held()))
+    monkeypatch.setattr(torch, 'save', spy)
+    return seen
+
+def test_one_checkpoint_write_per_step(tiny_data, tmp_path, monkeypatch):
+    "Epochs that end on a checkpoint step, a stop at an epoch end, a resume: last.pt is written once per step."
+    from aicsd.distill import fit
+    seen = _spy_last_writes(monkeypatch, tmp_path / 'o')
+    fit(_cfg(tiny_data, tmp_path / 'o', epochs=2, ckpt_every=1, stop_after=3))
+    fit(_cfg(tiny_data, tmp_path / 'o', epochs=2, ckpt_every=1, resume=True))
+    assert [s for s, _, _ in seen] == [1, 2, 3, 4, 5, 6], seen
+
+def test_last_pt_stays_until_the_new_checkpoint_is_complete(tiny_data, tmp_path, monkeypatch):
+    "While a checkpoint is written, last.pt holds the previous one; then the previous one becomes last.prev.pt."
+    from aicsd.distill import fit, load_checkpoint
+    out = tmp_path / 'o'
+    seen = _spy_last_writes(monkeypatch, out)
+    fit(_cfg(tiny_data, out, epochs=2, ckpt_every=1))
+    assert seen[0] == (1, None, None)                                     # the first write: nothing before it
+    for (step, before, after), (prev, _, _) in zip(seen[1:], seen):
+        assert (before, after) == (prev, prev), seen                      # the old last.pt, complete, the whole time
+    assert [load_checkpoint(out / f)['global_step'] for f in ('last.pt', 'last.prev.pt')] == [6, 5]
+    assert not list(out.glob('.*.tmp'))                                    # no temporary file left behind
+
+def test_a_failure_drawing_figures_does_not_end_the_run(tiny_data, tmp_path, monkeypatch, capsys):
+    import aicsd.viz
+    from aicsd.distill import fit
+    def boom(*a, **k): raise RuntimeError('stack expects each tensor\nto be equal size')
+    monkeypatch.setattr(aicsd.viz, 'write_eval_figures', boom)
+    r = fit(_cfg(tiny_data, tmp_path / 'g', epochs=2, figures=True))
+    assert r['steps'] == 6 and (tmp_path / 'g' / 'best.pt').exists()
+    warned = [l for l in capsys.readouterr().err.splitlines() if 'warning' in l]
+    assert warned == [f'aicsd: warning: figures at step {s} not drawn: RuntimeError: stack expects each tensor to be '
+                      f'equal size' for s in (3, 6)], warned
+
+def test_make_config_refuses_out_of_range_weights_and_parameters():
+    "Negative, NaN or infinite weights, temperatures and term parameters: refused, naming the option and the range."
+    from aicsd.distill import make_config
+    kd = dict(mode='distill', method='kd', teacher='t.pt')
+    nan, inf = float('nan'), float('inf')
+    cases = [(dict(lambda_kd=-1), '--lambda-kd', '>= 0'), (dict(lambda_icsd=nan), '--lambda-icsd', '>= 0'),
+             (dict(temperature=0), '--temperature', '> 0'), (dict(temperature=inf), '--temperature', '> 0'),
+             (dict(weight={'kd': -0.5}), '--weight kd=', '>= 0'), (dict(weight={'kd': inf}), '--weight kd=', '>= 0'),
+             (dict(param={'kd': {'T': 0}}), '--param kd.T', '> 0'), (dict(param={'kd': {'T': nan}}), '--param kd.T', '> 0'),
+             (dict(method='cwd', param={'cwd': {'tau': -4}}), '--param cwd.tau', '> 0'),
+             (dict(clip_grad=0), '--clip-grad', '> 0'), (dict(max_val=0), '--max-val', '>= 1')]
+    for kw, flag, bound in cases:
+        with pytest.raises(ValueError, match=re.escape(flag)) as e: make_config({**kd, **kw})
+        assert f'a finite number {bound}' in str(e.value) or f'an integer {bound}' in str(e.value), str(e.value)
+    c = make_config(kd, lambda_kd=0, weight={'kd': 0})                     # a weight of 0 switches a term off
+    assert (c['lambda_kd'], c['weight']) == (0, {'kd': 0.0})
