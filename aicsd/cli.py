@@ -4,17 +4,17 @@
 
 # %% ../nbs/09_cli.ipynb #543bbab8
 from __future__ import annotations
-import argparse, inspect, json, os, sys, time, textwrap
+import argparse, inspect, json, os, sys
 from pathlib import Path
 import torch
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate, load_checkpoint, check_ranges
 from .objective import METHODS, TERMS, parse_method
+from .models import BACKBONES
+from .experiments import RECIPES, recipe_text, run_demo, run_compare
 
 # %% auto #0
-__all__ = ['BACKBONES', 'PAPER_MIOU', 'PAPER_TEACHER', 'RECIPES', 'EPILOG', 'BENCHES', 'DEMO_PRESETS', 'DEMO_METHODS',
-           'DEMO_PARAMS', 'methods_help', 'add_train_options', 'read_config', 'recipe_text', 'build_parser',
-           'args_to_config', 'parse', 'main', 'run_evaluate', 'run_bench', 'run_demo', 'run_compare', 'format_table',
-           'write_report']
+__all__ = ['EPILOG', 'BENCHES', 'methods_help', 'add_train_options', 'read_config', 'build_parser', 'args_to_config', 'parse',
+           'main', 'run_evaluate', 'run_bench']
 
 # %% ../nbs/09_cli.ipynb #939854fc
 def _method_arg(s:str)->str:
@@ -105,8 +105,6 @@ def add_train_options(p:argparse.ArgumentParser, # a subcommand parser
         p.set_defaults(**{o.name: o.default})
     return p
 
-BACKBONES = ['resnet101', 'resnet50', 'resnet18', 'mobilenetv2']
-
 # %% ../nbs/09_cli.ipynb #15364289
 def read_config(path:str|Path, # .yaml, .yml or .toml
                )->dict: # keys with underscores
@@ -134,56 +132,6 @@ def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
     bad = sorted(set(cfg) - valid)
     if bad: raise KeyError(f"config {path}: unknown key(s) {bad}; valid keys: {sorted(valid)}")
     p.set_defaults(**cfg)
-
-# %% ../nbs/09_cli.ipynb #cdfd83d4
-PAPER_MIOU = {  # (dataset, student) -> method -> reported val mIoU (%), the paper's table (nbs/paper.ipynb)
-    ('voc', 'resnet18'): dict(baseline=67.50, kd=69.13, icsd=None, aicsd=70.03),
-    ('voc', 'mobilenetv2'): dict(baseline=63.92, kd=66.39, icsd=None, aicsd=68.05),
-    ('cityscapes', 'resnet18'): dict(baseline=64.09, kd=65.21, icsd=None, aicsd=68.46),
-    ('cityscapes', 'mobilenetv2'): dict(baseline=63.05, kd=64.03, icsd=None, aicsd=66.53),
-}
-PAPER_TEACHER = dict(voc=77.85, cityscapes=77.66)
-_PROTOCOL = dict(output_stride=16, epochs=120, batch_size=6, momentum=0.9, weight_decay=5e-4, poly_power=0.9,
-                 head_mult=10.0, crop_size=513, scale_min=0.5, scale_max=2.0, hflip=True, blur=True,
-                 eval_resize=513, eval_square=True, temperature=1.0, pretrained_backbone=True, amp='bf16')
-_DATA = dict(voc=dict(data='voc', data_root='data/VOCdevkit/VOC2012', train_split='trainaug', val_split='val', lr=0.007),
-             cityscapes=dict(data='cityscapes', data_root='data/cityscapes', train_split='train', val_split='val', lr=0.01))
-_SHORT = dict(resnet18='r18', mobilenetv2='mbv2', resnet101='r101')
-
-def _recipes()->dict:
-    r = {}
-    for ds in ('voc', 'cityscapes'):
-        r[f'{ds}-teacher-r101'] = dict(command='train', model='resnet101', **_DATA[ds], **_PROTOCOL,
-                                       out=f'runs/{ds}-teacher-r101', paper=dict(miou=PAPER_TEACHER[ds]))
-        for st in ('resnet18', 'mobilenetv2'):
-            for m in ('baseline', 'kd', 'icsd', 'aicsd'):
-                rep = PAPER_MIOU[(ds, st)][m]
-                r[f'{ds}-{_SHORT[st]}-{m}'] = dict(
-                    command='distill', method=m, student=st, teacher=f'runs/{ds}-teacher-r101/best.pt',
-                    **_DATA[ds], **_PROTOCOL, lambda_kd=1.0, lambda_icsd=0.1, alw_unit='epoch',
-                    out=f'runs/{ds}-{_SHORT[st]}-{m}',
-                    paper=dict(miou=rep, teacher_miou=PAPER_TEACHER[ds]) if rep is not None else
-                          dict(miou='not reported (ablation only)', teacher_miou=PAPER_TEACHER[ds]))
-    return r
-
-RECIPES = _recipes()
-
-def recipe_text(name:str, # a key of RECIPES
-                fmt:str='yaml', # 'yaml' or 'toml'
-               )->str:
-    "The recipe as a config file (with a comment on what the paper reports)."
-    if name not in RECIPES: raise KeyError(f"unknown recipe {name!r}; `aicsd recipes` lists: {', '.join(RECIPES)}")
-    r = dict(RECIPES[name]); paper = r.pop('paper')
-    head = (f"# aicsd recipe {name}: run with `aicsd {r['command']} --config FILE` (flags override keys)\n"
-            f"# paper (its results table): val mIoU {paper['miou']}"
-            + (f", teacher {paper['teacher_miou']}" if 'teacher_miou' in paper else '') + "\n"
-            "# lambda_kd = 1 and lambda_icsd = 0.1 are ours (not in the material we had); batch_size is per process (6 in total in the paper)\n")
-    if fmt == 'toml':
-        body = ''.join(f"{k} = {json.dumps(v)}\n" for k, v in r.items() if v is not None)
-    else:
-        import yaml
-        body = yaml.safe_dump(r, sort_keys=False)
-    return head + body
 
 # %% ../nbs/09_cli.ipynb #c77fb66d
 EPILOG = """\
@@ -316,6 +264,13 @@ def _run_data(a):
             nm = names[i] if names is not None and isinstance(i, int) and i < len(names) else i
             print(f"{nm!s:>20}  {v}")
 
+# %% ../nbs/09_cli.ipynb #b3f21daa
+def _figure_hook(cfg:dict): # `aicsd.viz.run_figures` when the run draws figures (--figures, the default), else None
+    "The engine's figure hook for a run of the command line (plotting is imported only when figures are drawn)."
+    if not cfg['figures']: return None
+    from aicsd.viz import run_figures
+    return run_figures
+
 # %% ../nbs/09_cli.ipynb #19e2cf21
 def args_to_config(a:argparse.Namespace)->dict:
     "The `fit` configuration of a parsed `train` / `distill` command."
@@ -360,7 +315,7 @@ def _main(argv):
     a = parse(argv)
     if a.command in ('train', 'distill'):
         cfg = args_to_config(a)
-        r = fit(cfg)
+        r = fit(cfg, draw=_figure_hook(cfg))
         if int(os.environ.get('RANK', 0)) == 0:
             print(json.dumps(dict(out=r['out'], steps=r['steps'], best_miou=round(r['best_miou'], 6),
                                   time_s=round(r['time_s'], 1))))
@@ -370,7 +325,6 @@ def _main(argv):
             print(json.dumps(_json_safe({k: v for k, v in res.items() if k != 'iou'})))
             if a.json: Path(a.json).write_text(json.dumps(_json_safe(res), indent=1))
     elif a.command == 'demo':
-        from aicsd.cli import run_demo
         run_demo(out=a.out, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads, seeds=a.seeds)
     elif a.command == 'compare':
         run_compare(out=a.out, methods=a.methods, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads,
@@ -389,7 +343,7 @@ def _main(argv):
 def run_evaluate(a:argparse.Namespace)->dict:
     "Evaluate the checkpoint `a.ckpt` on the validation split of `a.data`."
     from aicsd.models import load_model, model_arch
-    from aicsd.data import get_dataset, eval_transform
+    from aicsd.data import get_dataset
     from aicsd.distill import dist_env, resolve_device, init_distributed, cleanup_distributed, _amp_dtype
     check_ranges(vars(a))                      # --max-val, --val-batch-size, ... as for train and distill
     if a.threads: torch.set_num_threads(a.threads)
@@ -458,128 +412,6 @@ def run_bench(what:list, # names from BENCHES
         if out is not None: B.append_rows(out, g, bench='goals')
     if failed: raise SystemExit('aicsd bench: ' + '\n'.join(failed))
     return res
-
-# %% ../nbs/09_cli.ipynb #fb64acdb
-DEMO_PRESETS = dict(  # sizes chosen for 2 CPU cores; steps, not epochs, so the time does not depend on n_train
-    full=dict(n_train=160, n_val=32, size=64, num_classes=9, teacher='resnet18', student='mobilenetv2',
-              crop_size=64, batch_size=8, teacher_steps=150, student_steps=50, lr=0.02, seeds=(0, 1, 2)),
-    quick=dict(n_train=160, n_val=32, size=64, num_classes=9, teacher='resnet18', student='mobilenetv2',
-               crop_size=48, batch_size=8, teacher_steps=24, student_steps=10, lr=0.02, max_val=16, seeds=(0,)),
-)
-DEMO_METHODS = ('baseline', 'kd', 'icsd', 'aicsd')
-# small CIRKD memories: the defaults (20,000 pixels per class) would dwarf these tiny runs and their checkpoints
-DEMO_PARAMS = {'cirkd_memory': dict(pixel_size=2000, region_size=200, pixel_contrast=1024, region_contrast=256)}
-_TEACHER_KEYS = ('model', 'data_root', 'crop_size', 'batch_size', 'lr', 'seed', 'max_steps', 'scale_min', 'scale_max', 'max_val')
-
-def _demo_cfg(P:dict, root:Path, out:Path, threads, seed)->dict:
-    return dict(data='synthetic', data_root=str(root), crop_size=P['crop_size'], batch_size=P['batch_size'],
-                lr=P['lr'], seed=seed, tensorboard=False, figures=False, quiet=True, force=True, eval_every=10**6, log_every=5,
-                threads=threads, device='cpu', workers=0, val_batch_size=16, scale_min=0.75, scale_max=1.25,
-                max_val=P.get('max_val'))
-
-def _teacher(P, base, out, fresh, preset):
-    "Train the demo teacher, or reuse the cached one when its configuration matches."
-    tdir = out/f"teacher-{preset}"
-    cfg = make_config(base, mode='train', model=P['teacher'], max_steps=P['teacher_steps'], out=str(tdir))
-    ck = tdir/'best.pt'
-    if ck.exists() and not fresh:
-        c = load_checkpoint(ck)
-        if all(c['config'].get(k) == cfg[k] for k in _TEACHER_KEYS):
-            return ck, c['metrics'], 0.0, True
-    t0 = time.time(); r = fit(cfg)
-    return ck, r['metrics'], time.time() - t0, False
-
-def _mean_std(xs:list)->tuple:
-    import statistics
-    return (float(statistics.fmean(xs)), float(statistics.stdev(xs)) if len(xs) > 1 else 0.0)
-
-# %% ../nbs/09_cli.ipynb #4992944e
-def run_demo(out:str|Path='runs/demo', # report folder
-             quick:bool=False, # the short version (CI)
-             data_root:str|Path|None=None, # synthetic data folder (default data/synthetic-demo)
-             fresh:bool=False, # retrain the teacher even if cached
-             threads:int|None=None, # torch CPU threads
-             seed:int=0, # seed of the data and the teacher
-             methods:tuple|None=None, # methods to train (default the demo's four; `aicsd compare`: all)
-             seeds:tuple|None=None, # student seeds (default: the preset's, 3 for the full demo)
-            )->list: # rows of the results table (dicts with mean and std over seeds)
-    "Synthetic data -> teacher -> students of each method and seed -> report, heatmaps, predictions."
-    import matplotlib; matplotlib.use('Agg')
-    from aicsd.data import make_synthetic, get_dataset, eval_transform
-    from aicsd.models import load_model
-    from aicsd.viz import demo_figures, model_ics
-    t_start = time.time()
-    P = DEMO_PRESETS['quick' if quick else 'full']
-    methods = tuple(methods or DEMO_METHODS); seeds = tuple(P['seeds'] if seeds is None else seeds)
-    bad = [m for m in methods if m not in METHODS and '+' not in m]
-    if bad: raise ValueError(f"unknown method(s) {bad}; methods: {', '.join(METHODS)}")
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    root = Path(data_root or f"data/synthetic-demo-{P['size']}px")
-    threads = threads or 1  # one thread per process: robust when other jobs share the cores (--threads 2 on a quiet machine)
-    torch.set_num_threads(threads)
-    if not root.exists():
-        kw = {k: P[k] for k in ('n_train', 'n_val', 'size', 'num_classes') if P[k] is not None}
-        make_synthetic(root, seed=seed, **kw)
-        print(f"synthetic data written to {root}")
-    base = _demo_cfg(P, root, out, threads, seed)
-    print(f"teacher: DeepLabV3+ {P['teacher']}, {P['teacher_steps']} steps ...", flush=True)
-    tck, tmet, tsec, cached = _teacher(P, base, out, fresh, 'quick' if quick else 'full')
-    teacher = load_model(tck).eval()
-    val = get_dataset('synthetic', root, 'val', eval_transform())
-    rows = [dict(method=f"teacher ({P['teacher']})", miou=tmet['miou'], pixel_acc=tmet['pixel_acc'], ics_dist=0.0,
-                 time_s=tsec, n=1, note='cached' if cached else '')]
-    models = {'teacher': teacher}
-    for m in methods:
-        res = []
-        for sd in seeds:
-            print(f"student {P['student']} with {m}, seed {sd} ...", flush=True)
-            cfg = make_config(base, mode='distill', method=m, model=P['student'], teacher=str(tck), seed=sd,
-                              max_steps=P['student_steps'], out=str(out/f"student-{m}"/f"seed{sd}"),
-                              param={k: v for k, v in DEMO_PARAMS.items() if k in parse_method(m)[0]} or None)
-            t0 = time.time(); r = fit(cfg); sec = time.time() - t0
-            d = model_ics({'teacher': teacher, m: r['model']}, val, n=8)[1][m]
-            res.append(dict(miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], ics_dist=d, time_s=sec))
-            if sd == seeds[0]: models[m] = r['model']
-        row = dict(method=m, n=len(res), time_s=sum(x['time_s'] for x in res) / len(res), note='')
-        for k in ('miou', 'pixel_acc', 'ics_dist'): row[k], row[k + '_std'] = _mean_std([x[k] for x in res])
-        row['runs'] = res
-        rows.append(row)
-    demo_figures(models, root, out, n=8)
-    total = time.time() - t_start
-    write_report(rows, out, P, total, quick, seeds)
-    print(format_table(rows)); print(f"finished in {total:.0f} s; report: {out/'report.md'}")
-    return rows
-
-def run_compare(out:str|Path='runs/compare', # report folder
-                methods:tuple|None=None, # default: every method of the methods table
-                **kw, # more `run_demo` arguments (quick, seeds, threads, ...)
-               )->list:
-    "Every method on the same synthetic teacher and students, seeds as the demo: `aicsd compare`."
-    return run_demo(out=out, methods=tuple(methods or METHODS), **kw)
-
-# %% ../nbs/09_cli.ipynb #b0ffc250
-def _pm(r, k, scale=100.0, fmt='.2f'):
-    v = f"{scale * r[k]:{fmt}}"
-    return v + (f" ± {scale * r[k + '_std']:{fmt}}" if r.get('n', 1) > 1 and k + '_std' in r else '')
-
-def format_table(rows:list)->str:
-    "A markdown table of the demo results (mean ± std over seeds where there are several)."
-    h = "| method | mIoU (%) | pixel acc. (%) | ICS distance to teacher | time per run (s) |\n|---|---:|---:|---:|---:|\n"
-    return h + ''.join(f"| {r['method']} | {_pm(r, 'miou')} | {_pm(r, 'pixel_acc')} | {_pm(r, 'ics_dist', 1.0, '.4f')} | "
-                       f"{r['time_s']:.0f}{' (' + r['note'] + ')' if r.get('note') else ''} |\n" for r in rows)
-
-def write_report(rows, out:Path, P:dict, total:float, quick:bool, seeds:tuple=(0,)):
-    "Write `out/report.md` and `out/results.json`."
-    txt = (f"# aicsd {'quick ' if quick else ''}comparison\n\n"
-           f"Synthetic shapes ({P['n_train']} train / {P['n_val']} val images, {P['size']} px), teacher DeepLabV3+ "
-           f"{P['teacher']} ({P['teacher_steps']} steps), students DeepLabV3+ {P['student']} ({P['student_steps']} "
-           f"steps each, crop {P['crop_size']}, batch {P['batch_size']}, seeds {', '.join(map(str, seeds))}), CPU.\n\n"
-           + format_table(rows) +
-           f"\nMean ± standard deviation over {len(seeds)} seed(s). ICS distance: mean squared difference between the "
-           "model's and the teacher's inter-class similarity matrices (averaged over 8 validation images).\n\n"
-           f"Total wall time: {total:.0f} s.\n\n![ICS matrices](ics_matrices.png)\n\n![Predictions](predictions.png)\n")
-    (out/'report.md').write_text(txt)
-    (out/'results.json').write_text(json.dumps(rows, indent=1))
 
 # %% ../nbs/09_cli.ipynb #57de37ec
 if __name__ == '__main__' and Path(sys.argv[0]).name == 'cli.py': sys.exit(main())

@@ -4,199 +4,31 @@
 
 # %% ../nbs/08_distill.ipynb #a14e7f63
 from __future__ import annotations
-import csv, ctypes, gc, math, os, platform, random, shutil, signal, socket, sys, tempfile, threading, time
-from dataclasses import dataclass, field
+import math, os, signal, sys, threading, time
+from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn, Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 # %% auto #0
-__all__ = ['OPTIONS', 'DEFAULTS', 'Option', 'check_ranges', 'make_objective', 'make_config', 'poly_lr_lambda',
-           'eval_transform_for', 'load_checkpoint', 'load_teacher', 'rng_state', 'set_rng_state', 'save_checkpoint',
-           'set_malloc_mmap_threshold', 'dist_env', 'resolve_device', 'init_distributed', 'cleanup_distributed',
-           'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'StudentWithModules', 'model_outputs', 'tap_channels',
-           'distill_step', 'train_step', 'native_bf16', 'choose_teacher_bf16', 'evaluate', 'same_size_groups', 'RunLog',
-           'Run', 'Progress', 'build_models', 'build_run', 'resolve_teacher_bf16', 'RunExistsError', 'RunLockedError',
-           'RunInterrupted', 'RunLock', 'resume_changes', 'Checkpointer', 'train_one_epoch', 'evaluate_and_keep_best',
-           'fit']
+__all__ = ['poly_lr_lambda', 'eval_transform_for', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_channels',
+           'distill_step', 'train_step', 'choose_teacher_bf16', 'evaluate', 'same_size_groups', 'Run', 'build_models',
+           'build_run', 'resolve_teacher_bf16', 'train_one_epoch', 'evaluate_and_keep_best',
+           'restarted_with_checkpoint', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import deeplabv3plus, param_groups, model_arch, load_model, load_released_checkpoint
-from .data import get_dataset, train_transform, eval_transform, build_loader, make_synthetic, DEFAULT_ROOTS, ShardSampler
-from .objective import alw_alpha, DistillObjective, METHODS, parse_method, out_of_range
+from .data import get_dataset, train_transform, eval_transform, build_loader, make_synthetic, ShardSampler
+from .objective import alw_alpha, DistillObjective
 from .metrics import SegMetrics
 from .similarity import ics_matrix
-
-# %% ../nbs/08_distill.ipynb #f1623b7d
-def _warn(msg:str):
-    "A warning the user must see: one `aicsd: warning: ...` line on stderr (printed even where Python warnings are filtered)."
-    print(f"aicsd: warning: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
-
-# %% ../nbs/08_distill.ipynb #442be153
-@dataclass(frozen=True)
-class Option:
-    "One configuration key: its default, its command-line flag(s) and help (one table feeds both)."
-    name:str # configuration key; the long flag is --name with '-' for '_'
-    default:object # default value
-    group:str # --help section
-    help:str='' # one line for --help ('' : configuration only, no flag)
-    flags:tuple=() # more flags, e.g. ('-b',)
-    type:Callable|None=None # argparse type
-    choices:tuple|None=None # allowed values
-    flag:str='value' # 'value' (takes an argument), 'bool' (--x/--no-x), 'true' (--x only)
-    metavar:str|None=None
-    resume:str='warn' # on --resume with another value: 'same' refuses (it defines the run), 'warn' applies it with a warning, 'free' applies it
-    check:str|None=None # the range of a number (`out_of_range`: '>0', '>=0', 'int>=1', ...); None values (not given) pass
-    why:str='' # why the range, said when a value is refused
-
-def _O(name, default, group, help='', **kw): return Option(name, default, group, help, **kw)
-
-OPTIONS = [
-    # what to train (the command line adds --model / --student, --teacher, --method itself)
-    _O('mode', 'train', 'What to train', choices=('train', 'distill'), resume='same'),
-    _O('method', 'baseline', 'What to train', resume='same'),
-    _O('model', 'resnet18', 'What to train', resume='same'),
-    _O('teacher', None, 'What to train', resume='same'),
-    _O('teacher_backbone', None, 'What to train', resume='same'),
-    _O('alw', None, 'Distillation', "put the method's terms under adaptive loss weighting (default: on for aicsd only)", flag='bool', resume='same'),
-    _O('weight', None, 'Distillation', "weight of a term, e.g. --weight cwd=3 (repeat the option for more terms; default: "
-       "the method's weights)", metavar='TERM=W', resume='same', check='>=0'),
-    _O('param', None, 'Distillation', "a term's hyper-parameter, e.g. --param cwd.tau=2 (repeat the option for more; "
-       "default: the term's own)", metavar='TERM.KEY=V', resume='same'),
-    _O('lambda_kd', 1.0, 'Distillation', 'weight of pixel-wise KD', type=float, resume='same', check='>=0'),
-    _O('lambda_icsd', 0.1, 'Distillation', 'weight of ICSD', type=float, resume='same', check='>=0'),
-    _O('temperature', 1.0, 'Distillation', 'softmax temperature of KD and ICSD', flags=('-T',), type=float, resume='same',
-       check='>0'),
-    _O('alw_unit', 'step', 'Distillation', 'ALW alpha per iteration (ours) or per epoch (paper)', choices=('step', 'epoch'), resume='same'),
-    _O('teacher_bf16', None, 'Distillation', 'run the frozen teacher under bf16 autocast (default: when measured faster at the '
-       'start of the run, on a CPU with native bf16 or a GPU)', flag='bool'),
-    # data
-    _O('data', 'synthetic', 'Data', 'dataset', choices=('voc', 'cityscapes', 'synthetic'), resume='same'),
-    _O('data_root', None, 'Data', 'dataset folder (VOC2012/, the Cityscapes root, or the synthetic folder); default: '
-       + ', '.join(f'{k} {v}' for k, v in DEFAULT_ROOTS.items()), metavar='DIR'),
-    _O('train_split', 'train', 'Data', 'training split (VOC: train or trainaug)', resume='same'),
-    _O('val_split', 'val', 'Data', 'validation split'),
-    _O('num_classes', None, 'Data', 'classes (default: from the dataset)', type=int, metavar='C', resume='same',
-       check='int>=2'),
-    _O('crop_size', 513, 'Data', 'training crop (paper: 513)', type=int, metavar='PX', check='int>=1'),
-    _O('scale_min', 0.5, 'Data', 'random scale lower bound', type=float, check='>0'),
-    _O('scale_max', 2.0, 'Data', 'random scale upper bound', type=float, check='>0'),
-    _O('hflip', True, 'Data', 'random horizontal flip', flag='bool'),
-    _O('blur', False, 'Data', 'random Gaussian blur (released code: on)', flag='bool'),
-    _O('eval_resize', None, 'Data', 'evaluate with the short side resized to PX (default: native resolution)', type=int,
-       metavar='PX', check='int>=1'),
-    _O('eval_square', False, 'Data', "with --eval-resize: resize to PX x PX, as the released code's FixedResize", flag='bool'),
-    _O('workers', 0, 'Data', 'data loader worker processes per rank', type=int, resume='free', check='int>=0'),
-    _O('max_val', None, 'Data', 'evaluate on the first N validation images only (default: all)', type=int, metavar='N',
-       check='int>=1'),
-    # model
-    _O('output_stride', 16, 'Model', 'DeepLabV3+ output stride', type=int, choices=(8, 16), resume='same'),
-    _O('pretrained_backbone', False, 'Model', "start from torchvision's ImageNet weights (downloads)", flag='bool', resume='free'),
-    _O('no_dropout', False, 'Model', 'set every dropout probability to 0 (e.g. to compare runs across world sizes)', flag='true', resume='same'),
-    # optimisation (torchvision reference / paper)
-    _O('epochs', 120, 'Optimisation', 'epochs (paper: 120)', type=int, resume='same', check='int>=1'),
-    _O('max_steps', None, 'Optimisation', 'stop after N iterations (the poly schedule spans N; default: all epochs)',
-       type=int, metavar='N', resume='same', check='int>=1'),
-    _O('batch_size', 6, 'Optimisation', 'batch size per process (paper: 6)', flags=('-b',), type=int, resume='same',
-       check='int>=2', why="the BatchNorm after ASPP's image pooling sees one value per image and channel, so one "
-                           "image per process cannot be trained"),
-    _O('val_batch_size', 1, 'Optimisation', 'evaluation batch size per process', type=int, resume='free', check='int>=1'),
-    _O('lr', 0.007, 'Optimisation', 'base learning rate of the backbone (paper: 0.007 VOC, 0.01 Cityscapes)', type=float,
-       resume='same', check='>0'),
-    _O('head_mult', 10.0, 'Optimisation', "learning-rate multiplier of ASPP, decoder and the terms' adapters (paper: 10)",
-       type=float, resume='same', check='>=0'),
-    _O('momentum', 0.9, 'Optimisation', 'SGD momentum', type=float, resume='same', check='>=0'),
-    _O('weight_decay', 5e-4, 'Optimisation', 'weight decay', flags=('--wd',), type=float, resume='same', check='>=0'),
-    _O('poly_power', 0.9, 'Optimisation', 'poly learning-rate power', type=float, resume='same', check='>=0'),
-    _O('warmup_steps', 0, 'Optimisation', 'linear warm-up iterations', type=int, resume='same', check='int>=0'),
-    _O('clip_grad', None, 'Optimisation', 'clip the gradient norm (default: no clipping)', type=float, metavar='NORM',
-       check='>0'),
-    # checkpoints and logs
-    _O('out', 'runs/exp', 'Checkpoints and logs', 'run folder: last.pt, best.pt, *.csv, tb/', metavar='DIR', resume='free'),
-    _O('ckpt_every', 0, 'Checkpoints and logs', 'also write last.pt every N iterations (0: epoch ends only)', type=int,
-       metavar='N', resume='free', check='int>=0'),
-    _O('eval_every', 1, 'Checkpoints and logs', 'evaluate every K epochs', type=int, metavar='K', check='int>=1'),
-    _O('log_every', 10, 'Checkpoints and logs', 'log the losses every N iterations', type=int, metavar='N', resume='free',
-       check='int>=1'),
-    _O('resume', False, 'Checkpoints and logs', 'continue the run in --out from its last.pt, at the exact batch', flag='bool', resume='free'),
-    _O('force', False, 'Checkpoints and logs', 'start afresh in an --out that holds a run: its files are moved aside to '
-       'out/replaced-<time>/ (nothing is deleted)', flag='bool', resume='free'),
-    _O('stop_after', None, 'Checkpoints and logs', 'leave after N iterations of this session (resume later; default: run '
-       'to the end)', type=int, metavar='N', resume='free', check='int>=1'),
-    _O('tensorboard', True, 'Checkpoints and logs', 'write TensorBoard events', flag='bool', resume='free'),
-    _O('figures', True, 'Checkpoints and logs', 'at each evaluation, draw the ICS matrices (teacher | student | difference), '
-       'predictions and curves into out/figures/ and TensorBoard', flag='bool', resume='free'),
-    _O('quiet', False, 'Checkpoints and logs', 'no progress bars or per-epoch lines', flags=('-q',), flag='bool', resume='free'),
-    # runtime
-    _O('seed', 0, 'Runtime', 'random seed', type=int, resume='same', check='int>=0'),
-    _O('device', 'auto', 'Runtime', "'auto', 'cpu', 'cuda' or 'cuda:N'", resume='free'),
-    _O('amp', 'none', 'Runtime', 'mixed precision (fp16 uses a grad scaler; CUDA)', choices=('none', 'bf16', 'fp16')),
-    _O('channels_last', True, 'Runtime', 'channels-last memory format on CUDA', flag='bool', resume='free'),
-    _O('sync_bn', False, 'Runtime', 'SyncBatchNorm under torchrun', flag='bool'),
-    _O('threads', None, 'Runtime', "torch CPU threads (default: torch's choice)", type=int, resume='free', check='int>=1'),
-    _O('malloc_mmap_mb', 64, 'Runtime', "on a CPU with glibc, keep allocations below this many MB on the heap (faster "
-       "steps; 0: glibc's default; MALLOC_MMAP_THRESHOLD_ in the environment wins)", type=int, resume='free',
-       check='int>=0'),
-    _O('deterministic', False, 'Runtime', 'torch.use_deterministic_algorithms', flag='bool', resume='free'),
-    _O('dtype', 'float32', 'Runtime', 'float64: model, data and losses in double precision (exact numerics checks; slow)',
-       choices=('float32', 'float64'), resume='same'),
-]
-DEFAULTS = {o.name: o.default for o in OPTIONS}
-
-
-# %% ../nbs/08_distill.ipynb #6479d196
-def check_ranges(cfg:dict, # a configuration, or part of one (keys of `OPTIONS`)
-                )->dict: # `cfg`
-    "Refuse any value outside its option's range (`Option.check`); a dict (`weight`) is checked value by value."
-    for o in OPTIONS:
-        v = cfg.get(o.name)
-        if o.check is None or v is None: continue
-        for k, x in (v.items() if isinstance(v, dict) else [(None, v)]):
-            if bad := out_of_range(x, o.check):
-                flag = f"--{o.name.replace('_', '-')}" + (f" {k}={x}" if k is not None else '')
-                raise ValueError(f"'{o.name}' ({flag}) must be {bad}, got {x!r}" + (f": {o.why}" if o.why else ''))
-    return cfg
-
-def make_objective(cfg:dict)->DistillObjective:
-    "The objective a configuration asks for (method, weights, ALW, temperature)."
-    return DistillObjective(cfg['method'], lambda_kd=cfg['lambda_kd'], lambda_icsd=cfg['lambda_icsd'],
-                            T=cfg['temperature'], weights=cfg['weight'], alw=cfg['alw'], params=cfg['param'])
-
-def make_config(cfg:dict|None=None, # options to set; anything left out takes its default
-                **kwargs, # more options (override `cfg`)
-               )->dict: # a complete configuration
-    "Merge `cfg` and `kwargs` over `DEFAULTS`, check names, choices, ranges and the method."
-    out = dict(DEFAULTS)
-    given = {**(cfg or {}), **kwargs}
-    unknown = sorted(k for k in given if k not in DEFAULTS)
-    if unknown: raise KeyError(f"unknown configuration key(s) {unknown}; valid keys: {sorted(DEFAULTS)}")
-    out.update(given)
-    if not out['data_root']: out['data_root'] = DEFAULT_ROOTS.get(out['data'])
-    if out['resume'] and out['force']: raise ValueError("--resume continues the run in --out and --force replaces it: give one")
-    for o in OPTIONS:
-        if o.choices and out[o.name] not in o.choices:
-            raise ValueError(f"configuration '{o.name}' must be one of {o.choices}, got {out[o.name]!r}")
-    if out['weight'] is not None: out['weight'] = {str(k): v for k, v in dict(out['weight']).items()}
-    if out['param'] is not None: out['param'] = {str(k): dict(v) for k, v in dict(out['param']).items()}
-    check_ranges(out)
-    if out['weight'] is not None: out['weight'] = {k: float(v) for k, v in out['weight'].items()}
-    if out['scale_min'] > out['scale_max']: raise ValueError(f"--scale-min {out['scale_min']} > --scale-max {out['scale_max']}")
-    obj = make_objective(out)                              # checks the method, and the terms' parameters (`bounds`)
-    if out['mode'] == 'train' and obj.needs_teacher:
-        raise ValueError(f"mode 'train' trains on the ground truth only; method {out['method']!r} needs mode 'distill'")
-    if out['dtype'] == 'float64' and out['teacher_bf16']:
-        raise ValueError("dtype 'float64' runs the teacher in float64 too: drop --teacher-bf16")
-    if out['dtype'] == 'float64' and out['amp'] != 'none':
-        raise ValueError(f"dtype 'float64' runs without mixed precision: set amp='none' (--amp none), got {out['amp']!r}")
-    if out['mode'] == 'distill' and obj.needs_teacher and not out['teacher']:
-        raise ValueError(f"method {out['method']!r} needs a teacher checkpoint: set 'teacher' (--teacher PATH)")
-    for k, v in out.items():  # plain types only: the configuration is stored in weights_only checkpoints
-        if isinstance(v, Path): out[k] = str(v)
-    return out
+from .config import *            # the rooms below the engine; their names stay importable from here
+from .runfolder import *
+from .process import *
+from .config import warn, make_objective
 
 # %% ../nbs/08_distill.ipynb #188a5971
 def poly_lr_lambda(total_steps:int, # number of optimiser steps of the whole training
@@ -220,28 +52,6 @@ def eval_transform_for(cfg:dict, # a configuration (`make_config`)
     if cfg.get('eval_resize') and cfg.get('eval_square'): return eval_transform(resize=int(cfg['eval_resize']))
     return eval_transform(resize_short=cfg.get('eval_resize'))
 
-def load_checkpoint(path:str|Path, map_location='cpu')->dict:
-    "Read a checkpoint written by `save_checkpoint` (`weights_only=True`)."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
-    try: return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # random bytes, a text file, a truncated file, a pickle that would run code (refused)
-        raise ValueError(f"cannot read checkpoint {path}: {_why_unreadable(path, e)}") from None
-
-def _why_unreadable(path:Path, e:Exception)->str:
-    "torch.load's error, said in terms of what is wrong with the file."
-    msg = str(e)
-    if 'Unsupported global' in msg or 'trust the source' in msg:
-        return ("it holds Python objects other than tensors, numbers, strings and containers; unpickling them could run "
-                "code, so aicsd refuses it (torch.load with weights_only=True). If you trust its source, load it yourself "
-                "and save its state_dict")
-    with open(path, 'rb') as fh: head = fh.read(4)
-    if head.startswith(b'PK') or head.startswith(b'\x80'):   # torch.save's zip archive, or its older pickle format
-        return (f"the file is truncated or corrupted ({type(e).__name__}: {msg.strip().splitlines()[0].split('. ')[0][:120] if msg.strip() else ''}): "
-                f"a copy cut short, a full disk, or a save that was killed")
-    return (f"it is not a PyTorch checkpoint: it starts with {head!r}, not with the zip archive (or pickle) that torch.save "
-            f"writes")
-
 def load_teacher(path:str, # checkpoint: `best.pt`/`last.pt` of aicsd, or a file of the authors' released code
                  backbone:str|None=None, # for a released-code checkpoint: its backbone ('resnet101', ...)
                  num_classes:int|None=None, # classes of the data (checked against the checkpoint)
@@ -261,146 +71,6 @@ def load_teacher(path:str, # checkpoint: `best.pt`/`last.pt` of aicsd, or a file
                          f"(e.g. resnet101)")
     if num_classes is None: raise ValueError("num_classes is needed to load a released-code teacher")
     return load_released_checkpoint(ck, backbone, num_classes, output_stride=output_stride)
-
-# %% ../nbs/08_distill.ipynb #d410ec26
-def rng_state()->dict:
-    "The RNG states of torch (CPU and CUDA), numpy and python as weights_only-safe objects."
-    npst = np.random.get_state()
-    st = dict(torch=torch.get_rng_state(), python=random.getstate(),
-              numpy=dict(name=npst[0], key=torch.from_numpy(npst[1].astype(np.int64)), pos=int(npst[2]),
-                         has_gauss=int(npst[3]), cached_gaussian=float(npst[4])))
-    if torch.cuda.is_available(): st['cuda'] = torch.cuda.get_rng_state_all()
-    return st
-
-def set_rng_state(st:dict):
-    "Restore what `rng_state` returned."
-    torch.set_rng_state(st['torch'])
-    py = st['python']
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = st['numpy']
-    np.random.set_state((n['name'], n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
-    if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
-
-def _write_tmp(state:dict, path:Path)->Path: # the complete temporary file, for the caller to move into place
-    "`torch.save` `state` to a new temporary file beside `path` (`.NAME.*.tmp`), synced to the disk."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as fh: torch.save(state, fh); fh.flush(); os.fsync(fh.fileno())
-    except BaseException: os.remove(tmp); raise
-    return Path(tmp)
-
-def save_checkpoint(path:str|Path, # file to write
-                    **state, # anything weights_only can read back
-                   )->Path:
-    "Write `state` to `path` atomically (a complete, synced temporary file, then `os.replace`)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(_write_tmp(state, path), path)
-    return path
-
-# %% ../nbs/08_distill.ipynb #52a90803
-def set_malloc_mmap_threshold(mb:int, # allocations below this many MB come from the heap; 0: leave glibc's default
-                             )->bool: # True when glibc took the setting
-    "Keep allocations below `mb` MB on glibc's heap (and twice that free before trimming), in the running process."
-    if mb <= 0 or 'MALLOC_MMAP_THRESHOLD_' in os.environ or platform.libc_ver()[0] != 'glibc': return False
-    try: mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError): return False
-    return mallopt(-3, int(mb) << 20) == 1 and mallopt(-1, int(mb) << 21) == 1   # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-
-# %% ../nbs/08_distill.ipynb #0547e8c1
-def dist_env()->tuple: # (rank, world_size, local_rank)
-    "Rank, world size and local rank from torchrun's environment (0, 1, 0 when not launched by torchrun)."
-    e = os.environ
-    return int(e.get('RANK', 0)), int(e.get('WORLD_SIZE', 1)), int(e.get('LOCAL_RANK', 0))
-
-def resolve_device(device:str='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'
-                   local_rank:int=0)->torch.device:
-    "The device to run on; under torchrun each process takes GPU `local_rank`."
-    if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    dev = torch.device(device)
-    if dev.type == 'cuda':
-        if not torch.cuda.is_available():
-            why = 'this torch build has no CUDA' if torch.version.cuda is None else 'no CUDA GPU is visible'
-            raise ValueError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu, or --device auto "
-                             f"to take a GPU when there is one")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
-        if dev.index is None: dev = torch.device('cuda', local_rank)
-        torch.cuda.set_device(dev)
-    return dev
-
-def init_distributed(device:torch.device)->tuple: # (rank, world, local_rank, we_initialised)
-    "Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."
-    rank, world, local = dist_env()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-        return rank, world, local, True
-    return rank, world, local, False
-
-def cleanup_distributed(owned:bool, # we created the process group (so we destroy it)
-                        failed:bool=False, # leaving on an error: do not wait for the other ranks
-                       ):
-    "Collect garbage, wait for every rank and destroy the group we created."
-    gc.collect()
-    if owned and dist.is_initialized():
-        # A rank leaving on an error must not wait at a barrier: the other ranks are blocked in a collective of the
-        # training step and would never arrive. It leaves at once with its error; torchrun then stops the others.
-        if not failed: dist.barrier()
-        dist.destroy_process_group()
-
-# %% ../nbs/08_distill.ipynb #1db688ae
-class _SyncBNFunction(torch.autograd.Function):
-    "Batch norm over the union of all ranks' batches; backward sums (dy, dy*xhat) over ranks, like nn.SyncBatchNorm."
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, group):
-        C = x.shape[1]; dims = [0, *range(2, x.dim())]; shape = [1, C] + [1] * (x.dim() - 2)
-        s = torch.cat([x.sum(dims), x.new_full((1,), x.numel() / C)])
-        dist.all_reduce(s, group=group)
-        n = s[C]; mean = s[:C] / n
-        xc = x - mean.view(shape)
-        var = (xc * xc).sum(dims); dist.all_reduce(var, group=group); var = var / n
-        invstd = torch.rsqrt(var + eps)
-        xhat = xc * invstd.view(shape)
-        ctx.save_for_backward(xhat, invstd, weight); ctx.n, ctx.dims, ctx.shape, ctx.group = n, dims, shape, group
-        y = xhat * weight.view(shape) + bias.view(shape) if weight is not None else xhat
-        return y, mean, var * n / (n - 1)
-
-    @staticmethod
-    def backward(ctx, dy, _m, _v):
-        xhat, invstd, weight = ctx.saved_tensors
-        dims, shape, C = ctx.dims, ctx.shape, dy.shape[1]
-        sdy, sdyx = dy.sum(dims), (dy * xhat).sum(dims)          # this rank's sums (for weight and bias)
-        g = torch.cat([sdy, sdyx]); dist.all_reduce(g, group=ctx.group)          # over all ranks (for the input)
-        w = weight.view(shape) if weight is not None else 1.0
-        dx = (dy - (g[:C] / ctx.n).view(shape) - xhat * (g[C:] / ctx.n).view(shape)) * invstd.view(shape) * w
-        return dx, (sdyx if weight is not None else None), (sdy if weight is not None else None), None, None
-
-class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    "Batch norm whose training statistics cover all ranks (gloo, CPU); a plain batch norm otherwise."
-    def __init__(self, num_features:int, eps:float=1e-5, momentum:float|None=0.1, affine:bool=True,
-                 track_running_stats:bool=True, device:torch.device|str|None=None, dtype:torch.dtype|None=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-    def _check_input_dim(self, x):
-        if x.dim() < 2: raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
-    def forward(self, x:Tensor)->Tensor:
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        y, mean, var_unbiased = _SyncBNFunction.apply(x, self.weight, self.bias, self.eps, getattr(self, 'process_group', None))
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                mom = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - mom).add_(mom * mean)
-                self.running_var.mul_(1 - mom).add_(mom * var_unbiased)
-        return y
-
-def convert_sync_batchnorm(model:nn.Module, device:torch.device)->nn.Module:
-    "Synchronise every BatchNorm across ranks: `nn.SyncBatchNorm` on GPUs, `CPUSyncBatchNorm` on CPU."
-    if device.type != 'cpu': return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # a group of its own, so the statistics' all-reduces never interleave with DDP's gradient all-reduces
-    pg = dist.new_group(backend='gloo') if dist.is_initialized() else None
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm): m.__class__ = CPUSyncBatchNorm; m.process_group = pg
-    return model
 
 # %% ../nbs/08_distill.ipynb #4d0a9426
 def _autocast(device:torch.device, dtype):
@@ -484,15 +154,6 @@ def train_step(student:nn.Module, teacher:nn.Module|None, objective:DistillObjec
     return total.detach(), {k: v.detach() for k, v in terms.items()}
 
 # %% ../nbs/08_distill.ipynb #b21951a5
-def native_bf16(device:torch.device, # where the teacher runs
-               )->bool: # True where bf16 has hardware support: CUDA (compute capability 8+), AVX512-BF16 or AMX CPUs
-    "Whether `device` computes bf16 natively (on CPUs: Linux /proc/cpuinfo flags)."
-    device = torch.device(device)
-    if device.type == 'cuda': return torch.cuda.is_bf16_supported()
-    try: flags = Path('/proc/cpuinfo').read_text()
-    except OSError: return False
-    return ' avx512_bf16' in flags or ' amx_bf16' in flags
-
 @torch.no_grad()
 def choose_teacher_bf16(teacher:nn.Module, # the frozen teacher (eval mode)
                         x:Tensor, # a batch of the run's shape, on the teacher's device
@@ -567,44 +228,6 @@ def _progress(it, enable:bool, **kw):
     from tqdm.auto import tqdm
     return tqdm(it, dynamic_ncols=True, leave=False, **kw)
 
-# %% ../nbs/08_distill.ipynb #5dd4dacd
-class RunLog:
-    "CSV (and optionally TensorBoard) logging on rank 0; a no-op on other ranks."
-    def __init__(self, out:Path, # the run folder
-                 enabled:bool=True, # False on ranks other than 0
-                 tensorboard:bool=True, # also write TensorBoard events under out/tb
-                 resume_step:int|None=None, # resuming at this step: rows logged after it (by the interrupted session) are dropped
-                ):
-        self.out, self.enabled, self.tb = Path(out), enabled, None
-        if enabled and resume_step is not None:
-            for name in ('train_log', 'eval_log'): self._truncate(self.out/f'{name}.csv', resume_step)
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(self.out/'tb'), purge_step=resume_step)
-            except Exception as e: _warn(f"TensorBoard disabled: {type(e).__name__}: {e}")
-    @staticmethod
-    def _truncate(f:Path, step:int):
-        "Keep the header and the rows of steps <= `step` (written to a temporary file, then moved into place)."
-        if not f.exists(): return
-        lines = f.read_text().splitlines(keepends=True)
-        keep = lines[:1] + [l for l in lines[1:] if l.split(',', 1)[0].strip().isdigit() and int(l.split(',', 1)[0]) <= step]
-        if len(keep) == len(lines): return
-        tmp = f.with_name(f'.{f.name}.tmp'); tmp.write_text(''.join(keep)); os.replace(tmp, f)
-    def row(self, name:str, step:int, values:dict):
-        if not self.enabled: return
-        f = self.out/f'{name}.csv'
-        new = not f.exists()
-        with open(f, 'a', newline='') as fh:
-            w = csv.DictWriter(fh, fieldnames=['step', *values])
-            if new: w.writeheader()
-            w.writerow({'step': step, **values})
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)): self.tb.add_scalar(f'{name}/{k}', v, step)
-    def close(self):
-        if self.tb is not None: self.tb.close()
-
 # %% ../nbs/08_distill.ipynb #38f48cf1
 def _datasets(cfg:dict, rank:int):
     root = Path(cfg['data_root'])
@@ -644,13 +267,9 @@ class Run:
     opt:torch.optim.Optimizer; sched:object; scaler:object
     amp_dtype:object; teacher_dtype:object; dtype:torch.dtype; memory_format:object
     steps_per_epoch:int; epochs:int; total:int
+    teacher_bf16:bool|None=None # the run's decision (`resolve_teacher_bf16`), kept in last.pt; never in `cfg`
     @property
     def main(self)->bool: return self.rank == 0
-
-@dataclass
-class Progress:
-    "Where a run stands: the next batch to train and the best mIoU so far."
-    epoch:int=0; step_in_epoch:int=0; step:int=0; best:float=-1.0; metrics:dict=field(default_factory=dict)
 
 def build_models(cfg:dict, num_classes:int)->tuple: # (student, teacher or None, objective, modules)
     "The student (seeded: identical on every rank), the frozen teacher, the objective and the terms' modules."
@@ -723,9 +342,10 @@ def build_run(cfg:dict)->Run:
 
 # %% ../nbs/08_distill.ipynb #c269875c
 def resolve_teacher_bf16(run:Run):
-    "Settle `teacher_bf16=None` (automatic): rank 0 measures (`choose_teacher_bf16`), every rank uses its choice."
+    "Settle the teacher's precision: as asked (`teacher_bf16` True/False), as the resumed run chose, or measured on rank 0."
     cfg = run.cfg
-    if cfg['teacher_bf16'] is None:
+    if cfg['teacher_bf16'] is not None: run.teacher_bf16 = bool(cfg['teacher_bf16'])
+    elif run.teacher_bf16 is None:                               # automatic, and no earlier choice of this run to keep
         on, why = False, 'no teacher'
         if run.teacher is not None and run.dtype == torch.float32 and run.amp_dtype is None:
             if run.main:
@@ -735,141 +355,11 @@ def resolve_teacher_bf16(run:Run):
                 on, why = choose_teacher_bf16(run.teacher, x.to(run.device, memory_format=run.memory_format), check=im)
             if run.world > 1:
                 box = [on, why]; dist.broadcast_object_list(box, src=0); on, why = box
-        cfg['teacher_bf16'] = bool(on)
+        run.teacher_bf16 = bool(on)
         if run.main and not cfg['quiet'] and run.teacher is not None:
             print(f"teacher in {'bf16 (autocast)' if on else 'fp32'}: {why}; --teacher-bf16 / --no-teacher-bf16 decide it by hand",
                   flush=True)
-    run.teacher_dtype = torch.bfloat16 if cfg['teacher_bf16'] else None
-
-# %% ../nbs/08_distill.ipynb #b8b4861c
-class RunExistsError(ValueError): "The run folder holds a run and neither --resume nor --force was given."
-class RunLockedError(RuntimeError): "Another live process is writing to the run folder."
-class RunInterrupted(KeyboardInterrupt): "Ctrl-C: the run stopped after a whole step and wrote last.pt."
-
-def _alive(pid:int)->bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    return True
-
-class RunLock:
-    "`out/.lock`: one run writes a folder at a time; a lock left by a dead process on this host is taken over."
-    def __init__(self, out:Path): self.path, self.held = Path(out)/'.lock', False
-    def acquire(self)->'RunLock':
-        me = f"{os.getpid()} {socket.gethostname()}"
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, (me + '\n').encode()); os.close(fd); self.held = True
-                return self
-            except FileExistsError:
-                try: pid, host = self.path.read_text().split()[:2]; pid = int(pid)
-                except (OSError, ValueError): pid, host = None, None
-                if pid is not None and host == socket.gethostname() and not _alive(pid):
-                    _warn(f"{self.path}: the run that held it (process {pid}) is gone; taking the folder over")
-                    self.path.unlink(missing_ok=True); continue
-                raise RunLockedError(f"{self.path.parent} is in use by process {pid} on {host} (lock file {self.path}); wait "
-                                     f"for that run to end or choose another --out; if that process is gone, delete the lock file")
-        raise RunLockedError(f"could not take {self.path}")
-    def release(self):
-        if self.held: self.path.unlink(missing_ok=True); self.held = False
-
-def resume_changes(old:dict, # configuration stored in last.pt
-                   new:dict, # configuration of the resuming command
-                  )->tuple: # (refused, warned): lists of 'flag old -> new'
-    "The options that differ between a run and its resume, split by their `resume` policy."
-    refused, warned = [], []
-    for o in OPTIONS:
-        a, b = old.get(o.name, o.default), new.get(o.name, o.default)
-        if a == b or o.resume == 'free': continue
-        (refused if o.resume == 'same' else warned).append(f"--{o.name.replace('_', '-')} {a!r} -> {b!r}")
-    return refused, warned
-
-class Checkpointer:
-    "Writes and reads `last.pt` and `best.pt` of a run folder (rank 0 writes; every rank reads)."
-    def __init__(self, run:Run):
-        self.run, self.last, self.best = run, run.out/'last.pt', run.out/'best.pt'
-        self.prev = run.out/'last.prev.pt'   # the last.pt before the current one (see `resume`)
-        if run.main:   # temporary files of saves that were killed midway (they are never read)
-            for f in run.out.glob('.*.pt.*.tmp'): f.unlink(missing_ok=True)
-
-    def _student(self): return dict(model=self.run.student.state_dict(), arch=model_arch(self.run.student))
-
-    def save_last(self, prog:Progress):
-        "Write `last.pt` (every rank takes part: the RNG states are gathered)."
-        r = self.run
-        st = rng_state()
-        if r.world > 1:
-            allst = [None] * r.world
-            dist.all_gather_object(allst, st)
-        else: allst = st
-        if r.main:   # the new file complete on disk first, then two renames: last.pt -> last.prev.pt, new -> last.pt
-            tmp = _write_tmp(dict(**self._student(), config=r.cfg, modules=r.net.extras.state_dict(),
-                                  optimizer=r.opt.state_dict(), scheduler=r.sched.state_dict(),
-                                  scaler=r.scaler.state_dict() if r.scaler is not None else {},
-                                  epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step,
-                                  best_miou=float(prog.best), metrics=prog.metrics or {}, rng=allst), self.last)
-            if self.last.exists(): os.replace(self.last, self.prev)
-            os.replace(tmp, self.last)
-
-    def save_best(self, prog:Progress):
-        "Write `best.pt`: the student, its metrics and the configuration."
-        if self.run.main:
-            save_checkpoint(self.best, **self._student(), config=self.run.cfg, metrics=prog.metrics,
-                            epoch=prog.epoch, global_step=prog.step)
-
-    def _read_last(self)->tuple: # (checkpoint, path it came from)
-        "`last.pt`, or `last.prev.pt` with a warning when `last.pt` is missing or unreadable."
-        r, errors = self.run, []
-        if not self.last.exists() and not self.prev.exists():
-            raise FileNotFoundError(f"--resume: there is no {self.last} to continue; drop --resume to start a run in {r.out}")
-        for p in (self.last, self.prev):
-            if not p.exists(): errors.append(f"{p.name} is missing"); continue
-            try: ck = load_checkpoint(p)
-            except ValueError as e: errors.append(str(e)); continue
-            if errors and r.main:
-                _warn(f"{errors[0]}; resuming from {p}, the checkpoint written before it (step {ck.get('global_step')})")
-            return ck, p
-        raise ValueError(f"--resume: neither checkpoint of {r.out} can be read: " + '; '.join(errors) +
-                         ". Start the run again with --force (the files are moved aside) or choose another --out")
-
-    def resume(self)->Progress|None:
-        "Restore the run from `last.pt` (or the one before it); refuse changed options that define the run."
-        r = self.run
-        ck, path = self._read_last()
-        if r.cfg['teacher_bf16'] is None: r.cfg['teacher_bf16'] = ck['config'].get('teacher_bf16', False)   # keep its choice
-        refused, warned = resume_changes(ck['config'], r.cfg)
-        if refused:
-            raise ValueError(f"cannot resume {path}: {'; '.join(refused)}. These options define the run: resume with the values "
-                             f"it was started with, or start a new run with another --out (or --force to move this one aside)")
-        if warned and r.main:
-            _warn(f"--resume {path}: {'; '.join(warned)}; the rest of the run uses the new value(s)")
-        r.student.load_state_dict(ck['model']); r.net.extras.load_state_dict(ck.get('modules', {}))
-        r.opt.load_state_dict(ck['optimizer']); r.sched.load_state_dict(ck['scheduler'])
-        if r.scaler is not None and ck['scaler']: r.scaler.load_state_dict(ck['scaler'])
-        rngs = ck['rng']
-        set_rng_state(rngs[r.rank] if isinstance(rngs, list) else rngs)
-        return Progress(ck['epoch'], ck['step_in_epoch'], ck['global_step'], ck['best_miou'], ck['metrics'])
-
-    RUN_FILES = ('last.pt', 'last.prev.pt', 'best.pt', 'train_log.csv', 'eval_log.csv', 'tb', 'figures')
-
-    def start(self)->Progress:
-        "A fresh run: refuse to replace an earlier run in the same folder unless `force` (then move it aside); seed."
-        r = self.run
-        if r.main:
-            old = [f for f in self.RUN_FILES if (r.out/f).exists()]
-            if old and not r.cfg['force']:
-                raise RunExistsError(f"{r.out} already holds a run ({', '.join(old)}); nothing was changed. Continue it with "
-                                     f"--resume, start afresh with --force (its files are moved to {r.out}/replaced-<time>/), "
-                                     f"or choose another --out")
-            if old:
-                aside = r.out/time.strftime('replaced-%Y%m%d-%H%M%S')
-                aside.mkdir()
-                for f in old: shutil.move(str(r.out/f), str(aside/f))
-                if not r.cfg['quiet']: print(f"--force: the earlier run's files were moved to {aside}")
-        s = r.cfg['seed'] + r.rank
-        torch.manual_seed(s); random.seed(s); np.random.seed(s)
-        return Progress()
+    run.teacher_dtype = torch.bfloat16 if run.teacher_bf16 else None
 
 # %% ../nbs/08_distill.ipynb #3ff4845e
 def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
@@ -916,18 +406,17 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
     prog.epoch += 1; prog.step_in_epoch = 0
     return False
 
-def _eval_figures(run:Run, prog:Progress, log:RunLog)->dict: # `write_eval_figures`' result, {} when it failed
-    "Draw the evaluation figures; a failure is one warning line, never the end of the run."
-    try:
-        from aicsd.viz import write_eval_figures
-        import matplotlib.pyplot as plt
-        try: return write_eval_figures(run.out, prog.step, run.student, run.teacher, data=run.val_ds, n=4, tb_writer=log.tb)
-        finally: plt.close('all')
+# %% ../nbs/08_distill.ipynb #1f57b78b
+def _eval_figures(run:Run, prog:Progress, log:RunLog, draw:Callable)->dict: # the hook's result, {} when it failed
+    "Draw the evaluation figures through the caller's hook; a failure is one warning line, never the end of the run."
+    try: return draw(run, prog.step, log.tb) or {}
     except Exception as e:
-        _warn(f"figures at step {prog.step} not drawn: {type(e).__name__}: {e}")
+        warn(f"figures at step {prog.step} not drawn: {type(e).__name__}: {e}")
         return {}
 
-def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer, t0:float, tty:bool=False):
+def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer, t0:float, tty:bool=False,
+                           draw:Callable|None=None, # figure hook (run, step, tb_writer) -> dict, or None
+                          ):
     "Evaluate the student, log, and write `best.pt` when the mIoU improves."
     cfg = run.cfg
     m = evaluate(run.student, run.val_ds, run.num_classes, batch_size=cfg['val_batch_size'], device=run.device,
@@ -939,15 +428,25 @@ def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer
         if not cfg['quiet']:
             print(f"epoch {prog.epoch}/{run.epochs} step {prog.step}: mIoU {prog.metrics['miou']:.4f} "
                   f"pixel acc {prog.metrics['pixel_acc']:.4f}", flush=True)
-    if run.main and cfg['figures'] and run.dtype == torch.float32:   # (figures are drawn from float32 logits)
-        r = _eval_figures(run, prog, log)
+    if run.main and draw is not None and run.dtype == torch.float32:   # (figures are drawn from float32 logits)
+        r = _eval_figures(run, prog, log, draw)
         if r.get('ics_distance') is not None: prog.metrics['ics_distance'] = float(r['ics_distance'])
     if prog.metrics['miou'] > prog.best:
         prog.best = prog.metrics['miou']
         ckpt.save_best(prog)
 
+# %% ../nbs/08_distill.ipynb #d2d79838
+def restarted_with_checkpoint(out:str|Path, # the run folder
+                             )->bool: # True: torchrun restarted this job and `out` holds last.pt (or last.prev.pt) to continue
+    "Whether this process is a torchrun restart of a run that has a checkpoint (then `fit` resumes by itself)."
+    n = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') or 0)
+    if n == 0 or not any((Path(out)/f).exists() for f in ('last.pt', 'last.prev.pt')): return False
+    if dist_env()[0] == 0: warn(f"torchrun restarted the job (restart {n}): resuming the run in {out} from its last checkpoint")
+    return True
+
 # %% ../nbs/08_distill.ipynb #db7bd979
 def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take their defaults
+        draw:Callable|None=None, # figure hook at each evaluation, e.g. `aicsd.viz.run_figures` (the CLI's, with --figures)
         **kwargs, # more options, e.g. fit(epochs=2, out='runs/x')
        )->dict: # best_miou, metrics (last evaluation), steps, time_s, out, model (rank 0, unwrapped, CPU)
     "Train (or distil into) a DeepLabV3+ according to `cfg`; resume from `out/last.pt` if `resume`."
@@ -964,18 +463,19 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
                 stop.append(True)
             old_handler = signal.signal(signal.SIGINT, _on_sigint)
         ckpt = Checkpointer(run)
-        prog = ckpt.resume() if cfg['resume'] else None
+        resume = cfg['resume'] or restarted_with_checkpoint(run.out)
+        prog = ckpt.resume() if resume else None
         if prog is not None and run.main and not cfg['quiet']:
             print(f"resumed {ckpt.last} at epoch {prog.epoch}, batch {prog.step_in_epoch} (step {prog.step})")
         if prog is None: prog = ckpt.start()
         resolve_teacher_bf16(run)
-        log = RunLog(run.out, enabled=run.main, tensorboard=cfg['tensorboard'], resume_step=prog.step if cfg['resume'] else None)
+        log = RunLog(run.out, enabled=run.main, tensorboard=cfg['tensorboard'], resume_step=prog.step if resume else None)
         tty = sys.stderr.isatty() and not cfg['quiet'] and run.main and 'PYTEST_CURRENT_TEST' not in os.environ
         stop_at = prog.step + int(cfg['stop_after']) if cfg['stop_after'] else None
         while prog.epoch < run.epochs and prog.step < run.total and not (stop_at is not None and prog.step >= stop_at):
             if train_one_epoch(run, prog, log, ckpt, stop_at, tty, interrupted=lambda: bool(stop)): break
             done = prog.step >= run.total
-            if done or prog.epoch % max(1, cfg['eval_every']) == 0: evaluate_and_keep_best(run, prog, log, ckpt, t0, tty)
+            if done or prog.epoch % max(1, cfg['eval_every']) == 0: evaluate_and_keep_best(run, prog, log, ckpt, t0, tty, draw)
             ckpt.save_last(prog)
         log.close()
         res = dict(best_miou=prog.best, metrics=prog.metrics, steps=prog.step, time_s=time.time() - t0, out=str(run.out),

@@ -24,7 +24,8 @@ except Exception: SummaryWriter = None                     # TensorBoard stays o
 # %% auto #0
 __all__ = ['CITYSCAPES_PALETTE', 'paint', 'class_names', 'palette_for', 'to_rgb', 'row_normalize', 'plot_ics', 'plot_ics_models',
            'plot_distributions', 'plot_predictions', 'plot_class_iou', 'plot_confusion', 'read_run', 'plot_curves',
-           'model_logits', 'model_ics', 'demo_figures', 'write_eval_figures', 'ics_pair_view', 'ICSExplorer']
+           'model_logits', 'model_ics', 'demo_figures', 'write_eval_figures', 'run_figures', 'ics_pair_view',
+           'ICSExplorer']
 
 # %% ../nbs/10_viz.ipynb #5d4dee8c
 def _register_figure_display():
@@ -471,6 +472,14 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
         for key, f in figs.items(): tb_writer.add_figure(f'figures/{key}', f, global_step=step, close=False)
         if d is not None: tb_writer.add_scalar('eval/ics_distance', d, step)
     return {**paths, 'ics_distance': d}
+
+# %% ../nbs/10_viz.ipynb #437d9387
+def run_figures(run, # the engine's `Run`: its folder `out`, `student`, `teacher` (or None) and `val_ds`
+                step:int, # global step of the evaluation
+                tb_writer:SummaryWriter|None=None, # the run's TensorBoard writer, or None
+               )->dict: # `write_eval_figures`' result
+    "The engine's figure hook: `write_eval_figures` on the first 4 validation images of a run."
+    return write_eval_figures(run.out, step, run.student, run.teacher, data=run.val_ds, n=4, tb_writer=tb_writer)
 
 # %% ../nbs/10_viz.ipynb #79507da9
 def ics_pair_view(logits:Tensor, # one image's logits `C x H x W` (or `1 x C x H x W`)
