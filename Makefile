@@ -46,7 +46,11 @@ test: $(STAMP)
 	   echo "FAIL: nbdev_clean changed notebooks: commit them cleaned (or run nbdev_install_hooks)."; \
 	   diff <(echo "$$before") <(echo "$$after"); exit 1; fi
 	@echo "== 3/5 nbdev_test (cells flagged gpu/data/slow are skipped)"
-	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing
+	@# with a temporary folder of its own, removed afterwards, so that files the notebooks leave there do not pile up
+	@t=$$(mktemp -d -t aicsd-nbdev-test.XXXXXX); echo "OMP_NUM_THREADS=1 TMPDIR=$$t $(BIN)/nbdev_test --n_workers 2 --timing"; \
+	 OMP_NUM_THREADS=1 TMPDIR=$$t $(BIN)/nbdev_test --n_workers 2 --timing; st=$$?; \
+	 n=$$(find "$$t" -type f | wc -l); if [ "$$n" != 0 ]; then echo "note: the notebooks left $$n files ($$(du -sh "$$t" | cut -f1)) in TMPDIR; removed"; fi; \
+	 rm -rf "$$t"; exit $$st
 	@echo "== 4/5 pytest tests/"
 	$(BIN)/python -m pytest tests/ -q -p no:cacheprovider
 	@echo "== 5/5 nbdev_proc_nbs (docs pre-processing; Quarto renders the site in the GitHub docs workflow)"

@@ -52,7 +52,15 @@ def time_interleaved(fns:dict, # name -> callable taking no argument
             times[k].append(time.perf_counter() - t0)
     return times
 
+def _quiet_profiler():
+    "Silence kineto, torch.profiler's backend, before its first use in this process (a level set by the user is kept)."
+    # Per profiled call it logs `USDT:... profiler_start` and `... profiler_stop`, and on a CUDA build without a GPU
+    # `ERROR:... gpuGetDeviceCount failed with code 35` once: noise, not errors. It reads KINETO_LOG_LEVEL once, at its
+    # first use (not at `import torch`); level 6 is above its highest (5, USDT) and prints nothing.
+    os.environ.setdefault('KINETO_LOG_LEVEL', '6')
+
 def _cpu_peak(fn)->int:
+    _quiet_profiler()
     from torch.profiler import profile, ProfilerActivity
     from torch._C._profiler import _EventType
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()

@@ -220,7 +220,8 @@ def resume(self:Checkpointer)->Progress|None:
     r = self.run
     ck, path = self._read_last()
     kept = ck.get('decided', {}).get('teacher_bf16', ck['config'].get('teacher_bf16'))   # the run's choice
-    asked = {**r.cfg, 'teacher_bf16': kept if r.cfg['teacher_bf16'] is None else r.cfg['teacher_bf16']}
+    asked = {**r.cfg, 'teacher_bf16': ck['config'].get('teacher_bf16') if r.cfg['teacher_bf16'] is None
+             else r.cfg['teacher_bf16']}              # automatic (None) asks for the run's own choice
     refused, warned = resume_changes(ck['config'], asked)
     if refused:
         raise ValueError(f"cannot resume {path}: {'; '.join(refused)}. These options define the run: resume with the values "

@@ -1,5 +1,5 @@
 """Shared fixtures of the end-to-end tests: a tiny synthetic dataset and a way to run the `aicsd` command."""
-import os, shutil, subprocess, sys
+import os, shutil, subprocess, sys, tempfile
 from pathlib import Path
 import pytest
 
@@ -37,3 +37,65 @@ def tiny_args(root, out, *more) -> list:
 def state_dict(path):
     import torch
     return torch.load(path, map_location='cpu', weights_only=True)['model']
+
+# ---------------------------------------------------------------- disk: nothing left behind, peak well under 1 GB
+# pyproject.toml sets tmp_path_retention_policy = "failed": pytest removes a passing test's `tmp_path` at its
+# teardown and the whole basetemp at the end of a passing session (a failed test's folder is kept for inspection,
+# only for the latest session: tmp_path_retention_count = 1). Folders that module- or class-scoped fixtures make
+# with `tmp_path_factory.mktemp` (teacher checkpoints of hundreds of MB) would stay until the session ends: they
+# are removed as soon as their fixture is torn down, i.e. after the last test of its module.
+_FIXTURE_DIRS, _SESSION_DIRS, _OLD_TMPDIR = pytest.StashKey[dict](), pytest.StashKey[set](), pytest.StashKey()
+_BUILTIN_TMP = {'tmp_path', 'tmpdir', 'tmp_path_factory', 'tmpdir_factory'}
+
+def _basetemp(config):
+    f = getattr(config, '_tmp_path_factory', None)
+    return getattr(f, '_basetemp', None)
+
+def _entries(config) -> set:
+    b = _basetemp(config)
+    return set(b.iterdir()) if b is not None and b.is_dir() else set()
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    "Note the basetemp folders a fixture wider than a function makes (session fixtures' folders are left to pytest)."
+    if fixturedef.scope == 'function' or fixturedef.argname in _BUILTIN_TMP: return (yield)
+    before = _entries(request.config)
+    try: return (yield)
+    finally:
+        made, st = _entries(request.config) - before, request.config.stash
+        if fixturedef.scope == 'session': st.setdefault(_SESSION_DIRS, set()).update(made)
+        elif made: st.setdefault(_FIXTURE_DIRS, {}).setdefault(id(fixturedef), set()).update(made)
+
+def pytest_fixture_post_finalizer(fixturedef, request):
+    st = request.config.stash
+    for d in st.get(_FIXTURE_DIRS, {}).pop(id(fixturedef), set()) - st.get(_SESSION_DIRS, set()):
+        if d.is_symlink(): d.unlink(missing_ok=True)               # pytest's `<name>current` link to the newest folder
+        else: shutil.rmtree(d, ignore_errors=True)
+
+def pytest_sessionstart(session):
+    """Temporary files of the tests and of the processes they start (torchrun's torchelastic_* logs, torch's
+    torchinductor_* folder) go under the basetemp too, so that none are left in the system's temp folder."""
+    f = getattr(session.config, '_tmp_path_factory', None)
+    if f is None: return
+    d = str(f.mktemp('tmp', numbered=False))
+    session.config.stash[_OLD_TMPDIR] = os.environ.get('TMPDIR')
+    ENV['TMPDIR'] = os.environ['TMPDIR'] = d; tempfile.tempdir = None        # gettempdir() reads TMPDIR again
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    "Guard: a passing session whose basetemp pytest could not remove (a file still open, a process still writing) fails."
+    if _OLD_TMPDIR in session.config.stash:
+        old = session.config.stash[_OLD_TMPDIR]
+        if old is None: os.environ.pop('TMPDIR', None); ENV.pop('TMPDIR', None)
+        else: os.environ['TMPDIR'] = ENV['TMPDIR'] = old
+        tempfile.tempdir = None
+    b = _basetemp(session.config)
+    if exitstatus != 0 or b is None or not b.exists() or session.config.getini('tmp_path_retention_policy') != 'failed' \
+            or session.config.option.basetemp:
+        return
+    files = [p for p in b.rglob('*') if p.is_file()]
+    if not files: return
+    size = sum(p.stat().st_size for p in files if p.exists())
+    session.config.get_terminal_writer().line(f"\nFAIL: the tests left {len(files)} files ({size / 1e6:.1f} MB) in {b}: "
+                                                f"{[str(p.relative_to(b)) for p in files[:5]]}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

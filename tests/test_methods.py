@@ -19,6 +19,7 @@ def teacher(tiny_data, tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp('teacher')
     fit(_cfg(tiny_data, out, model='resnet18', max_steps=3))
+    for f in out.glob('last*.pt'): f.unlink()             # 266 MB (float64 weights and momentum); best.pt is the teacher
     return out / 'best.pt'
 
 # small CIRKD memories and contrast sets keep the test fast; everything else at its defaults
