@@ -45,11 +45,22 @@ def resolve_device(device:str='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'
         torch.cuda.set_device(dev)
     return dev
 
+def _attempt_store(world:int): # a store whose keys belong to this torchrun attempt, or None: the default rendezvous
+    "After a torchrun restart, the agent's store with a prefix of this attempt (its keys of the failed attempt are stale)."
+    e = os.environ
+    n = int(e.get('TORCHELASTIC_RESTART_COUNT', '0') or 0)
+    if n == 0 or e.get('TORCHELASTIC_USE_AGENT_STORE') != 'True': return None
+    from datetime import timedelta
+    store = dist.TCPStore(e['MASTER_ADDR'], int(e['MASTER_PORT']), world, is_master=False, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f'aicsd/attempt_{n}', store)
+
 def init_distributed(device:torch.device)->tuple: # (rank, world, local_rank, we_initialised)
     "Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."
     rank, world, local = dist_env()
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        backend, store = 'nccl' if device.type == 'cuda' else 'gloo', _attempt_store(world)
+        if store is None: dist.init_process_group(backend)
+        else: dist.init_process_group(backend, store=store, rank=rank, world_size=world)
         return rank, world, local, True
     return rank, world, local, False
 

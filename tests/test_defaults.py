@@ -138,6 +138,7 @@ def voc_teacher(trees, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp('runs') / 'run1'
     p = aicsd('train', '--model', 'resnet18', *small('voc', trees['voc'], out), cwd=trees['base'])
     assert_full_run(out, p, teacher=False)
+    for f in ('last.pt', 'last.prev.pt'): (out / f).unlink(missing_ok=True)   # only best.pt is used: keep the disk low
     return out
 
 

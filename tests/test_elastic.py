@@ -17,6 +17,12 @@ def _train(root, out, batch, *more):
             *tiny_args(root, out), '--batch-size', batch, '--lr', LR, *more]
 
 
+def _keep_weights(out: Path) -> dict:
+    "The final weights of a run; its folder (hundreds of MB of checkpoints) is removed at once."
+    import shutil
+    w = state_dict(out / 'last.pt'); shutil.rmtree(out); return w
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
@@ -29,6 +35,7 @@ def _worst(a, b) -> float:
 
 def test_two_node_agents_match_one_process(tiny_data, tmp_path):
     run(aicsd_cmd() + _train(tiny_data, tmp_path / 'one', 4), cwd=tmp_path)
+    one = _keep_weights(tmp_path / 'one')
     port = _free_port()
     agent = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--nproc_per_node', '1',
              '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'127.0.0.1:{port}', '--rdzv-id', f'aicsd-{port}',
@@ -39,7 +46,7 @@ def test_two_node_agents_match_one_process(tiny_data, tmp_path):
     finally:
         for p in procs: p.kill() if p.poll() is None else None
     for p, (o, e) in zip(procs, outs): assert p.returncode == 0, f"agent exited {p.returncode}\n{e[-4000:]}"
-    worst = _worst(state_dict(tmp_path / 'one' / 'last.pt'), state_dict(tmp_path / 'two' / 'last.pt'))
+    worst = _worst(one, state_dict(tmp_path / 'two' / 'last.pt'))
     print(f"two agents vs one process: max |dw| = {worst:.3g}")
     assert worst < TOL
 
@@ -48,6 +55,7 @@ def test_a_lost_worker_restarts_the_group_from_last_pt(tiny_data, tmp_path):
     base = ['--standalone', '--nproc_per_node', '2']
     whole = [sys.executable, '-m', 'torch.distributed.run', *base, '-m', 'aicsd.cli']
     run(whole + _train(tiny_data, tmp_path / 'whole', 2, '--ckpt-every', 1), cwd=tmp_path, timeout=300)
+    a = _keep_weights(tmp_path / 'whole')
     faulty = [sys.executable, '-m', 'torch.distributed.run', *base, '--max-restarts', '1', str(HERE / 'elastic_worker.py')]
     env = {**ENV, 'AICSD_TEST_KILL_RANK': '1', 'AICSD_TEST_KILL_STEP': '3', 'PYTHONPATH': str(HERE)}
     p = subprocess.run([str(a) for a in faulty + _train(tiny_data, tmp_path / 'lost', 2, '--ckpt-every', 1)],
@@ -56,7 +64,7 @@ def test_a_lost_worker_restarts_the_group_from_last_pt(tiny_data, tmp_path):
     assert 'Signals.SIGKILL' in p.stderr or 'exitcode: -9' in p.stderr, p.stderr[-3000:]   # the fault did happen
     assert 'aicsd: warning: torchrun restarted the job (restart 1)' in p.stderr, p.stderr[-3000:]   # and resumed
     assert '-> ' not in p.stderr, p.stderr[-3000:]                                          # with no option changed
-    a, b = state_dict(tmp_path / 'whole' / 'last.pt'), state_dict(tmp_path / 'lost' / 'last.pt')
+    b = state_dict(tmp_path / 'lost' / 'last.pt')
     assert all(torch.equal(a[k], b[k]) for k in a), f"max |dw| = {_worst(a, b):.3g}"
     import csv
     steps = [int(r['step']) for r in csv.DictReader(open(tmp_path / 'lost' / 'train_log.csv'))]
