@@ -12,6 +12,8 @@ from .similarity import ics_matrix, ics_matrix_plain, ICS_SETTINGS
 from .losses import (icsd_loss, released_icsd_loss, released_icsd_loop, released_ics_matrix_plain,
                           ce_loss, pixel_kd_loss)
 from .models import deeplabv3plus, BACKBONES
+from .objective import DistillObjective
+from .distill import train_step
 
 # %% auto #0
 __all__ = ['VOC_SHAPES', 'CITYSCAPES_SHAPES', 'DEFAULT_STEP_VARIANTS', 'GAP_REASONS', 'GPU_SECTIONS', 'machine_info',
@@ -270,26 +272,23 @@ def _amp(device, dtype):
     dt = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None, 'fp32': None}[dtype]
     return torch.autocast(_dev(device).type, dtype=dt or torch.float32, enabled=dt is not None)
 
+def _dtype(name): return {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None, 'fp32': None}[name]
+
 def _step_fn(teacher, student, opt, x, y, style='ours', amp=None, teacher_amp=None, scaler=None, lambda_icsd=0.1):
-    dev = x.device
+    "One step as a callable: 'ours' is the engine's `train_step` with the 'icsd' objective; 'released' the released code's."
+    objective = DistillObjective('icsd', lambda_icsd=lambda_icsd)
     def step():
         if style == 'ours':
-            teacher.eval()
-            with torch.no_grad(), _amp(dev, teacher_amp or amp): t = teacher(x).float()
-            student.train()
-            with _amp(dev, amp): s = student(x)
-            s = s.float()
-            loss = ce_loss(s, y) + pixel_kd_loss(s, t, target=y) + lambda_icsd * icsd_loss(s, t)
-        elif style == 'released':
-            teacher.train(); student.train()
-            t = teacher(x); s = student(x)
-            with warnings.catch_warnings():                 # KLDivLoss() as released: 'mean' over all entries
-                warnings.simplefilter('ignore'); kd = F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction='mean')
-            loss = F.cross_entropy(s, y, ignore_index=255) / x.shape[0] + kd + lambda_icsd * released_icsd_loss(s, t)
-        else: raise ValueError(f"style must be 'ours' or 'released', got {style!r}")
+            return train_step(student, teacher, objective, x, y, opt, scaler=scaler, amp_dtype=_dtype(amp),
+                              teacher_dtype=_dtype(teacher_amp))[0]
+        if style != 'released': raise ValueError(f"style must be 'ours' or 'released', got {style!r}")
+        teacher.train(); student.train()        # the released step: the teacher in train mode, with autograd
+        t = teacher(x); s = student(x)
+        with warnings.catch_warnings():                 # KLDivLoss() as released: 'mean' over all entries
+            warnings.simplefilter('ignore'); kd = F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction='mean')
+        loss = F.cross_entropy(s, y, ignore_index=255) / x.shape[0] + kd + lambda_icsd * released_icsd_loss(s, t)
         opt.zero_grad(set_to_none=True)
-        if scaler is not None: scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
-        else: loss.backward(); opt.step()
+        loss.backward(); opt.step()
         teacher.zero_grad(set_to_none=True)
         return loss.detach()
     return step
