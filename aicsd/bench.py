@@ -78,6 +78,7 @@ def _cpu_peak(fn)->int:
         cur += size; peak = max(peak, cur)
     return peak
 
+# %% ../nbs/11_bench.ipynb #19695603
 def peak_memory(fn, # callable taking no argument
                 device='cpu', # where `fn` allocates
                )->int: # bytes: peak of torch's allocations during `fn()`, above those live when it started
@@ -168,6 +169,7 @@ def _floor_fn(s, dense:bool=False):
         L.backward(g) if dense else L.sum().backward()
     return f
 
+# %% ../nbs/11_bench.ipynb #7ae4ef3f
 def bench_icsd(shapes:list|None=None, # `(B, C, H, W)`; default VOC_SHAPES + CITYSCAPES_SHAPES
                device='cpu',
                repeats:int=5, # interleaved rounds; the minimum is reported
@@ -303,6 +305,7 @@ def _with_cudnn_benchmark(f, on:bool):
 
 DEFAULT_STEP_VARIANTS = [dict(name='ours', style='ours'), dict(name='released-style', style='released')]
 
+# %% ../nbs/11_bench.ipynb #1497c394
 def bench_step(variants:list|None=None, # dicts: name, style ('ours'/'released'), channels_last, amp, teacher_amp (None/'bf16'/'fp16'), cudnn_benchmark
                teacher:str='resnet101', student:str='resnet18',
                crop:int=513, batch:int=2, num_classes:int=21,
@@ -559,6 +562,7 @@ def _gpu_teacher(c):
                   argmax_agreement=(th.argmax(1) == t32.argmax(1)).float().mean().item())
             _check(e < 0.05, f"teacher under {p}: logits differ from fp32 by {e:.3g} (relative)")
 
+# %% ../nbs/11_bench.ipynb #5d9be75a
 def _gpu_steps(c):
     "Each student: loss terms per precision (eval mode), then distillation steps in every variant beside the released-style step."
     x, y, t32 = _gpu_inputs(c)
@@ -618,6 +622,7 @@ def _gpu_latency(c):
     "Eval-mode cost of every backbone (params, GMACs, images/s at batch 1 and 8, fp32 and bf16)."
     for r in bench_latency(device=c.dev, quick=c.quick, repeats=3): c.log(check='latency', **r)
 
+# %% ../nbs/11_bench.ipynb #56bab0c0
 def _gpu_ddp(c):
     "torchrun on every GPU: train a teacher, then distil with AICSD (NCCL, SyncBatchNorm, bf16); the first loss must match one process."
     from aicsd.data import make_synthetic
@@ -650,6 +655,7 @@ def _gpu_ddp(c):
         _check(math.isfinite(l) and abs(l - l1) <= 0.02 * abs(l1),
                f"first distillation loss under torchrun ({l}) differs from one process ({l1})")
 
+# %% ../nbs/11_bench.ipynb #1badc8f8
 def _gpu_compile(c):
     "torch.compile of each student: compiled logits against eager ones (TF32 off), then compiled bf16 training steps."
     x, y, t32 = _gpu_inputs(c)
@@ -710,6 +716,7 @@ class _GPUCheck:
     def __init__(self, **kw): self.__dict__.update(kw); self.x = None; self.t0 = time.perf_counter()
     def over(self)->bool: return self.budget_s is not None and time.perf_counter() - self.t0 > self.budget_s
 
+# %% ../nbs/11_bench.ipynb #e8993784
 def gpu_check(quick:bool=False, # small crops and batch (a minute)
               device='cuda', # 'cuda' (or 'cpu' for a smoke test of this code)
               batch:int=8, crop:int=513, num_classes:int=21,

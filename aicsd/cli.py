@@ -69,6 +69,7 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         if isinstance(a.default, bool): return h + f" (default: {'on' if a.default else 'off'})"
         return h + (' (default: none)' if a.default is None else ' (default: %(default)s)')
 
+# %% ../nbs/09_cli.ipynb #2ee3e7f1
 def _add_option(g, o:Option):
     "An option of the table as an argument; `_Help` adds its default."
     flags, help = [f"--{o.name.replace('_', '-')}", *o.flags], o.help
@@ -161,6 +162,7 @@ def _add_demo_args(p:argparse.ArgumentParser, out:str, quick_help:str):
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: 1)')
     p.add_argument('--seeds', type=int, nargs='+', default=None, help='student seeds (default: 0 1 2; --quick: 0)')
 
+# %% ../nbs/09_cli.ipynb #1cf23e85
 def build_parser()->argparse.ArgumentParser:
     "The `aicsd` argument parser with its subcommands."
     fmt = lambda prog: _Help(prog, max_help_position=34)
@@ -311,6 +313,7 @@ def _json_safe(x):
     if isinstance(x, list): return [_json_safe(v) for v in x]
     return x
 
+# %% ../nbs/09_cli.ipynb #53721ab3
 def _main(argv):
     a = parse(argv)
     if a.command in ('train', 'distill'):

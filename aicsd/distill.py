@@ -132,6 +132,7 @@ def distill_step(student:nn.Module, # network being trained (train mode): a mode
     total, terms = objective(s_out, t_out, target, alpha=alpha, modules=modules)
     return total, terms, s_out['logits']
 
+# %% ../nbs/08_distill.ipynb #cc4f956c
 def train_step(student:nn.Module, teacher:nn.Module|None, objective:DistillObjective, images:Tensor, target:Tensor,
                optimizer:torch.optim.Optimizer,
                scheduler:torch.optim.lr_scheduler.LRScheduler|None=None, # stepped after each optimiser step, or None
@@ -297,6 +298,7 @@ def build_models(cfg:dict, num_classes:int)->tuple: # (student, teacher or None,
                                       num_classes)
     return student, teacher, objective, modules
 
+# %% ../nbs/08_distill.ipynb #05403ca0
 def build_run(cfg:dict)->Run:
     "Device, process group, data, models, DDP, optimizer and schedule of a configuration."
     if cfg['threads']: torch.set_num_threads(int(cfg['threads']))
@@ -337,8 +339,6 @@ def build_run(cfg:dict)->Run:
     teacher_dtype = torch.bfloat16 if cfg['teacher_bf16'] else None   # None (automatic): settled by `resolve_teacher_bf16`
     return Run(cfg, device, rank, world, owned, out, train_ds, val_ds, nc, loader, student, teacher, objective, net, model,
                opt, sched, scaler, amp_dtype, teacher_dtype, fdt, mf, spe, epochs, total)
-
-
 
 # %% ../nbs/08_distill.ipynb #c269875c
 def resolve_teacher_bf16(run:Run):

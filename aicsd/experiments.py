@@ -157,6 +157,7 @@ def run_demo(out:str|Path='runs/demo', # report folder
     print(format_table(rows)); print(f"finished in {total:.0f} s; report: {out/'report.md'}")
     return rows
 
+# %% ../nbs/08a_experiments.ipynb #304f32fd
 def run_compare(out:str|Path='runs/compare', # report folder
                 methods:tuple|None=None, # default: every method of the methods table
                 **kw, # more `run_demo` arguments (quick, seeds, threads, ...)

@@ -11,6 +11,7 @@ import torch
 from torch import nn, Tensor
 from .losses import ce_loss, pixel_kd_loss, icsd_loss, released_icsd_loss
 from . import baselines as B
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['TERMS', 'METHODS', 'alw_alpha', 'out_of_range', 'Term', 'register_term', 'term_ce', 'term_kd', 'term_icsd',
@@ -123,20 +124,28 @@ def _adapted(s, tap, mod): return mod(s[tap]) if mod is not None else s[tap]
 
 def term_at(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, p:float=2.0):
     return B.at_loss(s['decoder'], t['decoder'], p=p)
+
 def term_fitnet(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     return B.fitnet_loss(_adapted(s, 'decoder', mod), t['decoder'])
+
 def term_sp(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     return B.sp_loss(s['aspp'], t['aspp'])
+
 def term_ickd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     return B.ickd_loss(_adapted(s, 'aspp', mod), t['aspp'])
+
 def term_skd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, scale:float=0.5, kernel:int|None=2):
     return B.skd_loss(s['decoder'], t['decoder'], scale=scale, kernel=kernel)
+
 def term_ifvd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     return B.ifvd_loss(s['decoder'], t['decoder'], target, num_classes=s['logits'].shape[1])
+
 def term_cwd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=4.0):
     return B.cwd_loss(s['logits'], t['logits'], tau=tau)
+
 def term_dist(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, beta:float=1.0, gamma:float=1.0, tau:float=1.0):
     return B.dist_loss(s['logits'], t['logits'], beta=beta, gamma=gamma, tau=tau)
+
 def term_cirkd_pixel(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=0.1, pool:int=2):
     return B.cirkd_pixel_loss(s['decoder'], t['decoder'], tau=tau, pool=pool)
 
@@ -157,13 +166,17 @@ def term_cirkd_memory(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, ta
 
 def term_released_pa(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, scale:float=0.5):
     return B.released_pa_loss(s['aspp'], t['aspp'], scale=scale)
+
 def term_released_ic(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     return B.released_ic_loss(s['logits'], t['logits'])
+
 def term_released_pi(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     "The released code's pixel KD: `KLDivLoss()` with mean reduction, i.e. our KD (T = 1, every pixel) divided by C."
     return pixel_kd_loss(s['logits'], t['logits']) / s['logits'].shape[1]
 
 def _adapter(tap): return lambda sc, tc, nc, **_: B.channel_adapter(sc[tap], tc[tap])
+
+# %% ../nbs/04_objective.ipynb #9d536755
 def _cirkd_memory(sc, tc, nc, pixel_size:int=20000, region_size:int=2000, **_):
     "The module of `cirkd_memory`: its queue sizes are term parameters (`--param cirkd_memory.pixel_size=2000`)."
     return CIRKDMemoryTerm(sc['decoder'], tc['decoder'], nc, pixel_size, region_size)
@@ -229,6 +242,7 @@ def _outputs(x)->dict|None:
     if x is None or isinstance(x, dict): return x
     return {'logits': x}
 
+# %% ../nbs/04_objective.ipynb #0d75648c
 class DistillObjective:
     "Total loss and named, weighted terms of a method (or a '+' combination), optionally under ALW."
     def __init__(self,
@@ -287,49 +301,57 @@ class DistillObjective:
         "Feature taps some term reads from the teacher."
         return tuple(dict.fromkeys(t for n in self.names if TERMS[n].teacher for t in TERMS[n].taps))
 
-    def build_modules(self,
-                      s_channels:dict, # tap -> channels of the student ('logits' included)
-                      t_channels:dict|None, # tap -> channels of the teacher
-                      num_classes:int,
-                     )->nn.ModuleDict: # term name -> module, for the terms that have one
-        "The terms' modules (adapters, memories): trained with the student, saved in its checkpoint."
-        return nn.ModuleDict({n: TERMS[n].module(s_channels, t_channels, num_classes, **self.params[n])
-                              for n in self.names if TERMS[n].module is not None})
+# %% ../nbs/04_objective.ipynb #01c5a308
+@patch
+def build_modules(self:DistillObjective,
+                  s_channels:dict, # tap -> channels of the student ('logits' included)
+                  t_channels:dict|None, # tap -> channels of the teacher
+                  num_classes:int,
+                 )->nn.ModuleDict: # term name -> module, for the terms that have one
+    "The terms' modules (adapters, memories): trained with the student, saved in its checkpoint."
+    return nn.ModuleDict({n: TERMS[n].module(s_channels, t_channels, num_classes, **self.params[n])
+                          for n in self.names if TERMS[n].module is not None})
 
-    def coefficient(self, name:str, alpha:float|None=None)->float:
-        "The factor of term `name`: its weight, times alpha or 1 - alpha under ALW."
-        w = self.weights[name]
-        if not self.alw: return w
-        return w * (alpha if TERMS[name].alw == 'grow' else 1.0 - alpha)
+# %% ../nbs/04_objective.ipynb #1ebe15dc
+@patch
+def coefficient(self:DistillObjective, name:str, alpha:float|None=None)->float:
+    "The factor of term `name`: its weight, times alpha or 1 - alpha under ALW."
+    w = self.weights[name]
+    if not self.alw: return w
+    return w * (alpha if TERMS[name].alw == 'grow' else 1.0 - alpha)
 
-    def __repr__(self):
-        return (f"DistillObjective(method={self.method!r}, terms={self.names}, alw={self.alw}, weights={self.weights}, "
-                f"T={self.T}, ignore_index={self.ignore_index}, normalize={self.normalize!r})")
+# %% ../nbs/04_objective.ipynb #61d8c095
+@patch
+def __repr__(self:DistillObjective):
+    return (f"DistillObjective(method={self.method!r}, terms={self.names}, alw={self.alw}, weights={self.weights}, "
+            f"T={self.T}, ignore_index={self.ignore_index}, normalize={self.normalize!r})")
 
-    def __call__(self,
-                 student:Tensor|dict, # student logits `B x C x H x W`, or a dict of outputs ('logits' and taps)
-                 teacher:Tensor|dict|None, # the teacher's, likewise (None allowed when no term needs it)
-                 target:Tensor, # labels `B x H x W`, `ignore_index` where unlabelled
-                 alpha:float|None=None, # ALW factor in [0, 1] (`alw_alpha`); required under ALW
-                 modules:nn.ModuleDict|dict|None=None, # the terms' modules (`build_modules`)
-                )->tuple: # (total scalar, dict name -> weighted scalar term; the terms sum to the total)
-        s, t = _outputs(student), _outputs(teacher)
-        if self.needs_teacher and t is None:
-            raise ValueError(f"method {self.method!r} needs the teacher's outputs; only 'baseline' runs without a teacher")
-        if self.alw:
-            if alpha is None: raise ValueError(f"method {self.method!r} uses ALW and needs `alpha` (use `alw_alpha(step, total)`)")
-            if not 0.0 <= alpha <= 1.0: raise ValueError(f"`alpha` must be in [0, 1]; got {alpha}")
-        modules = modules if modules is not None else {}
-        terms = {}
-        for n in self.names:
-            term = TERMS[n]
-            for side, out in (('student', s),) + ((('teacher', t),) if term.teacher else ()):
-                missing = [i for i in term.inputs if i not in out]
-                if missing: raise KeyError(f"term {n!r} reads {missing} from the {side}'s outputs, which hold {sorted(out)}")
-            if term.module is not None and n not in modules:
-                raise ValueError(f"term {n!r} needs its module: pass `modules=objective.build_modules(...)`")
-            c = self.coefficient(n, alpha)
-            value = term.fn(s, t, target, mod=modules[n] if n in modules else None, **self.params[n])
-            terms[n] = c * value
-        total = sum(terms.values())
-        return total, terms
+# %% ../nbs/04_objective.ipynb #b0c25c8b
+@patch
+def __call__(self:DistillObjective,
+             student:Tensor|dict, # student logits `B x C x H x W`, or a dict of outputs ('logits' and taps)
+             teacher:Tensor|dict|None, # the teacher's, likewise (None allowed when no term needs it)
+             target:Tensor, # labels `B x H x W`, `ignore_index` where unlabelled
+             alpha:float|None=None, # ALW factor in [0, 1] (`alw_alpha`); required under ALW
+             modules:nn.ModuleDict|dict|None=None, # the terms' modules (`build_modules`)
+            )->tuple: # (total scalar, dict name -> weighted scalar term; the terms sum to the total)
+    s, t = _outputs(student), _outputs(teacher)
+    if self.needs_teacher and t is None:
+        raise ValueError(f"method {self.method!r} needs the teacher's outputs; only 'baseline' runs without a teacher")
+    if self.alw:
+        if alpha is None: raise ValueError(f"method {self.method!r} uses ALW and needs `alpha` (use `alw_alpha(step, total)`)")
+        if not 0.0 <= alpha <= 1.0: raise ValueError(f"`alpha` must be in [0, 1]; got {alpha}")
+    modules = modules if modules is not None else {}
+    terms = {}
+    for n in self.names:
+        term = TERMS[n]
+        for side, out in (('student', s),) + ((('teacher', t),) if term.teacher else ()):
+            missing = [i for i in term.inputs if i not in out]
+            if missing: raise KeyError(f"term {n!r} reads {missing} from the {side}'s outputs, which hold {sorted(out)}")
+        if term.module is not None and n not in modules:
+            raise ValueError(f"term {n!r} needs its module: pass `modules=objective.build_modules(...)`")
+        c = self.coefficient(n, alpha)
+        value = term.fn(s, t, target, mod=modules[n] if n in modules else None, **self.params[n])
+        terms[n] = c * value
+    total = sum(terms.values())
+    return total, terms
