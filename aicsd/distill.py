@@ -5,7 +5,7 @@
 # %% ../nbs/08_distill.ipynb #a14e7f63
 from __future__ import annotations
 import math, os, signal, sys, threading, time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 from pathlib import Path
 import torch
@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 # %% auto #0
 __all__ = ['poly_lr_lambda', 'eval_transform_for', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_channels',
-           'distill_step', 'train_step', 'choose_teacher_bf16', 'evaluate', 'same_size_groups', 'Run', 'build_models',
-           'build_run', 'resolve_teacher_bf16', 'train_one_epoch', 'evaluate_and_keep_best',
+           'distill_step', 'train_step', 'choose_teacher_bf16', 'evaluate', 'same_size_groups', 'LoopSpec', 'Run',
+           'build_models', 'build_run', 'resolve_teacher_bf16', 'train_one_epoch', 'evaluate_and_keep_best',
            'restarted_with_checkpoint', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
@@ -258,6 +258,14 @@ def _disable_dropout(model:nn.Module):
         if isinstance(m, nn.modules.dropout._DropoutNd): m.p = 0.0
 
 # %% ../nbs/08_distill.ipynb #d4a8e351
+@dataclass(frozen=True)
+class LoopSpec:
+    "What the loop reads of the configuration, taken once by `build_run` (the loop never reads `cfg`)."
+    batch_size:int; alw_unit:str; clip_grad:float|None; log_every:int; ckpt_every:int
+    val_batch_size:int; workers:int; max_val:int|None; quiet:bool
+    @classmethod
+    def of(cls, cfg:dict)->'LoopSpec': return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+
 @dataclass
 class Run:
     "Everything a run holds, built by `build_run`."
@@ -269,6 +277,7 @@ class Run:
     amp_dtype:object; teacher_dtype:object; dtype:torch.dtype; memory_format:object
     steps_per_epoch:int; epochs:int; total:int
     teacher_bf16:bool|None=None # the run's decision (`resolve_teacher_bf16`), kept in last.pt; never in `cfg`
+    loop:LoopSpec|None=None # what the loop reads (`LoopSpec.of(cfg)`)
     @property
     def main(self)->bool: return self.rank == 0
 
@@ -338,7 +347,7 @@ def build_run(cfg:dict)->Run:
     scaler = torch.amp.GradScaler(device.type) if cfg['amp'] == 'fp16' else None
     teacher_dtype = torch.bfloat16 if cfg['teacher_bf16'] else None   # None (automatic): settled by `resolve_teacher_bf16`
     return Run(cfg, device, rank, world, owned, out, train_ds, val_ds, nc, loader, student, teacher, objective, net, model,
-               opt, sched, scaler, amp_dtype, teacher_dtype, fdt, mf, spe, epochs, total)
+               opt, sched, scaler, amp_dtype, teacher_dtype, fdt, mf, spe, epochs, total, loop=LoopSpec.of(cfg))
 
 # %% ../nbs/08_distill.ipynb #c269875c
 def resolve_teacher_bf16(run:Run):
@@ -368,18 +377,18 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
                     interrupted:Callable|None=None, # () -> True when Ctrl-C was pressed: checkpoint, raise RunInterrupted
                    )->bool: # True when stopped by `stop_at` in the middle of the epoch
     "Train the rest of epoch `prog.epoch` from batch `prog.step_in_epoch`; `prog` moves along."
-    cfg, spe = run.cfg, run.steps_per_epoch
+    L, spe = run.loop, run.steps_per_epoch
     skip = prog.step_in_epoch
-    run.loader.sampler.set_epoch(prog.epoch, skip=skip * cfg['batch_size'])
+    run.loader.sampler.set_epoch(prog.epoch, skip=skip * L.batch_size)
     bar = _progress(run.loader, tty, desc=f'epoch {prog.epoch + 1}/{run.epochs}', total=spe, initial=skip)
     for i, (x, y) in enumerate(bar, start=skip):
         if prog.step >= run.total: break
         x = x.to(run.device, dtype=run.dtype, non_blocking=True, memory_format=run.memory_format)
         y = y.to(run.device, non_blocking=True)
-        alpha = alw_alpha(prog.step, run.total) if cfg['alw_unit'] == 'step' else alw_alpha(prog.epoch, run.epochs)
+        alpha = alw_alpha(prog.step, run.total) if L.alw_unit == 'step' else alw_alpha(prog.epoch, run.epochs)
         loss, terms = train_step(run.model, run.teacher, run.objective, x, y, run.opt, run.sched, run.scaler,
                                  alpha=alpha, amp_dtype=run.amp_dtype, teacher_dtype=run.teacher_dtype,
-                                 clip_grad=cfg['clip_grad'])
+                                 clip_grad=L.clip_grad)
         prog.step += 1; prog.step_in_epoch = i + 1
         if not math.isfinite(float(loss)):   # every rank, every step: nothing non-finite reaches a checkpoint
             bad = [k for k, v in terms.items() if not math.isfinite(float(v))]
@@ -388,13 +397,13 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
                 f"the loss is {float(loss)} at step {prog.step}{where} (non-finite term(s): {', '.join(bad) or 'none: the sum overflowed'}"
                 f"; lr {run.opt.param_groups[0]['lr']:.3g}); {ckpt.last if ckpt.last.exists() else 'no checkpoint'} holds the last "
                 f"good state. Lower --lr or the term's --weight, or add --clip-grad, and resume or restart")
-        if run.main and (prog.step % max(1, cfg['log_every']) == 0 or prog.step == run.total):
+        if run.main and (prog.step % max(1, L.log_every) == 0 or prog.step == run.total):
             vals = dict(epoch=prog.epoch, lr=run.opt.param_groups[0]['lr'], alpha=float(alpha), loss=float(loss),
                         **{k: float(v) for k, v in terms.items()})
             log.row('train_log', prog.step, vals)
             if tty: bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
         mid, saved = i + 1 < spe, False
-        if cfg['ckpt_every'] and prog.step % cfg['ckpt_every'] == 0 and mid and prog.step < run.total:
+        if L.ckpt_every and prog.step % L.ckpt_every == 0 and mid and prog.step < run.total:
             ckpt.save_last(prog); saved = True
         if stop_at is not None and prog.step >= stop_at and mid:
             if not saved: ckpt.save_last(prog)
@@ -418,14 +427,14 @@ def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer
                            draw:Callable|None=None, # figure hook (run, step, tb_writer) -> dict, or None
                           ):
     "Evaluate the student, log, and write `best.pt` when the mIoU improves."
-    cfg = run.cfg
-    m = evaluate(run.student, run.val_ds, run.num_classes, batch_size=cfg['val_batch_size'], device=run.device,
-                 workers=cfg['workers'], amp_dtype=run.amp_dtype, max_items=cfg['max_val'], progress=tty)
+    L = run.loop
+    m = evaluate(run.student, run.val_ds, run.num_classes, batch_size=L.val_batch_size, device=run.device,
+                 workers=L.workers, amp_dtype=run.amp_dtype, max_items=L.max_val, progress=tty)
     prog.metrics = {k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in m.items()}
     if run.main:
         log.row('eval_log', prog.step, dict(epoch=prog.epoch, **{k: v for k, v in prog.metrics.items() if isinstance(v, float)},
                                             time_s=round(time.time() - t0, 2)))
-        if not cfg['quiet']:
+        if not L.quiet:
             print(f"epoch {prog.epoch}/{run.epochs} step {prog.step}: mIoU {prog.metrics['miou']:.4f} "
                   f"pixel acc {prog.metrics['pixel_acc']:.4f}", flush=True)
     if run.main and draw is not None and run.dtype == torch.float32:   # (figures are drawn from float32 logits)
