@@ -100,7 +100,7 @@ def add_train_options(p:argparse.ArgumentParser, # a subcommand parser
         p.set_defaults(model=DEFAULTS['model'])
     groups = {}
     for o in OPTIONS:
-        if not o.help: continue
+        if not o.help or ('distill' if distill else 'train') not in o.commands: continue
         if o.group not in groups: groups[o.group] = p.add_argument_group(o.group)
         _add_option(groups[o.group], o)
         p.set_defaults(**{o.name: o.default})
@@ -188,10 +188,8 @@ def build_parser()->argparse.ArgumentParser:
         description='mIoU, pixel accuracy, mean class accuracy, frequency-weighted IoU and per-class IoU.',
         epilog="example:\n  aicsd evaluate --ckpt runs/s/best.pt --data voc --data-root data/VOCdevkit/VOC2012 --eval-resize 513")
     e.add_argument('--ckpt', required=True, metavar='PATH', help='best.pt / last.pt (or any file load_model reads)')
-    for o in OPTIONS:
-        if o.name in ('data', 'data_root', 'val_split', 'eval_resize', 'eval_square', 'workers', 'max_val', 'device',
-                      'amp', 'threads', 'val_batch_size'):
-            _add_option(e, o); e.set_defaults(**{o.name: o.default})
+    for o in OPTIONS:                                # the rows whose `commands` name evaluate
+        if 'evaluate' in o.commands: _add_option(e, o); e.set_defaults(**{o.name: o.default})
     e.add_argument('--json', metavar='FILE', help='also write the metrics to FILE')
     m = sub.add_parser('demo', formatter_class=fmt, help='the whole method on synthetic data, on a CPU',
         description='Synthetic data -> small teacher -> students (baseline, KD, ICSD, AICSD, same seed) -> '

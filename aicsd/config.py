@@ -36,8 +36,11 @@ class Option:
     resume:str='warn' # on --resume with another value: 'same' refuses (it defines the run), 'warn' applies it with a warning, 'free' applies it
     check:str|None=None # the range of a number (`out_of_range`: '>0', '>=0', 'int>=1', ...); None values (not given) pass
     why:str='' # why the range, said when a value is refused
+    commands:tuple=('train', 'distill') # the subcommands that take the flag (`aicsd COMMAND --help` lists it)
 
 def _O(name, default, group, help='', **kw): return Option(name, default, group, help, **kw)
+def _E(name, default, group, help='', **kw):   # a row that `aicsd evaluate` takes too
+    return Option(name, default, group, help, commands=('train', 'distill', 'evaluate'), **kw)
 
 # %% ../nbs/07a_config.ipynb #b996b36c
 _WHAT = [   # what to train (the command line adds --model / --student, --teacher, --method itself)
@@ -62,11 +65,11 @@ _WHAT = [   # what to train (the command line adds --model / --student, --teache
 
 # %% ../nbs/07a_config.ipynb #5efc1a4c
 _DATA = [   # data
-    _O('data', 'synthetic', 'Data', 'dataset', choices=('voc', 'cityscapes', 'synthetic'), resume='same'),
-    _O('data_root', None, 'Data', 'dataset folder (VOC2012/, the Cityscapes root, or the synthetic folder); default: '
+    _E('data', 'synthetic', 'Data', 'dataset', choices=('voc', 'cityscapes', 'synthetic'), resume='same'),
+    _E('data_root', None, 'Data', 'dataset folder (VOC2012/, the Cityscapes root, or the synthetic folder); default: '
        + ', '.join(f'{k} {v}' for k, v in DEFAULT_ROOTS.items()), metavar='DIR'),
     _O('train_split', 'train', 'Data', 'training split (VOC: train or trainaug)', resume='same'),
-    _O('val_split', 'val', 'Data', 'validation split'),
+    _E('val_split', 'val', 'Data', 'validation split'),
     _O('num_classes', None, 'Data', 'classes (default: from the dataset)', type=int, metavar='C', resume='same',
        check='int>=2'),
     _O('crop_size', 513, 'Data', 'training crop (paper: 513)', type=int, metavar='PX', check='int>=1'),
@@ -74,11 +77,11 @@ _DATA = [   # data
     _O('scale_max', 2.0, 'Data', 'random scale upper bound', type=float, check='>0'),
     _O('hflip', True, 'Data', 'random horizontal flip', flag='bool'),
     _O('blur', False, 'Data', 'random Gaussian blur (released code: on)', flag='bool'),
-    _O('eval_resize', None, 'Data', 'evaluate with the short side resized to PX (default: native resolution)', type=int,
+    _E('eval_resize', None, 'Data', 'evaluate with the short side resized to PX (default: native resolution)', type=int,
        metavar='PX', check='int>=1'),
-    _O('eval_square', False, 'Data', "with --eval-resize: resize to PX x PX, as the released code's FixedResize", flag='bool'),
-    _O('workers', 0, 'Data', 'data loader worker processes per rank', type=int, resume='free', check='int>=0'),
-    _O('max_val', None, 'Data', 'evaluate on the first N validation images only (default: all)', type=int, metavar='N',
+    _E('eval_square', False, 'Data', "with --eval-resize: resize to PX x PX, as the released code's FixedResize", flag='bool'),
+    _E('workers', 0, 'Data', 'data loader worker processes per rank', type=int, resume='free', check='int>=0'),
+    _E('max_val', None, 'Data', 'evaluate on the first N validation images only (default: all)', type=int, metavar='N',
        check='int>=1'),
 ]
 
@@ -97,7 +100,7 @@ _OPTIM = [   # optimisation (torchvision reference / paper)
     _O('batch_size', 6, 'Optimisation', 'batch size per process (paper: 6)', flags=('-b',), type=int, resume='same',
        check='int>=2', why="the BatchNorm after ASPP's image pooling sees one value per image and channel, so one "
                            "image per process cannot be trained"),
-    _O('val_batch_size', 1, 'Optimisation', 'evaluation batch size per process', type=int, resume='free', check='int>=1'),
+    _E('val_batch_size', 1, 'Optimisation', 'evaluation batch size per process', type=int, resume='free', check='int>=1'),
     _O('lr', 0.007, 'Optimisation', 'base learning rate of the backbone (paper: 0.007 VOC, 0.01 Cityscapes)', type=float,
        resume='same', check='>0'),
     _O('head_mult', 10.0, 'Optimisation', "learning-rate multiplier of ASPP, decoder and the terms' adapters (paper: 10)",
@@ -132,11 +135,11 @@ _LOGS = [   # checkpoints and logs
 # %% ../nbs/07a_config.ipynb #6ac6fece
 _RUNTIME = [   # runtime
     _O('seed', 0, 'Runtime', 'random seed', type=int, resume='same', check='int>=0'),
-    _O('device', 'auto', 'Runtime', "'auto', 'cpu', 'cuda' or 'cuda:N'", resume='free'),
-    _O('amp', 'none', 'Runtime', 'mixed precision (fp16 uses a grad scaler; CUDA)', choices=('none', 'bf16', 'fp16')),
+    _E('device', 'auto', 'Runtime', "'auto', 'cpu', 'cuda' or 'cuda:N'", resume='free'),
+    _E('amp', 'none', 'Runtime', 'mixed precision (fp16 uses a grad scaler; CUDA)', choices=('none', 'bf16', 'fp16')),
     _O('channels_last', True, 'Runtime', 'channels-last memory format on CUDA', flag='bool', resume='free'),
     _O('sync_bn', False, 'Runtime', 'SyncBatchNorm under torchrun', flag='bool'),
-    _O('threads', None, 'Runtime', "torch CPU threads (default: torch's choice)", type=int, resume='free', check='int>=1'),
+    _E('threads', None, 'Runtime', "torch CPU threads (default: torch's choice)", type=int, resume='free', check='int>=1'),
     _O('malloc_mmap_mb', 64, 'Runtime', "on a CPU with glibc, keep allocations below this many MB on the heap (faster "
        "steps; 0: glibc's default; MALLOC_MMAP_THRESHOLD_ in the environment wins)", type=int, resume='free',
        check='int>=0'),
