@@ -345,11 +345,9 @@ def run_evaluate(a:argparse.Namespace)->dict:
     "Evaluate the checkpoint `a.ckpt` on the validation split of `a.data`."
     from aicsd.models import load_model, model_arch
     from aicsd.data import get_dataset
-    from aicsd.distill import dist_env, resolve_device, init_distributed, cleanup_distributed, _amp_dtype
+    from aicsd.distill import start_process, cleanup_distributed, _amp_dtype
     check_ranges(vars(a))                      # --max-val, --val-batch-size, ... as for train and distill
-    if a.threads: torch.set_num_threads(a.threads)
-    dev = resolve_device(a.device, dist_env()[2])
-    _, _, _, owned = init_distributed(dev)
+    dev, _, _, _, owned = start_process(a.device, a.threads)   # the engine's set-up (no allocator change: no training)
     failed = True
     try:
         ck = load_checkpoint(a.ckpt)

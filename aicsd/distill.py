@@ -310,11 +310,8 @@ def build_models(cfg:dict, num_classes:int)->tuple: # (student, teacher or None,
 # %% ../nbs/08_distill.ipynb #05403ca0
 def build_run(cfg:dict)->Run:
     "Device, process group, data, models, DDP, optimizer and schedule of a configuration."
-    if cfg['threads']: torch.set_num_threads(int(cfg['threads']))
-    if cfg['deterministic']: torch.use_deterministic_algorithms(True, warn_only=True)
-    device = resolve_device(cfg['device'], dist_env()[2])
-    if device.type == 'cpu': set_malloc_mmap_threshold(cfg['malloc_mmap_mb'])
-    rank, world, local, owned = init_distributed(device)
+    device, rank, world, local, owned = start_process(cfg['device'], cfg['threads'], cfg['deterministic'],
+                                                      cfg['malloc_mmap_mb'])
     out = Path(cfg['out'])
     if rank == 0: out.mkdir(parents=True, exist_ok=True)
     train_ds, val_ds, nc = _datasets(cfg, rank)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['set_malloc_mmap_threshold', 'dist_env', 'resolve_device', 'init_distributed', 'cleanup_distributed',
+__all__ = ['set_malloc_mmap_threshold', 'dist_env', 'resolve_device', 'init_distributed', 'cleanup_distributed', 'start_process',
            'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'native_bf16']
 
 # %% ../nbs/07c_process.ipynb #52a90803
@@ -74,6 +74,19 @@ def cleanup_distributed(owned:bool, # we created the process group (so we destro
         # training step and would never arrive. It leaves at once with its error; torchrun then stops the others.
         if not failed: dist.barrier()
         dist.destroy_process_group()
+
+# %% ../nbs/07c_process.ipynb #6fe5b773
+def start_process(device:str='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'
+                  threads:int|None=None, # torch CPU threads (None: torch's choice)
+                  deterministic:bool=False, # torch.use_deterministic_algorithms (warn only)
+                  malloc_mmap_mb:int=0, # on a CPU, `set_malloc_mmap_threshold(malloc_mmap_mb)` (0: leave glibc alone)
+                 )->tuple: # (device, rank, world, local_rank, we_initialised the process group)
+    "Set up this process for a command: threads, determinism, device, allocator, process group (under torchrun)."
+    if threads: torch.set_num_threads(int(threads))
+    if deterministic: torch.use_deterministic_algorithms(True, warn_only=True)
+    dev = resolve_device(device, dist_env()[2])
+    if dev.type == 'cpu': set_malloc_mmap_threshold(malloc_mmap_mb)
+    return (dev, *init_distributed(dev))
 
 # %% ../nbs/07c_process.ipynb #1db688ae
 class _SyncBNFunction(torch.autograd.Function):
