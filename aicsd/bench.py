@@ -16,10 +16,11 @@ from .objective import DistillObjective
 from .distill import train_step
 
 # %% auto #0
-__all__ = ['VOC_SHAPES', 'CITYSCAPES_SHAPES', 'DEFAULT_STEP_VARIANTS', 'GAP_REASONS', 'GPU_SECTIONS', 'machine_info',
+__all__ = ['VOC_SHAPES', 'CITYSCAPES_SHAPES', 'DEFAULT_STEP_VARIANTS', 'GAP_REASONS', 'BENCHES', 'GPU_SECTIONS', 'machine_info',
            'time_interleaved', 'peak_memory', 'ics_settings', 'format_rows', 'format_tables', 'append_rows',
            'read_rows', 'bench_icsd', 'stride4_pair', 'upsample_logits', 'bench_stride4', 'calibrate_bn', 'bench_step',
-           'bench_data', 'model_cost', 'bench_latency', 'bf16_ics_effect', 'goals', 'bench_env', 'gpu_check']
+           'bench_data', 'bench_loop', 'model_cost', 'bench_latency', 'bf16_ics_effect', 'goals', 'bench_env',
+           'run_benchmarks', 'gpu_check']
 
 # %% ../nbs/11_bench.ipynb #e94ef55b
 def machine_info()->dict:
@@ -372,6 +373,41 @@ def bench_data(crop:int=513, batch_size:int=8, workers=(0, 2), batches:int=10,
             del it, dl
     return rows
 
+# %% ../nbs/11_bench.ipynb #2952be9a
+def bench_loop(size:tuple=(1024, 2048), # image size of the synthetic set (Cityscapes: 1024 x 2048)
+               crop:str='512x1024', # training crop (the field's)
+               batch_size:int=2, # per step
+               steps:int=4, # timed steps (after one warm-up step)
+               workers=(0, 2), # loader worker processes to compare
+               model:str='resnet18', arch:str='deeplabv3plus', # the student trained (the baseline method: no teacher)
+               device='auto',
+               quick:bool=False, # tiny sizes: seconds
+              )->list: # rows: workers, loop and step-only images/s, the loader's share of the loop
+    "Images/s of the real training loop (the engine's loader, with workers and pinned memory, and its step) beside the step alone."
+    from aicsd.data import make_synthetic
+    from aicsd.distill import build_run, make_config, cleanup_distributed
+    if quick: size, crop, steps, workers = (48, 96), '32x64', 2, (0,)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        root = make_synthetic(Path(d)/'syn', n_train=batch_size * (steps + 1), n_val=1, size=size, num_classes=19, seed=0)
+        for w in workers:
+            run = build_run(make_config(data='synthetic', data_root=str(root), arch=arch, model=model, crop_size=crop,
+                                        batch_size=batch_size, workers=w, device=device, out=f'{d}/run{w}', quiet=True,
+                                        tensorboard=False, figures=False, max_steps=steps + 1, num_classes=19))
+            def step(x, y):
+                x = x.to(run.device, non_blocking=True, memory_format=run.memory_format); y = y.to(run.device, non_blocking=True)
+                train_step(run.model, None, run.objective, x, y, run.opt, run.sched, run.scaler, amp_dtype=run.amp_dtype)
+                return x.shape[0]
+            it = iter(run.loader); x, y = next(it); step(x, y); _sync(run.device)          # warm-up (workers start)
+            t0 = time.perf_counter(); n = sum(step(*next(it)) for _ in range(steps)); _sync(run.device)
+            loop_s = time.perf_counter() - t0
+            t0 = time.perf_counter(); [step(x, y) for _ in range(steps)]; _sync(run.device)
+            step_s = time.perf_counter() - t0
+            rows.append(dict(workers=w, image=f'{size[0]}x{size[1]}', crop=crop, batch=batch_size, device=run.device.type,
+                             loop_images_per_s=n / loop_s, step_images_per_s=n / step_s, loader_share=max(0.0, 1 - step_s / loop_s)))
+            del it; cleanup_distributed(run.owned, failed=False); run = None
+    return rows
+
 # %% ../nbs/11_bench.ipynb #bd2bed64
 def model_cost(model:nn.Module, size:int=513, device='cpu')->dict:
     "Parameters (millions) and GMACs per image at `size x size` (FlopCounterMode, batch 1, eval mode)."
@@ -450,7 +486,7 @@ GAP_REASONS = dict(
               "ResNet-101 teacher at equal speed per MAC; 2x needs a cheaper teacher forward (bf16)",
 )
 
-def goals(res:dict, # benchmark name -> rows, as `run_bench` returns them
+def goals(res:dict, # benchmark name -> rows, as `run_benchmarks` returns them
           device:str='cpu', # where they were measured
          )->list: # rows: goal, where, target, measured, met, why
     "Each goal of issue 12 that the given rows can judge: met, or the measured gap and its reason."
@@ -506,6 +542,45 @@ def bench_env(envs:dict, # name -> dict of environment variables to set
             row = json.loads(p.stdout.split('ROWS=', 1)[1].splitlines()[0])[0]
             if name not in best or row.get('time_s', 0) < best[name].get('time_s', 0): best[name] = row
     return [dict(env=name, **best[name]) for name in envs]
+
+# %% ../nbs/11_bench.ipynb #25eb4ac3
+BENCHES = ('icsd', 'stride4', 'step', 'data', 'loop', 'latency', 'gpu')   # what `aicsd bench` runs by name
+
+def run_benchmarks(what:list, # names from BENCHES
+              latency:bool=False, quick:bool=False,
+              device:str='auto', # 'auto': the GPU when there is one
+              threads:int|None=None,
+              out:str|Path|None=None, # also append every row, as a JSON line with its benchmark's name, to this file
+              budget_s:float|None=None, # `gpu`: sections starting after this many seconds are skipped (and say so)
+             )->dict: # name -> rows
+    "Run the named benchmarks of `aicsd.bench` and print each table (markdown) after the machine's description."
+    bad = [w for w in what if w not in BENCHES]
+    if bad: raise ValueError(f"unknown benchmark(s) {bad}; choose from {', '.join(BENCHES)}")
+    what = list(dict.fromkeys([*what, *(['latency'] if latency else [])]))
+    if threads: torch.set_num_threads(threads)
+    if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    print('machine: ' + ', '.join(f'{k} {v}' for k, v in machine_info().items()), flush=True)
+    calls = dict(icsd=lambda: bench_icsd(device=device, quick=quick), stride4=lambda: bench_stride4(quick=quick),
+                 step=lambda: bench_step(device=device, quick=quick), data=lambda: bench_data(quick=quick),
+                 loop=lambda: bench_loop(device=device, quick=quick),
+                 latency=lambda: bench_latency(device=device, quick=quick),
+                 gpu=lambda: gpu_check(quick=quick, device=device, budget_s=budget_s, out=out))  # writes as it goes
+    res, failed = {}, []
+    for w in what:
+        print(f"\n## {w}\n", flush=True)
+        try: res[w] = calls[w]()
+        except AssertionError as e:              # gpu_check: a wrong result; its rows are still worth printing
+            if not hasattr(e, 'rows'): raise
+            res[w] = e.rows; failed.append(str(e))
+        print(format_tables(res[w]), flush=True)
+        if out is not None and w != 'gpu': append_rows(out, res[w], bench=w)
+    if g := goals(res, torch.device(device).type):
+        note = ("\n(--quick: tiny shapes, where fixed costs dominate; these rows only show the table; the goals are "
+                "for the full sizes)\n") if quick else ''
+        print("\n## goals\n" + note + "\n" + format_rows(g), flush=True)
+        if out is not None: append_rows(out, g, bench='goals')
+    if failed: raise SystemExit('aicsd bench: ' + '\n'.join(failed))
+    return res
 
 # %% ../nbs/11_bench.ipynb #4135b9b0
 def _check(ok:bool, msg:str):

@@ -7,14 +7,14 @@ from __future__ import annotations
 import argparse, inspect, json, os, sys
 from pathlib import Path
 import torch
-from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate, load_checkpoint, check_ranges
+from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint
+from .config import _renamed
 from .objective import METHODS, TERMS, parse_method
-from .models import BACKBONES
 from .experiments import RECIPES, recipe_text, run_demo, run_compare
+from .bench import BENCHES, run_benchmarks
 
 # %% auto #0
-__all__ = ['EPILOG', 'BENCHES', 'methods_help', 'add_train_options', 'read_config', 'build_parser', 'args_to_config', 'parse',
-           'main', 'run_evaluate', 'run_bench']
+__all__ = ['EPILOG', 'methods_help', 'add_train_options', 'read_config', 'build_parser', 'args_to_config', 'parse', 'main']
 
 # %% ../nbs/09_cli.ipynb #939854fc
 def _method_arg(s:str)->str:
@@ -70,39 +70,30 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return h + (' (default: none)' if a.default is None else ' (default: %(default)s)')
 
 # %% ../nbs/09_cli.ipynb #2ee3e7f1
-def _add_option(g, o:Option):
-    "An option of the table as an argument; `_Help` adds its default."
-    flags, help = [f"--{o.name.replace('_', '-')}", *o.flags], o.help
-    if o.flag == 'bool': g.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help)
-    elif o.flag == 'true': g.add_argument(*flags, action='store_true', help=help)
-    elif o.name == 'weight': g.add_argument(*flags, type=_weight_arg, action=_Weights, metavar=o.metavar, help=help)
-    elif o.name == 'param': g.add_argument(*flags, type=_param_arg, action=_Params, metavar=o.metavar, help=help)
-    else: g.add_argument(*flags, type=o.type, choices=o.choices, metavar=o.metavar, help=help)
+_TYPES = dict(method=_method_arg)   # argparse types that say why a value is wrong
+
+def _add_option(g, o:Option, command:str='train'):
+    "An option of the table as an argument of `command`; `_Help` adds its default."
+    long = dict(o.renamed).get(command, f"--{o.name.replace('_', '-')}")
+    flags, kw = [long, *o.flags], dict(help=o.help, dest=o.name)
+    if o.flag == 'bool': g.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+    elif o.flag == 'true': g.add_argument(*flags, action='store_true', **kw)
+    elif o.flag == 'optional': g.add_argument(*flags, nargs='?', const=o.const, metavar=o.metavar, **kw)
+    elif o.name == 'weight': g.add_argument(*flags, type=_weight_arg, action=_Weights, metavar=o.metavar, **kw)
+    elif o.name == 'param': g.add_argument(*flags, type=_param_arg, action=_Params, metavar=o.metavar, **kw)
+    else: g.add_argument(*flags, type=_TYPES.get(o.name, o.type), choices=o.choices, metavar=o.metavar, nargs=o.nargs, **kw)
 
 def add_train_options(p:argparse.ArgumentParser, # a subcommand parser
-                      distill:bool=False, # add the distillation options (teacher, student, method)
+                      command:str='train', # 'train', 'distill' or 'evaluate': the rows whose `commands` name it
                      )->argparse.ArgumentParser:
-    "Add the grouped options of `train` / `distill` to `p` from `OPTIONS`, with their defaults."
-    p.add_argument('--config', '-c', metavar='FILE', help='YAML or TOML file whose keys are the long options (flags override it)')
-    g = p.add_argument_group('What to train')
-    if distill:
-        g.add_argument('--teacher', metavar='CKPT', help='teacher checkpoint (best.pt of `aicsd train`)')
-        g.add_argument('--teacher-backbone', metavar='BACKBONE', choices=BACKBONES,
-                       help="the teacher is a checkpoint of the authors' released code with this backbone (default: "
-                            "none: an aicsd checkpoint)")
-        g.add_argument('--student', metavar='BACKBONE', choices=BACKBONES, help='student backbone (default: %(default)s)')
-        g.add_argument('--method', metavar='METHOD', type=_method_arg,
-                       help=f"distillation method, or several joined by '+' (their terms summed, e.g. cwd+icsd): "
-                            f"{', '.join(METHODS)} (default: %(default)s; the list with each method's terms is below)")
-        p.set_defaults(student=DEFAULTS['model'], method='aicsd', teacher=None, teacher_backbone=None)
-    else:
-        g.add_argument('--model', metavar='BACKBONE', choices=BACKBONES, help=f"backbone: {', '.join(BACKBONES)} (default: %(default)s)")
-        p.set_defaults(model=DEFAULTS['model'])
+    "Add the options of `command` to `p` from `OPTIONS`, grouped by `--help` section, with their defaults."
+    if command != 'evaluate':
+        p.add_argument('--config', '-c', metavar='FILE', help='YAML or TOML file whose keys are the long options (flags override it)')
     groups = {}
     for o in OPTIONS:
-        if not o.help or ('distill' if distill else 'train') not in o.commands: continue
+        if not o.help or command not in o.commands: continue
         if o.group not in groups: groups[o.group] = p.add_argument_group(o.group)
-        _add_option(groups[o.group], o)
+        _add_option(groups[o.group], o, command)
         p.set_defaults(**{o.name: o.default})
     return p
 
@@ -129,6 +120,10 @@ def read_config(path:str|Path, # .yaml, .yml or .toml
 def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
     valid = {a.dest for a in p._actions} - {'help', 'config'}
     cmd = cfg.pop('command', command); cfg.pop('paper', None); cfg.pop('notes', None)
+    cfg = _renamed(cfg)                              # keys of older files under their new names
+    for o in OPTIONS:                                # a flag spelled otherwise here (--student) is a key too
+        k = dict(o.renamed).get(command, '')[2:].replace('-', '_')
+        if k in cfg: cfg[o.name] = cfg.pop(k)
     if cmd != command: raise ValueError(f"config {path} is for `aicsd {cmd}`, not `aicsd {command}`")
     bad = sorted(set(cfg) - valid)
     if bad: raise KeyError(f"config {path}: unknown key(s) {bad}; valid keys: {sorted(valid)}")
@@ -175,7 +170,7 @@ def build_parser()->argparse.ArgumentParser:
         description='Train one DeepLabV3+ with cross-entropy on the ground truth.',
         epilog="example:\n  aicsd train --model resnet101 --data voc --data-root data/VOCdevkit/VOC2012 --out runs/voc-t\n"
                "  aicsd train --config voc-teacher-r101.yaml   (from `aicsd recipes voc-teacher-r101`)")
-    add_train_options(t)
+    add_train_options(t, 'train')
     d = sub.add_parser('distill', formatter_class=fmt, help='train a student from a frozen teacher',
         description='Distil a frozen teacher into a student with a method of the methods table (listed below), '
                     "or a '+' combination of them; --alw puts any of them under adaptive loss weighting.",
@@ -183,13 +178,12 @@ def build_parser()->argparse.ArgumentParser:
                "\n\nexamples:\n  aicsd distill --teacher runs/voc-t/best.pt --student resnet18 --method aicsd "
                "--data voc --data-root data/VOCdevkit/VOC2012 --out runs/voc-r18-aicsd\n"
                "  aicsd distill ... --method cwd+icsd --alw --weight cwd=3")
-    add_train_options(d, distill=True)
+    add_train_options(d, 'distill')
     e = sub.add_parser('evaluate', formatter_class=fmt, help='evaluate a checkpoint',
         description='mIoU, pixel accuracy, mean class accuracy, frequency-weighted IoU and per-class IoU.',
         epilog="example:\n  aicsd evaluate --ckpt runs/s/best.pt --data voc --data-root data/VOCdevkit/VOC2012 --eval-resize 513")
     e.add_argument('--ckpt', required=True, metavar='PATH', help='best.pt / last.pt (or any file load_model reads)')
-    for o in OPTIONS:                                # the rows whose `commands` name evaluate
-        if 'evaluate' in o.commands: _add_option(e, o); e.set_defaults(**{o.name: o.default})
+    add_train_options(e, 'evaluate')                 # the rows whose `commands` name evaluate
     e.add_argument('--json', metavar='FILE', help='also write the metrics to FILE')
     m = sub.add_parser('demo', formatter_class=fmt, help='the whole method on synthetic data, on a CPU',
         description='Synthetic data -> small teacher -> students (baseline, KD, ICSD, AICSD, same seed) -> '
@@ -211,7 +205,7 @@ def build_parser()->argparse.ArgumentParser:
         epilog="examples:\n  aicsd bench                      icsd, step and data (a few minutes on a CPU)\n"
                "  aicsd bench --latency            params, GMACs and images/s of every backbone\n"
                "  aicsd bench icsd --quick         tiny shapes (seconds)\n  make gpu-check                   every GPU path")
-    b.add_argument('what', nargs='*', metavar='WHAT', help=f"any of {', '.join(BENCHES)} (default: icsd step data)")
+    b.add_argument('what', nargs='*', metavar='WHAT', help=f"any of {', '.join(BENCHES)} (default: icsd step data loop)")
     b.add_argument('--latency', action='store_true', help='also the latency table (same as adding `latency`)')
     b.add_argument('--quick', action='store_true', help='tiny shapes: a smoke test in seconds')
     b.add_argument('--device', default='auto', help="'cpu', 'cuda' or 'auto' (the GPU when there is one)")
@@ -222,7 +216,6 @@ def build_parser()->argparse.ArgumentParser:
     _add_data_commands(sub, fmt)
     return p
 
-BENCHES = ('icsd', 'stride4', 'step', 'data', 'latency', 'gpu')
 
 # %% ../nbs/09_cli.ipynb #ba986373
 def _add_data_commands(sub, fmt):
@@ -274,11 +267,7 @@ def _figure_hook(cfg:dict): # `aicsd.viz.run_figures` when the run draws figures
 # %% ../nbs/09_cli.ipynb #19e2cf21
 def args_to_config(a:argparse.Namespace)->dict:
     "The `fit` configuration of a parsed `train` / `distill` command."
-    d = {k: v for k, v in vars(a).items() if k in DEFAULTS}
-    d['mode'] = a.command
-    if a.command == 'distill': d['model'] = a.student
-    else: d['method'] = 'baseline'
-    return make_config(d)
+    return make_config({k: v for k, v in vars(a).items() if k in DEFAULTS}, mode=a.command)
 
 def parse(argv:list|None=None)->argparse.Namespace:
     "Parse `argv`, reading `--config FILE` first (its keys become defaults; flags still win)."
@@ -321,7 +310,7 @@ def _main(argv):
             print(json.dumps(dict(out=r['out'], steps=r['steps'], best_miou=round(r['best_miou'], 6),
                                   time_s=round(r['time_s'], 1))))
     elif a.command == 'evaluate':
-        res = run_evaluate(a)
+        res = evaluate_checkpoint(a.ckpt, vars(a))
         if int(os.environ.get('RANK', 0)) == 0:
             print(json.dumps(_json_safe({k: v for k, v in res.items() if k != 'iou'})))
             if a.json: Path(a.json).write_text(json.dumps(_json_safe(res), indent=1))
@@ -336,81 +325,9 @@ def _main(argv):
             for k, v in RECIPES.items():
                 print(f"{k:<28} aicsd {v['command']:<8} paper mIoU {v['paper']['miou']}")
     elif a.command == 'data': _run_data(a)
-    elif a.command == 'bench': run_bench(a.what or ['icsd', 'step', 'data'], latency=a.latency, quick=a.quick,
+    elif a.command == 'bench': run_benchmarks(a.what or ['icsd', 'step', 'data', 'loop'], latency=a.latency, quick=a.quick,
                                          device=a.device, threads=a.threads, out=a.out, budget_s=a.budget_s)
     return 0
-
-# %% ../nbs/09_cli.ipynb #b2c9ed31
-def run_evaluate(a:argparse.Namespace)->dict:
-    "Evaluate the checkpoint `a.ckpt` on the validation split of `a.data`."
-    from aicsd.models import load_model, model_arch
-    from aicsd.data import get_dataset
-    from aicsd.distill import start_process, cleanup_distributed, _amp_dtype
-    check_ranges(vars(a))                      # --max-val, --val-batch-size, ... as for train and distill
-    dev, _, _, _, owned = start_process(a.device, a.threads)   # the engine's set-up (no allocator change: no training)
-    failed = True
-    try:
-        ck = load_checkpoint(a.ckpt)
-        if not isinstance(ck, dict) or 'arch' not in ck:
-            raise ValueError(f"{a.ckpt} is not an aicsd checkpoint (no 'arch' entry); for the released code's checkpoints "
-                             f"use aicsd.models.load_released_checkpoint in Python")
-        model = load_model(ck, map_location='cpu').to(dev)
-        from aicsd.distill import eval_transform_for
-        opts = vars(a).copy()
-        trained = ck.get('config', {})
-        if opts.get('eval_resize') is None and trained.get('eval_resize'):   # the checkpoint's own evaluation protocol
-            opts['eval_resize'], opts['eval_square'] = trained['eval_resize'], trained.get('eval_square', False)
-            print(f"evaluating as in training: --eval-resize {opts['eval_resize']}"
-                  + (' --eval-square' if opts['eval_square'] else ''), file=sys.stderr)
-        ds = get_dataset(a.data, a.data_root, a.val_split, eval_transform_for(opts))
-        nc = model_arch(model)['num_classes']
-        dnc = getattr(ds, 'num_classes', None)
-        if dnc is not None and dnc != nc:
-            raise ValueError(f"{a.ckpt} predicts {nc} classes but {a.data} ({ds.root if hasattr(ds, 'root') else a.data_root}) "
-                             f"has {dnc}: this checkpoint was not trained on this dataset")
-        res = evaluate(model, ds, nc, batch_size=a.val_batch_size, device=dev, workers=a.workers,
-                       amp_dtype=_amp_dtype(a.amp, dev), max_items=a.max_val)
-        out = {k: (v.tolist() if isinstance(v, torch.Tensor) else float(v)) for k, v in res.items()}
-        failed = False
-        return out
-    finally: cleanup_distributed(owned, failed=failed)   # a failing rank leaves without waiting for the others
-
-# %% ../nbs/09_cli.ipynb #d1ee1eae
-def run_bench(what:list, # names from BENCHES
-              latency:bool=False, quick:bool=False,
-              device:str='auto', # 'auto': the GPU when there is one
-              threads:int|None=None,
-              out:str|Path|None=None, # also append every row, as a JSON line with its benchmark's name, to this file
-              budget_s:float|None=None, # `gpu`: sections starting after this many seconds are skipped (and say so)
-             )->dict: # name -> rows
-    "Run the named benchmarks of `aicsd.bench` and print each table (markdown) after the machine's description."
-    from aicsd import bench as B
-    bad = [w for w in what if w not in BENCHES]
-    if bad: raise ValueError(f"unknown benchmark(s) {bad}; choose from {', '.join(BENCHES)}")
-    what = list(dict.fromkeys([*what, *(['latency'] if latency else [])]))
-    if threads: torch.set_num_threads(threads)
-    if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    print('machine: ' + ', '.join(f'{k} {v}' for k, v in B.machine_info().items()), flush=True)
-    calls = dict(icsd=lambda: B.bench_icsd(device=device, quick=quick), stride4=lambda: B.bench_stride4(quick=quick),
-                 step=lambda: B.bench_step(device=device, quick=quick), data=lambda: B.bench_data(quick=quick),
-                 latency=lambda: B.bench_latency(device=device, quick=quick),
-                 gpu=lambda: B.gpu_check(quick=quick, device=device, budget_s=budget_s, out=out))  # writes as it goes
-    res, failed = {}, []
-    for w in what:
-        print(f"\n## {w}\n", flush=True)
-        try: res[w] = calls[w]()
-        except AssertionError as e:              # gpu_check: a wrong result; its rows are still worth printing
-            if not hasattr(e, 'rows'): raise
-            res[w] = e.rows; failed.append(str(e))
-        print(B.format_tables(res[w]), flush=True)
-        if out is not None and w != 'gpu': B.append_rows(out, res[w], bench=w)
-    if g := B.goals(res, torch.device(device).type):
-        note = ("\n(--quick: tiny shapes, where fixed costs dominate; these rows only show the table; the goals are "
-                "for the full sizes)\n") if quick else ''
-        print("\n## goals\n" + note + "\n" + B.format_rows(g), flush=True)
-        if out is not None: B.append_rows(out, g, bench='goals')
-    if failed: raise SystemExit('aicsd bench: ' + '\n'.join(failed))
-    return res
 
 # %% ../nbs/09_cli.ipynb #57de37ec
 if __name__ == '__main__' and Path(sys.argv[0]).name == 'cli.py': sys.exit(main())

@@ -5,15 +5,17 @@
 # %% ../nbs/07a_config.ipynb #9f15caab
 from __future__ import annotations
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 from pathlib import Path
-from .data import DEFAULT_ROOTS
-from .objective import DistillObjective, out_of_range
+from .data import DEFAULT_ROOTS, parse_size
+from .evaluation import make_predictor
+from .objective import DistillObjective, METHODS, out_of_range
+from .models import BACKBONES, V3_BACKBONES
 
 # %% auto #0
-__all__ = ['OPTIONS', 'DEFAULTS', 'warn', 'Option', 'check_ranges', 'make_objective', 'RunConfig', 'make_config',
-           'resume_changes']
+__all__ = ['OPTIONS', 'DEFAULTS', 'warn', 'Option', 'size_arg', 'check_ranges', 'make_objective', 'eval_predictor', 'RunConfig',
+           'make_config', 'resume_changes', 'Spec', 'DataSpec', 'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
 
 # %% ../nbs/07a_config.ipynb #a5ba81db
 def warn(msg:str):
@@ -31,24 +33,41 @@ class Option:
     flags:tuple=() # more flags, e.g. ('-b',)
     type:Callable|None=None # argparse type
     choices:tuple|None=None # allowed values
-    flag:str='value' # 'value' (takes an argument), 'bool' (--x/--no-x), 'true' (--x only)
+    flag:str='value' # 'value' (takes an argument), 'bool' (--x/--no-x), 'true' (--x only), 'optional' (--x alone means `const`)
+    const:object=None # the value of a bare `--x` (flag 'optional')
     metavar:str|None=None
+    nargs:str|None=None # argparse nargs ('+': a list)
     resume:str='warn' # on --resume with another value: 'same' refuses (it defines the run), 'warn' applies it with a warning, 'free' applies it
     check:str|None=None # the range of a number (`out_of_range`: '>0', '>=0', 'int>=1', ...); None values (not given) pass
     why:str='' # why the range, said when a value is refused
     commands:tuple=('train', 'distill') # the subcommands that take the flag (`aicsd COMMAND --help` lists it)
+    renamed:tuple=() # (command, flag) pairs: the flag is spelled differently there, e.g. `('distill', '--student')`
 
 def _O(name, default, group, help='', **kw): return Option(name, default, group, help, **kw)
 def _E(name, default, group, help='', **kw):   # a row that `aicsd evaluate` takes too
     return Option(name, default, group, help, commands=('train', 'distill', 'evaluate'), **kw)
 
+# %% ../nbs/07a_config.ipynb #a0414446
+def size_arg(s:str)->int|list: # `PX` for a square, `[H, W]` otherwise
+    "argparse type of a size: `513` (a square) or `512x1024` (height x width)."
+    h, w = parse_size(s)
+    return h if h == w and 'x' not in str(s).lower() else [h, w]
+
 # %% ../nbs/07a_config.ipynb #b996b36c
-_WHAT = [   # what to train (the command line adds --model / --student, --teacher, --method itself)
+_WHAT = [   # what to train
     _O('mode', 'train', 'What to train', choices=('train', 'distill'), resume='same'),
-    _O('method', 'baseline', 'What to train', resume='same'),
-    _O('model', 'resnet18', 'What to train', resume='same'),
-    _O('teacher', None, 'What to train', resume='same'),
-    _O('teacher_backbone', None, 'What to train', resume='same'),
+    _O('arch', 'deeplabv3plus', 'What to train', "network family: deeplabv3plus (the paper's DeepLabV3+) or deeplabv3 (the "
+       "field's DeepLabV3, output stride 8, as in CIRKD)", choices=('deeplabv3plus', 'deeplabv3'), resume='same'),
+    _O('model', 'resnet18', 'What to train', 'backbone of the network trained', choices=BACKBONES, metavar='BACKBONE',
+       renamed=(('distill', '--student'),), resume='same'),
+    _O('teacher', None, 'What to train', "teacher checkpoint: best.pt of `aicsd train`, a file of the authors' released code "
+       "(name its backbone with --teacher-backbone) or a field (CIRKD) DeepLabV3 file (told from its keys)", metavar='CKPT',
+       commands=('distill',), resume='same'),
+    _O('teacher_backbone', None, 'What to train', "backbone of a teacher file of the authors' released code (default: none: "
+       "the file says it)", choices=BACKBONES, metavar='BACKBONE', commands=('distill',), resume='same'),
+    _O('method', None, 'What to train', "distillation method, or several joined by '+' (their terms summed, e.g. cwd+icsd): "
+       f"{', '.join(METHODS)} (default: aicsd; `aicsd train`: baseline; each method's terms are listed below)",
+       metavar='METHOD', commands=('distill',), resume='same'),
     _O('alw', None, 'Distillation', "put the method's terms under adaptive loss weighting (default: on for aicsd only)", flag='bool', resume='same'),
     _O('weight', None, 'Distillation', "weight of a term, e.g. --weight cwd=3 (repeat the option for more terms; default: "
        "the method's weights)", metavar='TERM=W', resume='same', check='>=0'),
@@ -72,7 +91,8 @@ _DATA = [   # data
     _E('val_split', 'val', 'Data', 'validation split'),
     _O('num_classes', None, 'Data', 'classes (default: from the dataset)', type=int, metavar='C', resume='same',
        check='int>=2'),
-    _O('crop_size', 513, 'Data', 'training crop (paper: 513)', type=int, metavar='PX', check='int>=1'),
+    _O('crop_size', 513, 'Data', 'training crop: PX (square) or HxW (paper: 513; the field: 512x1024)', type=size_arg,
+       metavar='PX|HxW', check='int>=1'),
     _O('scale_min', 0.5, 'Data', 'random scale lower bound', type=float, check='>0'),
     _O('scale_max', 2.0, 'Data', 'random scale upper bound', type=float, check='>0'),
     _O('hflip', True, 'Data', 'random horizontal flip', flag='bool'),
@@ -80,6 +100,15 @@ _DATA = [   # data
     _E('eval_resize', None, 'Data', 'evaluate with the short side resized to PX (default: native resolution)', type=int,
        metavar='PX', check='int>=1'),
     _E('eval_square', False, 'Data', "with --eval-resize: resize to PX x PX, as the released code's FixedResize", flag='bool'),
+    _E('eval_mode', 'whole', 'Data', "evaluation protocol: the whole image, sliding windows (--eval-crop, --eval-stride) "
+       "or several scales (--eval-scales) and the mirror image (--eval-flip), averaged", choices=('whole', 'slide', 'multiscale')),
+    _E('eval_crop', None, 'Data', 'sliding-window size, PX or HxW (--eval-mode slide, or multiscale at each scale)',
+       type=size_arg, metavar='PX|HxW', check='int>=1'),
+    _E('eval_stride', None, 'Data', 'sliding-window step, PX or HxW (at most the window)', type=size_arg, metavar='PX|HxW',
+       check='int>=1'),
+    _E('eval_scales', None, 'Data', 'image scales of --eval-mode multiscale, e.g. 0.5 0.75 1.0 1.25 1.5 1.75 (default: 1.0)',
+       type=float, nargs='+', metavar='S', check='>0'),
+    _E('eval_flip', False, 'Data', 'with --eval-mode multiscale: also the mirror image', flag='bool'),
     _E('workers', 0, 'Data', 'data loader worker processes per rank', type=int, resume='free', check='int>=0'),
     _E('max_val', None, 'Data', 'evaluate on the first N validation images only (default: all)', type=int, metavar='N',
        check='int>=1'),
@@ -87,8 +116,12 @@ _DATA = [   # data
 
 # %% ../nbs/07a_config.ipynb #2b4b4fe2
 _MODEL = [   # model
-    _O('output_stride', 16, 'Model', 'DeepLabV3+ output stride', type=int, choices=(8, 16), resume='same'),
-    _O('pretrained_backbone', False, 'Model', "start from torchvision's ImageNet weights (downloads)", flag='bool', resume='free'),
+    _O('output_stride', 16, 'Model', 'DeepLabV3+ output stride (DeepLabV3 has 8)', type=int, choices=(8, 16), resume='same'),
+    _O('pretrained_backbone', None, 'Model', "start the backbone from ImageNet weights: a weight FILE (the field publishes "
+       "them as files), or `imagenet` (a bare --pretrained-backbone) for torchvision's, downloaded", flag='optional',
+       const='imagenet', metavar='FILE', resume='free'),
+    _O('aux_weight', 0.0, 'Model', "weight of the cross-entropy of DeepLabV3's auxiliary head on layer3 (0: no aux head; "
+       "the field: 0.4)", type=float, check='>=0', metavar='W', resume='same'),
     _O('no_dropout', False, 'Model', 'set every dropout probability to 0 (e.g. to compare runs across world sizes)', flag='true', resume='same'),
 ]
 
@@ -136,7 +169,12 @@ _LOGS = [   # checkpoints and logs
 _RUNTIME = [   # runtime
     _O('seed', 0, 'Runtime', 'random seed', type=int, resume='same', check='int>=0'),
     _E('device', 'auto', 'Runtime', "'auto', 'cpu', 'cuda' or 'cuda:N'", resume='free'),
-    _E('amp', 'none', 'Runtime', 'mixed precision (fp16 uses a grad scaler; CUDA)', choices=('none', 'bf16', 'fp16')),
+    _E('precision', 'auto', 'Runtime', "the student's precision: auto (bf16 autocast on a GPU with native bf16 when a "
+       "check on the first validation image shows it moves nothing, else fp32), fp32, bf16 or fp16 (autocast with a grad "
+       "scaler; CUDA)", choices=('auto', 'fp32', 'bf16', 'fp16')),
+    _O('compile', None, 'Runtime', "torch.compile the student's and the teacher's forward with this backend (a bare "
+       "--compile: inductor; needs a C++ compiler on a CPU)", flag='optional', const='inductor', metavar='BACKEND',
+       resume='free'),
     _O('channels_last', True, 'Runtime', 'channels-last memory format on CUDA', flag='bool', resume='free'),
     _O('sync_bn', False, 'Runtime', 'SyncBatchNorm under torchrun', flag='bool'),
     _E('threads', None, 'Runtime', "torch CPU threads (default: torch's choice)", type=int, resume='free', check='int>=1'),
@@ -159,7 +197,7 @@ def check_ranges(cfg:dict, # a configuration, or part of one (keys of `OPTIONS`)
     for o in OPTIONS:
         v = cfg.get(o.name)
         if o.check is None or v is None: continue
-        for k, x in (v.items() if isinstance(v, dict) else [(None, v)]):
+        for k, x in (v.items() if isinstance(v, dict) else [(None, x) for x in v] if isinstance(v, (list, tuple)) else [(None, v)]):
             if bad := out_of_range(x, o.check):
                 flag = f"--{o.name.replace('_', '-')}" + (f" {k}={x}" if k is not None else '')
                 raise ValueError(f"'{o.name}' ({flag}) must be {bad}, got {x!r}" + (f": {o.why}" if o.why else ''))
@@ -167,9 +205,21 @@ def check_ranges(cfg:dict, # a configuration, or part of one (keys of `OPTIONS`)
 
 # %% ../nbs/07a_config.ipynb #32b5e72f
 def make_objective(cfg:dict)->DistillObjective:
-    "The objective a configuration asks for (method, weights, ALW, temperature)."
+    "The objective a configuration asks for (method, weights, ALW, temperature; the aux head's term when `aux_weight` > 0)."
     return DistillObjective(cfg['method'], lambda_kd=cfg['lambda_kd'], lambda_icsd=cfg['lambda_icsd'],
-                            T=cfg['temperature'], weights=cfg['weight'], alw=cfg['alw'], params=cfg['param'])
+                            T=cfg['temperature'], weights={**(cfg['weight'] or {}), **({'aux': cfg['aux_weight']} if cfg['aux_weight'] else {})},
+                            alw=cfg['alw'], params=cfg['param'], extra_terms=('aux',) if cfg['aux_weight'] else ())
+
+# %% ../nbs/07a_config.ipynb #9db55ec8
+def eval_predictor(cfg:dict, # a configuration (or the evaluation options of one)
+                  ): # `aicsd.evaluation.Predictor`: `(model, x)` -> scores
+    "The evaluation protocol the options ask for; an inconsistent one is refused naming the flags."
+    try:
+        return make_predictor(cfg['eval_mode'], cfg['eval_crop'], cfg['eval_stride'], tuple(cfg['eval_scales'] or (1.0,)),
+                              cfg['eval_flip'])
+    except ValueError as e:
+        raise ValueError(f"--eval-mode {cfg['eval_mode']} with --eval-crop {cfg['eval_crop']} --eval-stride "
+                         f"{cfg['eval_stride']} --eval-scales {cfg['eval_scales']} --eval-flip {cfg['eval_flip']}: {e}") from None
 
 # %% ../nbs/07a_config.ipynb #254f8a31
 class RunConfig(dict):
@@ -182,24 +232,44 @@ class RunConfig(dict):
         except KeyError: raise AttributeError(k) from None
     def __reduce__(self): return dict, (dict(self),)   # pickles (and deep-copies) as the plain dict it holds
 
+# %% ../nbs/07a_config.ipynb #c2136e21
+_RENAMED = {'amp': ('precision', {'none': 'fp32'})}   # old key -> (new key, old value -> new value)
+
+def _renamed(given:dict)->dict:
+    "Keys of older configuration files under their new names (with one warning each); `--amp none` is `--precision fp32`."
+    out = dict(given)
+    for old, (new, values) in _RENAMED.items():
+        if old in out:
+            v = out.pop(old); out.setdefault(new, values.get(v, v))
+            warn(f"configuration key {old!r} is now {new!r}: read {old}={v!r} as {new}={out[new]!r}")
+    return out
+
 # %% ../nbs/07a_config.ipynb #70afcc9b
 def make_config(cfg:dict|None=None, # options to set; anything left out takes its default
                 **kwargs, # more options (override `cfg`)
                )->RunConfig: # a complete, checked, read-only configuration
     "Merge `cfg` and `kwargs` over `DEFAULTS`, check names, choices, ranges and the method."
     out = dict(DEFAULTS)
-    given = {**(cfg or {}), **kwargs}
+    given = _renamed({**(cfg or {}), **kwargs})
     unknown = sorted(k for k in given if k not in DEFAULTS)
     if unknown: raise KeyError(f"unknown configuration key(s) {unknown}; valid keys: {sorted(DEFAULTS)}")
     out.update(given)
     if not out['data_root']: out['data_root'] = DEFAULT_ROOTS.get(out['data'])
+    if out['method'] is None: out['method'] = 'aicsd' if out['mode'] == 'distill' else 'baseline'
+    if out['pretrained_backbone'] in (True, False): out['pretrained_backbone'] = 'imagenet' if out['pretrained_backbone'] else None
     if out['resume'] and out['force']: raise ValueError("--resume continues the run in --out and --force replaces it: give one")
     for o in OPTIONS:
-        if o.choices and out[o.name] not in o.choices:
+        if o.choices and out[o.name] not in o.choices and not (out[o.name] is None is o.default):
             raise ValueError(f"configuration '{o.name}' must be one of {o.choices}, got {out[o.name]!r}")
     if out['weight'] is not None: out['weight'] = {str(k): v for k, v in dict(out['weight']).items()}
     if out['param'] is not None: out['param'] = {str(k): dict(v) for k, v in dict(out['param']).items()}
+    for k in ('crop_size', 'eval_crop', 'eval_stride'):    # sizes: PX, 'HxW', [H, W] -> PX or [H, W] (plain types)
+        v = out[k]
+        if isinstance(v, str): out[k] = size_arg(v)
+        elif isinstance(v, (list, tuple)): out[k] = [int(a) if isinstance(a, float) and a.is_integer() else a for a in v]
+    if out['eval_scales'] is not None: out['eval_scales'] = [float(s) for s in (out['eval_scales'] if isinstance(out['eval_scales'], (list, tuple)) else str(out['eval_scales']).replace(',', ' ').split())]
     check_ranges(out)
+    eval_predictor(out)                                    # a bad evaluation protocol fails now, before anything loads
     if out['weight'] is not None: out['weight'] = {k: float(v) for k, v in out['weight'].items()}
     if out['scale_min'] > out['scale_max']: raise ValueError(f"--scale-min {out['scale_min']} > --scale-max {out['scale_max']}")
     obj = make_objective(out)                              # checks the method, and the terms' parameters (`bounds`)
@@ -207,8 +277,16 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
         raise ValueError(f"mode 'train' trains on the ground truth only; method {out['method']!r} needs mode 'distill'")
     if out['dtype'] == 'float64' and out['teacher_bf16']:
         raise ValueError("dtype 'float64' runs the teacher in float64 too: drop --teacher-bf16")
-    if out['dtype'] == 'float64' and out['amp'] != 'none':
-        raise ValueError(f"dtype 'float64' runs without mixed precision: set amp='none' (--amp none), got {out['amp']!r}")
+    if out['dtype'] == 'float64' and out['precision'] not in ('auto', 'fp32'):
+        raise ValueError(f"dtype 'float64' runs without mixed precision: drop --precision {out['precision']}")
+    if out['aux_weight'] and (out['arch'] != 'deeplabv3' or out['model'] == 'mobilenetv2'):
+        raise ValueError(f"--aux-weight {out['aux_weight']}: only DeepLabV3 with a ResNet backbone has an auxiliary head "
+                         f"(--arch deeplabv3 --model/--student resnet18 or resnet101)")
+    if out['arch'] == 'deeplabv3' and out['pretrained_backbone'] == 'imagenet':
+        raise ValueError("--arch deeplabv3 starts from the field's ImageNet weight files: give --pretrained-backbone FILE "
+                         "(e.g. resnet18-imagenet.pth), not torchvision's")
+    if out['arch'] == 'deeplabv3' and out['model'] not in V3_BACKBONES:
+        raise ValueError(f"--arch deeplabv3 is built on {', '.join(V3_BACKBONES)}, not {out['model']!r}")
     if out['mode'] == 'distill' and obj.needs_teacher and not out['teacher']:
         raise ValueError(f"method {out['method']!r} needs a teacher checkpoint: set 'teacher' (--teacher PATH)")
     for k, v in out.items():  # plain types only: the configuration is stored in weights_only checkpoints
@@ -226,3 +304,39 @@ def resume_changes(old:dict, # configuration stored in last.pt
         if a == b or o.resume == 'free': continue
         (refused if o.resume == 'same' else warned).append(f"--{o.name.replace('_', '-')} {a!r} -> {b!r}")
     return refused, warned
+
+# %% ../nbs/07a_config.ipynb #09b9bd4d
+@dataclass(frozen=True)
+class Spec:
+    "A frozen part of a configuration: `Part.of(cfg)` takes exactly the part's fields from `cfg`."
+    @classmethod
+    def of(cls, cfg:dict): return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+
+@dataclass(frozen=True)
+class DataSpec(Spec):
+    "What the data sets read: which data, where, the splits and the transforms."
+    data:str; data_root:str; train_split:str; val_split:str; num_classes:int|None; crop_size:int|list
+    scale_min:float; scale_max:float; hflip:bool; blur:bool; eval_resize:int|None; eval_square:bool
+
+@dataclass(frozen=True)
+class ModelSpec(Spec):
+    "What building the student and loading the teacher read."
+    arch:str; model:str; output_stride:int; pretrained_backbone:str|None; no_dropout:bool; aux_weight:float; seed:int
+    teacher:str|None; teacher_backbone:str|None
+
+@dataclass(frozen=True)
+class OptimSpec(Spec):
+    "What the optimiser and the learning-rate schedule read."
+    lr:float; head_mult:float; momentum:float; weight_decay:float; poly_power:float; warmup_steps:int
+    epochs:int; max_steps:int|None
+
+@dataclass(frozen=True)
+class PrecisionSpec(Spec):
+    "What the precision and memory-format decisions read."
+    precision:str; teacher_bf16:bool|None; channels_last:bool; dtype:str; compile:str|None; sync_bn:bool
+
+@dataclass(frozen=True)
+class LoopSpec(Spec):
+    "What the loop and its evaluations read (the loop never reads the configuration)."
+    batch_size:int; alw_unit:str; clip_grad:float|None; log_every:int; ckpt_every:int; eval_every:int
+    val_batch_size:int; workers:int; max_val:int|None; quiet:bool; tensorboard:bool; resume:bool; stop_after:int|None; force:bool

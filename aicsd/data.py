@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_data.ipynb #6344200f
 from __future__ import annotations
-import functools, json, os, shutil, tempfile
+import functools, json, os, re, shutil, tempfile
 from pathlib import Path
 from itertools import product
 from typing import Callable
@@ -24,7 +24,8 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VO
            'VOCSegmentation', 'save_label_png', 'cityscapes_lut', 'CityscapesSegmentation', 'train_transform',
            'eval_transform', 'synthetic_classes', 'attribute_overlap', 'draw_synthetic', 'read_synthetic_info',
            'make_synthetic', 'class_frequencies', 'pad_collate', 'sample_seed', 'EpochSampler', 'SeededDataset',
-           'ShardSampler', 'build_loader', 'get_dataset', 'read_sbd_mat', 'build_sbd_trainaug']
+           'ShardSampler', 'build_loader', 'get_dataset', 'read_sbd_mat', 'build_sbd_trainaug', 'size_pair',
+           'parse_size']
 
 # %% ../nbs/06_data.ipynb #0e871ed7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -635,3 +636,24 @@ def build_sbd_trainaug(sbd_root, # the SBD release (`benchmark_RELEASE`, or its 
     lst = sets / 'trainaug.txt'
     lst.write_text(''.join(f'{i}\n' for i in ids))
     return lst
+
+# %% ../nbs/06_data.ipynb #e5db4538
+def size_pair(v, # an int (a square) or a pair (height, width)
+          name:str, # the argument's name, for the error
+         )->tuple: # (height, width) of positive ints
+    "`v` as a `(height, width)` pair of positive ints, or a ValueError naming `name`."
+    is_int = lambda a: isinstance(a, int) and not isinstance(a, bool)
+    t = (v, v) if is_int(v) else tuple(v) if isinstance(v, (tuple, list)) else None
+    if t is None or len(t) != 2 or not all(is_int(a) and a > 0 for a in t):
+        raise ValueError(f"{name}: expected a positive int or a pair (height, width) of positive ints, got {v!r}")
+    return t
+
+# %% ../nbs/06_data.ipynb #0382495b
+def parse_size(s:str, # 'HEIGHTxWIDTH' such as '512x1024', or one number such as '769' for a square
+               name:str='size', # what to call it in an error, e.g. '--eval-crop'
+              )->tuple: # (height, width)
+    "A window size or stride from the command line: `'512x1024'` -> `(512, 1024)`, `'769'` -> `(769, 769)`."
+    m = re.fullmatch(r'\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?', str(s))
+    if m is None or int(m[1]) == 0 or (m[2] is not None and int(m[2]) == 0):
+        raise ValueError(f"{name}: expected HEIGHTxWIDTH of positive integers (e.g. 512x1024) or one (e.g. 769), got {s!r}")
+    return (int(m[1]), int(m[2] if m[2] is not None else m[1]))

@@ -5,7 +5,7 @@
 # %% ../nbs/08_distill.ipynb #a14e7f63
 from __future__ import annotations
 import math, os, signal, sys, threading, time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
 import torch
@@ -14,21 +14,20 @@ from torch import nn, Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 # %% auto #0
-__all__ = ['poly_lr_lambda', 'eval_transform_for', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_channels',
-           'distill_step', 'train_step', 'choose_teacher_bf16', 'evaluate', 'same_size_groups', 'LoopSpec', 'Run',
-           'build_models', 'build_run', 'resolve_teacher_bf16', 'train_one_epoch', 'evaluate_and_keep_best',
-           'restarted_with_checkpoint', 'fit']
+__all__ = ['poly_lr_lambda', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_channels', 'distill_step', 'train_step',
+           'bf16_agrees', 'choose_teacher_bf16', 'Run', 'build_models', 'build_run', 'resolve_precision',
+           'train_one_epoch', 'evaluate_and_keep_best', 'restarted_with_checkpoint', 'evaluate_checkpoint', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
-from .models import deeplabv3plus, param_groups, model_arch, load_model, load_released_checkpoint
+from .models import (deeplabv3plus, build_model, param_groups, model_arch, load_model, load_released_checkpoint,
+                          cirkd_backbone, load_cirkd_checkpoint)
 from .data import get_dataset, train_transform, eval_transform, build_loader, make_synthetic, ShardSampler
 from .objective import alw_alpha, DistillObjective
-from .metrics import SegMetrics
+from .evaluation import evaluate, same_size_groups, eval_transform_for, autocast as _autocast, progress_bar as _progress
 from .similarity import ics_matrix
 from .config import *            # the rooms below the engine; their names stay importable from here
 from .runfolder import *
 from .process import *
-from .config import warn, make_objective
 
 # %% ../nbs/08_distill.ipynb #188a5971
 def poly_lr_lambda(total_steps:int, # number of optimiser steps of the whole training
@@ -46,22 +45,21 @@ def poly_lr_lambda(total_steps:int, # number of optimiser steps of the whole tra
     return factor
 
 # %% ../nbs/08_distill.ipynb #5989ab44
-def eval_transform_for(cfg:dict, # a configuration (`make_config`)
-                      ): # the evaluation transform the configuration asks for
-    "Evaluation transform: native resolution, short side resized, or (`eval_square`) the released code's square resize."
-    if cfg.get('eval_resize') and cfg.get('eval_square'): return eval_transform(resize=int(cfg['eval_resize']))
-    return eval_transform(resize_short=cfg.get('eval_resize'))
-
-def load_teacher(path:str, # checkpoint: `best.pt`/`last.pt` of aicsd, or a file of the authors' released code
+def load_teacher(path:str, # `best.pt`/`last.pt` of aicsd, a field (CIRKD) DeepLabV3 file, or a file of the authors' released code
                  backbone:str|None=None, # for a released-code checkpoint: its backbone ('resnet101', ...)
                  num_classes:int|None=None, # classes of the data (checked against the checkpoint)
                  output_stride:int=16, # output stride of a released-code teacher
                 ): # the teacher in eval mode
-    "Load a teacher from an aicsd checkpoint (which knows its architecture) or from a released-code checkpoint."
+    "Load a teacher from an aicsd checkpoint (which knows its architecture), a field file (told from its keys) or a released one."
     ck = load_checkpoint(path)
+    if isinstance(ck, dict) and 'arch' not in ck and (fb := cirkd_backbone(ck)) is not None:
+        if backbone is not None and backbone != fb:
+            raise ValueError(f"teacher checkpoint {path} is the field's DeepLabV3 {fb} (told from its keys), but "
+                             f"--teacher-backbone says {backbone}: drop that option (it is for the authors' released code)")
+        return load_cirkd_checkpoint(ck, fb, num_classes if num_classes is not None else 19)
     if isinstance(ck, dict) and 'arch' in ck:
         if backbone is not None and backbone != ck['arch'].get('backbone'):
-            raise ValueError(f"teacher checkpoint {path} is an aicsd checkpoint of a {ck['arch'].get('backbone')} DeepLabV3+, "
+            raise ValueError(f"teacher checkpoint {path} is an aicsd checkpoint of a {ck['arch'].get('backbone')} {ck['arch'].get('family', 'deeplabv3plus')}, "
                              f"but --teacher-backbone says {backbone}; that option is only for checkpoints of the authors' "
                              f"released code: drop it (aicsd checkpoints know their architecture)")
         return load_model(ck)
@@ -73,9 +71,6 @@ def load_teacher(path:str, # checkpoint: `best.pt`/`last.pt` of aicsd, or a file
     return load_released_checkpoint(ck, backbone, num_classes, output_stride=output_stride)
 
 # %% ../nbs/08_distill.ipynb #4d0a9426
-def _autocast(device:torch.device, dtype):
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
 def _full(x:Tensor)->Tensor:
     "Half-precision outputs of autocast to float32; float32 and float64 stay as they are."
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -88,7 +83,10 @@ class StudentWithModules(nn.Module):
     def forward(self, x:Tensor, taps:tuple=())->dict: return model_outputs(self.student, x, taps)
 
 def _core(model:nn.Module)->nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    "The module inside DDP and torch.compile wrappers."
+    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, '_orig_mod'):
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+    return model
 
 def model_outputs(model:nn.Module, # a DeepLabV3Plus (or a `StudentWithModules`, possibly inside DDP)
                   x:Tensor, # images
@@ -154,6 +152,23 @@ def train_step(student:nn.Module, teacher:nn.Module|None, objective:DistillObjec
     if scheduler is not None: scheduler.step()
     return total.detach(), {k: v.detach() for k, v in terms.items()}
 
+# %% ../nbs/08_distill.ipynb #17886144
+@torch.no_grad()
+def bf16_agrees(model:nn.Module, # a network in eval mode
+                images:Tensor, # real images (e.g. the first validation image), on the model's device
+                max_change:float=0.01, # largest relative change of the ICS matrices (Frobenius norm)
+                min_agree:float=0.98, # smallest share of pixels whose argmax stays
+               )->tuple: # (bf16 keeps the results?, the measurement in words)
+    "The A/B check behind automatic bf16: the model's ICS matrices and argmax on `images`, fp32 against bf16 autocast."
+    was = model.training; model.eval()
+    z32 = model(images).float()
+    with _autocast(images.device, torch.bfloat16): z16 = model(images).float()
+    model.train(was)
+    M32, M16 = ics_matrix(z32), ics_matrix(z16)
+    change = float((M16 - M32).norm() / M32.norm().clamp_min(1e-12))
+    agree = float((z16.argmax(1) == z32.argmax(1)).float().mean())
+    return change < max_change and agree > min_agree, f'ICS matrix moves {change:.2%}, argmax agrees on {agree:.1%} of pixels'
+
 # %% ../nbs/08_distill.ipynb #b21951a5
 @torch.no_grad()
 def choose_teacher_bf16(teacher:nn.Module, # the frozen teacher (eval mode)
@@ -179,193 +194,170 @@ def choose_teacher_bf16(teacher:nn.Module, # the frozen teacher (eval mode)
     for _ in range(rounds): t32, t16 = min(t32, timed(None)), min(t16, timed(torch.bfloat16))
     why = f'teacher forward {t32:.2f} s in fp32, {t16:.2f} s in bf16'
     if t16 >= margin * t32 or check is None: return t16 < margin * t32, why
-    z32 = teacher(check).float()
-    with _autocast(dev, torch.bfloat16): z16 = teacher(check).float()
-    M32, M16 = ics_matrix(z32), ics_matrix(z16)
-    change, agree = float((M16 - M32).norm() / M32.norm().clamp_min(1e-12)), float((z16.argmax(1) == z32.argmax(1)).float().mean())
-    why += f'; on a validation image its ICS matrix moves {change:.2%}, argmax agrees on {agree:.1%} of pixels'
-    return change < 0.01 and agree > 0.98, why
-
-# %% ../nbs/08_distill.ipynb #e1238f4d
-@torch.no_grad()
-def evaluate(model:nn.Module, # network to evaluate (eval mode is set here)
-             dataset:Dataset, # validation set yielding (image, mask) after its eval transform
-             num_classes:int,
-             batch_size:int=1, device='cpu', workers:int=0,
-             amp_dtype:torch.dtype|None=None, # autocast dtype, or None
-             max_items:int|None=None, # evaluate the first `max_items` only
-             progress:bool=False,
-            )->dict: # SegMetrics.compute() over all ranks
-    "Confusion-matrix metrics of `model` on `dataset`, sharded over ranks and summed."
-    if max_items is not None and max_items < len(dataset): dataset = Subset(dataset, range(int(max_items)))
-    K, r = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    dl = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), K, r), num_workers=workers,
-                    collate_fn=same_size_groups, pin_memory=torch.cuda.is_available())
-    was = model.training; model.eval()
-    fdt = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    m = SegMetrics(num_classes, ignore_index=255)
-    dev = torch.device(device)
-    for groups in _progress(dl, progress and r == 0, desc='eval'):
-        for x, y in groups:
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            if fdt is not None: x = x.to(fdt)                        # float64 models evaluate float64 images
-            with _autocast(dev, amp_dtype): logits = model(x)
-            m.update(logits.argmax(1), y)
-    model.train(was)
-    return m.compute()
-
-def same_size_groups(batch:list, # `(image, mask)` pairs, possibly of different sizes
-                    )->list: # `(images, masks)` stacks, one per run of consecutive same-size images; never padded
-    "Evaluation collate: split a batch into runs of same-size images instead of padding them."
-    groups = []
-    for im, msk in batch:
-        if groups and groups[-1][-1][0].shape == im.shape: groups[-1].append((im, msk))
-        else: groups.append([(im, msk)])
-    return [(torch.stack([torch.as_tensor(im) for im, _ in g]), torch.stack([torch.as_tensor(k) for _, k in g]))
-            for g in groups]
-
-def _progress(it, enable:bool, **kw):
-    if not enable: return it
-    from tqdm.auto import tqdm
-    return tqdm(it, dynamic_ncols=True, leave=False, **kw)
+    ok, what = bf16_agrees(teacher, check)
+    return ok, f'{why}; {what}'
 
 # %% ../nbs/08_distill.ipynb #38f48cf1
-def _datasets(cfg:dict, rank:int):
-    root = Path(cfg['data_root'])
-    if cfg['data'] == 'synthetic' and not root.exists():
-        if rank == 0: make_synthetic(root, **({'num_classes': cfg['num_classes']} if cfg['num_classes'] else {}))
+def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, classes)
+    root = Path(D.data_root)
+    if D.data == 'synthetic' and not root.exists():
+        if rank == 0: make_synthetic(root, **({'num_classes': D.num_classes} if D.num_classes else {}))
         if dist.is_initialized(): dist.barrier()
-    ttf = train_transform(cfg['crop_size'], scale=(cfg['scale_min'], cfg['scale_max']), hflip=cfg['hflip'],
-                          blur=cfg['blur'])
-    etf = eval_transform_for(cfg)
-    tr = get_dataset(cfg['data'], root, cfg['train_split'], ttf)
-    va = get_dataset(cfg['data'], root, cfg['val_split'], etf)
-    nc = cfg['num_classes'] or _num_classes(tr)
-    return tr, va, nc
+    ttf = train_transform(D.crop_size, scale=(D.scale_min, D.scale_max), hflip=D.hflip, blur=D.blur)
+    tr = get_dataset(D.data, root, D.train_split, ttf)
+    va = get_dataset(D.data, root, D.val_split, eval_transform_for(D.eval_resize, D.eval_square))
+    return tr, va, D.num_classes or _num_classes(tr)
 
 def _num_classes(ds)->int:
     if hasattr(ds, 'num_classes'): return int(ds.num_classes)
     if hasattr(ds, 'classes'): return len(ds.classes)
     raise ValueError("cannot tell the number of classes of the dataset: set num_classes (--num-classes)")
 
-def _amp_dtype(amp:str, device:torch.device):
-    if amp == 'none': return None
-    if amp == 'fp16' and device.type != 'cuda': raise ValueError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
-    return torch.float16 if amp == 'fp16' else torch.bfloat16
+def _amp_dtype(precision:str, # 'fp32', 'bf16', 'fp16' or 'auto' (fp32 until `resolve_precision` decides)
+               device:torch.device):
+    if precision in ('fp32', 'auto'): return None
+    if precision == 'fp16' and device.type != 'cuda': raise ValueError("--precision fp16 needs CUDA; use --precision bf16 on CPU")
+    return torch.float16 if precision == 'fp16' else torch.bfloat16
 
 def _disable_dropout(model:nn.Module):
     for m in model.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd): m.p = 0.0
 
 # %% ../nbs/08_distill.ipynb #d4a8e351
-@dataclass(frozen=True)
-class LoopSpec:
-    "What the loop reads of the configuration, taken once by `build_run` (the loop never reads `cfg`)."
-    batch_size:int; alw_unit:str; clip_grad:float|None; log_every:int; ckpt_every:int
-    val_batch_size:int; workers:int; max_val:int|None; quiet:bool
-    @classmethod
-    def of(cls, cfg:dict)->'LoopSpec': return cls(**{f.name: cfg[f.name] for f in fields(cls)})
-
 @dataclass
 class Run:
-    "Everything a run holds, built by `build_run`."
-    cfg:dict; device:torch.device; rank:int; world:int; owned:bool; out:Path
+    "Everything a run holds, built by `build_run`; below it, every room reads its own part, never the configuration."
+    cfg:dict # the configuration: stored in the checkpoints, compared on --resume
+    device:torch.device; rank:int; world:int; owned:bool; out:Path; seed:int
     train_ds:object; val_ds:object; num_classes:int; loader:object
     student:nn.Module; teacher:nn.Module|None; objective:DistillObjective
-    net:StudentWithModules; model:nn.Module # model: `net`, or DDP around it
+    net:StudentWithModules; model:nn.Module # model: `net`, or DDP and/or torch.compile around it
     opt:torch.optim.Optimizer; sched:object; scaler:object
     amp_dtype:object; teacher_dtype:object; dtype:torch.dtype; memory_format:object
     steps_per_epoch:int; epochs:int; total:int
-    teacher_bf16:bool|None=None # the run's decision (`resolve_teacher_bf16`), kept in last.pt; never in `cfg`
-    loop:LoopSpec|None=None # what the loop reads (`LoopSpec.of(cfg)`)
+    loop:LoopSpec; precision:PrecisionSpec; data:DataSpec # the parts the loop, the precision decision and the checks read
+    predict:Callable|None=None # the evaluation protocol (`eval_predictor`)
+    decided:dict=field(default_factory=dict) # run-time decisions (teacher_bf16, student_bf16), kept in last.pt, never in `cfg`
     @property
     def main(self)->bool: return self.rank == 0
 
-def build_models(cfg:dict, num_classes:int)->tuple: # (student, teacher or None, objective, modules)
-    "The student (seeded: identical on every rank), the frozen teacher, the objective and the terms' modules."
-    torch.manual_seed(cfg['seed'])
-    try:
-        student = deeplabv3plus(cfg['model'], num_classes, output_stride=cfg['output_stride'],
-                                pretrained_backbone=cfg['pretrained_backbone'])
-    except OSError as e:   # urllib's URLError (offline), a refused connection, an unwritable cache
-        if not cfg['pretrained_backbone']: raise
-        raise ValueError(f"--pretrained-backbone: torchvision's ImageNet weights of {cfg['model']} could not be downloaded "
-                         f"({type(e).__name__}: {e}). Offline, copy the weight file into {torch.hub.get_dir()}/checkpoints/ "
-                         f"from a machine with internet (or set TORCH_HOME), or drop --pretrained-backbone") from None
-    if cfg['no_dropout']: _disable_dropout(student)
-    objective = make_objective(cfg)
+def build_models(M:ModelSpec, # the model part of the configuration
+                 objective:DistillObjective, # the run's objective: its taps size the terms' modules
+                 num_classes:int)->tuple: # (student, teacher or None, modules)
+    "The student (seeded: identical on every rank), the frozen teacher and the terms' modules."
+    torch.manual_seed(M.seed)
+    student = _student(M, num_classes)
+    if M.no_dropout: _disable_dropout(student)
     teacher = None
     if objective.needs_teacher:
-        if not cfg['teacher']: raise ValueError(f"method {cfg['method']!r} needs --teacher CKPT")
-        teacher = load_teacher(cfg['teacher'], backbone=cfg['teacher_backbone'], num_classes=num_classes,
-                               output_stride=cfg['output_stride'])
+        teacher = load_teacher(M.teacher, backbone=M.teacher_backbone, num_classes=num_classes, output_stride=M.output_stride)
         tnc = model_arch(teacher)['num_classes']
-        if tnc != num_classes: raise ValueError(f"teacher {cfg['teacher']} predicts {tnc} classes, the data has {num_classes}")
+        if tnc != num_classes: raise ValueError(f"teacher {M.teacher} predicts {tnc} classes, the data has {num_classes}")
         teacher.eval().requires_grad_(False)
     modules = objective.build_modules(tap_channels(student, objective.student_taps),
                                       tap_channels(teacher, objective.teacher_taps) if teacher is not None else None,
                                       num_classes)
-    return student, teacher, objective, modules
+    return student, teacher, modules
+
+def _student(M:ModelSpec, num_classes:int)->nn.Module:
+    "The student network of the model part (ImageNet weights from torchvision or from a file, as asked)."
+    pre = M.pretrained_backbone
+    kw = dict(output_stride=M.output_stride) if M.arch == 'deeplabv3plus' else dict(aux=M.aux_weight > 0)
+    try:
+        return build_model(M.arch, M.model, num_classes, pretrained_backbone=True if pre == 'imagenet' else pre, **kw)
+    except OSError as e:   # urllib's URLError (offline), a refused connection, an unwritable cache
+        if pre != 'imagenet': raise
+        raise ValueError(f"--pretrained-backbone: torchvision's ImageNet weights of {M.model} could not be downloaded "
+                         f"({type(e).__name__}: {e}). Offline, copy the weight file into {torch.hub.get_dir()}/checkpoints/ "
+                         f"from a machine with internet (or set TORCH_HOME), give a weight FILE, or drop --pretrained-backbone") from None
 
 # %% ../nbs/08_distill.ipynb #05403ca0
 def build_run(cfg:dict)->Run:
-    "Device, process group, data, models, DDP, optimizer and schedule of a configuration."
+    "Device, process group, data, models, DDP, optimizer and schedule of a configuration: the one reader of `cfg`."
+    D, M, O, P, L = DataSpec.of(cfg), ModelSpec.of(cfg), OptimSpec.of(cfg), PrecisionSpec.of(cfg), LoopSpec.of(cfg)
     device, rank, world, local, owned = start_process(cfg['device'], cfg['threads'], cfg['deterministic'],
                                                       cfg['malloc_mmap_mb'])
     out = Path(cfg['out'])
     if rank == 0: out.mkdir(parents=True, exist_ok=True)
-    train_ds, val_ds, nc = _datasets(cfg, rank)
+    train_ds, val_ds, nc = _datasets(D, rank)
     if len(val_ds) == 0:
-        raise ValueError(f"the validation split {cfg['val_split']!r} of {cfg['data_root']} has no images, so no mIoU and no "
+        raise ValueError(f"the validation split {D.val_split!r} of {D.data_root} has no images, so no mIoU and no "
                          f"best.pt could be computed; check --data-root and --val-split")
-    if len(train_ds) < cfg['batch_size'] * world:
-        raise ValueError(f"{len(train_ds)} training images cannot fill a batch of {cfg['batch_size']} on {world} process(es)")
-    loader = build_loader(train_ds, cfg['batch_size'], train=True, num_workers=cfg['workers'], seed=cfg['seed'],
-                          distributed=world > 1)
-    student, teacher, objective, modules = build_models(cfg, nc)
+    if len(train_ds) < L.batch_size * world:
+        raise ValueError(f"{len(train_ds)} training images cannot fill a batch of {L.batch_size} on {world} process(es)")
+    loader = build_loader(train_ds, L.batch_size, train=True, num_workers=L.workers, seed=M.seed, distributed=world > 1)
+    objective = make_objective(cfg)
+    student, teacher, modules = build_models(M, objective, nc)
     net = StudentWithModules(student, modules)
-    if world > 1 and cfg['sync_bn']: convert_sync_batchnorm(net, device)
-    mf = torch.channels_last if (device.type == 'cuda' and cfg['channels_last']) else torch.contiguous_format
-    fdt = getattr(torch, cfg['dtype'])
+    model, teacher, fdt, mf = _place(net, teacher, P, device, world)
+    opt, sched, epochs, total, spe = _optimizer(student, modules, O, loader)
+    amp_dtype = _amp_dtype(P.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if P.precision == 'fp16' else None
+    return Run(cfg, device, rank, world, owned, out, M.seed, train_ds, val_ds, nc, loader, student, teacher, objective, net,
+               model, opt, sched, scaler, amp_dtype, None, fdt, mf, spe, epochs, total, L, P, D, eval_predictor(cfg))
+
+def _place(net, teacher, P:PrecisionSpec, device, world:int)->tuple: # (model, teacher, dtype, memory format)
+    "Sync-BN, dtype, memory format, DDP and torch.compile, as the precision part asks."
+    if world > 1 and P.sync_bn: convert_sync_batchnorm(net, device)
+    mf = torch.channels_last if (device.type == 'cuda' and P.channels_last) else torch.contiguous_format
+    fdt = getattr(torch, P.dtype)
     net.to(device, dtype=fdt, memory_format=mf)
     if teacher is not None: teacher.to(device, dtype=fdt, memory_format=mf)
     model = net
     if world > 1:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None)
-    groups = param_groups(student, cfg['lr'], head_mult=cfg['head_mult'])
-    if len(modules): groups.append(dict(params=list(modules.parameters()), lr=cfg['lr'] * cfg['head_mult']))
-    opt = torch.optim.SGD(groups, lr=cfg['lr'], momentum=cfg['momentum'], weight_decay=cfg['weight_decay'])
+    if P.compile:                  # the forwards compiled; the checkpoints keep the plain modules' state_dicts
+        model = torch.compile(model, backend=P.compile)
+        if teacher is not None: teacher = torch.compile(teacher, backend=P.compile)
+    return model, teacher, fdt, mf
+
+def _optimizer(student, modules, O:OptimSpec, loader)->tuple: # (optimizer, schedule, epochs, total steps, steps per epoch)
+    "SGD over the backbone, the head (x head_mult) and the terms' modules, and the poly schedule over the run's steps."
+    groups = param_groups(student, O.lr, head_mult=O.head_mult)
+    if len(modules): groups.append(dict(params=list(modules.parameters()), lr=O.lr * O.head_mult))
+    opt = torch.optim.SGD(groups, lr=O.lr, momentum=O.momentum, weight_decay=O.weight_decay)
     loader.sampler.set_epoch(0); spe = len(loader)
-    epochs, total = cfg['epochs'], cfg['epochs'] * spe
-    if cfg['max_steps']: total = int(cfg['max_steps']); epochs = math.ceil(total / spe)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr_lambda(total, power=cfg['poly_power'],
-                                                                  warmup_steps=cfg['warmup_steps']))
-    amp_dtype = _amp_dtype(cfg['amp'], device)
-    scaler = torch.amp.GradScaler(device.type) if cfg['amp'] == 'fp16' else None
-    teacher_dtype = torch.bfloat16 if cfg['teacher_bf16'] else None   # None (automatic): settled by `resolve_teacher_bf16`
-    return Run(cfg, device, rank, world, owned, out, train_ds, val_ds, nc, loader, student, teacher, objective, net, model,
-               opt, sched, scaler, amp_dtype, teacher_dtype, fdt, mf, spe, epochs, total, loop=LoopSpec.of(cfg))
+    epochs, total = O.epochs, O.epochs * spe
+    if O.max_steps: total = int(O.max_steps); epochs = math.ceil(total / spe)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr_lambda(total, power=O.poly_power, warmup_steps=O.warmup_steps))
+    return opt, sched, epochs, total, spe
 
 # %% ../nbs/08_distill.ipynb #c269875c
-def resolve_teacher_bf16(run:Run):
-    "Settle the teacher's precision: as asked (`teacher_bf16` True/False), as the resumed run chose, or measured on rank 0."
-    cfg = run.cfg
-    if cfg['teacher_bf16'] is not None: run.teacher_bf16 = bool(cfg['teacher_bf16'])
-    elif run.teacher_bf16 is None:                               # automatic, and no earlier choice of this run to keep
-        on, why = False, 'no teacher'
-        if run.teacher is not None and run.dtype == torch.float32 and run.amp_dtype is None:
-            if run.main:
-                g = torch.Generator().manual_seed(0)          # the run's own RNG streams are not touched
-                x = torch.randn(cfg['batch_size'], 3, cfg['crop_size'], cfg['crop_size'], generator=g)
-                im = run.val_ds[0][0][None].to(run.device, dtype=torch.float32)     # a real image for the numerics check
-                on, why = choose_teacher_bf16(run.teacher, x.to(run.device, memory_format=run.memory_format), check=im)
-            if run.world > 1:
-                box = [on, why]; dist.broadcast_object_list(box, src=0); on, why = box
-        run.teacher_bf16 = bool(on)
-        if run.main and not cfg['quiet'] and run.teacher is not None:
-            print(f"teacher in {'bf16 (autocast)' if on else 'fp32'}: {why}; --teacher-bf16 / --no-teacher-bf16 decide it by hand",
-                  flush=True)
-    run.teacher_dtype = torch.bfloat16 if run.teacher_bf16 else None
+def _auto_bf16_student(device:torch.device)->bool:
+    "Where `--precision auto` tries the student in bf16: a CUDA device with native bf16."
+    return device.type == 'cuda' and native_bf16(device)
+
+def _measure_precision(run:Run, todo:list)->tuple: # ({decision: bool}, what was measured, in words)
+    "Rank 0's measurements behind the automatic choices in `todo` ('student_bf16', 'teacher_bf16')."
+    im = run.val_ds[0][0][None].to(run.device, dtype=torch.float32)     # a real image for the numerics check
+    got, said = {}, []
+    if 'student_bf16' in todo:
+        got['student_bf16'], why = bf16_agrees(run.student, im)
+        said.append(f"student in {'bf16 (autocast)' if got['student_bf16'] else 'fp32'}: on the first validation image its {why}")
+    if 'teacher_bf16' in todo and not got.get('student_bf16'):
+        g = torch.Generator().manual_seed(0)                               # the run's own RNG streams are not touched
+        c = run.data.crop_size; h, w = (c, c) if isinstance(c, int) else c
+        x = torch.randn(run.loop.batch_size, 3, h, w, generator=g).to(run.device, memory_format=run.memory_format)
+        got['teacher_bf16'], why = choose_teacher_bf16(run.teacher, x, check=im)
+        said.append(f"teacher in {'bf16 (autocast)' if got['teacher_bf16'] else 'fp32'}: {why}")
+    return got, '; '.join(said)
+
+def resolve_precision(run:Run):
+    "Settle the student's and the teacher's precision: as asked, as the resumed run chose, or measured on rank 0."
+    P, d = run.precision, run.decided
+    if P.teacher_bf16 is not None: d['teacher_bf16'] = bool(P.teacher_bf16)
+    plain = run.dtype == torch.float32 and P.precision in ('auto', 'fp32')
+    if P.precision != 'auto' or not _auto_bf16_student(run.device): d['student_bf16'] = P.precision == 'bf16'
+    if run.teacher is None or not plain: d.setdefault('teacher_bf16', False)
+    todo = [k for k in ('student_bf16', 'teacher_bf16') if d.get(k) is None]
+    if todo:
+        box = list(_measure_precision(run, todo)) if run.main else [None, None]
+        if run.world > 1: dist.broadcast_object_list(box, src=0)
+        d.update(box[0]); d.setdefault('teacher_bf16', bool(d.get('student_bf16')))
+        if run.main and not run.loop.quiet:
+            print(f"precision ({box[1]}); --precision and --teacher-bf16 / --no-teacher-bf16 decide it by hand", flush=True)
+    if d['student_bf16'] and P.precision == 'auto': run.amp_dtype = torch.bfloat16
+    run.teacher_dtype = torch.bfloat16 if d['teacher_bf16'] else None
 
 # %% ../nbs/08_distill.ipynb #3ff4845e
 def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
@@ -426,7 +418,7 @@ def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer
     "Evaluate the student, log, and write `best.pt` when the mIoU improves."
     L = run.loop
     m = evaluate(run.student, run.val_ds, run.num_classes, batch_size=L.val_batch_size, device=run.device,
-                 workers=L.workers, amp_dtype=run.amp_dtype, max_items=L.max_val, progress=tty)
+                 workers=L.workers, amp_dtype=run.amp_dtype, max_items=L.max_val, progress=tty, predict=run.predict)
     prog.metrics = {k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in m.items()}
     if run.main:
         log.row('eval_log', prog.step, dict(epoch=prog.epoch, **{k: v for k, v in prog.metrics.items() if isinstance(v, float)},
@@ -445,17 +437,50 @@ def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer
 def restarted_with_checkpoint(out:str|Path, # the run folder
                              )->bool: # True: torchrun restarted this job and `out` holds last.pt (or last.prev.pt) to continue
     "Whether this process is a torchrun restart of a run that has a checkpoint (then `fit` resumes by itself)."
-    n = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') or 0)
+    n = restart_count()
     if n == 0 or not any((Path(out)/f).exists() for f in ('last.pt', 'last.prev.pt')): return False
     if dist_env()[0] == 0: warn(f"torchrun restarted the job (restart {n}): resuming the run in {out} from its last checkpoint")
     return True
+
+# %% ../nbs/08_distill.ipynb #2e196ae1
+_PROTOCOL_KEYS = ('eval_resize', 'eval_square', 'eval_mode', 'eval_crop', 'eval_stride', 'eval_scales', 'eval_flip')
+
+def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file `load_model` reads)
+                        opts:dict, # evaluation options (those of `aicsd evaluate`): data, data_root, val_split, eval_*, ...
+                       )->dict: # metrics as plain floats and lists
+    "Evaluate the network of `ckpt` on the validation split the options name, with the engine's process set-up."
+    opts = {**{o.name: o.default for o in OPTIONS if 'evaluate' in o.commands}, **opts}
+    check_ranges(opts)                                  # --max-val, --val-batch-size, ... as for train and distill
+    dev, _, _, _, owned = start_process(opts['device'], opts['threads'])   # no allocator change: no training
+    failed = True
+    try:
+        ck = load_checkpoint(ckpt)
+        if not isinstance(ck, dict) or 'arch' not in ck:
+            raise ValueError(f"{ckpt} is not an aicsd checkpoint (no 'arch' entry); for the released code's checkpoints "
+                             f"use aicsd.models.load_released_checkpoint in Python")
+        model = load_model(ck, map_location='cpu').to(dev)
+        trained = ck.get('config', {})
+        if all(opts[k] == DEFAULTS[k] for k in _PROTOCOL_KEYS) and any(trained.get(k, DEFAULTS[k]) != DEFAULTS[k] for k in _PROTOCOL_KEYS):
+            opts.update({k: trained.get(k, DEFAULTS[k]) for k in _PROTOCOL_KEYS})   # the checkpoint's own protocol
+            print('evaluating as in training: ' + ' '.join(f"--{k.replace('_', '-')} {opts[k]}" for k in _PROTOCOL_KEYS
+                                                           if opts[k] != DEFAULTS[k]), file=sys.stderr)
+        ds = get_dataset(opts['data'], opts['data_root'], opts['val_split'], eval_transform_for(opts['eval_resize'], opts['eval_square']))
+        nc, dnc = model_arch(model)['num_classes'], getattr(ds, 'num_classes', None)
+        if dnc is not None and dnc != nc:
+            raise ValueError(f"{ckpt} predicts {nc} classes but {opts['data']} ({getattr(ds, 'root', opts['data_root'])}) "
+                             f"has {dnc}: this checkpoint was not trained on this dataset")
+        res = evaluate(model, ds, nc, batch_size=opts['val_batch_size'], device=dev, workers=opts['workers'],
+                       amp_dtype=_amp_dtype(opts['precision'], dev), max_items=opts['max_val'], predict=eval_predictor(opts))
+        failed = False
+        return {k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in res.items()}
+    finally: cleanup_distributed(owned, failed=failed)   # a failing rank leaves without waiting for the others
 
 # %% ../nbs/08_distill.ipynb #db7bd979
 def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take their defaults
         draw:Callable|None=None, # figure hook at each evaluation, e.g. `aicsd.viz.run_figures` (the CLI's, with --figures)
         **kwargs, # more options, e.g. fit(epochs=2, out='runs/x')
        )->dict: # best_miou, metrics (last evaluation), steps, time_s, out, model (rank 0, unwrapped, CPU)
-    "Train (or distil into) a DeepLabV3+ according to `cfg`; resume from `out/last.pt` if `resume`."
+    "Train (or distil into) a network according to `cfg`; resume from `out/last.pt` if `resume`."
     cfg = make_config(cfg, **kwargs)
     t0 = time.time()
     run, joined_before, lock, old_handler = None, dist.is_initialized(), None, None
@@ -469,19 +494,20 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
                 stop.append(True)
             old_handler = signal.signal(signal.SIGINT, _on_sigint)
         ckpt = Checkpointer(run)
-        resume = cfg['resume'] or restarted_with_checkpoint(run.out)
+        L = run.loop
+        resume = L.resume or restarted_with_checkpoint(run.out)
         prog = ckpt.resume() if resume else None
-        if prog is not None and run.main and not cfg['quiet']:
+        if prog is not None and run.main and not L.quiet:
             print(f"resumed {ckpt.last} at epoch {prog.epoch}, batch {prog.step_in_epoch} (step {prog.step})")
         if prog is None: prog = ckpt.start()
-        resolve_teacher_bf16(run)
-        log = RunLog(run.out, enabled=run.main, tensorboard=cfg['tensorboard'], resume_step=prog.step if resume else None)
-        tty = sys.stderr.isatty() and not cfg['quiet'] and run.main and 'PYTEST_CURRENT_TEST' not in os.environ
-        stop_at = prog.step + int(cfg['stop_after']) if cfg['stop_after'] else None
+        resolve_precision(run)
+        log = RunLog(run.out, enabled=run.main, tensorboard=L.tensorboard, resume_step=prog.step if resume else None)
+        tty = sys.stderr.isatty() and not L.quiet and run.main and 'PYTEST_CURRENT_TEST' not in os.environ
+        stop_at = prog.step + int(L.stop_after) if L.stop_after else None
         while prog.epoch < run.epochs and prog.step < run.total and not (stop_at is not None and prog.step >= stop_at):
             if train_one_epoch(run, prog, log, ckpt, stop_at, tty, interrupted=lambda: bool(stop)): break
             done = prog.step >= run.total
-            if done or prog.epoch % max(1, cfg['eval_every']) == 0: evaluate_and_keep_best(run, prog, log, ckpt, t0, tty, draw)
+            if done or prog.epoch % max(1, L.eval_every) == 0: evaluate_and_keep_best(run, prog, log, ckpt, t0, tty, draw)
             ckpt.save_last(prog)
         log.close()
         res = dict(best_miou=prog.best, metrics=prog.metrics, steps=prog.step, time_s=time.time() - t0, out=str(run.out),

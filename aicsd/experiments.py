@@ -4,7 +4,7 @@
 
 # %% ../nbs/08a_experiments.ipynb #d6059ee0
 from __future__ import annotations
-import json, time
+import json, math, statistics, time
 from pathlib import Path
 import torch
 from .config import make_config
@@ -13,8 +13,9 @@ from .distill import fit
 from .objective import METHODS, parse_method
 
 # %% auto #0
-__all__ = ['PAPER_MIOU', 'PAPER_TEACHER', 'RECIPES', 'DEMO_PRESETS', 'DEMO_METHODS', 'DEMO_PARAMS', 'recipe_text', 'run_demo',
-           'run_compare', 'format_table', 'write_report']
+__all__ = ['PAPER_MIOU', 'PAPER_TEACHER', 'FIELD_TEACHER', 'FIELD_MIOU', 'FIELD_RERUN', 'FIELD_WEIGHTS', 'RECIPES',
+           'DEMO_PRESETS', 'DEMO_METHODS', 'DEMO_PARAMS', 'recipe_command', 'recipe_text', 'run_demo', 'run_compare',
+           't_cdf', 't_quantile', 't_interval', 'paired_diffs', 'paired_text', 'format_table', 'write_report']
 
 # %% ../nbs/08a_experiments.ipynb #cdfd83d4
 PAPER_MIOU = {  # (dataset, student) -> method -> reported val mIoU (%), the paper's table (nbs/paper.ipynb)
@@ -26,45 +27,130 @@ PAPER_MIOU = {  # (dataset, student) -> method -> reported val mIoU (%), the pap
 PAPER_TEACHER = dict(voc=77.85, cityscapes=77.66)
 _PROTOCOL = dict(output_stride=16, epochs=120, batch_size=6, momentum=0.9, weight_decay=5e-4, poly_power=0.9,
                  head_mult=10.0, crop_size=513, scale_min=0.5, scale_max=2.0, hflip=True, blur=True,
-                 eval_resize=513, eval_square=True, temperature=1.0, pretrained_backbone=True, amp='bf16')
+                 eval_resize=513, eval_square=True, temperature=1.0, pretrained_backbone='imagenet', precision='bf16')
 _DATA = dict(voc=dict(data='voc', data_root='data/VOCdevkit/VOC2012', train_split='trainaug', val_split='val', lr=0.007),
              cityscapes=dict(data='cityscapes', data_root='data/cityscapes', train_split='train', val_split='val', lr=0.01))
 _SHORT = dict(resnet18='r18', mobilenetv2='mbv2', resnet101='r101')
 
 def _recipes()->dict:
+    "The paper's experiments (batch 6 on one process)."
     r = {}
     for ds in ('voc', 'cityscapes'):
         r[f'{ds}-teacher-r101'] = dict(command='train', model='resnet101', **_DATA[ds], **_PROTOCOL,
-                                       out=f'runs/{ds}-teacher-r101', paper=dict(miou=PAPER_TEACHER[ds]))
+                                       out=f'runs/{ds}-teacher-r101', paper=dict(miou=PAPER_TEACHER[ds], batch_total=6))
         for st in ('resnet18', 'mobilenetv2'):
             for m in ('baseline', 'kd', 'icsd', 'aicsd'):
                 rep = PAPER_MIOU[(ds, st)][m]
                 r[f'{ds}-{_SHORT[st]}-{m}'] = dict(
-                    command='distill', method=m, student=st, teacher=f'runs/{ds}-teacher-r101/best.pt',
+                    command='distill', method=m, model=st, teacher=f'runs/{ds}-teacher-r101/best.pt',
                     **_DATA[ds], **_PROTOCOL, lambda_kd=1.0, lambda_icsd=0.1, alw_unit='epoch',
                     out=f'runs/{ds}-{_SHORT[st]}-{m}',
-                    paper=dict(miou=rep, teacher_miou=PAPER_TEACHER[ds]) if rep is not None else
-                          dict(miou='not reported (ablation only)', teacher_miou=PAPER_TEACHER[ds]))
+                    paper=dict(miou=rep if rep is not None else 'not reported (ablation only)',
+                               teacher_miou=PAPER_TEACHER[ds], batch_total=6))
     return r
 
-RECIPES = _recipes()
+# %% ../nbs/08a_experiments.ipynb #32b1d301
+FIELD_TEACHER = dict(miou=78.07, file='pretrained/deeplabv3_resnet101_citys_best_model.pth')   # CIRKD's published R101
+FIELD_MIOU = {  # student -> Cityscapes val mIoU (%) published in the field's protocol (CIRKD's table and later papers)
+    'resnet18': dict(baseline=74.21, cwd=75.55, cirkd=76.38, MasKD=77.00, **{'Af-DCD': 77.03}, dist=77.10),
+    'mobilenetv2': dict(baseline=73.12, cwd=74.66, cirkd=75.42, MasKD=75.26, **{'Af-DCD': 76.43}),
+}
+FIELD_RERUN = {'resnet18': dict(baseline='76.2-76.3')}   # what users' reruns of the published baseline recipe reach
+_S = 'CIRKD train_scripts/'
+FIELD_WEIGHTS = {   # method -> (the method as the field's script runs it, {term: weight}, source); other methods: the table's weights
+    'baseline': ('baseline', None, _S + 'train_baseline/citys/deeplabv3_{res18,mbv2}.sh: cross-entropy only'),
+    'kd': ('kd', dict(kd=1.0), _S + "train_kd/deeplabv3_{res18,mbv2}.sh: train_kd.py's KD, --lambda-kd 1.0, --kd-temperature 1.0"),
+    'at': ('at+kd', dict(kd=1.0, at=1e4), _S + 'train_kd/train_at.sh: --lambda-kd 1.0 --lambda-at 10000'),
+    'skd': ('skd', dict(kd=1.0, skd=10.0), _S + 'train_kd/train_skd.sh: --lambda-kd 1 --lambda-skd 10 (its adversarial '
+            'terms, --lambda-adv 0.001 --lambda-d 0.1, have no term here)'),
+    'ifvd': ('ifvd', dict(kd=1.0, ifvd=20.0), _S + 'train_kd/train_ifvd.sh: --lambda-kd 1.0 --lambda-ifv 20 (its adversarial '
+             'terms, --lambda-adv 0.001 --lambda-d 0.1, have no term here)'),
+    'cwd': ('cwd+kd', dict(kd=1.0, cwd=3.0), _S + 'train_kd/train_cwd.sh: --lambda-kd 1.0 --lambda-cwd-logit 3 (tau 4 in '
+            'train_kd.py; its --lambda-cwd-fea 50 and adversarial terms have no term here)'),
+    'cirkd': ('cirkd', dict(kd=1.0, cirkd_pixel=1.0, cirkd_memory=0.1), "CIRKD train_cirkd.py defaults: --lambda-kd 1, "
+              "--lambda-minibatch-pixel 1, --lambda-memory-pixel 0.1, --lambda-memory-region 0.1 (memories 20000 / 2000, "
+              "contrast 4096 / 1024, temperature 0.1)"),
+    'dist': ('dist', dict(dist=1.0), "DIST authors' segmentation/train_kd.py: --lambda-kd 1 on DIST(beta=1, gamma=1) of the "
+             "softmax (their run also distils the aux head at 0.4, with weight decay 5e-4 and an lr floor of 1e-4: not here, "
+             "every recipe keeps CIRKD's protocol)"),
+}
+_FIELD_PROTOCOL = dict(arch='deeplabv3', data='cityscapes', data_root='data/cityscapes', train_split='train', val_split='val',
+                       crop_size='512x1024', scale_min=0.5, scale_max=2.0, hflip=True, blur=False, batch_size=2,
+                       sync_bn=True, max_steps=40000, lr=0.02, head_mult=1.0, momentum=0.9, weight_decay=1e-4,
+                       poly_power=0.9, warmup_steps=0, eval_mode='whole', temperature=1.0)
+_FIELD_STUDENTS = dict(resnet18=dict(aux_weight=0.4, pretrained_backbone='pretrained/resnet18-imagenet.pth'),
+                       mobilenetv2=dict(aux_weight=0.0, pretrained_backbone='pretrained/mobilenetv2-imagenet.pth'))
+
+# %% ../nbs/08a_experiments.ipynb #d14794a8
+def _field_published(st:str, m:str):
+    if m in FIELD_MIOU[st]: return FIELD_MIOU[st][m]
+    if METHODS[m].paper.startswith('AICSD'): return 'not published in this protocol'
+    return 'not in our sources (see the field papers)'
+
+def _field_recipes()->dict:
+    "One recipe per method of the methods table and student, in CIRKD's protocol (16 images per step over 8 processes)."
+    r = {}
+    for st, sk in _FIELD_STUDENTS.items():
+        for m in METHODS:
+            spec, w, src = FIELD_WEIGHTS.get(m, (m, None, 'no field script: the weights of the methods table (04_objective)'))
+            r[f'field-citys-{_SHORT[st]}-{m}'] = dict(
+                command='distill', method=spec, **({'weight': dict(w)} if w else {}), model=st, **sk,
+                teacher=FIELD_TEACHER['file'], **_FIELD_PROTOCOL, out=f'runs/field-citys-{_SHORT[st]}-{m}',
+                paper=dict(miou=_field_published(st, m), teacher_miou=FIELD_TEACHER['miou'], batch_total=16, weights=src,
+                           protocol='field', **({'rerun': FIELD_RERUN[st][m]} if m in FIELD_RERUN.get(st, {}) else {})))
+    return r
+
+RECIPES = {**_recipes(), **_field_recipes()}
+
+# %% ../nbs/08a_experiments.ipynb #36c417c3
+def recipe_command(name:str, # a key of RECIPES
+                   gpus:int=1, # processes (GPUs) on this machine
+                   file:str|None=None, # the config file written by `aicsd recipes NAME` (default NAME.yaml)
+                  )->str: # the command line
+    "The `torchrun` line that runs a recipe on `gpus` GPUs, the batch per process set so the total stays as published."
+    if name not in RECIPES: raise KeyError(f"unknown recipe {name!r}; `aicsd recipes` lists: {', '.join(RECIPES)}")
+    r = RECIPES[name]; total = r['paper']['batch_total']
+    if isinstance(gpus, bool) or int(gpus) != gpus or gpus < 1 or total % gpus or total // gpus < 2:
+        ok = [g for g in range(1, total + 1) if total % g == 0 and total // g >= 2]
+        raise ValueError(f"gpus must split the total batch of {total} into at least 2 images per process "
+                         f"({', '.join(map(str, ok))}), got {gpus!r}")
+    return (f"torchrun --standalone --nproc_per_node {gpus} -m aicsd.cli {r['command']} --config {file or name + '.yaml'} "
+            f"--batch-size {total // int(gpus)}")
+
+# %% ../nbs/08a_experiments.ipynb #292f5749
+def _toml(v)->str:
+    if isinstance(v, dict): return '{' + ', '.join(f"{k} = {_toml(x)}" for k, x in v.items()) + '}'
+    return json.dumps(v)
+
+def _field_table()->str:
+    ms = list(dict.fromkeys(m for d in FIELD_MIOU.values() for m in d))
+    return ', '.join(f"{m} " + ' / '.join(f"{FIELD_MIOU[s][m]:.2f}" if m in FIELD_MIOU[s] else '-' for s in FIELD_MIOU) for m in ms)
 
 def recipe_text(name:str, # a key of RECIPES
                 fmt:str='yaml', # 'yaml' or 'toml'
                )->str:
-    "The recipe as a config file (with a comment on what the paper reports)."
+    "The recipe as a config file, with comments on what the paper (or the field) reports and how to run it."
     if name not in RECIPES: raise KeyError(f"unknown recipe {name!r}; `aicsd recipes` lists: {', '.join(RECIPES)}")
-    r = dict(RECIPES[name]); paper = r.pop('paper')
-    head = (f"# aicsd recipe {name}: run with `aicsd {r['command']} --config FILE` (flags override keys)\n"
-            f"# paper (its results table): val mIoU {paper['miou']}"
-            + (f", teacher {paper['teacher_miou']}" if 'teacher_miou' in paper else '') + "\n"
-            "# lambda_kd = 1 and lambda_icsd = 0.1 are ours (not in the material we had); batch_size is per process (6 in total in the paper)\n")
-    if fmt == 'toml':
-        body = ''.join(f"{k} = {json.dumps(v)}\n" for k, v in r.items() if v is not None)
+    r = {k: v for k, v in RECIPES[name].items() if v is not None}; p = r.pop('paper')
+    head = f"# aicsd recipe {name}: run with `aicsd {r['command']} --config FILE` (flags override keys)\n"
+    if p.get('protocol') == 'field':
+        st = r['model']
+        head += (f"# the field's protocol (CIRKD): DeepLabV3 ResNet-101 teacher ({p['teacher_miou']} mIoU, its published file) -> "
+                 f"DeepLabV3 {st}, Cityscapes val on whole 1024x2048 images\n# published val mIoU of this method: {p['miou']}\n"
+                 f"# the field's table (R18 / MBV2): {_field_table()}\n"
+                 + (f"# users' reruns of this recipe reach {p['rerun']}: gains over the published {p['miou']} are inflated; "
+                    "rerun every method with the same seeds\n" if 'rerun' in p else '')
+                 + f"# loss weights: {p['weights']}\n# batch_size is per process: 2 x 8 GPUs = 16 in total, as published; "
+                 f"on G GPUs use 16/G, e.g. on one GPU:\n#   {recipe_command(name, 1)}\n")
     else:
-        import yaml
-        body = yaml.safe_dump(r, sort_keys=False)
-    return head + body
+        head += (f"# paper (its results table): val mIoU {p['miou']}"
+                 + (f", teacher {p['teacher_miou']}" if 'teacher_miou' in p else '') + "\n"
+                 "# lambda_kd = 1 and lambda_icsd = 0.1 are ours (not in the material we had); batch_size is per process "
+                 "(6 in total in the paper)\n")
+    if fmt == 'toml': return head + ''.join(f"{k} = {_toml(v)}\n" for k, v in r.items())
+    if fmt != 'yaml': raise ValueError(f"fmt must be 'yaml' or 'toml', got {fmt!r}")
+    import yaml
+    return head + yaml.safe_dump(r, sort_keys=False)
 
 # %% ../nbs/08a_experiments.ipynb #fb64acdb
 DEMO_PRESETS = dict(  # sizes chosen for 2 CPU cores; steps, not epochs, so the time does not depend on n_train
@@ -145,7 +231,7 @@ def run_demo(out:str|Path='runs/demo', # report folder
                               param={k: v for k, v in DEMO_PARAMS.items() if k in parse_method(m)[0]} or None)
             t0 = time.time(); r = fit(cfg); sec = time.time() - t0
             d = model_ics({'teacher': teacher, m: r['model']}, val, n=8)[1][m]
-            res.append(dict(miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], ics_dist=d, time_s=sec))
+            res.append(dict(seed=sd, miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], ics_dist=d, time_s=sec))
             if sd == seeds[0]: models[m] = r['model']
         row = dict(method=m, n=len(res), time_s=sum(x['time_s'] for x in res) / len(res), note='')
         for k in ('miou', 'pixel_acc', 'ics_dist'): row[k], row[k + '_std'] = _mean_std([x[k] for x in res])
@@ -154,7 +240,9 @@ def run_demo(out:str|Path='runs/demo', # report folder
     demo_figures(models, root, out, n=8)
     total = time.time() - t_start
     write_report(rows, out, P, total, quick, seeds)
-    print(format_table(rows)); print(f"finished in {total:.0f} s; report: {out/'report.md'}")
+    print(format_table(rows))
+    if 'baseline' in methods: print(paired_text(paired_diffs(rows)))
+    print(f"finished in {total:.0f} s; report: {out/'report.md'}")
     return rows
 
 # %% ../nbs/08a_experiments.ipynb #304f32fd
@@ -165,26 +253,145 @@ def run_compare(out:str|Path='runs/compare', # report folder
     "Every method on the same synthetic teacher and students, seeds as the demo: `aicsd compare`."
     return run_demo(out=out, methods=tuple(methods or METHODS), **kw)
 
+# %% ../nbs/08a_experiments.ipynb #9645e805
+def t_cdf(x:float, # where to evaluate
+          df:int, # degrees of freedom, a whole number >= 1
+         )->float: # P(T <= x) for Student's t with `df` degrees of freedom
+    "Student's t distribution function, exact for whole `df` (the finite series of Abramowitz & Stegun 26.7.3-4)."
+    if isinstance(df, bool) or int(df) != df or df < 1: raise ValueError(f"df must be a whole number >= 1, got {df!r}")
+    df = int(df); th = math.atan2(abs(x), math.sqrt(df)); s, c2 = math.sin(th), math.cos(th) ** 2
+    if df % 2:   # odd df: A = 2/pi (theta + sin(theta) (cos + 2/3 cos^3 + 2*4/(3*5) cos^5 + ... up to cos^(df-2)))
+        u = acc = math.cos(th) if df > 1 else 0.0
+        for k in range(1, (df - 1) // 2): u *= 2 * k / (2 * k + 1) * c2; acc += u
+        a = 2 / math.pi * (th + s * acc)
+    else:        # even df: A = sin(theta) (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... up to cos^(df-2))
+        u = acc = 1.0
+        for k in range(df // 2 - 1): u *= (2 * k + 1) / (2 * k + 2) * c2; acc += u
+        a = s * acc
+    return 0.5 + math.copysign(a / 2, x)     # A = P(|T| <= |x|)
+
+# %% ../nbs/08a_experiments.ipynb #f94c0e82
+def t_quantile(p:float, # probability, in (0, 1)
+               df:int, # degrees of freedom, a whole number >= 1
+              )->float: # x with P(T <= x) = p
+    "Student's t quantile: bisection on `t_cdf` (exact series) up to 1000 degrees of freedom, Cornish-Fisher beyond."
+    if not 0 < p < 1: raise ValueError(f"p must be in (0, 1), got {p!r}")
+    if p == 0.5: return 0.0
+    if p < 0.5: return -t_quantile(1 - p, df)
+    if isinstance(df, bool) or int(df) != df or df < 1: raise ValueError(f"df must be a whole number >= 1, got {df!r}")
+    if df > 1000:   # A&S 26.7.5: error below 1e-9 here
+        z = statistics.NormalDist().inv_cdf(p)
+        return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p: lo, hi = hi, 2 * hi
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi): break
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+# %% ../nbs/08a_experiments.ipynb #fc380402
+def t_interval(xs:list, # samples (e.g. per-seed differences)
+               level:float=0.95, # confidence level
+              )->tuple: # (mean, lo, hi); lo and hi are None for a single sample
+    "The mean of `xs` and its Student t confidence interval (n - 1 degrees of freedom)."
+    xs = [float(x) for x in xs]
+    if not xs: raise ValueError("t_interval needs at least one value in xs, got none")
+    if not 0 < level < 1: raise ValueError(f"level must be in (0, 1), got {level!r}")
+    m = statistics.fmean(xs)
+    if len(xs) == 1: return m, None, None
+    half = t_quantile((1 + level) / 2, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return m, m - half, m + half
+
+# %% ../nbs/08a_experiments.ipynb #64fe5c44
+def _by_seed(row:dict)->dict:
+    "A row's per-seed runs by seed (runs stored without a seed, by older versions, count by position)."
+    return {r.get('seed', i): r for i, r in enumerate(row.get('runs') or [])}
+
+def paired_diffs(rows:list, # result rows (`run_demo`); rows with per-seed `runs` take part
+                 reference:str='baseline', # the method the others are compared with
+                 key:str='miou', # the metric compared
+                 level:float=0.95, # confidence level
+                )->list: # one dict per other method: seeds, diffs, n, mean, lo, hi, mark
+    "Per-seed differences `method - reference` on the seeds both share, their mean, its t interval and a mark."
+    ref = [r for r in rows if r['method'] == reference]
+    if not ref: raise ValueError(f"reference {reference!r} is not a method of the rows: {', '.join(r['method'] for r in rows)}")
+    base = _by_seed(ref[0]); out = []
+    for r in rows:
+        runs = _by_seed(r)
+        if r['method'] == reference or not runs or not base: continue
+        seeds = [s for s in runs if s in base]
+        diffs = [runs[s][key] - base[s][key] for s in seeds]
+        m, lo, hi = t_interval(diffs, level) if diffs else (None, None, None)
+        mark = ('no shared seeds' if not diffs else 'n=1: cannot tell' if len(diffs) == 1 else
+                'distinguishable' if lo > 0 or hi < 0 else 'not distinguishable')
+        out.append(dict(method=r['method'], reference=reference, key=key, level=level, seeds=seeds, diffs=diffs,
+                        n=len(diffs), mean=m, lo=lo, hi=hi, mark=mark))
+    return out
+
+# %% ../nbs/08a_experiments.ipynb #6bbcd03a
+def paired_text(diffs:list, # `paired_diffs` output
+                scale:float=100.0, # 100: mIoU in percentage points
+               )->str: # one paragraph
+    "What the paired comparison lets a report claim: distinguishable differences with their interval; the rest named."
+    if not diffs: return "No per-seed results to pair: no difference between methods can be claimed from these rows."
+    ref, lev = diffs[0]['reference'], diffs[0]['level']
+    f = lambda v: f"{scale * v:+.2f}"
+    yes = [f"{d['method']} ({f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}], {'above' if d['lo'] > 0 else 'below'})"
+           for d in diffs if d['mark'] == 'distinguishable']
+    no = [d['method'] for d in diffs if d['mark'] == 'not distinguishable']
+    one = [d['method'] for d in diffs if d['n'] < 2]
+    s = f"distinguishable from the {ref} at {100 * lev:g} %: " + ('; '.join(yes) if yes else 'none') + '.'
+    if no: s += ' Not distinguishable: ' + ', '.join(no) + '.'
+    if one: s += ' Cannot tell (fewer than 2 shared seeds): ' + ', '.join(one) + '.'
+    return f"Paired differences to the {ref} (same seeds, mean [{100 * lev:g} % Student t interval]): " + s
+
 # %% ../nbs/08a_experiments.ipynb #b0ffc250
 def _pm(r, k, scale=100.0, fmt='.2f'):
     v = f"{scale * r[k]:{fmt}}"
     return v + (f" ± {scale * r[k + '_std']:{fmt}}" if r.get('n', 1) > 1 and k + '_std' in r else '')
 
-def format_table(rows:list)->str:
-    "A markdown table of the demo results (mean ± std over seeds where there are several)."
-    h = "| method | mIoU (%) | pixel acc. (%) | ICS distance to teacher | time per run (s) |\n|---|---:|---:|---:|---:|\n"
-    return h + ''.join(f"| {r['method']} | {_pm(r, 'miou')} | {_pm(r, 'pixel_acc')} | {_pm(r, 'ics_dist', 1.0, '.4f')} | "
+def _diff_cells(d:dict|None, is_ref:bool)->str:
+    "The two paired cells of a row: the mean difference with its interval, and the mark."
+    if is_ref: return ' (reference) | |'
+    if d is None: return ' | |'
+    if not d['n']: return f" | {d['mark']} |"
+    f = lambda v: f"{100 * v:+.2f}"
+    ci = f" [{f(d['lo'])}, {f(d['hi'])}]" if d['lo'] is not None else ''
+    return f" {f(d['mean'])}{ci} | {d['mark']} |"
+
+def format_table(rows:list, # result rows (`run_demo`)
+                 reference:str='baseline', # with per-seed runs: the paired difference to this method
+                 level:float=0.95, # confidence level of the paired intervals
+                )->str:
+    "A markdown table of the demo results: mean ± std over seeds and, with per-seed runs, the paired difference to `reference`."
+    paired = any(r['method'] == reference and r.get('runs') for r in rows)
+    diffs = {d['method']: d for d in paired_diffs(rows, reference, level=level)} if paired else {}
+    dh = f" Δ mIoU to {reference}, pp [{100 * level:g} % CI] | paired, {100 * level:g} % |" if paired else ''
+    h = (f"| method | mIoU (%) |{dh} pixel acc. (%) | ICS distance to teacher | time per run (s) |\n"
+         f"|---|---:|{'---:|---|' if paired else ''}---:|---:|---:|\n")
+    return h + ''.join(f"| {r['method']} | {_pm(r, 'miou')} |"
+                       f"{_diff_cells(diffs.get(r['method']), r['method'] == reference) if paired else ''} "
+                       f"{_pm(r, 'pixel_acc')} | {_pm(r, 'ics_dist', 1.0, '.4f')} | "
                        f"{r['time_s']:.0f}{' (' + r['note'] + ')' if r.get('note') else ''} |\n" for r in rows)
 
+# %% ../nbs/08a_experiments.ipynb #47222f4e
 def write_report(rows, out:Path, P:dict, total:float, quick:bool, seeds:tuple=(0,)):
-    "Write `out/report.md` and `out/results.json`."
+    "Write `out/report.md` (the table and what the paired comparison lets one claim) and `out/results.json` (with `paired`)."
+    paired = any(r['method'] == 'baseline' and r.get('runs') for r in rows)
+    diffs = paired_diffs(rows) if paired else []
     txt = (f"# aicsd {'quick ' if quick else ''}comparison\n\n"
            f"Synthetic shapes ({P['n_train']} train / {P['n_val']} val images, {P['size']} px), teacher DeepLabV3+ "
            f"{P['teacher']} ({P['teacher_steps']} steps), students DeepLabV3+ {P['student']} ({P['student_steps']} "
            f"steps each, crop {P['crop_size']}, batch {P['batch_size']}, seeds {', '.join(map(str, seeds))}), CPU.\n\n"
            + format_table(rows) +
-           f"\nMean ± standard deviation over {len(seeds)} seed(s). ICS distance: mean squared difference between the "
-           "model's and the teacher's inter-class similarity matrices (averaged over 8 validation images).\n\n"
-           f"Total wall time: {total:.0f} s.\n\n![ICS matrices](ics_matrices.png)\n\n![Predictions](predictions.png)\n")
+           f"\nMean ± standard deviation over {len(seeds)} seed(s). "
+           + ("Δ: the mean over the shared seeds of (method - baseline) at the same seed, in mIoU points, with its 95 % "
+              "Student t interval; a method is distinguishable from the baseline only where that interval excludes 0.\n\n"
+              + paired_text(diffs) + "\n\n" if paired else "\n\n")
+           + "ICS distance: mean squared difference between the model's and the teacher's inter-class similarity matrices "
+           f"(averaged over 8 validation images).\n\nTotal wall time: {total:.0f} s.\n\n"
+           "![ICS matrices](ics_matrices.png)\n\n![Predictions](predictions.png)\n")
     (out/'report.md').write_text(txt)
-    (out/'results.json').write_text(json.dumps(rows, indent=1))
+    by = {d['method']: d for d in diffs}
+    (out/'results.json').write_text(json.dumps([{**r, 'paired': by[r['method']]} if r['method'] in by else r for r in rows], indent=1))

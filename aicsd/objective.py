@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 import torch
 from torch import nn, Tensor
+import torch.nn.functional as F
 from .losses import ce_loss, pixel_kd_loss, icsd_loss, released_icsd_loss
 from . import baselines as B
 from fastcore.basics import patch
@@ -17,7 +18,7 @@ from fastcore.basics import patch
 __all__ = ['TERMS', 'METHODS', 'alw_alpha', 'out_of_range', 'Term', 'register_term', 'term_ce', 'term_kd', 'term_icsd',
            'term_released_icsd', 'Method', 'register_method', 'term_at', 'term_fitnet', 'term_sp', 'term_ickd',
            'term_skd', 'term_ifvd', 'term_cwd', 'term_dist', 'term_cirkd_pixel', 'CIRKDMemoryTerm', 'term_cirkd_memory',
-           'term_released_pa', 'term_released_ic', 'term_released_pi', 'parse_method', 'DistillObjective']
+           'term_released_pa', 'term_released_ic', 'term_released_pi', 'term_aux', 'parse_method', 'DistillObjective']
 
 # %% ../nbs/04_objective.ipynb #7affb6ee
 def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
@@ -225,6 +226,15 @@ for _n, _m in dict(
     released_ic=Method(('ce', 'released_ic'), doc="CE + the released code's logit-ICKD 'ic' term", paper="AICSD authors' code"),
 ).items(): register_method(_n, _m)
 
+# %% ../nbs/04_objective.ipynb #2855cd33
+def term_aux(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, ignore_index:int=255):
+    "Cross-entropy of DeepLabV3's auxiliary logits (tap 'aux'), upsampled bilinearly (align_corners=True) to the labels."
+    logits = F.interpolate(s['aux'], size=target.shape[-2:], mode='bilinear', align_corners=True)
+    return ce_loss(logits, target, ignore_index=ignore_index)
+
+register_term('aux', Term(term_aux, ('aux',), teacher=False, weight=0.4, params=dict(ignore_index=255),
+                          ref="CIRKD train_kd.py: task loss CE + 0.4 x CE of the auxiliary head (ResNet students)"));
+
 # %% ../nbs/04_objective.ipynb #9c1c7d1b
 def parse_method(spec:str, # a method name or names joined by '+', e.g. 'aicsd' or 'cwd+icsd'
                 )->tuple: # (term names in registry order, ALW on)
@@ -255,9 +265,12 @@ class DistillObjective:
                  weights:dict|None=None, # more weights by term name, e.g. {'cwd': 3.0}
                  alw:bool|None=None, # ALW on/off; None: as the method says (on for 'aicsd')
                  params:dict|None=None, # hyper-parameters by term, e.g. {'cwd': {'tau': 4.0}}
+                 extra_terms:tuple=(), # terms added to the method's, e.g. ('aux',) for DeepLabV3's auxiliary head
                 ):
         self.method = method
         self.names, m_alw = parse_method(method)
+        if bad := [t for t in extra_terms if t not in TERMS]: raise ValueError(f"unknown term(s) {bad}; terms: {', '.join(TERMS)}")
+        self.names += tuple(t for t in extra_terms if t not in self.names)
         self.alw = m_alw if alw is None else bool(alw)
         if normalize not in (None, 'row'): raise ValueError(f"`normalize` must be None or 'row'; got {normalize!r}")
         if bad := out_of_range(T, '>0'): raise ValueError(f"`T` (temperature, --temperature) must be {bad}; got {T}")

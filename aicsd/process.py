@@ -11,8 +11,8 @@ import torch.distributed as dist
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['set_malloc_mmap_threshold', 'dist_env', 'resolve_device', 'init_distributed', 'cleanup_distributed', 'start_process',
-           'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'native_bf16']
+__all__ = ['set_malloc_mmap_threshold', 'dist_env', 'resolve_device', 'restart_count', 'init_distributed', 'cleanup_distributed',
+           'start_process', 'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'native_bf16']
 
 # %% ../nbs/07c_process.ipynb #52a90803
 def set_malloc_mmap_threshold(mb:int, # allocations below this many MB come from the heap; 0: leave glibc's default
@@ -45,10 +45,14 @@ def resolve_device(device:str='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'
         torch.cuda.set_device(dev)
     return dev
 
+def restart_count()->int: # 0 on the first attempt (and outside torchrun)
+    "How many times torchrun has restarted this job's workers (`TORCHELASTIC_RESTART_COUNT`)."
+    return int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') or 0)
+
 def _attempt_store(world:int): # a store whose keys belong to this torchrun attempt, or None: the default rendezvous
     "After a torchrun restart, the agent's store with a prefix of this attempt (its keys of the failed attempt are stale)."
     e = os.environ
-    n = int(e.get('TORCHELASTIC_RESTART_COUNT', '0') or 0)
+    n = restart_count()
     if n == 0 or e.get('TORCHELASTIC_USE_AGENT_STORE') != 'True': return None
     from datetime import timedelta
     store = dist.TCPStore(e['MASTER_ADDR'], int(e['MASTER_PORT']), world, is_master=False, timeout=timedelta(minutes=10))

@@ -180,7 +180,7 @@ def save_last(self:Checkpointer, prog:Progress):
         dist.all_gather_object(allst, st)
     else: allst = st
     if r.main:   # the new file complete on disk first, then two renames: last.pt -> last.prev.pt, new -> last.pt
-        tmp = _write_tmp(dict(**self._student(), config=dict(r.cfg), decided=dict(teacher_bf16=r.teacher_bf16), modules=r.net.extras.state_dict(),
+        tmp = _write_tmp(dict(**self._student(), config=dict(r.cfg), decided=dict(r.decided), modules=r.net.extras.state_dict(),
                               optimizer=r.opt.state_dict(), scheduler=r.sched.state_dict(),
                               scaler=r.scaler.state_dict() if r.scaler is not None else {},
                               epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step,
@@ -219,9 +219,9 @@ def resume(self:Checkpointer)->Progress|None:
     "Restore the run from `last.pt` (or the one before it); refuse changed options that define the run."
     r = self.run
     ck, path = self._read_last()
-    kept = ck.get('decided', {}).get('teacher_bf16', ck['config'].get('teacher_bf16'))   # the run's choice
-    asked = {**r.cfg, 'teacher_bf16': ck['config'].get('teacher_bf16') if r.cfg['teacher_bf16'] is None
-             else r.cfg['teacher_bf16']}              # automatic (None) asks for the run's own choice
+    kept = {'teacher_bf16': ck['config'].get('teacher_bf16'), **ck.get('decided', {})}   # the run's own choices
+    asked = {**r.cfg, 'teacher_bf16': ck['config'].get('teacher_bf16') if r.precision.teacher_bf16 is None
+             else r.precision.teacher_bf16}           # automatic (None) asks for the run's own choice
     refused, warned = resume_changes(ck['config'], asked)
     if refused:
         raise ValueError(f"cannot resume {path}: {'; '.join(refused)}. These options define the run: resume with the values "
@@ -233,7 +233,8 @@ def resume(self:Checkpointer)->Progress|None:
     if r.scaler is not None and ck['scaler']: r.scaler.load_state_dict(ck['scaler'])
     rngs = ck['rng']
     set_rng_state(rngs[r.rank] if isinstance(rngs, list) else rngs)
-    if r.teacher_bf16 is None: r.teacher_bf16 = None if kept is None else bool(kept)
+    for k, v in kept.items():                        # automatic decisions are kept, not taken again
+        if r.decided.get(k) is None and v is not None: r.decided[k] = bool(v)
     return Progress(ck['epoch'], ck['step_in_epoch'], ck['global_step'], ck['best_miou'], ck['metrics'])
 
 # %% ../nbs/07b_runfolder.ipynb #202c2d94
@@ -243,7 +244,7 @@ def start(self:Checkpointer)->Progress:
     r = self.run
     if r.main:
         old = [f for f in self.RUN_FILES if (r.out/f).exists()]
-        if old and not r.cfg['force']:
+        if old and not r.loop.force:
             raise RunExistsError(f"{r.out} already holds a run ({', '.join(old)}); nothing was changed. Continue it with "
                                  f"--resume, start afresh with --force (its files are moved to {r.out}/replaced-<time>/), "
                                  f"or choose another --out")
@@ -251,7 +252,7 @@ def start(self:Checkpointer)->Progress:
             aside = r.out/time.strftime('replaced-%Y%m%d-%H%M%S')
             aside.mkdir()
             for f in old: shutil.move(str(r.out/f), str(aside/f))
-            if not r.cfg['quiet']: print(f"--force: the earlier run's files were moved to {aside}")
-    s = r.cfg['seed'] + r.rank
+            if not r.loop.quiet: print(f"--force: the earlier run's files were moved to {aside}")
+    s = r.seed + r.rank
     torch.manual_seed(s); random.seed(s); np.random.seed(s)
     return Progress()

@@ -18,7 +18,7 @@ def test_train_writes_checkpoints(teacher):
     from aicsd.models import load_model
     for f in ('last.pt', 'best.pt'):
         ck = torch.load(teacher / f, map_location='cpu', weights_only=True)
-        assert ck['arch'] == dict(backbone='mobilenetv2', num_classes=4, output_stride=16)
+        assert ck['arch'] == dict(family='deeplabv3plus', backbone='mobilenetv2', num_classes=4, output_stride=16)
         assert ck['config']['model'] == 'mobilenetv2' and ck['config']['mode'] == 'train'
         assert load_model(teacher / f).num_classes == 4
     last = torch.load(teacher / 'last.pt', map_location='cpu', weights_only=True)
