@@ -61,19 +61,20 @@ test: $(STAMP)
 	  refresh_quarto_yml(); _build_modidx(); proc_nbs(get_config().nbs_path, n_workers=2); print('docs processed into _proc/')"
 	@echo "make test: all checks passed"
 
-# On a machine with CUDA GPUs (under 10 minutes on one): 1. the tests flagged `gpu` (tests/test_gpu.py), 2. `aicsd bench
-# gpu`: every GPU path at the paper's sizes with its results checked (mixed precision, channels-last, evaluation at
-# 1024x2048, torchrun with NCCL and SyncBatchNorm on every GPU, torch.compile), as tables. It exits non-zero on a wrong
+# On a machine with CUDA GPUs (under 10 minutes on one): 1. the tests flagged `gpu` (tests/test_gpu.py), 2. the GPU
+# self-check (tests/gpu_check.py): every GPU path at the paper's and the field's sizes with its results checked (mixed
+# precision, channels-last, evaluation at 1024x2048, the field's DeepLabV3, a field-protocol run through the command
+# line, torchrun with NCCL and SyncBatchNorm on every GPU, torch.compile), as tables. It exits non-zero on a wrong
 # result. GPU_PY=python3 uses a Python that already has torch (no .venv, nothing installed); GPU_ARGS adds options of
-# `aicsd bench`, e.g. GPU_ARGS="--out gpu.jsonl --budget-s 400".
+# tests/gpu_check.py, e.g. GPU_ARGS="--out gpu.jsonl --budget-s 400".
 GPU_PY ?= $(BIN)/python
 GPU_ARGS ?=
 gpu-check: $(if $(filter $(BIN)/python,$(GPU_PY)),$(STAMP))
 	@export PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}; st=0; \
 	 echo "== 1/2 pytest -m gpu tests/test_gpu.py"; \
 	 $(GPU_PY) -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider || st=1; \
-	 echo "== 2/2 aicsd bench gpu"; \
-	 $(GPU_PY) -m aicsd.cli bench gpu --device cuda $(GPU_ARGS) || st=1; \
+	 echo "== 2/2 tests/gpu_check.py"; \
+	 $(GPU_PY) tests/gpu_check.py --device cuda $(GPU_ARGS) || st=1; \
 	 if [ $$st = 0 ]; then echo "gpu-check: all checks passed"; else echo "gpu-check: FAILED (see above)"; fi; exit $$st
 
 export: $(STAMP)

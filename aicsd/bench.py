@@ -16,11 +16,11 @@ from .objective import DistillObjective
 from .distill import train_step
 
 # %% auto #0
-__all__ = ['VOC_SHAPES', 'CITYSCAPES_SHAPES', 'DEFAULT_STEP_VARIANTS', 'GAP_REASONS', 'BENCHES', 'GPU_SECTIONS', 'machine_info',
+__all__ = ['VOC_SHAPES', 'CITYSCAPES_SHAPES', 'DEFAULT_STEP_VARIANTS', 'GAP_REASONS', 'BENCHES', 'machine_info',
            'time_interleaved', 'peak_memory', 'ics_settings', 'format_rows', 'format_tables', 'append_rows',
            'read_rows', 'bench_icsd', 'stride4_pair', 'upsample_logits', 'bench_stride4', 'calibrate_bn', 'bench_step',
            'bench_data', 'bench_loop', 'model_cost', 'bench_latency', 'bf16_ics_effect', 'goals', 'bench_env',
-           'run_benchmarks', 'gpu_check']
+           'run_benchmarks']
 
 # %% ../nbs/11_bench.ipynb #e94ef55b
 def machine_info()->dict:
@@ -544,14 +544,13 @@ def bench_env(envs:dict, # name -> dict of environment variables to set
     return [dict(env=name, **best[name]) for name in envs]
 
 # %% ../nbs/11_bench.ipynb #25eb4ac3
-BENCHES = ('icsd', 'stride4', 'step', 'data', 'loop', 'latency', 'gpu')   # what `aicsd bench` runs by name
+BENCHES = ('icsd', 'stride4', 'step', 'data', 'loop', 'latency')   # what `aicsd bench` runs by name
 
 def run_benchmarks(what:list, # names from BENCHES
               latency:bool=False, quick:bool=False,
               device:str='auto', # 'auto': the GPU when there is one
               threads:int|None=None,
               out:str|Path|None=None, # also append every row, as a JSON line with its benchmark's name, to this file
-              budget_s:float|None=None, # `gpu`: sections starting after this many seconds are skipped (and say so)
              )->dict: # name -> rows
     "Run the named benchmarks of `aicsd.bench` and print each table (markdown) after the machine's description."
     bad = [w for w in what if w not in BENCHES]
@@ -563,270 +562,16 @@ def run_benchmarks(what:list, # names from BENCHES
     calls = dict(icsd=lambda: bench_icsd(device=device, quick=quick), stride4=lambda: bench_stride4(quick=quick),
                  step=lambda: bench_step(device=device, quick=quick), data=lambda: bench_data(quick=quick),
                  loop=lambda: bench_loop(device=device, quick=quick),
-                 latency=lambda: bench_latency(device=device, quick=quick),
-                 gpu=lambda: gpu_check(quick=quick, device=device, budget_s=budget_s, out=out))  # writes as it goes
-    res, failed = {}, []
+                 latency=lambda: bench_latency(device=device, quick=quick))
+    res = {}
     for w in what:
         print(f"\n## {w}\n", flush=True)
-        try: res[w] = calls[w]()
-        except AssertionError as e:              # gpu_check: a wrong result; its rows are still worth printing
-            if not hasattr(e, 'rows'): raise
-            res[w] = e.rows; failed.append(str(e))
+        res[w] = calls[w]()
         print(format_tables(res[w]), flush=True)
-        if out is not None and w != 'gpu': append_rows(out, res[w], bench=w)
+        if out is not None: append_rows(out, res[w], bench=w)
     if g := goals(res, torch.device(device).type):
         note = ("\n(--quick: tiny shapes, where fixed costs dominate; these rows only show the table; the goals are "
                 "for the full sizes)\n") if quick else ''
         print("\n## goals\n" + note + "\n" + format_rows(g), flush=True)
         if out is not None: append_rows(out, g, bench='goals')
-    if failed: raise SystemExit('aicsd bench: ' + '\n'.join(failed))
     return res
-
-# %% ../nbs/11_bench.ipynb #4135b9b0
-def _check(ok:bool, msg:str):
-    if not ok: raise AssertionError(msg)
-
-def _rel(a:Tensor, b:Tensor)->float: return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-def _distill_loss(s:Tensor, t:Tensor, y:Tensor)->Tensor:
-    return ce_loss(s, y) + pixel_kd_loss(s, t, target=y) + 0.1 * icsd_loss(s, t)
-
-GPU_SECTIONS = ('losses', 'icsd', 'teacher', 'steps', 'eval', 'latency', 'ddp', 'compile')
-
-def _gpu_losses(c):
-    "The ICSD losses on the device in float32 against float64 on the CPU: values and gradients; under bf16 autocast."
-    g = torch.Generator().manual_seed(0)
-    losses = {'icsd': icsd_loss, 'icsd_row': lambda a, b: icsd_loss(a, b, normalize='row'), 'released': released_icsd_loss}
-    for shape in [(2, 21, 65, 65), (2, 19, 64, 128)]:
-        s, t = torch.randn(shape, generator=g) * 3, torch.randn(shape, generator=g) * 3
-        for name, f in losses.items():
-            xr = s.double().requires_grad_(); ref = f(xr, t.double()); ref.backward()
-            x = s.to(c.dev).clone().requires_grad_(); v = f(x, t.to(c.dev)); v.backward()
-            err, gerr = abs(v.item() - ref.item()) / abs(ref.item()), _rel(x.grad.cpu(), xr.grad)
-            c.log(check=f'{name} {c.dev.type} fp32 vs cpu fp64', shape=shape, rel_err=err, grad_rel_err=gerr)
-            _check(err < 1e-4 and gerr < 1e-3, f"{name} on {c.dev.type} differs from float64: value {err:.2e}, gradient {gerr:.2e}")
-            with torch.autocast(c.dev.type, dtype=torch.bfloat16): va = f(s.to(c.dev), t.to(c.dev))
-            _check(va.dtype == torch.float32 and abs(va.item() - v.item()) <= 1e-5 * abs(v.item()),
-                   f"{name} under bf16 autocast: {va.item()} vs {v.item()} ({va.dtype})")
-
-def _gpu_icsd(c):
-    "ICSD and the released loss against the floor: time and peak memory at the VOC and Cityscapes shapes."
-    shapes = [(2, 21, 129, 129)] if c.quick else VOC_SHAPES + CITYSCAPES_SHAPES
-    for r in bench_icsd(shapes, device=c.dev, repeats=3, loop_limit=3e10 if c.quick else 0): c.log(check='bench_icsd', **r)
-
-def _gpu_inputs(c):
-    "Images, labels and the R101 teacher's fp32 logits shared by the sections (made once)."
-    if c.x is None:
-        torch.manual_seed(0)
-        c.x = torch.randn(c.batch, 3, c.crop, c.crop, device=c.dev)
-        c.y = torch.randint(0, c.num_classes, (c.batch, c.crop, c.crop), device=c.dev); c.y[:, :, :c.crop // 8] = 255
-        T = deeplabv3plus(c.teacher, c.num_classes).to(c.dev).eval()
-        with torch.no_grad(): c.t32 = T(c.x / 256).float()
-        c.T = T
-    return c.x, c.y, c.t32
-
-def _gpu_teacher(c):
-    "The frozen teacher in bf16 and fp16 against fp32 (images scaled so that fp16 holds the random network's activations)."
-    x, y, t32 = _gpu_inputs(c)
-    with torch.no_grad():
-        for p in ('bf16', 'fp16'):
-            with _amp(c.dev, p): th = c.T(x / 256).float()
-            _check(torch.isfinite(th).all().item(), f"teacher logits under {p} autocast are not finite")
-            e, ie = _rel(th, t32), _rel(ics_matrix(th), ics_matrix(t32))
-            c.log(check=f'teacher {c.teacher} {p} vs fp32', logits_rel_diff=e, ics_rel_diff=ie,
-                  argmax_agreement=(th.argmax(1) == t32.argmax(1)).float().mean().item())
-            _check(e < 0.05, f"teacher under {p}: logits differ from fp32 by {e:.3g} (relative)")
-
-# %% ../nbs/11_bench.ipynb #5d9be75a
-def _gpu_steps(c):
-    "Each student: loss terms per precision (eval mode), then distillation steps in every variant beside the released-style step."
-    x, y, t32 = _gpu_inputs(c)
-    for student in c.students:
-        torch.manual_seed(0)
-        S = deeplabv3plus(student, c.num_classes).to(c.dev).eval()
-        ref = None
-        for p in ('fp32', 'bf16', 'fp16'):
-            with torch.no_grad(), _amp(c.dev, p): s = S(x).float()
-            terms = dict(ce=ce_loss(s, y).item(), kd=pixel_kd_loss(s, t32, target=y).item(), icsd=icsd_loss(s, t32).item())
-            _check(all(math.isfinite(v) for v in terms.values()), f"{student} under {p}: loss terms {terms}")
-            if ref is None: ref, s32 = terms, s
-            diff = {k: abs(v - ref[k]) / max(abs(ref[k]), 1e-12) for k, v in terms.items()}
-            e = _rel(s, s32)
-            c.log(check=f'{student} {p} vs fp32 (eval)', logits_rel_diff=e, **{f'{k}_rel_diff': v for k, v in diff.items()})
-            _check(e < 0.05 and max(diff.values()) < 0.05,
-                   f"{student} under {p}: logits differ from fp32 by {e:.3g}, loss terms by {diff} (relative)")
-        del S
-        variants = [dict(name='ours fp32', style='ours'), dict(name='ours fp32, teacher bf16', teacher_amp='bf16'),
-                    dict(name='ours bf16', amp='bf16'), dict(name='ours fp16+GradScaler', amp='fp16'),
-                    dict(name='ours fp32 channels-last', channels_last=True),
-                    dict(name='ours bf16 channels-last', amp='bf16', channels_last=True),
-                    dict(name='ours bf16 channels-last cudnn.benchmark', amp='bf16', channels_last=True, cudnn_benchmark=True),
-                    dict(name='released-style fp32', style='released')]
-        rows = bench_step(variants, c.teacher, student, c.crop, c.batch, c.num_classes, device=c.dev, repeats=3)
-        for r in rows:
-            _check(math.isfinite(r['loss']), f"{student} step {r['variant']}: loss {r['loss']}")
-            c.log(check=f'step {c.teacher} -> {student}', **r)
-        rel = rows[-1]
-        for o in rows[:2]:
-            c.log(check=f'goal {student}: ours >= 2x released-style fp32, memory <=', variant=o['variant'],
-                  speedup=rel['time_s'] / o['time_s'], memory_ratio=o.get('peak_mb', 0) / max(rel.get('peak_mb', 1), 1e-9),
-                  met=rel['time_s'] / o['time_s'] >= 2 and o.get('peak_mb', 0) <= rel.get('peak_mb', 0))
-        gc.collect(); torch.cuda.empty_cache()
-
-def _gpu_eval(c):
-    "Evaluation of each network on one Cityscapes-sized image (1024 x 2048) in fp32 and bf16: images/s and peak memory."
-    size = (256, 512) if c.quick else (1024, 2048)
-    xe = torch.randn(1, 3, *size, device=c.dev)
-    for bb in dict.fromkeys((c.teacher, *c.students)):
-        torch.manual_seed(0)
-        m = deeplabv3plus(bb, 19).to(c.dev).eval()
-        outs = {}
-        for p in ('fp32', 'bf16'):
-            def f():
-                with torch.inference_mode(), _amp(c.dev, p): return m(xe)
-            outs[p] = out = f().float()
-            _check(out.shape == (1, 19, *size) and torch.isfinite(out).all().item(), f"eval {bb} {p} at {size}: bad output")
-            t = min(time_interleaved({'e': f}, 3, device=c.dev)['e'])
-            c.log(check=f'eval {size[0]}x{size[1]}', backbone=bb, dtype=p, images_per_s=1 / t,
-                  peak_mb=peak_memory(f, c.dev) / 2**20)
-        agree = (outs['bf16'].argmax(1) == outs['fp32'].argmax(1)).float().mean().item()
-        c.log(check=f'eval {bb} bf16 vs fp32', argmax_agreement=agree, logits_rel_diff=_rel(outs['bf16'], outs['fp32']))
-        del m; gc.collect(); torch.cuda.empty_cache()
-
-def _gpu_latency(c):
-    "Eval-mode cost of every backbone (params, GMACs, images/s at batch 1 and 8, fp32 and bf16)."
-    for r in bench_latency(device=c.dev, quick=c.quick, repeats=3): c.log(check='latency', **r)
-
-# %% ../nbs/11_bench.ipynb #56bab0c0
-def _gpu_ddp(c):
-    "torchrun on every GPU: train a teacher, then distil with AICSD (NCCL, SyncBatchNorm, bf16); the first loss must match one process."
-    from aicsd.data import make_synthetic
-    from aicsd.viz import read_run                    # the one reader of a run's logs
-    n = torch.cuda.device_count() if c.dev.type == 'cuda' else 1
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        root = make_synthetic(tmp / 'syn', n_train=8 * n, n_val=4, size=160)
-        common = ['--data', 'synthetic', '--data-root', root, '--crop-size', 129, '--batch-size', 4, '--max-steps', 3,
-                  '--log-every', 1, '--device', c.dev.type, '--no-tensorboard', '--no-figures', '--quiet', '--seed', 0]
-        amp = ['--amp', 'bf16'] if c.dev.type == 'cuda' else []
-        tr = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}', '-m', 'aicsd.cli']
-        one = [sys.executable, '-m', 'aicsd.cli']
-        env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-        def run(cmd, what):
-            t0 = time.perf_counter()
-            p = subprocess.run([str(a) for a in cmd], capture_output=True, text=True, env=env, timeout=600)
-            _check(p.returncode == 0, f"{what} exited {p.returncode}:\n{p.stderr[-3000:]}")
-            return time.perf_counter() - t0
-        dt = run([*tr, 'train', '--model', 'resnet18', *common, *amp, '--sync-bn', '--out', tmp / 't'], 'torchrun train')
-        how = ('NCCL' if c.dev.type == 'cuda' else 'gloo') + (', SyncBatchNorm' if n > 1 else ', one rank: SyncBatchNorm is plain BN') + ', bf16' * bool(amp)
-        c.log(check=f'torchrun train x{n} ({how})', wall_s=dt, steps=len(read_run(tmp / 't')['train']['step']))
-        _check((tmp / 't/last.pt').is_file(), "torchrun train wrote no last.pt")
-        dis = ['distill', '--teacher', tmp / 't/last.pt', '--student', 'mobilenetv2', '--method', 'aicsd', *common]
-        dt = run([*tr, *dis, *amp, '--sync-bn', '--out', tmp / 'd'], 'torchrun distill')
-        run([*one, *dis, *amp, '--out', tmp / 'd1', '--batch-size', 4 * n], 'one-process distill')
-        l, l1 = (float(read_run(tmp / r)['train']['loss'][0]) for r in ('d', 'd1'))
-        c.log(check=f'torchrun distill x{n} vs one process', wall_s=dt, loss_step1=l, loss_step1_one_process=l1,
-              rel_diff=abs(l - l1) / abs(l1))
-        _check(math.isfinite(l) and abs(l - l1) <= 0.02 * abs(l1),
-               f"first distillation loss under torchrun ({l}) differs from one process ({l1})")
-
-# %% ../nbs/11_bench.ipynb #1badc8f8
-def _gpu_compile(c):
-    "torch.compile of each student: compiled logits against eager ones (TF32 off), then compiled bf16 training steps."
-    x, y, t32 = _gpu_inputs(c)
-    for student in c.students:
-        if c.over(): c.log(check=f'{student} compile', skipped='time budget spent'); continue
-        torch.manual_seed(0)
-        S = deeplabv3plus(student, c.num_classes).to(c.dev).eval()
-        Sc = torch.compile(S)
-        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            t0 = time.perf_counter()
-            with torch.no_grad(): e, cl = S(x), Sc(x)
-            tce = time.perf_counter() - t0
-        finally: torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-        err = _rel(cl, e)
-        c.log(check=f'{student} compiled vs eager (fp32, eval)', rel_diff=err, compile_s=tce)
-        _check(err < 1e-3, f"{student}: compiled logits differ from eager by {err:.3g} (relative)")
-        # gradients of one training step (fp32, TF32 off) from the same weights, eager and compiled, each against
-        # float64 eager: the compiled error may not exceed 10x eager float32's own error (its noise floor)
-        S.train()
-        for mod in S.modules():                      # dropout off: compiled code draws its masks from another generator
-            if isinstance(mod, nn.Dropout): mod.eval()
-        E2 = copy.deepcopy(S); Ec = torch.compile(E2); S64 = copy.deepcopy(S).double()
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            res = {}
-            for name, net, run, dt in (('eager', S, S, torch.float32), ('compiled', E2, Ec, torch.float32),
-                                       ('float64', S64, S64, torch.float64)):
-                net.zero_grad(set_to_none=True)
-                l = _distill_loss(run(x.to(dt)), c.t32.to(dt), y); l.backward()
-                res[name] = (l.item(), torch.cat([p.grad.flatten() for p in net.parameters()]))
-        finally: torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-        (l64, g64), err = res['float64'], {}
-        for k in ('eager', 'compiled'): err[k] = (abs(res[k][0] - l64) / abs(l64), _rel(res[k][1], g64))
-        c.log(check=f'{student} compiled vs eager (fp32 training step, each vs float64)', loss_err_eager=err['eager'][0],
-              loss_err_compiled=err['compiled'][0], grad_err_eager=err['eager'][1], grad_err_compiled=err['compiled'][1])
-        _check(all(err['compiled'][i] <= 10 * err['eager'][i] + 1e-6 for i in (0, 1)),
-               f"{student}: a compiled training step is further from float64 than eager float32: {err}")
-        del S64, E2, Ec
-        S.train(); opt = torch.optim.SGD(S.parameters(), lr=1e-4, momentum=0.9)
-        def step(model):
-            def f():
-                with torch.autocast(c.dev.type, dtype=torch.bfloat16): s = model(x)
-                l = _distill_loss(s.float(), t32, y); opt.zero_grad(set_to_none=True); l.backward(); opt.step()
-                return l.detach()
-            return f
-        t0 = time.perf_counter(); l0 = step(Sc)(); _sync(c.dev); tc = time.perf_counter() - t0
-        times = time_interleaved({'compiled': step(Sc), 'eager': step(S)}, 3, warmup=1, device=c.dev)
-        l1 = step(Sc)().item()
-        _check(math.isfinite(l0.item()) and math.isfinite(l1), f"{student}: compiled steps give loss {l0.item()}, {l1}")
-        c.log(check=f'{student} compiled bf16 step', compile_and_first_step_s=tc, time_s=min(times['compiled']),
-              eager_time_s=min(times['eager']), images_per_s=c.batch / min(times['compiled']), loss=l1)
-        del S, Sc, opt; gc.collect(); torch.cuda.empty_cache()
-
-class _GPUCheck:
-    "What the sections share: device, sizes, the log, the time budget and the inputs made once."
-    def __init__(self, **kw): self.__dict__.update(kw); self.x = None; self.t0 = time.perf_counter()
-    def over(self)->bool: return self.budget_s is not None and time.perf_counter() - self.t0 > self.budget_s
-
-# %% ../nbs/11_bench.ipynb #e8993784
-def gpu_check(quick:bool=False, # small crops and batch (a minute)
-              device='cuda', # 'cuda' (or 'cpu' for a smoke test of this code)
-              batch:int=8, crop:int=513, num_classes:int=21,
-              teacher:str='resnet101', students=('resnet18', 'mobilenetv2'),
-              sections=GPU_SECTIONS, # which checks, in this order (leave out 'compile' to skip torch.compile)
-              budget_s:float|None=None, # sections that start after this many seconds are skipped (and say so)
-              out:str|Path|None=None, # append each row to this JSON-lines file as it is measured (`append_rows`)
-              verbose:bool=True, # print each row as it is measured
-             )->list: # rows of measurements; raises AssertionError naming every failed section, after running all
-    "Exercise and check the GPU paths; every section runs even when one fails, and the failures are raised at the end."
-    dev = _dev(device)
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError("gpu_check needs a CUDA GPU (torch.cuda.is_available() is False)")
-    if bad := [s for s in sections if s not in GPU_SECTIONS]:
-        raise ValueError(f"unknown gpu_check section(s) {bad}; choose from {', '.join(GPU_SECTIONS)}")
-    if quick: batch, crop = min(batch, 2), min(crop, 129)
-    rows, fails = [], []
-    def log(**row):
-        rows.append(row)
-        if verbose: print(row, flush=True)
-        if out is not None: append_rows(out, [row], bench='gpu')
-    c = _GPUCheck(dev=dev, quick=quick, batch=batch, crop=crop, num_classes=num_classes, teacher=teacher,
-                  students=tuple(students), budget_s=budget_s, log=log)
-    log(check='machine', **machine_info())
-    fns = dict(losses=_gpu_losses, icsd=_gpu_icsd, teacher=_gpu_teacher, steps=_gpu_steps, eval=_gpu_eval,
-               latency=_gpu_latency, ddp=_gpu_ddp, compile=_gpu_compile)
-    for name in sections:
-        if c.over(): log(check=name, status='skipped: time budget spent'); continue
-        t0 = time.perf_counter()
-        try: fns[name](c); log(check=name, status='ok', seconds=time.perf_counter() - t0)
-        except Exception as e:
-            fails.append(f"{name}: {type(e).__name__}: {e}")
-            log(check=name, status='FAIL', seconds=time.perf_counter() - t0, error=f"{type(e).__name__}: {str(e)[:2000]}")
-        if dev.type == 'cuda': torch.cuda.empty_cache()
-    if fails:
-        err = AssertionError("gpu_check failed in " + "\n".join(fails)); err.rows = rows
-        raise err
-    return rows

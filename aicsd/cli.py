@@ -204,14 +204,12 @@ def build_parser()->argparse.ArgumentParser:
                     '(aicsd.bench, nbs/11_bench.ipynb); prints markdown tables with the machine they came from.',
         epilog="examples:\n  aicsd bench                      icsd, step and data (a few minutes on a CPU)\n"
                "  aicsd bench --latency            params, GMACs and images/s of every backbone\n"
-               "  aicsd bench icsd --quick         tiny shapes (seconds)\n  make gpu-check                   every GPU path")
+               "  aicsd bench icsd --quick         tiny shapes (seconds)\n  make gpu-check                   every GPU path, checked (tests/gpu_check.py)")
     b.add_argument('what', nargs='*', metavar='WHAT', help=f"any of {', '.join(BENCHES)} (default: icsd step data loop)")
     b.add_argument('--latency', action='store_true', help='also the latency table (same as adding `latency`)')
     b.add_argument('--quick', action='store_true', help='tiny shapes: a smoke test in seconds')
     b.add_argument('--device', default='auto', help="'cpu', 'cuda' or 'auto' (the GPU when there is one)")
     b.add_argument('--out', metavar='FILE', default=None, help='also append every row to FILE as JSON lines')
-    b.add_argument('--budget-s', type=float, default=None,
-                   help='gpu: skip the sections that would start after this many seconds (default: no limit)')
     b.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores)')
     _add_data_commands(sub, fmt)
     return p
@@ -249,13 +247,8 @@ def _run_data(a):
         print(f"trainaug written: {D.build_sbd_trainaug(a.sbd_root, a.voc_root)}")
     else:
         ds = D.get_dataset(a.data, a.data_root, a.split, None)
-        f = D.class_frequencies(ds)
-        names = getattr(ds, 'classes', None)
-        vals = f.tolist() if hasattr(f, 'tolist') else f
-        items = vals.items() if isinstance(vals, dict) else enumerate(vals)
-        for i, v in items:
-            nm = names[i] if names is not None and isinstance(i, int) and i < len(names) else i
-            print(f"{nm!s:>20}  {v}")
+        names = list(getattr(ds, 'classes', None) or [])
+        for i, v in enumerate(D.class_frequencies(ds).tolist()): print(f"{names[i] if i < len(names) else i!s:>20}  {v}")
 
 # %% ../nbs/09_cli.ipynb #b3f21daa
 def _figure_hook(cfg:dict): # `aicsd.viz.run_figures` when the run draws figures (--figures, the default), else None
@@ -326,7 +319,7 @@ def _main(argv):
                 print(f"{k:<28} aicsd {v['command']:<8} paper mIoU {v['paper']['miou']}")
     elif a.command == 'data': _run_data(a)
     elif a.command == 'bench': run_benchmarks(a.what or ['icsd', 'step', 'data', 'loop'], latency=a.latency, quick=a.quick,
-                                         device=a.device, threads=a.threads, out=a.out, budget_s=a.budget_s)
+                                         device=a.device, threads=a.threads, out=a.out)
     return 0
 
 # %% ../nbs/09_cli.ipynb #57de37ec

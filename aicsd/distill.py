@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 # %% auto #0
 __all__ = ['poly_lr_lambda', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_channels', 'distill_step', 'train_step',
-           'bf16_agrees', 'choose_teacher_bf16', 'Run', 'build_models', 'build_run', 'resolve_precision',
-           'train_one_epoch', 'evaluate_and_keep_best', 'restarted_with_checkpoint', 'evaluate_checkpoint', 'fit']
+           'Run', 'build_models', 'build_run', 'train_one_epoch', 'evaluate_and_keep_best', 'restarted_with_checkpoint',
+           'evaluate_checkpoint', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import (deeplabv3plus, build_model, param_groups, model_arch, load_model, load_released_checkpoint,
@@ -24,7 +24,7 @@ from .models import (deeplabv3plus, build_model, param_groups, model_arch, load_
 from .data import get_dataset, train_transform, eval_transform, build_loader, make_synthetic, ShardSampler
 from .objective import alw_alpha, DistillObjective
 from .evaluation import evaluate, same_size_groups, eval_transform_for, autocast as _autocast, progress_bar as _progress
-from .similarity import ics_matrix
+from .precision import choose_teacher_bf16, bf16_agrees, resolve_precision
 from .config import *            # the rooms below the engine; their names stay importable from here
 from .runfolder import *
 from .process import *
@@ -152,51 +152,6 @@ def train_step(student:nn.Module, teacher:nn.Module|None, objective:DistillObjec
     if scheduler is not None: scheduler.step()
     return total.detach(), {k: v.detach() for k, v in terms.items()}
 
-# %% ../nbs/08_distill.ipynb #17886144
-@torch.no_grad()
-def bf16_agrees(model:nn.Module, # a network in eval mode
-                images:Tensor, # real images (e.g. the first validation image), on the model's device
-                max_change:float=0.01, # largest relative change of the ICS matrices (Frobenius norm)
-                min_agree:float=0.98, # smallest share of pixels whose argmax stays
-               )->tuple: # (bf16 keeps the results?, the measurement in words)
-    "The A/B check behind automatic bf16: the model's ICS matrices and argmax on `images`, fp32 against bf16 autocast."
-    was = model.training; model.eval()
-    z32 = model(images).float()
-    with _autocast(images.device, torch.bfloat16): z16 = model(images).float()
-    model.train(was)
-    M32, M16 = ics_matrix(z32), ics_matrix(z16)
-    change = float((M16 - M32).norm() / M32.norm().clamp_min(1e-12))
-    agree = float((z16.argmax(1) == z32.argmax(1)).float().mean())
-    return change < max_change and agree > min_agree, f'ICS matrix moves {change:.2%}, argmax agrees on {agree:.1%} of pixels'
-
-# %% ../nbs/08_distill.ipynb #b21951a5
-@torch.no_grad()
-def choose_teacher_bf16(teacher:nn.Module, # the frozen teacher (eval mode)
-                        x:Tensor, # a batch of the run's shape, on the teacher's device
-                        min_seconds:float=0.25, # below this fp32 forward time, do not bother: fp32
-                        margin:float=0.85, # bf16 must take less than `margin` x the fp32 time
-                        rounds:int=2, # timed rounds, fp32 and bf16 alternating (after one warm-up each)
-                        check:Tensor|None=None, # real images: bf16 must also keep the ICS (< 1 % change) and argmax (> 98 %)
-                       )->tuple: # (use bf16?, the measurement in words)
-    "Time the teacher's forward in fp32 and under bf16 autocast, interleaved, best of `rounds`; bf16 when clearly faster."
-    dev = x.device
-    if not native_bf16(dev): return False, f'no native bf16 on this {dev.type}'
-    def timed(dtype):
-        if dev.type == 'cuda': torch.cuda.synchronize(dev)
-        t = time.perf_counter()
-        with _autocast(dev, dtype): teacher(x)
-        if dev.type == 'cuda': torch.cuda.synchronize(dev)
-        return time.perf_counter() - t
-    t32 = min(timed(None), timed(None))                   # warm-up, then a first measurement
-    if t32 < min_seconds: return False, f'teacher forward {t32 * 1e3:.0f} ms in fp32: too small to gain'
-    timed(torch.bfloat16)
-    t16 = float('inf')
-    for _ in range(rounds): t32, t16 = min(t32, timed(None)), min(t16, timed(torch.bfloat16))
-    why = f'teacher forward {t32:.2f} s in fp32, {t16:.2f} s in bf16'
-    if t16 >= margin * t32 or check is None: return t16 < margin * t32, why
-    ok, what = bf16_agrees(teacher, check)
-    return ok, f'{why}; {what}'
-
 # %% ../nbs/08_distill.ipynb #38f48cf1
 def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, classes)
     root = Path(D.data_root)
@@ -321,43 +276,6 @@ def _optimizer(student, modules, O:OptimSpec, loader)->tuple: # (optimizer, sche
     if O.max_steps: total = int(O.max_steps); epochs = math.ceil(total / spe)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr_lambda(total, power=O.poly_power, warmup_steps=O.warmup_steps))
     return opt, sched, epochs, total, spe
-
-# %% ../nbs/08_distill.ipynb #c269875c
-def _auto_bf16_student(device:torch.device)->bool:
-    "Where `--precision auto` tries the student in bf16: a CUDA device with native bf16."
-    return device.type == 'cuda' and native_bf16(device)
-
-def _measure_precision(run:Run, todo:list)->tuple: # ({decision: bool}, what was measured, in words)
-    "Rank 0's measurements behind the automatic choices in `todo` ('student_bf16', 'teacher_bf16')."
-    im = run.val_ds[0][0][None].to(run.device, dtype=torch.float32)     # a real image for the numerics check
-    got, said = {}, []
-    if 'student_bf16' in todo:
-        got['student_bf16'], why = bf16_agrees(run.student, im)
-        said.append(f"student in {'bf16 (autocast)' if got['student_bf16'] else 'fp32'}: on the first validation image its {why}")
-    if 'teacher_bf16' in todo and not got.get('student_bf16'):
-        g = torch.Generator().manual_seed(0)                               # the run's own RNG streams are not touched
-        c = run.data.crop_size; h, w = (c, c) if isinstance(c, int) else c
-        x = torch.randn(run.loop.batch_size, 3, h, w, generator=g).to(run.device, memory_format=run.memory_format)
-        got['teacher_bf16'], why = choose_teacher_bf16(run.teacher, x, check=im)
-        said.append(f"teacher in {'bf16 (autocast)' if got['teacher_bf16'] else 'fp32'}: {why}")
-    return got, '; '.join(said)
-
-def resolve_precision(run:Run):
-    "Settle the student's and the teacher's precision: as asked, as the resumed run chose, or measured on rank 0."
-    P, d = run.precision, run.decided
-    if P.teacher_bf16 is not None: d['teacher_bf16'] = bool(P.teacher_bf16)
-    plain = run.dtype == torch.float32 and P.precision in ('auto', 'fp32')
-    if P.precision != 'auto' or not _auto_bf16_student(run.device): d['student_bf16'] = P.precision == 'bf16'
-    if run.teacher is None or not plain: d.setdefault('teacher_bf16', False)
-    todo = [k for k in ('student_bf16', 'teacher_bf16') if d.get(k) is None]
-    if todo:
-        box = list(_measure_precision(run, todo)) if run.main else [None, None]
-        if run.world > 1: dist.broadcast_object_list(box, src=0)
-        d.update(box[0]); d.setdefault('teacher_bf16', bool(d.get('student_bf16')))
-        if run.main and not run.loop.quiet:
-            print(f"precision ({box[1]}); --precision and --teacher-bf16 / --no-teacher-bf16 decide it by hand", flush=True)
-    if d['student_bf16'] and P.precision == 'auto': run.amp_dtype = torch.bfloat16
-    run.teacher_dtype = torch.bfloat16 if d['teacher_bf16'] else None
 
 # %% ../nbs/08_distill.ipynb #3ff4845e
 def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,

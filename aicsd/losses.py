@@ -13,8 +13,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from .distributions import flat_mask
 from .similarity import ics_matrix
-from .blocks import (run_blocks, n_workers, empty_grad, compute_dtype, round_up, block_width, scratch, fast_exp,
-                          gram)
+from .blocks import (run_blocks, n_workers, empty_grad, compute_dtype, round_up, block_width, scratch, mm_nt,
+                          fast_exp)
 
 # %% ../nbs/02_losses.ipynb #b24cc297
 def _check_pair(student_logits:Tensor, teacher_logits:Tensor):
@@ -140,7 +140,7 @@ def _released_bands(logits:Tensor,  # logits `B x C x H x W`
         logS = torch.log(S, out=lS[b, :, :, a:e])
         if lse is not None: torch.add(mx, logS, out=lse[b, :, :, a:e])
         torch.sum(D.mul_(Q).view(C, -1), 1, out=As[i])                   # sum Q D (sum Q log Q = sum Q D - sum_w log S)
-        gram(Qa, Gs[i])                                                  # Q Q^T of the band
+        mm_nt(Qa, Qa, Gs[i])                                             # Q Q^T of the band
     with torch.autocast(logits.device.type, enabled=False):
         run_blocks(block, range(len(items)), nw)
         A, G = As.sum(0) - lS.sum((0, 2, 3)), Gs.sum(0)[:C, :C]         # fixed order: deterministic

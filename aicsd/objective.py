@@ -252,6 +252,11 @@ def _outputs(x)->dict|None:
     if x is None or isinstance(x, dict): return x
     return {'logits': x}
 
+# %% ../nbs/04_objective.ipynb #1de757d1
+def _known_terms(names:tuple)->tuple:
+    if bad := [t for t in names if t not in TERMS]: raise ValueError(f"unknown term(s) {bad}; terms: {', '.join(TERMS)}")
+    return tuple(names)
+
 # %% ../nbs/04_objective.ipynb #0d75648c
 class DistillObjective:
     "Total loss and named, weighted terms of a method (or a '+' combination), optionally under ALW."
@@ -269,8 +274,7 @@ class DistillObjective:
                 ):
         self.method = method
         self.names, m_alw = parse_method(method)
-        if bad := [t for t in extra_terms if t not in TERMS]: raise ValueError(f"unknown term(s) {bad}; terms: {', '.join(TERMS)}")
-        self.names += tuple(t for t in extra_terms if t not in self.names)
+        self.names += tuple(t for t in _known_terms(extra_terms) if t not in self.names)
         self.alw = m_alw if alw is None else bool(alw)
         if normalize not in (None, 'row'): raise ValueError(f"`normalize` must be None or 'row'; got {normalize!r}")
         if bad := out_of_range(T, '>0'): raise ValueError(f"`T` (temperature, --temperature) must be {bad}; got {T}")

@@ -15,7 +15,7 @@ from .config import warn, resume_changes
 from .models import model_arch
 
 # %% auto #0
-__all__ = ['rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint', 'RunLog', 'Progress', 'RunExistsError',
+__all__ = ['rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint', 'RunLog', 'read_run', 'Progress', 'RunExistsError',
            'RunLockedError', 'RunInterrupted', 'RunLock', 'Checkpointer']
 
 # %% ../nbs/07b_runfolder.ipynb #540a878f
@@ -115,6 +115,24 @@ class RunLog:
                 if isinstance(v, (int, float)): self.tb.add_scalar(f'{name}/{k}', v, step)
     def close(self):
         if self.tb is not None: self.tb.close()
+
+# %% ../nbs/07b_runfolder.ipynb #36758e70
+_FIXED = ('step', 'epoch', 'lr', 'alpha', 'loss')
+
+def _read_csv(path:Path)->dict:
+    if not path.is_file(): return {}
+    with open(path, newline='') as fh: rows = list(csv.DictReader(fh))
+    if not rows: return {}
+    f = lambda v: float(v) if v not in (None, '') else float('nan')
+    return {k: np.array([f(r.get(k)) for r in rows]) for k in rows[0]}
+
+def read_run(run, # run folder holding `train_log.csv` and/or `eval_log.csv`
+            )->dict: # {'train': column -> array, 'eval': column -> array, 'terms': names of the loss terms, 'name': folder name}
+    "The logs of a run as arrays."
+    run = Path(run)
+    tr, ev = _read_csv(run/'train_log.csv'), _read_csv(run/'eval_log.csv')
+    if not tr and not ev: raise FileNotFoundError(f"no train_log.csv or eval_log.csv in {run}")
+    return dict(train=tr, eval=ev, terms=[k for k in tr if k not in _FIXED], name=run.name)
 
 # %% ../nbs/07b_runfolder.ipynb #8a0d14ea
 @dataclass

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from .distributions import class_distributions, flat_mask
 from .blocks import (
-    ICS_SETTINGS, run_blocks, n_workers, block_width, round_up, compute_dtype, bcn_view, empty_grad, scratch, mm_nt)
+    ICS_SETTINGS, run_blocks, n_workers, block_width, round_up, compute_dtype, bcn_view, empty_grad, scratch, mm_nt, fast_exp)
 _all_ = ['ICS_SETTINGS']   # the fused kernel's settings, importable from here too
 
 # %% ../nbs/01_similarity.ipynb #ede18845
@@ -53,7 +53,7 @@ def _ics_block_sums(z:Tensor,      # logits as `B x C x N` (`bcn_view` of the in
         Da = bD[k, :, :e - a]; D = Da[:C]
         torch.sub(zc, sh, out=D)
         if T != 1: D.mul_(1 / T)
-        Ea = bE[k, :, :e - a]; E = torch.exp(D, out=Ea[:C])
+        Ea = bE[k, :, :e - a]; E = fast_exp(D, out=Ea[:C])
         if m is not None: o = ~m[b, :, a:e]; D.masked_fill_(o, 0.); E.masked_fill_(o, 0.)
         mm_nt(Ea, Da, Ys[i])                                                    # [E D^T | S] of the block
         if Ev is not None: Ev[b, :, a:e] = E
@@ -134,7 +134,7 @@ def _ics_grad_blocks(z:Tensor,      # logits as `B x C x N`
         E = bE[k, :, :e_ - a]
         if kept: E.copy_(gv[b, :, a:e_])                                         # E from the forward
         else:
-            torch.exp(D, out=E)                                                  # (the same bits)
+            fast_exp(D, out=E)                                                   # (the same bits)
             if m is not None: E.masked_fill_(~m[b, :, a:e_], 0.)
         if m is not None: D.masked_fill_(~m[b, :, a:e_], 0.)
         A = torch.mm(Kb[i], Da, out=bA[k, :, :e_ - a]).mul_(E)                  # E * (K [D; 1])

@@ -20,12 +20,12 @@ from .similarity import ics_matrix
 from .data import voc_palette, denormalize, colorize, CITYSCAPES_CLASSES, IGNORE_INDEX, IGNORE_COLOUR
 try: from torch.utils.tensorboard import SummaryWriter   # the type of `write_eval_figures`'s `tb_writer`
 except Exception: SummaryWriter = None                     # TensorBoard stays optional
+from .runfolder import read_run   # the run format has one reader
 
 # %% auto #0
 __all__ = ['CITYSCAPES_PALETTE', 'paint', 'class_names', 'palette_for', 'to_rgb', 'row_normalize', 'plot_ics', 'plot_ics_models',
-           'plot_distributions', 'plot_predictions', 'plot_class_iou', 'plot_confusion', 'read_run', 'plot_curves',
-           'model_logits', 'model_ics', 'demo_figures', 'write_eval_figures', 'run_figures', 'ics_pair_view',
-           'ICSExplorer']
+           'plot_distributions', 'plot_predictions', 'plot_class_iou', 'plot_confusion', 'plot_curves', 'model_logits',
+           'model_ics', 'demo_figures', 'write_eval_figures', 'run_figures', 'ics_pair_view', 'ICSExplorer']
 
 # %% ../nbs/10_viz.ipynb #5d4dee8c
 def _register_figure_display():
@@ -298,23 +298,6 @@ def plot_confusion(confmat, # `C x C` [true, predicted] counts, or a `SegMetrics
     return fig
 
 # %% ../nbs/10_viz.ipynb #eca8c036
-_FIXED = ('step', 'epoch', 'lr', 'alpha', 'loss')
-
-def _read_csv(path:Path)->dict:
-    if not path.is_file(): return {}
-    with open(path, newline='') as fh: rows = list(csv.DictReader(fh))
-    if not rows: return {}
-    f = lambda v: float(v) if v not in (None, '') else float('nan')
-    return {k: np.array([f(r.get(k)) for r in rows]) for k in rows[0]}
-
-def read_run(run, # run folder holding `train_log.csv` and/or `eval_log.csv`
-            )->dict: # {'train': column -> array, 'eval': column -> array, 'terms': names of the loss terms, 'name': folder name}
-    "The logs of a run as arrays."
-    run = Path(run)
-    tr, ev = _read_csv(run/'train_log.csv'), _read_csv(run/'eval_log.csv')
-    if not tr and not ev: raise FileNotFoundError(f"no train_log.csv or eval_log.csv in {run}")
-    return dict(train=tr, eval=ev, terms=[k for k in tr if k not in _FIXED], name=run.name)
-
 def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder to compare runs
                 title:str|None=None, # figure title
                )->Figure: # axes: loss terms, ALW alpha, mIoU, and the learning rate's twin axis

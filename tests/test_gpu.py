@@ -1,5 +1,5 @@
 """GPU checks, skipped where CUDA is absent: the fused ICSD losses on CUDA against float64 on the CPU, their memory
-against the autograd implementations, and the quick form of `aicsd.bench.gpu_check` (which raises on wrong results:
+against the autograd implementations, and the quick form of the GPU self-check (`tests/gpu_check.py`) (which raises on wrong results:
 non-finite or precision-dependent losses, a teacher that changes under bf16/fp16, compiled logits far from eager)."""
 import pytest, torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ def test_logits4_tap_on_cuda():
     assert torch.equal(F.interpolate(f['logits4'], size=x.shape[2:], mode='bilinear', align_corners=True), y)
 
 def test_gpu_check_quick():
-    from aicsd.bench import gpu_check
+    from gpu_check import gpu_check
     rows = gpu_check(quick=True, verbose=False, sections=('losses', 'teacher', 'steps', 'eval'))
     assert [r['status'] for r in rows if 'status' in r] == ['ok'] * 4
     checks = {r['check'] for r in rows}
