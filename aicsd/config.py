@@ -249,6 +249,7 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
                 **kwargs, # more options (override `cfg`)
                )->RunConfig: # a complete, checked, read-only configuration
     "Merge `cfg` and `kwargs` over `DEFAULTS`, check names, choices, ranges and the method."
+    if isinstance(cfg, RunConfig) and not kwargs: return cfg      # made and checked once: a value, not re-checked
     out = dict(DEFAULTS)
     given = _renamed({**(cfg or {}), **kwargs})
     unknown = sorted(k for k in given if k not in DEFAULTS)
