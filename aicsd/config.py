@@ -109,7 +109,8 @@ _DATA = [   # data
     _E('eval_scales', None, 'Data', 'image scales of --eval-mode multiscale, e.g. 0.5 0.75 1.0 1.25 1.5 1.75 (default: 1.0)',
        type=float, nargs='+', metavar='S', check='>0'),
     _E('eval_flip', False, 'Data', 'with --eval-mode multiscale: also the mirror image', flag='bool'),
-    _E('workers', 0, 'Data', 'data loader worker processes per rank', type=int, resume='free', check='int>=0'),
+    _E('workers', None, 'Data', 'data loader worker processes per rank (default: on a GPU, the CPU cores shared among the '
+       'local ranks, at most 12; on a CPU, 0)', type=int, resume='free', check='int>=0'),
     _E('max_val', None, 'Data', 'evaluate on the first N validation images only (default: all)', type=int, metavar='N',
        check='int>=1'),
 ]

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_distill.ipynb #a14e7f63
 from __future__ import annotations
-import math, os, signal, sys, threading, time
+import dataclasses, math, os, signal, sys, threading, time
 from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
@@ -240,6 +240,7 @@ def build_run(cfg:dict)->Run:
                          f"best.pt could be computed; check --data-root and --val-split")
     if len(train_ds) < L.batch_size * world:
         raise ValueError(f"{len(train_ds)} training images cannot fill a batch of {L.batch_size} on {world} process(es)")
+    L = dataclasses.replace(L, workers=loader_workers(L.workers, device, int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
     loader = build_loader(train_ds, L.batch_size, train=True, num_workers=L.workers, seed=M.seed, distributed=world > 1)
     objective = make_objective(cfg)
     student, teacher, modules = build_models(M, objective, nc)
@@ -387,7 +388,7 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
         if dnc is not None and dnc != nc:
             raise ValueError(f"{ckpt} predicts {nc} classes but {opts['data']} ({getattr(ds, 'root', opts['data_root'])}) "
                              f"has {dnc}: this checkpoint was not trained on this dataset")
-        res = evaluate(model, ds, nc, batch_size=opts['val_batch_size'], device=dev, workers=opts['workers'],
+        res = evaluate(model, ds, nc, batch_size=opts['val_batch_size'], device=dev, workers=loader_workers(opts['workers'], dev),
                        amp_dtype=_amp_dtype(opts['precision'], dev), max_items=opts['max_val'], predict=eval_predictor(opts))
         failed = False
         return {k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in res.items()}

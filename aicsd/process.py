@@ -12,7 +12,7 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['set_malloc_mmap_threshold', 'dist_env', 'resolve_device', 'restart_count', 'init_distributed', 'cleanup_distributed',
-           'start_process', 'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'native_bf16']
+           'start_process', 'loader_workers', 'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'native_bf16']
 
 # %% ../nbs/07c_process.ipynb #52a90803
 def set_malloc_mmap_threshold(mb:int, # allocations below this many MB come from the heap; 0: leave glibc's default
@@ -91,6 +91,17 @@ def start_process(device:str='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'
     dev = resolve_device(device, dist_env()[2])
     if dev.type == 'cpu': set_malloc_mmap_threshold(malloc_mmap_mb)
     return (dev, *init_distributed(dev))
+
+# %% ../nbs/07c_process.ipynb #3d8fc043
+def loader_workers(requested:int|None, # --workers, or None: choose
+                   device:torch.device, # the run's device
+                   local_ranks:int=1, # processes of this run on this machine
+                   cores:int|None=None, # CPU cores (default: this machine's)
+                  )->int:
+    "Data-loader processes per rank: as requested, else the cores shared among the local ranks on a GPU (at most 12), 0 on a CPU."
+    if requested is not None: return int(requested)
+    if device.type != 'cuda': return 0
+    return max(1, min(12, (cores or os.cpu_count() or 1) // max(1, local_ranks) - 1))
 
 # %% ../nbs/07c_process.ipynb #1db688ae
 class _SyncBNFunction(torch.autograd.Function):
