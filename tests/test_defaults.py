@@ -206,3 +206,40 @@ def test_demo_quick_defaults(tmp_path):
     aicsd('demo', '--quick', '--out', out, '--data-root', tmp_path / 'syn', cwd=tmp_path, timeout=600)
     assert (out / 'report.md').is_file()
     assert {'ics_matrices.png', 'predictions.png'} <= {q.name for q in out.rglob('*.png')}
+
+
+# ---------------------------------------------------------------------------------------------- the field's protocol
+def _field_teacher(path: Path, num_classes: int) -> Path:
+    "A ResNet-18 DeepLabV3 with its aux head saved as the field saves it: a plain state_dict, no 'arch'."
+    import torch
+    from aicsd.models import deeplabv3
+    torch.manual_seed(0)
+    torch.save(deeplabv3('resnet18', num_classes, aux=True).state_dict(), path)
+    return path
+
+
+def test_field_protocol_voc_mixed_sizes_defaults(trees, tmp_path):
+    "DeepLabV3 from a field teacher file, aux head, sliding-window evaluation over mixed sizes (windows larger and"
+    "smaller than the images); then `aicsd evaluate` with multi-scale + flip. Every other default on."
+    out = tmp_path / 'field'
+    teacher = _field_teacher(tmp_path / 'deeplabv3_resnet18_voc.pth', 21)
+    p = aicsd('distill', '--arch', 'deeplabv3', '--teacher', teacher, '--student', 'resnet18', '--aux-weight', 0.4,
+              '--method', 'aicsd', '--eval-mode', 'slide', '--eval-crop', '24x32', '--eval-stride', 16,
+              *small('voc', trees['voc'], out), cwd=tmp_path)
+    assert_full_run(out, p)
+    import json, math
+    e = aicsd('evaluate', '--ckpt', out / 'best.pt', '--data', 'voc', '--data-root', trees['voc'], '--eval-mode',
+              'multiscale', '--eval-scales', 0.75, 1.0, '--eval-flip', '--json', tmp_path / 'm.json', cwd=tmp_path)
+    assert 'Traceback' not in e.stderr and 'evaluating as in training' not in e.stderr   # the options given win
+    m = json.loads((tmp_path / 'm.json').read_text())
+    assert math.isfinite(m['miou']) and len(m['iou']) == 21, m
+
+
+def test_field_protocol_cityscapes_defaults(trees, tmp_path):
+    "The field's data set and crop shape (HxW), from a field teacher file, whole-image evaluation; every default on."
+    out = tmp_path / 'field_cs'
+    teacher = _field_teacher(tmp_path / 'deeplabv3_resnet18_citys.pth', 19)
+    p = aicsd('distill', '--arch', 'deeplabv3', '--teacher', teacher, '--student', 'mobilenetv2', '--method', 'cwd',
+              '--data', 'cityscapes', '--data-root', trees['cs_ids'], '--crop-size', '16x32', '--batch-size', 2,
+              '--max-steps', 2, '--out', out, cwd=tmp_path)
+    assert_full_run(out, p)
