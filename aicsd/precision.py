@@ -11,6 +11,7 @@ from torch import nn, Tensor
 from .similarity import ics_matrix
 from .process import native_bf16
 from .evaluation import autocast
+from .data import size_pair
 
 # %% auto #0
 __all__ = ['bf16_agrees', 'choose_teacher_bf16', 'resolve_precision']
@@ -75,7 +76,7 @@ def _measure_precision(run, todo:list)->tuple: # ({decision: bool}, what was mea
         said.append(f"student in {'bf16 (autocast)' if got['student_bf16'] else 'fp32'}: on the first validation image its {why}")
     if 'teacher_bf16' in todo and not got.get('student_bf16'):
         g = torch.Generator().manual_seed(0)                               # the run's own RNG streams are not touched
-        c = run.data.crop_size; h, w = (c, c) if isinstance(c, int) else c
+        h, w = size_pair(run.data.crop_size, 'crop_size')
         x = torch.randn(run.loop.batch_size, 3, h, w, generator=g).to(run.device, memory_format=run.memory_format)
         got['teacher_bf16'], why = choose_teacher_bf16(run.teacher, x, check=im)
         said.append(f"teacher in {'bf16 (autocast)' if got['teacher_bf16'] else 'fp32'}: {why}")

@@ -107,22 +107,25 @@ def _gpu_steps(c):
                   met=rel['time_s'] / o['time_s'] >= 2 and o.get('peak_mb', 0) <= rel.get('peak_mb', 0))
         gc.collect(); torch.cuda.empty_cache()
 
+def _eval_at(c, check:str, m, size:tuple, **extra)->dict:
+    "One `1 x 3 x size` image through `m` in fp32 and bf16: images/s and peak memory logged; the outputs returned."
+    xe, outs = torch.randn(1, 3, *size, device=c.dev), {}
+    for p in ('fp32', 'bf16'):
+        def f():
+            with torch.inference_mode(), _amp(c.dev, p): return m(xe)
+        outs[p] = out = f().float()
+        _check(out.shape == (1, 19, *size) and torch.isfinite(out).all().item(), f"{check} {p} at {size}: bad output")
+        t = min(time_interleaved({'e': f}, 3, device=c.dev)['e'])
+        c.log(check=check, **extra, dtype=p, images_per_s=1 / t, peak_mb=peak_memory(f, c.dev) / 2**20)
+    return outs
+
 def _gpu_eval(c):
     "Evaluation of each network on one Cityscapes-sized image (1024 x 2048) in fp32 and bf16: images/s and peak memory."
     size = (256, 512) if c.quick else (1024, 2048)
-    xe = torch.randn(1, 3, *size, device=c.dev)
     for bb in dict.fromkeys((c.teacher, *c.students)):
         torch.manual_seed(0)
         m = deeplabv3plus(bb, 19).to(c.dev).eval()
-        outs = {}
-        for p in ('fp32', 'bf16'):
-            def f():
-                with torch.inference_mode(), _amp(c.dev, p): return m(xe)
-            outs[p] = out = f().float()
-            _check(out.shape == (1, 19, *size) and torch.isfinite(out).all().item(), f"eval {bb} {p} at {size}: bad output")
-            t = min(time_interleaved({'e': f}, 3, device=c.dev)['e'])
-            c.log(check=f'eval {size[0]}x{size[1]}', backbone=bb, dtype=p, images_per_s=1 / t,
-                  peak_mb=peak_memory(f, c.dev) / 2**20)
+        outs = _eval_at(c, f'eval {size[0]}x{size[1]}', m, size, backbone=bb)
         agree = (outs['bf16'].argmax(1) == outs['fp32'].argmax(1)).float().mean().item()
         c.log(check=f'eval {bb} bf16 vs fp32', argmax_agreement=agree, logits_rel_diff=_rel(outs['bf16'], outs['fp32']))
         del m; gc.collect(); torch.cuda.empty_cache()
@@ -236,16 +239,9 @@ def _gpu_deeplabv3(c):
             c.log(check=f'deeplabv3 r101 -> {student} step {crop[0]}x{crop[1]}', precision=prec, batch=c.batch, time_s=t,
                   images_per_s=c.batch / t, peak_mb=peak_memory(f, c.dev) / 2**20, loss=loss)
             del S, opt; gc.collect(); torch.cuda.empty_cache() if c.dev.type == 'cuda' else None
-    xe = torch.randn(1, 3, *full, device=c.dev)
     for bb, m in (('resnet101', T), ('resnet18', deeplabv3('resnet18', 19).to(c.dev).eval()),
                   ('mobilenetv2', deeplabv3('mobilenetv2', 19).to(c.dev).eval())):
-        for prec in ('fp32', 'bf16'):
-            def e():
-                with torch.inference_mode(), _amp(c.dev, prec): return m(xe)
-            out = e(); _check(out.shape == (1, 19, *full) and torch.isfinite(out.float()).all().item(), f"eval {bb} {prec}: bad output")
-            t = min(time_interleaved({'e': e}, 3, device=c.dev)['e'])
-            c.log(check=f'deeplabv3 {bb} whole-image eval {full[0]}x{full[1]}', precision=prec, images_per_s=1 / t,
-                  peak_mb=peak_memory(e, c.dev) / 2**20)
+        _eval_at(c, f'deeplabv3 {bb} whole-image eval {full[0]}x{full[1]}', m, full)
 
 def _gpu_field_cli(c):
     "A short `aicsd distill` in the field's protocol through the command line: a field teacher file, DeepLabV3 students,\n    synthetic data at Cityscapes size, loader workers, automatic precision, a checkpoint, an evaluation and a resume."

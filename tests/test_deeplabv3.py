@@ -6,15 +6,14 @@ import math
 import pytest
 import torch
 from conftest import aicsd_cmd, run, tiny_args
+import test_methods
 
 from aicsd.objective import METHODS
 from aicsd.distill import fit, load_checkpoint
 from aicsd.models import deeplabv3, load_model
 
 def _cfg(root, out, **kw):
-    return dict(data='synthetic', data_root=str(root), crop_size=32, scale_min=1.0, scale_max=1.0, batch_size=4,
-                val_batch_size=5, lr=0.01, threads=1, device='cpu', tensorboard=False, figures=False, quiet=True, out=str(out),
-                dtype='float64', arch='deeplabv3', **kw)
+    return test_methods._cfg(root, out, arch='deeplabv3', **kw)    # the same tiny float64 run, on DeepLabV3
 
 @pytest.fixture(scope='module')
 def field_teacher(tmp_path_factory):
@@ -28,7 +27,7 @@ def field_teacher(tmp_path_factory):
     torch.save(m.state_dict(), path)                      # a plain state_dict: no 'arch', no wrapper
     return path
 
-PARAMS = {'cirkd_memory': {'pixel_contrast': 64, 'region_contrast': 16, 'pixel_size': 500, 'region_size': 50}}
+PARAMS = test_methods.PARAMS
 
 @pytest.mark.parametrize('method', [m for m in METHODS if m != 'baseline'])
 def test_method_on_deeplabv3_resumes_exactly(method, field_teacher, tiny_data, tmp_path):
