@@ -63,6 +63,7 @@ def channel_adapter(s_channels:int, # channels of the student's feature
     "The usual student-to-teacher channel adapter: a 1x1 convolution and batch norm (trainable, with the student)."
     return nn.Sequential(nn.Conv2d(s_channels, t_channels, 1, bias=False), nn.BatchNorm2d(t_channels))
 
+# %% ../nbs/03_baselines.ipynb #f75b32c0
 def cirkd_projector(s_channels:int, # channels of the student's feature
                     t_channels:int, # channels of the teacher's feature (the memory's `dim`)
                    )->nn.Module: # 1x1 conv, BN, ReLU, 1x1 conv, as CIRKD's projection head
@@ -332,6 +333,7 @@ def cirkd_memory_pixel_loss(s_feat:Tensor, # projected student feature `B x dim 
     "CIRKD's memory-based pixel-to-pixel term: similarities to queued teacher pixel embeddings."
     return _memory_contrast(s_feat, t_feat, target, memory, 'pixel_queue', contrast_size, tau, kd_tau, generator)
 
+# %% ../nbs/03_baselines.ipynb #34d7ddab
 def cirkd_region_loss(s_feat:Tensor, # projected student feature `B x dim x H x W` (`cirkd_projector`)
                       t_feat:Tensor, # teacher feature `B x dim x H x W` (no gradient)
                       target:Tensor, # labels `B x H' x W'`, resized (nearest); outside 0..K-1 ignored
@@ -355,6 +357,7 @@ def released_ic_loss(s_logits:Tensor, # student logits `B x C x H x W`
         B, C = s.shape[:2]
         return (_channel_gram(s) - _channel_gram(t)).pow(2).sum() / (C * B)
 
+# %% ../nbs/03_baselines.ipynb #e4cfa7e7
 def released_pa_loss(s_feat:Tensor, # student feature `B x Cs x H x W` (the released code: its ASPP output)
                      t_feat:Tensor, # teacher feature `B x Ct x H x W` (same H x W; no gradient)
                      scale:float=0.5, # pooling kernel = `(int(H*scale), int(W*scale))` of the teacher's map

@@ -4,13 +4,12 @@
 
 # %% ../nbs/11_bench.ipynb #813b9866
 from __future__ import annotations
-import contextlib, copy, gc, json, math, os, platform, statistics, subprocess, sys, tempfile, time, warnings
+import contextlib, copy, gc, json, os, platform, statistics, subprocess, sys, tempfile, time, warnings
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from .similarity import ics_matrix, ics_matrix_plain, ICS_SETTINGS
-from .losses import (icsd_loss, released_icsd_loss, released_icsd_loop, released_ics_matrix_plain,
-                          ce_loss, pixel_kd_loss)
+from .losses import (icsd_loss, released_icsd_loss, released_icsd_loop, released_ics_matrix_plain)
 from .models import deeplabv3plus, BACKBONES
 from .objective import DistillObjective
 from .distill import train_step
@@ -35,6 +34,7 @@ def machine_info()->dict:
     if torch.cuda.is_available(): info['gpu'] = torch.cuda.get_device_name()
     return info
 
+# %% ../nbs/11_bench.ipynb #870c0e4f
 def _dev(device)->torch.device: return torch.device(device)
 
 def _sync(device):
@@ -92,6 +92,7 @@ def peak_memory(fn, # callable taking no argument
         return torch.cuda.max_memory_allocated(device) - base
     return _cpu_peak(fn)
 
+# %% ../nbs/11_bench.ipynb #b5e1d376
 @contextlib.contextmanager
 def ics_settings(**kw):
     "Temporarily change `ICS_SETTINGS` (e.g. `workers=1`)."
@@ -116,6 +117,7 @@ def format_rows(rows:list, # dicts
     lines += ['| ' + ' | '.join(_fmt(r.get(c), floatfmt) for c in cols) + ' |' for r in rows]
     return '\n'.join(lines)
 
+# %% ../nbs/11_bench.ipynb #0d209a7d
 def format_tables(rows:list, # dicts; consecutive rows with the same keys share a table
                   floatfmt:str='.3g')->str: # markdown tables separated by blank lines
     "Markdown tables of rows of several kinds (as `gpu_check` returns them): one table per run of rows with the same keys."
@@ -125,6 +127,7 @@ def format_tables(rows:list, # dicts; consecutive rows with the same keys share 
         else: groups.append([r])
     return '\n\n'.join(format_rows(g, floatfmt=floatfmt) for g in groups)
 
+# %% ../nbs/11_bench.ipynb #675da9cc
 def append_rows(path:str|Path, # a JSON-lines file (created if missing)
                 rows:list, # dicts
                 **extra, # added to every row, first (e.g. `bench='gpu'`)
@@ -132,6 +135,7 @@ def append_rows(path:str|Path, # a JSON-lines file (created if missing)
     "Append rows to a JSON-lines file, one object per line (the file `aicsd bench --out` writes)."
     with open(path, 'a') as f: f.writelines(json.dumps({**extra, **r}, default=str) + '\n' for r in rows)
 
+# %% ../nbs/11_bench.ipynb #72a8bdd2
 def read_rows(path:str|Path, # a file `append_rows` wrote
               bench:str|None=None, # keep only the rows of this benchmark
              )->list: # dicts, in file order (tuples come back as lists)
@@ -228,10 +232,12 @@ def stride4_pair(kind:str='smooth', # 'smooth' or 'high-frequency'
     student = 2 * lay + field(2.0)
     return student, teacher
 
+# %% ../nbs/11_bench.ipynb #80ef79b7
 def upsample_logits(logits4:Tensor, size)->Tensor:
     "The model's final upsampling: bilinear, `align_corners=True`."
     return F.interpolate(logits4, size=size, mode='bilinear', align_corners=True)
 
+# %% ../nbs/11_bench.ipynb #4899caee
 def bench_stride4(kinds=('smooth', 'high-frequency'),
                   B:int=2, C:int=21, size:int=513, # the full-resolution crop; logits4 are ceil(size/4) wide
                   repeats:int=5, normalize:str|None=None, quick:bool=False,
@@ -418,6 +424,7 @@ def model_cost(model:nn.Module, size:int=513, device='cpu')->dict:
     model.train(was)
     return dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6, gmacs=fc.get_total_flops() / 2e9)
 
+# %% ../nbs/11_bench.ipynb #bb43651e
 def bench_latency(backbones=BACKBONES, batch_sizes=(1, 8), dtypes=('fp32', 'bf16'),
                   size:int=513, num_classes:int=21, device='cpu', repeats:int=2,
                   channels_last:bool=False, quick:bool=False,

@@ -6,19 +6,18 @@
 from __future__ import annotations
 import argparse, inspect, json, os, sys
 from pathlib import Path
-import torch
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint
-from .config import _renamed
+from .config import _renamed, read_config
 from .objective import METHODS, TERMS, parse_method
 from .experiments import RECIPES, recipe_text, run_demo, run_compare
 from .bench import BENCHES, run_benchmarks
 
 # %% auto #0
-__all__ = ['EPILOG', 'methods_help', 'add_train_options', 'read_config', 'build_parser', 'args_to_config', 'parse', 'main']
+__all__ = ['EPILOG', 'methods_help', 'add_train_options', 'build_parser', 'args_to_config', 'parse', 'main']
 
 # %% ../nbs/09_cli.ipynb #939854fc
 def _method_arg(s:str)->str:
-    "argparse type of --method: a method or a '+' combination, checked against the methods table."
+    "argparse type of `aicsd compare --methods`: a method or a '+' combination, checked against the methods table."
     try: parse_method(s)
     except ValueError as e: raise argparse.ArgumentTypeError(str(e))
     return s
@@ -70,8 +69,6 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return h + (' (default: none)' if a.default is None else ' (default: %(default)s)')
 
 # %% ../nbs/09_cli.ipynb #2ee3e7f1
-_TYPES = dict(method=_method_arg)   # argparse types that say why a value is wrong
-
 def _add_option(g, o:Option, command:str='train'):
     "An option of the table as an argument of `command`; `_Help` adds its default."
     long = dict(o.renamed).get(command, f"--{o.name.replace('_', '-')}")
@@ -81,7 +78,7 @@ def _add_option(g, o:Option, command:str='train'):
     elif o.flag == 'optional': g.add_argument(*flags, nargs='?', const=o.const, metavar=o.metavar, **kw)
     elif o.name == 'weight': g.add_argument(*flags, type=_weight_arg, action=_Weights, metavar=o.metavar, **kw)
     elif o.name == 'param': g.add_argument(*flags, type=_param_arg, action=_Params, metavar=o.metavar, **kw)
-    else: g.add_argument(*flags, type=_TYPES.get(o.name, o.type), choices=o.choices, metavar=o.metavar, nargs=o.nargs, **kw)
+    else: g.add_argument(*flags, type=o.type, choices=o.choices, metavar=o.metavar, nargs=o.nargs, **kw)
 
 def add_train_options(p:argparse.ArgumentParser, # a subcommand parser
                       command:str='train', # 'train', 'distill' or 'evaluate': the rows whose `commands` name it
@@ -98,25 +95,6 @@ def add_train_options(p:argparse.ArgumentParser, # a subcommand parser
     return p
 
 # %% ../nbs/09_cli.ipynb #15364289
-def read_config(path:str|Path, # .yaml, .yml or .toml
-               )->dict: # keys with underscores
-    "Read a YAML or TOML configuration file."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix.lower() == '.toml':
-        try: import tomllib                      # Python >= 3.11
-        except ImportError: import tomli as tomllib  # Python 3.10
-        try: d = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e: raise ValueError(f"config file {path} is not valid TOML: {e}") from None
-    elif path.suffix.lower() in ('.yaml', '.yml'):
-        import yaml
-        try: d = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e: raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
-    else: raise ValueError(f"config file {path} must end in .yaml, .yml or .toml")
-    if not isinstance(d, dict): raise ValueError(f"config file {path} must hold a mapping of option: value")
-    return {k.replace('-', '_'): v for k, v in d.items()}
-
 def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
     valid = {a.dest for a in p._actions} - {'help', 'config'}
     cmd = cfg.pop('command', command); cfg.pop('paper', None); cfg.pop('notes', None)
@@ -262,6 +240,7 @@ def args_to_config(a:argparse.Namespace)->dict:
     "The `fit` configuration of a parsed `train` / `distill` command."
     return make_config({k: v for k, v in vars(a).items() if k in DEFAULTS}, mode=a.command)
 
+# %% ../nbs/09_cli.ipynb #0feb4e50
 def parse(argv:list|None=None)->argparse.Namespace:
     "Parse `argv`, reading `--config FILE` first (its keys become defaults; flags still win)."
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -273,6 +252,7 @@ def parse(argv:list|None=None)->argparse.Namespace:
         a = p.parse_args(argv)
     return a
 
+# %% ../nbs/09_cli.ipynb #b867e4d3
 def main(argv:list|None=None)->int:
     "Entry point of the `aicsd` console script."
     from aicsd.distill import RunLockedError

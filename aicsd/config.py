@@ -15,7 +15,8 @@ from .models import BACKBONES, V3_BACKBONES
 
 # %% auto #0
 __all__ = ['OPTIONS', 'DEFAULTS', 'warn', 'Option', 'size_arg', 'check_ranges', 'make_objective', 'eval_predictor', 'RunConfig',
-           'make_config', 'resume_changes', 'Spec', 'DataSpec', 'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
+           'make_config', 'resume_changes', 'read_config', 'Spec', 'DataSpec', 'ModelSpec', 'OptimSpec',
+           'PrecisionSpec', 'LoopSpec']
 
 # %% ../nbs/07a_config.ipynb #a5ba81db
 def warn(msg:str):
@@ -224,7 +225,7 @@ def eval_predictor(cfg:dict, # a configuration (or the evaluation options of one
 
 # %% ../nbs/07a_config.ipynb #254f8a31
 class RunConfig(dict):
-    "A checked configuration (`make_config`): a read-only `dict` of the options; `cfg.lr` reads `cfg['lr']`."
+    "A checked configuration (`make_config`): a read-only `dict` of the options; `cfg.lr` reads `cfg['lr']`, `cfg.objective` the parsed method."
     def _read_only(self, *a, **k):
         raise TypeError("a configuration is read-only: make a new one with make_config(cfg, key=value)")
     __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = __ior__ = _read_only
@@ -293,7 +294,9 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
         raise ValueError(f"method {out['method']!r} needs a teacher checkpoint: set 'teacher' (--teacher PATH)")
     for k, v in out.items():  # plain types only: the configuration is stored in weights_only checkpoints
         if isinstance(v, Path): out[k] = str(v)
-    return RunConfig(out)
+    rc = RunConfig(out)
+    rc.__dict__['objective'] = obj                          # the method, parsed once: the engine uses this objective
+    return rc
 
 # %% ../nbs/07a_config.ipynb #45d0a181
 def resume_changes(old:dict, # configuration stored in last.pt
@@ -307,6 +310,27 @@ def resume_changes(old:dict, # configuration stored in last.pt
         (refused if o.resume == 'same' else warned).append(f"--{o.name.replace('_', '-')} {a!r} -> {b!r}")
     return refused, warned
 
+# %% ../nbs/07a_config.ipynb #afb44cb1
+def read_config(path:str|Path, # .yaml, .yml or .toml
+               )->dict: # keys with underscores
+    "Read a YAML or TOML configuration file."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix.lower() == '.toml':
+        try: import tomllib                      # Python >= 3.11
+        except ImportError: import tomli as tomllib  # Python 3.10
+        try: d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e: raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+    elif path.suffix.lower() in ('.yaml', '.yml'):
+        import yaml
+        try: d = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e: raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    else: raise ValueError(f"config file {path} must end in .yaml, .yml or .toml")
+    if not isinstance(d, dict): raise ValueError(f"config file {path} must hold a mapping of option: value")
+    return {k.replace('-', '_'): v for k, v in d.items()}
+
+
 # %% ../nbs/07a_config.ipynb #09b9bd4d
 @dataclass(frozen=True)
 class Spec:
@@ -314,29 +338,34 @@ class Spec:
     @classmethod
     def of(cls, cfg:dict): return cls(**{f.name: cfg[f.name] for f in fields(cls)})
 
+# %% ../nbs/07a_config.ipynb #5cd94379
 @dataclass(frozen=True)
 class DataSpec(Spec):
     "What the data sets read: which data, where, the splits and the transforms."
     data:str; data_root:str; train_split:str; val_split:str; num_classes:int|None; crop_size:int|list
     scale_min:float; scale_max:float; hflip:bool; blur:bool; eval_resize:int|None; eval_square:bool
 
+# %% ../nbs/07a_config.ipynb #cfb1553a
 @dataclass(frozen=True)
 class ModelSpec(Spec):
     "What building the student and loading the teacher read."
     arch:str; model:str; output_stride:int; pretrained_backbone:str|None; no_dropout:bool; aux_weight:float; seed:int
     teacher:str|None; teacher_backbone:str|None
 
+# %% ../nbs/07a_config.ipynb #d9c7b65d
 @dataclass(frozen=True)
 class OptimSpec(Spec):
     "What the optimiser and the learning-rate schedule read."
     lr:float; head_mult:float; momentum:float; weight_decay:float; poly_power:float; warmup_steps:int
     epochs:int; max_steps:int|None
 
+# %% ../nbs/07a_config.ipynb #29a70329
 @dataclass(frozen=True)
 class PrecisionSpec(Spec):
     "What the precision and memory-format decisions read."
     precision:str; teacher_bf16:bool|None; channels_last:bool; dtype:str; compile:str|None; sync_bn:bool
 
+# %% ../nbs/07a_config.ipynb #5bdf7d5c
 @dataclass(frozen=True)
 class LoopSpec(Spec):
     "What the loop and its evaluations read (the loop never reads the configuration)."

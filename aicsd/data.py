@@ -112,6 +112,7 @@ def read_image(path, # image file (JPEG or PNG)
         raise ValueError(f"Cannot read image file {path}: {e}. Re-download or remove this file "
                          "(and its id from the split list).") from e
 
+# %% ../nbs/06_data.ipynb #ade1d782
 def read_label(path, # label PNG (palette or 8-bit grayscale): one class index per pixel
               )->np.ndarray: # uint8 `H x W`
     "Read an index label image without colour conversion (palette PNGs give their indices)."
@@ -234,6 +235,7 @@ def cityscapes_lut()->np.ndarray:
     for k, v in CITYSCAPES_TRAIN_IDS.items(): lut[k] = v
     return lut
 
+# %% ../nbs/06_data.ipynb #da89f914
 class CityscapesSegmentation(SegmentationDataset):
     "Cityscapes fine annotations, label ids mapped to the 19 train ids (255 ignored)."
     def __init__(self, root:str|Path, # the folder holding `leftImg8bit/` and `gtFine/`, e.g. `data/cityscapes`
@@ -284,6 +286,7 @@ def train_transform(crop_size:int=513, # side of the square training crop (or `(
     if blur: ts.append(v2.RandomApply([v2.GaussianBlur(kernel_size=7, sigma=(0.1, 1.0))], p=0.5))
     return v2.Compose(ts + _finish(mean, std))
 
+# %% ../nbs/06_data.ipynb #5df7deec
 def eval_transform(resize_short:int|None=None, # resize the short side to this (aspect kept); None: native size
                    resize:int|tuple|None=None, # resize to this fixed size (`513`: the released code's 513 x 513)
                    mean=IMAGENET_MEAN, std=IMAGENET_STD, # normalisation
@@ -312,6 +315,7 @@ def synthetic_classes(num_classes:int=9, # including background (class 0); 2..28
         rows.append(dict(name=f'{cf[c]}-{sf[s]}-{TEXTURES[t]}', shape_family=sf[s], colour_family=cf[c], texture=TEXTURES[t]))
     return rows
 
+# %% ../nbs/06_data.ipynb #8d95e907
 def attribute_overlap(table:list, # rows of `synthetic_classes` (or `classes.json`'s `attributes`)
                      )->torch.Tensor: # `C x C` number of shared attributes (0..3); background shares none
     "How many attributes two classes share: the known relation structure of the synthetic data."
@@ -503,10 +507,12 @@ def pad_collate(batch:list, # `(image, mask)` pairs of possibly different sizes
         ims[k, :, :im.shape[-2], :im.shape[-1]] = im; ms[k, :m.shape[-2], :m.shape[-1]] = m
     return ims, ms
 
+# %% ../nbs/06_data.ipynb #5bb6309b
 def sample_seed(seed:int, epoch:int, index:int)->int:
     "A well-mixed 63-bit seed from `(seed, epoch, index)`."
     return int(np.random.SeedSequence([seed % 2**32, epoch, index]).generate_state(2, np.uint32).view(np.uint64)[0] >> np.uint64(1))
 
+# %% ../nbs/06_data.ipynb #45ed8ca1
 class EpochSampler(DistributedSampler):
     "`DistributedSampler` yielding `(epoch, index)`, with `set_epoch(epoch, skip)` to resume mid-epoch."
     skip = 0
@@ -518,6 +524,7 @@ class EpochSampler(DistributedSampler):
             if k >= self.skip: yield (self.epoch, i)
     def __len__(self): return self.num_samples - self.skip
 
+# %% ../nbs/06_data.ipynb #d7306642
 class SeededDataset(Dataset):
     "Wraps a dataset so that item `(epoch, i)` is produced under torch's RNG seeded by `(seed, epoch, i)`."
     def __init__(self, dataset, seed:int=0): self.dataset, self.seed = dataset, seed
@@ -531,6 +538,7 @@ class SeededDataset(Dataset):
         if name.startswith('__') or name in ('dataset', 'seed'): raise AttributeError(name)
         return getattr(self.dataset, name)
 
+# %% ../nbs/06_data.ipynb #b1bbddbc
 class ShardSampler(Sampler):
     "Evaluation sampler: rank `r` of `K` reads `r, r+K, ...` (no padding, no repeats)."
     def __init__(self, n:int, num_replicas:int=1, rank:int=0): self.n, self.K, self.r = n, num_replicas, rank
@@ -602,6 +610,7 @@ def read_sbd_mat(path)->np.ndarray:
     except Exception as e: raise ValueError(f"Cannot read SBD annotation {path} (expected a MATLAB file with GTcls.Segmentation): {e}") from e
     return np.asarray(m, dtype=np.uint8)
 
+# %% ../nbs/06_data.ipynb #3ab04025
 def build_sbd_trainaug(sbd_root, # the SBD release (`benchmark_RELEASE`, or its `dataset/` folder)
                        voc_root, # the VOC 2012 root (holding `JPEGImages/`)
                        progress:bool=True, # tqdm progress bar

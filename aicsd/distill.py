@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn, Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
 
 # %% auto #0
 __all__ = ['poly_lr_lambda', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_channels', 'distill_step', 'train_step',
@@ -19,13 +18,15 @@ __all__ = ['poly_lr_lambda', 'load_teacher', 'StudentWithModules', 'model_output
            'evaluate_checkpoint', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
-from .models import (deeplabv3plus, build_model, param_groups, model_arch, load_model, load_released_checkpoint,
+from .models import (build_model, param_groups, model_arch, load_model, load_released_checkpoint,
                           cirkd_backbone, load_cirkd_checkpoint)
-from .data import get_dataset, train_transform, eval_transform, build_loader, make_synthetic, ShardSampler
+from .data import get_dataset, train_transform, build_loader, make_synthetic
 from .objective import alw_alpha, DistillObjective
-from .evaluation import evaluate, same_size_groups, eval_transform_for, autocast as _autocast, progress_bar as _progress
-from .precision import choose_teacher_bf16, bf16_agrees, resolve_precision
+from .evaluation import evaluate, eval_transform_for, progress_bar as _progress
+from .process import autocast as _autocast
+from .precision import resolve_precision
 from .config import *            # the rooms below the engine; their names stay importable from here
+from .checkpoint import *
 from .runfolder import *
 from .process import *
 
@@ -82,6 +83,7 @@ class StudentWithModules(nn.Module):
         self.student, self.extras = student, modules if modules is not None else nn.ModuleDict()
     def forward(self, x:Tensor, taps:tuple=())->dict: return model_outputs(self.student, x, taps)
 
+# %% ../nbs/08_distill.ipynb #216afd12
 def _core(model:nn.Module)->nn.Module:
     "The module inside DDP and torch.compile wrappers."
     while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, '_orig_mod'):
@@ -98,6 +100,7 @@ def model_outputs(model:nn.Module, # a DeepLabV3Plus (or a `StudentWithModules`,
     out, f = model(x, return_features=True)
     return {'logits': _full(out), **{k: _full(f[k]) for k in taps}}
 
+# %% ../nbs/08_distill.ipynb #3486968d
 @torch.no_grad()
 def tap_channels(model:nn.Module, # a DeepLabV3Plus
                  taps:tuple=(), # feature taps
@@ -109,6 +112,7 @@ def tap_channels(model:nn.Module, # a DeepLabV3Plus
     model.train(was)
     return {k: int(v.shape[1]) for k, v in out.items()}
 
+# %% ../nbs/08_distill.ipynb #a6288099
 def distill_step(student:nn.Module, # network being trained (train mode): a model or a `StudentWithModules`
                  teacher:nn.Module|None, # frozen network, or None for ground-truth-only training
                  objective:DistillObjective, # (student outputs, teacher outputs, target, alpha, modules) -> (total, terms)
@@ -179,7 +183,7 @@ def _disable_dropout(model:nn.Module):
         if isinstance(m, nn.modules.dropout._DropoutNd): m.p = 0.0
 
 # %% ../nbs/08_distill.ipynb #d4a8e351
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     "Everything a run holds, built by `build_run`; below it, every room reads its own part, never the configuration."
     cfg:dict # the configuration: stored in the checkpoints, compared on --resume
@@ -196,6 +200,7 @@ class Run:
     @property
     def main(self)->bool: return self.rank == 0
 
+# %% ../nbs/08_distill.ipynb #abeb7a4d
 def build_models(M:ModelSpec, # the model part of the configuration
                  objective:DistillObjective, # the run's objective: its taps size the terms' modules
                  num_classes:int)->tuple: # (student, teacher or None, modules)
@@ -242,15 +247,18 @@ def build_run(cfg:dict)->Run:
         raise ValueError(f"{len(train_ds)} training images cannot fill a batch of {L.batch_size} on {world} process(es)")
     L = dataclasses.replace(L, workers=loader_workers(L.workers, device, int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
     loader = build_loader(train_ds, L.batch_size, train=True, num_workers=L.workers, seed=M.seed, distributed=world > 1)
-    objective = make_objective(cfg)
+    objective = cfg.objective if isinstance(cfg, RunConfig) else make_objective(cfg)   # parsed once, by make_config
     student, teacher, modules = build_models(M, objective, nc)
     net = StudentWithModules(student, modules)
     model, teacher, fdt, mf = _place(net, teacher, P, device, world)
     opt, sched, epochs, total, spe = _optimizer(student, modules, O, loader)
     amp_dtype = _amp_dtype(P.precision, device)
     scaler = torch.amp.GradScaler(device.type) if P.precision == 'fp16' else None
-    return Run(cfg, device, rank, world, owned, out, M.seed, train_ds, val_ds, nc, loader, student, teacher, objective, net,
-               model, opt, sched, scaler, amp_dtype, None, fdt, mf, spe, epochs, total, L, P, D, eval_predictor(cfg))
+    return Run(cfg=cfg, device=device, rank=rank, world=world, owned=owned, out=out, seed=M.seed, train_ds=train_ds,
+               val_ds=val_ds, num_classes=nc, loader=loader, student=student, teacher=teacher, objective=objective, net=net,
+               model=model, opt=opt, sched=sched, scaler=scaler, amp_dtype=amp_dtype, teacher_dtype=None, dtype=fdt,
+               memory_format=mf, steps_per_epoch=spe, epochs=epochs, total=total, loop=L, precision=P, data=D,
+               predict=eval_predictor(cfg))
 
 def _place(net, teacher, P:PrecisionSpec, device, world:int)->tuple: # (model, teacher, dtype, memory format)
     "Sync-BN, dtype, memory format, DDP and torch.compile, as the precision part asks."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07d_evaluation.ipynb #b34ee193
 from __future__ import annotations
-import math, re
+import math
 from dataclasses import dataclass
 from typing import Callable
 import torch
@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 import torch.distributed as dist
-from .data import size_pair, parse_size, eval_transform, get_dataset, ShardSampler
+from .data import size_pair, parse_size, eval_transform, ShardSampler
 from .metrics import SegMetrics
+from .process import autocast
 
 # %% auto #0
 __all__ = ['MODES', 'slide_windows', 'whole_logits', 'slide_logits', 'multiscale_logits', 'Predictor', 'make_predictor',
-           'eval_transform_for', 'autocast', 'evaluate', 'same_size_groups', 'progress_bar']
+           'eval_transform_for', 'evaluate', 'same_size_groups', 'progress_bar']
 
 # %% ../nbs/07d_evaluation.ipynb #10920378
 def slide_windows(height:int, # image height
@@ -158,13 +159,6 @@ def eval_transform_for(eval_resize:int|None=None, # resize the short side to thi
     if eval_resize and eval_square: return eval_transform(resize=int(eval_resize))
     return eval_transform(resize_short=eval_resize)
 
-# %% ../nbs/07d_evaluation.ipynb #a248ecaf
-def autocast(device:torch.device, # where the computation runs
-             dtype:torch.dtype|None, # torch.bfloat16 / torch.float16, or None: no autocast
-            ):
-    "`torch.autocast` on `device` with `dtype`, or a context that changes nothing when `dtype` is None."
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
 # %% ../nbs/07d_evaluation.ipynb #e1238f4d
 @torch.no_grad()
 def evaluate(model:nn.Module, # network to evaluate (eval mode is set here)
@@ -194,6 +188,7 @@ def evaluate(model:nn.Module, # network to evaluate (eval mode is set here)
     model.train(was)
     return m.compute()
 
+# %% ../nbs/07d_evaluation.ipynb #dbf7dbea
 def same_size_groups(batch:list, # `(image, mask)` pairs, possibly of different sizes
                     )->list: # `(images, masks)` stacks, one per run of consecutive same-size images; never padded
     "Evaluation collate: split a batch into runs of same-size images instead of padding them."
@@ -204,6 +199,7 @@ def same_size_groups(batch:list, # `(image, mask)` pairs, possibly of different 
     return [(torch.stack([torch.as_tensor(im) for im, _ in g]), torch.stack([torch.as_tensor(k) for _, k in g]))
             for g in groups]
 
+# %% ../nbs/07d_evaluation.ipynb #45c604f7
 def progress_bar(it, # an iterable
                  enable:bool, # False: `it` itself
                  **kw):  # tqdm's options

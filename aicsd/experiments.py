@@ -154,9 +154,9 @@ def recipe_text(name:str, # a key of RECIPES
 
 # %% ../nbs/08a_experiments.ipynb #fb64acdb
 DEMO_PRESETS = dict(  # sizes chosen for 2 CPU cores; steps, not epochs, so the time does not depend on n_train
-    full=dict(n_train=160, n_val=32, size=64, num_classes=9, teacher='resnet18', student='mobilenetv2',
+    full=dict(name='full', n_train=160, n_val=32, size=64, num_classes=9, teacher='resnet18', student='mobilenetv2',
               crop_size=64, batch_size=8, teacher_steps=150, student_steps=50, lr=0.02, seeds=(0, 1, 2)),
-    quick=dict(n_train=160, n_val=32, size=64, num_classes=9, teacher='resnet18', student='mobilenetv2',
+    quick=dict(name='quick', n_train=160, n_val=32, size=64, num_classes=9, teacher='resnet18', student='mobilenetv2',
                crop_size=48, batch_size=8, teacher_steps=24, student_steps=10, lr=0.02, max_val=16, seeds=(0,)),
 )
 DEMO_METHODS = ('baseline', 'kd', 'icsd', 'aicsd')
@@ -170,9 +170,9 @@ def _demo_cfg(P:dict, root:Path, out:Path, threads, seed)->dict:
                 threads=threads, device='cpu', workers=0, val_batch_size=16, scale_min=0.75, scale_max=1.25,
                 max_val=P.get('max_val'))
 
-def _teacher(P, base, out, fresh, preset):
+def _teacher(P, base, out, fresh):
     "Train the demo teacher, or reuse the cached one when its configuration matches."
-    tdir = out/f"teacher-{preset}"
+    tdir = out/f"teacher-{P['name']}"
     cfg = make_config(base, mode='train', model=P['teacher'], max_steps=P['teacher_steps'], out=str(tdir))
     ck = tdir/'best.pt'
     if ck.exists() and not fresh:
@@ -202,7 +202,7 @@ def run_demo(out:str|Path='runs/demo', # report folder
     from aicsd.models import load_model
     from aicsd.viz import demo_figures, model_ics
     t_start = time.time()
-    P = DEMO_PRESETS['quick' if quick else 'full']
+    P = DEMO_PRESETS['quick' if quick else 'full']          # the flag's one read: the preset carries its name onwards
     methods = tuple(methods or DEMO_METHODS); seeds = tuple(P['seeds'] if seeds is None else seeds)
     bad = [m for m in methods if m not in METHODS and '+' not in m]
     if bad: raise ValueError(f"unknown method(s) {bad}; methods: {', '.join(METHODS)}")
@@ -216,7 +216,7 @@ def run_demo(out:str|Path='runs/demo', # report folder
         print(f"synthetic data written to {root}")
     base = _demo_cfg(P, root, out, threads, seed)
     print(f"teacher: DeepLabV3+ {P['teacher']}, {P['teacher_steps']} steps ...", flush=True)
-    tck, tmet, tsec, cached = _teacher(P, base, out, fresh, 'quick' if quick else 'full')
+    tck, tmet, tsec, cached = _teacher(P, base, out, fresh)
     teacher = load_model(tck).eval()
     val = get_dataset('synthetic', root, 'val', eval_transform())
     rows = [dict(method=f"teacher ({P['teacher']})", miou=tmet['miou'], pixel_acc=tmet['pixel_acc'], ics_dist=0.0,
@@ -239,7 +239,7 @@ def run_demo(out:str|Path='runs/demo', # report folder
         rows.append(row)
     demo_figures(models, root, out, n=8)
     total = time.time() - t_start
-    write_report(rows, out, P, total, quick, seeds)
+    write_report(rows, out, P, total, seeds)
     print(format_table(rows))
     if 'baseline' in methods: print(paired_text(paired_diffs(rows)))
     print(f"finished in {total:.0f} s; report: {out/'report.md'}")
@@ -376,11 +376,11 @@ def format_table(rows:list, # result rows (`run_demo`)
                        f"{r['time_s']:.0f}{' (' + r['note'] + ')' if r.get('note') else ''} |\n" for r in rows)
 
 # %% ../nbs/08a_experiments.ipynb #47222f4e
-def write_report(rows, out:Path, P:dict, total:float, quick:bool, seeds:tuple=(0,)):
+def write_report(rows, out:Path, P:dict, total:float, seeds:tuple=(0,)):
     "Write `out/report.md` (the table and what the paired comparison lets one claim) and `out/results.json` (with `paired`)."
     paired = any(r['method'] == 'baseline' and r.get('runs') for r in rows)
     diffs = paired_diffs(rows) if paired else []
-    txt = (f"# aicsd {'quick ' if quick else ''}comparison\n\n"
+    txt = (f"# aicsd {'quick ' if P['name'] == 'quick' else ''}comparison\n\n"
            f"Synthetic shapes ({P['n_train']} train / {P['n_val']} val images, {P['size']} px), teacher DeepLabV3+ "
            f"{P['teacher']} ({P['teacher_steps']} steps), students DeepLabV3+ {P['student']} ({P['student_steps']} "
            f"steps each, crop {P['crop_size']}, batch {P['batch_size']}, seeds {', '.join(map(str, seeds))}), CPU.\n\n"

@@ -4,13 +4,14 @@
 
 # %% ../nbs/05_models.ipynb #1fa31bbc
 from __future__ import annotations
-import os, tempfile
+import os
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.mobilenetv2 import InvertedResidual
+from .checkpoint import save_checkpoint, load_checkpoint
 
 # %% auto #0
 __all__ = ['BACKBONES', 'CHANNELS', 'MBV2_SETTING', 'V3_BACKBONES', 'V3_CHANNELS', 'FAMILIES', 'resnet_layout', 'ResNetBackbone',
@@ -18,8 +19,8 @@ __all__ = ['BACKBONES', 'CHANNELS', 'MBV2_SETTING', 'V3_BACKBONES', 'V3_CHANNELS
            'mobilenetv2_backbone', 'ASPPBranch', 'ASPP', 'Decoder', 'DeepLabV3Plus', 'deeplabv3plus', 'v1s_dilations',
            'ResNetV1s', 'mobilenetv2_dilated_layout', 'DilatedInvertedResidual', 'MobileNetV2Dilated', 'ASPPPooling',
            'DeepLabV3ASPP', 'DeepLabV3Head', 'fcn_head', 'DeepLabV3', 'deeplabv3', 'build_model', 'param_groups',
-           'CheckpointMismatchError', 'cirkd_backbone', 'load_state_dict_strict', 'model_arch', 'atomic_save',
-           'save_model', 'load_model', 'load_released_checkpoint', 'load_cirkd_checkpoint', 'load_backbone_weights']
+           'CheckpointMismatchError', 'cirkd_backbone', 'load_state_dict_strict', 'model_arch', 'save_model',
+           'load_model', 'load_released_checkpoint', 'load_cirkd_checkpoint', 'load_backbone_weights']
 
 # %% ../nbs/05_models.ipynb #071f91c5
 BACKBONES = ('resnet101', 'resnet50', 'resnet18', 'mobilenetv2')   # the one list of DeepLabV3+ backbones
@@ -106,6 +107,7 @@ def same_padding(kernel_size:int=3, # kernel size
     total = kernel_size + (kernel_size - 1) * (dilation - 1) - 1
     return total // 2, total - total // 2
 
+# %% ../nbs/05_models.ipynb #f2dc49e4
 class PaddedInvertedResidual(nn.Module):
     "torchvision's `InvertedResidual` computed as the released block: pad the input, then convs with padding 0."
     def __init__(self, block:InvertedResidual, # a torchvision block (its modules and weights are reused)
@@ -140,6 +142,7 @@ def mobilenetv2_layout(output_stride:int=16, # 16 or 8
         out += [(stride, dil)] + [(1, dil)] * (n - 1)
     return out
 
+# %% ../nbs/05_models.ipynb #d830033d
 class MobileNetV2Backbone(nn.Module):
     "torchvision MobileNetV2 `features[0:18]` as the released backbone; `forward(x) -> (high, low)`."
     def __init__(self, net:torchvision.models.MobileNetV2, # a torchvision MobileNetV2 (its weights are kept)
@@ -156,6 +159,7 @@ class MobileNetV2Backbone(nn.Module):
         low = self.low_level_features(x)
         return self.high_level_features(low), low
 
+# %% ../nbs/05_models.ipynb #9b33be43
 def mobilenetv2_backbone(output_stride:int=16, # 16 or 8
                          pretrained:bool|str=False, # True (or a torchvision weights name) loads ImageNet weights
                         )->MobileNetV2Backbone:
@@ -172,6 +176,7 @@ class ASPPBranch(nn.Module):
         self.bn, self.relu = nn.BatchNorm2d(cout), nn.ReLU()
     def forward(self, x:Tensor)->Tensor: return self.relu(self.bn(self.atrous_conv(x)))
 
+# %% ../nbs/05_models.ipynb #65f4f056
 class ASPP(nn.Module):
     "Atrous spatial pyramid pooling of DeepLabV3+ (released layout): 5 branches of 256 -> 1x1 conv 256 -> dropout 0.5."
     def __init__(self, cin:int, # channels of the backbone output
@@ -190,6 +195,7 @@ class ASPP(nn.Module):
         x = torch.cat((self.aspp1(x), self.aspp2(x), self.aspp3(x), x4, x5), dim=1)
         return self.dropout(self.relu(self.bn1(self.conv1(x))))
 
+# %% ../nbs/05_models.ipynb #73fcd15e
 class Decoder(nn.Module):
     "DeepLabV3+ decoder (released layout): low-level 1x1 conv 48, concat with resized ASPP output, 2 3x3 convs, classifier."
     def __init__(self, low_channels:int, # channels of the low-level backbone feature
@@ -249,6 +255,7 @@ class DeepLabV3Plus(nn.Module):
 
     def extra_repr(self): return f"backbone={self.backbone_name!r}, num_classes={self.num_classes}, output_stride={self.output_stride}"
 
+# %% ../nbs/05_models.ipynb #f1b9c968
 def deeplabv3plus(backbone:str, # 'resnet101', 'resnet50', 'resnet18' or 'mobilenetv2'
                   num_classes:int, # number of classes (21 for VOC, 19 for Cityscapes)
                   output_stride:int=16, # 16 or 8
@@ -374,6 +381,7 @@ class ASPPPooling(nn.Module):
     def forward(self, x:Tensor)->Tensor:
         return F.interpolate(self.gap(x), size=x.shape[2:], mode='bilinear', align_corners=True)
 
+# %% ../nbs/05_models.ipynb #1bf193e2
 class DeepLabV3ASPP(nn.Module):
     "CIRKD's `_ASPP`: `b0` 1x1, `b1`-`b3` 3x3 at rates (12, 24, 36), `b4` pooling; concat -> `project` (1x1, BN, ReLU, dropout 0.5)."
     def __init__(self, cin:int, # channels of the backbone output
@@ -406,6 +414,7 @@ class DeepLabV3Head(nn.Module):
         for layer in list(self.block)[:-1]: feat = layer(feat)   # (not a slice: keeps FX feature extraction working)
         return self.block[-1](feat), a, feat
 
+# %% ../nbs/05_models.ipynb #7cc44478
 def fcn_head(cin:int, # channels of the input (ResNet stage 3)
              num_classes:int)->nn.Module:
     "CIRKD's auxiliary `_FCNHead`: 3x3 conv to cin/4, BN, ReLU, dropout 0.1, 1x1 classifier (keys `block.*`)."
@@ -588,32 +597,19 @@ def model_arch(model:nn.Module)->dict: # family, backbone, num_classes, output_s
     if arch['family'] == 'deeplabv3': arch['aux'] = m.aux
     return arch
 
-def atomic_save(obj, # anything torch.save takes
-                path:str|Path, # destination file
-               )->Path:
-    "`torch.save` to a temporary file in the same folder, then `os.replace` it onto `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'); os.close(fd)
-    try:
-        torch.save(obj, tmp); os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
-    return path
-
+# %% ../nbs/05_models.ipynb #754b6f84
 def save_model(model:nn.Module, # a DeepLabV3Plus or DeepLabV3 (a DDP/compile wrapper is unwrapped)
                path:str|Path, # destination file
                **extra, # more entries for the checkpoint dict (epoch, metrics, ...)
               )->Path:
     "Write `{'model': state_dict, 'arch': model_arch(model), **extra}` atomically."
     m = getattr(model, 'module', model); m = getattr(m, '_orig_mod', m)
-    return atomic_save({'model': m.state_dict(), 'arch': model_arch(m), **extra}, path)
+    return save_checkpoint(path, model=m.state_dict(), arch=model_arch(m), **extra)
 
+# %% ../nbs/05_models.ipynb #588ed9af
 def _read(path_or_dict, map_location):
     if isinstance(path_or_dict, dict): return path_or_dict, 'checkpoint dict'
-    p = Path(path_or_dict)
-    if not p.is_file(): raise FileNotFoundError(f"checkpoint file not found: {p}")
-    return torch.load(p, map_location=map_location, weights_only=True), str(p)
+    return load_checkpoint(path_or_dict, map_location), str(path_or_dict)      # the one reader of files
 
 def load_model(path_or_dict:str|Path|dict, # a file written by save_model (or the trainer), or its loaded dict
                map_location='cpu', # passed to torch.load
@@ -681,9 +677,7 @@ def load_backbone_weights(model:nn.Module, # a DeepLabV3 or DeepLabV3Plus (a DDP
                          )->dict: # {'loaded': number of backbone tensors, 'ignored': keys of the file not used}
     "Load an ImageNet weight file into the backbone: the field's files for DeepLabV3, torchvision state_dicts for DeepLabV3+."
     m = getattr(model, 'module', model); m = getattr(m, '_orig_mod', m)
-    p = Path(path)
-    if not p.is_file(): raise FileNotFoundError(f"backbone weight file not found: {p}")
-    sd = torch.load(p, map_location=map_location, weights_only=True)
+    p, sd = Path(path), load_checkpoint(path, map_location)
     if isinstance(sd, dict) and isinstance(sd.get('state_dict'), dict): sd = sd['state_dict']
     if not (isinstance(sd, dict) and sd and all(torch.is_tensor(v) for v in sd.values())):
         raise KeyError(f"{p}: expected a state_dict of tensors (ImageNet weights of the backbone)")

@@ -59,6 +59,7 @@ class Term:
     @property
     def taps(self)->tuple: return tuple(i for i in self.inputs if i != 'logits')
 
+# %% ../nbs/04_objective.ipynb #355d217e
 TERMS = {}
 
 def register_term(name:str, # the name methods, weights and logs use
@@ -74,14 +75,17 @@ def term_ce(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, ignore_index
     "Cross-entropy with the ground truth."
     return ce_loss(s['logits'], target, ignore_index=ignore_index)
 
+# %% ../nbs/04_objective.ipynb #69d08efe
 def term_kd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, T:float=1.0, ignore_index:int=255):
     "Pixel-wise KD (Hinton), ignored pixels left out."
     return pixel_kd_loss(s['logits'], t['logits'], T=T, target=target, ignore_index=ignore_index)
 
+# %% ../nbs/04_objective.ipynb #ddb49658
 def term_icsd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, T:float=1.0, normalize:str|None=None):
     "ICSD: MSE between the per-image inter-class similarity matrices."
     return icsd_loss(s['logits'], t['logits'], T=T, normalize=normalize)
 
+# %% ../nbs/04_objective.ipynb #a6d3b44b
 def term_released_icsd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     "What the released code computes as ICSD (for audits; not a KL divergence)."
     return released_icsd_loss(s['logits'], t['logits'])
@@ -102,6 +106,7 @@ class Method:
     doc:str='' # one line for --help and the docs
     paper:str='' # where it comes from
 
+# %% ../nbs/04_objective.ipynb #49d0e44d
 METHODS = {}
 
 def register_method(name:str, method:Method)->Method:
@@ -126,30 +131,39 @@ def _adapted(s, tap, mod): return mod(s[tap]) if mod is not None else s[tap]
 def term_at(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, p:float=2.0):
     return B.at_loss(s['decoder'], t['decoder'], p=p)
 
+# %% ../nbs/04_objective.ipynb #d1eabbee
 def term_fitnet(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     return B.fitnet_loss(_adapted(s, 'decoder', mod), t['decoder'])
 
+# %% ../nbs/04_objective.ipynb #9983af29
 def term_sp(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     return B.sp_loss(s['aspp'], t['aspp'])
 
+# %% ../nbs/04_objective.ipynb #a35e87ab
 def term_ickd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     return B.ickd_loss(_adapted(s, 'aspp', mod), t['aspp'])
 
+# %% ../nbs/04_objective.ipynb #a6e5a7d4
 def term_skd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, scale:float=0.5, kernel:int|None=2):
     return B.skd_loss(s['decoder'], t['decoder'], scale=scale, kernel=kernel)
 
+# %% ../nbs/04_objective.ipynb #073ad345
 def term_ifvd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     return B.ifvd_loss(s['decoder'], t['decoder'], target, num_classes=s['logits'].shape[1])
 
+# %% ../nbs/04_objective.ipynb #56e26e63
 def term_cwd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=4.0):
     return B.cwd_loss(s['logits'], t['logits'], tau=tau)
 
+# %% ../nbs/04_objective.ipynb #e84469ff
 def term_dist(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, beta:float=1.0, gamma:float=1.0, tau:float=1.0):
     return B.dist_loss(s['logits'], t['logits'], beta=beta, gamma=gamma, tau=tau)
 
+# %% ../nbs/04_objective.ipynb #69109db8
 def term_cirkd_pixel(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=0.1, pool:int=2):
     return B.cirkd_pixel_loss(s['decoder'], t['decoder'], tau=tau, pool=pool)
 
+# %% ../nbs/04_objective.ipynb #440eec6d
 class CIRKDMemoryTerm(nn.Module):
     "CIRKD's projector (student -> teacher channels) and its class-wise memory of teacher pixels and regions."
     def __init__(self, s_channels:int, t_channels:int, num_classes:int, pixel_size:int=20000, region_size:int=2000):
@@ -157,6 +171,7 @@ class CIRKDMemoryTerm(nn.Module):
         self.projector = B.cirkd_projector(s_channels, t_channels)
         self.memory = B.CIRKDMemory(num_classes, t_channels, pixel_size=pixel_size, region_size=region_size)
 
+# %% ../nbs/04_objective.ipynb #885cdc28
 def term_cirkd_memory(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=0.1, kd_tau:float=1.0,
                       pixel_contrast:int=4096, region_contrast:int=1024, pixel_size:int=20000, region_size:int=2000):
     "CIRKD's pixel-to-pixel and pixel-to-region contrast against the memory (enqueue first, as CIRKD does)."
@@ -165,12 +180,15 @@ def term_cirkd_memory(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, ta
     return (B.cirkd_memory_pixel_loss(ps, t['decoder'], target, mod.memory, contrast_size=pixel_contrast, tau=tau, kd_tau=kd_tau)
             + B.cirkd_region_loss(ps, t['decoder'], target, mod.memory, contrast_size=region_contrast, tau=tau, kd_tau=kd_tau))
 
+# %% ../nbs/04_objective.ipynb #90769393
 def term_released_pa(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, scale:float=0.5):
     return B.released_pa_loss(s['aspp'], t['aspp'], scale=scale)
 
+# %% ../nbs/04_objective.ipynb #d3f36cba
 def term_released_ic(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     return B.released_ic_loss(s['logits'], t['logits'])
 
+# %% ../nbs/04_objective.ipynb #4876f39e
 def term_released_pi(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     "The released code's pixel KD: `KLDivLoss()` with mean reduction, i.e. our KD (T = 1, every pixel) divided by C."
     return pixel_kd_loss(s['logits'], t['logits']) / s['logits'].shape[1]

@@ -9,8 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn, Tensor
 from .similarity import ics_matrix
-from .process import native_bf16
-from .evaluation import autocast
+from .process import native_bf16, autocast
 from .data import size_pair
 
 # %% auto #0

@@ -12,7 +12,7 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['set_malloc_mmap_threshold', 'dist_env', 'resolve_device', 'restart_count', 'init_distributed', 'cleanup_distributed',
-           'start_process', 'loader_workers', 'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'native_bf16']
+           'start_process', 'loader_workers', 'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'native_bf16', 'autocast']
 
 # %% ../nbs/07c_process.ipynb #52a90803
 def set_malloc_mmap_threshold(mb:int, # allocations below this many MB come from the heap; 0: leave glibc's default
@@ -29,6 +29,7 @@ def dist_env()->tuple: # (rank, world_size, local_rank)
     e = os.environ
     return int(e.get('RANK', 0)), int(e.get('WORLD_SIZE', 1)), int(e.get('LOCAL_RANK', 0))
 
+# %% ../nbs/07c_process.ipynb #7611e2a3
 def resolve_device(device:str='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'
                    local_rank:int=0)->torch.device:
     "The device to run on; under torchrun each process takes GPU `local_rank`."
@@ -45,10 +46,12 @@ def resolve_device(device:str='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'
         torch.cuda.set_device(dev)
     return dev
 
+# %% ../nbs/07c_process.ipynb #b523f486
 def restart_count()->int: # 0 on the first attempt (and outside torchrun)
     "How many times torchrun has restarted this job's workers (`TORCHELASTIC_RESTART_COUNT`)."
     return int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') or 0)
 
+# %% ../nbs/07c_process.ipynb #e4460294
 def _attempt_store(world:int): # a store whose keys belong to this torchrun attempt, or None: the default rendezvous
     "After a torchrun restart, the agent's store with a prefix of this attempt (its keys of the failed attempt are stale)."
     e = os.environ
@@ -68,6 +71,7 @@ def init_distributed(device:torch.device)->tuple: # (rank, world, local_rank, we
         return rank, world, local, True
     return rank, world, local, False
 
+# %% ../nbs/07c_process.ipynb #26f8d4b3
 def cleanup_distributed(owned:bool, # we created the process group (so we destroy it)
                         failed:bool=False, # leaving on an error: do not wait for the other ranks
                        ):
@@ -149,6 +153,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_var.mul_(1 - mom).add_(mom * var_unbiased)
         return y
 
+# %% ../nbs/07c_process.ipynb #e706911c
 def convert_sync_batchnorm(model:nn.Module, device:torch.device)->nn.Module:
     "Synchronise every BatchNorm across ranks: `nn.SyncBatchNorm` on GPUs, `CPUSyncBatchNorm` on CPU."
     if device.type != 'cpu': return nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -167,3 +172,10 @@ def native_bf16(device:torch.device, # where the teacher runs
     try: flags = Path('/proc/cpuinfo').read_text()
     except OSError: return False
     return ' avx512_bf16' in flags or ' amx_bf16' in flags
+
+# %% ../nbs/07c_process.ipynb #06bcfc1e
+def autocast(device:torch.device, # where the computation runs
+             dtype:torch.dtype|None, # torch.bfloat16 / torch.float16, or None: no autocast
+            ):
+    "`torch.autocast` on `device` with `dtype`, or a context that changes nothing when `dtype` is None."
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07b_runfolder.ipynb #9082a852
 from __future__ import annotations
-import csv, os, random, shutil, socket, tempfile, time
+import csv, os, random, shutil, socket, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -13,10 +13,11 @@ import torch.distributed as dist
 from fastcore.basics import patch
 from .config import warn, resume_changes
 from .models import model_arch
+from .checkpoint import save_checkpoint, load_checkpoint, write_temporary   # the one writer and reader of files
 
 # %% auto #0
-__all__ = ['rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint', 'RunLog', 'read_run', 'Progress', 'RunExistsError',
-           'RunLockedError', 'RunInterrupted', 'RunLock', 'Checkpointer']
+__all__ = ['rng_state', 'set_rng_state', 'RunLog', 'read_run', 'Progress', 'RunExistsError', 'RunLockedError', 'RunInterrupted',
+           'RunLock', 'Checkpointer']
 
 # %% ../nbs/07b_runfolder.ipynb #540a878f
 def rng_state()->dict:
@@ -28,6 +29,7 @@ def rng_state()->dict:
     if torch.cuda.is_available(): st['cuda'] = torch.cuda.get_rng_state_all()
     return st
 
+# %% ../nbs/07b_runfolder.ipynb #7b215d03
 def set_rng_state(st:dict):
     "Restore what `rng_state` returned."
     torch.set_rng_state(st['torch'])
@@ -36,47 +38,6 @@ def set_rng_state(st:dict):
     n = st['numpy']
     np.random.set_state((n['name'], n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
     if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
-
-# %% ../nbs/07b_runfolder.ipynb #5b1c1850
-def _write_tmp(state:dict, path:Path)->Path: # the complete temporary file, for the caller to move into place
-    "`torch.save` `state` to a new temporary file beside `path` (`.NAME.*.tmp`), synced to the disk."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as fh: torch.save(state, fh); fh.flush(); os.fsync(fh.fileno())
-    except BaseException: os.remove(tmp); raise
-    return Path(tmp)
-
-def save_checkpoint(path:str|Path, # file to write
-                    **state, # anything weights_only can read back
-                   )->Path:
-    "Write `state` to `path` atomically (a complete, synced temporary file, then `os.replace`)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(_write_tmp(state, path), path)
-    return path
-
-# %% ../nbs/07b_runfolder.ipynb #d629ed96
-def load_checkpoint(path:str|Path, map_location='cpu')->dict:
-    "Read a checkpoint written by `save_checkpoint` (`weights_only=True`)."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
-    try: return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # random bytes, a text file, a truncated file, a pickle that would run code (refused)
-        raise ValueError(f"cannot read checkpoint {path}: {_why_unreadable(path, e)}") from None
-
-# %% ../nbs/07b_runfolder.ipynb #e2899bb3
-def _why_unreadable(path:Path, e:Exception)->str:
-    "torch.load's error, said in terms of what is wrong with the file."
-    msg = str(e)
-    if 'Unsupported global' in msg or 'trust the source' in msg:
-        return ("it holds Python objects other than tensors, numbers, strings and containers; unpickling them could run "
-                "code, so aicsd refuses it (torch.load with weights_only=True). If you trust its source, load it yourself "
-                "and save its state_dict")
-    with open(path, 'rb') as fh: head = fh.read(4)
-    if head.startswith(b'PK') or head.startswith(b'\x80'):   # torch.save's zip archive, or its older pickle format
-        return (f"the file is truncated or corrupted ({type(e).__name__}: {msg.strip().splitlines()[0].split('. ')[0][:120] if msg.strip() else ''}): "
-                f"a copy cut short, a full disk, or a save that was killed")
-    return (f"it is not a PyTorch checkpoint: it starts with {head!r}, not with the zip archive (or pickle) that torch.save "
-            f"writes")
 
 # %% ../nbs/07b_runfolder.ipynb #30619a26
 class RunLog:
@@ -142,7 +103,11 @@ class Progress:
 
 # %% ../nbs/07b_runfolder.ipynb #fbc9ed4f
 class RunExistsError(ValueError): "The run folder holds a run and neither --resume nor --force was given."
+
+# %% ../nbs/07b_runfolder.ipynb #7f9e3959
 class RunLockedError(RuntimeError): "Another live process is writing to the run folder."
+
+# %% ../nbs/07b_runfolder.ipynb #29a4554b
 class RunInterrupted(KeyboardInterrupt): "Ctrl-C: the run stopped after a whole step and wrote last.pt."
 
 # %% ../nbs/07b_runfolder.ipynb #676d37ae
@@ -198,7 +163,7 @@ def save_last(self:Checkpointer, prog:Progress):
         dist.all_gather_object(allst, st)
     else: allst = st
     if r.main:   # the new file complete on disk first, then two renames: last.pt -> last.prev.pt, new -> last.pt
-        tmp = _write_tmp(dict(**self._student(), config=dict(r.cfg), decided=dict(r.decided), modules=r.net.extras.state_dict(),
+        tmp = write_temporary(dict(**self._student(), config=dict(r.cfg), decided=dict(r.decided), modules=r.net.extras.state_dict(),
                               optimizer=r.opt.state_dict(), scheduler=r.sched.state_dict(),
                               scaler=r.scaler.state_dict() if r.scaler is not None else {},
                               epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step,

@@ -4,7 +4,6 @@
 
 # %% ../nbs/10_viz.ipynb #7e7a9f12
 from __future__ import annotations
-import csv
 from pathlib import Path
 import numpy as np
 import torch
@@ -92,6 +91,7 @@ def row_normalize(M:Tensor, # `C x C` (or `B x C x C`) matrix
     "Row-wise L2 normalisation, as `icsd_loss(normalize='row')`."
     return F.normalize(torch.as_tensor(M).double(), dim=-1)
 
+# %% ../nbs/10_viz.ipynb #f5a30a56
 def _panel_size(C:int)->float: return float(min(max(2.8, 0.24 * C + 1.4), 6.0))
 
 def _heat(ax, M, names, vmin, vmax, cmap, annot, show_y=True, center=None):
@@ -276,6 +276,7 @@ def plot_class_iou(iou, # per-class IoU (C values in [0, 1], NaN = absent), a `S
     if len(vals) > 1: ax.legend(fontsize=7, loc='lower right')
     return fig
 
+# %% ../nbs/10_viz.ipynb #93804ace
 def plot_confusion(confmat, # `C x C` [true, predicted] counts, or a `SegMetrics`
                    classes:list|None=None, # class names
                    normalize:bool=True, # divide each row by its total (rows: recall of each class)
@@ -371,6 +372,7 @@ def model_logits(models:dict, # name -> `nn.Module` (or name -> logits `B x C x 
         finally: m.train(was)
     return out
 
+# %% ../nbs/10_viz.ipynb #b0d16468
 def model_ics(models:dict, # name -> `nn.Module` or logits; the teacher (reference) first
               data:Dataset|Tensor|list|None=None, # a dataset, an image batch or a list of images (not needed for logits)
               n:int=8, # number of images
