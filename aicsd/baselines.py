@@ -20,6 +20,7 @@ def _check4(name:str, x):
         raise ValueError(f"`{name}` must be a 4-D tensor B x C x H x W; got "
                          f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
 
+# %% ../nbs/03_baselines.ipynb #58fd2e6d
 def _check_pair(s:Tensor, t:Tensor, s_name:str, t_name:str,
                 same_hw:bool=True, same_c:bool=False, same_shape:bool=False):
     "Check a student/teacher pair of 4-D tensors; the message names the argument to fix."
@@ -35,19 +36,23 @@ def _check_pair(s:Tensor, t:Tensor, s_name:str, t_name:str,
         raise ValueError(f"`{s_name}` has {s.shape[1]} channels but `{t_name}` has {t.shape[1]}: map the student's "
                          "channels to the teacher's with a channel adapter (1x1 conv + BN) first")
 
+# %% ../nbs/03_baselines.ipynb #ffec4ef9
 def _prep(s:Tensor, t:Tensor)->tuple:
     "Student in float32 (float64 stays float64); teacher detached, in the same dtype."
     dt = torch.float64 if s.dtype == torch.float64 else torch.float32
     return s.to(dt), t.detach().to(dt)
 
+# %% ../nbs/03_baselines.ipynb #fc8fa195
 def _no_autocast(x:Tensor):
     "A context with autocast off on `x`'s device (reductions over many positions need float32)."
     return torch.autocast(device_type=x.device.type, enabled=False)
 
+# %% ../nbs/03_baselines.ipynb #4e1dac00
 def _kl_rows(lt:Tensor, ls:Tensor, dim:int)->Tensor:
     "KL divergence `sum_dim p_t (log p_t - log p_s)` from log-probabilities (log-softmax outputs, always finite)."
     return (lt.exp() * (lt - ls)).sum(dim)
 
+# %% ../nbs/03_baselines.ipynb #787b987e
 def _resize_labels(target:Tensor, size:tuple, name:str='target')->Tensor:
     "Nearest-neighbour resize of a `B x H x W` label map to `size` (as `nn.Upsample(mode='nearest')`)."
     if not torch.is_tensor(target) or target.dim() != 3:
@@ -76,6 +81,7 @@ def _attention_map(f:Tensor, p:float)->Tensor:
     "AT's attention map: channel mean of |f|^p, flattened to `B x HW`, unit L2 norm per image."
     return F.normalize(f.abs().pow(p).mean(1).flatten(1), dim=1)
 
+# %% ../nbs/03_baselines.ipynb #2845da13
 def at_loss(s_feat:Tensor, # student feature `B x Cs x H x W`
             t_feat:Tensor, # teacher feature `B x Ct x H x W` (same H x W; channels may differ; no gradient)
             p:float=2,     # exponent of the attention map
@@ -114,6 +120,7 @@ def _channel_gram(f:Tensor)->Tensor:
     f = f.flatten(2)
     return F.normalize(torch.bmm(f, f.transpose(1, 2)), dim=2)
 
+# %% ../nbs/03_baselines.ipynb #8eab3619
 def ickd_loss(s_feat:Tensor, # student feature mapped to the teacher's channels by an adapter, `B x C x Hs x Ws`
               t_feat:Tensor, # teacher feature `B x C x Ht x Wt` (same C; size may differ; no gradient)
              )->Tensor: # scalar: sum of squared differences of the row-normalised channel Gram matrices / (C*B)
@@ -136,6 +143,7 @@ def _pool_kernel(h:int, w:int, scale:float, kernel, name:str)->tuple:
                          "use a larger map or pass `kernel`")
     return k
 
+# %% ../nbs/03_baselines.ipynb #82f97b3e
 def _pairwise_sim(f:Tensor, detach_norm:bool=False)->Tensor:
     "`B x M x M` cosine similarities between the M positions of `f` (`B x C x H x W`)."
     if detach_norm: f = f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-8).detach()
@@ -143,6 +151,7 @@ def _pairwise_sim(f:Tensor, detach_norm:bool=False)->Tensor:
     f = f.flatten(2)
     return torch.bmm(f.transpose(1, 2), f)
 
+# %% ../nbs/03_baselines.ipynb #09017d64
 def skd_loss(s_feat:Tensor, # student feature `B x Cs x H x W`
              t_feat:Tensor, # teacher feature `B x Ct x H x W` (same H x W; channels may differ; no gradient)
              scale:float=0.5, # pooling kernel = `(int(H*scale), int(W*scale))` of the teacher's map (SKD)
@@ -163,6 +172,7 @@ def _prototype_cosine(f:Tensor, M:Tensor)->Tensor:
     proto = torch.bmm(f, M.transpose(1, 2)) / M.sum(2).clamp_min(1)[:, None]   # B x C x K: class means
     return F.cosine_similarity(f, torch.bmm(proto, M), dim=1)  # B x N (0 at unlabelled pixels)
 
+# %% ../nbs/03_baselines.ipynb #d97a6cce
 def ifvd_loss(s_feat:Tensor, # student feature `B x Cs x H x W`
               t_feat:Tensor, # teacher feature `B x Ct x H x W` (same H x W; channels may differ; no gradient)
               target:Tensor, # labels `B x H' x W'` at label resolution; values outside 0..num_classes-1 (255) ignored
@@ -200,6 +210,7 @@ def _pearson_rows(x:Tensor, y:Tensor, eps:float=1e-8)->Tensor:
     x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
     return (x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1) + eps)
 
+# %% ../nbs/03_baselines.ipynb #ff0f7217
 def dist_loss(s_logits:Tensor, # student logits `B x C x H x W`
               t_logits:Tensor, # teacher logits, same shape (no gradient)
               beta:float=1.0,  # weight of the inter-class relation (per pixel, across classes)
@@ -300,6 +311,7 @@ def _contrast_samples(queue:Tensor, n_total:int, generator:torch.Generator|None)
     else: index = torch.randperm(Q, generator=generator, device=generator.device)[:n]
     return queue[:, index.to(queue.device)].reshape(K * n, D)
 
+# %% ../nbs/03_baselines.ipynb #3455653e
 def _memory_contrast(s_feat, t_feat, target, memory, which, n_total, tau, kd_tau, generator)->Tensor:
     "Shared body of the two memory terms: KL between student and teacher similarity distributions over `X`."
     _check_pair(s_feat, t_feat, 's_feat', 't_feat', same_c=True)
@@ -321,6 +333,7 @@ def _memory_contrast(s_feat, t_feat, target, memory, which, n_total, tau, kd_tau
         lt = F.log_softmax(t @ X.T / (tau * kd_tau), 1)
         return _kl_rows(lt, ls, 1).sum() / s.shape[0] * kd_tau**2
 
+# %% ../nbs/03_baselines.ipynb #55f94b71
 def cirkd_memory_pixel_loss(s_feat:Tensor, # projected student feature `B x dim x H x W` (`cirkd_projector`)
                             t_feat:Tensor, # teacher feature `B x dim x H x W` (no gradient)
                             target:Tensor, # labels `B x H' x W'`, resized (nearest); outside 0..K-1 ignored

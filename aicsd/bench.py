@@ -37,9 +37,11 @@ def machine_info()->dict:
 # %% ../nbs/11_bench.ipynb #870c0e4f
 def _dev(device)->torch.device: return torch.device(device)
 
+# %% ../nbs/11_bench.ipynb #23de6b8d
 def _sync(device):
     if _dev(device).type == 'cuda': torch.cuda.synchronize(device)
 
+# %% ../nbs/11_bench.ipynb #0fe1cbbb
 def time_interleaved(fns:dict, # name -> callable taking no argument
                      repeats:int=5, # rounds
                      warmup:int=1, # untimed rounds first
@@ -55,6 +57,7 @@ def time_interleaved(fns:dict, # name -> callable taking no argument
             times[k].append(time.perf_counter() - t0)
     return times
 
+# %% ../nbs/11_bench.ipynb #86d72e8c
 def _quiet_profiler():
     "Silence kineto, torch.profiler's backend, before its first use in this process (a level set by the user is kept)."
     # Per profiled call it logs `USDT:... profiler_start` and `... profiler_stop`, and on a CUDA build without a GPU
@@ -62,6 +65,7 @@ def _quiet_profiler():
     # first use (not at `import torch`); level 6 is above its highest (5, USDT) and prints nothing.
     os.environ.setdefault('KINETO_LOG_LEVEL', '6')
 
+# %% ../nbs/11_bench.ipynb #6f822e95
 def _cpu_peak(fn)->int:
     _quiet_profiler()
     from torch.profiler import profile, ProfilerActivity
@@ -106,6 +110,7 @@ def _fmt(v, floatfmt):
     if isinstance(v, (tuple, list)): return 'x'.join(map(str, v))
     return '' if v is None else str(v)
 
+# %% ../nbs/11_bench.ipynb #b9e1c41b
 def format_rows(rows:list, # dicts
                 columns:list|None=None, # columns to show, in order; default: every key, in first-seen order
                 floatfmt:str='.3g', # format of floats
@@ -157,16 +162,19 @@ def _icsd_plain(s:Tensor, t:Tensor)->Tensor:
     with torch.no_grad(): Mt = ics_matrix_plain(t)
     return (Ms - Mt).pow(2).mean()
 
+# %% ../nbs/11_bench.ipynb #fa154935
 def _released_plain(s:Tensor, t:Tensor)->Tensor:
     S = F.normalize(released_ics_matrix_plain(s), dim=1)
     with torch.no_grad(): Tm = F.normalize(released_ics_matrix_plain(t), dim=1)
     return (S - Tm).pow(2).mean() / s.shape[0]
 
+# %% ../nbs/11_bench.ipynb #cae5dba8
 def _loss_fn(loss, s, t):
     def f():
         z = s.detach().requires_grad_(); loss(z, t).backward()
     return f
 
+# %% ../nbs/11_bench.ipynb #3e7d901c
 def _floor_fn(s, dense:bool=False):
     g = torch.randn(s.shape[0], s.shape[1], s.shape[2] * s.shape[3], device=s.device) if dense else None
     def f():
@@ -277,12 +285,15 @@ def calibrate_bn(model:nn.Module, # a network with BatchNorm layers (random weig
     for m, mo in zip(bns, moms): m.momentum = mo
     return model.train(was)
 
+# %% ../nbs/11_bench.ipynb #6cc92e71
 def _amp(device, dtype):
     dt = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None, 'fp32': None}[dtype]
     return torch.autocast(_dev(device).type, dtype=dt or torch.float32, enabled=dt is not None)
 
+# %% ../nbs/11_bench.ipynb #81fe6b42
 def _dtype(name): return {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None, 'fp32': None}[name]
 
+# %% ../nbs/11_bench.ipynb #ca9b2d1e
 def _step_fn(teacher, student, opt, x, y, style='ours', amp=None, teacher_amp=None, scaler=None, lambda_icsd=0.1):
     "One step as a callable: 'ours' is the engine's `train_step` with the 'icsd' objective; 'released' the released code's."
     objective = DistillObjective('icsd', lambda_icsd=lambda_icsd)
@@ -302,6 +313,7 @@ def _step_fn(teacher, student, opt, x, y, style='ours', amp=None, teacher_amp=No
         return loss.detach()
     return step
 
+# %% ../nbs/11_bench.ipynb #c275b841
 def _with_cudnn_benchmark(f, on:bool):
     "`f` run with `torch.backends.cudnn.benchmark` set to `on` (the flag is read at each convolution: variants interleave)."
     def g():

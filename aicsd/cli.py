@@ -22,6 +22,7 @@ def _method_arg(s:str)->str:
     except ValueError as e: raise argparse.ArgumentTypeError(str(e))
     return s
 
+# %% ../nbs/09_cli.ipynb #08e7e296
 def _weight_arg(s:str)->tuple:
     "argparse type of --weight: TERM=W."
     k, sep, v = s.partition('=')
@@ -32,6 +33,7 @@ def _weight_arg(s:str)->tuple:
     if k.strip() not in TERMS: raise argparse.ArgumentTypeError(f"unknown term {k.strip()!r}; terms: {', '.join(TERMS)}")
     return k.strip(), w
 
+# %% ../nbs/09_cli.ipynb #2c5ce269
 def _param_arg(s:str)->tuple:
     "argparse type of --param: TERM.KEY=V (V read as YAML: 2, 0.5, true, null)."
     import yaml
@@ -43,22 +45,26 @@ def _param_arg(s:str)->tuple:
         raise argparse.ArgumentTypeError(f"term {term!r} has no parameter {key!r}; it takes {sorted(TERMS[term].params) or 'none'}")
     return term, key, yaml.safe_load(v)
 
+# %% ../nbs/09_cli.ipynb #5b0fb864
 class _Params(argparse.Action):
     "--param TERM.KEY=V, repeatable; merges into a dict of dicts."
     def __call__(self, parser, ns, values, option_string=None):
         d = {k: dict(v) for k, v in (getattr(ns, self.dest) or {}).items()}
         d.setdefault(values[0], {})[values[1]] = values[2]; setattr(ns, self.dest, d)
 
+# %% ../nbs/09_cli.ipynb #dc260052
 class _Weights(argparse.Action):
     "--weight TERM=W, repeatable; merges into a dict (a config file's `weight:` mapping included)."
     def __call__(self, parser, ns, values, option_string=None):
         d = dict(getattr(ns, self.dest) or {}); d[values[0]] = values[1]; setattr(ns, self.dest, d)
 
+# %% ../nbs/09_cli.ipynb #31f844ff
 def methods_help()->str:
     "One line per method of the methods table, for --help."
     w = max(map(len, METHODS))
     return '\n'.join(f"  {n:<{w}}  {m.doc}{' [ALW]' if m.alw else ''}" for n, m in METHODS.items())
 
+# %% ../nbs/09_cli.ipynb #a07975f0
 class _Help(argparse.RawDescriptionHelpFormatter):
     "--help of every subcommand: each option's line ends with its default ('on'/'off' for switches) unless it says it."
     def _get_help_string(self, a):
@@ -80,6 +86,7 @@ def _add_option(g, o:Option, command:str='train'):
     elif o.name == 'param': g.add_argument(*flags, type=_param_arg, action=_Params, metavar=o.metavar, **kw)
     else: g.add_argument(*flags, type=o.type, choices=o.choices, metavar=o.metavar, nargs=o.nargs, **kw)
 
+# %% ../nbs/09_cli.ipynb #23cfbca9
 def add_train_options(p:argparse.ArgumentParser, # a subcommand parser
                       command:str='train', # 'train', 'distill' or 'evaluate': the rows whose `commands` name it
                      )->argparse.ArgumentParser:
@@ -215,6 +222,7 @@ def _add_data_commands(sub, fmt):
     t.add_argument('--data-root', default='data/synthetic', metavar='DIR', help='dataset folder')
     t.add_argument('--split', default='train', help='split to count')
 
+# %% ../nbs/09_cli.ipynb #3efa88d0
 def _run_data(a):
     import aicsd.data as D
     if a.data_command == 'synthetic':
@@ -266,6 +274,7 @@ def main(argv:list|None=None)->int:
         print(f"aicsd: error: {msg}", file=sys.stderr)
         return 2
 
+# %% ../nbs/09_cli.ipynb #ab514419
 def _json_safe(x):
     "NaN (a class absent from the data) as null: strict JSON readers reject NaN."
     if isinstance(x, float) and x != x: return None

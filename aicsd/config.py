@@ -44,7 +44,10 @@ class Option:
     commands:tuple=('train', 'distill') # the subcommands that take the flag (`aicsd COMMAND --help` lists it)
     renamed:tuple=() # (command, flag) pairs: the flag is spelled differently there, e.g. `('distill', '--student')`
 
+# %% ../nbs/07a_config.ipynb #6c8fb379
 def _O(name, default, group, help='', **kw): return Option(name, default, group, help, **kw)
+
+# %% ../nbs/07a_config.ipynb #e1d3b341
 def _E(name, default, group, help='', **kw):   # a row that `aicsd evaluate` takes too
     return Option(name, default, group, help, commands=('train', 'distill', 'evaluate'), **kw)
 

@@ -45,6 +45,7 @@ def voc_palette(n:int=256, # number of palette entries
     "The Pascal VOC colour map (bit-interleaved RGB), as used by the devkit's palette PNGs."
     return _voc_palette(n).copy()
 
+# %% ../nbs/06_data.ipynb #eb49a539
 @functools.lru_cache(4)
 def _voc_palette(n):
     pal = np.zeros((n, 3), np.uint8)
@@ -125,6 +126,7 @@ def read_label(path, # label PNG (palette or 8-bit grayscale): one class index p
     except ValueError: raise
     except Exception as e: raise ValueError(f"Cannot read label file {path}: {e}") from e
 
+# %% ../nbs/06_data.ipynb #659fb668
 def _check_values(m:np.ndarray, valid:int, path, extra=()):
     "Raise naming `path` if `m` holds values outside 0..valid-1, 255 and `extra`."
     counts = np.bincount(m.ravel(), minlength=256)
@@ -134,6 +136,7 @@ def _check_values(m:np.ndarray, valid:int, path, extra=()):
         raise ValueError(f"Label file {path} holds values {bad.tolist()} outside the {valid} classes "
                          f"(0..{valid - 1}) and the ignore index 255.")
 
+# %% ../nbs/06_data.ipynb #eda758be
 def _check_sizes(image, mask, ipath, mpath):
     if tuple(image.shape[-2:]) != tuple(mask.shape[-2:]):
         raise ValueError(f"Image {ipath} is {tuple(image.shape[-2:])} (H, W) but its label {mpath} is "
@@ -166,6 +169,7 @@ class SegmentationDataset(Dataset):
         return (image, mask) if self.transform is None else self.transform(image, mask)
     def __repr__(self): return f"{type(self).__name__}({self.root}, split={self.split!r}, {len(self)} images, {self.num_classes} classes)"
 
+# %% ../nbs/06_data.ipynb #8aa6f605
 def _read_list(path:Path)->list:
     "Ids of a split list; accepts `id` lines and `/JPEGImages/id.jpg /SegmentationClassAug/id.png` lines."
     ids = []
@@ -174,6 +178,7 @@ def _read_list(path:Path)->list:
         if line: ids.append(Path(line.split()[0]).stem)
     return ids
 
+# %% ../nbs/06_data.ipynb #fdfc4a1e
 def _stems(folder:Path, exts)->dict:
     "Map file stem -> path for the files of `folder` with one of `exts` (one directory listing, fast)."
     if not folder.is_dir(): return {}
@@ -271,6 +276,7 @@ def _finish(mean, std):
     return [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
             v2.Normalize(mean=list(mean), std=list(std)), v2.ToPureTensor()]
 
+# %% ../nbs/06_data.ipynb #fa2bc0f6
 def train_transform(crop_size:int=513, # side of the square training crop (or `(h, w)`)
                     scale:tuple=(0.5, 2.0), # short side drawn uniformly in `[scale[0]*base, scale[1]*base]`
                     hflip:bool=True, # random horizontal flip (p = 0.5)
@@ -339,12 +345,14 @@ def _shape_mask(kind, u, v, r):
     if kind == 'cross': return ((np.abs(u) <= r) & (np.abs(v) <= 0.28 * r)) | ((np.abs(v) <= r) & (np.abs(u) <= 0.28 * r))
     raise ValueError(kind)
 
+# %% ../nbs/06_data.ipynb #4cee6a8e
 def _texture(kind, u, v, r):
     if kind == 'plain': return np.ones_like(u)
     p = max(r / 2.5, 3.0)
     if kind == 'stripes': return np.where(np.sin(2 * np.pi * u / p) > 0, 1.0, 0.55)
     return np.where(np.sin(2 * np.pi * u / p) * np.sin(2 * np.pi * v / p) > 0, 1.0, 0.55)   # dots
 
+# %% ../nbs/06_data.ipynb #cef2235b
 def _void_border(lab, width):
     "Set to 255 the pixels within `width` of a boundary between two different labels (as VOC does)."
     edge = np.zeros(lab.shape, bool)
@@ -355,6 +363,7 @@ def _void_border(lab, width):
     out = lab.copy(); out[edge] = IGNORE_INDEX
     return out
 
+# %% ../nbs/06_data.ipynb #bdbfde44
 def draw_synthetic(table:list, # attribute table (`synthetic_classes`)
                    size=(128, 128), # image `(H, W)`
                    seed:int=0, # dataset seed
@@ -546,6 +555,7 @@ class ShardSampler(Sampler):
     def __len__(self): return len(range(self.r, self.n, self.K))
     def set_epoch(self, epoch:int, skip:int=0): pass
 
+# %% ../nbs/06_data.ipynb #eed76213
 def _worker_init(worker_id:int):
     s = torch.initial_seed() % 2**32
     np.random.seed(s); import random; random.seed(s)
@@ -603,6 +613,7 @@ def _sbd_dataset_dir(sbd_root:Path)->Path:
         "Download benchmark.tgz from https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/ "
         "and unpack it. See data/README.md.")
 
+# %% ../nbs/06_data.ipynb #e1c56c65
 def read_sbd_mat(path)->np.ndarray:
     "The class-index map (uint8 `H x W`) of an SBD `cls/<id>.mat` file."
     from scipy.io import loadmat

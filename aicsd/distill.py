@@ -76,6 +76,7 @@ def _full(x:Tensor)->Tensor:
     "Half-precision outputs of autocast to float32; float32 and float64 stay as they are."
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
+# %% ../nbs/08_distill.ipynb #b208e338
 class StudentWithModules(nn.Module):
     "The student and its terms' modules as one module: what DDP wraps and the optimizer trains."
     def __init__(self, student:nn.Module, modules:nn.ModuleDict|None=None):
@@ -90,6 +91,7 @@ def _core(model:nn.Module)->nn.Module:
         model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
     return model
 
+# %% ../nbs/08_distill.ipynb #6cd84b29
 def model_outputs(model:nn.Module, # a DeepLabV3Plus (or a `StudentWithModules`, possibly inside DDP)
                   x:Tensor, # images
                   taps:tuple=(), # feature taps to return besides the logits
@@ -167,17 +169,20 @@ def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, cla
     va = get_dataset(D.data, root, D.val_split, eval_transform_for(D.eval_resize, D.eval_square))
     return tr, va, D.num_classes or _num_classes(tr)
 
+# %% ../nbs/08_distill.ipynb #30f763d0
 def _num_classes(ds)->int:
     if hasattr(ds, 'num_classes'): return int(ds.num_classes)
     if hasattr(ds, 'classes'): return len(ds.classes)
     raise ValueError("cannot tell the number of classes of the dataset: set num_classes (--num-classes)")
 
+# %% ../nbs/08_distill.ipynb #fdbcd1dc
 def _amp_dtype(precision:str, # 'fp32', 'bf16', 'fp16' or 'auto' (fp32 until `resolve_precision` decides)
                device:torch.device):
     if precision in ('fp32', 'auto'): return None
     if precision == 'fp16' and device.type != 'cuda': raise ValueError("--precision fp16 needs CUDA; use --precision bf16 on CPU")
     return torch.float16 if precision == 'fp16' else torch.bfloat16
 
+# %% ../nbs/08_distill.ipynb #c3ea01f1
 def _disable_dropout(model:nn.Module):
     for m in model.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd): m.p = 0.0
@@ -219,6 +224,7 @@ def build_models(M:ModelSpec, # the model part of the configuration
                                       num_classes)
     return student, teacher, modules
 
+# %% ../nbs/08_distill.ipynb #7ffeb038
 def _student(M:ModelSpec, num_classes:int)->nn.Module:
     "The student network of the model part (ImageNet weights from torchvision or from a file, as asked)."
     pre = M.pretrained_backbone
@@ -260,6 +266,7 @@ def build_run(cfg:dict)->Run:
                memory_format=mf, steps_per_epoch=spe, epochs=epochs, total=total, loop=L, precision=P, data=D,
                predict=eval_predictor(cfg))
 
+# %% ../nbs/08_distill.ipynb #7935d540
 def _place(net, teacher, P:PrecisionSpec, device, world:int)->tuple: # (model, teacher, dtype, memory format)
     "Sync-BN, dtype, memory format, DDP and torch.compile, as the precision part asks."
     if world > 1 and P.sync_bn: convert_sync_batchnorm(net, device)
@@ -275,6 +282,7 @@ def _place(net, teacher, P:PrecisionSpec, device, world:int)->tuple: # (model, t
         if teacher is not None: teacher = torch.compile(teacher, backend=P.compile)
     return model, teacher, fdt, mf
 
+# %% ../nbs/08_distill.ipynb #9eb94a55
 def _optimizer(student, modules, O:OptimSpec, loader)->tuple: # (optimizer, schedule, epochs, total steps, steps per epoch)
     "SGD over the backbone, the head (x head_mult) and the terms' modules, and the poly schedule over the run's steps."
     groups = param_groups(student, O.lr, head_mult=O.head_mult)
@@ -339,6 +347,7 @@ def _eval_figures(run:Run, prog:Progress, log:RunLog, draw:Callable)->dict: # th
         warn(f"figures at step {prog.step} not drawn: {type(e).__name__}: {e}")
         return {}
 
+# %% ../nbs/08_distill.ipynb #d8204a73
 def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer, t0:float, tty:bool=False,
                            draw:Callable|None=None, # figure hook (run, step, tb_writer) -> dict, or None
                           ):

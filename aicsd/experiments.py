@@ -87,6 +87,7 @@ def _field_published(st:str, m:str):
     if METHODS[m].paper.startswith('AICSD'): return 'not published in this protocol'
     return 'not in our sources (see the field papers)'
 
+# %% ../nbs/08a_experiments.ipynb #599ad156
 def _field_recipes()->dict:
     "One recipe per method of the methods table and student, in CIRKD's protocol (16 images per step over 8 processes)."
     r = {}
@@ -122,10 +123,12 @@ def _toml(v)->str:
     if isinstance(v, dict): return '{' + ', '.join(f"{k} = {_toml(x)}" for k, x in v.items()) + '}'
     return json.dumps(v)
 
+# %% ../nbs/08a_experiments.ipynb #eb4058ae
 def _field_table()->str:
     ms = list(dict.fromkeys(m for d in FIELD_MIOU.values() for m in d))
     return ', '.join(f"{m} " + ' / '.join(f"{FIELD_MIOU[s][m]:.2f}" if m in FIELD_MIOU[s] else '-' for s in FIELD_MIOU) for m in ms)
 
+# %% ../nbs/08a_experiments.ipynb #4f803ff1
 def recipe_text(name:str, # a key of RECIPES
                 fmt:str='yaml', # 'yaml' or 'toml'
                )->str:
@@ -170,6 +173,7 @@ def _demo_cfg(P:dict, root:Path, out:Path, threads, seed)->dict:
                 threads=threads, device='cpu', workers=0, val_batch_size=16, scale_min=0.75, scale_max=1.25,
                 max_val=P.get('max_val'))
 
+# %% ../nbs/08a_experiments.ipynb #ba611d5b
 def _teacher(P, base, out, fresh):
     "Train the demo teacher, or reuse the cached one when its configuration matches."
     tdir = out/f"teacher-{P['name']}"
@@ -182,6 +186,7 @@ def _teacher(P, base, out, fresh):
     t0 = time.time(); r = fit(cfg)
     return ck, r['metrics'], time.time() - t0, False
 
+# %% ../nbs/08a_experiments.ipynb #94895957
 def _mean_std(xs:list)->tuple:
     import statistics
     return (float(statistics.fmean(xs)), float(statistics.stdev(xs)) if len(xs) > 1 else 0.0)
@@ -308,6 +313,7 @@ def _by_seed(row:dict)->dict:
     "A row's per-seed runs by seed (runs stored without a seed, by older versions, count by position)."
     return {r.get('seed', i): r for i, r in enumerate(row.get('runs') or [])}
 
+# %% ../nbs/08a_experiments.ipynb #cd33a426
 def paired_diffs(rows:list, # result rows (`run_demo`); rows with per-seed `runs` take part
                  reference:str='baseline', # the method the others are compared with
                  key:str='miou', # the metric compared
@@ -351,6 +357,7 @@ def _pm(r, k, scale=100.0, fmt='.2f'):
     v = f"{scale * r[k]:{fmt}}"
     return v + (f" ± {scale * r[k + '_std']:{fmt}}" if r.get('n', 1) > 1 and k + '_std' in r else '')
 
+# %% ../nbs/08a_experiments.ipynb #7ecb1a7b
 def _diff_cells(d:dict|None, is_ref:bool)->str:
     "The two paired cells of a row: the mean difference with its interval, and the mark."
     if is_ref: return ' (reference) | |'
@@ -360,6 +367,7 @@ def _diff_cells(d:dict|None, is_ref:bool)->str:
     ci = f" [{f(d['lo'])}, {f(d['hi'])}]" if d['lo'] is not None else ''
     return f" {f(d['mean'])}{ci} | {d['mark']} |"
 
+# %% ../nbs/08a_experiments.ipynb #3e848941
 def format_table(rows:list, # result rows (`run_demo`)
                  reference:str='baseline', # with per-seed runs: the paired difference to this method
                  level:float=0.95, # confidence level of the paired intervals

@@ -53,6 +53,7 @@ def resnet_layout(output_stride:int=16, # 16 or 8
 def _convs3x3(block):
     return [m for m in (block.conv1, block.conv2, getattr(block, 'conv3', None)) if m is not None and m.kernel_size == (3, 3)]
 
+# %% ../nbs/05_models.ipynb #6e7640fa
 class ResNetBackbone(nn.Module):
     "torchvision ResNet trunk with the released strides and dilations; `forward(x) -> (high, low)`."
     def __init__(self, net:torchvision.models.ResNet, # a torchvision ResNet (its weights are kept)
@@ -88,6 +89,7 @@ def _tv_weights(backbone, pretrained):
     try: return enum[name]
     except KeyError: raise ValueError(f"pretrained_backbone={pretrained!r}: {_TV[backbone][1]} has {[w.name for w in enum]}") from None
 
+# %% ../nbs/05_models.ipynb #823ae947
 def resnet_backbone(name:str='resnet101', # 'resnet101', 'resnet50' or 'resnet18'
                     output_stride:int=16, # 16 or 8
                     pretrained:bool|str=False, # True (or a torchvision weights name) loads ImageNet weights
@@ -224,6 +226,7 @@ def _check_num_classes(num_classes):
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     return int(num_classes)
 
+# %% ../nbs/05_models.ipynb #512141d6
 def _weight_file(pretrained)->Path|None:
     "`pretrained` as a weight file: a Path, or a str with a path separator or a .pth/.pt/.tar suffix (else a weights name)."
     if isinstance(pretrained, Path): return pretrained
@@ -231,6 +234,7 @@ def _weight_file(pretrained)->Path|None:
         return Path(pretrained)
     return None
 
+# %% ../nbs/05_models.ipynb #9dea71ce
 class DeepLabV3Plus(nn.Module):
     "DeepLabV3+ with the released module names `backbone.*`, `aspp.*`, `decoder.*`."
     family = 'deeplabv3plus'
@@ -366,6 +370,7 @@ def _cbr(cin, cout, k=1, d=1):
     "conv (no bias; padding = dilation for 3x3) -> BN -> ReLU, as a list of modules."
     return [nn.Conv2d(cin, cout, k, padding=0 if k == 1 else d, dilation=d, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
+# %% ../nbs/05_models.ipynb #4e059e67
 class _Block(nn.Module):
     "A module holding one `nn.Sequential` named `block` (CIRKD's `_ASPPConv` and `_FCNHead`)."
     def __init__(self, *mods):
@@ -373,6 +378,7 @@ class _Block(nn.Module):
         self.block = nn.Sequential(*mods)
     def forward(self, x:Tensor)->Tensor: return self.block(x)
 
+# %% ../nbs/05_models.ipynb #424d4d17
 class ASPPPooling(nn.Module):
     "Image pooling: global average -> 1x1 conv -> BN -> ReLU (`gap`), upsampled back bilinearly (align_corners=True)."
     def __init__(self, cin:int, cout:int):
@@ -504,11 +510,13 @@ def param_groups(model:nn.Module, # a DeepLabV3Plus or DeepLabV3 (or a DDP/compi
 class CheckpointMismatchError(RuntimeError):
     "A state_dict does not fit the model: missing or unexpected keys, or wrong shapes."
 
+# %% ../nbs/05_models.ipynb #f089e689
 def _strip_prefixes(sd):
     for pre in ('module.', '_orig_mod.'):
         if sd and all(k.startswith(pre) for k in sd): sd = {k[len(pre):]: v for k, v in sd.items()}
     return sd
 
+# %% ../nbs/05_models.ipynb #9263e576
 def _guess_backbone(sd):
     "The backbone of a state_dict in the released DeepLabV3+ layout, or None."
     if any(k.startswith('backbone.features.') for k in sd): return 'mobilenetv2'
@@ -538,6 +546,7 @@ def _describe(model):
         return f"the field's DeepLabV3 (CIRKD layout) {model.backbone_name} with num_classes={model.num_classes}, aux={model.aux}"
     return f"DeepLabV3+ {model.backbone_name} with num_classes={model.num_classes} (output_stride does not change any key or shape)"
 
+# %% ../nbs/05_models.ipynb #142a0354
 def _hints(model, sd):
     "What `sd` looks like where it differs from `model`: its class count, backbone, family or auxiliary head."
     v3 = getattr(model, 'family', 'deeplabv3plus') == 'deeplabv3'
@@ -555,6 +564,7 @@ def _hints(model, sd):
         out.append(f"the checkpoint {'has an' if has else 'has no'} auxiliary head; pass aux={has}")
     return out
 
+# %% ../nbs/05_models.ipynb #8686b673
 def _mismatch_report(model, sd, source, show=8):
     msd = model.state_dict()
     missing = [k for k in msd if k not in sd]
@@ -567,6 +577,7 @@ def _mismatch_report(model, sd, source, show=8):
         if lst: lines += [f"  {len(lst)} {name}: " + ', '.join(lst[:show]) + (f', ... ({len(lst) - show} more)' if len(lst) > show else '')]
     return '\n'.join(lines)
 
+# %% ../nbs/05_models.ipynb #49c02fad
 def _alias_report(model, sd, source, show=4):
     "Keys that name one shared tensor in `model` (MobileNetV2's `features` and its two views) but differ in `sd`."
     groups = {}
@@ -577,6 +588,7 @@ def _alias_report(model, sd, source, show=4):
             f"(a consistent checkpoint stores the same tensor under each name): "
             + '; '.join(' vs '.join(ks) for ks in bad[:show]) + (f'; ... ({len(bad) - show} more)' if len(bad) > show else ''))
 
+# %% ../nbs/05_models.ipynb #ed18fa85
 def load_state_dict_strict(model:nn.Module, # the model to fill
                            sd:dict, # a state_dict (a 'module.' or '_orig_mod.' prefix is removed)
                            source:str='state_dict', # what to call it in the error message
@@ -611,6 +623,7 @@ def _read(path_or_dict, map_location):
     if isinstance(path_or_dict, dict): return path_or_dict, 'checkpoint dict'
     return load_checkpoint(path_or_dict, map_location), str(path_or_dict)      # the one reader of files
 
+# %% ../nbs/05_models.ipynb #912e0069
 def load_model(path_or_dict:str|Path|dict, # a file written by save_model (or the trainer), or its loaded dict
                map_location='cpu', # passed to torch.load
               )->nn.Module: # a DeepLabV3Plus or DeepLabV3, in eval mode
@@ -671,6 +684,7 @@ def _fit_report(want, have, path, what, show=8):
     return '\n'.join([f"{path} does not fit {what}:"] + [f"  {len(l)} {n}: " + ', '.join(l[:show]) + (f', ... ({len(l) - show} more)' if len(l) > show else '')
                                                         for n, l in (('missing keys', missing), ('shape mismatches', shapes)) if l])
 
+# %% ../nbs/05_models.ipynb #a342a86a
 def load_backbone_weights(model:nn.Module, # a DeepLabV3 or DeepLabV3Plus (a DDP/compile wrapper is unwrapped)
                           path:str|Path, # the weight file (a state_dict)
                           map_location='cpu', # passed to torch.load

@@ -128,6 +128,7 @@ register_method('released_icsd', Method(('ce', 'kd', 'released_icsd'), doc="CE +
 # %% ../nbs/04_objective.ipynb #f8f9605e
 def _adapted(s, tap, mod): return mod(s[tap]) if mod is not None else s[tap]
 
+# %% ../nbs/04_objective.ipynb #7cb01167
 def term_at(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, p:float=2.0):
     return B.at_loss(s['decoder'], t['decoder'], p=p)
 
@@ -193,6 +194,7 @@ def term_released_pi(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     "The released code's pixel KD: `KLDivLoss()` with mean reduction, i.e. our KD (T = 1, every pixel) divided by C."
     return pixel_kd_loss(s['logits'], t['logits']) / s['logits'].shape[1]
 
+# %% ../nbs/04_objective.ipynb #063f6a76
 def _adapter(tap): return lambda sc, tc, nc, **_: B.channel_adapter(sc[tap], tc[tap])
 
 # %% ../nbs/04_objective.ipynb #9d536755

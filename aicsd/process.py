@@ -61,6 +61,7 @@ def _attempt_store(world:int): # a store whose keys belong to this torchrun atte
     store = dist.TCPStore(e['MASTER_ADDR'], int(e['MASTER_PORT']), world, is_master=False, timeout=timedelta(minutes=10))
     return dist.PrefixStore(f'aicsd/attempt_{n}', store)
 
+# %% ../nbs/07c_process.ipynb #2452d903
 def init_distributed(device:torch.device)->tuple: # (rank, world, local_rank, we_initialised)
     "Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."
     rank, world, local = dist_env()
@@ -134,6 +135,7 @@ class _SyncBNFunction(torch.autograd.Function):
         dx = (dy - (g[:C] / ctx.n).view(shape) - xhat * (g[C:] / ctx.n).view(shape)) * invstd.view(shape) * w
         return dx, (sdyx if weight is not None else None), (sdy if weight is not None else None), None, None
 
+# %% ../nbs/07c_process.ipynb #3d665bf3
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     "Batch norm whose training statistics cover all ranks (gloo, CPU); a plain batch norm otherwise."
     def __init__(self, num_features:int, eps:float=1e-5, momentum:float|None=0.1, affine:bool=True,

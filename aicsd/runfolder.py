@@ -87,6 +87,7 @@ def _read_csv(path:Path)->dict:
     f = lambda v: float(v) if v not in (None, '') else float('nan')
     return {k: np.array([f(r.get(k)) for r in rows]) for k in rows[0]}
 
+# %% ../nbs/07b_runfolder.ipynb #d68ebac5
 def read_run(run, # run folder holding `train_log.csv` and/or `eval_log.csv`
             )->dict: # {'train': column -> array, 'eval': column -> array, 'terms': names of the loss terms, 'name': folder name}
     "The logs of a run as arrays."
@@ -117,6 +118,7 @@ def _alive(pid:int)->bool:
     except PermissionError: return True
     return True
 
+# %% ../nbs/07b_runfolder.ipynb #43c6540e
 class RunLock:
     "`out/.lock`: one run writes a folder at a time; a lock left by a dead process on this host is taken over."
     def __init__(self, out:Path): self.path, self.held = Path(out)/'.lock', False

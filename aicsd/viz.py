@@ -86,6 +86,7 @@ def _mean_matrix(M)->Tensor:
     M = torch.as_tensor(M).detach().cpu().double()
     return M.mean(0) if M.dim() == 3 else M
 
+# %% ../nbs/10_viz.ipynb #548c2462
 def row_normalize(M:Tensor, # `C x C` (or `B x C x C`) matrix
                  )->Tensor: # each row divided by its L2 norm (zero rows stay zero)
     "Row-wise L2 normalisation, as `icsd_loss(normalize='row')`."
@@ -94,6 +95,7 @@ def row_normalize(M:Tensor, # `C x C` (or `B x C x C`) matrix
 # %% ../nbs/10_viz.ipynb #f5a30a56
 def _panel_size(C:int)->float: return float(min(max(2.8, 0.24 * C + 1.4), 6.0))
 
+# %% ../nbs/10_viz.ipynb #1a8907b6
 def _heat(ax, M, names, vmin, vmax, cmap, annot, show_y=True, center=None):
     C = M.shape[0]
     sns.heatmap(M.numpy(), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, center=center, square=True, cbar=False,
@@ -102,6 +104,7 @@ def _heat(ax, M, names, vmin, vmax, cmap, annot, show_y=True, center=None):
     ax.tick_params(labelsize=max(5, 9 - C // 6))
     ax.set_xlabel('j'); ax.set_ylabel('i' if show_y else '')
 
+# %% ../nbs/10_viz.ipynb #76e76750
 def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged over images)
              student:Tensor|None=None, # student ICS matrix, same shape; None: the teacher alone
              classes:list|None=None, # class names; default '0'..'C-1'
@@ -169,6 +172,7 @@ def _gray(image, hw):
     if g.shape != tuple(hw): raise ValueError(f"image is {g.shape} (H, W) but the logits are {tuple(hw)}")
     return g
 
+# %% ../nbs/10_viz.ipynb #896d1ed6
 def plot_distributions(logits:Tensor, # one image's logits `C x H x W` (or `1 x C x H x W`)
                        image:Tensor|np.ndarray|None=None, # the image under the maps (any form `to_rgb` takes); None: grey
                        cls:int|list|None=None, # class index or indices; default: the classes predicted somewhere
@@ -204,6 +208,7 @@ def _indices(p)->Tensor:
     if p.is_floating_point(): return p.reshape(p.shape[-3:]).argmax(0)
     return p.reshape(p.shape[-2:]).long()
 
+# %% ../nbs/10_viz.ipynb #cd7d4cce
 def _num_classes_of(preds:dict)->int|None:
     "C of the first logits among `preds` (a batch tensor or a list of per-image tensors), or None."
     for v in preds.values():
@@ -211,6 +216,7 @@ def _num_classes_of(preds:dict)->int|None:
         if p.is_floating_point(): return int(p.shape[-3])
     return None
 
+# %% ../nbs/10_viz.ipynb #d9133b98
 def plot_predictions(images, # `B x 3 x H x W` tensor, or a list of images of any sizes (any form `to_rgb` takes)
                      target:Tensor|list|None=None, # `B x H x W` labels (255 ignored), a list of them (one per image), or None
                      preds:dict|None=None, # name -> `B x H x W` indices, `B x C x H x W` logits, or a list of one image's each
@@ -251,11 +257,13 @@ def plot_predictions(images, # `B x 3 x H x W` tensor, or a list of images of an
 # %% ../nbs/10_viz.ipynb #5303aa20
 def _is_metrics(m)->bool: return hasattr(m, 'compute') and hasattr(m, 'confmat')   # a SegMetrics
 
+# %% ../nbs/10_viz.ipynb #e0359974
 def _iou_of(m)->Tensor:
     if _is_metrics(m): return torch.as_tensor(m.compute()['iou'])
     if isinstance(m, dict): return torch.as_tensor(m['iou'])
     return torch.as_tensor(m)
 
+# %% ../nbs/10_viz.ipynb #d45ff16d
 def plot_class_iou(iou, # per-class IoU (C values in [0, 1], NaN = absent), a `SegMetrics`, a metrics dict, or name -> any of these
                    classes:list|None=None, # class names
                    title:str|None=None, # axes title; default says the mIoU
@@ -349,11 +357,13 @@ def _images_of(data, n:int)->list:
     if isinstance(data, (list, tuple)): return list(data[:n])
     return [data[i][0] for i in range(min(n, len(data)))]
 
+# %% ../nbs/10_viz.ipynb #a491b664
 def _as_input(x)->Tensor:
     x = torch.as_tensor(x)
     if x.dtype == torch.uint8: raise ValueError("models need normalised float images (use the dataset's eval transform)")
     return x[None] if x.dim() == 3 else x
 
+# %% ../nbs/10_viz.ipynb #a95a965e
 @torch.no_grad()
 def model_logits(models:dict, # name -> `nn.Module` (or name -> logits `B x C x H x W`, passed through)
                  data:Dataset|Tensor|list|None=None, # a dataset (its first `n` items), an image batch `B x 3 x H x W`, or a list of images
@@ -382,6 +392,7 @@ def model_ics(models:dict, # name -> `nn.Module` or logits; the teacher (referen
     logits = model_logits(models, data, n)
     return _ics_and_dist(logits, T)
 
+# %% ../nbs/10_viz.ipynb #2c49a421
 def _ics_and_dist(logits:dict, T:float=1.0)->tuple:
     M = {nm: torch.stack([ics_matrix(l, T=T)[0] for l in ls]).mean(0) for nm, ls in logits.items()}
     ref = M[next(iter(M))]
