@@ -19,7 +19,8 @@ ICS_SETTINGS = dict(
     band={'cpu': 1 << 19},  # elements per band of whole columns (the released kernel, 02_losses), by device type;
                             # rounded up to a multiple of 32 columns; other devices: a whole image per band
     workers=None,           # worker threads on CPU; None: `torch.get_num_threads()`
-    pad=8,                  # round the small matrices' sizes up to a multiple of this (faster products on CPU)
+    pad=4,                  # round the small matrices' sizes up to a multiple of this (faster products on CPU:
+                            # 19 classes take 20 x 20 products, 30% fewer operations than at a multiple of 8)
     split={'cuda': 2048},   # by device type: run a long `C x N` by `N x C` product as one batched product of
                             # chunks of this many positions, then sum (a single long product keeps one GPU core busy)
     hugepages=False,        # on Linux, ask for 2 MB pages for the gradients the kernels return (`empty_grad`)

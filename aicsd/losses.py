@@ -123,7 +123,7 @@ def _released_bands(logits:Tensor,  # logits `B x C x H x W`
     items = [(b, a, min(W, a + w)) for a in range(0, W, w) for b in range(B)]   # images in turn: see above
     nw = n_workers(logits.device, len(items))
     Cp = round_up(C, 4)                                                  # products run faster on a multiple of 4 rows
-    bufD, bufQ = scratch('rD', (nw, C * H * w), dt, logits.device), scratch('rQ', (nw, Cp * H * w), dt, logits.device)
+    bufD, bufQ = scratch('rD', (nw, C * H * w), dt, logits.device), scratch('rQ', (nw, Cp, H * w), dt, logits.device)
     As, Gs = torch.empty(len(items), C, **kw), torch.empty(len(items), Cp, Cp, **kw)
     lS = torch.empty(B, C, 1, W, **kw)                                   # log S of each column
     lse = torch.empty(B, C, 1, W, **kw) if need_lse else None            # log-normaliser of each column
@@ -133,7 +133,7 @@ def _released_bands(logits:Tensor,  # logits `B x C x H x W`
         D.copy_(logits[b, :, :, a:e])
         mx = D.amax(1, keepdim=True)
         D.sub_(mx)                                                       # D = z - column maximum
-        Qa = bufQ[k, :Cp * H * n].view(Cp, H * n); Qa[C:].zero_()
+        Qa = bufQ[k, :, :H * n]                                          # rows C.. stay zero: nothing writes them
         Q = fast_exp(D, out=Qa[:C].view(C, H, n))
         S = Q.sum(1, keepdim=True)
         Q.mul_(S.reciprocal())                                           # Q = softmax over H
@@ -165,15 +165,14 @@ def _released_grad_bands(logits:Tensor, # logits `B x C x H x W`
         K = -(U + U.T) / B
         grad = empty_grad(logits)
         direct = grad.dtype == dt
-        bufL = scratch('rD', (nw, C * H * w), dt, logits.device)         # the forward's buffers, and one more
-        bufQ = scratch('rQ', (nw, round_up(C, 4) * H * w), dt, logits.device)
-        bufg = scratch('rg', (nw, C * H * w), dt, logits.device)
+        bufL = scratch('rD', (nw, C * H * w), dt, logits.device)         # two band buffers per thread: log Q, then
+        bufQ = scratch('rg', (nw, C * H * w), dt, logits.device)         # g and P in its place; and Q
         def block(i, k):
             b, s, e = items[i]; n = e - s
             L = torch.sub(logits[b, :, :, s:e], lse[b, :, :, s:e], out=bufL[k, :C * H * n].view(C, H, n))   # log Q
             Q = fast_exp(L, out=bufQ[k, :C * H * n].view(C, H, n))
-            g = torch.mm(K, Q.view(C, -1), out=bufg[k, :C * H * n].view(C, -1)).view(C, H, n)
-            P = g.addcmul_(L, a).mul_(Q)                                 # P = Q g, g = K Q + a log Q
+            g = L.mul_(a).view(C, -1).addmm_(K, Q.view(C, -1)).view(C, H, n)   # g = K Q + a log Q
+            P = g.mul_(Q)                                                # P = Q g
             t = P.sum(1, keepdim=True)                                   # sum over H of Q g
             if direct: torch.addcmul(P, Q, t, value=-1, out=grad[b, :, :, s:e])
             else: grad[b, :, :, s:e] = P.addcmul_(Q, t, value=-1)
