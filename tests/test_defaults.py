@@ -243,3 +243,31 @@ def test_field_protocol_cityscapes_defaults(trees, tmp_path):
               '--data', 'cityscapes', '--data-root', trees['cs_ids'], '--crop-size', '16x32', '--batch-size', 2,
               '--max-steps', 2, '--out', out, cwd=tmp_path)
     assert_full_run(out, p)
+
+
+# ---------------------------------------------------------------------------------------------- data stats
+def _stats(p) -> dict:
+    "`aicsd data stats` output (`name  count` per line) as {name: count}."
+    return {l.rsplit(None, 1)[0].strip(): int(l.rsplit(None, 1)[1]) for l in p.stdout.splitlines() if l.strip()}
+
+
+@pytest.mark.parametrize('split', ['train', 'val'])
+def test_data_stats_voc_mixed_sizes_defaults(trees, tmp_path, split):
+    "Pixel counts per class over the palette PNGs of mixed sizes, against numpy's count of the files (255 left out)."
+    p = aicsd('data', 'stats', '--data', 'voc', '--data-root', trees['voc'], '--split', split, cwd=tmp_path)
+    got = _stats(p)
+    assert len(got) == 21 and 'Traceback' not in p.stderr
+    seg = trees['voc'] / 'SegmentationClass'
+    ids = (trees['voc'] / 'ImageSets/Segmentation' / f'{split}.txt').read_text().split()
+    want = sum(np.bincount(np.asarray(Image.open(seg / f'{i}.png')).ravel(), minlength=256) for i in ids)
+    assert list(got.values()) == want[:21].tolist(), (got, want[:21])
+    assert sum(got.values()) == sum(h * w for h, w in (TRAIN_SIZES if split == 'train' else VAL_SIZES)) - want[255]
+
+
+def test_data_stats_cityscapes_label_ids_defaults(trees, tmp_path):
+    "A tree with `*_gtFine_labelIds.png` only: the devkit's ids are counted as train ids (road 0, car 13; unlabeled left out)."
+    p = aicsd('data', 'stats', '--data', 'cityscapes', '--data-root', trees['cs_ids'], cwd=tmp_path)
+    got = list(_stats(p).values())
+    ids = np.stack([np.asarray(Image.open(f)) for f in sorted((trees['cs_ids'] / 'gtFine/train').rglob('*_labelIds.png'))])
+    assert len(got) == 19 and got[0] == (ids == ROAD).sum() and got[13] == (ids == CAR).sum(), got
+    assert sum(got) == (ids != UNLABELED).sum()
