@@ -240,6 +240,7 @@ def _student(M:ModelSpec, num_classes:int)->nn.Module:
 # %% ../nbs/08_distill.ipynb #05403ca0
 def build_run(cfg:dict)->Run:
     "Device, process group, data, models, DDP, optimizer and schedule of a configuration: the one reader of `cfg`."
+    cfg = make_config(cfg)                  # a no-op for the configuration `fit` made; a plain dict is checked here
     D, M, O, P, L = DataSpec.of(cfg), ModelSpec.of(cfg), OptimSpec.of(cfg), PrecisionSpec.of(cfg), LoopSpec.of(cfg)
     device, rank, world, local, owned = start_process(cfg['device'], cfg['threads'], cfg['deterministic'],
                                                       cfg['malloc_mmap_mb'])
@@ -253,7 +254,7 @@ def build_run(cfg:dict)->Run:
         raise ValueError(f"{len(train_ds)} training images cannot fill a batch of {L.batch_size} on {world} process(es)")
     L = dataclasses.replace(L, workers=loader_workers(L.workers, device, int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
     loader = build_loader(train_ds, L.batch_size, train=True, num_workers=L.workers, seed=M.seed, distributed=world > 1)
-    objective = cfg.objective if isinstance(cfg, RunConfig) else make_objective(cfg)   # parsed once, by make_config
+    objective = cfg.objective                                            # the method, parsed once by make_config
     student, teacher, modules = build_models(M, objective, nc)
     net = StudentWithModules(student, modules)
     model, teacher, fdt, mf = _place(net, teacher, P, device, world)

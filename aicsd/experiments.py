@@ -8,7 +8,7 @@ import json, math, statistics, time
 from pathlib import Path
 import torch
 from .config import make_config
-from .runfolder import load_checkpoint
+from .checkpoint import load_checkpoint
 from .distill import fit
 from .objective import METHODS, parse_method
 
