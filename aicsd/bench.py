@@ -373,7 +373,7 @@ def bench_data(crop:int=513, batch_size:int=8, workers=(0, 2), batches:int=10,
                quick:bool=False,
               )->list: # rows: workers, batch_size, crop, images_per_s
     "Training data-loader throughput (decode JPEG, augment, collate) on synthetic VOC-sized images."
-    from aicsd.data import make_synthetic, build_loader, get_dataset, train_transform
+    from aicsd.data import make_synthetic, build_loader, get_dataset, train_transform, close_loader
     if quick: crop, batch_size, workers, batches, image_size = 33, 4, (0,), 2, (48, 64)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -388,7 +388,7 @@ def bench_data(crop:int=513, batch_size:int=8, workers=(0, 2), batches:int=10,
                 x, y = next(it); n += x.shape[0]
             dt = time.perf_counter() - t0
             rows.append(dict(workers=w, batch_size=batch_size, crop=crop, images_per_s=n / dt))
-            del it, dl
+            del it; close_loader(dl); del dl
     return rows
 
 # %% ../nbs/11_bench.ipynb #2952be9a
@@ -402,7 +402,7 @@ def bench_loop(size:tuple=(1024, 2048), # image size of the synthetic set (Citys
                quick:bool=False, # tiny sizes: seconds
               )->list: # rows: workers, loop and step-only images/s, the loader's share of the loop
     "Images/s of the real training loop (the engine's loader, with workers and pinned memory, and its step) beside the step alone."
-    from aicsd.data import make_synthetic
+    from aicsd.data import make_synthetic, close_loader
     from aicsd.distill import build_run, make_config, cleanup_distributed
     if quick: size, crop, steps, workers = (48, 96), '32x64', 2, (0,)
     rows = []
@@ -423,7 +423,7 @@ def bench_loop(size:tuple=(1024, 2048), # image size of the synthetic set (Citys
             step_s = time.perf_counter() - t0
             rows.append(dict(workers=w, image=f'{size[0]}x{size[1]}', crop=crop, batch=batch_size, device=run.device.type,
                              loop_images_per_s=n / loop_s, step_images_per_s=n / step_s, loader_share=max(0.0, 1 - step_s / loop_s)))
-            del it; cleanup_distributed(run.owned, failed=False); run = None
+            del it; close_loader(run.loader); cleanup_distributed(run.owned, failed=False); run = None
     return rows
 
 # %% ../nbs/11_bench.ipynb #bd2bed64

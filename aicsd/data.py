@@ -24,8 +24,8 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VO
            'VOCSegmentation', 'save_label_png', 'cityscapes_lut', 'CityscapesSegmentation', 'train_transform',
            'eval_transform', 'synthetic_classes', 'attribute_overlap', 'draw_synthetic', 'read_synthetic_info',
            'make_synthetic', 'class_frequencies', 'pad_collate', 'sample_seed', 'EpochSampler', 'SeededDataset',
-           'ShardSampler', 'build_loader', 'get_dataset', 'read_sbd_mat', 'build_sbd_trainaug', 'size_pair',
-           'parse_size']
+           'ShardSampler', 'build_loader', 'close_loader', 'get_dataset', 'read_sbd_mat', 'build_sbd_trainaug',
+           'size_pair', 'parse_size']
 
 # %% ../nbs/06_data.ipynb #0e871ed7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -582,6 +582,15 @@ def build_loader(dataset, # a dataset giving `(image, mask)` pairs
     return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=pad_collate,
                       pin_memory=torch.cuda.is_available(), drop_last=drop_last, worker_init_fn=_worker_init,
                       generator=g, persistent_workers=num_workers > 0)
+
+# %% ../nbs/06_data.ipynb #ce8b35c9
+def close_loader(loader:DataLoader|None, # a loader, possibly with live (persistent) worker processes
+                ):
+    "Stop the loader's worker processes now (a later epoch starts new ones)."
+    it = getattr(loader, '_iterator', None)
+    if it is None: return
+    if hasattr(it, '_shutdown_workers'): it._shutdown_workers()
+    loader._iterator = None
 
 # %% ../nbs/06_data.ipynb #7d3e0a83
 NUM_CLASSES = {'voc': 21, 'cityscapes': 19, 'synthetic': 9}

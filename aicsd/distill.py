@@ -20,7 +20,7 @@ __all__ = ['poly_lr_lambda', 'load_teacher', 'StudentWithModules', 'model_output
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import (build_model, param_groups, model_arch, load_model, load_released_checkpoint,
                           cirkd_backbone, load_cirkd_checkpoint)
-from .data import get_dataset, train_transform, build_loader, make_synthetic
+from .data import get_dataset, train_transform, build_loader, make_synthetic, close_loader
 from .objective import alw_alpha, DistillObjective
 from .evaluation import evaluate, eval_transform_for, progress_bar as _progress
 from .process import autocast as _autocast
@@ -455,6 +455,7 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
     finally:
         if old_handler is not None: signal.signal(signal.SIGINT, old_handler)
         if lock is not None: lock.release()
-        if run is not None: run.model = run.opt = run.sched = run.net = None   # drop DDP and the optimizer first
+        if run is not None:                 # loader workers stopped now, not by the garbage collector (5 s each)
+            close_loader(run.loader); run.model = run.opt = run.sched = run.net = None   # DDP, optimizer: first
         run = ckpt = None
         cleanup_distributed(owned=not joined_before and dist.is_initialized(), failed=failed)

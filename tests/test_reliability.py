@@ -217,3 +217,15 @@ def test_make_config_refuses_out_of_range_weights_and_parameters():
         assert f'a finite number {bound}' in str(e.value) or f'an integer {bound}' in str(e.value), str(e.value)
     c = make_config(kd, lambda_kd=0, weight={'kd': 0})                     # a weight of 0 switches a term off
     assert (c['lambda_kd'], c['weight']) == (0, {'kd': 0.0})
+
+def test_loader_workers_stop_when_the_run_ends(tiny_data, tmp_path, monkeypatch):
+    """The training loader's persistent workers are stopped by `fit` itself. Left to the garbage collector (the loader
+    is in a reference cycle), torch waits 5 s for each worker and then kills it (pytorch#81794): exit code -15."""
+    from torch.utils.data import dataloader as D
+    from aicsd.distill import fit
+    made, init = [], D._MultiProcessingDataLoaderIter.__init__
+    def spy(self, *a, **k): init(self, *a, **k); made.append(self)
+    monkeypatch.setattr(D._MultiProcessingDataLoaderIter, '__init__', spy)
+    r = fit(_cfg(tiny_data, tmp_path / 'w', epochs=2, workers=2, stop_after=4))
+    assert r['steps'] == 4 and [it._persistent_workers for it in made] == [True, False]   # training (both epochs), evaluation
+    assert [w.exitcode for it in made for w in it._workers] == [0] * 4   # each worker left by itself, none killed
