@@ -63,8 +63,9 @@ test: $(STAMP)
 
 # On a machine with CUDA GPUs (under 10 minutes on one): 1. the tests flagged `gpu` (tests/test_gpu.py), 2. the GPU
 # self-check (tests/gpu_check.py): every GPU path at the paper's and the field's sizes with its results checked (mixed
-# precision, channels-last, evaluation at 1024x2048, the field's DeepLabV3, a field-protocol run through the command
-# line, torchrun with NCCL and SyncBatchNorm on every GPU, torch.compile), as tables. It exits non-zero on a wrong
+# precision, channels-last, the step of a plain `aicsd distill` against the released-style one, evaluation at 1024x2048,
+# the field's DeepLabV3, a field-protocol run through the command line, torchrun with NCCL and SyncBatchNorm on every
+# GPU and a compiled torchrun run stopped and resumed, torch.compile), as tables, then the goals met or missed. It exits non-zero on a wrong
 # result. GPU_PY=python3 uses a Python that already has torch (no .venv, nothing installed); GPU_ARGS adds options of
 # tests/gpu_check.py, e.g. GPU_ARGS="--out gpu.jsonl --budget-s 400".
 GPU_PY ?= $(BIN)/python

@@ -15,7 +15,7 @@ from .objective import DistillObjective
 from .distill import train_step
 
 # %% auto #0
-__all__ = ['VOC_SHAPES', 'CITYSCAPES_SHAPES', 'DEFAULT_STEP_VARIANTS', 'GAP_REASONS', 'BENCHES', 'machine_info',
+__all__ = ['VOC_SHAPES', 'CITYSCAPES_SHAPES', 'DEFAULT_STEP_VARIANTS', 'GAP_REASONS', 'ICSD_GOALS', 'BENCHES', 'machine_info',
            'time_interleaved', 'peak_memory', 'ics_settings', 'format_rows', 'format_tables', 'append_rows',
            'read_rows', 'bench_icsd', 'stride4_pair', 'upsample_logits', 'bench_stride4', 'calibrate_bn', 'bench_step',
            'bench_data', 'bench_loop', 'model_cost', 'bench_latency', 'bf16_ics_effect', 'goals', 'bench_env',
@@ -501,26 +501,35 @@ GAP_REASONS = dict(
                       "reads of column bands",
     icsd_time_cuda="one small kernel sequence per image: at these sizes the GPU waits on launches, not on memory "
                    "(3-5 ms, 6-10% of a 53 ms step on an H200)",
+    released_time_cuda="one small kernel sequence per image, as ICSD, and a third exponential per position",
     step_time="the released-style step's extra work is the teacher's backward: (3T+3S)/(T+3S) = 1.8-1.9x for a "
               "ResNet-101 teacher at equal speed per MAC; 2x needs a cheaper teacher forward (bf16)",
 )
 
+ICSD_GOALS = dict(cpu=dict(icsd=1.3, released=1.5),      # x the floor (issue 21: ours stays <= 1.3, released <= 1.5)
+                  cuda=dict(icsd=1e-3, released=2e-3))   # seconds at 8 x 21 x 513 x 513, forward + backward
+
 def goals(res:dict, # benchmark name -> rows, as `run_benchmarks` returns them
           device:str='cpu', # where they were measured
          )->list: # rows: goal, where, target, measured, met, why
-    "Each goal of issue 12 that the given rows can judge: met, or the measured gap and its reason."
+    "Each goal of issues 12 and 21 that the given rows can judge: met, or the measured gap and its reason."
     out = []
     def add(goal, where, target, measured, met, why=''):
         out.append(dict(goal=goal, where=where, target=target, measured=measured, met='yes' if met else 'no',
                         why='' if met else why))
     for shape in dict.fromkeys(tuple(r['shape']) for r in res.get('icsd', [])):
         rs = {r['method']: r for r in res['icsd'] if tuple(r['shape']) == shape}
-        floor_mem = min(rs['floor'].get('x_logits', 0), rs['floor_g'].get('x_logits', 0)) if 'floor' in rs else None
+        floor_mem = min(rs[f].get('x_logits', 0) for f in ('floor', 'floor_g')) if {'floor', 'floor_g'} <= rs.keys() else None
         for m in ('icsd', 'released'):
             if m not in rs: continue
-            x = rs[m]['x_floor']
-            add(f'{m} time', 'x'.join(map(str, shape)), '<= 1.5 x floor', f'{x:.2f} x', x <= 1.5,
-                GAP_REASONS.get(f'{m}_time_{device}', ''))
+            why, where = GAP_REASONS.get(f'{m}_time_{device}', ''), 'x'.join(map(str, shape))
+            if device == 'cuda':                   # a time in ms, at the paper's VOC batch (issue 21)
+                lim, t = ICSD_GOALS['cuda'][m], rs[m]['time_s']
+                if list(shape) == [8, 21, 513, 513]:
+                    add(f'{m} time', where, f'<= {lim * 1e3:g} ms', f'{t * 1e3:.2f} ms', t <= lim, why)
+            else:                                  # a ratio to the floor, at every size
+                lim, x = ICSD_GOALS['cpu'][m], rs[m]['x_floor']
+                add(f'{m} time', where, f'<= {lim} x floor', f'{x:.2f} x', x <= lim, why)
             if floor_mem and 'x_logits' in rs[m]:
                 xm = rs[m]['x_logits']
                 add(f'{m} memory', 'x'.join(map(str, shape)), f'<= floor ({floor_mem:.2f} x logits)',
@@ -540,8 +549,8 @@ def goals(res:dict, # benchmark name -> rows, as `run_benchmarks` returns them
             have >= need, 'use more loader processes (--workers)')
     for r in res.get('gpu', []):
         if str(r.get('check', '')).startswith('goal '):
-            add('step time and memory (GPU)', r['variant'], '>= 2 x released-style, memory <=',
-                f"{r['speedup']:.2f} x, memory {r['memory_ratio']:.2f} x", r['met'] is True, GAP_REASONS['step_time'])
+            add('step time and memory (GPU)', r['variant'], r.get('target', '>= 2 x released-style, memory <='),
+                f"{r['speedup']:.2f} x, memory {r['memory_ratio']:.2f} x", r['met'] is True, r.get('why', GAP_REASONS['step_time']))
     return out
 
 # %% ../nbs/11_bench.ipynb #c15e5e37

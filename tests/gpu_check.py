@@ -26,7 +26,7 @@ _ICSD = DistillObjective('icsd')   # CE + KD + 0.1 ICSD: the objective the engin
 
 def _distill_loss(s:Tensor, t:Tensor, y:Tensor)->Tensor: return _ICSD(s, t, y)[0]
 
-GPU_SECTIONS = ('losses', 'icsd', 'teacher', 'steps', 'eval', 'latency', 'deeplabv3', 'field_cli', 'ddp', 'compile')
+GPU_SECTIONS = ('losses', 'icsd', 'teacher', 'steps', 'default_step', 'eval', 'latency', 'deeplabv3', 'field_cli', 'ddp', 'compile')
 
 def _gpu_losses(c):
     "The ICSD losses on the device in float32 against float64 on the CPU: values and gradients; under bf16 autocast."
@@ -164,6 +164,20 @@ def _gpu_ddp(c):
               rel_diff=abs(l - l1) / abs(l1))
         _check(math.isfinite(l) and abs(l - l1) <= 0.02 * abs(l1),
                f"first distillation loss under torchrun ({l}) differs from one process ({l1})")
+        # --compile under torchrun, stopped and resumed by a new torchrun (issue 21): inductor on CUDA (the eager backend
+        # on a CPU, which may have no C++ compiler); the checkpoint holds the plain modules' state_dict
+        cd = [*tr, *dis, *amp, '--sync-bn', '--compile', 'inductor' if c.dev.type == 'cuda' else 'eager', '--max-steps', 4,
+              '--out', tmp / 'dc']
+        dt0 = run([*cd, '--stop-after', 2], 'compiled torchrun distill, first 2 steps')
+        dt1 = run([*cd, '--resume'], 'compiled torchrun distill, resumed')
+        ck = load_checkpoint(tmp / 'dc' / 'last.pt')
+        lc = [float(v) for v in read_run(tmp / 'dc')['train']['loss']]
+        c.log(check=f'torchrun distill x{n} --compile, stopped and resumed', wall_s_first=dt0, wall_s_resumed=dt1,
+              steps=ck['global_step'], loss_last=lc[-1])
+        _check(ck['global_step'] == 4 and all(math.isfinite(v) for v in lc) and len(lc) == 4,
+               f"compiled, resumed torchrun distill: step {ck['global_step']}, losses {lc}")
+        _check(not any(k.startswith('_orig_mod') or k.startswith('module.') for k in ck['model']),
+               "a compiled DDP run saved wrapped keys: " + ', '.join(list(ck['model'])[:3]))
 
 def _gpu_compile(c):
     "torch.compile of each student: compiled logits against eager ones (TF32 off), then compiled bf16 training steps."
@@ -263,6 +277,69 @@ def _gpu_field_cli(c):
         ck = load_checkpoint(tmp / 'run' / 'best.pt')
         _check(ck['global_step'] == 4 and math.isfinite(ck['metrics']['miou']), f"field-protocol run: {ck['global_step']} steps")
 
+def _gpu_default_step(c):
+    """The step a plain `aicsd distill` runs (no precision flags: the engine's A/B on the first validation image decides;
+    channels-last on CUDA) against the released-style fp32 step, same teacher weights, batch and crop: time and peak
+    memory (issue 21's goal: at least 3x faster, at most 0.4x the memory). The teacher is trained first for a few
+    hundred steps, so that it is confident as a real one is: a random teacher's ICS matrices move under bf16 and the
+    A/B then keeps it in fp32, which no user with a trained teacher would see."""
+    from aicsd.distill import build_run, make_config, alw_alpha
+    from aicsd.data import get_dataset, train_transform, build_loader, close_loader
+    from aicsd.models import save_model
+    from aicsd.precision import resolve_precision
+    from aicsd.bench import _step_fn
+    steps, small = (6, 33) if c.quick else (300, 129)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = make_synthetic(tmp / 'syn', n_train=64, n_val=2, size=c.crop + 32, num_classes=c.num_classes, seed=0)
+        torch.manual_seed(0)
+        T = deeplabv3plus(c.teacher, c.num_classes).to(c.dev).train()
+        opt = torch.optim.SGD(T.parameters(), lr=0.01, momentum=0.9)
+        dl = build_loader(get_dataset('synthetic', root, 'train', train_transform(small)), c.batch, train=True)
+        t0, done, base = time.perf_counter(), 0, DistillObjective('baseline')
+        while done < steps:
+            for x, y in dl:
+                l, _ = train_step(T, None, base, x.to(c.dev), y.to(c.dev), opt,
+                                  amp_dtype=torch.bfloat16 if c.dev.type == 'cuda' else None)
+                done += 1
+                if done == steps: break
+        c.log(check=f'default step: teacher {c.teacher} trained', steps=steps, crop=small, loss=float(l),
+              wall_s=time.perf_counter() - t0)
+        _check(math.isfinite(float(l)), f"teacher training: loss {float(l)}")
+        save_model(T, tmp / 'teacher.pt'); del T, opt, dl
+        for student in c.students:
+            run = build_run(make_config(mode='distill', teacher=str(tmp / 'teacher.pt'), model=student, data='synthetic',
+                                        data_root=str(root), num_classes=c.num_classes, crop_size=c.crop,
+                                        batch_size=c.batch, workers=0, device=c.dev.type, out=str(tmp / f'run-{student}'),
+                                        quiet=True, tensorboard=False, figures=False, max_steps=10))
+            resolve_precision(run)
+            x, y = next(iter(run.loader)); close_loader(run.loader)
+            x = x.to(run.device, dtype=run.dtype, memory_format=run.memory_format); y = y.to(run.device)
+            alpha = alw_alpha(0, run.total)
+            def ours():
+                return train_step(run.model, run.teacher, run.objective, x, y, run.opt, run.sched, run.scaler, alpha=alpha,
+                                  amp_dtype=run.amp_dtype, teacher_dtype=run.teacher_dtype)[0]
+            Tr = copy.deepcopy(run.teacher).float().to(memory_format=torch.contiguous_format).requires_grad_(True)
+            Sr = deeplabv3plus(student, c.num_classes).to(c.dev)
+            xr = x.float().contiguous()
+            rel = _step_fn(Tr, Sr, torch.optim.SGD(Sr.parameters(), lr=1e-4, momentum=0.9), xr, y, style='released')
+            how = (f"student {'bf16' if run.amp_dtype == torch.bfloat16 else 'fp32'}, teacher "
+                   f"{'bf16' if run.teacher_dtype == torch.bfloat16 else 'fp32'}, "
+                   f"{'channels-last' if run.memory_format == torch.channels_last else 'contiguous'}")
+            loss = float(ours()); _check(math.isfinite(loss), f"{student} default step: loss {loss}")
+            times = time_interleaved({'ours': ours, 'released': rel}, 3, warmup=1, device=c.dev)
+            mem = {k: peak_memory(f, c.dev) / 2**20 for k, f in (('ours', ours), ('released', rel))}
+            sp, mr = min(times['released']) / min(times['ours']), mem['ours'] / max(mem['released'], 1e-9)
+            for k in ('ours', 'released'):
+                c.log(check=f'default step {c.teacher} -> {student}', variant='aicsd distill, no flags' if k == 'ours'
+                      else 'released-style fp32', how=how if k == 'ours' else 'fp32, teacher with autograd', batch=c.batch,
+                      crop=c.crop, time_s=min(times[k]), images_per_s=c.batch / min(times[k]), peak_mb=mem[k])
+            c.log(check=f'goal {student}: aicsd distill (no flags) >= 3x released-style fp32, memory <= 0.4x',
+                  variant=f'aicsd distill, no flags ({how})', target='>= 3 x released-style, memory <= 0.4 x',
+                  speedup=sp, memory_ratio=mr, met=sp >= 3 and mr <= 0.4, decided=dict(run.decided),
+                  why=f"it ran with {how}: in fp32 the bound is (3T+3S)/(T+3S) = 1.8-1.9x; 3x needs bf16 and channels-last")
+            run = Tr = Sr = rel = None; gc.collect(); torch.cuda.empty_cache() if c.dev.type == 'cuda' else None
+
 class _GPUCheck:
     "What the sections share: device, sizes, the log, the time budget and the inputs made once."
     def __init__(self, **kw): self.__dict__.update(kw); self.x = None; self.t0 = time.perf_counter()
@@ -292,7 +369,8 @@ def gpu_check(quick:bool=False, # small crops and batch (a minute)
     c = _GPUCheck(dev=dev, quick=quick, batch=batch, crop=crop, num_classes=num_classes, teacher=teacher,
                   students=tuple(students), budget_s=budget_s, log=log)
     log(check='machine', **machine_info())
-    fns = dict(losses=_gpu_losses, icsd=_gpu_icsd, teacher=_gpu_teacher, steps=_gpu_steps, eval=_gpu_eval,
+    fns = dict(losses=_gpu_losses, icsd=_gpu_icsd, teacher=_gpu_teacher, steps=_gpu_steps, default_step=_gpu_default_step,
+               eval=_gpu_eval,
                latency=_gpu_latency, deeplabv3=_gpu_deeplabv3, field_cli=_gpu_field_cli, ddp=_gpu_ddp, compile=_gpu_compile)
     for name in sections:
         if c.over(): log(check=name, status='skipped: time budget spent'); continue
@@ -317,7 +395,14 @@ def main(argv=None)->int:
     a = p.parse_args(argv)
     try: rows = gpu_check(quick=a.quick, device=a.device, out=a.out, budget_s=a.budget_s, sections=tuple(a.sections))
     except AssertionError as e:
-        print(format_tables(getattr(e, 'rows', [])), flush=True); print(f"gpu_check: {e}", file=sys.stderr); return 1
-    print(format_tables(rows)); return 0
+        print(format_tables(getattr(e, 'rows', [])), flush=True); print_goals(getattr(e, 'rows', []), a.device)
+        print(f"gpu_check: {e}", file=sys.stderr); return 1
+    print(format_tables(rows)); print_goals(rows, a.device); return 0
+
+def print_goals(rows:list, device:str='cuda'):
+    "The goals (`aicsd.bench.goals`) that these rows can judge, as a table."
+    from aicsd.bench import goals, format_rows
+    g = goals({'icsd': [r for r in rows if r.get('check') == 'bench_icsd'], 'gpu': rows}, torch.device(device).type)
+    if g: print('\n## goals\n\n' + format_rows(g), flush=True)
 
 if __name__ == '__main__': sys.exit(main())

@@ -23,6 +23,19 @@ def test_sections_on_cpu():
         'ours fp32', 'ours fp32, teacher bf16', 'ours bf16', 'ours fp16+GradScaler', 'ours fp32 channels-last',
         'ours bf16 channels-last', 'ours bf16 channels-last cudnn.benchmark', 'released-style fp32']
 
+def test_default_step_on_cpu():
+    "The step a plain `aicsd distill` runs (after a briefly trained teacher), timed against the released-style step."
+    rows = G.gpu_check(device='cpu', quick=True, crop=33, teacher='resnet18', students=('mobilenetv2',),
+                       sections=('default_step',), verbose=False)
+    assert [r['status'] for r in rows if 'status' in r] == ['ok']
+    steps = [r for r in rows if r['check'] == 'default step resnet18 -> mobilenetv2']
+    assert [r['variant'] for r in steps] == ['aicsd distill, no flags', 'released-style fp32']
+    assert steps[0]['how'].startswith('student fp32, teacher ') and steps[0]['how'].endswith(', contiguous')   # CPU: fp32 student
+    goal, = [r for r in rows if r['check'].startswith('goal ')]
+    assert goal['speedup'] == steps[1]['time_s'] / steps[0]['time_s'] and goal['met'] == (goal['speedup'] >= 3 and goal['memory_ratio'] <= 0.4)
+    from aicsd.bench import goals
+    assert goals({'gpu': rows}, 'cuda')[0]['target'] == '>= 3 x released-style, memory <= 0.4 x'
+
 def test_field_sections_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv('TMPDIR', str(tmp_path))
     rows = G.gpu_check(device='cpu', quick=True, sections=('deeplabv3', 'field_cli'), verbose=False)
