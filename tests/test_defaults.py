@@ -157,11 +157,14 @@ def test_distill_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path, method):
     assert_full_run(out, p)
 
 
-def test_resume_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path):
-    "Stopped after one step, resumed to the end: the evaluation and its figures happen in the resumed session."
+@pytest.mark.parametrize('workers', [None, 2])
+def test_resume_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path, workers):
+    """Stopped after one step, resumed to the end: the evaluation and its figures happen in the resumed session.
+    With `--workers 2` too, the loader a GPU run gets by default (worker processes kept between epochs; on a CPU the
+    default is none): mixed sizes collated in the workers, and the workers stopped at the end of each session."""
     out = tmp_path / 'student'
     args = ['distill', '--teacher', voc_teacher / 'best.pt', '--student', 'mobilenetv2', '--method', 'aicsd',
-            *small('voc', trees['voc'], out)]
+            *small('voc', trees['voc'], out), *(['--workers', workers] if workers else [])]
     aicsd(*args, '--stop-after', 1, cwd=tmp_path)
     assert (out / 'last.pt').is_file() and not (out / 'figures').exists()
     p = aicsd(*args, '--resume', cwd=tmp_path)
