@@ -24,7 +24,7 @@ from .data import get_dataset, train_transform, build_loader, make_synthetic, cl
 from .objective import alw_alpha, DistillObjective
 from .evaluation import evaluate, eval_transform_for, progress_bar as _progress
 from .process import autocast as _autocast
-from .precision import resolve_precision
+from .precision import resolve_precision, memory_format
 from .config import *            # the rooms below the engine; their names stay importable from here
 from .checkpoint import *
 from .runfolder import *
@@ -271,7 +271,7 @@ def build_run(cfg:dict)->Run:
 def _place(net, teacher, P:PrecisionSpec, device, world:int)->tuple: # (model, teacher, dtype, memory format)
     "Sync-BN, dtype, memory format, DDP and torch.compile, as the precision part asks."
     if world > 1 and P.sync_bn: convert_sync_batchnorm(net, device)
-    mf = torch.channels_last if (device.type == 'cuda' and P.channels_last) else torch.contiguous_format
+    mf = memory_format(device, P.channels_last)
     fdt = getattr(torch, P.dtype)
     net.to(device, dtype=fdt, memory_format=mf)
     if teacher is not None: teacher.to(device, dtype=fdt, memory_format=mf)

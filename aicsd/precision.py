@@ -13,7 +13,7 @@ from .process import native_bf16, autocast
 from .data import size_pair
 
 # %% auto #0
-__all__ = ['bf16_agrees', 'choose_teacher_bf16', 'resolve_precision']
+__all__ = ['bf16_agrees', 'choose_teacher_bf16', 'memory_format', 'resolve_precision']
 
 # %% ../nbs/07e_precision.ipynb #17886144
 @torch.no_grad()
@@ -64,6 +64,13 @@ def choose_teacher_bf16(teacher:nn.Module, # the frozen teacher (eval mode)
 def _auto_bf16_student(device:torch.device)->bool:
     "Where `--precision auto` tries the student in bf16: a CUDA device with native bf16."
     return device.type == 'cuda' and native_bf16(device)
+
+# %% ../nbs/07e_precision.ipynb #e3d97f82
+def memory_format(device:torch.device, # the run's device
+                  channels_last:bool=True, # `--channels-last` (on by default)
+                 )->torch.memory_format:
+    "The layout of a run's networks and training images: channels-last on CUDA when asked, else contiguous."
+    return torch.channels_last if (device.type == 'cuda' and channels_last) else torch.contiguous_format
 
 # %% ../nbs/07e_precision.ipynb #d0d94b29
 def _measure_precision(run, todo:list)->tuple: # ({decision: bool}, what was measured, in words)

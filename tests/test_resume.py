@@ -35,3 +35,32 @@ def test_sigkill_resume_bit_exact(tiny_data, tmp_path):
     # the log of the resumed run has every step once, with the uninterrupted run's values (rows the killed session
     # wrote after its last checkpoint were dropped on resume)
     assert (a / 'train_log.csv').read_text() == (b / 'train_log.csv').read_text()
+
+def test_the_cuda_layout_on_a_cpu_resumes_like_a_contiguous_run(tiny_data, tmp_path, monkeypatch, capsys):
+    """Channels-last, the layout of every CUDA run, never runs in CI otherwise (`memory_format` gives it on CUDA only).
+    Forced here on the CPU in float64: a distillation stopped after 2 steps and resumed (optimizer state and
+    evaluation of channels-last networks) ends where an uninterrupted contiguous run ends. Then in float32, where
+    the figures are drawn, the figures of channels-last networks."""
+    import aicsd.distill as D
+    from aicsd.viz import run_figures
+    base = dict(data='synthetic', data_root=str(tiny_data), crop_size=32, scale_min=1.0, scale_max=1.0, batch_size=4,
+                val_batch_size=5, lr=0.01, threads=1, device='cpu', tensorboard=False, quiet=True, dtype='float64',
+                no_dropout=True)
+    D.fit(dict(base, model='resnet18', max_steps=2, figures=False, out=str(tmp_path / 't')))     # the teacher
+    cfg = dict(base, mode='distill', teacher=str(tmp_path / 't' / 'best.pt'), model='resnet18', method='aicsd', max_steps=4)
+    plain = D.fit(dict(cfg, out=str(tmp_path / 'plain'), figures=False))['model']
+    monkeypatch.setattr(D, 'memory_format', lambda device, channels_last=True: torch.channels_last)
+    out = tmp_path / 'cl'
+    D.fit(dict(cfg, out=str(out), stop_after=2), draw=run_figures)
+    assert torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['global_step'] == 2
+    cl = D.fit(dict(cfg, out=str(out), resume=True), draw=run_figures)['model']
+    w = next(m.weight for m in cl.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()     # it did run channels-last
+    a, b = plain.state_dict(), cl.state_dict()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point())
+    print(f"channels-last, resumed vs contiguous: max |dw| = {worst:.3g}")
+    assert worst < 1e-10, worst
+    D.fit(dict(cfg, dtype='float32', max_steps=3, out=str(tmp_path / 'cl32')), draw=run_figures)
+    figs = {p.name for p in (tmp_path / 'cl32' / 'figures').iterdir()}
+    assert {'ics_step0000003.png', 'ics_rows_step0000003.png', 'predictions_step0000003.png', 'curves.png'} <= figs, figs
+    assert 'figures at step' not in capsys.readouterr().err                  # none failed and was only warned about
