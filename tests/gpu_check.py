@@ -319,7 +319,8 @@ def _gpu_default_step(c):
     memory (issue 21's goal: at least 3x faster, at most 0.4x the memory). The teacher is trained first for 200
     steps, so that it is confident as a real one is: a random teacher's ICS matrices move under bf16 and the
     A/B then keeps it in fp32, which no user with a trained teacher would see."""
-    from aicsd.distill import build_run, make_config, alw_alpha
+    from aicsd.distill import build_run, make_config
+    from aicsd.objective import alw_alpha
     from aicsd.data import get_dataset, train_transform, build_loader, close_loader
     from aicsd.models import save_model
     from aicsd.precision import resolve_precision
@@ -350,7 +351,7 @@ def _gpu_default_step(c):
                                         batch_size=c.batch, workers=0, device=c.dev.type, out=str(tmp / f'run-{student}'),
                                         quiet=True, tensorboard=False, figures=False, max_steps=10))
             resolve_precision(run)
-            x, y = next(iter(run.loader)); close_loader(run.loader)
+            x, y = next(iter(run.loader))                                  # (workers=0: no process to stop)
             x = x.to(run.device, dtype=run.dtype, memory_format=run.memory_format); y = y.to(run.device)
             alpha = alw_alpha(0, run.total)
             def ours():
