@@ -506,13 +506,13 @@ GAP_REASONS = dict(
               "ResNet-101 teacher at equal speed per MAC; 2x needs a cheaper teacher forward (bf16)",
 )
 
-ICSD_GOALS = dict(cpu=dict(icsd=1.3, released=1.5),      # x the floor (issue 21: ours stays <= 1.3, released <= 1.5)
+ICSD_GOALS = dict(cpu=dict(icsd=1.3, released=1.5),      # x the floor (ours stays <= 1.3, released <= 1.5)
                   cuda=dict(icsd=1e-3, released=2e-3))   # seconds at 8 x 21 x 513 x 513, forward + backward
 
 def goals(res:dict, # benchmark name -> rows, as `run_benchmarks` returns them
           device:str='cpu', # where they were measured
          )->list: # rows: goal, where, target, measured, met, why
-    "Each goal of issues 12 and 21 that the given rows can judge: met, or the measured gap and its reason."
+    "Each goal of this project that the given rows can judge: met, or the measured gap and its reason."
     out = []
     def add(goal, where, target, measured, met, why=''):
         out.append(dict(goal=goal, where=where, target=target, measured=measured, met='yes' if met else 'no',
@@ -523,7 +523,7 @@ def goals(res:dict, # benchmark name -> rows, as `run_benchmarks` returns them
         for m in ('icsd', 'released'):
             if m not in rs: continue
             why, where = GAP_REASONS.get(f'{m}_time_{device}', ''), 'x'.join(map(str, shape))
-            if device == 'cuda':                   # a time in ms, at the paper's VOC batch (issue 21)
+            if device == 'cuda':                   # a time in ms, at the paper's VOC batch
                 lim, t = ICSD_GOALS['cuda'][m], rs[m]['time_s']
                 if list(shape) == [8, 21, 513, 513]:
                     add(f'{m} time', where, f'<= {lim * 1e3:g} ms', f'{t * 1e3:.2f} ms', t <= lim, why)

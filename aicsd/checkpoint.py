@@ -8,8 +8,14 @@ import os, tempfile
 from pathlib import Path
 import torch
 
+def _read_umask()->int:
+    "The process umask (read once, at import: `os.umask` can only be read by setting it)."
+    old = os.umask(0); os.umask(old); return old
+
+UMASK = _read_umask()   # files 0o666 & ~UMASK, folders 0o777 & ~UMASK: what `open` and `mkdir` would give
+
 # %% auto #0
-__all__ = ['write_temporary', 'save_checkpoint', 'load_checkpoint']
+__all__ = ['UMASK', 'write_temporary', 'save_checkpoint', 'load_checkpoint']
 
 # %% ../nbs/05a_checkpoint.ipynb #7d21d810
 def write_temporary(state:dict, # anything `torch.load(weights_only=True)` can read back
@@ -18,7 +24,9 @@ def write_temporary(state:dict, # anything `torch.load(weights_only=True)` can r
     "`torch.save` `state` to a new temporary file beside `path` (`.NAME.*.tmp`), synced to the disk."
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
-        with os.fdopen(fd, 'wb') as fh: torch.save(state, fh); fh.flush(); os.fsync(fh.fileno())
+        with os.fdopen(fd, 'wb') as fh:
+            torch.save(state, fh); fh.flush(); os.fsync(fh.fileno())
+            os.fchmod(fh.fileno(), 0o666 & ~UMASK)   # mkstemp makes it 0600: give it the mode `open` would (teammates read it)
     except BaseException: os.remove(tmp); raise
     return Path(tmp)
 
@@ -35,6 +43,9 @@ def save_checkpoint(path:str|Path, # file to write
 def load_checkpoint(path:str|Path, map_location='cpu')->dict:
     "Read a file of tensors and plain containers (`weights_only=True`): ours, the field's or the released code's."
     path = Path(path)
+    if path.is_dir():   # `--teacher runs/t`: the run folder rather than a file in it
+        hint = next((f"; did you mean {path/f}?" for f in ('best.pt', 'last.pt') if (path/f).is_file()), '')
+        raise FileNotFoundError(f"{path} is a folder, not a checkpoint file{hint}")
     if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # random bytes, a text file, a truncated file, a pickle that would run code (refused)

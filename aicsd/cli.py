@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse, inspect, json, os, sys
 from pathlib import Path
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint
-from .config import _renamed, read_config
+from .config import _renamed, read_config, size_arg
 from .objective import METHODS, TERMS, parse_method
 from .experiments import RECIPES, recipe_text, run_demo, run_compare
 from .bench import BENCHES, run_benchmarks
 
 # %% auto #0
-__all__ = ['EPILOG', 'methods_help', 'add_train_options', 'build_parser', 'args_to_config', 'parse', 'main']
+__all__ = ['BENCH_DEFAULT', 'EPILOG', 'methods_help', 'add_train_options', 'build_parser', 'args_to_config', 'parse', 'main']
 
 # %% ../nbs/09_cli.ipynb #939854fc
 def _method_arg(s:str)->str:
@@ -21,6 +21,12 @@ def _method_arg(s:str)->str:
     try: parse_method(s)
     except ValueError as e: raise argparse.ArgumentTypeError(str(e))
     return s
+
+# %% ../nbs/09_cli.ipynb #9b3e0967
+def _size_arg(s:str)->int|list:
+    "argparse type of a size option (--crop-size, --eval-crop, --eval-stride): `size_arg` with a message argparse shows."
+    try: return size_arg(s)
+    except (ValueError, TypeError): raise argparse.ArgumentTypeError(f"expected a size N or HxW, got {s!r}") from None
 
 # %% ../nbs/09_cli.ipynb #08e7e296
 def _weight_arg(s:str)->tuple:
@@ -84,7 +90,7 @@ def _add_option(g, o:Option, command:str='train'):
     elif o.flag == 'optional': g.add_argument(*flags, nargs='?', const=o.const, metavar=o.metavar, **kw)
     elif o.name == 'weight': g.add_argument(*flags, type=_weight_arg, action=_Weights, metavar=o.metavar, **kw)
     elif o.name == 'param': g.add_argument(*flags, type=_param_arg, action=_Params, metavar=o.metavar, **kw)
-    else: g.add_argument(*flags, type=o.type, choices=o.choices, metavar=o.metavar, nargs=o.nargs, **kw)
+    else: g.add_argument(*flags, type=_size_arg if o.type is size_arg else o.type, choices=o.choices, metavar=o.metavar, nargs=o.nargs, **kw)
 
 # %% ../nbs/09_cli.ipynb #23cfbca9
 def add_train_options(p:argparse.ArgumentParser, # a subcommand parser
@@ -115,6 +121,8 @@ def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
     p.set_defaults(**cfg)
 
 # %% ../nbs/09_cli.ipynb #c77fb66d
+BENCH_DEFAULT = ('icsd', 'step', 'data', 'loop')   # what a bare `aicsd bench` runs
+
 EPILOG = """\
 examples:
   aicsd demo --quick                        synthetic data -> teacher -> 4 students -> runs/demo/report.md
@@ -173,7 +181,7 @@ def build_parser()->argparse.ArgumentParser:
     m = sub.add_parser('demo', formatter_class=fmt, help='the whole method on synthetic data, on a CPU',
         description='Synthetic data -> small teacher -> students (baseline, KD, ICSD, AICSD, same seed) -> '
                     'report.md, ICS heatmaps and predictions in --out.')
-    _add_demo_args(m, 'runs/demo', 'a ~1-2 minute version (what CI runs)')
+    _add_demo_args(m, 'runs/demo', 'a version of about 30 s to 1 minute on 2 CPU cores (what CI runs)')
     c = sub.add_parser('compare', formatter_class=fmt, help='every method on the same synthetic teacher (mean ± std over seeds)',
         description='The demo over every method of the methods table (or --methods): same teacher, same data, same '
                     'student steps, 3 seeds each; report.md and results.json in --out.',
@@ -184,13 +192,13 @@ def build_parser()->argparse.ArgumentParser:
         epilog="example:\n  aicsd recipes voc-r18-aicsd > voc-r18-aicsd.yaml\n  aicsd distill --config voc-r18-aicsd.yaml")
     r.add_argument('name', nargs='?', help='recipe to print')
     r.add_argument('--format', choices=['yaml', 'toml'], default='yaml', help='config file format')
-    b = sub.add_parser('bench', formatter_class=fmt, help='speed and memory: ICSD term, distill step, data loading',
+    b = sub.add_parser('bench', formatter_class=fmt, help='speed and memory: ICSD term, distill step, data loading, training loop',
         description='Ours vs the released-code approach vs the floor, in one process with interleaved rounds '
                     '(aicsd.bench, nbs/11_bench.ipynb); prints markdown tables with the machine they came from.',
-        epilog="examples:\n  aicsd bench                      icsd, step and data (a few minutes on a CPU)\n"
+        epilog="examples:\n  aicsd bench                      icsd, step, data and loop (a few minutes on a CPU)\n"
                "  aicsd bench --latency            params, GMACs and images/s of every backbone\n"
                "  aicsd bench icsd --quick         tiny shapes (seconds)\n  make gpu-check                   every GPU path, checked (tests/gpu_check.py)")
-    b.add_argument('what', nargs='*', metavar='WHAT', help=f"any of {', '.join(BENCHES)} (default: icsd step data loop)")
+    b.add_argument('what', nargs='*', metavar='WHAT', help=f"any of {', '.join(BENCHES)} (default: {' '.join(BENCH_DEFAULT)})")
     b.add_argument('--latency', action='store_true', help='also the latency table (same as adding `latency`)')
     b.add_argument('--quick', action='store_true', help='tiny shapes: a smoke test in seconds')
     b.add_argument('--device', default='auto', help="'cpu', 'cuda' or 'auto' (the GPU when there is one)")
@@ -236,6 +244,33 @@ def _run_data(a):
         names = list(getattr(ds, 'classes', None) or [])
         for i, v in enumerate(D.class_frequencies(ds).tolist()): print(f"{names[i] if i < len(names) else i!s:>20}  {v}")
 
+# %% ../nbs/09_cli.ipynb #75cf1df9
+def _error_text(e:BaseException)->str:
+    "The one line `main` prints for an error: a KeyError's key; for an error of a loader worker, its own message."
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if msg.startswith('Caught ') and 'Original Traceback' in msg:     # torch's DataLoader re-raise: ~20 frames
+        name, body = type(e).__name__, msg.rstrip()
+        i = body.rfind(f'\n{name}: ')
+        msg = (body[i + len(name) + 3:] if i >= 0 else body.splitlines()[-1]).strip() + ' (in a loader worker)'
+    return msg
+
+def _stdout_closed(fd:int|None=None)->bool: # True when the reader of stdout (a pipe) has gone
+    "Whether writing to `fd` (stdout) fails because its reader left, so a BrokenPipeError came from stdout."
+    try:
+        import select
+        fd = sys.stdout.fileno() if fd is None else fd
+        p = select.poll(); p.register(fd, select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in p.poll(0))
+    except (AttributeError, OSError, ValueError): return True    # no poll (Windows) or no descriptor: assume stdout
+
+def _check_compile(backend:str|None):
+    "`--compile BACKEND`: a backend torch.compile knows (torch._dynamo is imported only when one is asked for)."
+    if not backend: return
+    import torch._dynamo
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"--compile {backend!r}: torch.compile has no such backend; choose one of "
+                         f"{', '.join(torch._dynamo.list_backends())} (or eager, aot_eager to debug)")
+
 # %% ../nbs/09_cli.ipynb #b3f21daa
 def _figure_hook(cfg:dict): # `aicsd.viz.run_figures` when the run draws figures (--figures, the default), else None
     "The engine's figure hook for a run of the command line (plotting is imported only when figures are drawn)."
@@ -269,9 +304,15 @@ def main(argv:list|None=None)->int:
     except KeyboardInterrupt as e:          # RunInterrupted: last.pt written; a plain one: a second Ctrl-C
         print(f"aicsd: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
         return 130
+    except BrokenPipeError as e:
+        if not _stdout_closed(): print(f"aicsd: error: {e}", file=sys.stderr); return 2
+        # `aicsd recipes | head -5`: the reader left. Say nothing; stdout to devnull so the exit's flush cannot fail
+        # again (the Python docs' "Note on SIGPIPE"), and exit as a process killed by SIGPIPE would (128 + 13).
+        try: os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError): pass
+        return 141
     except (ValueError, KeyError, OSError, RunLockedError, CheckpointMismatchError, FloatingPointError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"aicsd: error: {msg}", file=sys.stderr)
+        print(f"aicsd: error: {_error_text(e)}", file=sys.stderr)
         return 2
 
 # %% ../nbs/09_cli.ipynb #ab514419
@@ -285,6 +326,7 @@ def _json_safe(x):
 # %% ../nbs/09_cli.ipynb #53721ab3
 def _main(argv):
     a = parse(argv)
+    _check_compile(getattr(a, 'compile', None))     # before anything loads
     if a.command in ('train', 'distill'):
         cfg = args_to_config(a)
         r = fit(cfg, draw=_figure_hook(cfg))
@@ -307,7 +349,7 @@ def _main(argv):
             for k, v in RECIPES.items():
                 print(f"{k:<28} aicsd {v['command']:<8} paper mIoU {v['paper']['miou']}")
     elif a.command == 'data': _run_data(a)
-    elif a.command == 'bench': run_benchmarks(a.what or ['icsd', 'step', 'data', 'loop'], latency=a.latency, quick=a.quick,
+    elif a.command == 'bench': run_benchmarks(a.what or list(BENCH_DEFAULT), latency=a.latency, quick=a.quick,
                                          device=a.device, threads=a.threads, out=a.out)
     return 0
 

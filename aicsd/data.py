@@ -458,9 +458,9 @@ def make_synthetic(root='data/synthetic', # output folder (VOC layout)
                    size=128, # image side, or `(H, W)`
                    num_classes:int=9, # classes including background (2..28)
                    seed:int=0, # everything drawn depends only on the seed
-                   overwrite:bool=False, # replace an existing dataset made with other settings
                    border:int=1, # width of the 255 void band along object borders
                    ext:str='jpg', # image format: 'jpg' (like VOC) or 'png' (lossless)
+                   overwrite:bool=False, # replace an existing dataset made with other settings
                   )->Path: # the dataset root
     "Write (or reuse) the synthetic shapes dataset in the Pascal VOC layout, with `classes.json`."
     root = Path(root); size = (size, size) if isinstance(size, int) else tuple(size)
@@ -468,7 +468,7 @@ def make_synthetic(root='data/synthetic', # output folder (VOC layout)
     if _existing_synthetic(root, settings, overwrite): return root
     table = synthetic_classes(num_classes)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.tmp-', dir=root.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.tmp-', dir=root.parent)); from aicsd.checkpoint import UMASK; os.chmod(tmp, 0o777 & ~UMASK)   # mkdtemp: 0700
     try:
         _write_synthetic(tmp, table, settings)
         if root.exists():

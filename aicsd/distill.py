@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_distill.ipynb #a14e7f63
 from __future__ import annotations
-import dataclasses, math, os, signal, sys, threading, time
+import dataclasses, hashlib, math, os, signal, sys, threading, time
 from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
@@ -14,8 +14,8 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['poly_lr_lambda', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_channels', 'distill_step', 'train_step',
-           'Run', 'build_models', 'build_run', 'train_one_epoch', 'evaluate_and_keep_best', 'restarted_with_checkpoint',
-           'evaluate_checkpoint', 'fit']
+           'Run', 'build_models', 'weights_sha256', 'build_run', 'train_one_epoch', 'evaluate_and_keep_best',
+           'restarted_with_checkpoint', 'evaluate_checkpoint', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import (build_model, param_groups, model_arch, load_model, load_released_checkpoint,
@@ -162,12 +162,21 @@ def train_step(student:nn.Module, teacher:nn.Module|None, objective:DistillObjec
 def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, classes)
     root = Path(D.data_root)
     if D.data == 'synthetic' and not root.exists():
-        if rank == 0: make_synthetic(root, **({'num_classes': D.num_classes} if D.num_classes else {}))
+        if rank == 0:
+            print(f"aicsd: no dataset at {root}: writing the synthetic shapes dataset there (`aicsd data synthetic` "
+                  "makes one with other settings)", flush=True)
+            make_synthetic(root, **({'num_classes': D.num_classes} if D.num_classes else {}))
         if dist.is_initialized(): dist.barrier()
     ttf = train_transform(D.crop_size, scale=(D.scale_min, D.scale_max), hflip=D.hflip, blur=D.blur)
     tr = get_dataset(D.data, root, D.train_split, ttf)
     va = get_dataset(D.data, root, D.val_split, eval_transform_for(D.eval_resize, D.eval_square))
-    return tr, va, D.num_classes or _num_classes(tr)
+    n = _num_classes(tr)
+    if D.num_classes and D.num_classes > n:
+        raise ValueError(f"--num-classes {D.num_classes} is more than the {n} classes of {tr!r}: the extra outputs would "
+                         "never be trained nor evaluated; drop --num-classes (the dataset's count is used)")
+    if D.num_classes and D.num_classes < n and hasattr(tr, 'classes'):
+        for ds in (tr, va): ds.classes = list(ds.classes)[:D.num_classes]   # labels are checked against the run's classes
+    return tr, va, D.num_classes or n
 
 # %% ../nbs/08_distill.ipynb #30f763d0
 def _num_classes(ds)->int:
@@ -224,6 +233,15 @@ def build_models(M:ModelSpec, # the model part of the configuration
                                       num_classes)
     return student, teacher, modules
 
+# %% ../nbs/08_distill.ipynb #66e33893
+def weights_sha256(model:nn.Module)->str:
+    "A fingerprint of a model's weights: SHA-256 over every `state_dict` entry's name, shape, dtype and bytes."
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous().reshape(-1)
+        h.update(f'{k}:{tuple(v.shape)}:{v.dtype};'.encode()); h.update(v.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
 # %% ../nbs/08_distill.ipynb #7ffeb038
 def _student(M:ModelSpec, num_classes:int)->nn.Module:
     "The student network of the model part (ImageNet weights from torchvision or from a file, as asked)."
@@ -256,6 +274,7 @@ def build_run(cfg:dict)->Run:
     loader = build_loader(train_ds, L.batch_size, train=True, num_workers=L.workers, seed=M.seed, distributed=world > 1)
     objective = cfg.objective                                            # the method, parsed once by make_config
     student, teacher, modules = build_models(M, objective, nc)
+    decided = {'teacher_sha256': weights_sha256(teacher)} if teacher is not None else {}   # as loaded
     net = StudentWithModules(student, modules)
     model, teacher, fdt, mf = _place(net, teacher, P, device, world)
     opt, sched, epochs, total, spe = _optimizer(student, modules, O, loader)
@@ -265,7 +284,7 @@ def build_run(cfg:dict)->Run:
                val_ds=val_ds, num_classes=nc, loader=loader, student=student, teacher=teacher, objective=objective, net=net,
                model=model, opt=opt, sched=sched, scaler=scaler, amp_dtype=amp_dtype, teacher_dtype=None, dtype=fdt,
                memory_format=mf, steps_per_epoch=spe, epochs=epochs, total=total, loop=L, precision=P, data=D,
-               predict=eval_predictor(cfg))
+               predict=eval_predictor(cfg), decided=decided)
 
 # %% ../nbs/08_distill.ipynb #7935d540
 def _place(net, teacher, P:PrecisionSpec, device, world:int)->tuple: # (model, teacher, dtype, memory format)
@@ -320,8 +339,10 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
             where = f" on rank {run.rank}" if run.world > 1 else ''
             raise FloatingPointError(
                 f"the loss is {float(loss)} at step {prog.step}{where} (non-finite term(s): {', '.join(bad) or 'none: the sum overflowed'}"
-                f"; lr {run.opt.param_groups[0]['lr']:.3g}); {ckpt.last if ckpt.last.exists() else 'no checkpoint'} holds the last "
-                f"good state. Lower --lr or the term's --weight, or add --clip-grad, and resume or restart")
+                f"; lr {run.opt.param_groups[0]['lr']:.3g}); " + (f"{ckpt.last} holds the last good state. Lower --lr or the term's "
+                f"--weight, or add --clip-grad, and continue with --resume (or restart with --force)" if ckpt.last.exists() else
+                "no checkpoint was written yet. Lower --lr or the term's --weight, or add --clip-grad, and run the command "
+                "again without --resume (the logs of this attempt are moved aside)"))
         if run.main and (prog.step % max(1, L.log_every) == 0 or prog.step == run.total):
             vals = dict(epoch=prog.epoch, lr=run.opt.param_groups[0]['lr'], alpha=float(alpha), loss=float(loss),
                         **{k: float(v) for k, v in terms.items()})

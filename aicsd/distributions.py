@@ -13,6 +13,7 @@ from torch import Tensor
 # %% ../nbs/00_distributions.ipynb #0bd56c56
 def flat_mask(mask:Tensor|None, # bool mask, `B x H x W` or `B x 1 x H x W` (True = keep), or None
               logits:Tensor,    # logits `B x C x H x W`
+              nonempty:bool=False, # require every image to keep a position (a distribution over none is undefined)
              )->Tensor|None:    # bool `B x 1 x N` (or None)
     "Check a position mask against `logits` and flatten it to `B x 1 x N`."
     if mask is None: return None
@@ -21,7 +22,12 @@ def flat_mask(mask:Tensor|None, # bool mask, `B x H x W` or `B x 1 x H x W` (Tru
     if tuple(mask.shape) != (B, H, W):
         raise ValueError(f"`mask` must have shape (B, H, W) = {(B, H, W)} (or (B, 1, H, W)) to match "
                          f"`logits` {tuple(logits.shape)}; got {tuple(mask.shape)}")
-    return mask.to(device=logits.device, dtype=torch.bool).reshape(B, 1, H * W)
+    m = mask.to(device=logits.device, dtype=torch.bool).reshape(B, 1, H * W)
+    if nonempty and not bool(m.any(2).all()):
+        empty = torch.nonzero(~m.any(2)[:, 0]).flatten().tolist()
+        raise ValueError(f"`mask` keeps no position of image(s) {empty} of the batch: a distribution over no position "
+                         "is undefined (leave such images out, or pass no mask)")
+    return m
 
 # %% ../nbs/00_distributions.ipynb #d5fc7984
 def class_distributions(logits:Tensor, # segmentation logits `B x C x H x W`
@@ -34,7 +40,7 @@ def class_distributions(logits:Tensor, # segmentation logits `B x C x H x W`
         raise ValueError(f"`logits` must be a 4-D tensor B x C x H x W; got "
                          f"{tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__}")
     if not T > 0: raise ValueError(f"`T` (temperature) must be > 0; got {T}")
-    m = flat_mask(mask, logits)
+    m = flat_mask(mask, logits, nonempty=True)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         z = logits.flatten(2)
         if z.dtype != torch.float64: z = z.float()                  # at least float32; float64 stays float64

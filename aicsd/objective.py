@@ -76,9 +76,10 @@ def term_ce(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, ignore_index
     return ce_loss(s['logits'], target, ignore_index=ignore_index)
 
 # %% ../nbs/04_objective.ipynb #69d08efe
-def term_kd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, T:float=1.0, ignore_index:int=255):
-    "Pixel-wise KD (Hinton), ignored pixels left out."
-    return pixel_kd_loss(s['logits'], t['logits'], T=T, target=target, ignore_index=ignore_index)
+def term_kd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, T:float=1.0, ignore_index:int=255,
+            skip_ignored:bool=False):
+    "Pixel-wise KD (Hinton) over every pixel, as the paper and CIRKD; `skip_ignored`: leave out pixels labelled `ignore_index`."
+    return pixel_kd_loss(s['logits'], t['logits'], T=T, target=target if skip_ignored else None, ignore_index=ignore_index)
 
 # %% ../nbs/04_objective.ipynb #ddb49658
 def term_icsd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, T:float=1.0, normalize:str|None=None):
@@ -91,7 +92,7 @@ def term_released_icsd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     return released_icsd_loss(s['logits'], t['logits'])
 
 register_term('ce', Term(term_ce, teacher=False, params=dict(ignore_index=255), ref='supervised cross-entropy'))
-register_term('kd', Term(term_kd, alw='fade', params=dict(T=1.0, ignore_index=255), bounds=dict(T='>0'),
+register_term('kd', Term(term_kd, alw='fade', params=dict(T=1.0, ignore_index=255, skip_ignored=False), bounds=dict(T='>0'),
                          ref='Hinton et al., NeurIPS-W 2015; pixel-wise as in CIRKD losses/'))
 register_term('icsd', Term(term_icsd, weight=0.1, params=dict(T=1.0, normalize=None), bounds=dict(T='>0'),
                            ref='AICSD (Mansourian et al., 2025)'))
@@ -285,7 +286,7 @@ class DistillObjective:
                  lambda_kd:float|None=None, # weight of pixel-wise KD (default: the term's, 1)
                  lambda_icsd:float|None=None, # weight of ICSD (default: the term's, 0.1 on raw KL matrices)
                  T:float=1.0, # temperature of every term that has one named `T` (KD, ICSD)
-                 ignore_index:int=255, # label value left out of CE, KD and the label-aware terms
+                 ignore_index:int=255, # label value left out of CE and the label-aware terms (and of KD with `skip_ignored`)
                  normalize:str|None=None, # ICSD row normalisation: None or 'row'
                  weights:dict|None=None, # more weights by term name, e.g. {'cwd': 3.0}
                  alw:bool|None=None, # ALW on/off; None: as the method says (on for 'aicsd')
@@ -305,7 +306,11 @@ class DistillObjective:
         for k, v in given.items():
             if k not in TERMS: raise ValueError(f"weight for unknown term {k!r}; terms: {', '.join(TERMS)}")
             if bad := out_of_range(v, '>=0'): raise ValueError(f"weight of {k!r} (--weight {k}=W) must be {bad}; got {v}")
-            if k in w: w[k] = float(v)            # weights of terms the method does not use are ignored
+            if k in w: w[k] = float(v)
+            elif k in (weights or {}):            # asked for by name: a term the method lacks is an error, not a no-op
+                raise ValueError(f"weight for term {k!r}, which method {method!r} does not use (its terms: "
+                                 f"{', '.join(self.names)}); add the term with --method {method}+{k}")
+            # (lambda_kd / lambda_icsd, which every command passes, are ignored by methods without KD / ICSD)
         self.weights = w
         shared = dict(T=float(T), ignore_index=ignore_index, normalize=normalize)
         self.params = {}
@@ -316,6 +321,9 @@ class DistillObjective:
             bad = sorted(set(extra) - set(p))
             if bad: raise ValueError(f"term {n!r} has no parameter(s) {bad}; it takes {sorted(p)}")
             p.update(extra); self.params[n] = p
+            for k, v in p.items():
+                if isinstance(TERMS[n].params.get(k), bool) and not isinstance(v, bool):
+                    raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) must be true or false; got {v!r}")
             for k, c in TERMS[n].bounds.items():
                 if p.get(k) is not None and (bad := out_of_range(p[k], c)):
                     raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) must be {bad}; got {p[k]!r}")

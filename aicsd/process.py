@@ -34,7 +34,13 @@ def resolve_device(device:str='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'
                    local_rank:int=0)->torch.device:
     "The device to run on; under torchrun each process takes GPU `local_rank`."
     if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    dev = torch.device(device)
+    ok = "cpu, cuda, cuda:N (N: a GPU number, from 0) or auto (a GPU when there is one)"
+    try: dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError): dev = None         # 'gpu', 'cuda:x': torch's RuntimeError
+    if dev is None or dev.type not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f"--device {device!r} is not a device this takes: use {ok}")
+    if dev.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {device!r}: this machine (torch {torch.__version__}) has no MPS device; use {ok}")
     if dev.type == 'cuda':
         if not torch.cuda.is_available():
             why = 'this torch build has no CUDA' if torch.version.cuda is None else 'no CUDA GPU is visible'

@@ -16,8 +16,8 @@ from .models import model_arch
 from .checkpoint import save_checkpoint, load_checkpoint, write_temporary   # the one writer and reader of files
 
 # %% auto #0
-__all__ = ['rng_state', 'set_rng_state', 'RunLog', 'read_run', 'Progress', 'RunExistsError', 'RunLockedError', 'RunInterrupted',
-           'RunLock', 'Checkpointer']
+__all__ = ['CHECKPOINTS', 'rng_state', 'set_rng_state', 'RunLog', 'read_run', 'Progress', 'RunExistsError', 'RunLockedError',
+           'RunInterrupted', 'RunLock', 'Checkpointer']
 
 # %% ../nbs/07b_runfolder.ipynb #540a878f
 def rng_state()->dict:
@@ -57,18 +57,22 @@ class RunLog:
             except Exception as e: warn(f"TensorBoard disabled: {type(e).__name__}: {e}")
     @staticmethod
     def _truncate(f:Path, step:int):
-        "Keep the header and the rows of steps <= `step` (written to a temporary file, then moved into place)."
+        "Keep the header and the rows of steps <= `step`, every line ending in '\\n' (a temporary file, then moved into place)."
         if not f.exists(): return
-        lines = f.read_text().splitlines(keepends=True)
+        with open(f, newline='') as fh: raw = fh.read()   # as on disk: an older aicsd wrote '\r\n'
+        lines = raw.splitlines()
         keep = lines[:1] + [l for l in lines[1:] if l.split(',', 1)[0].strip().isdigit() and int(l.split(',', 1)[0]) <= step]
-        if len(keep) == len(lines): return
-        tmp = f.with_name(f'.{f.name}.tmp'); tmp.write_text(''.join(keep)); os.replace(tmp, f)
+        text = ''.join(l + '\n' for l in keep)
+        if text == raw: return
+        tmp = f.with_name(f'.{f.name}.tmp')
+        with open(tmp, 'w', newline='') as fh: fh.write(text)
+        os.replace(tmp, f)
     def row(self, name:str, step:int, values:dict):
         if not self.enabled: return
         f = self.out/f'{name}.csv'
         new = not f.exists()
         with open(f, 'a', newline='') as fh:
-            w = csv.DictWriter(fh, fieldnames=['step', *values])
+            w = csv.DictWriter(fh, fieldnames=['step', *values], lineterminator='\n')   # csv's default is '\r\n'
             if new: w.writeheader()
             w.writerow({'step': step, **values})
         if self.tb is not None:
@@ -204,10 +208,15 @@ def resume(self:Checkpointer)->Progress|None:
     "Restore the run from `last.pt` (or the one before it); refuse changed options that define the run."
     r = self.run
     ck, path = self._read_last()
-    kept = {'teacher_bf16': ck['config'].get('teacher_bf16'), **ck.get('decided', {})}   # the run's own choices
+    kept = {'teacher_bf16': ck['config'].get('teacher_bf16'),
+            **{k: v for k, v in ck.get('decided', {}).items() if k != 'teacher_sha256'}}   # the run's own choices
     asked = {**r.cfg, 'teacher_bf16': ck['config'].get('teacher_bf16') if r.precision.teacher_bf16 is None
              else r.precision.teacher_bf16}           # automatic (None) asks for the run's own choice
     refused, warned = resume_changes(ck['config'], asked)
+    was, now = ck.get('decided', {}).get('teacher_sha256'), r.decided.get('teacher_sha256')
+    if was and now and was != now:                   # the same path, other weights: another teacher
+        refused.append(f"the teacher {r.cfg.get('teacher')} holds other weights than when the run started (SHA-256 "
+                       f"{was[:12]}... then, {now[:12]}... now): was the file replaced? Put the original back")
     if refused:
         raise ValueError(f"cannot resume {path}: {'; '.join(refused)}. These options define the run: resume with the values "
                          f"it was started with, or start a new run with another --out (or --force to move this one aside)")
@@ -223,21 +232,35 @@ def resume(self:Checkpointer)->Progress|None:
     return Progress(ck['epoch'], ck['step_in_epoch'], ck['global_step'], ck['best_miou'], ck['metrics'])
 
 # %% ../nbs/07b_runfolder.ipynb #202c2d94
+CHECKPOINTS = ('last.pt', 'last.prev.pt', 'best.pt')
+
+def _aside(out:Path)->Path:
+    "A new `out/replaced-<time>/` folder (`-2`, `-3`... when one of that second exists)."
+    base = out/time.strftime('replaced-%Y%m%d-%H%M%S')
+    for n in range(1, 1000):
+        p = base if n == 1 else base.with_name(f'{base.name}-{n}')
+        try: p.mkdir(); return p
+        except FileExistsError: continue
+    raise FileExistsError(f"{base}: too many replaced-<time> folders in {out}")
+
 @patch
 def start(self:Checkpointer)->Progress:
     "A fresh run: refuse to replace an earlier run in the same folder unless `force` (then move it aside); seed."
     r = self.run
     if r.main:
         old = [f for f in self.RUN_FILES if (r.out/f).exists()]
-        if old and not r.loop.force:
+        has_ckpt = any(f in CHECKPOINTS for f in old)
+        if has_ckpt and not r.loop.force:
             raise RunExistsError(f"{r.out} already holds a run ({', '.join(old)}); nothing was changed. Continue it with "
                                  f"--resume, start afresh with --force (its files are moved to {r.out}/replaced-<time>/), "
                                  f"or choose another --out")
-        if old:
-            aside = r.out/time.strftime('replaced-%Y%m%d-%H%M%S')
-            aside.mkdir()
+        if old:   # --force, or only the logs of a run that ended before its first checkpoint: nothing to continue
+            aside = _aside(r.out)
             for f in old: shutil.move(str(r.out/f), str(aside/f))
-            if not r.loop.quiet: print(f"--force: the earlier run's files were moved to {aside}")
+            if r.loop.force:
+                if not r.loop.quiet: print(f"--force: the earlier run's files were moved to {aside}")
+            else: warn(f"{r.out} held only the logs ({', '.join(old)}) of a run that ended before writing a checkpoint; "
+                       f"they were moved to {aside} (nothing is lost) and the run starts afresh")
     s = r.seed + r.rank
     torch.manual_seed(s); random.seed(s); np.random.seed(s)
     return Progress()

@@ -181,4 +181,4 @@ def ics_matrix(logits:Tensor, # segmentation logits `B x C x H x W` (any float d
         raise ValueError(f"`logits` must be a 4-D tensor B x C x H x W; got "
                          f"{tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__}")
     if not T > 0: raise ValueError(f"`T` (temperature) must be > 0; got {T}")
-    return _ICSMatrix.apply(logits, float(T), flat_mask(mask, logits))
+    return _ICSMatrix.apply(logits, float(T), flat_mask(mask, logits, nonempty=True))

@@ -105,3 +105,69 @@ def test_bench_quick(tmp_path):
     p = run(aicsd_cmd() + ['bench', 'icsd', 'data', '--quick', '--threads', 1], cwd=tmp_path)
     assert p.stdout.startswith('machine: ') and '## icsd' in p.stdout and '## data' in p.stdout
     for name in ('| floor', '| icsd', '| released'): assert name in p.stdout, name
+
+def _one_line_error(p, *want):
+    "Exit 2 with one `aicsd: error:` line that holds each of `want`, and no traceback."
+    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
+    assert 'Traceback' not in p.stderr and p.stderr.count('aicsd: error:') == 1, p.stderr[-3000:]
+    line = next(l for l in p.stderr.splitlines() if 'error:' in l)
+    for w in want: assert w in line, (w, line)
+
+@pytest.mark.parametrize('device', ['gpu', 'cuda:x'] + ([] if torch.backends.mps.is_available() else ['mps']))
+def test_bad_device_is_one_line(device, tiny_data, tmp_path):
+    "`--device gpu` and friends: not torch's RuntimeError traceback but one line naming the flag, the value and what it takes."
+    p = run(aicsd_cmd() + ['train', '--epochs', 1] + tiny_args(tiny_data, tmp_path / 'x') + ['--device', device],
+            cwd=tmp_path, check=False)
+    _one_line_error(p, '--device', repr(device), 'cpu, cuda, cuda:N', 'auto')
+
+def test_bad_compile_backend_is_one_line(tiny_data, tmp_path):
+    p = run(aicsd_cmd() + ['train', '--epochs', 1, '--compile', 'nosuchbackend'] + tiny_args(tiny_data, tmp_path / 'x'),
+            cwd=tmp_path, check=False)
+    _one_line_error(p, '--compile', 'nosuchbackend', 'inductor')
+    assert not (tmp_path / 'x').exists()
+
+def test_bad_size_names_what_it_expects(tmp_path):
+    p = run(aicsd_cmd() + ['train', '--crop-size', '40x'], cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "--crop-size: expected a size N or HxW, got '40x'" in p.stderr, p.stderr
+    assert 'size_arg' not in p.stderr
+
+def test_closed_stdout_is_quiet(tmp_path):
+    "`aicsd recipes | head -5`: the reader leaves; no 'Broken pipe' error, the exit status of a process killed by SIGPIPE."
+    import subprocess
+    from conftest import ENV
+    p = subprocess.Popen(aicsd_cmd() + ['recipes'], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()                                     # before the command writes (it takes seconds to start)
+    err = p.stderr.read().decode(); p.wait(timeout=120)
+    assert p.returncode == 141 and err == '', (p.returncode, err)
+
+def test_loader_worker_error_is_one_line(tiny_data, tmp_path):
+    "A bad label read in a loader process: its message in one line, as with --workers 0, not torch's wrapped traceback."
+    import shutil
+    import numpy as np
+    from PIL import Image
+    root = tmp_path / 'syn'; shutil.copytree(tiny_data, root)
+    for f in (root / 'SegmentationClass').glob('*.png'):
+        im = Image.open(f); a = np.array(im); a[0, 0] = 200
+        im2 = Image.fromarray(a, mode=im.mode)
+        if im.mode == 'P': im2.putpalette(im.getpalette())
+        im2.save(f)
+    out = tmp_path / 'x'
+    p0 = run(aicsd_cmd() + ['train', '--epochs', 1] + tiny_args(root, out, '--workers', 0), cwd=tmp_path, check=False)
+    _one_line_error(p0, 'holds values')
+    p = run(aicsd_cmd() + ['train', '--epochs', 1] + tiny_args(root, out, '--workers', 2), cwd=tmp_path, check=False)
+    _one_line_error(p, 'holds values', '(in a loader worker)')
+    assert 'Original Traceback' not in p.stderr and 'Caught ' not in p.stderr
+
+def test_bench_help_names_its_default(tmp_path):
+    p = run(aicsd_cmd() + ['bench', '--help'], cwd=tmp_path)
+    text = ' '.join(p.stdout.split())
+    assert 'icsd, step, data and loop' in text and 'default: icsd step data loop' in text, text
+
+def test_docs_examples_on_synthetic_data_are_small():
+    "The examples of nbs/09_cli.ipynb that train on the synthetic data use the --help epilog's small settings."
+    from pathlib import Path
+    nb = json.loads((Path(__file__).parents[1] / 'nbs' / '09_cli.ipynb').read_text())
+    lines = [l.strip() for c in nb['cells'] if c['cell_type'] == 'markdown' for l in ''.join(c['source']).splitlines()
+             if l.strip().startswith(('aicsd train', 'aicsd distill')) and '--config' not in l and '--resume' not in l]
+    assert lines
+    for l in lines: assert '--crop-size 64' in l and '--epochs 5' in l, l

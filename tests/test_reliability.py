@@ -229,3 +229,50 @@ def test_loader_workers_stop_when_the_run_ends(tiny_data, tmp_path, monkeypatch)
     r = fit(_cfg(tiny_data, tmp_path / 'w', epochs=2, workers=2, stop_after=4))
     assert r['steps'] == 4 and [it._persistent_workers for it in made] == [True, False]   # training (both epochs), evaluation
     assert [w.exitcode for it in made for w in it._workers] == [0] * 4   # each worker left by itself, none killed
+
+def _umask() -> int:
+    old = os.umask(0); os.umask(old); return old
+
+def test_run_files_and_dataset_are_readable_by_the_group_and_a_folder_is_no_checkpoint(tiny_data, tmp_path):
+    "Checkpoints get the mode of the logs (mkstemp alone gives 0600); a run folder given as a checkpoint is named as such."
+    assert (tiny_data.stat().st_mode & 0o777) == 0o777 & ~_umask()         # make_synthetic's root (mkdtemp alone: 0700)
+    out = tmp_path / 't'
+    run(_train(tiny_data, out), cwd=tmp_path)
+    for f in ('best.pt', 'last.pt', 'train_log.csv'):
+        assert (out / f).stat().st_mode & 0o777 == 0o666 & ~_umask(), f
+    ev = ['evaluate', '--data', 'synthetic', '--data-root', tiny_data, '--device', 'cpu', '--threads', 1, '--ckpt']
+    p = run(aicsd_cmd() + ev + [out], cwd=tmp_path, check=False)
+    assert p.returncode == 2 and f'{out} is a folder, not a checkpoint file' in p.stderr, p.stderr
+    assert f"did you mean {out / 'best.pt'}?" in p.stderr and 'Traceback' not in p.stderr, p.stderr
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_rerun_plainly(tiny_data, tmp_path):
+    "Only logs in --out (the run died before any checkpoint): the same command starts afresh; the logs are moved aside."
+    out = tmp_path / 'f'
+    p = run(_train(tiny_data, out, '--lr', 1e9, '--log-every', 1, '--epochs', 3), cwd=tmp_path, check=False)
+    assert p.returncode == 2 and 'non-finite' in p.stderr, p.stderr
+    if any((out / f).exists() for f in ('last.pt', 'best.pt', 'last.prev.pt')):   # it got as far as a checkpoint
+        for f in ('last.pt', 'best.pt', 'last.prev.pt'): (out / f).unlink(missing_ok=True)
+    (out / 'tb').mkdir(exist_ok=True); (out / 'tb' / 'events').write_text('x')     # what --tensorboard leaves
+    logs = sorted(f.name for f in out.iterdir() if f.name != '.lock')
+    p = run(_train(tiny_data, out), cwd=tmp_path, check=False)                       # the same command, again
+    assert p.returncode == 0, p.stderr
+    aside = [d for d in out.iterdir() if d.name.startswith('replaced-')]
+    assert len(aside) == 1 and sorted(f.name for f in aside[0].iterdir()) == logs, (logs, list(aside[0].iterdir()))
+    said = [l for l in p.stderr.splitlines() if str(aside[0]) in l]
+    assert len(said) == 1 and 'nothing is lost' in said[0], p.stderr
+    assert (out / 'best.pt').exists()
+    p = run(_train(tiny_data, out), cwd=tmp_path, check=False)                       # a checkpoint now: refused
+    assert p.returncode == 2 and 'already holds a run' in p.stderr, p.stderr
+
+def test_csv_logs_keep_one_line_ending_across_a_resume(tiny_data, tmp_path):
+    from aicsd.distill import fit
+    out = tmp_path / 'n'
+    fit(_cfg(tiny_data, out, epochs=2, log_every=1, stop_after=2))
+    (out / 'eval_log.csv').unlink(missing_ok=True)
+    old = (out / 'train_log.csv').read_bytes()
+    (out / 'train_log.csv').write_bytes(old.replace(b'\r\n', b'\n').replace(b'\n', b'\r\n'))   # as an older aicsd wrote it
+    fit(_cfg(tiny_data, out, epochs=2, log_every=1, resume=True))
+    for f in ('train_log.csv', 'eval_log.csv'):
+        b = (out / f).read_bytes()
+        assert b'\r' not in b and b.endswith(b'\n'), (f, b[:200])
+    assert [int(l.split(b',')[0]) for l in (out / 'train_log.csv').read_bytes().splitlines()[1:]] == [1, 2, 3, 4, 5, 6]

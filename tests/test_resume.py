@@ -64,3 +64,24 @@ def test_the_cuda_layout_on_a_cpu_resumes_like_a_contiguous_run(tiny_data, tmp_p
     figs = {p.name for p in (tmp_path / 'cl32' / 'figures').iterdir()}
     assert {'ics_step0000003.png', 'ics_rows_step0000003.png', 'predictions_step0000003.png', 'curves.png'} <= figs, figs
     assert 'figures at step' not in capsys.readouterr().err                  # none failed and was only warned about
+
+def test_resume_refuses_a_replaced_teacher(tiny_data, tmp_path):
+    """The teacher's path is an option; its weights are fingerprinted in last.pt. A teacher file replaced between
+    the sessions of a distillation (or a student's best.pt written where the teacher was) is refused on --resume,
+    naming the file; putting the original back resumes."""
+    import shutil
+    import aicsd.distill as D
+    base = dict(data='synthetic', data_root=str(tiny_data), crop_size=32, scale_min=1.0, scale_max=1.0, batch_size=4,
+                val_batch_size=5, lr=0.01, threads=1, device='cpu', tensorboard=False, quiet=True, figures=False)
+    for name, seed in (('t1', 0), ('t2', 1)):
+        D.fit(dict(base, model='mobilenetv2', max_steps=1, seed=seed, out=str(tmp_path / name)))
+    teacher = tmp_path / 'teacher.pt'
+    shutil.copy(tmp_path / 't1' / 'best.pt', teacher)
+    cfg = dict(base, mode='distill', teacher=str(teacher), model='mobilenetv2', method='kd', max_steps=3,
+               out=str(tmp_path / 's'))
+    D.fit(dict(cfg, stop_after=1))
+    shutil.copy(tmp_path / 't2' / 'best.pt', teacher)                     # another teacher at the same path
+    try: D.fit(dict(cfg, resume=True)); raise AssertionError('resumed with another teacher')
+    except ValueError as e: assert 'holds other weights than when the run started' in str(e) and str(teacher) in str(e), e
+    shutil.copy(tmp_path / 't1' / 'best.pt', teacher)                     # the original back: the run continues
+    assert D.fit(dict(cfg, resume=True))['steps'] == 3
