@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DataLoader, DistributedSampler, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from .checkpoint import UMASK   # the umask, read once: what `mkdir` and `open` would give
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VOC_CLASSES', 'CITYSCAPES_CLASSES', 'DATASET_HELP',
@@ -468,7 +469,8 @@ def make_synthetic(root='data/synthetic', # output folder (VOC layout)
     if _existing_synthetic(root, settings, overwrite): return root
     table = synthetic_classes(num_classes)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.tmp-', dir=root.parent)); from aicsd.checkpoint import UMASK; os.chmod(tmp, 0o777 & ~UMASK)   # mkdtemp: 0700
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.tmp-', dir=root.parent))
+    os.chmod(tmp, 0o777 & ~UMASK)                          # mkdtemp makes it 0700: the mode `mkdir` would give
     try:
         _write_synthetic(tmp, table, settings)
         if root.exists():

@@ -211,6 +211,7 @@ class Run:
     loop:LoopSpec; precision:PrecisionSpec; data:DataSpec # the parts the loop, the precision decision and the checks read
     predict:Callable|None=None # the evaluation protocol (`eval_predictor`)
     decided:dict=field(default_factory=dict) # run-time decisions (teacher_bf16, student_bf16), kept in last.pt, never in `cfg`
+    teacher_sha256:str|None=None # `weights_sha256` of the teacher as loaded, kept in last.pt and compared on --resume
     @property
     def main(self)->bool: return self.rank == 0
 
@@ -274,7 +275,6 @@ def build_run(cfg:dict)->Run:
     loader = build_loader(train_ds, L.batch_size, train=True, num_workers=L.workers, seed=M.seed, distributed=world > 1)
     objective = cfg.objective                                            # the method, parsed once by make_config
     student, teacher, modules = build_models(M, objective, nc)
-    decided = {'teacher_sha256': weights_sha256(teacher)} if teacher is not None else {}   # as loaded
     net = StudentWithModules(student, modules)
     model, teacher, fdt, mf = _place(net, teacher, P, device, world)
     opt, sched, epochs, total, spe = _optimizer(student, modules, O, loader)
@@ -284,7 +284,7 @@ def build_run(cfg:dict)->Run:
                val_ds=val_ds, num_classes=nc, loader=loader, student=student, teacher=teacher, objective=objective, net=net,
                model=model, opt=opt, sched=sched, scaler=scaler, amp_dtype=amp_dtype, teacher_dtype=None, dtype=fdt,
                memory_format=mf, steps_per_epoch=spe, epochs=epochs, total=total, loop=L, precision=P, data=D,
-               predict=eval_predictor(cfg), decided=decided)
+               predict=eval_predictor(cfg), teacher_sha256=weights_sha256(teacher) if teacher is not None else None)
 
 # %% ../nbs/08_distill.ipynb #7935d540
 def _place(net, teacher, P:PrecisionSpec, device, world:int)->tuple: # (model, teacher, dtype, memory format)

@@ -169,7 +169,7 @@ def save_last(self:Checkpointer, prog:Progress):
         dist.all_gather_object(allst, st)
     else: allst = st
     if r.main:   # the new file complete on disk first, then two renames: last.pt -> last.prev.pt, new -> last.pt
-        tmp = write_temporary(dict(**self._student(), config=dict(r.cfg), decided=dict(r.decided), modules=r.net.extras.state_dict(),
+        tmp = write_temporary(dict(**self._student(), config=dict(r.cfg), decided=dict(r.decided), teacher_sha256=getattr(r, 'teacher_sha256', None), modules=r.net.extras.state_dict(),
                               optimizer=r.opt.state_dict(), scheduler=r.sched.state_dict(),
                               scaler=r.scaler.state_dict() if r.scaler is not None else {},
                               epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step,
@@ -208,12 +208,11 @@ def resume(self:Checkpointer)->Progress|None:
     "Restore the run from `last.pt` (or the one before it); refuse changed options that define the run."
     r = self.run
     ck, path = self._read_last()
-    kept = {'teacher_bf16': ck['config'].get('teacher_bf16'),
-            **{k: v for k, v in ck.get('decided', {}).items() if k != 'teacher_sha256'}}   # the run's own choices
+    kept = {'teacher_bf16': ck['config'].get('teacher_bf16'), **ck.get('decided', {})}   # the run's own choices
     asked = {**r.cfg, 'teacher_bf16': ck['config'].get('teacher_bf16') if r.precision.teacher_bf16 is None
              else r.precision.teacher_bf16}           # automatic (None) asks for the run's own choice
     refused, warned = resume_changes(ck['config'], asked)
-    was, now = ck.get('decided', {}).get('teacher_sha256'), r.decided.get('teacher_sha256')
+    was, now = ck.get('teacher_sha256'), getattr(r, 'teacher_sha256', None)
     if was and now and was != now:                   # the same path, other weights: another teacher
         refused.append(f"the teacher {r.cfg.get('teacher')} holds other weights than when the run started (SHA-256 "
                        f"{was[:12]}... then, {now[:12]}... now): was the file replaced? Put the original back")
