@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse, inspect, json, os, sys
 from pathlib import Path
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint
-from .config import _renamed, read_config, size_arg
+from .config import _renamed, check_ranges, read_config, size_arg
 from .objective import METHODS, TERMS, parse_method
 from .experiments import RECIPES, recipe_text, run_demo, run_compare
 from .bench import BENCHES, run_benchmarks
 
 # %% auto #0
-__all__ = ['BENCH_DEFAULT', 'EPILOG', 'methods_help', 'add_train_options', 'build_parser', 'args_to_config', 'parse', 'main']
+__all__ = ['BENCH_DEFAULT', 'EPILOG', 'methods_help', 'add_train_options', 'build_parser', 'args_to_config', 'parse', 'main',
+           'iou_table']
 
 # %% ../nbs/09_cli.ipynb #939854fc
 def _method_arg(s:str)->str:
@@ -108,6 +109,26 @@ def add_train_options(p:argparse.ArgumentParser, # a subcommand parser
     return p
 
 # %% ../nbs/09_cli.ipynb #15364289
+def _config_value(o:Option, v, path): # the value for the parser's defaults
+    "A config file's value for option `o`, read as its flag's argument would be; a wrong one is refused naming the file."
+    where = f"config {path}: {o.name}"
+    if v is None or o.name in ('weight', 'param'): return v       # mappings: checked term by term by the objective
+    if o.flag in ('bool', 'true'):
+        if not isinstance(v, bool): raise ValueError(f"{where} must be true or false, got {v!r}")
+        return v
+    conv = {int: int, float: float, size_arg: size_arg}.get(o.type)
+    one = lambda x: x if conv is None or isinstance(x, (list, tuple)) else conv(str(x))
+    try:
+        if isinstance(v, bool) and conv is not None: raise ValueError
+        v = [one(x) for x in (v if isinstance(v, (list, tuple)) else str(v).replace(',', ' ').split())] if o.nargs else one(v)
+    except (ValueError, TypeError):
+        want = {int: 'an integer', float: 'a number', size_arg: 'a size N or HxW'}[o.type]
+        raise ValueError(f"{where} must be {want}, got {v!r}") from None
+    if o.choices and v not in o.choices: raise ValueError(f"{where} must be one of {', '.join(map(str, o.choices))}, got {v!r}")
+    try: check_ranges({o.name: v})
+    except ValueError as e: raise ValueError(f"config {path}: {e}") from None
+    return v
+
 def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
     valid = {a.dest for a in p._actions} - {'help', 'config'}
     cmd = cfg.pop('command', command); cfg.pop('paper', None); cfg.pop('notes', None)
@@ -116,9 +137,14 @@ def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
         k = dict(o.renamed).get(command, '')[2:].replace('-', '_')
         if k in cfg: cfg[o.name] = cfg.pop(k)
     if cmd != command: raise ValueError(f"config {path} is for `aicsd {cmd}`, not `aicsd {command}`")
+    elsewhere = {o.name: o.commands for o in OPTIONS if o.name in set(cfg) - valid}
+    if elsewhere:
+        raise KeyError(f"config {path}: {', '.join(elsewhere)}: option(s) of `aicsd {' / '.join(sorted(set(sum(elsewhere.values(), ()))))}`, "
+                       f"not of `aicsd {command}`; remove them")
     bad = sorted(set(cfg) - valid)
     if bad: raise KeyError(f"config {path}: unknown key(s) {bad}; valid keys: {sorted(valid)}")
-    p.set_defaults(**cfg)
+    opt = {o.name: o for o in OPTIONS}
+    p.set_defaults(**{k: _config_value(opt[k], v, path) if k in opt else v for k, v in cfg.items()})
 
 # %% ../nbs/09_cli.ipynb #c77fb66d
 BENCH_DEFAULT = ('icsd', 'step', 'data', 'loop')   # what a bare `aicsd bench` runs
@@ -173,7 +199,8 @@ def build_parser()->argparse.ArgumentParser:
                "  aicsd distill ... --method cwd+icsd --alw --weight cwd=3")
     add_train_options(d, 'distill')
     e = sub.add_parser('evaluate', formatter_class=fmt, help='evaluate a checkpoint',
-        description='mIoU, pixel accuracy, mean class accuracy, frequency-weighted IoU and per-class IoU.',
+        description='mIoU, pixel accuracy, mean class accuracy and frequency-weighted IoU as one JSON line on stdout; '
+                    'per-class IoU as a table on stderr (and in --json, with the class names).',
         epilog="example:\n  aicsd evaluate --ckpt runs/s/best.pt --data voc --data-root data/VOCdevkit/VOC2012 --eval-resize 513")
     e.add_argument('--ckpt', required=True, metavar='PATH', help='best.pt / last.pt (or any file load_model reads)')
     add_train_options(e, 'evaluate')                 # the rows whose `commands` name evaluate
@@ -288,10 +315,16 @@ def parse(argv:list|None=None)->argparse.Namespace:
     "Parse `argv`, reading `--config FILE` first (its keys become defaults; flags still win)."
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
+    subs = p._subparsers._group_actions[0].choices
+    if argv[:1] == ['train']:                        # a distillation flag given to train: say where it belongs
+        only = {s: a.dest for a in subs['distill']._actions for s in a.option_strings
+                if any(o.name == a.dest and o.commands == ('distill',) for o in OPTIONS)}
+        given = [t.split('=')[0] for t in argv[1:] if t.split('=')[0] in only]
+        if given: subs['train'].error(f"{', '.join(given)}: option(s) of `aicsd distill`; `aicsd train` trains on the "
+                                      "ground truth alone")
     a = p.parse_args(argv)
     if getattr(a, 'config', None):
-        sp = p._subparsers._group_actions[0].choices[a.command]
-        _apply_config(sp, read_config(a.config), a.command, a.config)
+        _apply_config(subs[a.command], read_config(a.config), a.command, a.config)
         a = p.parse_args(argv)
     return a
 
@@ -323,6 +356,25 @@ def _json_safe(x):
     if isinstance(x, list): return [_json_safe(v) for v in x]
     return x
 
+def _check_writable(path:str|Path, flag:str): # a file the command writes at its end
+    "Refuse, before any work, an output file that could not be written: a missing or read-only folder, a folder in its place."
+    f = Path(path); d = f.parent
+    if f.is_dir(): raise ValueError(f"{flag} {f}: is a folder; give a file name")
+    if not d.is_dir(): raise ValueError(f"{flag} {f}: folder {d} does not exist")
+    if not os.access(d, os.W_OK | os.X_OK) or (f.exists() and not os.access(f, os.W_OK)):
+        raise ValueError(f"{flag} {f}: not writable (permission denied)")
+
+def _write_text(path:str|Path, text:str):
+    "Write `text` to `path` whole or not at all: a temporary file in the same folder, then renamed over it."
+    f = Path(path); tmp = f.with_name(f'.{f.name}.tmp')
+    tmp.write_text(text); os.replace(tmp, f)
+
+def iou_table(res:dict, # `evaluate_checkpoint`'s result: `iou` and `classes`
+             )->str:
+    "Per-class IoU (%) of an evaluation, one class a line; 'absent' for a class neither predicted nor in the labels."
+    w = max(map(len, res['classes']), default=5)
+    return '\n'.join(f"  {n:<{w}}  {'absent' if v != v else f'{100 * v:6.2f}'}" for n, v in zip(res['classes'], res['iou']))
+
 # %% ../nbs/09_cli.ipynb #53721ab3
 def _main(argv):
     a = parse(argv)
@@ -334,10 +386,12 @@ def _main(argv):
             print(json.dumps(dict(out=r['out'], steps=r['steps'], best_miou=round(r['best_miou'], 6),
                                   time_s=round(r['time_s'], 1))))
     elif a.command == 'evaluate':
+        if a.json: _check_writable(a.json, '--json')    # before the evaluation, not after it
         res = evaluate_checkpoint(a.ckpt, vars(a))
         if int(os.environ.get('RANK', 0)) == 0:
-            print(json.dumps(_json_safe({k: v for k, v in res.items() if k != 'iou'})))
-            if a.json: Path(a.json).write_text(json.dumps(_json_safe(res), indent=1))
+            print(f"per-class IoU (%):\n{iou_table(res)}", file=sys.stderr)   # for people; stdout keeps one JSON line
+            print(json.dumps(_json_safe({k: v for k, v in res.items() if k not in ('iou', 'classes')})))
+            if a.json: _write_text(a.json, json.dumps(_json_safe(res), indent=1))
     elif a.command == 'demo':
         run_demo(out=a.out, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads, seeds=a.seeds)
     elif a.command == 'compare':
@@ -346,8 +400,9 @@ def _main(argv):
     elif a.command == 'recipes':
         if a.name: sys.stdout.write(recipe_text(a.name, a.format))
         else:
+            w = max(map(len, RECIPES))
             for k, v in RECIPES.items():
-                print(f"{k:<28} aicsd {v['command']:<8} paper mIoU {v['paper']['miou']}")
+                print(f"{k:<{w}}  aicsd {v['command']:<8} paper mIoU {v['paper']['miou']}")
     elif a.command == 'data': _run_data(a)
     elif a.command == 'bench': run_benchmarks(a.what or list(BENCH_DEFAULT), latency=a.latency, quick=a.quick,
                                          device=a.device, threads=a.threads, out=a.out)

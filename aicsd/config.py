@@ -58,6 +58,7 @@ def size_arg(s:str)->int|list: # `PX` for a square, `[H, W]` otherwise
     return h if h == w and 'x' not in str(s).lower() else [h, w]
 
 # %% ../nbs/07a_config.ipynb #b996b36c
+_D = ('distill',)   # the rows only `aicsd distill` takes: `aicsd train` has no teacher
 _WHAT = [   # what to train
     _O('mode', 'train', 'What to train', choices=('train', 'distill'), resume='same'),
     _O('arch', 'deeplabv3plus', 'What to train', "network family: deeplabv3plus (the paper's DeepLabV3+) or deeplabv3 (the "
@@ -66,24 +67,24 @@ _WHAT = [   # what to train
        renamed=(('distill', '--student'),), resume='same'),
     _O('teacher', None, 'What to train', "teacher checkpoint: best.pt of `aicsd train`, a file of the authors' released code "
        "(name its backbone with --teacher-backbone) or a field (CIRKD) DeepLabV3 file (told from its keys)", metavar='CKPT',
-       commands=('distill',), resume='same'),
+       commands=_D, resume='same'),
     _O('teacher_backbone', None, 'What to train', "backbone of a teacher file of the authors' released code (default: none: "
-       "the file says it)", choices=BACKBONES, metavar='BACKBONE', commands=('distill',), resume='same'),
+       "the file says it)", choices=BACKBONES, metavar='BACKBONE', commands=_D, resume='same'),
     _O('method', None, 'What to train', "distillation method, or several joined by '+' (their terms summed, e.g. cwd+icsd): "
        f"{', '.join(METHODS)} (default: aicsd; `aicsd train`: baseline; each method's terms are listed below)",
-       metavar='METHOD', commands=('distill',), resume='same'),
-    _O('alw', None, 'Distillation', "put the method's terms under adaptive loss weighting (default: on for aicsd only)", flag='bool', resume='same'),
+       metavar='METHOD', commands=_D, resume='same'),
+    _O('alw', None, 'Distillation', "put the method's terms under adaptive loss weighting (default: on for aicsd only)", flag='bool', resume='same', commands=_D),
     _O('weight', None, 'Distillation', "weight of a term, e.g. --weight cwd=3 (repeat the option for more terms; default: "
-       "the method's weights)", metavar='TERM=W', resume='same', check='>=0'),
+       "the method's weights)", metavar='TERM=W', resume='same', check='>=0', commands=_D),
     _O('param', None, 'Distillation', "a term's hyper-parameter, e.g. --param cwd.tau=2 (repeat the option for more; "
-       "default: the term's own)", metavar='TERM.KEY=V', resume='same'),
-    _O('lambda_kd', 1.0, 'Distillation', 'weight of pixel-wise KD', type=float, resume='same', check='>=0'),
-    _O('lambda_icsd', 0.1, 'Distillation', 'weight of ICSD', type=float, resume='same', check='>=0'),
+       "default: the term's own)", metavar='TERM.KEY=V', resume='same', commands=_D),
+    _O('lambda_kd', 1.0, 'Distillation', 'weight of pixel-wise KD', type=float, resume='same', check='>=0', commands=_D),
+    _O('lambda_icsd', 0.1, 'Distillation', 'weight of ICSD', type=float, resume='same', check='>=0', commands=_D),
     _O('temperature', 1.0, 'Distillation', 'softmax temperature of KD and ICSD', flags=('-T',), type=float, resume='same',
-       check='>0'),
-    _O('alw_unit', 'step', 'Distillation', 'ALW alpha per iteration (ours) or per epoch (paper)', choices=('step', 'epoch'), resume='same'),
+       check='>0', commands=_D),
+    _O('alw_unit', 'step', 'Distillation', 'ALW alpha per iteration (ours) or per epoch (paper)', choices=('step', 'epoch'), resume='same', commands=_D),
     _O('teacher_bf16', None, 'Distillation', 'run the frozen teacher under bf16 autocast (default: when measured faster at the '
-       'start of the run, on a CPU with native bf16 or a GPU)', flag='bool'),
+       'start of the run, on a CPU with native bf16 or a GPU)', flag='bool', commands=_D),
 ]
 
 # %% ../nbs/07a_config.ipynb #5efc1a4c
@@ -143,7 +144,8 @@ _OPTIM = [   # optimisation (torchvision reference / paper)
        resume='same', check='>0'),
     _O('head_mult', 10.0, 'Optimisation', "learning-rate multiplier of ASPP, decoder and the terms' adapters (paper: 10)",
        type=float, resume='same', check='>=0'),
-    _O('momentum', 0.9, 'Optimisation', 'SGD momentum', type=float, resume='same', check='>=0'),
+    _O('momentum', 0.9, 'Optimisation', 'SGD momentum', type=float, resume='same', check='>=0,<1',
+       why='with momentum 1 or more, no gradient ever fades from the update, which grows without bound'),
     _O('weight_decay', 5e-4, 'Optimisation', 'weight decay', flags=('--wd',), type=float, resume='same', check='>=0'),
     _O('poly_power', 0.9, 'Optimisation', 'poly learning-rate power', type=float, resume='same', check='>=0'),
     _O('warmup_steps', 0, 'Optimisation', 'linear warm-up iterations', type=int, resume='same', check='int>=0'),
@@ -267,6 +269,8 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     for o in OPTIONS:
         if o.choices and out[o.name] not in o.choices and not (out[o.name] is None is o.default):
             raise ValueError(f"configuration '{o.name}' must be one of {o.choices}, got {out[o.name]!r}")
+        if o.flag in ('bool', 'true') and not isinstance(out[o.name], bool) and not (out[o.name] is None is o.default):
+            raise ValueError(f"configuration '{o.name}' (--{o.name.replace('_', '-')}) must be True or False, got {out[o.name]!r}")
     if out['weight'] is not None: out['weight'] = {str(k): v for k, v in dict(out['weight']).items()}
     if out['param'] is not None: out['param'] = {str(k): dict(v) for k, v in dict(out['param']).items()}
     for k in ('crop_size', 'eval_crop', 'eval_stride'):    # sizes: PX, 'HxW', [H, W] -> PX or [H, W] (plain types)
@@ -278,6 +282,11 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     eval_predictor(out)                                    # a bad evaluation protocol fails now, before anything loads
     if out['weight'] is not None: out['weight'] = {k: float(v) for k, v in out['weight'].items()}
     if out['scale_min'] > out['scale_max']: raise ValueError(f"--scale-min {out['scale_min']} > --scale-max {out['scale_max']}")
+    if out['mode'] == 'train':                             # the distillation rows mean nothing without a teacher
+        given_d = [f"--{o.name.replace('_', '-')}" for o in OPTIONS if o.commands == _D and o.name != 'method'
+                   and out[o.name] != o.default]
+        if given_d: raise ValueError(f"{', '.join(given_d)}: options of `aicsd distill` (mode 'distill'); `aicsd train` "
+                                     "trains on the ground truth alone and would ignore them")
     obj = make_objective(out)                              # checks the method, and the terms' parameters (`bounds`)
     if out['mode'] == 'train' and obj.needs_teacher:
         raise ValueError(f"mode 'train' trains on the ground truth only; method {out['method']!r} needs mode 'distill'")

@@ -23,10 +23,10 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VO
            'CITYSCAPES_TRAIN_IDS', 'SHAPE_FAMILIES', 'COLOUR_FAMILIES', 'TEXTURES', 'SYNTHETIC_VERSION', 'NUM_CLASSES',
            'DEFAULT_ROOTS', 'voc_palette', 'colorize', 'denormalize', 'read_image', 'read_label', 'SegmentationDataset',
            'VOCSegmentation', 'save_label_png', 'cityscapes_lut', 'CityscapesSegmentation', 'train_transform',
-           'eval_transform', 'synthetic_classes', 'attribute_overlap', 'draw_synthetic', 'read_synthetic_info',
-           'make_synthetic', 'class_frequencies', 'pad_collate', 'sample_seed', 'EpochSampler', 'SeededDataset',
-           'ShardSampler', 'build_loader', 'close_loader', 'get_dataset', 'read_sbd_mat', 'build_sbd_trainaug',
-           'size_pair', 'parse_size']
+           'eval_transform', 'crop_upsampling', 'synthetic_classes', 'attribute_overlap', 'draw_synthetic',
+           'read_synthetic_info', 'make_synthetic', 'class_frequencies', 'pad_collate', 'sample_seed', 'EpochSampler',
+           'SeededDataset', 'ShardSampler', 'build_loader', 'close_loader', 'get_dataset', 'read_sbd_mat',
+           'build_sbd_trainaug', 'size_pair', 'parse_size']
 
 # %% ../nbs/06_data.ipynb #0e871ed7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -303,6 +303,20 @@ def eval_transform(resize_short:int|None=None, # resize the short side to this (
     if resize_short is not None: ts.append(v2.Resize(int(resize_short)))
     if resize is not None: ts.append(v2.Resize((resize, resize) if isinstance(resize, int) else tuple(resize)))
     return v2.Compose(ts + _finish(mean, std))
+
+# %% ../nbs/06_data.ipynb #83f47594
+def crop_upsampling(ds, # a dataset with `images` (file paths), e.g. `VOCSegmentation`
+                    crop_size, # PX or (H, W): the training crop
+                    n:int=16, # images looked at, evenly spaced over the split (headers only)
+                   )->tuple|None: # (crop short side / image short side, median image short side); None without images
+    "How much the training transform upsamples the images: the crop's short side over theirs (the median of `n`)."
+    paths = list(getattr(ds, 'images', None) or [])
+    if not paths: return None
+    sides = []
+    for p in paths[::max(1, len(paths) // n)][:n]:
+        with Image.open(p) as im: sides.append(min(im.size))
+    short = sorted(sides)[len(sides) // 2]
+    return (crop_size if isinstance(crop_size, int) else min(crop_size)) / short, short
 
 # %% ../nbs/06_data.ipynb #8b2ebaf0
 SHAPE_FAMILIES = {'round': ('circle', 'ellipse'), 'angular': ('square', 'triangle'), 'thin': ('bar', 'cross')}
@@ -615,7 +629,8 @@ def get_dataset(name:str, # 'voc', 'cityscapes' or 'synthetic' (VOC layout)
 
 # %% ../nbs/06_data.ipynb #a88d89ad
 def _sbd_dataset_dir(sbd_root:Path)->Path:
-    for d in (sbd_root, sbd_root / 'dataset', sbd_root / 'benchmark_RELEASE' / 'dataset'):
+    for d in (sbd_root, sbd_root / 'dataset', sbd_root / 'benchmark_RELEASE' / 'dataset',
+              *([sbd_root.parent] if sbd_root.name == 'cls' else [])):     # the cls/ folder itself, given one level too deep
         if (d / 'cls').is_dir(): return d
     raise FileNotFoundError(
         f"No SBD cls/ folder under {sbd_root} (looked in {sbd_root}/cls, {sbd_root}/dataset/cls, "
@@ -648,24 +663,24 @@ def build_sbd_trainaug(sbd_root, # the SBD release (`benchmark_RELEASE`, or its 
     voc_train, voc_val = _read_list(sets / 'train.txt'), set(_read_list(sets / 'val.txt'))
     sbd_ids = _read_list(sbd / 'train.txt') + _read_list(sbd / 'val.txt')
     ids = sorted((set(voc_train) | set(sbd_ids)) - voc_val)
-    out = voc / 'SegmentationClassAug'; out.mkdir(exist_ok=True)
     voc_labels, pal = set(voc_train), voc_palette()
+    # every input is looked for before anything is written: a missing file stops the build with nothing changed
+    src = {i: voc / 'SegmentationClass' / f'{i}.png' if i in voc_labels else sbd / 'cls' / f'{i}.mat' for i in ids}
+    gone = [str(f) for f in src.values() if not f.is_file()]
+    if gone: raise FileNotFoundError(f"{len(gone)} annotation(s) listed in {sets}/train.txt or {sbd}/train.txt, val.txt are "
+                                     f"missing, e.g. {', '.join(gone[:3])}; nothing was written")
+    copy = {i: sbd / 'img' / f'{i}.jpg' for i in ids if not (voc / 'JPEGImages' / f'{i}.jpg').is_file()}
+    gone = [i for i, f in copy.items() if not f.is_file()]
+    if gone: raise FileNotFoundError(f"{len(gone)} image(s) are in neither {voc / 'JPEGImages'} nor {sbd / 'img'}, e.g. "
+                                     f"{', '.join(f'{i}.jpg' for i in gone[:3])}; nothing was written")
+    out = voc / 'SegmentationClassAug'; out.mkdir(exist_ok=True)
     for i in tqdm(ids, desc='SBD -> SegmentationClassAug', disable=not progress):
-        if i in voc_labels:
-            src = voc / 'SegmentationClass' / f'{i}.png'
-            lab = read_label(src); _check_values(lab, 21, src)
-        else:
-            src = sbd / 'cls' / f'{i}.mat'
-            if not src.is_file(): raise FileNotFoundError(f"SBD annotation {src} listed in {sbd}/train.txt or val.txt is missing.")
-            lab = read_sbd_mat(src); _check_values(lab, 21, src)
-        img = voc / 'JPEGImages' / f'{i}.jpg'
-        if not img.is_file():
-            simg = sbd / 'img' / f'{i}.jpg'
-            if not simg.is_file(): raise FileNotFoundError(f"Image {i}.jpg is in neither {voc / 'JPEGImages'} nor {sbd / 'img'}.")
-            shutil.copyfile(simg, img)
+        lab = read_sbd_mat(src[i]) if src[i].suffix == '.mat' else read_label(src[i])
+        _check_values(lab, 21, src[i])
+        if i in copy: shutil.copyfile(copy[i], voc / 'JPEGImages' / f'{i}.jpg')
         tmpf = out / f'.{i}.png.tmp'; save_label_png(lab, tmpf, pal); os.replace(tmpf, out / f'{i}.png')
     lst = sets / 'trainaug.txt'
-    lst.write_text(''.join(f'{i}\n' for i in ids))
+    tmpf = lst.with_name('.trainaug.txt.tmp'); tmpf.write_text(''.join(f'{i}\n' for i in ids)); os.replace(tmpf, lst)
     return lst
 
 # %% ../nbs/06_data.ipynb #e5db4538

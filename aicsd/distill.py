@@ -20,7 +20,7 @@ __all__ = ['poly_lr_lambda', 'load_teacher', 'StudentWithModules', 'model_output
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import (build_model, param_groups, model_arch, load_model, load_released_checkpoint,
                           cirkd_backbone, load_cirkd_checkpoint)
-from .data import get_dataset, train_transform, build_loader, make_synthetic, close_loader
+from .data import crop_upsampling, get_dataset, train_transform, build_loader, make_synthetic, close_loader
 from .objective import alw_alpha, DistillObjective
 from .evaluation import evaluate, eval_transform_for, progress_bar as _progress
 from .process import autocast as _autocast
@@ -176,6 +176,11 @@ def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, cla
                          "never be trained nor evaluated; drop --num-classes (the dataset's count is used)")
     if D.num_classes and D.num_classes < n and hasattr(tr, 'classes'):
         for ds in (tr, va): ds.classes = list(ds.classes)[:D.num_classes]   # labels are checked against the run's classes
+    up = crop_upsampling(tr, D.crop_size) if rank == 0 else None
+    if up and up[0] > 2:
+        warn(f"--crop-size {D.crop_size}: the training images are resized to a short side of {D.scale_min}-{D.scale_max} x "
+             f"the crop's, {up[0]:.1f}x their own ({up[1]} px, the median): each step pays for about {up[0] ** 2:.0f}x their "
+             f"pixels with no more detail; --crop-size {up[1]} trains at their size")
     return tr, va, D.num_classes or n
 
 # %% ../nbs/08_distill.ipynb #30f763d0
@@ -264,7 +269,9 @@ def build_run(cfg:dict)->Run:
     device, rank, world, local, owned = start_process(cfg['device'], cfg['threads'], cfg['deterministic'],
                                                       cfg['malloc_mmap_mb'])
     out = Path(cfg['out'])
-    if rank == 0: out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        try: out.mkdir(parents=True, exist_ok=True)
+        except PermissionError as e: raise PermissionError(f"--out {out}: cannot create it ({e.strerror}: {e.filename})") from None
     train_ds, val_ds, nc = _datasets(D, rank)
     if len(val_ds) == 0:
         raise ValueError(f"the validation split {D.val_split!r} of {D.data_root} has no images, so no mIoU and no "
@@ -344,7 +351,7 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
                 "no checkpoint was written yet. Lower --lr or the term's --weight, or add --clip-grad, and run the command "
                 "again without --resume (the logs of this attempt are moved aside)"))
         if run.main and (prog.step % max(1, L.log_every) == 0 or prog.step == run.total):
-            vals = dict(epoch=prog.epoch, lr=run.opt.param_groups[0]['lr'], alpha=float(alpha), loss=float(loss),
+            vals = dict(epoch=prog.epoch + 1, lr=run.opt.param_groups[0]['lr'], alpha=float(alpha), loss=float(loss),
                         **{k: float(v) for k, v in terms.items()})
             log.row('train_log', prog.step, vals)
             if tty: bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
@@ -405,7 +412,7 @@ _PROTOCOL_KEYS = ('eval_resize', 'eval_square', 'eval_mode', 'eval_crop', 'eval_
 
 def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file `load_model` reads)
                         opts:dict, # evaluation options (those of `aicsd evaluate`): data, data_root, val_split, eval_*, ...
-                       )->dict: # metrics as plain floats and lists
+                       )->dict: # metrics as plain floats and lists; `classes`: the dataset's class names
     "Evaluate the network of `ckpt` on the validation split the options name, with the engine's process set-up."
     opts = {**{o.name: o.default for o in OPTIONS if 'evaluate' in o.commands}, **opts}
     check_ranges(opts)                                  # --max-val, --val-batch-size, ... as for train and distill
@@ -430,7 +437,9 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
         res = evaluate(model, ds, nc, batch_size=opts['val_batch_size'], device=dev, workers=loader_workers(opts['workers'], dev),
                        amp_dtype=_amp_dtype(opts['precision'], dev), max_items=opts['max_val'], predict=eval_predictor(opts))
         failed = False
-        return {k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in res.items()}
+        names = list(getattr(ds, 'classes', None) or [])[:nc]
+        return {**{k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in res.items()},
+                'classes': names + [str(i) for i in range(len(names), nc)]}
     finally: cleanup_distributed(owned, failed=failed)   # a failing rank leaves without waiting for the others
 
 # %% ../nbs/08_distill.ipynb #db7bd979

@@ -27,7 +27,7 @@ PAPER_MIOU = {  # (dataset, student) -> method -> reported val mIoU (%), the pap
 PAPER_TEACHER = dict(voc=77.85, cityscapes=77.66)
 _PROTOCOL = dict(output_stride=16, epochs=120, batch_size=6, momentum=0.9, weight_decay=5e-4, poly_power=0.9,
                  head_mult=10.0, crop_size=513, scale_min=0.5, scale_max=2.0, hflip=True, blur=True,
-                 eval_resize=513, eval_square=True, temperature=1.0, pretrained_backbone='imagenet', precision='bf16')
+                 eval_resize=513, eval_square=True, pretrained_backbone='imagenet', precision='bf16')
 _DATA = dict(voc=dict(data='voc', data_root='data/VOCdevkit/VOC2012', train_split='trainaug', val_split='val', lr=0.007),
              cityscapes=dict(data='cityscapes', data_root='data/cityscapes', train_split='train', val_split='val', lr=0.01))
 _SHORT = dict(resnet18='r18', mobilenetv2='mbv2', resnet101='r101')
@@ -43,7 +43,7 @@ def _recipes()->dict:
                 rep = PAPER_MIOU[(ds, st)][m]
                 r[f'{ds}-{_SHORT[st]}-{m}'] = dict(
                     command='distill', method=m, model=st, teacher=f'runs/{ds}-teacher-r101/best.pt',
-                    **_DATA[ds], **_PROTOCOL, lambda_kd=1.0, lambda_icsd=0.1, alw_unit='epoch',
+                    **_DATA[ds], **_PROTOCOL, temperature=1.0, lambda_kd=1.0, lambda_icsd=0.1, alw_unit='epoch',
                     out=f'runs/{ds}-{_SHORT[st]}-{m}',
                     paper=dict(miou=rep if rep is not None else 'not reported (ablation only)',
                                teacher_miou=PAPER_TEACHER[ds], batch_total=6))
@@ -148,8 +148,8 @@ def recipe_text(name:str, # a key of RECIPES
     else:
         head += (f"# paper (its results table): val mIoU {p['miou']}"
                  + (f", teacher {p['teacher_miou']}" if 'teacher_miou' in p else '') + "\n"
-                 "# lambda_kd = 1 and lambda_icsd = 0.1 are ours (not in the material we had); batch_size is per process "
-                 "(6 in total in the paper)\n")
+                 + ("# lambda_kd = 1 and lambda_icsd = 0.1 are ours (not in the material we had); " if r['command'] == 'distill' else '# ')
+                 + "batch_size is per process (6 in total in the paper)\n")
     if fmt == 'toml': return head + ''.join(f"{k} = {_toml(v)}\n" for k, v in r.items())
     if fmt != 'yaml': raise ValueError(f"fmt must be 'yaml' or 'toml', got {fmt!r}")
     import yaml
@@ -203,7 +203,7 @@ def run_demo(out:str|Path='runs/demo', # report folder
             )->list: # rows of the results table (dicts with mean and std over seeds)
     "Synthetic data -> teacher -> students of each method and seed -> report, heatmaps, predictions."
     import matplotlib; matplotlib.use('Agg')
-    from aicsd.data import make_synthetic, get_dataset, eval_transform
+    from aicsd.data import make_synthetic, get_dataset, eval_transform, read_synthetic_info
     from aicsd.models import load_model
     from aicsd.viz import demo_figures, model_ics
     t_start = time.time()
@@ -219,6 +219,9 @@ def run_demo(out:str|Path='runs/demo', # report folder
         kw = {k: P[k] for k in ('n_train', 'n_val', 'size', 'num_classes') if P[k] is not None}
         make_synthetic(root, seed=seed, **kw)
         print(f"synthetic data written to {root}")
+    size = ((read_synthetic_info(root) or {}).get('settings') or {}).get('size', '?')   # the report describes the data used
+    P = {**P, 'n_train': len(get_dataset('synthetic', root, 'train', None)), 'n_val': len(get_dataset('synthetic', root, 'val', None)),
+         'size': size if not isinstance(size, (list, tuple)) else size[0] if len(set(size)) == 1 else 'x'.join(map(str, size))}
     base = _demo_cfg(P, root, out, threads, seed)
     print(f"teacher: DeepLabV3+ {P['teacher']}, {P['teacher_steps']} steps ...", flush=True)
     tck, tmet, tsec, cached = _teacher(P, base, out, fresh)

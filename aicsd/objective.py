@@ -29,18 +29,20 @@ def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
     return float(min(max(step / total, 0.0), 1.0))
 
 # %% ../nbs/04_objective.ipynb #63444e14
+_OPS = {'>=': float.__ge__, '<=': float.__le__, '>': float.__gt__, '<': float.__lt__}
+
 def out_of_range(value, # a number, or whatever a flag or a config file gave
-                 check:str, # the range: '>0', '>=0', '>=1', ...; 'int>=1' for whole numbers
+                 check:str, # the range: '>0', '>=0', 'int>=1' (whole numbers), two bounds joined by ',': '>=0,<1'
                 )->str|None: # None when `value` is within; else what was expected, e.g. 'a finite number > 0'
-    "The one range check of options, term weights and term parameters: a finite number within a bound."
-    whole = check.startswith('int'); rest = check[3:] if whole else check
-    op = '>=' if rest.startswith('>=') else '>'
-    bound = float(rest[len(op):])
-    want = f"{'an integer' if whole else 'a finite number'} {op} {rest[len(op):]}"
+    "The one range check of options, term weights and term parameters: a finite number within its bounds."
+    whole = check.startswith('int')
+    bounds = [(op, b) for part in (check[3:] if whole else check).split(',')
+              for op in [next(o for o in _OPS if part.strip().startswith(o))] for b in [part.strip()[len(op):]]]
+    want = f"{'an integer' if whole else 'a finite number'} " + ' and '.join(f"{op} {b}" for op, b in bounds)
     try: x = float(value)
     except (TypeError, ValueError): return want
     if isinstance(value, bool) or not math.isfinite(x) or (whole and not x.is_integer()): return want
-    return None if (x >= bound if op == '>=' else x > bound) else want
+    return None if all(_OPS[op](x, float(b)) for op, b in bounds) else want
 
 # %% ../nbs/04_objective.ipynb #b311ed1b
 @dataclass(frozen=True)
@@ -318,6 +320,9 @@ class DistillObjective:
             p = dict(TERMS[n].params)
             p.update({k: v for k, v in shared.items() if k in p})
             extra = (params or {}).get(n, {})
+            if 'ignore_index' in extra:       # one label for the whole objective: the data's, not a term's choice
+                raise ValueError(f"--param {n}.ignore_index: 'ignore_index' is the label of unlabelled pixels (255 in every "
+                                 "dataset aicsd reads), one for all terms; it is not set per term")
             bad = sorted(set(extra) - set(p))
             if bad: raise ValueError(f"term {n!r} has no parameter(s) {bad}; it takes {sorted(p)}")
             p.update(extra); self.params[n] = p

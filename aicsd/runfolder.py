@@ -133,6 +133,9 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                 os.write(fd, (me + '\n').encode()); os.close(fd); self.held = True
                 return self
+            except PermissionError:
+                raise PermissionError(f"--out {self.path.parent}: cannot write in this folder (permission denied creating "
+                                      f"{self.path.name}); choose another --out or make it writable") from None
             except FileExistsError:
                 try: pid, host = self.path.read_text().split()[:2]; pid = int(pid)
                 except (OSError, ValueError): pid, host = None, None

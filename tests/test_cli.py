@@ -26,6 +26,9 @@ def test_train_writes_checkpoints(teacher):
     assert {'optimizer', 'scheduler', 'rng'} <= set(last)
     lines = (teacher / 'train_log.csv').read_text().splitlines()
     assert lines[0].startswith('step,epoch,lr,alpha,loss,ce') and len(lines) == 1 + 1  # log_every=10: the last step only
+    import csv
+    ev = list(csv.DictReader(open(teacher / 'eval_log.csv')))
+    assert lines[1].split(',')[:2] == ['3', '1'] and [(r['step'], r['epoch']) for r in ev] == [('3', '1')]   # epochs from 1 in both
 
 @pytest.mark.parametrize('method', METHODS)
 def test_distill(method, teacher, tiny_data):
@@ -171,3 +174,13 @@ def test_docs_examples_on_synthetic_data_are_small():
              if l.strip().startswith(('aicsd train', 'aicsd distill')) and '--config' not in l and '--resume' not in l]
     assert lines
     for l in lines: assert '--crop-size 64' in l and '--epochs 5' in l, l
+
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    "Ctrl-C 0.3 s after `aicsd` starts (torch still loading) or later: one line, exit 130, no traceback."
+    import signal, subprocess, sys, time
+    from conftest import aicsd_cmd
+    p = subprocess.Popen(aicsd_cmd() + ['bench', 'icsd', '--quick'], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.3); p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130 and 'Traceback' not in err and err.strip().splitlines()[-1].startswith('aicsd: '), err[-2000:]

@@ -206,8 +206,9 @@ def test_train_cityscapes_defaults(trees, tmp_path, tree):
 # ---------------------------------------------------------------------------------------------- the demo
 def test_demo_quick_defaults(tmp_path):
     out = tmp_path / 'demo'
+    aicsd('data', 'synthetic', '--root', tmp_path / 'syn', '--n-train', 40, '--n-val', 12, '--size', 56, cwd=tmp_path)
     aicsd('demo', '--quick', '--out', out, '--data-root', tmp_path / 'syn', cwd=tmp_path, timeout=600)
-    assert (out / 'report.md').is_file()
+    assert 'Synthetic shapes (40 train / 12 val images, 56 px)' in (out / 'report.md').read_text()   # the data used, not the preset's
     assert {'ics_matrices.png', 'predictions.png'} <= {q.name for q in out.rglob('*.png')}
 
 
