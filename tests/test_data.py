@@ -136,6 +136,7 @@ def test_sbd_unreadable_mat_named(tmp_path):
     sbd = tmp_path / 'benchmark_RELEASE' / 'dataset'; (sbd / 'cls').mkdir(parents=True)
     (sbd / 'train.txt').write_text('2008_000001\n'); (sbd / 'val.txt').write_text('')
     (sbd / 'cls' / '2008_000001.mat').write_bytes(b'not matlab')
+    (sbd / 'img').mkdir(); Image.new('RGB', (8, 6)).save(sbd / 'img' / '2008_000001.jpg')   # every input there but the .mat's content
     with pytest.raises(ValueError) as e: build_sbd_trainaug(tmp_path / 'benchmark_RELEASE', root, progress=False)
     assert '2008_000001.mat' in str(e.value)
 
