@@ -15,7 +15,7 @@ def _read_umask()->int:
 UMASK = _read_umask()   # files 0o666 & ~UMASK, folders 0o777 & ~UMASK: what `open` and `mkdir` would give
 
 # %% auto #0
-__all__ = ['UMASK', 'write_temporary', 'save_checkpoint', 'load_checkpoint']
+__all__ = ['UMASK', 'write_temporary', 'save_checkpoint', 'write_text_atomic', 'load_checkpoint']
 
 # %% ../nbs/05a_checkpoint.ipynb #7d21d810
 def write_temporary(state:dict, # anything `torch.load(weights_only=True)` can read back
@@ -38,6 +38,28 @@ def save_checkpoint(path:str|Path, # file to write
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(write_temporary(state, path), path)
     return path
+
+# %% ../nbs/05a_checkpoint.ipynb #c3e1a9b4
+def write_text_atomic(path:str|Path, # the file to (re)write
+                      text:str, # its whole content
+                      newline:str|None=None, # as `open`'s: '' writes '\n' as is on every platform
+                     )->Path:
+    "Write `text` to `path` whole or not at all: a synced temporary file beside it, then `os.replace`. A link is followed (the file it points to is replaced, not the link); a device or pipe (`/dev/stdout`) is written in place."
+    path = Path(path)
+    if path.is_symlink() and (path.resolve().is_file() or not path.resolve().exists()): path = path.resolve()
+    if path.exists() and not path.is_file():
+        with open(path, 'w', newline=newline) as fh: fh.write(text)
+        return path
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w', newline=newline) as fh:
+            fh.write(text); fh.flush(); os.fsync(fh.fileno()); os.fchmod(fh.fileno(), 0o666 & ~UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp): os.remove(tmp)
+        raise
+    return path
+
 
 # %% ../nbs/05a_checkpoint.ipynb #84570adf
 def load_checkpoint(path:str|Path, map_location='cpu')->dict:

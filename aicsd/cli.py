@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse, inspect, json, os, sys
 from pathlib import Path
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint
-from .config import _renamed, check_ranges, read_config, size_arg
+from .config import _D, _renamed, check_ranges, distill_only, read_config, size_arg, warn
+from .checkpoint import write_text_atomic
 from .objective import METHODS, TERMS, parse_method
 from .experiments import RECIPES, recipe_text, run_demo, run_compare
 from .bench import BENCHES, run_benchmarks
@@ -48,8 +49,8 @@ def _param_arg(s:str)->tuple:
     term, dot, key = k.strip().partition('.')
     if not sep or not dot or not key: raise argparse.ArgumentTypeError(f"expected TERM.KEY=VALUE such as cwd.tau=2, got {s!r}")
     if term not in TERMS: raise argparse.ArgumentTypeError(f"unknown term {term!r}; terms: {', '.join(TERMS)}")
-    if key not in TERMS[term].params:
-        raise argparse.ArgumentTypeError(f"term {term!r} has no parameter {key!r}; it takes {sorted(TERMS[term].params) or 'none'}")
+    if key not in TERMS[term].params:                # (ignore_index passes: the objective says why it is not set per term)
+        raise argparse.ArgumentTypeError(f"term {term!r} has no parameter {key!r}; it takes {TERMS[term].settable or 'none'}")
     return term, key, yaml.safe_load(v)
 
 # %% ../nbs/09_cli.ipynb #5b0fb864
@@ -109,42 +110,75 @@ def add_train_options(p:argparse.ArgumentParser, # a subcommand parser
     return p
 
 # %% ../nbs/09_cli.ipynb #15364289
-def _config_value(o:Option, v, path): # the value for the parser's defaults
-    "A config file's value for option `o`, read as its flag's argument would be; a wrong one is refused naming the file."
-    where = f"config {path}: {o.name}"
-    if v is None or o.name in ('weight', 'param'): return v       # mappings: checked term by term by the objective
+_WANT = {int: 'an integer', float: 'a number', size_arg: 'a size N, HxW or [H, W]', None: 'a string'}
+
+def _config_value(o:Option, v, path, key:str|None=None): # the value for the parser's defaults
+    "A config file's value for option `o` (written as `key`), read as its flag's argument would be; a wrong one is refused naming the file."
+    where, want = f"config {path}: {key or o.name}", _WANT.get(o.type, 'a value')
+    if v is None:                                  # `key:` with nothing after it
+        if o.default is None: return None
+        raise ValueError(f"{where} needs a value (its default is {o.default!r}; leave the key out to take it)")
+    if o.name == 'weight':                         # mappings: the terms and keys are checked by the objective
+        if not isinstance(v, dict) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in v.values()):
+            raise ValueError(f"{where} must be a mapping of term: weight such as {{cwd: 3}}, got {v!r}")
+        return v
+    if o.name == 'param':
+        if not isinstance(v, dict) or not all(isinstance(kv, dict) for kv in v.values()):
+            raise ValueError(f"{where} must be a mapping of term: {{parameter: value}} such as {{cwd: {{tau: 2}}}}, got {v!r}")
+        return v
     if o.flag in ('bool', 'true'):
         if not isinstance(v, bool): raise ValueError(f"{where} must be true or false, got {v!r}")
         return v
-    conv = {int: int, float: float, size_arg: size_arg}.get(o.type)
-    one = lambda x: x if conv is None or isinstance(x, (list, tuple)) else conv(str(x))
-    try:
-        if isinstance(v, bool) and conv is not None: raise ValueError
-        v = [one(x) for x in (v if isinstance(v, (list, tuple)) else str(v).replace(',', ' ').split())] if o.nargs else one(v)
-    except (ValueError, TypeError):
-        want = {int: 'an integer', float: 'a number', size_arg: 'a size N or HxW'}[o.type]
-        raise ValueError(f"{where} must be {want}, got {v!r}") from None
+    if o.flag == 'optional' and isinstance(v, bool):   # `compile: true` is the bare flag, `false` leaves it off
+        return o.const if v else None
+    def one(x):                                    # one value as its flag's argument would be read
+        if isinstance(x, (bool, dict)) or (isinstance(x, (list, tuple)) and o.type is not size_arg): raise TypeError
+        if isinstance(x, (list, tuple)): return size_arg('x'.join(map(str, x)))     # [H, W]
+        return str(x) if o.type is None else o.type(str(x))
+    if o.nargs:
+        v = list(v) if isinstance(v, (list, tuple)) else str(v).replace(',', ' ').split()
+        if not v: raise ValueError(f"{where} needs at least one value")
+    try: v = [one(x) for x in v] if o.nargs else one(v)
+    except (ValueError, TypeError): raise ValueError(f"{where} must be {want}, got {v!r}") from None
     if o.choices and v not in o.choices: raise ValueError(f"{where} must be one of {', '.join(map(str, o.choices))}, got {v!r}")
     try: check_ranges({o.name: v})
     except ValueError as e: raise ValueError(f"config {path}: {e}") from None
     return v
 
+
+# %% ../nbs/09_cli.ipynb #5a7c0e31
+def _inert(o:Option, v, command:str)->bool:
+    "Does value `v` of option `o` do nothing in `command`? (its default, off, or the method `train` uses anyway)"
+    return v is None or v == o.default or v is False or (command == 'train' and o.name == 'method' and v == 'baseline')
+
 def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
+    "Make the keys of config file `path` the defaults of subcommand parser `p`; refuse what `command` does not take."
     valid = {a.dest for a in p._actions} - {'help', 'config'}
     cmd = cfg.pop('command', command); cfg.pop('paper', None); cfg.pop('notes', None)
+    written = {'precision': 'amp'} if 'amp' in cfg and 'precision' not in cfg else {}
     cfg = _renamed(cfg)                              # keys of older files under their new names
     for o in OPTIONS:                                # a flag spelled otherwise here (--student) is a key too
         k = dict(o.renamed).get(command, '')[2:].replace('-', '_')
-        if k in cfg: cfg[o.name] = cfg.pop(k)
+        if k in cfg: cfg[o.name] = cfg.pop(k); written[o.name] = k
     if cmd != command: raise ValueError(f"config {path} is for `aicsd {cmd}`, not `aicsd {command}`")
-    elsewhere = {o.name: o.commands for o in OPTIONS if o.name in set(cfg) - valid}
-    if elsewhere:
-        raise KeyError(f"config {path}: {', '.join(elsewhere)}: option(s) of `aicsd {' / '.join(sorted(set(sum(elsewhere.values(), ()))))}`, "
-                       f"not of `aicsd {command}`; remove them")
+    mode = cfg.pop('mode', command)                  # the mode is the subcommand: a key that names another is refused
+    if mode != command: raise ValueError(f"config {path} has mode: {mode}: run it with `aicsd {mode}`, not `aicsd {command}`")
+    opt = {o.name: o for o in OPTIONS}
+    other = [k for k in cfg if k not in valid and k in opt and command not in opt[k].commands]
+    inert = [k for k in other if _inert(opt[k], cfg[k], command)]
+    if inert:                                        # e.g. `temperature: 1.0` in a teacher recipe of an older aicsd
+        warn(f"config {path}: ignored {', '.join(inert)}: option(s) of `aicsd distill` at values that do nothing "
+             f"in `aicsd {command}`")
+        for k in inert: del cfg[k]
+    other = [k for k in other if k not in inert]
+    if other:
+        msg = distill_only(other) if command == 'train' and all(opt[k].commands == _D for k in other) else \
+              f"{', '.join(other)}: option(s) of `aicsd {' / '.join(sorted({c for k in other for c in opt[k].commands}))}`, not of `aicsd {command}`"
+        raise KeyError(f"config {path}: {msg}; remove them")
     bad = sorted(set(cfg) - valid)
     if bad: raise KeyError(f"config {path}: unknown key(s) {bad}; valid keys: {sorted(valid)}")
-    opt = {o.name: o for o in OPTIONS}
-    p.set_defaults(**{k: _config_value(opt[k], v, path) if k in opt else v for k, v in cfg.items()})
+    p.set_defaults(**{k: _config_value(opt[k], v, path, written.get(k)) if k in opt else v for k, v in cfg.items()})
+
 
 # %% ../nbs/09_cli.ipynb #c77fb66d
 BENCH_DEFAULT = ('icsd', 'step', 'data', 'loop')   # what a bare `aicsd bench` runs
@@ -320,8 +354,7 @@ def parse(argv:list|None=None)->argparse.Namespace:
         only = {s: a.dest for a in subs['distill']._actions for s in a.option_strings
                 if any(o.name == a.dest and o.commands == ('distill',) for o in OPTIONS)}
         given = [t.split('=')[0] for t in argv[1:] if t.split('=')[0] in only]
-        if given: subs['train'].error(f"{', '.join(given)}: option(s) of `aicsd distill`; `aicsd train` trains on the "
-                                      "ground truth alone")
+        if given: subs['train'].error(distill_only(given))
     a = p.parse_args(argv)
     if getattr(a, 'config', None):
         _apply_config(subs[a.command], read_config(a.config), a.command, a.config)
@@ -364,11 +397,6 @@ def _check_writable(path:str|Path, flag:str): # a file the command writes at its
     if not os.access(d, os.W_OK | os.X_OK) or (f.exists() and not os.access(f, os.W_OK)):
         raise ValueError(f"{flag} {f}: not writable (permission denied)")
 
-def _write_text(path:str|Path, text:str):
-    "Write `text` to `path` whole or not at all: a temporary file in the same folder, then renamed over it."
-    f = Path(path); tmp = f.with_name(f'.{f.name}.tmp')
-    tmp.write_text(text); os.replace(tmp, f)
-
 def iou_table(res:dict, # `evaluate_checkpoint`'s result: `iou` and `classes`
              )->str:
     "Per-class IoU (%) of an evaluation, one class a line; 'absent' for a class neither predicted nor in the labels."
@@ -386,12 +414,12 @@ def _main(argv):
             print(json.dumps(dict(out=r['out'], steps=r['steps'], best_miou=round(r['best_miou'], 6),
                                   time_s=round(r['time_s'], 1))))
     elif a.command == 'evaluate':
-        if a.json: _check_writable(a.json, '--json')    # before the evaluation, not after it
+        if a.json and int(os.environ.get('RANK', 0)) == 0: _check_writable(a.json, '--json')   # before the evaluation, not after it
         res = evaluate_checkpoint(a.ckpt, vars(a))
         if int(os.environ.get('RANK', 0)) == 0:
             print(f"per-class IoU (%):\n{iou_table(res)}", file=sys.stderr)   # for people; stdout keeps one JSON line
             print(json.dumps(_json_safe({k: v for k, v in res.items() if k not in ('iou', 'classes')})))
-            if a.json: _write_text(a.json, json.dumps(_json_safe(res), indent=1))
+            if a.json: write_text_atomic(a.json, json.dumps(_json_safe(res), indent=1))
     elif a.command == 'demo':
         run_demo(out=a.out, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads, seeds=a.seeds)
     elif a.command == 'compare':

@@ -15,7 +15,7 @@ from .models import BACKBONES, V3_BACKBONES
 
 # %% auto #0
 __all__ = ['OPTIONS', 'DEFAULTS', 'warn', 'Option', 'size_arg', 'check_ranges', 'make_objective', 'eval_predictor', 'RunConfig',
-           'make_config', 'resume_changes', 'read_config', 'Spec', 'DataSpec', 'ModelSpec', 'OptimSpec',
+           'distill_only', 'make_config', 'resume_changes', 'read_config', 'Spec', 'DataSpec', 'ModelSpec', 'OptimSpec',
            'PrecisionSpec', 'LoopSpec']
 
 # %% ../nbs/07a_config.ipynb #a5ba81db
@@ -251,6 +251,13 @@ def _renamed(given:dict)->dict:
             warn(f"configuration key {old!r} is now {new!r}: read {old}={v!r} as {new}={out[new]!r}")
     return out
 
+# %% ../nbs/07a_config.ipynb #d0f1a7e2
+def distill_only(flags:list, # the options (flags or config keys) given
+                )->str:
+    "The one wording of the refusal of distillation options given to `aicsd train`."
+    return (f"{', '.join(flags)}: option(s) of `aicsd distill`; `aicsd train` trains on the ground truth alone "
+            "and would ignore them")
+
 # %% ../nbs/07a_config.ipynb #70afcc9b
 def make_config(cfg:dict|None=None, # options to set; anything left out takes its default
                 **kwargs, # more options (override `cfg`)
@@ -285,8 +292,7 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     if out['mode'] == 'train':                             # the distillation rows mean nothing without a teacher
         given_d = [f"--{o.name.replace('_', '-')}" for o in OPTIONS if o.commands == _D and o.name != 'method'
                    and out[o.name] != o.default]
-        if given_d: raise ValueError(f"{', '.join(given_d)}: options of `aicsd distill` (mode 'distill'); `aicsd train` "
-                                     "trains on the ground truth alone and would ignore them")
+        if given_d: raise ValueError(distill_only(given_d))
     obj = make_objective(out)                              # checks the method, and the terms' parameters (`bounds`)
     if out['mode'] == 'train' and obj.needs_teacher:
         raise ValueError(f"mode 'train' trains on the ground truth only; method {out['method']!r} needs mode 'distill'")
@@ -319,6 +325,7 @@ def resume_changes(old:dict, # configuration stored in last.pt
     for o in OPTIONS:
         a, b = old.get(o.name, o.default), new.get(o.name, o.default)
         if a == b or o.resume == 'free': continue
+        if o.commands == _D and new.get('mode') == 'train': continue   # train now refuses them; an older train run stored them
         (refused if o.resume == 'same' else warned).append(f"--{o.name.replace('_', '-')} {a!r} -> {b!r}")
     return refused, warned
 

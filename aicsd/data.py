@@ -16,17 +16,17 @@ from PIL import Image
 from torch.utils.data import Dataset, DataLoader, DistributedSampler, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from .checkpoint import UMASK   # the umask, read once: what `mkdir` and `open` would give
+from .checkpoint import UMASK, write_text_atomic   # the umask, read once: what `mkdir` and `open` would give
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VOC_CLASSES', 'CITYSCAPES_CLASSES', 'DATASET_HELP',
            'CITYSCAPES_TRAIN_IDS', 'SHAPE_FAMILIES', 'COLOUR_FAMILIES', 'TEXTURES', 'SYNTHETIC_VERSION', 'NUM_CLASSES',
            'DEFAULT_ROOTS', 'voc_palette', 'colorize', 'denormalize', 'read_image', 'read_label', 'SegmentationDataset',
-           'VOCSegmentation', 'save_label_png', 'cityscapes_lut', 'CityscapesSegmentation', 'train_transform',
-           'eval_transform', 'crop_upsampling', 'synthetic_classes', 'attribute_overlap', 'draw_synthetic',
-           'read_synthetic_info', 'make_synthetic', 'class_frequencies', 'pad_collate', 'sample_seed', 'EpochSampler',
-           'SeededDataset', 'ShardSampler', 'build_loader', 'close_loader', 'get_dataset', 'read_sbd_mat',
-           'build_sbd_trainaug', 'size_pair', 'parse_size']
+           'VOCSegmentation', 'save_label_png', 'cityscapes_lut', 'CityscapesSegmentation', 'crop_side',
+           'train_transform', 'eval_transform', 'crop_upsampling', 'synthetic_classes', 'attribute_overlap',
+           'draw_synthetic', 'read_synthetic_info', 'make_synthetic', 'class_frequencies', 'pad_collate', 'sample_seed',
+           'EpochSampler', 'SeededDataset', 'ShardSampler', 'build_loader', 'close_loader', 'get_dataset',
+           'read_sbd_mat', 'build_sbd_trainaug', 'size_pair', 'parse_size']
 
 # %% ../nbs/06_data.ipynb #0e871ed7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -277,6 +277,11 @@ def _finish(mean, std):
     return [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
             v2.Normalize(mean=list(mean), std=list(std)), v2.ToPureTensor()]
 
+# %% ../nbs/06_data.ipynb #1c7d5e90
+def crop_side(crop_size)->int: # PX, or (H, W)
+    "The short side of a training crop: the reference the random scale multiplies."
+    return crop_size if isinstance(crop_size, int) else min(crop_size)
+
 # %% ../nbs/06_data.ipynb #fa2bc0f6
 def train_transform(crop_size:int=513, # side of the square training crop (or `(h, w)`)
                     scale:tuple=(0.5, 2.0), # short side drawn uniformly in `[scale[0]*base, scale[1]*base]`
@@ -286,7 +291,7 @@ def train_transform(crop_size:int=513, # side of the square training crop (or `(
                     mean=IMAGENET_MEAN, std=IMAGENET_STD, # normalisation
                    )->v2.Compose: # call as `t(image, mask)` -> `(float 3 x h x w, int64 h x w)`
     "The paper's joint training augmentation: random scale, pad (0 / 255) and crop, flip, blur, normalise."
-    base = base_size or (crop_size if isinstance(crop_size, int) else min(crop_size))
+    base = base_size or crop_side(crop_size)
     ts = [v2.RandomResize(int(scale[0] * base), int(scale[1] * base) + 1),
           v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})]
     if hflip: ts.append(v2.RandomHorizontalFlip(0.5))
@@ -316,7 +321,7 @@ def crop_upsampling(ds, # a dataset with `images` (file paths), e.g. `VOCSegment
     for p in paths[::max(1, len(paths) // n)][:n]:
         with Image.open(p) as im: sides.append(min(im.size))
     short = sorted(sides)[len(sides) // 2]
-    return (crop_size if isinstance(crop_size, int) else min(crop_size)) / short, short
+    return crop_side(crop_size) / short, short
 
 # %% ../nbs/06_data.ipynb #8b2ebaf0
 SHAPE_FAMILIES = {'round': ('circle', 'ellipse'), 'angular': ('square', 'triangle'), 'thin': ('bar', 'cross')}
@@ -424,14 +429,27 @@ def read_synthetic_info(root, # a dataset folder
                        )->dict|None: # `classes.json` (`classes`, `attributes`, `settings`), or None
     "The `classes.json` of a synthetic dataset (`classes`, `attributes`, `settings`), or None."
     p = Path(root) / 'classes.json'
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file(): return None
+    try: info = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is not valid JSON ({e}): a synthetic dataset's classes.json was damaged; "
+                         f"write the dataset again (`aicsd data synthetic --root {root}`) or restore the file") from None
+    if not isinstance(info, dict): raise ValueError(f"{p} must hold a JSON object (classes, attributes, settings)")
+    return info
 
 # %% ../nbs/06_data.ipynb #e0625d51
+_SYNTHETIC_FILES = re.compile(r'classes\.json|JPEGImages|SegmentationClass|ImageSets|ImageSets/Segmentation|'
+                              r'JPEGImages/syn_\d{5}\.(jpg|png)|SegmentationClass/syn_\d{5}\.png|ImageSets/Segmentation/(train|val|trainval)\.txt')
+
+def _foreign_files(root:Path)->list: # paths under `root` (relative) that `make_synthetic` does not write
+    return [str(p.relative_to(root)) for p in sorted(root.rglob('*')) if not _SYNTHETIC_FILES.fullmatch(p.relative_to(root).as_posix())]
+
 def _existing_synthetic(root:Path, # the dataset root asked for
                         settings:dict, # `_synthetic_settings` of the dataset asked for
                         overwrite:bool, # may a synthetic dataset made with other settings be replaced
                        )->bool: # True: `root` already holds this very dataset
-    "Check a dataset root before writing: reuse the same dataset, never touch a foreign folder, replace only with `overwrite`."
+    "Check a dataset root before writing: reuse the same dataset, never touch a foreign folder or file, replace only with `overwrite`."
+    if root.exists() and not root.is_dir(): raise FileExistsError(f"--root {root} is a file, not a folder; choose another root")
     if not (root.exists() and any(root.iterdir())): return False
     info = read_synthetic_info(root)
     if info is not None and info.get('settings') == settings: return True
@@ -441,6 +459,10 @@ def _existing_synthetic(root:Path, # the dataset root asked for
     if not overwrite:
         raise FileExistsError(f"{root} already holds a synthetic dataset made with {info.get('settings')}; asked for "
                               f"{settings}. Pass overwrite=True (`--overwrite`) to replace it, or choose another root.")
+    if foreign := _foreign_files(root):   # replacing deletes the folder: only if it holds nothing but our files
+        raise FileExistsError(f"{root} holds files make_synthetic did not write ({', '.join(foreign[:5])}"
+                              f"{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}); nothing was changed. "
+                              "Move them out, or choose another root (--root).")
     return False
 
 # %% ../nbs/06_data.ipynb #2376b530
@@ -680,7 +702,7 @@ def build_sbd_trainaug(sbd_root, # the SBD release (`benchmark_RELEASE`, or its 
         if i in copy: shutil.copyfile(copy[i], voc / 'JPEGImages' / f'{i}.jpg')
         tmpf = out / f'.{i}.png.tmp'; save_label_png(lab, tmpf, pal); os.replace(tmpf, out / f'{i}.png')
     lst = sets / 'trainaug.txt'
-    tmpf = lst.with_name('.trainaug.txt.tmp'); tmpf.write_text(''.join(f'{i}\n' for i in ids)); os.replace(tmpf, lst)
+    write_text_atomic(lst, ''.join(f'{i}\n' for i in ids))
     return lst
 
 # %% ../nbs/06_data.ipynb #e5db4538

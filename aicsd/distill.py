@@ -178,9 +178,12 @@ def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, cla
         for ds in (tr, va): ds.classes = list(ds.classes)[:D.num_classes]   # labels are checked against the run's classes
     up = crop_upsampling(tr, D.crop_size) if rank == 0 else None
     if up and up[0] > 2:
-        warn(f"--crop-size {D.crop_size}: the training images are resized to a short side of {D.scale_min}-{D.scale_max} x "
-             f"the crop's, {up[0]:.1f}x their own ({up[1]} px, the median): each step pays for about {up[0] ** 2:.0f}x their "
-             f"pixels with no more detail; --crop-size {up[1]} trains at their size")
+        cs, f = D.crop_size, up[0]        # the size that trains at the images' own scale: the crop divided by the factor
+        as_flag = lambda c: str(c) if isinstance(c, int) else 'x'.join(map(str, c))
+        fit_crop = up[1] if isinstance(cs, int) else [max(1, round(s / f)) for s in cs]
+        warn(f"--crop-size {as_flag(cs)}: the training images are resized to a short side of {D.scale_min}-{D.scale_max} x "
+             f"the crop's, {f:.1f}x their own ({up[1]} px, the median): each step pays for about {f ** 2:.0f}x their "
+             f"pixels with no more detail; --crop-size {as_flag(fit_crop)} trains at their size")
     return tr, va, D.num_classes or n
 
 # %% ../nbs/08_distill.ipynb #30f763d0
@@ -430,6 +433,9 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
             print('evaluating as in training: ' + ' '.join(f"--{k.replace('_', '-')} {opts[k]}" for k in _PROTOCOL_KEYS
                                                            if opts[k] != DEFAULTS[k]), file=sys.stderr)
         ds = get_dataset(opts['data'], opts['data_root'], opts['val_split'], eval_transform_for(opts['eval_resize'], opts['eval_square']))
+        if len(ds) == 0:
+            raise ValueError(f"the split {opts['val_split']!r} of {opts['data_root']} has no images: nothing to evaluate; "
+                             "check --data-root and --val-split")
         nc, dnc = model_arch(model)['num_classes'], getattr(ds, 'num_classes', None)
         if dnc is not None and dnc != nc:
             raise ValueError(f"{ckpt} predicts {nc} classes but {opts['data']} ({getattr(ds, 'root', opts['data_root'])}) "

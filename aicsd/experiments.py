@@ -8,7 +8,7 @@ import json, math, statistics, time
 from pathlib import Path
 import torch
 from .config import make_config
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, write_text_atomic
 from .distill import fit
 from .objective import METHODS, parse_method
 
@@ -403,6 +403,6 @@ def write_report(rows, out:Path, P:dict, total:float, seeds:tuple=(0,)):
            + "ICS distance: mean squared difference between the model's and the teacher's inter-class similarity matrices "
            f"(averaged over 8 validation images).\n\nTotal wall time: {total:.0f} s.\n\n"
            "![ICS matrices](ics_matrices.png)\n\n![Predictions](predictions.png)\n")
-    (out/'report.md').write_text(txt)
+    write_text_atomic(out/'report.md', txt)
     by = {d['method']: d for d in diffs}
-    (out/'results.json').write_text(json.dumps([{**r, 'paired': by[r['method']]} if r['method'] in by else r for r in rows], indent=1))
+    write_text_atomic(out/'results.json', json.dumps([{**r, 'paired': by[r['method']]} if r['method'] in by else r for r in rows], indent=1))

@@ -60,6 +60,9 @@ class Term:
 
     @property
     def taps(self)->tuple: return tuple(i for i in self.inputs if i != 'logits')
+    @property
+    def settable(self)->list: # the parameters `--param` sets: all but `ignore_index`, one label for the whole objective
+        return sorted(k for k in self.params if k != 'ignore_index')
 
 # %% ../nbs/04_objective.ipynb #355d217e
 TERMS = {}
@@ -324,7 +327,7 @@ class DistillObjective:
                 raise ValueError(f"--param {n}.ignore_index: 'ignore_index' is the label of unlabelled pixels (255 in every "
                                  "dataset aicsd reads), one for all terms; it is not set per term")
             bad = sorted(set(extra) - set(p))
-            if bad: raise ValueError(f"term {n!r} has no parameter(s) {bad}; it takes {sorted(p)}")
+            if bad: raise ValueError(f"term {n!r} has no parameter(s) {bad}; it takes {TERMS[n].settable or 'none'}")
             p.update(extra); self.params[n] = p
             for k, v in p.items():
                 if isinstance(TERMS[n].params.get(k), bool) and not isinstance(v, bool):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from fastcore.basics import patch
 from .config import warn, resume_changes
 from .models import model_arch
-from .checkpoint import save_checkpoint, load_checkpoint, write_temporary   # the one writer and reader of files
+from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write_text_atomic   # the one writer and reader of files
 
 # %% auto #0
 __all__ = ['CHECKPOINTS', 'rng_state', 'set_rng_state', 'RunLog', 'read_run', 'Progress', 'RunExistsError', 'RunLockedError',
@@ -64,9 +64,7 @@ class RunLog:
         keep = lines[:1] + [l for l in lines[1:] if l.split(',', 1)[0].strip().isdigit() and int(l.split(',', 1)[0]) <= step]
         text = ''.join(l + '\n' for l in keep)
         if text == raw: return
-        tmp = f.with_name(f'.{f.name}.tmp')
-        with open(tmp, 'w', newline='') as fh: fh.write(text)
-        os.replace(tmp, f)
+        write_text_atomic(f, text, newline='')
     def row(self, name:str, step:int, values:dict):
         if not self.enabled: return
         f = self.out/f'{name}.csv'
