@@ -13,6 +13,8 @@ from .losses import (icsd_loss, released_icsd_loss, released_icsd_loop, released
 from .models import deeplabv3plus, BACKBONES
 from .objective import DistillObjective
 from .distill import train_step
+from .process import resolve_device
+from .checkpoint import check_writable
 
 # %% auto #0
 __all__ = ['VOC_SHAPES', 'CITYSCAPES_SHAPES', 'DEFAULT_STEP_VARIANTS', 'GAP_REASONS', 'ICSD_GOALS', 'BENCHES', 'machine_info',
@@ -584,8 +586,12 @@ def run_benchmarks(what:list, # names from BENCHES
     bad = [w for w in what if w not in BENCHES]
     if bad: raise ValueError(f"unknown benchmark(s) {bad}; choose from {', '.join(BENCHES)}")
     what = list(dict.fromkeys([*what, *(['latency'] if latency else [])]))
-    if threads: torch.set_num_threads(threads)
-    if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if threads is not None:
+        if isinstance(threads, bool) or int(threads) != threads or threads < 1: raise ValueError(f"--threads must be >= 1, got {threads!r}")
+        torch.set_num_threads(int(threads))
+    dev = resolve_device(device)                         # a bad --device, or cuda without a GPU, named before any work
+    device = dev.type if dev.index in (None, 0) else str(dev)
+    if out is not None: check_writable(out, '--out')
     print('machine: ' + ', '.join(f'{k} {v}' for k, v in machine_info().items()), flush=True)
     calls = dict(icsd=lambda: bench_icsd(device=device, quick=quick), stride4=lambda: bench_stride4(quick=quick),
                  step=lambda: bench_step(device=device, quick=quick), data=lambda: bench_data(quick=quick),

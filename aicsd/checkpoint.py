@@ -15,7 +15,7 @@ def _read_umask()->int:
 UMASK = _read_umask()   # files 0o666 & ~UMASK, folders 0o777 & ~UMASK: what `open` and `mkdir` would give
 
 # %% auto #0
-__all__ = ['UMASK', 'write_temporary', 'save_checkpoint', 'write_text_atomic', 'load_checkpoint']
+__all__ = ['UMASK', 'write_temporary', 'save_checkpoint', 'write_text_atomic', 'check_writable', 'load_checkpoint']
 
 # %% ../nbs/05a_checkpoint.ipynb #7d21d810
 def write_temporary(state:dict, # anything `torch.load(weights_only=True)` can read back
@@ -60,6 +60,17 @@ def write_text_atomic(path:str|Path, # the file to (re)write
         raise
     return path
 
+
+# %% ../nbs/05a_checkpoint.ipynb #c3e1a9b6
+def check_writable(path:str|Path, # a file a command writes at its end
+                   flag:str, # the option that named it, for the message
+                  ):
+    "Refuse, before any work, an output file that could not be written: a missing or read-only folder, a folder in its place."
+    f = Path(path); d = f.parent
+    if str(path) == '' or f.is_dir(): raise ValueError(f"{flag} {str(path)!r}: is a folder; give a file name")
+    if not d.is_dir(): raise ValueError(f"{flag} {f}: folder {d} does not exist")
+    if not os.access(d, os.W_OK | os.X_OK) or (f.exists() and not os.access(f, os.W_OK)):
+        raise ValueError(f"{flag} {f}: not writable (permission denied)")
 
 # %% ../nbs/05a_checkpoint.ipynb #84570adf
 def load_checkpoint(path:str|Path, map_location='cpu')->dict:

@@ -8,7 +8,7 @@ import argparse, inspect, json, os, sys
 from pathlib import Path
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint
 from .config import _D, _renamed, check_ranges, distill_only, read_config, size_arg, warn
-from .checkpoint import write_text_atomic
+from .checkpoint import check_writable, write_text_atomic
 from .objective import METHODS, TERMS, parse_method
 from .experiments import RECIPES, recipe_text, run_demo, run_compare
 from .bench import BENCHES, run_benchmarks
@@ -29,6 +29,17 @@ def _size_arg(s:str)->int|list:
     "argparse type of a size option (--crop-size, --eval-crop, --eval-stride): `size_arg` with a message argparse shows."
     try: return size_arg(s)
     except (ValueError, TypeError): raise argparse.ArgumentTypeError(f"expected a size N or HxW, got {s!r}") from None
+
+# %% ../nbs/09_cli.ipynb #9b3e0968
+def _positive_int(s:str)->int:
+    "argparse type of a count that must be at least 1 (--threads)."
+    try: v = int(s)
+    except ValueError: v = 0
+    if v < 1: raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}")
+    return v
+
+def _parsers(p:argparse.ArgumentParser)->list: # `p` and every subcommand parser below it
+    return [p] + [q for a in p._actions if isinstance(a, argparse._SubParsersAction) for s in a.choices.values() for q in _parsers(s)]
 
 # %% ../nbs/09_cli.ipynb #08e7e296
 def _weight_arg(s:str)->tuple:
@@ -207,7 +218,7 @@ def _add_demo_args(p:argparse.ArgumentParser, out:str, quick_help:str):
     p.add_argument('--data-root', default=None, metavar='DIR',
                    help='synthetic data folder (created if missing; default: data/synthetic-demo-64px)')
     p.add_argument('--fresh', action='store_true', help='retrain the teacher even if a cached one matches')
-    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: 1)')
+    p.add_argument('--threads', type=_positive_int, default=None, help='torch CPU threads (default: 1)')
     p.add_argument('--seeds', type=int, nargs='+', default=None, help='student seeds (default: 0 1 2; --quick: 0)')
 
 # %% ../nbs/09_cli.ipynb #1cf23e85
@@ -264,8 +275,9 @@ def build_parser()->argparse.ArgumentParser:
     b.add_argument('--quick', action='store_true', help='tiny shapes: a smoke test in seconds')
     b.add_argument('--device', default='auto', help="'cpu', 'cuda' or 'auto' (the GPU when there is one)")
     b.add_argument('--out', metavar='FILE', default=None, help='also append every row to FILE as JSON lines')
-    b.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores)')
+    b.add_argument('--threads', type=_positive_int, default=None, help='torch CPU threads (default: all cores)')
     _add_data_commands(sub, fmt)
+    for q in _parsers(p): q.allow_abbrev = False  # `--ckpt 3` to train is an error, not --ckpt-every 3
     return p
 
 
@@ -389,14 +401,6 @@ def _json_safe(x):
     if isinstance(x, list): return [_json_safe(v) for v in x]
     return x
 
-def _check_writable(path:str|Path, flag:str): # a file the command writes at its end
-    "Refuse, before any work, an output file that could not be written: a missing or read-only folder, a folder in its place."
-    f = Path(path); d = f.parent
-    if f.is_dir(): raise ValueError(f"{flag} {f}: is a folder; give a file name")
-    if not d.is_dir(): raise ValueError(f"{flag} {f}: folder {d} does not exist")
-    if not os.access(d, os.W_OK | os.X_OK) or (f.exists() and not os.access(f, os.W_OK)):
-        raise ValueError(f"{flag} {f}: not writable (permission denied)")
-
 def iou_table(res:dict, # `evaluate_checkpoint`'s result: `iou` and `classes`
              )->str:
     "Per-class IoU (%) of an evaluation, one class a line; 'absent' for a class neither predicted nor in the labels."
@@ -414,7 +418,7 @@ def _main(argv):
             print(json.dumps(dict(out=r['out'], steps=r['steps'], best_miou=round(r['best_miou'], 6),
                                   time_s=round(r['time_s'], 1))))
     elif a.command == 'evaluate':
-        if a.json and int(os.environ.get('RANK', 0)) == 0: _check_writable(a.json, '--json')   # before the evaluation, not after it
+        if a.json and int(os.environ.get('RANK', 0)) == 0: check_writable(a.json, '--json')   # before the evaluation, not after it
         res = evaluate_checkpoint(a.ckpt, vars(a))
         if int(os.environ.get('RANK', 0)) == 0:
             print(f"per-class IoU (%):\n{iou_table(res)}", file=sys.stderr)   # for people; stdout keeps one JSON line

@@ -272,6 +272,7 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     if not out['data_root']: out['data_root'] = DEFAULT_ROOTS.get(out['data'])
     if out['method'] is None: out['method'] = 'aicsd' if out['mode'] == 'distill' else 'baseline'
     if out['pretrained_backbone'] in (True, False): out['pretrained_backbone'] = 'imagenet' if out['pretrained_backbone'] else None
+    if not str(out['out']).strip(): raise ValueError("--out is empty: give the run's folder, e.g. --out runs/exp")
     if out['resume'] and out['force']: raise ValueError("--resume continues the run in --out and --force replaces it: give one")
     for o in OPTIONS:
         if o.choices and out[o.name] not in o.choices and not (out[o.name] is None is o.default):

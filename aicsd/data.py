@@ -421,6 +421,8 @@ def _synthetic_settings(n_train, n_val, size, num_classes, seed, border, ext)->d
     for k, v in (('n_train', n_train), ('n_val', n_val)):
         if int(v) < 0: raise ValueError(f"{k} (--{k.replace('_', '-')}) must be >= 0, got {v}")
     if n_train + n_val < 1: raise ValueError("n_train + n_val must be >= 1: the dataset would be empty")
+    if not all(isinstance(s, (int, np.integer)) and 4 <= s <= 4096 for s in size):   # smaller: no room for a shape; larger: GBs per image
+        raise ValueError(f"size (--size) must be a side of 4 to 4096 pixels, got {size[0] if size[0] == size[1] else size}")
     return dict(version=SYNTHETIC_VERSION, n_train=n_train, n_val=n_val, size=list(size), num_classes=num_classes,
                 seed=seed, border=border, ext=ext)
 

@@ -275,6 +275,8 @@ def build_run(cfg:dict)->Run:
     if rank == 0:
         try: out.mkdir(parents=True, exist_ok=True)
         except PermissionError as e: raise PermissionError(f"--out {out}: cannot create it ({e.strerror}: {e.filename})") from None
+        except (FileExistsError, NotADirectoryError): raise ValueError(f"--out {out}: a file is in the way (the run folder, or a "
+                                                                      "folder above it, is a file); choose another --out") from None
     train_ds, val_ds, nc = _datasets(D, rank)
     if len(val_ds) == 0:
         raise ValueError(f"the validation split {D.val_split!r} of {D.data_root} has no images, so no mIoU and no "
