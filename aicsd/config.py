@@ -4,7 +4,7 @@
 
 # %% ../nbs/07a_config.ipynb #9f15caab
 from __future__ import annotations
-import sys
+import os, sys
 from dataclasses import dataclass, fields
 from typing import Callable
 from pathlib import Path
@@ -15,8 +15,8 @@ from .models import BACKBONES, V3_BACKBONES
 
 # %% auto #0
 __all__ = ['OPTIONS', 'DEFAULTS', 'warn', 'Option', 'size_arg', 'check_ranges', 'make_objective', 'eval_predictor', 'RunConfig',
-           'distill_only', 'make_config', 'resume_changes', 'read_config', 'Spec', 'DataSpec', 'ModelSpec', 'OptimSpec',
-           'PrecisionSpec', 'LoopSpec']
+           'distill_only', 'idle_options', 'make_config', 'resume_changes', 'read_config', 'Spec', 'DataSpec',
+           'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
 
 # %% ../nbs/07a_config.ipynb #a5ba81db
 def warn(msg:str):
@@ -258,6 +258,23 @@ def distill_only(flags:list, # the options (flags or config keys) given
     return (f"{', '.join(flags)}: option(s) of `aicsd distill`; `aicsd train` trains on the ground truth alone "
             "and would ignore them")
 
+# %% ../nbs/07a_config.ipynb #1d7e5c2a
+def idle_options(cfg:dict, # a configuration (`make_config` fills it)
+                 obj:DistillObjective|None=None, # its objective, for the distillation options (None: those are not checked)
+                )->list: # 'flag value: why', one a line
+    "Options set away from their default where this configuration makes them change nothing (warned: older recipes set them)."
+    on = (lambda k: cfg.get(k, DEFAULTS[k]) != DEFAULTS[k])
+    idle = [f"--eval-square: it squares --eval-resize PX, which is not given"] if cfg.get('eval_square') and not cfg.get('eval_resize') else []
+    if obj is None: return idle
+    terms = f"method {obj.method!r} (terms {', '.join(obj.names)})"
+    if on('lambda_kd') and 'kd' not in obj.names: idle.append(f"--lambda-kd {cfg['lambda_kd']}: {terms} has no kd term")
+    if on('lambda_icsd') and 'icsd' not in obj.names: idle.append(f"--lambda-icsd {cfg['lambda_icsd']}: {terms} has no icsd term")
+    if on('temperature') and not any('T' in obj.params[n] for n in obj.names):
+        idle.append(f"--temperature {cfg['temperature']}: no term of {terms} has a temperature T (set a term's own with --param TERM.KEY=V)")
+    if on('alw_unit') and not obj.alw: idle.append(f"--alw-unit {cfg['alw_unit']}: {terms} runs without ALW (--alw turns it on)")
+    return idle
+
+
 # %% ../nbs/07a_config.ipynb #70afcc9b
 def make_config(cfg:dict|None=None, # options to set; anything left out takes its default
                 **kwargs, # more options (override `cfg`)
@@ -311,6 +328,8 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
         raise ValueError(f"--arch deeplabv3 is built on {', '.join(V3_BACKBONES)}, not {out['model']!r}")
     if out['mode'] == 'distill' and obj.needs_teacher and not out['teacher']:
         raise ValueError(f"method {out['method']!r} needs a teacher checkpoint: set 'teacher' (--teacher PATH)")
+    if (idle := idle_options(out, obj if out['mode'] == 'distill' else None)) and int(os.environ.get('RANK', 0)) == 0:
+        warn(f"ignored, as they change nothing here: {'; '.join(idle)}")
     for k, v in out.items():  # plain types only: the configuration is stored in weights_only checkpoints
         if isinstance(v, Path): out[k] = str(v)
     rc = RunConfig(out)

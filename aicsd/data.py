@@ -22,9 +22,9 @@ from .checkpoint import UMASK, write_text_atomic   # the umask, read once: what 
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VOC_CLASSES', 'CITYSCAPES_CLASSES', 'DATASET_HELP',
            'CITYSCAPES_TRAIN_IDS', 'SHAPE_FAMILIES', 'COLOUR_FAMILIES', 'TEXTURES', 'SYNTHETIC_VERSION', 'NUM_CLASSES',
            'DEFAULT_ROOTS', 'voc_palette', 'colorize', 'denormalize', 'read_image', 'read_label', 'SegmentationDataset',
-           'VOCSegmentation', 'save_label_png', 'cityscapes_lut', 'CityscapesSegmentation', 'crop_side',
-           'train_transform', 'eval_transform', 'crop_upsampling', 'synthetic_classes', 'attribute_overlap',
-           'draw_synthetic', 'read_synthetic_info', 'make_synthetic', 'class_frequencies', 'pad_collate', 'sample_seed',
+           'read_synthetic_info', 'VOCSegmentation', 'save_label_png', 'cityscapes_lut', 'CityscapesSegmentation',
+           'crop_side', 'train_transform', 'eval_transform', 'crop_upsampling', 'synthetic_classes',
+           'attribute_overlap', 'draw_synthetic', 'make_synthetic', 'class_frequencies', 'pad_collate', 'sample_seed',
            'EpochSampler', 'SeededDataset', 'ShardSampler', 'build_loader', 'close_loader', 'get_dataset',
            'read_sbd_mat', 'build_sbd_trainaug', 'size_pair', 'parse_size']
 
@@ -170,6 +170,19 @@ class SegmentationDataset(Dataset):
         return (image, mask) if self.transform is None else self.transform(image, mask)
     def __repr__(self): return f"{type(self).__name__}({self.root}, split={self.split!r}, {len(self)} images, {self.num_classes} classes)"
 
+# %% ../nbs/06_data.ipynb #20a19e1c
+def read_synthetic_info(root, # a dataset folder
+                       )->dict|None: # `classes.json` (`classes`, `attributes`, `settings`), or None
+    "The `classes.json` of a synthetic dataset (`classes`, `attributes`, `settings`), or None."
+    p = Path(root) / 'classes.json'
+    if not p.is_file(): return None
+    try: info = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is not valid JSON ({e}): a synthetic dataset's classes.json was damaged; "
+                         f"write the dataset again (`aicsd data synthetic --root {root}`) or restore the file") from None
+    if not isinstance(info, dict): raise ValueError(f"{p} must hold a JSON object (classes, attributes, settings)")
+    return info
+
 # %% ../nbs/06_data.ipynb #8aa6f605
 def _read_list(path:Path)->list:
     "Ids of a split list; accepts `id` lines and `/JPEGImages/id.jpg /SegmentationClassAug/id.png` lines."
@@ -218,8 +231,14 @@ class VOCSegmentation(SegmentationDataset):
                    (f"{'; ' if miss_i else ''}{len(miss_l)} labels missing from {label_dir} (e.g. {miss_l[:3]})" if miss_l else '')
             raise FileNotFoundError(f"Split list {lst} names files that do not exist: {what}.")
         self.images = [imgs[i] for i in self.ids]; self.labels = [labs[i] for i in self.ids]
-        cj = self.root / 'classes.json'
-        self.classes = json.loads(cj.read_text())['classes'] if cj.is_file() else list(VOC_CLASSES)
+        info = read_synthetic_info(self.root)        # a damaged classes.json is named
+        if info is None and kind == 'synthetic':
+            raise _missing(kind, self.root, f"No classes.json in {self.root}: not a synthetic dataset written by aicsd "
+                           "(its classes would be guessed); a Pascal VOC tree is read with --data voc.")
+        if info is not None and not isinstance(info.get('classes'), list):
+            raise ValueError(f"{self.root / 'classes.json'} has no 'classes' list: write the dataset again "
+                             f"(`aicsd data synthetic --root {self.root}`) or restore the file")
+        self.classes = list(info['classes']) if info is not None else list(VOC_CLASSES)
 
 # %% ../nbs/06_data.ipynb #855f12d4
 def save_label_png(mask, # `H x W` class indices (0..254, 255 = void)
@@ -425,19 +444,6 @@ def _synthetic_settings(n_train, n_val, size, num_classes, seed, border, ext)->d
         raise ValueError(f"size (--size) must be a side of 4 to 4096 pixels, got {size[0] if size[0] == size[1] else size}")
     return dict(version=SYNTHETIC_VERSION, n_train=n_train, n_val=n_val, size=list(size), num_classes=num_classes,
                 seed=seed, border=border, ext=ext)
-
-# %% ../nbs/06_data.ipynb #20a19e1c
-def read_synthetic_info(root, # a dataset folder
-                       )->dict|None: # `classes.json` (`classes`, `attributes`, `settings`), or None
-    "The `classes.json` of a synthetic dataset (`classes`, `attributes`, `settings`), or None."
-    p = Path(root) / 'classes.json'
-    if not p.is_file(): return None
-    try: info = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p} is not valid JSON ({e}): a synthetic dataset's classes.json was damaged; "
-                         f"write the dataset again (`aicsd data synthetic --root {root}`) or restore the file") from None
-    if not isinstance(info, dict): raise ValueError(f"{p} must hold a JSON object (classes, attributes, settings)")
-    return info
 
 # %% ../nbs/06_data.ipynb #e0625d51
 _SYNTHETIC_FILES = re.compile(r'classes\.json|JPEGImages|SegmentationClass|ImageSets|ImageSets/Segmentation|'

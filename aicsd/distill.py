@@ -53,23 +53,26 @@ def load_teacher(path:str, # `best.pt`/`last.pt` of aicsd, a field (CIRKD) DeepL
                 ): # the teacher in eval mode
     "Load a teacher from an aicsd checkpoint (which knows its architecture), a field file (told from its keys) or a released one."
     ck = load_checkpoint(path)
-    if isinstance(ck, dict) and 'arch' not in ck and (fb := cirkd_backbone(ck)) is not None:
+    if not isinstance(ck, dict):
+        raise ValueError(f"teacher checkpoint {path} holds a {type(ck).__name__}, not a model: expected an aicsd checkpoint "
+                         f"(best.pt/last.pt), a field DeepLabV3 state_dict or a file of the authors' released code")
+    if 'arch' not in ck and (fb := cirkd_backbone(ck)) is not None:
         if backbone is not None and backbone != fb:
             raise ValueError(f"teacher checkpoint {path} is the field's DeepLabV3 {fb} (told from its keys), but "
                              f"--teacher-backbone says {backbone}: drop that option (it is for the authors' released code)")
-        return load_cirkd_checkpoint(ck, fb, num_classes if num_classes is not None else 19)
-    if isinstance(ck, dict) and 'arch' in ck:
+        return load_cirkd_checkpoint(ck, fb, num_classes if num_classes is not None else 19, source=str(path))
+    if 'arch' in ck:
         if backbone is not None and backbone != ck['arch'].get('backbone'):
             raise ValueError(f"teacher checkpoint {path} is an aicsd checkpoint of a {ck['arch'].get('backbone')} {ck['arch'].get('family', 'deeplabv3plus')}, "
                              f"but --teacher-backbone says {backbone}; that option is only for checkpoints of the authors' "
                              f"released code: drop it (aicsd checkpoints know their architecture)")
-        return load_model(ck)
+        return load_model(ck, source=str(path))
     if backbone is None:
         raise ValueError(f"teacher checkpoint {path} has no 'arch' entry, so it is not an aicsd checkpoint; if it was "
                          f"written by the authors' released code, say which backbone it is with --teacher-backbone "
                          f"(e.g. resnet101)")
     if num_classes is None: raise ValueError("num_classes is needed to load a released-code teacher")
-    return load_released_checkpoint(ck, backbone, num_classes, output_stride=output_stride)
+    return load_released_checkpoint(ck, backbone, num_classes, output_stride=output_stride, source=str(path))
 
 # %% ../nbs/08_distill.ipynb #4d0a9426
 def _full(x:Tensor)->Tensor:
@@ -298,6 +301,20 @@ def build_run(cfg:dict)->Run:
                memory_format=mf, steps_per_epoch=spe, epochs=epochs, total=total, loop=L, precision=P, data=D,
                predict=eval_predictor(cfg), teacher_sha256=weights_sha256(teacher) if teacher is not None else None)
 
+# %% ../nbs/08_distill.ipynb #ebd9a6d0
+def _new_folders(path:str|Path)->list:
+    "The folders that creating `path` would make, deepest first."
+    p, new = Path(path).absolute(), []
+    while not p.exists() and p != p.parent: new.append(p); p = p.parent
+    return new
+
+def _remove_empty(folders:list):
+    "Remove the folders a failed run made, deepest first, while they are empty: nothing else is touched."
+    for d in folders:
+        try: d.rmdir()
+        except OSError: return   # not empty (the run wrote something worth keeping), or already gone
+
+
 # %% ../nbs/08_distill.ipynb #7935d540
 def _place(net, teacher, P:PrecisionSpec, device, world:int)->tuple: # (model, teacher, dtype, memory format)
     "Sync-BN, dtype, memory format, DDP and torch.compile, as the precision part asks."
@@ -399,7 +416,7 @@ def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer
     if run.main and draw is not None and run.dtype == torch.float32:   # (figures are drawn from float32 logits)
         r = _eval_figures(run, prog, log, draw)
         if r.get('ics_distance') is not None: prog.metrics['ics_distance'] = float(r['ics_distance'])
-    if prog.metrics['miou'] > prog.best:
+    if prog.best is None or prog.metrics['miou'] > prog.best:
         prog.best = prog.metrics['miou']
         ckpt.save_best(prog)
 
@@ -434,6 +451,7 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
             opts.update({k: trained.get(k, DEFAULTS[k]) for k in _PROTOCOL_KEYS})   # the checkpoint's own protocol
             print('evaluating as in training: ' + ' '.join(f"--{k.replace('_', '-')} {opts[k]}" for k in _PROTOCOL_KEYS
                                                            if opts[k] != DEFAULTS[k]), file=sys.stderr)
+        if (idle := idle_options(opts)) and dist_env()[0] == 0: warn(f"ignored, as they change nothing here: {'; '.join(idle)}")
         ds = get_dataset(opts['data'], opts['data_root'], opts['val_split'], eval_transform_for(opts['eval_resize'], opts['eval_square']))
         if len(ds) == 0:
             raise ValueError(f"the split {opts['val_split']!r} of {opts['data_root']} has no images: nothing to evaluate; "
@@ -454,11 +472,12 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
 def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take their defaults
         draw:Callable|None=None, # figure hook at each evaluation, e.g. `aicsd.viz.run_figures` (the CLI's, with --figures)
         **kwargs, # more options, e.g. fit(epochs=2, out='runs/x')
-       )->dict: # best_miou, metrics (last evaluation), steps, time_s, out, model (rank 0, unwrapped, CPU)
+       )->dict: # best_miou (None before any evaluation), metrics (last evaluation), steps, time_s, out, model (rank 0, unwrapped, CPU)
     "Train (or distil into) a network according to `cfg`; resume from `out/last.pt` if `resume`."
     cfg = make_config(cfg, **kwargs)
     t0 = time.time()
     run, joined_before, lock, old_handler = None, dist.is_initialized(), None, None
+    made = _new_folders(cfg['out'])           # removed again if the run fails before writing anything into them
     stop, failed = [], True
     try:
         run = build_run(cfg)
@@ -497,3 +516,4 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
             close_loader(run.loader); run.model = run.opt = run.sched = run.net = None   # DDP, optimizer: first
         run = ckpt = None
         cleanup_distributed(owned=not joined_before and dist.is_initialized(), failed=failed)
+        if failed and int(os.environ.get('RANK', 0)) == 0: _remove_empty(made)

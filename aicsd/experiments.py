@@ -43,7 +43,8 @@ def _recipes()->dict:
                 rep = PAPER_MIOU[(ds, st)][m]
                 r[f'{ds}-{_SHORT[st]}-{m}'] = dict(
                     command='distill', method=m, model=st, teacher=f'runs/{ds}-teacher-r101/best.pt',
-                    **_DATA[ds], **_PROTOCOL, temperature=1.0, lambda_kd=1.0, lambda_icsd=0.1, alw_unit='epoch',
+                    **_DATA[ds], **_PROTOCOL, temperature=1.0, lambda_kd=1.0, lambda_icsd=0.1,
+                    **({'alw_unit': 'epoch'} if m == 'aicsd' else {}),                   # ALW: aicsd's alone
                     out=f'runs/{ds}-{_SHORT[st]}-{m}',
                     paper=dict(miou=rep if rep is not None else 'not reported (ablation only)',
                                teacher_miou=PAPER_TEACHER[ds], batch_total=6))

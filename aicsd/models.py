@@ -619,16 +619,19 @@ def save_model(model:nn.Module, # a DeepLabV3Plus or DeepLabV3 (a DDP/compile wr
     return save_checkpoint(path, model=m.state_dict(), arch=model_arch(m), **extra)
 
 # %% ../nbs/05_models.ipynb #588ed9af
-def _read(path_or_dict, map_location):
-    if isinstance(path_or_dict, dict): return path_or_dict, 'checkpoint dict'
-    return load_checkpoint(path_or_dict, map_location), str(path_or_dict)      # the one reader of files
+def _read(path_or_dict, map_location, source=None):
+    "The checkpoint and the name errors give it: the file, `source` for a dict read from one, or what was passed."
+    if isinstance(path_or_dict, (str, os.PathLike)): return load_checkpoint(path_or_dict, map_location), str(path_or_dict)   # the one reader of files
+    return path_or_dict, source or ('checkpoint dict' if isinstance(path_or_dict, dict) else f'a {type(path_or_dict).__name__}')
+
 
 # %% ../nbs/05_models.ipynb #912e0069
 def load_model(path_or_dict:str|Path|dict, # a file written by save_model (or the trainer), or its loaded dict
                map_location='cpu', # passed to torch.load
+               source:str|None=None, # where a passed dict was read from, named in errors
               )->nn.Module: # a DeepLabV3Plus or DeepLabV3, in eval mode
     "Rebuild the model from the checkpoint's `'arch'` (no `'family'` entry: DeepLabV3+) and load its `'model'` state_dict."
-    ck, src = _read(path_or_dict, map_location)
+    ck, src = _read(path_or_dict, map_location, source)
     if not isinstance(ck, dict) or 'model' not in ck or 'arch' not in ck:
         found = list(ck) if isinstance(ck, dict) else type(ck).__name__
         raise KeyError(f"{src}: expected a dict with 'model' (state_dict) and 'arch' (family, backbone, num_classes, ...) "
@@ -645,9 +648,10 @@ def load_released_checkpoint(path:str|Path|dict, # released checkpoint file (or 
                              num_classes:int, # 21 (VOC) or 19 (Cityscapes)
                              output_stride:int=16, # the released models use 16
                              map_location='cpu', # passed to torch.load
+                             source:str|None=None, # where a passed dict was read from, named in errors
                             )->DeepLabV3Plus: # in eval mode, with the released outputs
     "A DeepLabV3+ with the weights of a checkpoint saved by the released (pytorch-deeplab-xception) code."
-    ck, src = _read(path, map_location)
+    ck, src = _read(path, map_location, source)
     if isinstance(ck, dict) and 'state_dict' in ck: sd = ck['state_dict']
     elif isinstance(ck, dict) and ck and all(torch.is_tensor(v) for v in ck.values()): sd = ck  # a bare state_dict
     else:
@@ -661,9 +665,10 @@ def load_cirkd_checkpoint(path_or_state_dict:str|Path|dict, # a field checkpoint
                           backbone:str, # 'resnet101', 'resnet18' or 'mobilenetv2'
                           num_classes:int=19, # 19 for Cityscapes
                           map_location='cpu', # passed to torch.load
+                          source:str|None=None, # where a passed dict was read from, named in errors
                          )->DeepLabV3: # in eval mode, with the outputs of CIRKD's code
     "The field's DeepLabV3 with the weights of a CIRKD checkpoint (aux head built if the file has one)."
-    sd, src = _read(path_or_state_dict, map_location)
+    sd, src = _read(path_or_state_dict, map_location, source)
     if isinstance(sd, dict) and 'arch' in sd and 'model' in sd:
         raise KeyError(f"{src} is an aicsd checkpoint ('model' and 'arch' entries): use load_model")
     if isinstance(sd, dict) and isinstance(sd.get('state_dict'), dict): sd = sd['state_dict']

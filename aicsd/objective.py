@@ -318,6 +318,9 @@ class DistillObjective:
             # (lambda_kd / lambda_icsd, which every command passes, are ignored by methods without KD / ICSD)
         self.weights = w
         shared = dict(T=float(T), ignore_index=ignore_index, normalize=normalize)
+        if stray := sorted(set(params or {}) - set(self.names)):   # as for weights: a term the method lacks is an error
+            raise ValueError(f"--param for term(s) {', '.join(stray)}, which method {method!r} does not use (its terms: "
+                             f"{', '.join(self.names)}); add the term with --method {method}+{stray[0]}")
         self.params = {}
         for n in self.names:
             p = dict(TERMS[n].params)

@@ -102,7 +102,12 @@ def read_run(run, # run folder holding `train_log.csv` and/or `eval_log.csv`
 @dataclass
 class Progress:
     "Where a run stands: the next batch to train and the best mIoU so far."
-    epoch:int=0; step_in_epoch:int=0; step:int=0; best:float=-1.0; metrics:dict=field(default_factory=dict)
+    epoch:int=0; step_in_epoch:int=0; step:int=0; best:float|None=None; metrics:dict=field(default_factory=dict)
+
+def _best(v)->float|None:
+    "The best mIoU a `last.pt` holds: None before the first evaluation (older files wrote -1.0 for that)."
+    return None if v is None or v < 0 else float(v)
+
 
 # %% ../nbs/07b_runfolder.ipynb #fbc9ed4f
 class RunExistsError(ValueError): "The run folder holds a run and neither --resume nor --force was given."
@@ -174,7 +179,7 @@ def save_last(self:Checkpointer, prog:Progress):
                               optimizer=r.opt.state_dict(), scheduler=r.sched.state_dict(),
                               scaler=r.scaler.state_dict() if r.scaler is not None else {},
                               epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step,
-                              best_miou=float(prog.best), metrics=prog.metrics or {}, rng=allst), self.last)
+                              best_miou=prog.best, metrics=prog.metrics or {}, rng=allst), self.last)
         if self.last.exists(): os.replace(self.last, self.prev)
         os.replace(tmp, self.last)
 
@@ -229,7 +234,7 @@ def resume(self:Checkpointer)->Progress|None:
     set_rng_state(rngs[r.rank] if isinstance(rngs, list) else rngs)
     for k, v in kept.items():                        # automatic decisions are kept, not taken again
         if r.decided.get(k) is None and v is not None: r.decided[k] = bool(v)
-    return Progress(ck['epoch'], ck['step_in_epoch'], ck['global_step'], ck['best_miou'], ck['metrics'])
+    return Progress(ck['epoch'], ck['step_in_epoch'], ck['global_step'], _best(ck['best_miou']), ck['metrics'])
 
 # %% ../nbs/07b_runfolder.ipynb #202c2d94
 CHECKPOINTS = ('last.pt', 'last.prev.pt', 'best.pt')
