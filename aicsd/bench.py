@@ -15,6 +15,7 @@ from .objective import DistillObjective
 from .distill import train_step
 from .process import resolve_device
 from .checkpoint import check_writable
+from .config import check_ranges
 
 # %% auto #0
 __all__ = ['VOC_SHAPES', 'CITYSCAPES_SHAPES', 'DEFAULT_STEP_VARIANTS', 'GAP_REASONS', 'ICSD_GOALS', 'BENCHES', 'machine_info',
@@ -587,7 +588,7 @@ def run_benchmarks(what:list, # names from BENCHES
     if bad: raise ValueError(f"unknown benchmark(s) {bad}; choose from {', '.join(BENCHES)}")
     what = list(dict.fromkeys([*what, *(['latency'] if latency else [])]))
     if threads is not None:
-        if isinstance(threads, bool) or int(threads) != threads or threads < 1: raise ValueError(f"--threads must be >= 1, got {threads!r}")
+        check_ranges(dict(threads=threads))             # an integer >= 1, as the command line checks it
         torch.set_num_threads(int(threads))
     dev = resolve_device(device)                         # a bad --device, or cuda without a GPU, named before any work
     device = dev.type if dev.index in (None, 0) else str(dev)

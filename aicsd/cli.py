@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, inspect, json, os, sys
 from pathlib import Path
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint
-from .config import _D, _renamed, check_ranges, distill_only, read_config, size_arg, warn
+from .config import _D, _renamed, check_ranges, distill_only, read_config, size_arg, size_text, warn
 from .checkpoint import check_writable, write_text_atomic
 from .objective import METHODS, TERMS, parse_method
 from .experiments import RECIPES, recipe_text, run_demo, run_compare
@@ -144,7 +144,7 @@ def _config_value(o:Option, v, path, key:str|None=None): # the value for the par
         return o.const if v else None
     def one(x):                                    # one value as its flag's argument would be read
         if isinstance(x, (bool, dict)) or (isinstance(x, (list, tuple)) and o.type is not size_arg): raise TypeError
-        if isinstance(x, (list, tuple)): return size_arg('x'.join(map(str, x)))     # [H, W]
+        if isinstance(x, (list, tuple)): return size_arg(size_text(x))     # [H, W]
         return str(x) if o.type is None else o.type(str(x))
     if o.nargs:
         v = list(v) if isinstance(v, (list, tuple)) else str(v).replace(',', ' ').split()
@@ -249,7 +249,7 @@ def build_parser()->argparse.ArgumentParser:
         epilog="example:\n  aicsd evaluate --ckpt runs/s/best.pt --data voc --data-root data/VOCdevkit/VOC2012 --eval-resize 513")
     e.add_argument('--ckpt', required=True, metavar='PATH', help='best.pt / last.pt (or any file load_model reads)')
     add_train_options(e, 'evaluate')                 # the rows whose `commands` name evaluate
-    e.add_argument('--json', metavar='FILE', help='also write the metrics to FILE')
+    e.add_argument('--json', metavar='FILE', help='also write every metric to FILE, the per-class ones (iou, class_acc, classes) too; stdout has the scalars')
     m = sub.add_parser('demo', formatter_class=fmt, help='the whole method on synthetic data, on a CPU',
         description='Synthetic data -> small teacher -> students (baseline, KD, ICSD, AICSD, same seed) -> '
                     'report.md, ICS heatmaps and predictions in --out.')
@@ -296,7 +296,7 @@ def _add_data_commands(sub, fmt):
     s.add_argument('--seed', type=int, default=d['seed'], help='everything drawn depends only on the seed')
     s.add_argument('--overwrite', action='store_true', help='replace a synthetic dataset made with other settings')
     b = ds.add_parser('sbd', formatter_class=fmt, help='build VOC trainaug (SegmentationClassAug) from the SBD release')
-    b.add_argument('--sbd-root', required=True, metavar='DIR', help='the SBD folder holding cls/*.mat')
+    b.add_argument('--sbd-root', required=True, metavar='DIR', help='the SBD release: benchmark_RELEASE/, its dataset/ (holding cls/*.mat, img/, train.txt, val.txt) or that cls/')
     b.add_argument('--voc-root', required=True, metavar='DIR', help='VOCdevkit/VOC2012')
     t = ds.add_parser('stats', formatter_class=fmt, help='class frequencies of a split')
     t.add_argument('--data', choices=['voc', 'cityscapes', 'synthetic'], default='synthetic', help='dataset')
@@ -422,7 +422,7 @@ def _main(argv):
         res = evaluate_checkpoint(a.ckpt, vars(a))
         if int(os.environ.get('RANK', 0)) == 0:
             print(f"per-class IoU (%):\n{iou_table(res)}", file=sys.stderr)   # for people; stdout keeps one JSON line
-            print(json.dumps(_json_safe({k: v for k, v in res.items() if k not in ('iou', 'classes')})))
+            print(json.dumps(_json_safe({k: v for k, v in res.items() if not isinstance(v, list)})))   # the scalars
             if a.json: write_text_atomic(a.json, json.dumps(_json_safe(res), indent=1))
     elif a.command == 'demo':
         run_demo(out=a.out, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads, seeds=a.seeds)

@@ -14,9 +14,9 @@ from .objective import DistillObjective, METHODS, out_of_range
 from .models import BACKBONES, V3_BACKBONES
 
 # %% auto #0
-__all__ = ['OPTIONS', 'DEFAULTS', 'warn', 'Option', 'size_arg', 'check_ranges', 'make_objective', 'eval_predictor', 'RunConfig',
-           'distill_only', 'idle_options', 'make_config', 'resume_changes', 'read_config', 'Spec', 'DataSpec',
-           'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
+__all__ = ['OPTIONS', 'DEFAULTS', 'warn', 'Option', 'size_arg', 'size_text', 'check_ranges', 'make_objective', 'eval_predictor',
+           'RunConfig', 'distill_only', 'idle_options', 'make_config', 'resume_changes', 'read_config', 'Spec',
+           'DataSpec', 'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
 
 # %% ../nbs/07a_config.ipynb #a5ba81db
 def warn(msg:str):
@@ -56,6 +56,11 @@ def size_arg(s:str)->int|list: # `PX` for a square, `[H, W]` otherwise
     "argparse type of a size: `513` (a square) or `512x1024` (height x width)."
     h, w = parse_size(s)
     return h if h == w and 'x' not in str(s).lower() else [h, w]
+
+def size_text(v:int|list|tuple)->str:
+    "A size as its flag is written, the inverse of `size_arg`: `513` for a square, `512x1024` for `[H, W]`."
+    return 'x'.join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
 
 # %% ../nbs/07a_config.ipynb #b996b36c
 _D = ('distill',)   # the rows only `aicsd distill` takes: `aicsd train` has no teacher
@@ -167,8 +172,8 @@ _LOGS = [   # checkpoints and logs
     _O('stop_after', None, 'Checkpoints and logs', 'leave after N iterations of this session (resume later; default: run '
        'to the end)', type=int, metavar='N', resume='free', check='int>=1'),
     _O('tensorboard', True, 'Checkpoints and logs', 'write TensorBoard events', flag='bool', resume='free'),
-    _O('figures', True, 'Checkpoints and logs', 'at each evaluation, draw the ICS matrices (teacher | student | difference), '
-       'predictions and curves into out/figures/ and TensorBoard', flag='bool', resume='free'),
+    _O('figures', True, 'Checkpoints and logs', 'at each evaluation, draw the ICS matrices (in distill: teacher | student | '
+       'difference), predictions and curves into out/figures/ and TensorBoard', flag='bool', resume='free'),
     _O('quiet', False, 'Checkpoints and logs', 'no progress bars or per-epoch lines', flags=('-q',), flag='bool', resume='free'),
 ]
 
@@ -179,7 +184,7 @@ _RUNTIME = [   # runtime
     _E('precision', 'auto', 'Runtime', "the student's precision: auto (bf16 autocast on a GPU with native bf16 when a "
        "check on the first validation image shows it moves nothing, else fp32), fp32, bf16 or fp16 (autocast with a grad "
        "scaler; CUDA)", choices=('auto', 'fp32', 'bf16', 'fp16')),
-    _O('compile', None, 'Runtime', "torch.compile the student's and the teacher's forward with this backend (a bare "
+    _O('compile', None, 'Runtime', "torch.compile the network's forward (in distill also the teacher's) with this backend (a bare "
        "--compile: inductor; needs a C++ compiler on a CPU)", flag='optional', const='inductor', metavar='BACKEND',
        resume='free'),
     _O('channels_last', True, 'Runtime', 'channels-last memory format on CUDA', flag='bool', resume='free'),

@@ -678,7 +678,7 @@ def read_sbd_mat(path)->np.ndarray:
     return np.asarray(m, dtype=np.uint8)
 
 # %% ../nbs/06_data.ipynb #3ab04025
-def build_sbd_trainaug(sbd_root, # the SBD release (`benchmark_RELEASE`, or its `dataset/` folder)
+def build_sbd_trainaug(sbd_root, # the SBD release: `benchmark_RELEASE/`, its `dataset/` (holding `cls/*.mat`) or that `cls/`
                        voc_root, # the VOC 2012 root (holding `JPEGImages/`)
                        progress:bool=True, # tqdm progress bar
                       )->Path: # the written list `ImageSets/Segmentation/trainaug.txt`

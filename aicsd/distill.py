@@ -182,11 +182,10 @@ def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, cla
     up = crop_upsampling(tr, D.crop_size) if rank == 0 else None
     if up and up[0] > 2:
         cs, f = D.crop_size, up[0]        # the size that trains at the images' own scale: the crop divided by the factor
-        as_flag = lambda c: str(c) if isinstance(c, int) else 'x'.join(map(str, c))
         fit_crop = up[1] if isinstance(cs, int) else [max(1, round(s / f)) for s in cs]
-        warn(f"--crop-size {as_flag(cs)}: the training images are resized to a short side of {D.scale_min}-{D.scale_max} x "
+        warn(f"--crop-size {size_text(cs)}: the training images are resized to a short side of {D.scale_min}-{D.scale_max} x "
              f"the crop's, {f:.1f}x their own ({up[1]} px, the median): each step pays for about {f ** 2:.0f}x their "
-             f"pixels with no more detail; --crop-size {as_flag(fit_crop)} trains at their size")
+             f"pixels with no more detail; --crop-size {size_text(fit_crop)} trains at their size")
     return tr, va, D.num_classes or n
 
 # %% ../nbs/08_distill.ipynb #30f763d0

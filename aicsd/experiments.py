@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, math, statistics, time
 from pathlib import Path
 import torch
-from .config import make_config
+from .config import check_ranges, make_config, size_text
 from .checkpoint import load_checkpoint, write_text_atomic
 from .distill import fit
 from .objective import METHODS, parse_method
@@ -212,6 +212,7 @@ def run_demo(out:str|Path='runs/demo', # report folder
     methods = tuple(methods or DEMO_METHODS); seeds = tuple(P['seeds'] if seeds is None else seeds)
     bad = [m for m in methods if m not in METHODS and '+' not in m]
     if bad: raise ValueError(f"unknown method(s) {bad}; methods: {', '.join(METHODS)}")
+    check_ranges(dict(threads=threads))                     # as the command line checks --threads: an integer >= 1
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     root = Path(data_root or f"data/synthetic-demo-{P['size']}px")
     threads = threads or 1  # one thread per process: robust when other jobs share the cores (--threads 2 on a quiet machine)
@@ -222,7 +223,7 @@ def run_demo(out:str|Path='runs/demo', # report folder
         print(f"synthetic data written to {root}")
     size = ((read_synthetic_info(root) or {}).get('settings') or {}).get('size', '?')   # the report describes the data used
     P = {**P, 'n_train': len(get_dataset('synthetic', root, 'train', None)), 'n_val': len(get_dataset('synthetic', root, 'val', None)),
-         'size': size if not isinstance(size, (list, tuple)) else size[0] if len(set(size)) == 1 else 'x'.join(map(str, size))}
+         'size': size_text(size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size)}
     base = _demo_cfg(P, root, out, threads, seed)
     print(f"teacher: DeepLabV3+ {P['teacher']}, {P['teacher_steps']} steps ...", flush=True)
     tck, tmet, tsec, cached = _teacher(P, base, out, fresh)

@@ -176,7 +176,9 @@ def test_evaluate_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path):
               '--json', tmp_path / 'm.json', cwd=tmp_path)
     import json
     m = json.loads((tmp_path / 'm.json').read_text())
-    assert 0 <= m['miou'] <= 1 and len(m['iou']) == 21, m
+    assert 0 <= m['miou'] <= 1 and len(m['iou']) == len(m['class_acc']) == len(m['classes']) == 21, m
+    line = json.loads(p.stdout.strip().splitlines()[-1])      # stdout: one line of the scalars
+    assert line == {k: v for k, v in m.items() if not isinstance(v, list)}, line
     assert 'Traceback' not in p.stderr
 
 
