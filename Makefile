@@ -52,7 +52,7 @@ test: $(STAMP)
 	 n=$$(find "$$t" -type f | wc -l); if [ "$$n" != 0 ]; then echo "note: the notebooks left $$n files ($$(du -sh "$$t" | cut -f1)) in TMPDIR; removed"; fi; \
 	 rm -rf "$$t"; exit $$st
 	@echo "== 4/5 pytest tests/"
-	$(BIN)/python -m pytest tests/ -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests/ -q -p no:cacheprovider --durations=12
 	@echo "== 5/5 nbdev_proc_nbs (docs pre-processing; Quarto renders the site in the GitHub docs workflow)"
 	@# nbdev_proc_nbs itself first tries to install Quarto with sudo and then pip-installs the project into
 	@# whatever pip is on PATH; run the same processing steps without that (Quarto cannot be installed here).

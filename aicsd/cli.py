@@ -245,7 +245,7 @@ def build_parser()->argparse.ArgumentParser:
     add_train_options(d, 'distill')
     e = sub.add_parser('evaluate', formatter_class=fmt, help='evaluate a checkpoint',
         description='mIoU, pixel accuracy, mean class accuracy and frequency-weighted IoU as one JSON line on stdout; '
-                    'per-class IoU as a table on stderr (and in --json, with the class names).',
+                    'per-class IoU as a table on stderr; in --json FILE, every metric: also per-class IoU and accuracy, with the class names.',
         epilog="example:\n  aicsd evaluate --ckpt runs/s/best.pt --data voc --data-root data/VOCdevkit/VOC2012 --eval-resize 513")
     e.add_argument('--ckpt', required=True, metavar='PATH', help='best.pt / last.pt (or any file load_model reads)')
     add_train_options(e, 'evaluate')                 # the rows whose `commands` name evaluate
