@@ -15,8 +15,8 @@ from .models import BACKBONES, V3_BACKBONES
 
 # %% auto #0
 __all__ = ['OPTIONS', 'DEFAULTS', 'warn', 'Option', 'size_arg', 'size_text', 'check_ranges', 'make_objective', 'eval_predictor',
-           'RunConfig', 'distill_only', 'idle_options', 'make_config', 'resume_changes', 'read_config', 'Spec',
-           'DataSpec', 'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
+           'RunConfig', 'distill_only', 'idle_options', 'warn_idle', 'make_config', 'resume_changes', 'read_config',
+           'Spec', 'DataSpec', 'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
 
 # %% ../nbs/07a_config.ipynb #a5ba81db
 def warn(msg:str):
@@ -279,6 +279,11 @@ def idle_options(cfg:dict, # a configuration (`make_config` fills it)
     if on('alw_unit') and not obj.alw: idle.append(f"--alw-unit {cfg['alw_unit']}: {terms} runs without ALW (--alw turns it on)")
     return idle
 
+def warn_idle(cfg:dict, obj:DistillObjective|None=None):
+    "Warn, in one line on rank 0, of the options `idle_options` finds."
+    if (idle := idle_options(cfg, obj)) and int(os.environ.get('RANK', 0)) == 0:
+        warn(f"ignored, as they change nothing here: {'; '.join(idle)}")
+
 
 # %% ../nbs/07a_config.ipynb #70afcc9b
 def make_config(cfg:dict|None=None, # options to set; anything left out takes its default
@@ -333,8 +338,7 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
         raise ValueError(f"--arch deeplabv3 is built on {', '.join(V3_BACKBONES)}, not {out['model']!r}")
     if out['mode'] == 'distill' and obj.needs_teacher and not out['teacher']:
         raise ValueError(f"method {out['method']!r} needs a teacher checkpoint: set 'teacher' (--teacher PATH)")
-    if (idle := idle_options(out, obj if out['mode'] == 'distill' else None)) and int(os.environ.get('RANK', 0)) == 0:
-        warn(f"ignored, as they change nothing here: {'; '.join(idle)}")
+    warn_idle(out, obj if out['mode'] == 'distill' else None)
     for k, v in out.items():  # plain types only: the configuration is stored in weights_only checkpoints
         if isinstance(v, Path): out[k] = str(v)
     rc = RunConfig(out)

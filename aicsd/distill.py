@@ -450,7 +450,7 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
             opts.update({k: trained.get(k, DEFAULTS[k]) for k in _PROTOCOL_KEYS})   # the checkpoint's own protocol
             print('evaluating as in training: ' + ' '.join(f"--{k.replace('_', '-')} {opts[k]}" for k in _PROTOCOL_KEYS
                                                            if opts[k] != DEFAULTS[k]), file=sys.stderr)
-        if (idle := idle_options(opts)) and dist_env()[0] == 0: warn(f"ignored, as they change nothing here: {'; '.join(idle)}")
+        warn_idle(opts)
         ds = get_dataset(opts['data'], opts['data_root'], opts['val_split'], eval_transform_for(opts['eval_resize'], opts['eval_square']))
         if len(ds) == 0:
             raise ValueError(f"the split {opts['val_split']!r} of {opts['data_root']} has no images: nothing to evaluate; "
