@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 # torch/torchvision versions that install quickly on the project's machines; `make install TORCH_PIN=` lets pip choose.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 DEMO_ARGS ?=
+# pytest processes (pytest-xdist; one test file each at a time, as the files' module fixtures build data once)
+PYTEST_WORKERS ?= 2
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
 .PHONY: install demo demo-quick test export clean-nbs docs-check clean gpu-check
@@ -52,7 +54,7 @@ test: $(STAMP)
 	 n=$$(find "$$t" -type f | wc -l); if [ "$$n" != 0 ]; then echo "note: the notebooks left $$n files ($$(du -sh "$$t" | cut -f1)) in TMPDIR; removed"; fi; \
 	 rm -rf "$$t"; exit $$st
 	@echo "== 4/5 pytest tests/"
-	$(BIN)/python -m pytest tests/ -q -p no:cacheprovider --durations=12
+	$(BIN)/python -m pytest tests/ -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --durations=12
 	@echo "== 5/5 nbdev_proc_nbs (docs pre-processing; Quarto renders the site in the GitHub docs workflow)"
 	@# nbdev_proc_nbs itself first tries to install Quarto with sudo and then pip-installs the project into
 	@# whatever pip is on PATH; run the same processing steps without that (Quarto cannot be installed here).

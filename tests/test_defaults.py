@@ -205,29 +205,6 @@ def test_train_cityscapes_defaults(trees, tmp_path, tree):
     assert len(rows) == 1 and 0 <= float(rows[0]['miou']) <= 1
 
 
-# ---------------------------------------------------------------------------------------------- the demo
-def test_demo_quick_defaults(tmp_path):
-    out = tmp_path / 'demo'
-    aicsd('data', 'synthetic', '--root', tmp_path / 'syn', '--n-train', 40, '--n-val', 12, '--size', 56, cwd=tmp_path)
-    aicsd('demo', '--quick', '--out', out, '--data-root', tmp_path / 'syn', cwd=tmp_path, timeout=600)
-    assert 'Synthetic shapes (40 train / 12 val images, 56 px)' in (out / 'report.md').read_text()   # the data used, not the preset's
-    assert {'ics_matrices.png', 'predictions.png'} <= {q.name for q in out.rglob('*.png')}
-
-
-
-def test_compare_quick_every_method_defaults(tmp_path):
-    "`aicsd compare --quick` with its default method list (every method of the table), figures and report on."
-    import json, math
-    from aicsd.objective import METHODS
-    out = tmp_path / 'cmp'
-    aicsd('data', 'synthetic', '--root', tmp_path / 'syn', '--n-train', 40, '--n-val', 12, '--size', 56, cwd=tmp_path)
-    aicsd('compare', '--quick', '--out', out, '--data-root', tmp_path / 'syn', cwd=tmp_path, timeout=900)
-    rows = json.loads((out / 'results.json').read_text())
-    assert [r['method'] for r in rows[1:]] == list(METHODS), [r['method'] for r in rows]   # the teacher first
-    for r in rows: assert all(math.isfinite(r[k]) for k in ('miou', 'pixel_acc', 'ics_dist')), r
-    names = {q.name for q in out.iterdir()}
-    assert {'report.md', 'ics_matrices.png', 'predictions.png'} | {f'ics_{m}.png' for m in METHODS} <= names, sorted(names)
-
 # ---------------------------------------------------------------------------------------------- the field's protocol
 def _field_teacher(path: Path, num_classes: int) -> Path:
     "A ResNet-18 DeepLabV3 with its aux head saved as the field saves it: a plain state_dict, no 'arch'."

@@ -1,0 +1,53 @@
+"""The jobs on the built-in synthetic data, with every default on: `aicsd demo --quick`, `aicsd compare --quick` (every
+method of the table) and `aicsd bench --quick` (its default sections, threads and device).
+
+Apart from tests/test_defaults.py (the commands that read real-format data trees) so that `make test`'s two
+pytest workers (pytest-xdist, one test file each at a time) can run these long jobs beside that file.
+"""
+import json, math
+
+from conftest import run, aicsd_cmd
+
+
+def aicsd(*args, cwd, timeout=400):
+    "Run `aicsd ARGS` as a user would (no flag switched off); fail with its output on a non-zero exit."
+    return run([*aicsd_cmd(), *args], cwd=cwd, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+def test_demo_quick_defaults(tmp_path):
+    out = tmp_path / 'demo'
+    aicsd('data', 'synthetic', '--root', tmp_path / 'syn', '--n-train', 40, '--n-val', 12, '--size', 56, cwd=tmp_path)
+    aicsd('demo', '--quick', '--out', out, '--data-root', tmp_path / 'syn', cwd=tmp_path, timeout=600)
+    assert 'Synthetic shapes (40 train / 12 val images, 56 px)' in (out / 'report.md').read_text()   # the data used, not the preset's
+    assert {'ics_matrices.png', 'predictions.png'} <= {q.name for q in out.rglob('*.png')}
+
+
+def test_compare_quick_every_method_defaults(tmp_path):
+    "`aicsd compare --quick` with its default method list (every method of the table), figures and report on."
+    from aicsd.objective import METHODS
+    out = tmp_path / 'cmp'
+    aicsd('data', 'synthetic', '--root', tmp_path / 'syn', '--n-train', 40, '--n-val', 12, '--size', 56, cwd=tmp_path)
+    aicsd('compare', '--quick', '--out', out, '--data-root', tmp_path / 'syn', cwd=tmp_path, timeout=900)
+    rows = json.loads((out / 'results.json').read_text())
+    assert [r['method'] for r in rows[1:]] == list(METHODS), [r['method'] for r in rows]   # the teacher first
+    for r in rows: assert all(math.isfinite(r[k]) for k in ('miou', 'pixel_acc', 'ics_dist')), r
+    names = {q.name for q in out.iterdir()}
+    assert {'report.md', 'ics_matrices.png', 'predictions.png'} | {f'ics_{m}.png' for m in METHODS} <= names, sorted(names)
+
+
+# ---------------------------------------------------------------------------------------------- the benchmarks
+def test_bench_quick_defaults(tmp_path):
+    "`aicsd bench --quick --out FILE`: every default section (icsd, step, data, loop) and the goals, as tables and rows."
+    p = aicsd('bench', '--quick', '--out', tmp_path / 'rows.jsonl', cwd=tmp_path)
+    for section in ('icsd', 'step', 'data', 'loop', 'goals'): assert f'\n## {section}\n' in p.stdout, p.stdout[-2000:]
+    rows = [json.loads(l) for l in (tmp_path / 'rows.jsonl').read_text().splitlines()]
+    assert {r['bench'] for r in rows} >= {'icsd', 'step', 'data', 'loop'}, {r['bench'] for r in rows}
+    icsd = [r for r in rows if r['bench'] == 'icsd']
+    assert {'floor', 'icsd', 'released'} <= {r['method'] for r in icsd}
+    for r in icsd:                                    # each row's ratio is its time over the floor's at its shape
+        floor = next(f['time_s'] for f in icsd if f['shape'] == r['shape'] and f['method'] == 'floor')
+        assert math.isclose(r['x_floor'], r['time_s'] / floor, rel_tol=1e-9), r
+    for r in (r for r in rows if r['bench'] == 'loop'):   # the loader's share: 1 - step-only time / loop time
+        assert math.isclose(r['loader_share'], max(0.0, 1 - r['loop_images_per_s'] / r['step_images_per_s']),
+                            rel_tol=1e-9, abs_tol=1e-12), r
