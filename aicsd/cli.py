@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_cli.ipynb #543bbab8
 from __future__ import annotations
-import argparse, inspect, json, os, sys
+import argparse, difflib, inspect, json, os, sys
 from pathlib import Path
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint
 from .config import _D, _renamed, check_ranges, distill_only, read_config, size_arg, size_text, warn
@@ -191,6 +191,33 @@ def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
     p.set_defaults(**{k: _config_value(opt[k], v, path, written.get(k)) if k in opt else v for k, v in cfg.items()})
 
 
+# %% ../nbs/09_cli.ipynb #5d1f0c2a
+def _unrecognized(p:argparse.ArgumentParser, # the parser that does not know them
+                  extra:list, # the arguments it left over
+                 )->str: # argparse's message, plus the nearest flags `p` takes
+    "'unrecognized arguments: ...' and, for an unknown flag close to one of `p`'s, 'did you mean ...?'."
+    known = [s for a in p._actions for s in a.option_strings]
+    bare = {s.lstrip('-'): s for s in known}         # compared without dashes: '--' alone makes '--bogus' look like '--out'
+    near = {}                                        # unknown flag -> nearest known one
+    for t in extra:
+        f = t.split('=')[0]
+        if not f.startswith('-') or f in known or f in near: continue
+        try: float(f); continue                      # a negative number is a value, not a flag
+        except ValueError: pass
+        m = difflib.get_close_matches(f.lstrip('-'), list(bare), n=1)
+        if m: near[f] = bare[m[0]]
+    msg = f"unrecognized arguments: {' '.join(extra)}"
+    if len(near) == 1: return msg + f"; did you mean {next(iter(near.values()))}?"
+    if near: return msg + "; did you mean " + ', '.join(f"{v} for {k}" for k, v in near.items()) + '?'
+    return msg
+
+class _Subparser(argparse.ArgumentParser):
+    "The parser of a subcommand: arguments it does not know are its own error (its usage, the nearest flag), not the top-level one."
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extra = super().parse_known_args(args, namespace)
+        if extra: self.error(_unrecognized(self, extra))
+        return ns, extra
+
 # %% ../nbs/09_cli.ipynb #c77fb66d
 BENCH_DEFAULT = ('icsd', 'step', 'data', 'loop')   # what a bare `aicsd bench` runs
 
@@ -198,7 +225,7 @@ EPILOG = """\
 examples:
   aicsd demo --quick                        synthetic data -> teacher -> 4 students -> runs/demo/report.md
   aicsd compare                             every method, same teacher, 3 seeds -> runs/compare/report.md
-  aicsd data synthetic --root data/synthetic
+  aicsd data synthetic --data-root data/synthetic
   aicsd train --model resnet18 --data synthetic --data-root data/synthetic --crop-size 64 --epochs 5 --out runs/t
   aicsd distill --teacher runs/t/best.pt --student mobilenetv2 --method aicsd --data synthetic \\
                 --data-root data/synthetic --crop-size 64 --epochs 5 --out runs/s
@@ -229,7 +256,7 @@ def build_parser()->argparse.ArgumentParser:
         description='AICSD: Adaptive Inter-Class Similarity Distillation for semantic segmentation.')
     from aicsd import __version__
     p.add_argument('--version', action='version', version=f'aicsd {__version__}')
-    sub = p.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    sub = p.add_subparsers(dest='command', metavar='COMMAND', required=True, parser_class=_Subparser)
     t = sub.add_parser('train', formatter_class=fmt, help='train one network (teacher, or a student baseline)',
         description='Train one DeepLabV3+ with cross-entropy on the ground truth.',
         epilog="example:\n  aicsd train --model resnet101 --data voc --data-root data/VOCdevkit/VOC2012 --out runs/voc-t\n"
@@ -288,7 +315,7 @@ def _add_data_commands(sub, fmt):
     p = sub.add_parser('data', formatter_class=fmt, help='prepare or inspect datasets')
     ds = p.add_subparsers(dest='data_command', metavar='ACTION', required=True)
     s = ds.add_parser('synthetic', formatter_class=fmt, help='write the built-in synthetic dataset (VOC layout)')
-    s.add_argument('--root', default=d['root'], metavar='DIR', help='dataset folder')
+    s.add_argument('--data-root', '--root', dest='data_root', default=d['root'], metavar='DIR', help='dataset folder')
     s.add_argument('--n-train', type=int, default=d['n_train'], metavar='N', help='training images')
     s.add_argument('--n-val', type=int, default=d['n_val'], metavar='N', help='validation images')
     s.add_argument('--size', type=int, default=d['size'], metavar='PX', help='image side')
@@ -300,7 +327,7 @@ def _add_data_commands(sub, fmt):
     b.add_argument('--voc-root', required=True, metavar='DIR', help='VOCdevkit/VOC2012')
     t = ds.add_parser('stats', formatter_class=fmt, help='class frequencies of a split')
     t.add_argument('--data', choices=['voc', 'cityscapes', 'synthetic'], default='synthetic', help='dataset')
-    t.add_argument('--data-root', default='data/synthetic', metavar='DIR', help='dataset folder')
+    t.add_argument('--data-root', '--root', dest='data_root', default='data/synthetic', metavar='DIR', help='dataset folder')
     t.add_argument('--split', default='train', help='split to count')
 
 # %% ../nbs/09_cli.ipynb #3efa88d0
@@ -308,7 +335,7 @@ def _run_data(a):
     import aicsd.data as D
     if a.data_command == 'synthetic':
         kw = {k: getattr(a, k) for k in ('n_train', 'n_val', 'size', 'num_classes') if getattr(a, k) is not None}
-        root = D.make_synthetic(a.root, seed=a.seed, overwrite=a.overwrite, **kw)
+        root = D.make_synthetic(a.data_root, seed=a.seed, overwrite=a.overwrite, **kw)
         print(f"synthetic data in {root}")
     elif a.data_command == 'sbd':
         print(f"trainaug written: {D.build_sbd_trainaug(a.sbd_root, a.voc_root)}")
@@ -379,9 +406,9 @@ def main(argv:list|None=None)->int:
     from aicsd.distill import RunLockedError
     from aicsd.models import CheckpointMismatchError
     try: return _main(argv)
-    except KeyboardInterrupt as e:          # RunInterrupted: last.pt written; a plain one: a second Ctrl-C
+    except KeyboardInterrupt as e:          # RunInterrupted: last.pt written (Ctrl-C or SIGTERM); a plain one: a second Ctrl-C
         print(f"aicsd: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, 'signum', 2)  # as the shell reports a process ended by that signal: 130, 143
     except BrokenPipeError as e:
         if not _stdout_closed(): print(f"aicsd: error: {e}", file=sys.stderr); return 2
         # `aicsd recipes | head -5`: the reader left. Say nothing; stdout to devnull so the exit's flush cannot fail

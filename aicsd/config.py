@@ -14,9 +14,9 @@ from .objective import DistillObjective, METHODS, out_of_range
 from .models import BACKBONES, V3_BACKBONES
 
 # %% auto #0
-__all__ = ['OPTIONS', 'DEFAULTS', 'warn', 'Option', 'size_arg', 'size_text', 'check_ranges', 'make_objective', 'eval_predictor',
-           'RunConfig', 'distill_only', 'idle_options', 'warn_idle', 'make_config', 'resume_changes', 'read_config',
-           'Spec', 'DataSpec', 'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
+__all__ = ['OPTIONS', 'DEFAULTS', 'warn', 'Option', 'size_arg', 'size_text', 'value_text', 'flag_text', 'check_ranges',
+           'make_objective', 'eval_predictor', 'RunConfig', 'distill_only', 'idle_options', 'warn_idle', 'make_config',
+           'resume_changes', 'read_config', 'Spec', 'DataSpec', 'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
 
 # %% ../nbs/07a_config.ipynb #a5ba81db
 def warn(msg:str):
@@ -73,8 +73,8 @@ _WHAT = [   # what to train
     _O('teacher', None, 'What to train', "teacher checkpoint: best.pt of `aicsd train`, a file of the authors' released code "
        "(name its backbone with --teacher-backbone) or a field (CIRKD) DeepLabV3 file (told from its keys)", metavar='CKPT',
        commands=_D, resume='same'),
-    _O('teacher_backbone', None, 'What to train', "backbone of a teacher file of the authors' released code (default: none: "
-       "the file says it)", choices=BACKBONES, metavar='BACKBONE', commands=_D, resume='same'),
+    _O('teacher_backbone', None, 'What to train', "backbone of a teacher file of the authors' released code (required for "
+       "such a file; an aicsd checkpoint says it itself)", choices=BACKBONES, metavar='BACKBONE', commands=_D, resume='same'),
     _O('method', None, 'What to train', "distillation method, or several joined by '+' (their terms summed, e.g. cwd+icsd): "
        f"{', '.join(METHODS)} (default: aicsd; `aicsd train`: baseline; each method's terms are listed below)",
        metavar='METHOD', commands=_D, resume='same'),
@@ -107,8 +107,9 @@ _DATA = [   # data
     _O('scale_max', 2.0, 'Data', 'random scale upper bound', type=float, check='>0'),
     _O('hflip', True, 'Data', 'random horizontal flip', flag='bool'),
     _O('blur', False, 'Data', 'random Gaussian blur (released code: on)', flag='bool'),
-    _E('eval_resize', None, 'Data', 'evaluate with the short side resized to PX (default: native resolution)', type=int,
-       metavar='PX', check='int>=1'),
+    _E('eval_resize', None, 'Data', 'evaluate with the short side resized to PX (default: native resolution; 0 says '
+       "so explicitly: `aicsd evaluate` then leaves out the resize a checkpoint was trained with)", type=int,
+       metavar='PX', check='int>=0'),
     _E('eval_square', False, 'Data', "with --eval-resize: resize to PX x PX, as the released code's FixedResize", flag='bool'),
     _E('eval_mode', 'whole', 'Data', "evaluation protocol: the whole image, sliding windows (--eval-crop, --eval-stride) "
        "or several scales (--eval-scales) and the mirror image (--eval-flip), averaged", choices=('whole', 'slide', 'multiscale')),
@@ -129,7 +130,8 @@ _DATA = [   # data
 _MODEL = [   # model
     _O('output_stride', 16, 'Model', 'DeepLabV3+ output stride (DeepLabV3 has 8)', type=int, choices=(8, 16), resume='same'),
     _O('pretrained_backbone', None, 'Model', "start the backbone from ImageNet weights: a weight FILE (the field publishes "
-       "them as files), or `imagenet` (a bare --pretrained-backbone) for torchvision's, downloaded", flag='optional',
+       "them as files), or `imagenet` (a bare --pretrained-backbone) for torchvision's, downloaded; `none` switches off a "
+       "config file's", flag='optional',
        const='imagenet', metavar='FILE', resume='free'),
     _O('aux_weight', 0.0, 'Model', "weight of the cross-entropy of DeepLabV3's auxiliary head on layer3 (0: no aux head; "
        "the field: 0.4)", type=float, check='>=0', metavar='W', resume='same'),
@@ -183,7 +185,7 @@ _RUNTIME = [   # runtime
     _E('device', 'auto', 'Runtime', "'auto', 'cpu', 'cuda' or 'cuda:N'", resume='free'),
     _E('precision', 'auto', 'Runtime', "the student's precision: auto (bf16 autocast on a GPU with native bf16 when a "
        "check on the first validation image shows it moves nothing, else fp32), fp32, bf16 or fp16 (autocast with a grad "
-       "scaler; CUDA)", choices=('auto', 'fp32', 'bf16', 'fp16')),
+       "scaler; CUDA); `aicsd evaluate`: auto is fp32", choices=('auto', 'fp32', 'bf16', 'fp16')),
     _O('compile', None, 'Runtime', "torch.compile the network's forward (in distill also the teacher's) with this backend (a bare "
        "--compile: inductor; needs a C++ compiler on a CPU)", flag='optional', const='inductor', metavar='BACKEND',
        resume='free'),
@@ -201,6 +203,24 @@ _RUNTIME = [   # runtime
 # %% ../nbs/07a_config.ipynb #65965d5b
 OPTIONS = [*_WHAT, *_DATA, *_MODEL, *_OPTIM, *_LOGS, *_RUNTIME]
 DEFAULTS = {o.name: o.default for o in OPTIONS}
+
+# %% ../nbs/07a_config.ipynb #65965d5c
+def value_text(name:str, # an option of `OPTIONS`
+               v, # its value
+              )->str: # as typed on the command line: `512x1024` for a size, `0.5 1.0` for a list, on/off, none
+    "A value of option `name` written as its flag takes it (for messages: never a Python repr)."
+    if v is None: return 'none'
+    if isinstance(v, bool): return 'on' if v else 'off'
+    if isinstance(v, dict): return ' '.join(f'{k}={w}' for k, w in v.items()) or 'none'
+    if any(o.name == name and o.type is size_arg for o in OPTIONS): return size_text(v)
+    if isinstance(v, (list, tuple)): return ' '.join(map(str, v))
+    return str(v)
+
+def flag_text(name:str, v)->str:
+    "Option `name` at value `v` as it is typed: `--eval-crop 512x1024`, `--eval-scales 0.5 1.0`, `--eval-flip`, `--no-hflip`."
+    flag = '--' + name.replace('_', '-')
+    if isinstance(v, bool): return flag if v else f'--no-{flag[2:]}'
+    return f'{flag} {value_text(name, v)}'
 
 # %% ../nbs/07a_config.ipynb #29b7fff8
 def check_ranges(cfg:dict, # a configuration, or part of one (keys of `OPTIONS`)
@@ -229,9 +249,10 @@ def eval_predictor(cfg:dict, # a configuration (or the evaluation options of one
     try:
         return make_predictor(cfg['eval_mode'], cfg['eval_crop'], cfg['eval_stride'], tuple(cfg['eval_scales'] or (1.0,)),
                               cfg['eval_flip'])
-    except ValueError as e:
-        raise ValueError(f"--eval-mode {cfg['eval_mode']} with --eval-crop {cfg['eval_crop']} --eval-stride "
-                         f"{cfg['eval_stride']} --eval-scales {cfg['eval_scales']} --eval-flip {cfg['eval_flip']}: {e}") from None
+    except ValueError as e:      # the flags as given (those left at their defaults are not named), then the reason
+        given = [flag_text(k, cfg[k]) for k in ('eval_mode', 'eval_crop', 'eval_stride', 'eval_scales', 'eval_flip')
+                 if cfg[k] != DEFAULTS[k]]
+        raise ValueError(f"{' '.join(given) or 'the evaluation protocol'}: {e}") from None
 
 # %% ../nbs/07a_config.ipynb #254f8a31
 class RunConfig(dict):
@@ -272,8 +293,10 @@ def idle_options(cfg:dict, # a configuration (`make_config` fills it)
     idle = [f"--eval-square: it squares --eval-resize PX, which is not given"] if cfg.get('eval_square') and not cfg.get('eval_resize') else []
     if obj is None: return idle
     terms = f"method {obj.method!r} (terms {', '.join(obj.names)})"
-    if on('lambda_kd') and 'kd' not in obj.names: idle.append(f"--lambda-kd {cfg['lambda_kd']}: {terms} has no kd term")
-    if on('lambda_icsd') and 'icsd' not in obj.names: idle.append(f"--lambda-icsd {cfg['lambda_icsd']}: {terms} has no icsd term")
+    for t in ('kd', 'icsd'):
+        if not on(f'lambda_{t}'): continue
+        if t not in obj.names: idle.append(f"--lambda-{t} {cfg[f'lambda_{t}']}: {terms} has no {t} term")
+        elif t in (cfg.get('weight') or {}): idle.append(f"--lambda-{t} {cfg[f'lambda_{t}']}: --weight {t}={cfg['weight'][t]} sets that weight")
     if on('temperature') and not any('T' in obj.params[n] for n in obj.names):
         idle.append(f"--temperature {cfg['temperature']}: no term of {terms} has a temperature T (set a term's own with --param TERM.KEY=V)")
     if on('alw_unit') and not obj.alw: idle.append(f"--alw-unit {cfg['alw_unit']}: {terms} runs without ALW (--alw turns it on)")
@@ -299,6 +322,8 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     if not out['data_root']: out['data_root'] = DEFAULT_ROOTS.get(out['data'])
     if out['method'] is None: out['method'] = 'aicsd' if out['mode'] == 'distill' else 'baseline'
     if out['pretrained_backbone'] in (True, False): out['pretrained_backbone'] = 'imagenet' if out['pretrained_backbone'] else None
+    if str(out['pretrained_backbone']).lower() == 'none': out['pretrained_backbone'] = None   # over a recipe's `imagenet`
+    if out['eval_resize'] == 0: out['eval_resize'] = None        # 0: native resolution, said explicitly
     if not str(out['out']).strip(): raise ValueError("--out is empty: give the run's folder, e.g. --out runs/exp")
     if out['resume'] and out['force']: raise ValueError("--resume continues the run in --out and --force replaces it: give one")
     for o in OPTIONS:
@@ -355,7 +380,7 @@ def resume_changes(old:dict, # configuration stored in last.pt
         a, b = old.get(o.name, o.default), new.get(o.name, o.default)
         if a == b or o.resume == 'free': continue
         if o.commands == _D and new.get('mode') == 'train': continue   # train now refuses them; an older train run stored them
-        (refused if o.resume == 'same' else warned).append(f"--{o.name.replace('_', '-')} {a!r} -> {b!r}")
+        (refused if o.resume == 'same' else warned).append(f"--{o.name.replace('_', '-')} {value_text(o.name, a)} -> {value_text(o.name, b)}")
     return refused, warned
 
 # %% ../nbs/07a_config.ipynb #afb44cb1

@@ -96,8 +96,9 @@ https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_con
 Download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com/
 (free registration) and unzip both into {root} (suggested: data/cityscapes). See data/README.md.""",
  'synthetic': """Expected the synthetic dataset at {root} (VOC layout: JPEGImages/, SegmentationClass/,
-ImageSets/Segmentation/, classes.json). Create it with aicsd.data.make_synthetic('{root}')
-(`aicsd demo` does this for you); it needs no download.""",
+ImageSets/Segmentation/, classes.json). Create it with `aicsd data synthetic --data-root {root}` (in Python:
+aicsd.data.make_synthetic('{root}')); it needs no download. A Pascal VOC or Cityscapes tree is read with --data voc
+or --data cityscapes.""",
 }
 
 def _missing(kind, root, what):

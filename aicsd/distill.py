@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_distill.ipynb #a14e7f63
 from __future__ import annotations
-import dataclasses, hashlib, math, os, signal, sys, threading, time
+import dataclasses, hashlib, math, os, shutil, signal, sys, threading, time
 from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
@@ -20,7 +20,8 @@ __all__ = ['poly_lr_lambda', 'load_teacher', 'StudentWithModules', 'model_output
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import (build_model, param_groups, model_arch, load_model, load_released_checkpoint,
                           cirkd_backbone, load_cirkd_checkpoint)
-from .data import crop_upsampling, get_dataset, train_transform, build_loader, make_synthetic, close_loader
+from .data import (crop_upsampling, get_dataset, train_transform, build_loader, make_synthetic, close_loader,
+                        DEFAULT_ROOTS)
 from .objective import alw_alpha, DistillObjective
 from .evaluation import evaluate, eval_transform_for, progress_bar as _progress
 from .process import autocast as _autocast
@@ -165,6 +166,9 @@ def train_step(student:nn.Module, teacher:nn.Module|None, objective:DistillObjec
 def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, classes)
     root = Path(D.data_root)
     if D.data == 'synthetic' and not root.exists():
+        if root != Path(DEFAULT_ROOTS['synthetic']):          # a typo in --data-root must not become a new dataset
+            raise FileNotFoundError(f"no dataset at {root} (--data-root): write one there with `aicsd data synthetic "
+                                    f"--data-root {root}`, or leave out --data-root for {DEFAULT_ROOTS['synthetic']} (made when missing)")
         if rank == 0:
             print(f"aicsd: no dataset at {root}: writing the synthetic shapes dataset there (`aicsd data synthetic` "
                   "makes one with other settings)", flush=True)
@@ -234,6 +238,9 @@ def build_models(M:ModelSpec, # the model part of the configuration
     student = _student(M, num_classes)
     if M.no_dropout: _disable_dropout(student)
     teacher = None
+    if M.teacher and not objective.needs_teacher and not Path(M.teacher).is_file():   # not read, but a typo is still one
+        raise FileNotFoundError(f"--teacher {M.teacher}: no such file (method {objective.method!r} reads no teacher: "
+                                f"fix the path or drop --teacher)")
     if objective.needs_teacher:
         teacher = load_teacher(M.teacher, backbone=M.teacher_backbone, num_classes=num_classes, output_stride=M.output_stride)
         tnc = model_arch(teacher)['num_classes']
@@ -264,7 +271,8 @@ def _student(M:ModelSpec, num_classes:int)->nn.Module:
         if pre != 'imagenet': raise
         raise ValueError(f"--pretrained-backbone: torchvision's ImageNet weights of {M.model} could not be downloaded "
                          f"({type(e).__name__}: {e}). Offline, copy the weight file into {torch.hub.get_dir()}/checkpoints/ "
-                         f"from a machine with internet (or set TORCH_HOME), give a weight FILE, or drop --pretrained-backbone") from None
+                         f"from a machine with internet (or set TORCH_HOME), give a weight FILE, or train from scratch with "
+                         f"--pretrained-backbone none") from None
 
 # %% ../nbs/08_distill.ipynb #05403ca0
 def build_run(cfg:dict)->Run:
@@ -308,8 +316,10 @@ def _new_folders(path:str|Path)->list:
     return new
 
 def _remove_empty(folders:list):
-    "Remove the folders a failed run made, deepest first, while they are empty: nothing else is touched."
+    "Remove the folders a failed run made, deepest first, while they hold nothing it logged: nothing else is touched."
     for d in folders:
+        if (d/'tb').is_dir() and not any((d/f).exists() for f in ('train_log.csv', 'eval_log.csv', 'last.pt')):
+            shutil.rmtree(d/'tb', ignore_errors=True)   # TensorBoard's file of a run that logged no row (a data error)
         try: d.rmdir()
         except OSError: return   # not empty (the run wrote something worth keeping), or already gone
 
@@ -346,7 +356,7 @@ def _optimizer(student, modules, O:OptimSpec, loader)->tuple: # (optimizer, sche
 def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
                     stop_at:int|None=None, # leave (checkpoint written) once this global step is reached
                     tty:bool=False,
-                    interrupted:Callable|None=None, # () -> True when Ctrl-C was pressed: checkpoint, raise RunInterrupted
+                    interrupted:Callable|None=None, # () -> the signal's number (SIGINT, SIGTERM) once one came, else 0: checkpoint, raise RunInterrupted
                    )->bool: # True when stopped by `stop_at` in the middle of the epoch
     "Train the rest of epoch `prog.epoch` from batch `prog.step_in_epoch`; `prog` moves along."
     L, spe = run.loop, run.steps_per_epoch
@@ -358,6 +368,7 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
         x = x.to(run.device, dtype=run.dtype, non_blocking=True, memory_format=run.memory_format)
         y = y.to(run.device, non_blocking=True)
         alpha = alw_alpha(prog.step, run.total) if L.alw_unit == 'step' else alw_alpha(prog.epoch, run.epochs)
+        lr = run.opt.param_groups[0]['lr']              # the rate this step uses (the scheduler moves it on after the step)
         loss, terms = train_step(run.model, run.teacher, run.objective, x, y, run.opt, run.sched, run.scaler,
                                  alpha=alpha, amp_dtype=run.amp_dtype, teacher_dtype=run.teacher_dtype,
                                  clip_grad=L.clip_grad)
@@ -367,12 +378,12 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
             where = f" on rank {run.rank}" if run.world > 1 else ''
             raise FloatingPointError(
                 f"the loss is {float(loss)} at step {prog.step}{where} (non-finite term(s): {', '.join(bad) or 'none: the sum overflowed'}"
-                f"; lr {run.opt.param_groups[0]['lr']:.3g}); " + (f"{ckpt.last} holds the last good state. Lower --lr or the term's "
+                f"; lr {lr:.3g}); " + (f"{ckpt.last} holds the last good state. Lower --lr or the term's "
                 f"--weight, or add --clip-grad, and continue with --resume (or restart with --force)" if ckpt.last.exists() else
                 "no checkpoint was written yet. Lower --lr or the term's --weight, or add --clip-grad, and run the command "
                 "again without --resume (the logs of this attempt are moved aside)"))
         if run.main and (prog.step % max(1, L.log_every) == 0 or prog.step == run.total):
-            vals = dict(epoch=prog.epoch + 1, lr=run.opt.param_groups[0]['lr'], alpha=float(alpha), loss=float(loss),
+            vals = dict(epoch=prog.epoch + 1, lr=lr, alpha=float(alpha), loss=float(loss),
                         **{k: float(v) for k, v in terms.items()})
             log.row('train_log', prog.step, vals)
             if tty: bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
@@ -382,10 +393,11 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
         if stop_at is not None and prog.step >= stop_at and mid:
             if not saved: ckpt.save_last(prog)
             return True
-        if interrupted is not None and interrupted():
+        if interrupted is not None and (sig := int(interrupted())):
             if not saved: ckpt.save_last(prog)
-            raise RunInterrupted(f"interrupted at step {prog.step}; {ckpt.last} written: continue with the same command "
-                                 f"and --resume")
+            how = 'interrupted' if sig == signal.SIGINT else f'stopped by {signal.Signals(sig).name}'
+            raise RunInterrupted(f"{how} at step {prog.step}; {ckpt.last} written: continue with the same command "
+                                 f"and --resume", sig)
     prog.epoch += 1; prog.step_in_epoch = 0
     return False
 
@@ -448,8 +460,9 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
         trained = ck.get('config', {})
         if all(opts[k] == DEFAULTS[k] for k in _PROTOCOL_KEYS) and any(trained.get(k, DEFAULTS[k]) != DEFAULTS[k] for k in _PROTOCOL_KEYS):
             opts.update({k: trained.get(k, DEFAULTS[k]) for k in _PROTOCOL_KEYS})   # the checkpoint's own protocol
-            print('evaluating as in training: ' + ' '.join(f"--{k.replace('_', '-')} {opts[k]}" for k in _PROTOCOL_KEYS
-                                                           if opts[k] != DEFAULTS[k]), file=sys.stderr)
+            print('evaluating as in training: ' + ' '.join(flag_text(k, opts[k]) for k in _PROTOCOL_KEYS if opts[k] != DEFAULTS[k]) +
+                  ' (any evaluation option chooses another protocol; --eval-resize 0: native resolution)', file=sys.stderr)
+        if opts['eval_resize'] == 0: opts['eval_resize'] = None     # native resolution, said explicitly
         warn_idle(opts)
         ds = get_dataset(opts['data'], opts['data_root'], opts['val_split'], eval_transform_for(opts['eval_resize'], opts['eval_square']))
         if len(ds) == 0:
@@ -477,28 +490,33 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
     t0 = time.time()
     run, joined_before, lock, old_handler = None, dist.is_initialized(), None, None
     made = _new_folders(cfg['out'])           # removed again if the run fails before writing anything into them
-    stop, failed = [], True
+    stop, writing, failed = [], [], True     # signals received; set once the last checkpoint is being written
     try:
         run = build_run(cfg)
         if run.main: lock = RunLock(run.out).acquire()
         if run.world == 1 and threading.current_thread() is threading.main_thread():
-            def _on_sigint(sig, frame):           # first Ctrl-C: finish the step, checkpoint, leave; second: leave now
-                if stop: raise KeyboardInterrupt
-                stop.append(True)
-            old_handler = signal.signal(signal.SIGINT, _on_sigint)
+            def _on_signal(sig, frame):   # first Ctrl-C or SIGTERM: finish the step, write last.pt, leave; a second: leave
+                if stop and not writing: raise KeyboardInterrupt   # now, unless that last.pt is being written
+                if writing: print(f"aicsd: writing {run.out/'last.pt'} first; leaving right after", file=sys.stderr, flush=True)
+                stop.append(sig)
+            old_handler = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        def _interrupted():            # the signal's number once one came; from then on the last checkpoint is being written
+            if stop: writing.append(1)
+            return stop[0] if stop else 0
         ckpt = Checkpointer(run)
         L = run.loop
         resume = L.resume or restarted_with_checkpoint(run.out)
         prog = ckpt.resume() if resume else None
-        if prog is not None and run.main and not L.quiet:
-            print(f"resumed {ckpt.last} at epoch {prog.epoch}, batch {prog.step_in_epoch} (step {prog.step})")
+        if prog is not None and run.main and not L.quiet:   # epochs and batches counted from 1, as the progress lines do
+            print(f"resumed {ckpt.last} at epoch {prog.epoch + 1}, batch {prog.step_in_epoch + 1} (step {prog.step})" +
+                  (f": the run is complete ({run.total} steps), nothing to do" if prog.step >= run.total else ''))
         if prog is None: prog = ckpt.start()
         resolve_precision(run)
         log = RunLog(run.out, enabled=run.main, tensorboard=L.tensorboard, resume_step=prog.step if resume else None)
         tty = sys.stderr.isatty() and not L.quiet and run.main and 'PYTEST_CURRENT_TEST' not in os.environ
         stop_at = prog.step + int(L.stop_after) if L.stop_after else None
         while prog.epoch < run.epochs and prog.step < run.total and not (stop_at is not None and prog.step >= stop_at):
-            if train_one_epoch(run, prog, log, ckpt, stop_at, tty, interrupted=lambda: bool(stop)): break
+            if train_one_epoch(run, prog, log, ckpt, stop_at, tty, interrupted=_interrupted): break
             done = prog.step >= run.total
             if done or prog.epoch % max(1, L.eval_every) == 0: evaluate_and_keep_best(run, prog, log, ckpt, t0, tty, draw)
             ckpt.save_last(prog)
@@ -509,7 +527,8 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         failed = False
         return res
     finally:
-        if old_handler is not None: signal.signal(signal.SIGINT, old_handler)
+        for s, h in (old_handler or {}).items():
+            if h is not None: signal.signal(s, h)
         if lock is not None: lock.release()
         if run is not None:                 # loader workers stopped now, not by the garbage collector (5 s each)
             close_loader(run.loader); run.model = run.opt = run.sched = run.net = None   # DDP, optimizer: first

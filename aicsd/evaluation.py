@@ -125,7 +125,9 @@ class Predictor:
         if not (isinstance(self.scales, tuple) and self.scales and all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in self.scales)):
             raise ValueError(f"scales: expected a non-empty tuple of positive numbers, got {self.scales!r}")
         if self.mode != 'multiscale' and (self.scales != (1.0,) or self.flip):
-            raise ValueError(f"scales {self.scales} and flip {self.flip}: only mode 'multiscale' takes them (mode is {self.mode!r})")
+            what = ' and '.join(w for w, on in (('scales ' + ' '.join(map(str, self.scales)), tuple(self.scales) != (1.0,)),
+                                                ('flip', self.flip)) if on)
+            raise ValueError(f"{what}: only mode 'multiscale' takes {'them' if ' and ' in what else 'it'} (mode is {self.mode!r})")
         if not (isinstance(self.window_batch, int) and self.window_batch >= 1):
             raise ValueError(f"window_batch: expected a positive int, got {self.window_batch!r}")
 
@@ -152,12 +154,12 @@ def make_predictor(mode:str='whole', # 'whole', 'slide' or 'multiscale'
     return Predictor(mode, size(crop, 'crop'), size(stride, 'stride'), scales, bool(flip), window_batch)
 
 # %% ../nbs/07d_evaluation.ipynb #b771c807
-def eval_transform_for(eval_resize:int|None=None, # resize the short side to this (default: native resolution)
+def eval_transform_for(eval_resize:int|None=None, # resize the short side to this (None or 0: native resolution)
                        eval_square:bool=False, # with `eval_resize`: resize to a square, as the released code's FixedResize
                       ): # the evaluation transform
     "Evaluation transform: native resolution, short side resized, or (`eval_square`) the released code's square resize."
     if eval_resize and eval_square: return eval_transform(resize=int(eval_resize))
-    return eval_transform(resize_short=eval_resize)
+    return eval_transform(resize_short=eval_resize or None)
 
 # %% ../nbs/07d_evaluation.ipynb #e1238f4d
 @torch.no_grad()

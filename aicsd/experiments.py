@@ -4,12 +4,13 @@
 
 # %% ../nbs/08a_experiments.ipynb #d6059ee0
 from __future__ import annotations
-import json, math, statistics, time
+import json, math, shutil, statistics, time
 from pathlib import Path
 import torch
 from .config import check_ranges, make_config, size_text
 from .checkpoint import load_checkpoint, write_text_atomic
 from .distill import fit
+from .runfolder import Checkpointer, RunInterrupted
 from .objective import METHODS, parse_method
 
 # %% auto #0
@@ -184,8 +185,29 @@ def _teacher(P, base, out, fresh):
         c = load_checkpoint(ck)
         if all(c['config'].get(k) == cfg[k] for k in _TEACHER_KEYS):
             return ck, c['metrics'], 0.0, True
+    if _clear_run(tdir): print(f"the earlier teacher in {tdir} is replaced (the demo keeps no copy)", flush=True)
     t0 = time.time(); r = fit(cfg)
     return ck, r['metrics'], time.time() - t0, False
+
+# %% ../nbs/08a_experiments.ipynb #5b0e2c91
+def _clear_run(d:Path, # one of the demo's run folders (its teacher, or a student's seed)
+              )->int: # bytes removed
+    "Remove an earlier run from the demo's run folder `d`: its run files and `replaced-<time>/` copies; other files stay."
+    d = Path(d)
+    if not d.is_dir() or (d/'.lock').exists(): return 0    # locked: `fit` decides (a live run refuses, a dead one is taken over)
+    old = [d/f for f in Checkpointer.RUN_FILES if (d/f).exists()] + sorted(p for p in d.glob('replaced-*') if p.is_dir())
+    size = sum(f.stat().st_size for p in old for f in (p.rglob('*') if p.is_dir() else [p]) if f.is_file())
+    for p in old: shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return size
+
+# %% ../nbs/08a_experiments.ipynb #9d4f1b37
+def _interrupted_text(e:RunInterrupted, # what `fit` raised
+                      what:str, # the run it stopped: 'the teacher', 'student kd, seed 0'
+                      again:str, # what the same command does when run again
+                     )->str:
+    "`fit`'s line on a Ctrl-C or SIGTERM, reworded for the demo and the comparison, which do not resume."
+    how = str(e.args[0]).split(';')[0] if e.args else 'interrupted'     # 'interrupted at step 3'
+    return f"{how} of {what}; run the same command again to finish (it does not resume: it {again})"
 
 # %% ../nbs/08a_experiments.ipynb #94895957
 def _mean_std(xs:list)->tuple:
@@ -195,7 +217,7 @@ def _mean_std(xs:list)->tuple:
 # %% ../nbs/08a_experiments.ipynb #4992944e
 def run_demo(out:str|Path='runs/demo', # report folder
              quick:bool=False, # the short version (CI)
-             data_root:str|Path|None=None, # synthetic data folder (default data/synthetic-demo)
+             data_root:str|Path|None=None, # synthetic data folder (default data/synthetic-demo-{size}px, made when missing)
              fresh:bool=False, # retrain the teacher even if cached
              threads:int|None=None, # torch CPU threads
              seed:int=0, # seed of the data and the teacher
@@ -226,12 +248,19 @@ def run_demo(out:str|Path='runs/demo', # report folder
          'size': size_text(size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size)}
     base = _demo_cfg(P, root, out, threads, seed)
     print(f"teacher: DeepLabV3+ {P['teacher']}, {P['teacher_steps']} steps ...", flush=True)
-    tck, tmet, tsec, cached = _teacher(P, base, out, fresh)
+    try: tck, tmet, tsec, cached = _teacher(P, base, out, fresh)
+    except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, 'the teacher', 'trains the teacher and the students'), e.signum) from None
+    again = ('trains the teacher (--fresh) and every student' if fresh else
+             f'reuses the teacher in {tck.parent} and trains every student')
     teacher = load_model(tck).eval()
     val = get_dataset('synthetic', root, 'val', eval_transform())
     rows = [dict(method=f"teacher ({P['teacher']})", miou=tmet['miou'], pixel_acc=tmet['pixel_acc'], ics_dist=0.0,
                  time_s=tsec, n=1, note='cached' if cached else '')]
     models = {'teacher': teacher}
+    dirs = [out/f"student-{m}"/f"seed{sd}" for m in methods for sd in seeds]
+    freed = [_clear_run(d) for d in dirs]                    # derived outputs: replaced, no copies kept
+    if any(freed): print(f"the earlier student runs in {out} are replaced ({sum(map(bool, freed))} run folder(s), "
+                         f"{sum(freed) / 1e6:.0f} MB; the demo keeps no copies)", flush=True)
     for m in methods:
         res = []
         for sd in seeds:
@@ -239,7 +268,10 @@ def run_demo(out:str|Path='runs/demo', # report folder
             cfg = make_config(base, mode='distill', method=m, model=P['student'], teacher=str(tck), seed=sd,
                               max_steps=P['student_steps'], out=str(out/f"student-{m}"/f"seed{sd}"),
                               param={k: v for k, v in DEMO_PARAMS.items() if k in parse_method(m)[0]} or None)
-            t0 = time.time(); r = fit(cfg); sec = time.time() - t0
+            t0 = time.time()
+            try: r = fit(cfg)
+            except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, f'student {m}, seed {sd}', again), e.signum) from None
+            sec = time.time() - t0
             d = model_ics({'teacher': teacher, m: r['model']}, val, n=8)[1][m]
             res.append(dict(seed=sd, miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], ics_dist=d, time_s=sec))
             if sd == seeds[0]: models[m] = r['model']
@@ -393,8 +425,10 @@ def write_report(rows, out:Path, P:dict, total:float, seeds:tuple=(0,)):
     "Write `out/report.md` (the table and what the paired comparison lets one claim) and `out/results.json` (with `paired`)."
     paired = any(r['method'] == 'baseline' and r.get('runs') for r in rows)
     diffs = paired_diffs(rows) if paired else []
+    mv = P.get('max_val')                              # the runs score the first `max_val` validation images only
+    scored = f", the first {mv} scored{' (--quick)' if P['name'] == 'quick' else ''}" if mv and mv < P['n_val'] else ''
     txt = (f"# aicsd {'quick ' if P['name'] == 'quick' else ''}comparison\n\n"
-           f"Synthetic shapes ({P['n_train']} train / {P['n_val']} val images, {P['size']} px), teacher DeepLabV3+ "
+           f"Synthetic shapes ({P['n_train']} train / {P['n_val']} val images{scored}, {P['size']} px), teacher DeepLabV3+ "
            f"{P['teacher']} ({P['teacher_steps']} steps), students DeepLabV3+ {P['student']} ({P['student_steps']} "
            f"steps each, crop {P['crop_size']}, batch {P['batch_size']}, seeds {', '.join(map(str, seeds))}), CPU.\n\n"
            + format_table(rows) +

@@ -116,7 +116,10 @@ class RunExistsError(ValueError): "The run folder holds a run and neither --resu
 class RunLockedError(RuntimeError): "Another live process is writing to the run folder."
 
 # %% ../nbs/07b_runfolder.ipynb #29a4554b
-class RunInterrupted(KeyboardInterrupt): "Ctrl-C: the run stopped after a whole step and wrote last.pt."
+class RunInterrupted(KeyboardInterrupt):
+    "Ctrl-C or SIGTERM: the run stopped after a whole step and wrote last.pt (args: the message, the signal's number)."
+    @property
+    def signum(self)->int: return self.args[1] if len(self.args) > 1 else 2   # SIGINT's number: the exit status 128 + 2
 
 # %% ../nbs/07b_runfolder.ipynb #676d37ae
 def _alive(pid:int)->bool:

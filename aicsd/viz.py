@@ -309,26 +309,29 @@ def plot_confusion(confmat, # `C x C` [true, predicted] counts, or a `SegMetrics
 # %% ../nbs/10_viz.ipynb #eca8c036
 def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder to compare runs
                 title:str|None=None, # figure title
-               )->Figure: # axes: loss terms, ALW alpha, mIoU, and the learning rate's twin axis
+                alw:bool=True, # draw the ALW weight alpha; False for runs without a teacher (`aicsd train`): ALW does not apply
+               )->Figure: # axes: loss terms, ALW alpha (alw) or learning rate, mIoU, then the learning rate's twin axis (alw)
     "Loss terms, ALW weight and learning rate, and validation mIoU of one run (or several) against steps."
     runs = run if isinstance(run, dict) and 'train' not in run else {None: run}
     logs = {k: (v if isinstance(v, dict) else read_run(v)) for k, v in runs.items()}
     one = len(logs) == 1
     fig = Figure(figsize=(13, 3.4), layout='constrained')
     a_loss, a_alw, a_eval = fig.subplots(1, 3)
-    a_lr = a_alw.twinx()
+    a_lr = a_alw.twinx() if alw else a_alw
     pal = sns.color_palette('deep')
     for k, (nm, L) in enumerate(logs.items()):
         tr, ev, lab = L['train'], L['eval'], nm or L['name']
         if tr:
             s = tr['step']
-            a_loss.plot(s, tr['loss'], color='k' if one else pal[k % 10], lw=1.8, label='total' if one else lab)
+            mk = dict(marker='o', ms=3) if len(s) == 1 else {}   # a line through one point draws nothing
+            a_loss.plot(s, tr['loss'], color='k' if one else pal[k % 10], lw=1.8, label='total' if one else lab, **mk)
             if one:
-                for t, term in enumerate(L['terms']): a_loss.plot(s, tr[term], color=pal[t % 10], lw=1.1, label=term)
-            a_alw.plot(s, tr['alpha'], color=pal[k % 10] if not one else pal[0], label='alpha' if one else lab)
-            if one:
-                a_alw.plot(s, 1 - tr['alpha'], color=pal[1], ls='--', label='1 - alpha (KD factor)')
-                a_lr.plot(s, tr['lr'], color='0.4', ls=':', label='lr')
+                for t, term in enumerate(L['terms']): a_loss.plot(s, tr[term], color=pal[t % 10], lw=1.1, label=term, **mk)
+            if alw:
+                a_alw.plot(s, tr['alpha'], color=pal[k % 10] if not one else pal[0], label='alpha' if one else lab, **mk)
+                if one: a_alw.plot(s, 1 - tr['alpha'], color=pal[1], ls='--', label='1 - alpha (KD factor)', **mk)
+            if one or not alw:
+                a_lr.plot(s, tr['lr'], color='0.4' if one else pal[k % 10], ls=':', label='lr' if one else lab, **mk)
         if ev:
             a_eval.plot(ev['step'], 100 * ev['miou'], marker='o', ms=3, color=pal[k % 10] if not one else pal[2],
                         label='mIoU' if one else lab)
@@ -337,14 +340,15 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
     vals = [v for L in logs.values() if L['train'] for c in ['loss', *L['terms']] for v in L['train'][c] if np.isfinite(v)]
     if vals and min(vals) > 0: a_loss.set_yscale('log')
     a_loss.set_title('loss: total and weighted terms' if one else 'total loss'); a_loss.set_xlabel('step')
-    a_alw.set_title('ALW weight alpha and learning rate'); a_alw.set_xlabel('step'); a_alw.set_ylim(-0.05, 1.05)
-    a_alw.set_ylabel('alpha'); a_lr.set_ylabel('learning rate')
+    a_alw.set_title('ALW weight alpha and learning rate' if alw else 'learning rate'); a_alw.set_xlabel('step')
+    if alw: a_alw.set_ylim(-0.05, 1.05); a_alw.set_ylabel('alpha')
+    a_lr.set_ylabel('learning rate')
     a_eval.set_title('validation'); a_eval.set_xlabel('step'); a_eval.set_ylabel('%')
     if not any(L['eval'] for L in logs.values()):
         a_eval.text(0.5, 0.5, 'no evaluation yet', ha='center', va='center', transform=a_eval.transAxes)
     for ax in (a_loss, a_eval): 
         if ax.lines: ax.legend(fontsize=7)
-    h1, l1 = a_alw.get_legend_handles_labels(); h2, l2 = a_lr.get_legend_handles_labels()
+    h1, l1 = a_alw.get_legend_handles_labels(); h2, l2 = a_lr.get_legend_handles_labels() if alw else ([], [])
     if h1: a_alw.legend(h1 + h2, l1 + l2, fontsize=7, loc='center right')
     fig.suptitle(title or ('training of ' + (next(iter(logs.values()))['name'] if one else ', '.join(map(str, logs)))))
     return fig
@@ -434,12 +438,13 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
                        curves:bool=True, # also draw `curves.png` from the run's CSV logs
                        dpi:int=90, # resolution of the PNGs
                       )->dict: # name -> written path, and 'ics_distance' (student to teacher; None without teacher)
-    "Write the ICS (teacher | student | difference), prediction and curve figures of one evaluation."
+    "Write the ICS (teacher | student | difference; without a teacher the network's alone), prediction and curve figures of one evaluation."
     out = Path(out); fdir = out/'figures'; fdir.mkdir(parents=True, exist_ok=True)
-    models = {'teacher': teacher, 'student': student} if teacher is not None else {'student': student}
+    me = 'student' if teacher is not None else 'network'   # without a teacher (`aicsd train`) there is no student
+    models = {'teacher': teacher, me: student} if teacher is not None else {me: student}
     logits = model_logits(models, data, n)
     M, dist = _ics_and_dist(logits)
-    C = M['student'].shape[0]
+    C = M[me].shape[0]
     is_ds = data is not None and not torch.is_tensor(data) and not isinstance(data, (list, tuple))
     cls = class_names(classes if classes is not None else (data if is_ds else None), C)
     if len(cls) != C: cls = class_names(None, C)
@@ -449,7 +454,7 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
         figs['ics_rows'] = plot_ics(M['teacher'], M['student'], cls, normalize='row', diff_scale='own',
                                     title=f'Row-normalised ICS matrices at step {step}')
     else:
-        figs['ics'] = plot_ics(M['student'], classes=cls, names=('student',), title=f'ICS matrix at step {step}')
+        figs['ics'] = plot_ics(M[me], classes=cls, names=(me,), title=f'ICS matrix of the network at step {step}')
     if is_ds:
         k = min(n, len(data), 3)
         items = [data[i] for i in range(k)]
@@ -460,7 +465,7 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
         paths[key] = fdir/f'{key}_step{step:07d}.png'
         f.savefig(paths[key], dpi=dpi)
     if curves and ((out/'train_log.csv').is_file() or (out/'eval_log.csv').is_file()):
-        figs['curves'] = plot_curves(out)
+        figs['curves'] = plot_curves(out, alw=teacher is not None)   # ALW applies to distillation only
         paths['curves'] = fdir/'curves.png'
         figs['curves'].savefig(paths['curves'], dpi=dpi)
     d = dist.get('student') if teacher is not None else None

@@ -306,7 +306,10 @@ def _gpu_field_cli(c):
                '--device', c.dev.type, '--out', tmp / 'run']
         for extra in ([], ['--resume']):
             t0 = time.perf_counter()
-            p = subprocess.run([str(a) for a in cmd + extra], capture_output=True, text=True, timeout=900)
+            try: p = subprocess.run([str(a) for a in cmd + extra], capture_output=True, text=True, timeout=300 if c.quick else 900)
+            except subprocess.TimeoutExpired as e:   # what it printed before it stalled (a loader that never delivered, ...)
+                err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or '')
+                raise AssertionError(f"field-protocol distill {extra} ran past {e.timeout:.0f} s; its stderr: {err[-3000:]}") from None
             _check(p.returncode == 0 and 'Traceback' not in p.stderr, f"field-protocol distill {extra}: {p.stderr[-3000:]}")
             c.log(check=f"field protocol on the command line{' (resumed)' if extra else ''}", wall_s=time.perf_counter() - t0,
                   precision=load_checkpoint(tmp / 'run' / 'last.pt').get('decided'))

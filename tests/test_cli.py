@@ -184,3 +184,33 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     time.sleep(0.3); p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 130 and 'Traceback' not in err and err.strip().splitlines()[-1].startswith('aicsd: '), err[-2000:]
+
+@pytest.mark.parametrize('argv, prog, bad, guess', [
+    (['train', '--epoch', '1'], 'aicsd train', '--epoch 1', '--epochs'),         # a prefix is not taken (allow_abbrev off)
+    (['distill', '--temprature=2'], 'aicsd distill', '--temprature=2', '--temperature'),
+    (['data', 'stats', '--splt', 'val'], 'aicsd data stats', '--splt val', '--split'),
+    (['data', 'synthetic', '--nval', '3'], 'aicsd data synthetic', '--nval 3', '--n-val'),
+    (['evaluate', '--ckpt', 'x.pt', '--bogus'], 'aicsd evaluate', '--bogus', None),     # nothing near: no guess
+    (['train', '--ckpt', '3'], 'aicsd train', '--ckpt 3', None),                # not read as --ckpt-every
+])
+def test_unknown_flag_is_the_subcommands_error(argv, prog, bad, guess, tmp_path):
+    "A misspelt flag: the subcommand's usage and one error line from it, with the nearest flag it takes; exit 2."
+    p = run(aicsd_cmd() + argv, cwd=tmp_path, check=False)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, (p.returncode, p.stderr[-3000:])
+    lines = p.stderr.splitlines()
+    assert lines[0].startswith(f'usage: {prog} [-h]') and 'COMMAND' not in p.stderr, p.stderr   # not the top-level usage
+    want = f"{prog}: error: unrecognized arguments: {bad}" + (f"; did you mean {guess}?" if guess else '')
+    assert [l for l in lines if 'error:' in l] == [want] and lines[-1] == want, p.stderr
+    assert not list(tmp_path.iterdir())                                       # nothing ran
+
+def test_data_root_either_spelling(tmp_path):
+    "`aicsd data synthetic` and `aicsd data stats` take the dataset folder as --data-root (as everywhere) or --root."
+    small = ['--n-train', 2, '--n-val', 1, '--size', 16, '--num-classes', 3]
+    for flag in ('--data-root', '--root'):
+        p = run(aicsd_cmd() + ['data', 'synthetic', flag, tmp_path / flag.strip('-'), *small], cwd=tmp_path)
+        assert (tmp_path / flag.strip('-') / 'classes.json').is_file(), (flag, p.stdout, p.stderr)
+    stats = [run(aicsd_cmd() + ['data', 'stats', flag, tmp_path / 'root'], cwd=tmp_path).stdout for flag in ('--data-root', '--root')]
+    assert stats[0] == stats[1] and len(stats[0].splitlines()) == 3, stats
+    for action in ('synthetic', 'stats'):
+        p = run(aicsd_cmd() + ['data', action, '--help'], cwd=tmp_path)
+        assert '--data-root DIR, --root DIR' in p.stdout, p.stdout

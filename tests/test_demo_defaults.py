@@ -4,9 +4,9 @@ method of the table) and `aicsd bench --quick` (its default sections, threads an
 Apart from tests/test_defaults.py (the commands that read real-format data trees) so that `make test`'s two
 pytest workers (pytest-xdist, one test file each at a time) can run these long jobs beside that file.
 """
-import json, math
+import json, math, signal, subprocess, time
 
-from conftest import run, aicsd_cmd
+from conftest import ENV, run, aicsd_cmd
 
 
 def aicsd(*args, cwd, timeout=400):
@@ -16,11 +16,32 @@ def aicsd(*args, cwd, timeout=400):
 
 # ---------------------------------------------------------------------------------------------- the demo
 def test_demo_quick_defaults(tmp_path):
+    "`aicsd demo --quick`, then Ctrl-C in a re-run and the same command again: the advice fits, no copies pile up."
     out = tmp_path / 'demo'
-    aicsd('data', 'synthetic', '--root', tmp_path / 'syn', '--n-train', 40, '--n-val', 12, '--size', 56, cwd=tmp_path)
-    aicsd('demo', '--quick', '--out', out, '--data-root', tmp_path / 'syn', cwd=tmp_path, timeout=600)
-    assert 'Synthetic shapes (40 train / 12 val images, 56 px)' in (out / 'report.md').read_text()   # the data used, not the preset's
+    demo = ('demo', '--quick', '--out', out, '--data-root', tmp_path / 'syn')
+    aicsd('data', 'synthetic', '--root', tmp_path / 'syn', '--n-train', 40, '--n-val', 20, '--size', 56, cwd=tmp_path)
+    aicsd(*demo, cwd=tmp_path, timeout=600)
+    # the data used (not the preset's) and the images scored: --quick evaluates the first 16 (max_val) of the 20
+    assert 'Synthetic shapes (40 train / 20 val images, the first 16 scored (--quick), 56 px)' in (out / 'report.md').read_text()
     assert {'ics_matrices.png', 'predictions.png'} <= {q.name for q in out.rglob('*.png')}
+    # Ctrl-C while the kd student trains: the demo has no --resume, so the line says what the same command does
+    p = subprocess.Popen([str(a) for a in (*aicsd_cmd(), *demo)], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    lock, t0 = out / 'student-kd' / 'seed0' / '.lock', time.time()
+    while not lock.exists():                       # taken just before `fit` installs its Ctrl-C handler
+        assert p.poll() is None and time.time() - t0 < 300, p.communicate()[1][-3000:] if p.poll() is not None else 'too slow'
+        time.sleep(0.02)
+    time.sleep(0.3); p.send_signal(signal.SIGINT)
+    so, err = p.communicate(timeout=300)
+    assert p.returncode == 130 and 'Traceback' not in err, err[-3000:]
+    assert (f"of student kd, seed 0; run the same command again to finish (it does not resume: it reuses the teacher in "
+            f"{out / 'teacher-quick'} and trains every student)") in err and '--resume' not in err, err[-3000:]
+    assert 'the earlier student runs in' in so and '(4 run folder(s)' in so, so    # the first run's four, said in one line
+    # the same command again: the cached teacher, the students retrained; no copies of earlier runs anywhere
+    so = aicsd(*demo, cwd=tmp_path, timeout=600).stdout
+    assert '(2 run folder(s)' in so and 'earlier teacher' not in so, so           # baseline and the interrupted kd
+    assert json.loads((out / 'results.json').read_text())[0]['note'] == 'cached'
+    assert not list(out.rglob('replaced-*')), sorted(map(str, out.rglob('replaced-*')))
 
 
 def test_compare_quick_every_method_defaults(tmp_path):

@@ -42,7 +42,9 @@ def test_stale_lock_takeover_is_one_warning_line(tiny_data, tmp_path):
     assert len(warned) == 1 and warned[0].startswith('aicsd: warning: ') and f'process {dead.pid}' in warned[0], p.stderr
     assert 'UserWarning' not in p.stderr and 'warnings.warn' not in p.stderr, p.stderr
 
-def test_ctrl_c_checkpoints_and_resumes(tiny_data, tmp_path):
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_checkpoints_and_resumes(tiny_data, tmp_path, sig):
+    "Ctrl-C or SIGTERM (kill, timeout, a scheduler's time limit): last.pt written, exit 128 + signal, resumable."
     out = tmp_path / 'c'
     args = _train(tiny_data, out, '--epochs', 50, '--log-every', 1)
     p = subprocess.Popen([str(a) for a in args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -50,10 +52,11 @@ def test_ctrl_c_checkpoints_and_resumes(tiny_data, tmp_path):
     while not (out / 'train_log.csv').exists():
         assert p.poll() is None and time.time() - t0 < 120, p.stderr.read() if p.poll() is not None else 'too slow'
         time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
-    assert 'Traceback' not in err and 'interrupted at step' in err and '--resume' in err, err
+    assert p.returncode == 128 + sig, err
+    how = 'interrupted' if sig == signal.SIGINT else 'stopped by SIGTERM'
+    assert 'Traceback' not in err and f'{how} at step' in err and '--resume' in err, err
     step = torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['global_step']
     assert 1 <= step < 150
     r = run(_train(tiny_data, out, '--epochs', 50, '--log-every', 1, '--stop-after', 2, '--resume'), cwd=tmp_path,
