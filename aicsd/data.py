@@ -604,8 +604,13 @@ class ShardSampler(Sampler):
 
 # %% ../nbs/06_data.ipynb #eed76213
 def _worker_init(worker_id:int):
+    "Seed a loader worker; leave Ctrl-C and SIGTERM to the main process (a scheduler signals the whole process group)."
+    import random, signal
     s = torch.initial_seed() % 2**32
-    np.random.seed(s); import random; random.seed(s)
+    np.random.seed(s); random.seed(s)
+    # The main process finishes its step, writes last.pt and stops the workers; one killed first would end the run with
+    # "DataLoader worker exited unexpectedly" and no checkpoint. A worker leaves on its own when the main process is gone.
+    for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, signal.SIG_IGN)
 
 # %% ../nbs/06_data.ipynb #3bea2cca
 def build_loader(dataset, # a dataset giving `(image, mask)` pairs

@@ -64,6 +64,23 @@ def test_ctrl_c_checkpoints_and_resumes(tiny_data, tmp_path, sig):
     assert r.returncode == 0, r.stderr                       # it continues from the checkpoint's step ...
     assert torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['global_step'] == step + 2   # ... to the end
 
+def test_sigterm_to_the_process_group_with_loader_workers(tiny_data, tmp_path):
+    """A batch scheduler's SIGTERM (SLURM, `timeout`, `kill -- -PGID`) reaches every process of the group, loader workers
+    too: they must not die first (the main process would fail with "DataLoader worker exited unexpectedly" before it
+    writes last.pt)."""
+    out = tmp_path / 'g'
+    args = _train(tiny_data, out, '--epochs', 50, '--log-every', 1, '--workers', 2)
+    p = subprocess.Popen([str(a) for a in args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    t0 = time.time()
+    while not (out / 'train_log.csv').exists():
+        assert p.poll() is None and time.time() - t0 < 120, p.stderr.read() if p.poll() is not None else 'too slow'
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGTERM)                     # the whole group: the run and its loader workers
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143 and 'stopped by SIGTERM at step' in err and 'Traceback' not in err, err[-3000:]
+    assert torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['global_step'] >= 1
+
 def test_empty_val_split_and_default_roots(tmp_path):
     from aicsd.data import make_synthetic
     root = make_synthetic(tmp_path / 'syn', n_train=8, n_val=0, size=32, num_classes=3, seed=0, ext='png')
