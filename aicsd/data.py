@@ -20,13 +20,14 @@ from .checkpoint import UMASK, write_text_atomic   # the umask, read once: what 
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VOC_CLASSES', 'CITYSCAPES_CLASSES', 'DATASET_HELP',
-           'CITYSCAPES_TRAIN_IDS', 'SHAPE_FAMILIES', 'COLOUR_FAMILIES', 'TEXTURES', 'SYNTHETIC_VERSION', 'NUM_CLASSES',
-           'DEFAULT_ROOTS', 'voc_palette', 'colorize', 'denormalize', 'read_image', 'read_label', 'SegmentationDataset',
-           'read_synthetic_info', 'VOCSegmentation', 'save_label_png', 'cityscapes_lut', 'CityscapesSegmentation',
-           'crop_side', 'train_transform', 'eval_transform', 'crop_upsampling', 'synthetic_classes',
-           'attribute_overlap', 'draw_synthetic', 'make_synthetic', 'class_frequencies', 'pad_collate', 'sample_seed',
-           'EpochSampler', 'SeededDataset', 'ShardSampler', 'build_loader', 'close_loader', 'get_dataset',
-           'read_sbd_mat', 'build_sbd_trainaug', 'size_pair', 'parse_size']
+           'CITYSCAPES_TRAIN_IDS', 'SHAPE_FAMILIES', 'COLOUR_FAMILIES', 'TEXTURES', 'SYNTHETIC_VERSION',
+           'LOADER_TIMEOUT', 'NUM_CLASSES', 'DEFAULT_ROOTS', 'voc_palette', 'colorize', 'denormalize', 'read_image',
+           'read_label', 'SegmentationDataset', 'read_synthetic_info', 'VOCSegmentation', 'save_label_png',
+           'cityscapes_lut', 'CityscapesSegmentation', 'crop_side', 'train_transform', 'eval_transform',
+           'crop_upsampling', 'synthetic_classes', 'attribute_overlap', 'draw_synthetic', 'make_synthetic',
+           'class_frequencies', 'pad_collate', 'sample_seed', 'EpochSampler', 'SeededDataset', 'ShardSampler',
+           'build_loader', 'close_loader', 'get_dataset', 'read_sbd_mat', 'build_sbd_trainaug', 'size_pair',
+           'parse_size']
 
 # %% ../nbs/06_data.ipynb #0e871ed7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -613,6 +614,8 @@ def _worker_init(worker_id:int):
     for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, signal.SIG_IGN)
 
 # %% ../nbs/06_data.ipynb #3bea2cca
+LOADER_TIMEOUT = 600   # s a batch may take to arrive from a loader worker before the run fails (0: wait forever)
+
 def build_loader(dataset, # a dataset giving `(image, mask)` pairs
                  batch_size:int, # per process
                  train:bool, # shuffle + per-sample seeded augmentation, or in-order evaluation
@@ -633,6 +636,7 @@ def build_loader(dataset, # a dataset giving `(image, mask)` pairs
     g = torch.Generator(); g.manual_seed(seed)
     return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=pad_collate,
                       pin_memory=torch.cuda.is_available(), drop_last=drop_last, worker_init_fn=_worker_init,
+                      timeout=LOADER_TIMEOUT if num_workers > 0 else 0,   # a lost batch fails the run instead of hanging it
                       generator=g, persistent_workers=num_workers > 0)
 
 # %% ../nbs/06_data.ipynb #ce8b35c9
