@@ -81,6 +81,16 @@ def test_sigterm_to_the_process_group_with_loader_workers(tiny_data, tmp_path):
     assert p.returncode == 143 and 'stopped by SIGTERM at step' in err and 'Traceback' not in err, err[-3000:]
     assert torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['global_step'] >= 1
 
+def test_loader_workers_under_a_deep_tmpdir(tiny_data, tmp_path):
+    """A worker passes each batch's tensors through a Unix socket under $TMPDIR (at most 107 characters): under a deep
+    TMPDIR the batch was dropped with a traceback in the worker and the run waited for it forever (seen in CI)."""
+    deep = tmp_path / ('d' * 60) / ('e' * 40); deep.mkdir(parents=True)
+    assert len(str(deep)) > 107 - 32
+    p = subprocess.run([str(a) for a in _train(tiny_data, tmp_path / 'w', '--workers', 2)], cwd=tmp_path,
+                       env={**ENV, 'TMPDIR': str(deep)}, capture_output=True, text=True, timeout=150)
+    assert p.returncode == 0 and 'AF_UNIX' not in p.stderr, p.stderr[-3000:]
+    assert (tmp_path / 'w' / 'best.pt').exists()
+
 def test_empty_val_split_and_default_roots(tmp_path):
     from aicsd.data import make_synthetic
     root = make_synthetic(tmp_path / 'syn', n_train=8, n_val=0, size=32, num_classes=3, seed=0, ext='png')
