@@ -26,8 +26,8 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VO
            'cityscapes_lut', 'CityscapesSegmentation', 'crop_side', 'train_transform', 'eval_transform',
            'crop_upsampling', 'synthetic_classes', 'attribute_overlap', 'draw_synthetic', 'make_synthetic',
            'class_frequencies', 'pad_collate', 'sample_seed', 'EpochSampler', 'SeededDataset', 'ShardSampler',
-           'build_loader', 'close_loader', 'get_dataset', 'read_sbd_mat', 'build_sbd_trainaug', 'size_pair',
-           'parse_size']
+           'worker_options', 'build_loader', 'close_loader', 'get_dataset', 'read_sbd_mat', 'build_sbd_trainaug',
+           'size_pair', 'parse_size']
 
 # %% ../nbs/06_data.ipynb #0e871ed7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -622,6 +622,12 @@ def _worker_init(worker_id:int):
 # %% ../nbs/06_data.ipynb #3bea2cca
 LOADER_TIMEOUT = 600   # s a batch may take to arrive from a loader worker before the run fails (0: wait forever)
 
+def worker_options(num_workers:int, # loader processes (0: load in the main process)
+                  )->dict: # DataLoader keywords: how every loader of the package runs its workers
+    "Seeded workers that leave signals to the main process, pinned memory on CUDA, a lost batch an error (not a hang)."
+    return dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
+                timeout=LOADER_TIMEOUT if num_workers > 0 else 0)
+
 def build_loader(dataset, # a dataset giving `(image, mask)` pairs
                  batch_size:int, # per process
                  train:bool, # shuffle + per-sample seeded augmentation, or in-order evaluation
@@ -640,10 +646,8 @@ def build_loader(dataset, # a dataset giving `(image, mask)` pairs
     else:
         sampler, data = ShardSampler(len(dataset), K, r), dataset
     g = torch.Generator(); g.manual_seed(seed)
-    return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=pad_collate,
-                      pin_memory=torch.cuda.is_available(), drop_last=drop_last, worker_init_fn=_worker_init,
-                      timeout=LOADER_TIMEOUT if num_workers > 0 else 0,   # a lost batch fails the run instead of hanging it
-                      generator=g, persistent_workers=num_workers > 0)
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=pad_collate, drop_last=drop_last,
+                      generator=g, persistent_workers=num_workers > 0, **worker_options(num_workers))
 
 # %% ../nbs/06_data.ipynb #ce8b35c9
 def close_loader(loader:DataLoader|None, # a loader, possibly with live (persistent) worker processes

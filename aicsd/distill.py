@@ -462,7 +462,6 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
             opts.update({k: trained.get(k, DEFAULTS[k]) for k in _PROTOCOL_KEYS})   # the checkpoint's own protocol
             print('evaluating as in training: ' + ' '.join(flag_text(k, opts[k]) for k in _PROTOCOL_KEYS if opts[k] != DEFAULTS[k]) +
                   ' (any evaluation option chooses another protocol; --eval-resize 0: native resolution)', file=sys.stderr)
-        if opts['eval_resize'] == 0: opts['eval_resize'] = None     # native resolution, said explicitly
         warn_idle(opts)
         ds = get_dataset(opts['data'], opts['data_root'], opts['val_split'], eval_transform_for(opts['eval_resize'], opts['eval_square']))
         if len(ds) == 0:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 import torch.distributed as dist
-from .data import size_pair, parse_size, eval_transform, ShardSampler, LOADER_TIMEOUT, _worker_init
+from .data import size_pair, parse_size, eval_transform, ShardSampler, worker_options
 from .metrics import SegMetrics
 from .process import autocast
 
@@ -175,9 +175,8 @@ def evaluate(model:nn.Module, # network to evaluate (eval mode is set here)
     "Confusion-matrix metrics of `model` on `dataset`, sharded over ranks and summed."
     if max_items is not None and max_items < len(dataset): dataset = Subset(dataset, range(int(max_items)))
     K, r = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    dl = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), K, r), num_workers=workers,
-                    collate_fn=same_size_groups, pin_memory=torch.cuda.is_available(),
-                    worker_init_fn=_worker_init, timeout=LOADER_TIMEOUT if workers else 0)   # as the training loader's
+    dl = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), K, r), collate_fn=same_size_groups,
+                    **worker_options(workers))         # as the training loader's workers
     was = model.training; model.eval()
     fdt = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     m = SegMetrics(num_classes, ignore_index=255)

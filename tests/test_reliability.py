@@ -42,16 +42,22 @@ def test_stale_lock_takeover_is_one_warning_line(tiny_data, tmp_path):
     assert len(warned) == 1 and warned[0].startswith('aicsd: warning: ') and f'process {dead.pid}' in warned[0], p.stderr
     assert 'UserWarning' not in p.stderr and 'warnings.warn' not in p.stderr, p.stderr
 
+def _training(args, cwd, out, **popen) -> subprocess.Popen:
+    "Start a training command; return once it has logged its first step (it is then inside the loop)."
+    p = subprocess.Popen([str(a) for a in args], cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         **popen)
+    t0 = time.time()
+    while not (out / 'train_log.csv').exists():
+        assert p.poll() is None and time.time() - t0 < 120, p.stderr.read() if p.poll() is not None else 'too slow'
+        time.sleep(0.05)
+    return p
+
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_checkpoints_and_resumes(tiny_data, tmp_path, sig):
     "Ctrl-C or SIGTERM (kill, timeout, a scheduler's time limit): last.pt written, exit 128 + signal, resumable."
     out = tmp_path / 'c'
     args = _train(tiny_data, out, '--epochs', 50, '--log-every', 1)
-    p = subprocess.Popen([str(a) for a in args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not (out / 'train_log.csv').exists():
-        assert p.poll() is None and time.time() - t0 < 120, p.stderr.read() if p.poll() is not None else 'too slow'
-        time.sleep(0.05)
+    p = _training(args, tmp_path, out)
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 128 + sig, err
@@ -70,12 +76,7 @@ def test_sigterm_to_the_process_group_with_loader_workers(tiny_data, tmp_path):
     writes last.pt)."""
     out = tmp_path / 'g'
     args = _train(tiny_data, out, '--epochs', 50, '--log-every', 1, '--workers', 2)
-    p = subprocess.Popen([str(a) for a in args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
-    t0 = time.time()
-    while not (out / 'train_log.csv').exists():
-        assert p.poll() is None and time.time() - t0 < 120, p.stderr.read() if p.poll() is not None else 'too slow'
-        time.sleep(0.05)
+    p = _training(args, tmp_path, out, start_new_session=True)
     os.killpg(p.pid, signal.SIGTERM)                     # the whole group: the run and its loader workers
     _, err = p.communicate(timeout=120)
     assert p.returncode == 143 and 'stopped by SIGTERM at step' in err and 'Traceback' not in err, err[-3000:]
