@@ -371,6 +371,21 @@ def test_import_cells_are_imports_only():
     assert not bad, ("cells mixing imports with other code (nbdev_docs runs them out of context; move the imports "
                      "to an imports-only cell):\n" + '\n'.join(bad))
 
+_DRAWS = re.compile(r'plt\.subplots\(|plt\.figure\(|^(fig\s*=\s*)?plot_\w+\(', re.M)
+
+def test_figures_are_stored():
+    "The site shows stored outputs (nbdev does not execute notebooks): a cell that draws a picture for the reader keeps it."
+    bad = []
+    for p in notebooks():
+        for i, c in enumerate(read_nb(p)['cells']):
+            s = src(c); d = directives(s)
+            if c['cell_type'] != 'code' or _hidden(c) or {'gpu', 'data'} & set(d) or d.get('eval', '') == 'false': continue
+            if not _DRAWS.search(s) or re.search(r'\btest_\w+\(|\bassert\b', s): continue   # test cells draw to check
+            if not any('image/png' in o.get('data', {}) for o in c.get('outputs', [])):
+                bad.append(f"{rel(p)} cell {i} ({c.get('id')}): {s.strip().splitlines()[0][:80]}")
+    assert not bad, ("cells that draw a figure but store none (execute them and keep the output; nbdev_clean keeps it):\n"
+                     + '\n'.join(bad))
+
 _TABLE_RULE = re.compile(r'^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)+\|?\s*$', re.M)
 
 def test_no_markdown_table_printed_as_text():
