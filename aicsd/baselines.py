@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['channel_adapter', 'cirkd_projector', 'at_loss', 'fitnet_loss', 'sp_loss', 'ickd_loss', 'skd_loss', 'ifvd_loss',
-           'cwd_loss', 'dist_loss', 'cirkd_pixel_loss', 'CIRKDMemory', 'cirkd_memory_pixel_loss', 'cirkd_region_loss',
-           'released_ic_loss', 'released_pa_loss']
+           'cwd_loss', 'dist_loss', 'cirkd_pixel_loss', 'CIRKDMemory', 'gather_ranks', 'cirkd_memory_pixel_loss',
+           'cirkd_region_loss', 'released_ic_loss', 'released_pa_loss']
 
 # %% ../nbs/03_baselines.ipynb #4b0fd452
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -301,6 +302,20 @@ class CIRKDMemory(nn.Module):
                     self.pixel_queue[k, P - K:] = feat; self.pixel_ptr[k] = 0
                 else:
                     self.pixel_queue[k, ptr:ptr + K] = feat; self.pixel_ptr[k] = ptr + K
+
+# %% ../nbs/03_baselines.ipynb #a7c1e9d2
+@torch.no_grad()
+def gather_ranks(x:Tensor, # this process's `B x ...` (shapes may differ between processes)
+                )->Tensor: # every process's `x` concatenated along dim 0 in rank order (`x` itself in one process)
+    "All processes' batches, as CIRKD's `concat_all_gather`, also when their batch or spatial sizes differ."
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return x
+    n = dist.get_world_size()
+    shape = torch.tensor(x.shape, device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(n)]; dist.all_gather(shapes, shape)
+    top = torch.stack(shapes).amax(0).tolist()                 # pad to the largest of each dimension, gather, trim
+    pad = x.new_zeros(top); pad[tuple(slice(0, s) for s in x.shape)] = x
+    parts = [torch.empty_like(pad) for _ in range(n)]; dist.all_gather(parts, pad)
+    return torch.cat([p[tuple(slice(0, s) for s in sh.tolist())] for p, sh in zip(parts, shapes)])
 
 # %% ../nbs/03_baselines.ipynb #191f018e
 def _contrast_samples(queue:Tensor, n_total:int, generator:torch.Generator|None)->Tensor:

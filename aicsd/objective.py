@@ -181,9 +181,9 @@ class CIRKDMemoryTerm(nn.Module):
 # %% ../nbs/04_objective.ipynb #885cdc28
 def term_cirkd_memory(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=0.1, kd_tau:float=1.0,
                       pixel_contrast:int=4096, region_contrast:int=1024, pixel_size:int=20000, region_size:int=2000):
-    "CIRKD's pixel-to-pixel and pixel-to-region contrast against the memory (enqueue first, as CIRKD does)."
+    "CIRKD's pixel-to-pixel and pixel-to-region contrast against the memory (enqueue first, all processes' batches, as CIRKD does)."
     ps = mod.projector(s['decoder'])
-    with torch.no_grad(): mod.memory.enqueue(t['decoder'].detach(), target)
+    with torch.no_grad(): mod.memory.enqueue(B.gather_ranks(t['decoder'].detach()), B.gather_ranks(target))   # all processes' batch
     return (B.cirkd_memory_pixel_loss(ps, t['decoder'], target, mod.memory, contrast_size=pixel_contrast, tau=tau, kd_tau=kd_tau)
             + B.cirkd_region_loss(ps, t['decoder'], target, mod.memory, contrast_size=region_contrast, tau=tau, kd_tau=kd_tau))
 

@@ -1,6 +1,7 @@
 """Two processes under torchrun (gloo, CPU) with SyncBatchNorm train like one process with the doubled batch, and
 distributed evaluation gives exactly the single-process metrics."""
 import json, shutil, sys
+from pathlib import Path
 import torch
 from conftest import aicsd_cmd, run, tiny_args, state_dict
 
@@ -96,3 +97,43 @@ def test_a_crashing_rank_ends_the_job(tiny_data, tmp_path):
     assert p.returncode != 0, p.stderr[-3000:]
     assert f'Label file {bad}' in p.stderr and 'holds values [77]' in p.stderr, p.stderr[-3000:]
     assert took < 180, f"the job took {took:.0f} s to end"
+
+def _memory_batch(rank):
+    "Process `rank`'s teacher feature and labels: rank 0 has 2 images, rank 1 one (unequal, as gather_ranks allows)."
+    g = torch.Generator().manual_seed(10 + rank); b = 2 if rank == 0 else 1
+    t = torch.randn(b, 6, 5, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (b, 10, 14), generator=g); y[:, :3] = 255
+    return t, y
+
+def _memory_term():
+    from aicsd.objective import CIRKDMemoryTerm
+    torch.manual_seed(0); return CIRKDMemoryTerm(6, 6, 4, pixel_size=40, region_size=10).double()
+
+_MEMORY_SCRIPT = r'''
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from test_ddp import _memory_batch, _memory_term
+from aicsd.objective import term_cirkd_memory
+torch.set_num_threads(1); dist.init_process_group('gloo'); r = dist.get_rank()
+mod = _memory_term(); t, y = _memory_batch(r)
+term_cirkd_memory({'decoder': t.clone()}, {'decoder': t}, y, mod)
+torch.save(mod.memory.state_dict(), f"{sys.argv[1]}/rank{r}.pt")
+dist.barrier(); dist.destroy_process_group()
+'''
+
+def test_cirkd_memory_gathers_all_processes(tmp_path):
+    "Under torchrun each process's CIRKD queues equal one process's that enqueued both processes' batches (CIRKD's"
+    "concat_all_gather), with unequal batch sizes; before the fix each process held only its own batch."
+    script = tmp_path / 'memory.py'; script.write_text(_MEMORY_SCRIPT)
+    p = run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', script, tmp_path,
+             Path(__file__).parent], cwd=tmp_path, timeout=300)
+    assert 'terminate called' not in p.stderr
+    got = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1)]
+    ref = _memory_term().memory                            # one process: rank 0's images, then rank 1's
+    (t0, y0), (t1, y1) = _memory_batch(0), _memory_batch(1)
+    ref.enqueue(torch.cat([t0, t1]), torch.cat([y0, y1]))
+    for r in (0, 1):
+        assert got[r].keys() == ref.state_dict().keys()
+        for k, v in ref.state_dict().items(): assert torch.equal(got[r][k], v), (r, k)
+    init = _memory_term().memory
+    assert int(ref.region_ptr.sum()) > 0 and not torch.equal(ref.pixel_queue, init.pixel_queue)   # something was enqueued
