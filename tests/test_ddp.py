@@ -86,17 +86,14 @@ def bad_label_copy(src, dst, index=5):
     return dst, f
 
 def test_a_crashing_rank_ends_the_job(tiny_data, tmp_path):
-    "One rank fails (a bad label only it reads): the torchrun job exits non-zero with that rank's message, no hang."
-    import time
+    "One rank fails (a bad label only it reads): the torchrun job exits non-zero with that rank's message; a hang is"
+    "caught by run's timeout."
     root, bad = bad_label_copy(tiny_data, tmp_path / 'bad')
-    t0 = time.time()
     p = run(TORCHRUN + ['train', '--model', 'mobilenetv2', '--epochs', 1, '--sync-bn'] + tiny_args(root, tmp_path / 'x') +
             ['--batch-size', 2], cwd=tmp_path, timeout=240, check=False)
-    took = time.time() - t0
-    print(f"torchrun exited {p.returncode} after {took:.1f} s")
+    print(f"torchrun exited {p.returncode}")
     assert p.returncode != 0, p.stderr[-3000:]
     assert f'Label file {bad}' in p.stderr and 'holds values [77]' in p.stderr, p.stderr[-3000:]
-    assert took < 180, f"the job took {took:.0f} s to end"
 
 def _memory_batch(rank):
     "Process `rank`'s teacher feature and labels: rank 0 has 2 images, rank 1 one (unequal, as gather_ranks allows)."

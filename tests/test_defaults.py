@@ -182,6 +182,29 @@ def test_evaluate_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path):
     assert 'Traceback' not in p.stderr
 
 
+def test_evaluate_voc_mixed_sizes_scores_what_numpy_counts(voc_teacher, trees, tmp_path):
+    "A network that predicts background everywhere, evaluated at every default on mixed sizes: its metrics equal those"
+    "counted with numpy from the label PNGs at their own sizes (a label resized, padded or cropped on the way shows)."
+    import json, torch
+    ck = torch.load(voc_teacher / 'best.pt', map_location='cpu', weights_only=True)
+    w, b = 'decoder.last_conv.8.weight', 'decoder.last_conv.8.bias'          # the classifier: logits = bias
+    ck['model'][w] = torch.zeros_like(ck['model'][w]); ck['model'][b] = torch.zeros_like(ck['model'][b]); ck['model'][b][0] = 1
+    torch.save(ck, tmp_path / 'background.pt')
+    aicsd('evaluate', '--ckpt', tmp_path / 'background.pt', '--data', 'voc', '--data-root', trees['voc'],
+          '--json', tmp_path / 'm.json', cwd=tmp_path)
+    m = json.loads((tmp_path / 'm.json').read_text())
+    ids = (trees['voc'] / 'ImageSets/Segmentation/val.txt').read_text().split()
+    labs = [np.array(Image.open(trees['voc'] / 'SegmentationClass' / f'{i}.png')) for i in ids]
+    assert [l.shape for l in labs] == VAL_SIZES
+    lab = np.concatenate([l.ravel() for l in labs]).astype(np.int64); lab = lab[lab != 255]
+    counts = np.bincount(lab, minlength=21)
+    # prediction 0 everywhere: IoU_0 = n_0 / n, IoU_k = 0 for the other classes present, absent classes left out
+    iou0, present = counts[0] / lab.size, int((counts > 0).sum())
+    assert abs(m['pixel_acc'] - iou0) < 1e-12 and abs(m['iou'][0] - iou0) < 1e-12, (m, iou0)
+    assert abs(m['miou'] - iou0 / present) < 1e-12, (m['miou'], iou0 / present)
+    assert present >= 3 and 0 < iou0 < 1                                      # the comparison can tell cases apart
+
+
 # ---------------------------------------------------------------------------------------------- SBD trainaug
 def test_sbd_trainaug_then_train_defaults(trees, tmp_path):
     import shutil

@@ -27,11 +27,13 @@ def test_demo_quick_defaults(tmp_path):
     # Ctrl-C while the kd student trains: the demo has no --resume, so the line says what the same command does
     p = subprocess.Popen([str(a) for a in (*aicsd_cmd(), *demo)], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    lock, t0 = out / 'student-kd' / 'seed0' / '.lock', time.time()
-    while not lock.exists():                       # taken just before `fit` installs its Ctrl-C handler
+    run, t0 = out / 'student-kd' / 'seed0', time.time()
+    # the demo clears the students' folders first; then `fit` takes the run's lock, installs its Ctrl-C handler and
+    # logs the first step: both files there means this process is inside the training loop
+    while not ((run / '.lock').exists() and (run / 'train_log.csv').exists()):
         assert p.poll() is None and time.time() - t0 < 300, p.communicate()[1][-3000:] if p.poll() is not None else 'too slow'
         time.sleep(0.02)
-    time.sleep(0.3); p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGINT)
     so, err = p.communicate(timeout=300)
     assert p.returncode == 130 and 'Traceback' not in err, err[-3000:]
     assert (f"of student kd, seed 0; run the same command again to finish (it does not resume: it reuses the teacher in "
