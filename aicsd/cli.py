@@ -442,8 +442,8 @@ def _main(argv):
         cfg = args_to_config(a)
         r = fit(cfg, draw=_figure_hook(cfg))
         if int(os.environ.get('RANK', 0)) == 0:
-            print(json.dumps(dict(out=r['out'], steps=r['steps'], best_miou=None if r['best_miou'] is None else round(r['best_miou'], 6),
-                                  time_s=round(r['time_s'], 1))))
+            print(json.dumps(_json_safe(dict(out=r['out'], steps=r['steps'],   # a NaN as null
+                  best_miou=None if r['best_miou'] is None else round(r['best_miou'], 6), time_s=round(r['time_s'], 1)))))
     elif a.command == 'evaluate':
         if a.json and int(os.environ.get('RANK', 0)) == 0: check_writable(a.json, '--json')   # before the evaluation, not after it
         res = evaluate_checkpoint(a.ckpt, vars(a))

@@ -26,8 +26,8 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VO
            'cityscapes_lut', 'CityscapesSegmentation', 'crop_side', 'train_transform', 'eval_transform',
            'crop_upsampling', 'synthetic_classes', 'attribute_overlap', 'draw_synthetic', 'make_synthetic',
            'class_frequencies', 'pad_collate', 'sample_seed', 'EpochSampler', 'SeededDataset', 'ShardSampler',
-           'worker_options', 'build_loader', 'close_loader', 'get_dataset', 'read_sbd_mat', 'build_sbd_trainaug',
-           'size_pair', 'parse_size']
+           'worker_options', 'build_loader', 'close_loader', 'get_dataset', 'require_labelled', 'read_sbd_mat',
+           'build_sbd_trainaug', 'size_pair', 'parse_size']
 
 # %% ../nbs/06_data.ipynb #0e871ed7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -676,6 +676,16 @@ def get_dataset(name:str, # 'voc', 'cityscapes' or 'synthetic' (VOC layout)
         return CityscapesSegmentation(root, split, transform)
     if not root.is_dir(): raise _missing(name, root, f"Dataset root {root} does not exist.")
     return VOCSegmentation(root, split, transform, kind=name)
+
+# %% ../nbs/06_data.ipynb #b9b8c7d7
+def require_labelled(ds:SegmentationDataset, # a dataset (with `read_mask`)
+                     what:str, # how the message names it, e.g. "the validation split 'val' of data/cityscapes"
+                    )->int: # index of the first image with a labelled pixel
+    "Raise a clear error if no label of `ds` has a pixel outside the ignore index (no metric could be computed)."
+    for i in range(len(ds)):
+        if (ds.read_mask(i) != IGNORE_INDEX).any(): return i
+    raise ValueError(f"{what} has no labelled pixels: all {len(ds)} label files hold only the ignore index "
+                     f"{IGNORE_INDEX}, so no mIoU can be computed (Cityscapes' test split has no public labels: use val)")
 
 # %% ../nbs/06_data.ipynb #a88d89ad
 def _sbd_dataset_dir(sbd_root:Path)->Path:

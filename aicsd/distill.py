@@ -20,7 +20,7 @@ __all__ = ['poly_lr_lambda', 'load_teacher', 'StudentWithModules', 'model_output
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import (build_model, param_groups, model_arch, load_model, load_released_checkpoint,
                           cirkd_backbone, load_cirkd_checkpoint)
-from .data import (crop_upsampling, get_dataset, train_transform, build_loader, make_synthetic, close_loader,
+from .data import (crop_upsampling, get_dataset, train_transform, build_loader, make_synthetic, close_loader, require_labelled,
                         DEFAULT_ROOTS)
 from .objective import alw_alpha, DistillObjective
 from .evaluation import evaluate, eval_transform_for, progress_bar as _progress
@@ -291,8 +291,10 @@ def build_run(cfg:dict)->Run:
     if len(val_ds) == 0:
         raise ValueError(f"the validation split {D.val_split!r} of {D.data_root} has no images, so no mIoU and no "
                          f"best.pt could be computed; check --data-root and --val-split")
+    require_labelled(val_ds, f"the validation split {D.val_split!r} of {D.data_root} (--val-split, --data-root)")
     if len(train_ds) < L.batch_size * world:
-        raise ValueError(f"{len(train_ds)} training images cannot fill a batch of {L.batch_size} on {world} process(es)")
+        raise ValueError(f"the training split {D.train_split!r} of {D.data_root} has {len(train_ds)} image(s): they cannot fill "
+                         f"a batch of {L.batch_size} (--batch-size) on {world} process(es); check --data-root and --train-split")
     L = dataclasses.replace(L, workers=loader_workers(L.workers, device, int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
     loader = build_loader(train_ds, L.batch_size, train=True, num_workers=L.workers, seed=M.seed, distributed=world > 1)
     objective = cfg.objective                                            # the method, parsed once by make_config
@@ -367,7 +369,8 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
         if prog.step >= run.total: break
         x = x.to(run.device, dtype=run.dtype, non_blocking=True, memory_format=run.memory_format)
         y = y.to(run.device, non_blocking=True)
-        alpha = alw_alpha(prog.step, run.total) if L.alw_unit == 'step' else alw_alpha(prog.epoch, run.epochs)
+        alpha = 0.0 if not run.objective.alw else \
+                alw_alpha(prog.step, run.total) if L.alw_unit == 'step' else alw_alpha(prog.epoch, run.epochs)   # logged: 0 without ALW
         lr = run.opt.param_groups[0]['lr']              # the rate this step uses (the scheduler moves it on after the step)
         loss, terms = train_step(run.model, run.teacher, run.objective, x, y, run.opt, run.sched, run.scaler,
                                  alpha=alpha, amp_dtype=run.amp_dtype, teacher_dtype=run.teacher_dtype,
@@ -467,6 +470,7 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
         if len(ds) == 0:
             raise ValueError(f"the split {opts['val_split']!r} of {opts['data_root']} has no images: nothing to evaluate; "
                              "check --data-root and --val-split")
+        require_labelled(ds, f"the split {opts['val_split']!r} of {opts['data_root']} (--val-split, --data-root)")
         nc, dnc = model_arch(model)['num_classes'], getattr(ds, 'num_classes', None)
         if dnc is not None and dnc != nc:
             raise ValueError(f"{ckpt} predicts {nc} classes but {opts['data']} ({getattr(ds, 'root', opts['data_root'])}) "

@@ -436,6 +436,7 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
                        classes:list|None=None, # class names; default from `data`
                        tb_writer:SummaryWriter|None=None, # a `torch.utils.tensorboard.SummaryWriter`, or None
                        curves:bool=True, # also draw `curves.png` from the run's CSV logs
+                       alw:bool|None=None, # the curves' ALW panel: the run's method uses ALW (None: when there is a teacher)
                        dpi:int=90, # resolution of the PNGs
                       )->dict: # name -> written path, and 'ics_distance' (student to teacher; None without teacher)
     "Write the ICS (teacher | student | difference; without a teacher the network's alone), prediction and curve figures of one evaluation."
@@ -465,7 +466,7 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
         paths[key] = fdir/f'{key}_step{step:07d}.png'
         f.savefig(paths[key], dpi=dpi)
     if curves and ((out/'train_log.csv').is_file() or (out/'eval_log.csv').is_file()):
-        figs['curves'] = plot_curves(out, alw=teacher is not None)   # ALW applies to distillation only
+        figs['curves'] = plot_curves(out, alw=teacher is not None if alw is None else alw)   # ALW: distillation only
         paths['curves'] = fdir/'curves.png'
         figs['curves'].savefig(paths['curves'], dpi=dpi)
     d = dist.get('student') if teacher is not None else None
@@ -475,12 +476,13 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
     return {**paths, 'ics_distance': d}
 
 # %% ../nbs/10_viz.ipynb #437d9387
-def run_figures(run, # the engine's `Run`: its folder `out`, `student`, `teacher` (or None) and `val_ds`
+def run_figures(run, # the engine's `Run`: its folder `out`, `student`, `teacher` (or None), `val_ds` and `objective`
                 step:int, # global step of the evaluation
                 tb_writer:SummaryWriter|None=None, # the run's TensorBoard writer, or None
                )->dict: # `write_eval_figures`' result
     "The engine's figure hook: `write_eval_figures` on the first 4 validation images of a run."
-    return write_eval_figures(run.out, step, run.student, run.teacher, data=run.val_ds, n=4, tb_writer=tb_writer)
+    return write_eval_figures(run.out, step, run.student, run.teacher, data=run.val_ds, n=4, tb_writer=tb_writer,
+                              alw=getattr(getattr(run, 'objective', None), 'alw', None))   # no alpha panel for kd, cwd, ...
 
 # %% ../nbs/10_viz.ipynb #79507da9
 def ics_pair_view(logits:Tensor, # one image's logits `C x H x W` (or `1 x C x H x W`)

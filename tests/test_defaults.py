@@ -80,13 +80,15 @@ TRAIN_ID = {ROAD: 0, CAR: 13, UNLABELED: 255}
 
 
 def write_cityscapes(root: Path, train_ids: bool) -> Path:
-    "leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/*_gtFine_labelIds.png (+ labelTrainIds)."
+    "leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/*_gtFine_labelIds.png (+ labelTrainIds);"
+    "train, val, and test with void labels only."
     size = (24, 48)                                                  # a 1:2 frame, smaller than the crop in height
-    for s, city, n in (('train', 'aachen', 4), ('val', 'lindau', 2)):
+    for s, city, n in (('train', 'aachen', 4), ('val', 'lindau', 2), ('test', 'berlin', 2)):
         (root / 'leftImg8bit' / s / city).mkdir(parents=True); (root / 'gtFine' / s / city).mkdir(parents=True)
         for k in range(n):
             stem = f'{city}_{k:06d}_000019'
             ids = np.full(size, ROAD, np.uint8); ids[:4] = UNLABELED; ids[8:18, 6 + 4 * k:26 + 4 * k] = CAR
+            if s == 'test': ids[:] = UNLABELED                       # as published: the test labels are all void
             Image.fromarray(ids).save(root / 'gtFine' / s / city / f'{stem}_gtFine_labelIds.png')
             if train_ids:
                 tid = np.vectorize(TRAIN_ID.get)(ids).astype(np.uint8)
@@ -155,6 +157,9 @@ def test_distill_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path, method):
     p = aicsd('distill', '--teacher', voc_teacher / 'best.pt', '--student', 'mobilenetv2', '--method', method,
               *small('voc', trees['voc'], out), *more, cwd=tmp_path)
     assert_full_run(out, p)
+    import csv                              # alpha, ALW's factor, at the logged last step (k = 1 of 2): 1/2; 0 without ALW
+    alpha = [float(r['alpha']) for r in csv.DictReader(open(out / 'train_log.csv'))]
+    assert alpha == ([0.5] if method == 'aicsd' else [0.0]), alpha
 
 
 @pytest.mark.parametrize('workers', [None, 2])
@@ -203,6 +208,20 @@ def test_evaluate_voc_mixed_sizes_scores_what_numpy_counts(voc_teacher, trees, t
     assert abs(m['pixel_acc'] - iou0) < 1e-12 and abs(m['iou'][0] - iou0) < 1e-12, (m, iou0)
     assert abs(m['miou'] - iou0 / present) < 1e-12, (m['miou'], iou0 / present)
     assert present >= 3 and 0 < iou0 < 1                                      # the comparison can tell cases apart
+
+
+def test_a_split_without_labelled_pixels_is_refused(voc_teacher, trees, tmp_path):
+    "Cityscapes' test split (labels all void) as the validation split: refused before training, naming the split and"
+    "the flags, instead of a run whose mIoU is NaN; `evaluate` likewise."
+    out = tmp_path / 'cst'
+    p = run([*aicsd_cmd(), 'train', '--model', 'mobilenetv2', *small('cityscapes', trees['cs_ids'], out, '--val-split', 'test')],
+            cwd=tmp_path, check=False)
+    want = f"the validation split 'test' of {trees['cs_ids']} (--val-split, --data-root) has no labelled pixels"
+    assert p.returncode == 2 and want in p.stderr and 'Traceback' not in p.stderr, p.stderr[-3000:]
+    assert not (out / 'last.pt').exists() and not (out / 'train_log.csv').exists()
+    p = run([*aicsd_cmd(), 'evaluate', '--ckpt', voc_teacher / 'best.pt', '--data', 'cityscapes', '--data-root', trees['cs_ids'],
+             '--val-split', 'test'], cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "the split 'test' of" in p.stderr and 'has no labelled pixels' in p.stderr, p.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------- SBD trainaug
