@@ -94,7 +94,7 @@ _WHAT = [   # what to train
 
 # %% ../nbs/07a_config.ipynb #5efc1a4c
 _DATA = [   # data
-    _E('data', 'synthetic', 'Data', 'dataset', choices=('voc', 'cityscapes', 'synthetic'), resume='same'),
+    _E('data', 'synthetic', 'Data', "dataset (evaluate: the checkpoint's, with its --data-root, when neither is given)", choices=('voc', 'cityscapes', 'synthetic'), resume='same'),
     _E('data_root', None, 'Data', 'dataset folder (VOC2012/, the Cityscapes root, or the synthetic folder); default: '
        + ', '.join(f'{k} {v}' for k, v in DEFAULT_ROOTS.items()), metavar='DIR'),
     _O('train_split', 'train', 'Data', 'training split (VOC: train or trainaug)', resume='same'),

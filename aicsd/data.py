@@ -733,12 +733,27 @@ def build_sbd_trainaug(sbd_root, # the SBD release: `benchmark_RELEASE/`, its `d
     gone = [i for i, f in copy.items() if not f.is_file()]
     if gone: raise FileNotFoundError(f"{len(gone)} image(s) are in neither {voc / 'JPEGImages'} nor {sbd / 'img'}, e.g. "
                                      f"{', '.join(f'{i}.jpg' for i in gone[:3])}; nothing was written")
-    out = voc / 'SegmentationClassAug'; out.mkdir(exist_ok=True)
-    for i in tqdm(ids, desc='SBD -> SegmentationClassAug', disable=not progress):
-        lab = read_sbd_mat(src[i]) if src[i].suffix == '.mat' else read_label(src[i])
-        _check_values(lab, 21, src[i])
-        if i in copy: shutil.copyfile(copy[i], voc / 'JPEGImages' / f'{i}.jpg')
-        tmpf = out / f'.{i}.png.tmp'; save_label_png(lab, tmpf, pal); os.replace(tmpf, out / f'{i}.png')
+    # every label is read and checked (values, size against its image) into a staging folder; the VOC root changes only
+    # once all are good: a truncated .mat of a partial download stops the build with the VOC root as it was
+    out, stage = voc / 'SegmentationClassAug', voc / '.SegmentationClassAug.partial'
+    shutil.rmtree(stage, ignore_errors=True); stage.mkdir()
+    try:
+        for i in tqdm(ids, desc='SBD -> SegmentationClassAug', disable=not progress):
+            lab = read_sbd_mat(src[i]) if src[i].suffix == '.mat' else read_label(src[i])
+            _check_values(lab, 21, src[i])
+            img = copy.get(i, voc / 'JPEGImages' / f'{i}.jpg')
+            with Image.open(img) as im: w, h = im.size
+            if lab.shape != (h, w):
+                raise ValueError(f"SBD annotation {src[i]} is {lab.shape} (H, W) but its image {img} is {(h, w)}: "
+                                 "a damaged or mismatched download; nothing was written")
+            save_label_png(lab, stage / f'{i}.png', pal)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True); raise
+    out.mkdir(exist_ok=True)
+    for i in ids:
+        if i in copy: shutil.copyfile(copy[i], voc / 'JPEGImages' / f'.{i}.jpg.tmp'); os.replace(voc / 'JPEGImages' / f'.{i}.jpg.tmp', voc / 'JPEGImages' / f'{i}.jpg')
+        os.replace(stage / f'{i}.png', out / f'{i}.png')
+    stage.rmdir()
     lst = sets / 'trainaug.txt'
     write_text_atomic(lst, ''.join(f'{i}\n' for i in ids))
     return lst

@@ -461,6 +461,11 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
                              f"use aicsd.models.load_released_checkpoint in Python")
         model = load_model(ck, map_location='cpu').to(dev)
         trained = ck.get('config', {})
+        mine = (trained.get('data'), trained.get('data_root') or DEFAULT_ROOTS.get(trained.get('data')))
+        if opts['data'] == DEFAULTS['data'] and not opts.get('data_root') and trained.get('data') and mine != (opts['data'], DEFAULT_ROOTS[opts['data']]):
+            opts['data'], opts['data_root'] = mine                       # no --data / --data-root: the checkpoint's data
+            print(f"evaluating on the data of training: --data {mine[0]} --data-root {mine[1]} (--data and --data-root "
+                  "choose others)", file=sys.stderr)
         if all(opts[k] == DEFAULTS[k] for k in _PROTOCOL_KEYS) and any(trained.get(k, DEFAULTS[k]) != DEFAULTS[k] for k in _PROTOCOL_KEYS):
             opts.update({k: trained.get(k, DEFAULTS[k]) for k in _PROTOCOL_KEYS})   # the checkpoint's own protocol
             print('evaluating as in training: ' + ' '.join(flag_text(k, opts[k]) for k in _PROTOCOL_KEYS if opts[k] != DEFAULTS[k]) +

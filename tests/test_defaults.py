@@ -187,6 +187,16 @@ def test_evaluate_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path):
     assert 'Traceback' not in p.stderr
 
 
+def test_evaluate_without_data_flags_uses_the_checkpoints(voc_teacher, trees, tmp_path):
+    "`aicsd evaluate --ckpt best.pt` alone: the data set and folder the network was trained on, said on stderr."
+    import json
+    p = aicsd('evaluate', '--ckpt', voc_teacher / 'best.pt', '--json', tmp_path / 'a.json', cwd=tmp_path)
+    assert f"evaluating on the data of training: --data voc --data-root {trees['voc']}" in p.stderr, p.stderr[-2000:]
+    aicsd('evaluate', '--ckpt', voc_teacher / 'best.pt', '--data', 'voc', '--data-root', trees['voc'], '--json',
+          tmp_path / 'b.json', cwd=tmp_path)
+    assert json.loads((tmp_path / 'a.json').read_text()) == json.loads((tmp_path / 'b.json').read_text())
+
+
 def test_evaluate_voc_mixed_sizes_scores_what_numpy_counts(voc_teacher, trees, tmp_path):
     "A network that predicts background everywhere, evaluated at every default on mixed sizes: its metrics equal those"
     "counted with numpy from the label PNGs at their own sizes (a label resized, padded or cropped on the way shows)."
