@@ -299,6 +299,7 @@ def idle_options(cfg:dict, # a configuration (`make_config` fills it)
         elif t in (cfg.get('weight') or {}): idle.append(f"--lambda-{t} {cfg[f'lambda_{t}']}: --weight {t}={cfg['weight'][t]} sets that weight")
     if on('temperature') and not any('T' in obj.params[n] for n in obj.names):
         idle.append(f"--temperature {cfg['temperature']}: no term of {terms} has a temperature T (set a term's own with --param TERM.KEY=V)")
+    if cfg.get('teacher') and not obj.needs_teacher: idle.append(f"--teacher {cfg['teacher']}: {terms} reads no teacher")
     if on('alw_unit') and not obj.alw: idle.append(f"--alw-unit {cfg['alw_unit']}: {terms} runs without ALW (--alw turns it on)")
     return idle
 
@@ -380,7 +381,8 @@ def resume_changes(old:dict, # configuration stored in last.pt
         a, b = old.get(o.name, o.default), new.get(o.name, o.default)
         if a == b or o.resume == 'free': continue
         if o.commands == _D and new.get('mode') == 'train': continue   # train now refuses them; an older train run stored them
-        (refused if o.resume == 'same' else warned).append(f"--{o.name.replace('_', '-')} {value_text(o.name, a)} -> {value_text(o.name, b)}")
+        flag = dict(o.renamed).get(new.get('mode'), f"--{o.name.replace('_', '-')}")   # as this command spells it: --student
+        (refused if o.resume == 'same' else warned).append(f"{flag} {value_text(o.name, a)} -> {value_text(o.name, b)}")
     return refused, warned
 
 # %% ../nbs/07a_config.ipynb #afb44cb1

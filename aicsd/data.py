@@ -22,7 +22,7 @@ from .checkpoint import UMASK, write_text_atomic   # the umask, read once: what 
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VOC_CLASSES', 'CITYSCAPES_CLASSES', 'DATASET_HELP',
            'CITYSCAPES_TRAIN_IDS', 'SHAPE_FAMILIES', 'COLOUR_FAMILIES', 'TEXTURES', 'SYNTHETIC_VERSION',
            'LOADER_TIMEOUT', 'NUM_CLASSES', 'DEFAULT_ROOTS', 'voc_palette', 'colorize', 'denormalize', 'read_image',
-           'read_label', 'SegmentationDataset', 'read_synthetic_info', 'VOCSegmentation', 'save_label_png',
+           'image_hw', 'read_label', 'SegmentationDataset', 'read_synthetic_info', 'VOCSegmentation', 'save_label_png',
            'cityscapes_lut', 'CityscapesSegmentation', 'crop_side', 'train_transform', 'eval_transform',
            'crop_upsampling', 'synthetic_classes', 'attribute_overlap', 'draw_synthetic', 'make_synthetic',
            'class_frequencies', 'pad_collate', 'sample_seed', 'EpochSampler', 'SeededDataset', 'ShardSampler',
@@ -112,9 +112,18 @@ def read_image(path, # image file (JPEG or PNG)
     try:
         with Image.open(path) as im: a = np.array(im.convert('RGB'))
         return tv_tensors.Image(torch.from_numpy(a).permute(2, 0, 1).contiguous())
-    except Exception as e:
-        raise ValueError(f"Cannot read image file {path}: {e}. Re-download or remove this file "
-                         "(and its id from the split list).") from e
+    except Exception as e: raise _unreadable(path, e) from e
+
+def _unreadable(path, e): return ValueError(f"Cannot read image file {path} (expected a JPEG or PNG image): {e}. Re-download "
+                                            "or remove this file (and its id from the split list).")
+
+def image_hw(path, # image file
+            )->tuple: # (height, width), from the header alone
+    "An image file's size without decoding it; a file that is not an image raises the error of `read_image`."
+    try:
+        with Image.open(path) as im: w, h = im.size
+        return h, w
+    except Exception as e: raise _unreadable(path, e) from e
 
 # %% ../nbs/06_data.ipynb #ade1d782
 def read_label(path, # label PNG (palette or 8-bit grayscale): one class index per pixel
@@ -123,21 +132,22 @@ def read_label(path, # label PNG (palette or 8-bit grayscale): one class index p
     try:
         with Image.open(path) as im:
             if im.mode not in ('P', 'L'):
-                raise ValueError(f"label file {path} has mode {im.mode}; expected a palette ('P') or "
-                                 "8-bit grayscale ('L') PNG holding class indices, not colours")
+                what = 'colours' if im.mode in ('RGB', 'RGBA', 'CMYK', 'YCbCr', 'LA') else 'more than 8 bits per pixel'
+                raise ValueError(f"label file {path} has mode {im.mode} ({what}); expected a palette ('P') or "
+                                 "8-bit grayscale ('L') PNG holding one class index per pixel")
             return np.array(im, dtype=np.uint8)
     except ValueError: raise
     except Exception as e: raise ValueError(f"Cannot read label file {path}: {e}") from e
 
 # %% ../nbs/06_data.ipynb #659fb668
-def _check_values(m:np.ndarray, valid:int, path, extra=()):
-    "Raise naming `path` if `m` holds values outside 0..valid-1, 255 and `extra`."
+def _check_values(m:np.ndarray, valid:int, path, extra=(), note:str=''):
+    "Raise naming `path` if `m` holds values outside 0..valid-1, 255 and `extra` (`note`: why `valid` is what it is)."
     counts = np.bincount(m.ravel(), minlength=256)
     ok = np.zeros(256, bool); ok[:valid] = True; ok[IGNORE_INDEX] = True; ok[list(extra)] = True
     bad = np.flatnonzero((counts > 0) & ~ok)
     if len(bad):
         raise ValueError(f"Label file {path} holds values {bad.tolist()} outside the {valid} classes "
-                         f"(0..{valid - 1}) and the ignore index 255.")
+                         f"(0..{valid - 1}) and the ignore index 255." + (f" {note}" if note else ''))
 
 # %% ../nbs/06_data.ipynb #eda758be
 def _check_sizes(image, mask, ipath, mpath):
@@ -150,6 +160,7 @@ class SegmentationDataset(Dataset):
     "Base class: lists of image and label files, the class names, and reading with checks."
     images: list; labels: list; classes: list
     transform = None
+    limit_note = ''    # set when a run keeps fewer classes than the dataset has (--num-classes): said by label errors
     def __init__(self, root:str|Path, # the dataset's folder
                  split:str='train', # which split the subclass lists
                  transform:Callable|None=None, # called as `transform(image, mask)`
@@ -162,7 +173,7 @@ class SegmentationDataset(Dataset):
     def read_mask(self, i:int)->np.ndarray:
         "Label `i` as a uint8 `H x W` array of class indices (255 ignored), checked."
         m = read_label(self.labels[i])
-        _check_values(m, self.num_classes, self.labels[i])
+        _check_values(m, self.num_classes, self.labels[i], note=self.limit_note)
         return m
     def __getitem__(self, i:int):
         image = read_image(self.images[i])
@@ -235,8 +246,10 @@ class VOCSegmentation(SegmentationDataset):
         self.images = [imgs[i] for i in self.ids]; self.labels = [labs[i] for i in self.ids]
         info = read_synthetic_info(self.root)        # a damaged classes.json is named
         if info is None and kind == 'synthetic':
-            raise _missing(kind, self.root, f"No classes.json in {self.root}: not a synthetic dataset written by aicsd "
-                           "(its classes would be guessed); a Pascal VOC tree is read with --data voc.")
+            raise FileNotFoundError(                 # no "create it there": that folder holds other files
+                f"No classes.json in {self.root}: not a synthetic dataset written by aicsd (its classes would be guessed). "
+                "A Pascal VOC tree is read with --data voc by train, distill and evaluate (demo and compare run on "
+                "synthetic data only); a synthetic dataset is written into a new folder: aicsd data synthetic --data-root DIR")
         if info is not None and not isinstance(info.get('classes'), list):
             raise ValueError(f"{self.root / 'classes.json'} has no 'classes' list: write the dataset again "
                              f"(`aicsd data synthetic --root {self.root}`) or restore the file")
@@ -289,9 +302,10 @@ class CityscapesSegmentation(SegmentationDataset):
         self._lut = cityscapes_lut()
     def read_mask(self, i:int)->np.ndarray:
         m = read_label(self.labels[i])
-        if self.train_ids[i]: _check_values(m, 19, self.labels[i]); return m
-        _check_values(m, 34, self.labels[i])   # label ids 0..33 (and 255)
-        return self._lut[m]
+        if self.train_ids[i]: _check_values(m, 19, self.labels[i])
+        else: _check_values(m, 34, self.labels[i]); m = self._lut[m]   # label ids 0..33 (and 255) -> train ids
+        if self.limit_note: _check_values(m, self.num_classes, self.labels[i], note=self.limit_note)
+        return m
 
 # %% ../nbs/06_data.ipynb #4ec0e09a
 def _finish(mean, std):
@@ -340,7 +354,7 @@ def crop_upsampling(ds, # a dataset with `images` (file paths), e.g. `VOCSegment
     if not paths: return None
     sides = []
     for p in paths[::max(1, len(paths) // n)][:n]:
-        with Image.open(p) as im: sides.append(min(im.size))
+        sides.append(min(image_hw(p)))
     short = sorted(sides)[len(sides) // 2]
     return crop_side(crop_size) / short, short
 
@@ -465,7 +479,7 @@ def _existing_synthetic(root:Path, # the dataset root asked for
     if info is not None and info.get('settings') == settings: return True
     if info is None:       # never delete a folder we did not write, --overwrite or not
         raise FileExistsError(f"{root} holds files that are not an aicsd synthetic dataset (no classes.json from "
-                              f"make_synthetic); nothing was changed. Choose another root (--root).")
+                              f"make_synthetic); nothing was changed. Choose another folder (--data-root).")
     if not overwrite:
         raise FileExistsError(f"{root} already holds a synthetic dataset made with {info.get('settings')}; asked for "
                               f"{settings}. Pass overwrite=True (`--overwrite`) to replace it, or choose another root.")
@@ -742,7 +756,7 @@ def build_sbd_trainaug(sbd_root, # the SBD release: `benchmark_RELEASE/`, its `d
             lab = read_sbd_mat(src[i]) if src[i].suffix == '.mat' else read_label(src[i])
             _check_values(lab, 21, src[i])
             img = copy.get(i, voc / 'JPEGImages' / f'{i}.jpg')
-            with Image.open(img) as im: w, h = im.size
+            h, w = image_hw(img)
             if lab.shape != (h, w):
                 raise ValueError(f"SBD annotation {src[i]} is {lab.shape} (H, W) but its image {img} is {(h, w)}: "
                                  "a damaged or mismatched download; nothing was written")

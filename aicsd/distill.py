@@ -182,7 +182,10 @@ def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, cla
         raise ValueError(f"--num-classes {D.num_classes} is more than the {n} classes of {tr!r}: the extra outputs would "
                          "never be trained nor evaluated; drop --num-classes (the dataset's count is used)")
     if D.num_classes and D.num_classes < n and hasattr(tr, 'classes'):
-        for ds in (tr, va): ds.classes = list(ds.classes)[:D.num_classes]   # labels are checked against the run's classes
+        for ds in (tr, va):                               # labels are checked against the run's classes
+            ds.classes = list(ds.classes)[:D.num_classes]
+            ds.limit_note = (f"--num-classes {D.num_classes} keeps the first {D.num_classes} of the {n} classes of "
+                             f"{D.data}: leave it out (or raise it) to train on these labels")
     up = crop_upsampling(tr, D.crop_size) if rank == 0 else None
     if up and up[0] > 2:
         cs, f = D.crop_size, up[0]        # the size that trains at the images' own scale: the crop divided by the factor
@@ -242,7 +245,8 @@ def build_models(M:ModelSpec, # the model part of the configuration
         raise FileNotFoundError(f"--teacher {M.teacher}: no such file (method {objective.method!r} reads no teacher: "
                                 f"fix the path or drop --teacher)")
     if objective.needs_teacher:
-        teacher = load_teacher(M.teacher, backbone=M.teacher_backbone, num_classes=num_classes, output_stride=M.output_stride)
+        try: teacher = load_teacher(M.teacher, backbone=M.teacher_backbone, num_classes=num_classes, output_stride=M.output_stride)
+        except FileNotFoundError as e: raise FileNotFoundError(f"--teacher {M.teacher}: {e}") from None
         tnc = model_arch(teacher)['num_classes']
         if tnc != num_classes: raise ValueError(f"teacher {M.teacher} predicts {tnc} classes, the data has {num_classes}")
         teacher.eval().requires_grad_(False)
@@ -268,6 +272,7 @@ def _student(M:ModelSpec, num_classes:int)->nn.Module:
     try:
         return build_model(M.arch, M.model, num_classes, pretrained_backbone=True if pre == 'imagenet' else pre, **kw)
     except OSError as e:   # urllib's URLError (offline), a refused connection, an unwritable cache
+        if isinstance(e, FileNotFoundError) and pre != 'imagenet': raise FileNotFoundError(f"--pretrained-backbone {pre}: {e}") from None
         if pre != 'imagenet': raise
         raise ValueError(f"--pretrained-backbone: torchvision's ImageNet weights of {M.model} could not be downloaded "
                          f"({type(e).__name__}: {e}). Offline, copy the weight file into {torch.hub.get_dir()}/checkpoints/ "
@@ -287,6 +292,7 @@ def build_run(cfg:dict)->Run:
         except PermissionError as e: raise PermissionError(f"--out {out}: cannot create it ({e.strerror}: {e.filename})") from None
         except (FileExistsError, NotADirectoryError): raise ValueError(f"--out {out}: a file is in the way (the run folder, or a "
                                                                       "folder above it, is a file); choose another --out") from None
+        except OSError as e: raise ValueError(f"--out {out}: cannot create it ({e.strerror}: {e.filename})") from None
     train_ds, val_ds, nc = _datasets(D, rank)
     if len(val_ds) == 0:
         raise ValueError(f"the validation split {D.val_split!r} of {D.data_root} has no images, so no mIoU and no "

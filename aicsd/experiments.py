@@ -43,7 +43,8 @@ def _recipes()->dict:
             for m in ('baseline', 'kd', 'icsd', 'aicsd'):
                 rep = PAPER_MIOU[(ds, st)][m]
                 r[f'{ds}-{_SHORT[st]}-{m}'] = dict(
-                    command='distill', method=m, model=st, teacher=f'runs/{ds}-teacher-r101/best.pt',
+                    command='distill', method=m, model=st,
+                    **({'teacher': f'runs/{ds}-teacher-r101/best.pt'} if m != 'baseline' else {}),   # baseline reads none
                     **_DATA[ds], **_PROTOCOL, temperature=1.0, lambda_kd=1.0, lambda_icsd=0.1,
                     **({'alw_unit': 'epoch'} if m == 'aicsd' else {}),                   # ALW: aicsd's alone
                     out=f'runs/{ds}-{_SHORT[st]}-{m}',
@@ -98,7 +99,8 @@ def _field_recipes()->dict:
             spec, w, src = FIELD_WEIGHTS.get(m, (m, None, 'no field script: the weights of the methods table (04_objective)'))
             r[f'field-citys-{_SHORT[st]}-{m}'] = dict(
                 command='distill', method=spec, **({'weight': dict(w)} if w else {}), model=st, **sk,
-                teacher=FIELD_TEACHER['file'], **_FIELD_PROTOCOL, out=f'runs/field-citys-{_SHORT[st]}-{m}',
+                **({'teacher': FIELD_TEACHER['file']} if m != 'baseline' else {}), **_FIELD_PROTOCOL,
+                out=f'runs/field-citys-{_SHORT[st]}-{m}',
                 paper=dict(miou=_field_published(st, m), teacher_miou=FIELD_TEACHER['miou'], batch_total=16, weights=src,
                            protocol='field', **({'rerun': FIELD_RERUN[st][m]} if m in FIELD_RERUN.get(st, {}) else {})))
     return r
@@ -232,6 +234,8 @@ def run_demo(out:str|Path='runs/demo', # report folder
     t_start = time.time()
     P = DEMO_PRESETS['quick' if quick else 'full']          # the flag's one read: the preset carries its name onwards
     methods = tuple(methods or DEMO_METHODS); seeds = tuple(P['seeds'] if seeds is None else seeds)
+    if len(set(seeds)) != len(seeds):       # a seed twice is the same run twice: a spread of 0 and a false n
+        raise ValueError(f"--seeds {' '.join(map(str, seeds))}: give each seed once (a repeated seed repeats the same run)")
     bad = [m for m in methods if m not in METHODS and '+' not in m]
     if bad: raise ValueError(f"unknown method(s) {bad}; methods: {', '.join(METHODS)}")
     check_ranges(dict(threads=threads))                     # as the command line checks --threads: an integer >= 1

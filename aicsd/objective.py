@@ -269,6 +269,8 @@ def parse_method(spec:str, # a method name or names joined by '+', e.g. 'aicsd' 
     bad = [n for n in names if n not in METHODS]
     if bad: raise ValueError(f"unknown method {', '.join(map(repr, bad))} in {spec!r}; methods: {', '.join(METHODS)} "
                              f"(combine with '+', e.g. 'cwd+icsd')")
+    if len(set(names)) != len(names): raise ValueError(f"method {spec!r} names {', '.join(sorted({n for n in names if names.count(n) > 1}))} "
+                                                       "twice: each method once (their terms are combined once anyway)")
     want = {t for n in names for t in METHODS[n].terms}
     return tuple(t for t in TERMS if t in want), any(METHODS[n].alw for n in names)
 

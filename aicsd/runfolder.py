@@ -222,7 +222,11 @@ def resume(self:Checkpointer)->Progress|None:
              else r.precision.teacher_bf16}           # automatic (None) asks for the run's own choice
     refused, warned = resume_changes(ck['config'], asked)
     was, now = ck.get('teacher_sha256'), getattr(r, 'teacher_sha256', None)
-    if was and now and was != now:                   # the same path, other weights: another teacher
+    moved = ck['config'].get('teacher') != r.cfg.get('teacher')
+    if moved and was and was == now:                 # another path, the same weights: the file was moved or copied
+        refused = [c for c in refused if not c.startswith('--teacher ')]
+        warned.append(f"--teacher {ck['config'].get('teacher')} -> {r.cfg.get('teacher')} (the same weights)")
+    if was and now and was != now and not moved:     # the same path, other weights: another teacher
         refused.append(f"the teacher {r.cfg.get('teacher')} holds other weights than when the run started (SHA-256 "
                        f"{was[:12]}... then, {now[:12]}... now): was the file replaced? Put the original back")
     if refused:

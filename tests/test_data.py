@@ -121,7 +121,7 @@ def test_unreadable_label_and_rgb_label_named(tmp_path):
     assert str(root / 'SegmentationClass' / f'{ids[0]}.png') in str(e.value)
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(root / 'SegmentationClass' / f'{ids[1]}.png')
     with pytest.raises(ValueError) as e: VOCSegmentation(root)[1]
-    assert f'{ids[1]}.png' in str(e.value) and "mode RGB" in str(e.value) and 'class indices' in str(e.value)
+    assert f'{ids[1]}.png' in str(e.value) and "mode RGB (colours)" in str(e.value) and 'class index' in str(e.value)
 
 
 def test_sbd_missing_release_says_where_to_get_it(tmp_path):

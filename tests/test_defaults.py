@@ -320,3 +320,12 @@ def test_data_stats_cityscapes_label_ids_defaults(trees, tmp_path):
     ids = np.stack([np.asarray(Image.open(f)) for f in sorted((trees['cs_ids'] / 'gtFine/train').rglob('*_labelIds.png'))])
     assert len(got) == 19 and got[0] == (ids == ROAD).sum() and got[13] == (ids == CAR).sum(), got
     assert sum(got) == (ids != UNLABELED).sum()
+
+
+def test_num_classes_below_the_labels_names_the_flag(trees, tmp_path):
+    "Labels beyond a smaller --num-classes: the error blames the flag (the labels are fine), VOC and Cityscapes."
+    for data, root, n in (('voc', trees['voc'], 21), ('cityscapes', trees['cs_ids'], 19)):
+        p = run([*aicsd_cmd(), 'train', '--model', 'mobilenetv2', *small(data, root, tmp_path / data, '--num-classes', 3)],
+                cwd=tmp_path, check=False)
+        assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+        assert f'--num-classes 3 keeps the first 3 of the {n} classes of {data}: leave it out' in p.stderr, p.stderr[-3000:]

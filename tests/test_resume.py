@@ -82,7 +82,7 @@ def test_the_cuda_layout_on_a_cpu_resumes_like_a_contiguous_run(tiny_data, tmp_p
     assert {'ics_step0000003.png', 'ics_rows_step0000003.png', 'predictions_step0000003.png', 'curves.png'} <= figs, figs
     assert 'figures at step' not in capsys.readouterr().err                  # none failed and was only warned about
 
-def test_resume_refuses_a_replaced_teacher(tiny_data, tmp_path):
+def test_resume_refuses_a_replaced_teacher(tiny_data, tmp_path, capsys):
     """The teacher's path is an option; its weights are fingerprinted in last.pt. A teacher file replaced between
     the sessions of a distillation (or a student's best.pt written where the teacher was) is refused on --resume,
     naming the file; putting the original back resumes."""
@@ -100,5 +100,14 @@ def test_resume_refuses_a_replaced_teacher(tiny_data, tmp_path):
     shutil.copy(tmp_path / 't2' / 'best.pt', teacher)                     # another teacher at the same path
     try: D.fit(dict(cfg, resume=True)); raise AssertionError('resumed with another teacher')
     except ValueError as e: assert 'holds other weights than when the run started' in str(e) and str(teacher) in str(e), e
+    # another path: with other weights, the path change is refused (no question about a replaced file) ...
+    try: D.fit(dict(cfg, resume=True, teacher=str(tmp_path / 't2' / 'best.pt'))); raise AssertionError('resumed')
+    except ValueError as e:
+        assert f"--teacher {teacher} -> {tmp_path / 't2' / 'best.pt'}" in str(e) and 'was the file replaced' not in str(e), e
+    # ... with the same weights (the file moved), the run continues, with a warning
+    shutil.copy(tmp_path / 't1' / 'best.pt', tmp_path / 'moved.pt')
+    capsys.readouterr()
+    assert D.fit(dict(cfg, resume=True, teacher=str(tmp_path / 'moved.pt'), stop_after=1))['steps'] == 2
+    assert f"--teacher {teacher} -> {tmp_path / 'moved.pt'} (the same weights)" in capsys.readouterr().err
     shutil.copy(tmp_path / 't1' / 'best.pt', teacher)                     # the original back: the run continues
     assert D.fit(dict(cfg, resume=True))['steps'] == 3
