@@ -299,7 +299,8 @@ def idle_options(cfg:dict, # a configuration (`make_config` fills it)
         elif t in (cfg.get('weight') or {}): idle.append(f"--lambda-{t} {cfg[f'lambda_{t}']}: --weight {t}={cfg['weight'][t]} sets that weight")
     if on('temperature') and not any('T' in obj.params[n] for n in obj.names):
         idle.append(f"--temperature {cfg['temperature']}: no term of {terms} has a temperature T (set a term's own with --param TERM.KEY=V)")
-    if cfg.get('teacher') and not obj.needs_teacher: idle.append(f"--teacher {cfg['teacher']}: {terms} reads no teacher")
+    if cfg.get('teacher') and not obj.needs_teacher and Path(cfg['teacher']).is_file():   # a missing one: an error
+        idle.append(f"--teacher {cfg['teacher']}: {terms} reads no teacher")
     if on('alw_unit') and not obj.alw: idle.append(f"--alw-unit {cfg['alw_unit']}: {terms} runs without ALW (--alw turns it on)")
     return idle
 
