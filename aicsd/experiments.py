@@ -11,7 +11,7 @@ from .config import check_ranges, make_config, size_text
 from .checkpoint import load_checkpoint, write_text_atomic
 from .distill import fit
 from .runfolder import Checkpointer, RunInterrupted
-from .objective import METHODS, parse_method
+from .objective import METHODS, TERMS, parse_method
 
 # %% auto #0
 __all__ = ['PAPER_MIOU', 'PAPER_TEACHER', 'FIELD_TEACHER', 'FIELD_MIOU', 'FIELD_RERUN', 'FIELD_WEIGHTS', 'RECIPES',
@@ -269,7 +269,8 @@ def run_demo(out:str|Path='runs/demo', # report folder
         res = []
         for sd in seeds:
             print(f"student {P['student']} with {m}, seed {sd} ...", flush=True)
-            cfg = make_config(base, mode='distill', method=m, model=P['student'], teacher=str(tck), seed=sd,
+            cfg = make_config(base, mode='distill', method=m, model=P['student'], seed=sd,
+                              teacher=str(tck) if any(TERMS[t].teacher for t in parse_method(m)[0]) else None,   # baseline: none
                               max_steps=P['student_steps'], out=str(out/f"student-{m}"/f"seed{sd}"),
                               param={k: v for k, v in DEMO_PARAMS.items() if k in parse_method(m)[0]} or None)
             t0 = time.time()
