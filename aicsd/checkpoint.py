@@ -4,7 +4,7 @@
 
 # %% ../nbs/05a_checkpoint.ipynb #6f1b7795
 from __future__ import annotations
-import os, tempfile
+import contextlib, os, tempfile
 from pathlib import Path
 import torch
 
@@ -15,7 +15,8 @@ def _read_umask()->int:
 UMASK = _read_umask()   # files 0o666 & ~UMASK, folders 0o777 & ~UMASK: what `open` and `mkdir` would give
 
 # %% auto #0
-__all__ = ['UMASK', 'write_temporary', 'save_checkpoint', 'write_text_atomic', 'check_writable', 'load_checkpoint']
+__all__ = ['UMASK', 'write_temporary', 'replace_synced', 'save_checkpoint', 'write_text_atomic', 'check_writable',
+           'load_checkpoint']
 
 # %% ../nbs/05a_checkpoint.ipynb #7d21d810
 def write_temporary(state:dict, # anything `torch.load(weights_only=True)` can read back
@@ -31,12 +32,26 @@ def write_temporary(state:dict, # anything `torch.load(weights_only=True)` can r
     return Path(tmp)
 
 # %% ../nbs/05a_checkpoint.ipynb #5a058e4d
+def replace_synced(tmp:Path, # a complete temporary file beside `path`
+                   path:Path, # where it goes
+                  ):
+    "`os.replace(tmp, path)`, then the folder synced so that the rename survives a power cut; `tmp` removed if the rename fails."
+    try: os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp): os.remove(tmp)
+        raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
+    except OSError: pass                       # some file systems cannot sync a folder: the rename is still atomic
+
 def save_checkpoint(path:str|Path, # file to write
                     **state, # anything weights_only can read back
                    )->Path:
     "Write `state` to `path` atomically (a complete, synced temporary file, then `os.replace`)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(write_temporary(state, path), path)
+    replace_synced(write_temporary(state, path), path)
     return path
 
 # %% ../nbs/05a_checkpoint.ipynb #c3e1a9b4
@@ -54,10 +69,10 @@ def write_text_atomic(path:str|Path, # the file to (re)write
     try:
         with os.fdopen(fd, 'w', newline=newline) as fh:
             fh.write(text); fh.flush(); os.fsync(fh.fileno()); os.fchmod(fh.fileno(), 0o666 & ~UMASK)
-        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.remove(tmp)
         raise
+    replace_synced(Path(tmp), path)
     return path
 
 
@@ -73,6 +88,22 @@ def check_writable(path:str|Path, # a file a command writes at its end
         raise ValueError(f"{flag} {f}: not writable (permission denied)")
 
 # %% ../nbs/05a_checkpoint.ipynb #84570adf
+def _numpy_scalars()->list:
+    "numpy's scalar and dtype classes: the released code stores its best mIoU as a numpy float. They rebuild a number and run no code."
+    import numpy as np
+    try: from numpy._core.multiarray import scalar
+    except ImportError: from numpy.core.multiarray import scalar          # numpy 1.x
+    dtypes = [np.dtype] + sorted({type(np.dtype(t)) for t in '?bhilqBHILQefdgFDG'}, key=str)
+    return [scalar, (scalar, 'numpy.core.multiarray.scalar'), *dtypes]    # files pickled under numpy 1 name it so
+
+def _torch_load(path, map_location):
+    "`torch.load(weights_only=True)`, with numpy's scalars and dtypes allowed."
+    allowed = _numpy_scalars()
+    try: ctx = torch.serialization.safe_globals(allowed)
+    except (AttributeError, TypeError):                                     # older torch: no context, or no (class, name)
+        ctx = contextlib.nullcontext(); torch.serialization.add_safe_globals([a for a in allowed if not isinstance(a, tuple)])
+    with ctx: return torch.load(path, map_location=map_location, weights_only=True)
+
 def load_checkpoint(path:str|Path, map_location='cpu')->dict:
     "Read a file of tensors and plain containers (`weights_only=True`): ours, the field's or the released code's."
     path = Path(path)
@@ -80,7 +111,7 @@ def load_checkpoint(path:str|Path, map_location='cpu')->dict:
         hint = next((f"; did you mean {path/f}?" for f in ('best.pt', 'last.pt') if (path/f).is_file()), '')
         raise FileNotFoundError(f"{path} is a folder, not a checkpoint file{hint}")
     if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
-    try: return torch.load(path, map_location=map_location, weights_only=True)
+    try: return _torch_load(path, map_location)
     except Exception as e:  # random bytes, a text file, a truncated file, a pickle that would run code (refused)
         raise ValueError(f"cannot read checkpoint {path}: {_why_unreadable(path, e)}") from None
 

@@ -128,7 +128,7 @@ _DATA = [   # data
 
 # %% ../nbs/07a_config.ipynb #2b4b4fe2
 _MODEL = [   # model
-    _O('output_stride', 16, 'Model', 'DeepLabV3+ output stride (DeepLabV3 has 8)', type=int, choices=(8, 16), resume='same'),
+    _O('output_stride', 16, 'Model', 'output stride of the DeepLabV3+ trained (DeepLabV3 has 8; a released-code teacher is built at 16, as it was trained)', type=int, choices=(8, 16), resume='same'),
     _O('pretrained_backbone', None, 'Model', "start the backbone from ImageNet weights: a weight FILE (the field publishes "
        "them as files), or `imagenet` (a bare --pretrained-backbone) for torchvision's, downloaded; `none` switches off a "
        "config file's", flag='optional',

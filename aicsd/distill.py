@@ -245,7 +245,7 @@ def build_models(M:ModelSpec, # the model part of the configuration
         raise FileNotFoundError(f"--teacher {M.teacher}: no such file (method {objective.method!r} reads no teacher: "
                                 f"fix the path or drop --teacher)")
     if objective.needs_teacher:
-        try: teacher = load_teacher(M.teacher, backbone=M.teacher_backbone, num_classes=num_classes, output_stride=M.output_stride)
+        try: teacher = load_teacher(M.teacher, backbone=M.teacher_backbone, num_classes=num_classes)   # released files: OS 16, as trained
         except FileNotFoundError as e: raise FileNotFoundError(f"--teacher {M.teacher}: {e}") from None
         tnc = model_arch(teacher)['num_classes']
         if tnc != num_classes: raise ValueError(f"teacher {M.teacher} predicts {tnc} classes, the data has {num_classes}")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_models.ipynb #1fa31bbc
 from __future__ import annotations
-import os
+import os, re
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
@@ -567,7 +567,7 @@ def _hints(model, sd):
 # %% ../nbs/05_models.ipynb #8686b673
 def _mismatch_report(model, sd, source, show=8):
     msd = model.state_dict()
-    missing = [k for k in msd if k not in sd]
+    missing = [k for k in msd if k not in sd and not k.endswith('num_batches_tracked')]   # old files lack the counters
     unexpected = [k for k in sd if k not in msd]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(msd[k].shape)}"
               for k in msd if k in sd and hasattr(sd[k], 'shape') and sd[k].shape != msd[k].shape]
@@ -597,6 +597,8 @@ def load_state_dict_strict(model:nn.Module, # the model to fill
     sd = _strip_prefixes(dict(sd))
     msg = _mismatch_report(model, sd, source) or _alias_report(model, sd, source)
     if msg: raise CheckpointMismatchError(msg)
+    for k in model.state_dict():                       # counters a file from before torch 0.4.1 lacks: start at 0
+        if k.endswith('num_batches_tracked') and k not in sd: sd[k] = torch.zeros((), dtype=torch.long)
     model.load_state_dict(sd, strict=True)
     return model
 
@@ -657,6 +659,8 @@ def load_released_checkpoint(path:str|Path|dict, # released checkpoint file (or 
     else:
         raise KeyError(f"{src}: expected the released format, a dict with a 'state_dict' entry, found "
                        f"{list(ck) if isinstance(ck, dict) else type(ck).__name__}; for our own checkpoints use load_model")
+    # some revisions of the released ASPP and decoder define a `conv2` that their forward never uses: not weights of the network
+    sd = {k: v for k, v in sd.items() if not re.match(r'(module\.)?(aspp|decoder)\.conv2\.', k)}
     model = deeplabv3plus(backbone, num_classes, output_stride)
     return load_state_dict_strict(model, sd, src).eval()
 
@@ -704,16 +708,21 @@ def load_backbone_weights(model:nn.Module, # a DeepLabV3 or DeepLabV3Plus (a DDP
     if v3:
         target = m.pretrained.net if mbv2 and not any(k.startswith('net.') for k in sd) else m.pretrained
         what = f"the backbone of the field's DeepLabV3 {m.backbone_name} (its `pretrained.` keys)"
+    elif mbv2 and 'features.1.conv.0.weight' in sd:   # the flat layout of the released code's and the field's MobileNetV2 files
+        target = m.backbone                             # whose `features.i.conv.k` keys are the file's (0-17; 18 is the classifier's)
+        what = "the MobileNetV2 of DeepLabV3+ (the flat `features.i.conv.k` layout of mobilenet_v2 ImageNet files)"
     else:   # torchvision's layout: through a torchvision network (on the meta device: nothing allocated, nothing initialised)
         with torch.device('meta'): target = torchvision.models.mobilenet_v2() if mbv2 else getattr(torchvision.models, m.backbone_name)()
         what = f"torchvision's {m.backbone_name} (the backbone of DeepLabV3+ {m.backbone_name})"
-    want = {k: v for k, v in target.state_dict().items() if not k.startswith(_CLASSIFIER)}
+    flat = not v3 and target is m.backbone
+    want = {k: v for k, v in target.state_dict().items() if not k.startswith(_CLASSIFIER) and (not flat or k.startswith('features.'))}
     if msg := _fit_report(want, sd, p, what):
         if v3 and getattr(sd.get('conv1.weight'), 'shape', (0,))[-1] == 7:
             msg += "\n  hint: a 7x7 first conv is torchvision's ResNet; the field's DeepLabV3 needs deep-stem (v1s) weights, e.g. resnet18-imagenet.pth"
         raise CheckpointMismatchError(msg)
     sub = {k: sd[k] if k in sd else torch.zeros((), dtype=torch.long) for k in want}
     if v3: target.load_state_dict(sub)
+    elif flat: target.load_state_dict(sub, strict=False)   # `features.*`; the low/high-level views share its tensors
     else:
         target.load_state_dict(sub, strict=False, assign=True)
         m.backbone.load_state_dict((MobileNetV2Backbone if mbv2 else ResNetBackbone)(target, m.output_stride).state_dict())
