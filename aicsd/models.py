@@ -12,15 +12,17 @@ import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.mobilenetv2 import InvertedResidual
 from .checkpoint import save_checkpoint, load_checkpoint
+from .data import IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
-__all__ = ['BACKBONES', 'CHANNELS', 'MBV2_SETTING', 'V3_BACKBONES', 'V3_CHANNELS', 'FAMILIES', 'resnet_layout', 'ResNetBackbone',
-           'resnet_backbone', 'same_padding', 'PaddedInvertedResidual', 'mobilenetv2_layout', 'MobileNetV2Backbone',
-           'mobilenetv2_backbone', 'ASPPBranch', 'ASPP', 'Decoder', 'DeepLabV3Plus', 'deeplabv3plus', 'v1s_dilations',
-           'ResNetV1s', 'mobilenetv2_dilated_layout', 'DilatedInvertedResidual', 'MobileNetV2Dilated', 'ASPPPooling',
-           'DeepLabV3ASPP', 'DeepLabV3Head', 'fcn_head', 'DeepLabV3', 'deeplabv3', 'build_model', 'param_groups',
-           'CheckpointMismatchError', 'cirkd_backbone', 'load_state_dict_strict', 'model_arch', 'save_model',
-           'load_model', 'load_released_checkpoint', 'load_cirkd_checkpoint', 'load_backbone_weights']
+__all__ = ['BACKBONES', 'CHANNELS', 'MBV2_SETTING', 'V3_BACKBONES', 'V3_CHANNELS', 'FIELD_MEAN_BGR', 'FAMILIES', 'resnet_layout',
+           'ResNetBackbone', 'resnet_backbone', 'same_padding', 'PaddedInvertedResidual', 'mobilenetv2_layout',
+           'MobileNetV2Backbone', 'mobilenetv2_backbone', 'ASPPBranch', 'ASPP', 'Decoder', 'DeepLabV3Plus',
+           'deeplabv3plus', 'v1s_dilations', 'ResNetV1s', 'mobilenetv2_dilated_layout', 'DilatedInvertedResidual',
+           'MobileNetV2Dilated', 'ASPPPooling', 'DeepLabV3ASPP', 'DeepLabV3Head', 'fcn_head', 'FieldInput', 'DeepLabV3',
+           'deeplabv3', 'build_model', 'param_groups', 'CheckpointMismatchError', 'cirkd_backbone',
+           'load_state_dict_strict', 'model_arch', 'save_model', 'load_model', 'load_released_checkpoint',
+           'load_cirkd_checkpoint', 'load_backbone_weights']
 
 # %% ../nbs/05_models.ipynb #071f91c5
 BACKBONES = ('resnet101', 'resnet50', 'resnet18', 'mobilenetv2')   # the one list of DeepLabV3+ backbones
@@ -426,6 +428,18 @@ def fcn_head(cin:int, # channels of the input (ResNet stage 3)
     "CIRKD's auxiliary `_FCNHead`: 3x3 conv to cin/4, BN, ReLU, dropout 0.1, 1x1 classifier (keys `block.*`)."
     return _Block(*_cbr(cin, cin // 4, 3, 1), nn.Dropout(0.1), nn.Conv2d(cin // 4, num_classes, 1))
 
+# %% ../nbs/05_models.ipynb #fb1b2c3e
+FIELD_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)   # CIRKD's input: BGR in 0-255 minus this mean (no std)
+
+class FieldInput(nn.Module):
+    "This project's input (RGB in [0, 1], normalised with the ImageNet mean and std) as CIRKD's: BGR, 0-255, minus `FIELD_MEAN_BGR`."
+    # BGR channel c is RGB channel 2 - c: 255 * (x * std + mean) - mean_bgr. Python floats, so the result is exact to the
+    # input's own precision (float64 in the tests) and nothing joins the state_dict.
+    scale = tuple(255 * s for s in reversed(IMAGENET_STD))
+    shift = tuple(255 * m - b for m, b in zip(reversed(IMAGENET_MEAN), FIELD_MEAN_BGR))
+    def forward(self, x:Tensor)->Tensor:
+        return torch.stack([x[:, 2 - c] * s + b for c, (s, b) in enumerate(zip(self.scale, self.shift))], 1)
+
 # %% ../nbs/05_models.ipynb #df4f5afc
 class DeepLabV3(nn.Module):
     "The field's DeepLabV3 (CIRKD's module names `pretrained.*`, `head.*`, `auxlayer.*`), output stride 8."
@@ -434,17 +448,19 @@ class DeepLabV3(nn.Module):
                  backbone_name:str, # 'resnet101', 'resnet18' or 'mobilenetv2'
                  num_classes:int,
                  aux:bool=False, # build the auxiliary FCN head on stage 3 (ResNets)
+                 field_input:bool=True, # convert the input to CIRKD's (`FieldInput`); False: networks trained on ours
                 ):
         super().__init__()
+        self.field_input = FieldInput() if field_input else None
         high, mid, width = V3_CHANNELS[backbone_name]
         self.pretrained, self.head = backbone, DeepLabV3Head(high, num_classes, width)
         if aux: self.auxlayer = fcn_head(mid, num_classes)
         self.backbone_name, self.num_classes, self.aux = backbone_name, num_classes, bool(aux)
 
-    def forward(self, x:Tensor, # B x 3 x H x W, normalised with the ImageNet mean and std
+    def forward(self, x:Tensor, # B x 3 x H x W, RGB normalised with the ImageNet mean and std
                 return_features:bool=False, # also return the dict of feature taps (and the aux logits)
                ):
-        high, low, mid = self.pretrained(x)
+        high, low, mid = self.pretrained(x if self.field_input is None else self.field_input(x))
         out8, a, feat = self.head(high)
         out = F.interpolate(out8, size=x.shape[2:], mode='bilinear', align_corners=True)
         if not return_features: return out
@@ -453,13 +469,15 @@ class DeepLabV3(nn.Module):
         return out, taps
 
     def extra_repr(self):
-        return f"backbone={self.backbone_name!r}, num_classes={self.num_classes}, output_stride=8, aux={self.aux}"
+        return (f"backbone={self.backbone_name!r}, num_classes={self.num_classes}, output_stride=8, aux={self.aux}"
+                + ('' if self.field_input is not None else ', field_input=False'))
 
 # %% ../nbs/05_models.ipynb #653211ff
 def deeplabv3(backbone:str, # 'resnet101', 'resnet18' or 'mobilenetv2'
               num_classes:int, # number of classes (19 for Cityscapes)
               aux:bool=False, # the auxiliary head on stage 3 (ResNets only; CIRKD's teacher and ResNet students have it)
               pretrained_backbone:str|Path|None=None, # an ImageNet weight file of the field (`resnet18-imagenet.pth`, ...)
+              field_input:bool=True, # take our input and give the network CIRKD's (`FieldInput`), as its weights expect
              )->DeepLabV3:
     "The field's DeepLabV3 (CIRKD's layout, output stride 8)."
     if backbone not in V3_BACKBONES:
@@ -472,7 +490,7 @@ def deeplabv3(backbone:str, # 'resnet101', 'resnet18' or 'mobilenetv2'
                          "are not in torchvision); pass the file, e.g. resnet18-imagenet.pth or mobilenetv2-imagenet.pth")
     bb = (MobileNetV2Dilated() if backbone == 'mobilenetv2' else
           ResNetV1s(*{'resnet101': (Bottleneck, (3, 4, 23, 3)), 'resnet18': (BasicBlock, (2, 2, 2, 2))}[backbone]))
-    model = DeepLabV3(bb, backbone, num_classes, aux)
+    model = DeepLabV3(bb, backbone, num_classes, aux, field_input)
     if pretrained_backbone: load_backbone_weights(model, pretrained_backbone)
     return model
 
@@ -608,7 +626,7 @@ def model_arch(model:nn.Module)->dict: # family, backbone, num_classes, output_s
     m = getattr(model, 'module', model); m = getattr(m, '_orig_mod', m)
     arch = dict(family=getattr(m, 'family', 'deeplabv3plus'), backbone=m.backbone_name, num_classes=m.num_classes,
                 output_stride=m.output_stride)
-    if arch['family'] == 'deeplabv3': arch['aux'] = m.aux
+    if arch['family'] == 'deeplabv3': arch.update(aux=m.aux, field_input=m.field_input is not None)
     return arch
 
 # %% ../nbs/05_models.ipynb #754b6f84
@@ -641,7 +659,9 @@ def load_model(path_or_dict:str|Path|dict, # a file written by save_model (or th
                        f"(CIRKD) checkpoint load_cirkd_checkpoint")
     family = ck['arch'].get('family', 'deeplabv3plus')
     keys = ('backbone', 'num_classes', 'aux') if family == 'deeplabv3' else ('backbone', 'num_classes', 'output_stride')
-    model = build_model(family, **{k: ck['arch'][k] for k in keys if k in ck['arch']})
+    # a DeepLabV3 saved before `FieldInput` existed was trained on our input as is
+    extra = dict(field_input=ck['arch'].get('field_input', False)) if family == 'deeplabv3' else {}
+    model = build_model(family, **{k: ck['arch'][k] for k in keys if k in ck['arch']}, **extra)
     return load_state_dict_strict(model, ck['model'], src).eval()
 
 # %% ../nbs/05_models.ipynb #edb31bbc
