@@ -105,6 +105,9 @@ _DATA = [   # data
        metavar='PX|HxW', check='int>=1'),
     _O('scale_min', 0.5, 'Data', 'random scale lower bound', type=float, check='>0'),
     _O('scale_max', 2.0, 'Data', 'random scale upper bound', type=float, check='>0'),
+    _O('scale_base', None, 'Data', "the short side the random scale multiplies, PX (default: the crop's short side, as the "
+       "released code; the field's recipes: 1024, the Cityscapes images' own, so the image itself is scaled, as CIRKD)",
+       type=int, metavar='PX', check='int>=1'),
     _O('hflip', True, 'Data', 'random horizontal flip', flag='bool'),
     _O('blur', False, 'Data', 'random Gaussian blur (released code: on)', flag='bool'),
     _E('eval_resize', None, 'Data', 'evaluate with the short side resized to PX (default: native resolution; 0 says '
@@ -419,7 +422,7 @@ class Spec:
 class DataSpec(Spec):
     "What the data sets read: which data, where, the splits and the transforms."
     data:str; data_root:str; train_split:str; val_split:str; num_classes:int|None; crop_size:int|list
-    scale_min:float; scale_max:float; hflip:bool; blur:bool; eval_resize:int|None; eval_square:bool
+    scale_min:float; scale_max:float; scale_base:int|None; hflip:bool; blur:bool; eval_resize:int|None; eval_square:bool
 
 # %% ../nbs/07a_config.ipynb #cfb1553a
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, cla
                   "makes one with other settings)", flush=True)
             make_synthetic(root, **({'num_classes': D.num_classes} if D.num_classes else {}))
         if dist.is_initialized(): dist.barrier()
-    ttf = train_transform(D.crop_size, scale=(D.scale_min, D.scale_max), hflip=D.hflip, blur=D.blur)
+    ttf = train_transform(D.crop_size, scale=(D.scale_min, D.scale_max), hflip=D.hflip, blur=D.blur, base_size=D.scale_base)
     tr = get_dataset(D.data, root, D.train_split, ttf)
     va = get_dataset(D.data, root, D.val_split, eval_transform_for(D.eval_resize, D.eval_square))
     n = _num_classes(tr)
@@ -186,7 +186,7 @@ def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, cla
             ds.classes = list(ds.classes)[:D.num_classes]
             ds.limit_note = (f"--num-classes {D.num_classes} keeps the first {D.num_classes} of the {n} classes of "
                              f"{D.data}: leave it out (or raise it) to train on these labels")
-    up = crop_upsampling(tr, D.crop_size) if rank == 0 else None
+    up = crop_upsampling(tr, D.crop_size) if rank == 0 and D.scale_base is None else None   # scaled from the crop's side
     if up and up[0] > 2:
         cs, f = D.crop_size, up[0]        # the size that trains at the images' own scale: the crop divided by the factor
         fit_crop = up[1] if isinstance(cs, int) else [max(1, round(s / f)) for s in cs]

@@ -78,7 +78,7 @@ FIELD_WEIGHTS = {   # method -> (the method as the field's script runs it, {term
              "every recipe keeps CIRKD's protocol)"),
 }
 _FIELD_PROTOCOL = dict(arch='deeplabv3', data='cityscapes', data_root='data/cityscapes', train_split='train', val_split='val',
-                       crop_size='512x1024', scale_min=0.5, scale_max=2.0, hflip=True, blur=False, batch_size=2,
+                       crop_size='512x1024', scale_min=0.5, scale_max=2.0, scale_base=1024, hflip=True, blur=False, batch_size=2,
                        sync_bn=True, max_steps=40000, lr=0.02, head_mult=1.0, momentum=0.9, weight_decay=1e-4,
                        poly_power=0.9, warmup_steps=0, eval_mode='whole', temperature=1.0)
 _FIELD_STUDENTS = dict(resnet18=dict(aux_weight=0.4, pretrained_backbone='pretrained/resnet18-imagenet.pth'),
