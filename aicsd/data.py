@@ -23,11 +23,11 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VO
            'CITYSCAPES_TRAIN_IDS', 'SHAPE_FAMILIES', 'COLOUR_FAMILIES', 'TEXTURES', 'SYNTHETIC_VERSION',
            'LOADER_TIMEOUT', 'NUM_CLASSES', 'DEFAULT_ROOTS', 'voc_palette', 'colorize', 'denormalize', 'read_image',
            'image_hw', 'read_label', 'SegmentationDataset', 'read_synthetic_info', 'VOCSegmentation', 'save_label_png',
-           'cityscapes_lut', 'CityscapesSegmentation', 'crop_side', 'train_transform', 'eval_transform',
-           'crop_upsampling', 'synthetic_classes', 'attribute_overlap', 'draw_synthetic', 'make_synthetic',
-           'class_frequencies', 'pad_collate', 'sample_seed', 'EpochSampler', 'SeededDataset', 'ShardSampler',
-           'worker_options', 'build_loader', 'close_loader', 'get_dataset', 'require_labelled', 'read_sbd_mat',
-           'build_sbd_trainaug', 'size_pair', 'parse_size']
+           'cityscapes_lut', 'CityscapesSegmentation', 'ExactResize', 'ExactRandomResize', 'crop_side',
+           'train_transform', 'eval_transform', 'crop_upsampling', 'synthetic_classes', 'attribute_overlap',
+           'draw_synthetic', 'make_synthetic', 'class_frequencies', 'pad_collate', 'sample_seed', 'EpochSampler',
+           'SeededDataset', 'ShardSampler', 'worker_options', 'build_loader', 'close_loader', 'get_dataset',
+           'require_labelled', 'read_sbd_mat', 'build_sbd_trainaug', 'size_pair', 'parse_size']
 
 # %% ../nbs/06_data.ipynb #0e871ed7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -312,6 +312,18 @@ def _finish(mean, std):
     return [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
             v2.Normalize(mean=list(mean), std=list(std)), v2.ToPureTensor()]
 
+# %% ../nbs/06_data.ipynb #aa1e2f30
+class _ExactMask:
+    "Resize a `Mask` with NEAREST_EXACT (pixel centres, like PIL's NEAREST) instead of torchvision's legacy NEAREST."
+    def transform(self, inpt, params):
+        if not isinstance(inpt, tv_tensors.Mask): return super().transform(inpt, params)
+        saved, self.interpolation = self.interpolation, v2.InterpolationMode.NEAREST_EXACT
+        try: return super().transform(inpt, params)
+        finally: self.interpolation = saved
+
+class ExactResize(_ExactMask, v2.Resize): "`v2.Resize`, masks at pixel centres."
+class ExactRandomResize(_ExactMask, v2.RandomResize): "`v2.RandomResize`, masks at pixel centres."
+
 # %% ../nbs/06_data.ipynb #1c7d5e90
 def crop_side(crop_size)->int: # PX, or (H, W)
     "The short side of a training crop: the reference the random scale multiplies."
@@ -327,7 +339,7 @@ def train_transform(crop_size:int=513, # side of the square training crop (or `(
                    )->v2.Compose: # call as `t(image, mask)` -> `(float 3 x h x w, int64 h x w)`
     "The paper's joint training augmentation: random scale, pad (0 / 255) and crop, flip, blur, normalise."
     base = base_size or crop_side(crop_size)
-    ts = [v2.RandomResize(int(scale[0] * base), int(scale[1] * base) + 1),
+    ts = [ExactRandomResize(int(scale[0] * base), int(scale[1] * base) + 1),
           v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})]
     if hflip: ts.append(v2.RandomHorizontalFlip(0.5))
     if blur: ts.append(v2.RandomApply([v2.GaussianBlur(kernel_size=7, sigma=(0.1, 1.0))], p=0.5))
@@ -340,8 +352,8 @@ def eval_transform(resize_short:int|None=None, # resize the short side to this (
                   )->v2.Compose: # call as `t(image, mask)`
     "Evaluation transform: native resolution by default; labels are resized with nearest neighbour."
     ts = []
-    if resize_short is not None: ts.append(v2.Resize(int(resize_short)))
-    if resize is not None: ts.append(v2.Resize((resize, resize) if isinstance(resize, int) else tuple(resize)))
+    if resize_short is not None: ts.append(ExactResize(int(resize_short)))
+    if resize is not None: ts.append(ExactResize((resize, resize) if isinstance(resize, int) else tuple(resize)))
     return v2.Compose(ts + _finish(mean, std))
 
 # %% ../nbs/06_data.ipynb #83f47594
