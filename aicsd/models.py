@@ -662,7 +662,8 @@ def load_model(path_or_dict:str|Path|dict, # a file written by save_model (or th
     # a DeepLabV3 saved before `FieldInput` existed was trained on our input as is
     extra = dict(field_input=ck['arch'].get('field_input', False)) if family == 'deeplabv3' else {}
     model = build_model(family, **{k: ck['arch'][k] for k in keys if k in ck['arch']}, **extra)
-    return load_state_dict_strict(model, ck['model'], src).eval()
+    dt = next((v.dtype for v in ck['model'].values() if torch.is_tensor(v) and v.is_floating_point()), torch.float32)
+    return load_state_dict_strict(model.to(dt), ck['model'], src).eval()   # in the saved precision (float64 runs stay float64)
 
 # %% ../nbs/05_models.ipynb #edb31bbc
 def load_released_checkpoint(path:str|Path|dict, # released checkpoint file (or its loaded dict)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from fastcore.basics import patch
 from .config import warn, resume_changes
 from .models import model_arch
-from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write_text_atomic   # the one writer and reader of files
+from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write_text_atomic, replace_synced   # the one writer and reader of files
 
 # %% auto #0
 __all__ = ['CHECKPOINTS', 'rng_state', 'set_rng_state', 'RunLog', 'read_run', 'Progress', 'RunExistsError', 'RunLockedError',
@@ -184,7 +184,7 @@ def save_last(self:Checkpointer, prog:Progress):
                               epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step,
                               best_miou=prog.best, metrics=prog.metrics or {}, rng=allst), self.last)
         if self.last.exists(): os.replace(self.last, self.prev)
-        os.replace(tmp, self.last)
+        replace_synced(tmp, self.last)                # and the folder synced: the renames survive a power cut
 
 # %% ../nbs/07b_runfolder.ipynb #e088cfbe
 @patch
