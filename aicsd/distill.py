@@ -462,10 +462,12 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
     failed = True
     try:
         ck = load_checkpoint(ckpt)
-        if not isinstance(ck, dict) or 'arch' not in ck:
-            raise ValueError(f"{ckpt} is not an aicsd checkpoint (no 'arch' entry); for the released code's checkpoints "
-                             f"use aicsd.models.load_released_checkpoint in Python")
-        model = load_model(ck, map_location='cpu').to(dev)
+        if isinstance(ck, dict) and 'arch' not in ck and (fb := cirkd_backbone(ck.get('state_dict', ck))) is not None:
+            model = load_cirkd_checkpoint(ck, fb, source=str(ckpt)).to(dev)   # the field's teacher file: check its 78.07 first
+        elif not isinstance(ck, dict) or 'arch' not in ck:
+            raise ValueError(f"{ckpt} is not an aicsd checkpoint (no 'arch' entry) nor a field (CIRKD) DeepLabV3; for the "
+                             f"released code's checkpoints use aicsd.models.load_released_checkpoint in Python")
+        else: model = load_model(ck, map_location='cpu').to(dev)
         trained = ck.get('config', {})
         mine = (trained.get('data'), trained.get('data_root') or DEFAULT_ROOTS.get(trained.get('data')))
         if opts['data'] == DEFAULTS['data'] and not opts.get('data_root') and trained.get('data') and mine != (opts['data'], DEFAULT_ROOTS[opts['data']]):

@@ -292,6 +292,15 @@ def test_field_protocol_cityscapes_defaults(trees, tmp_path):
               '--data', 'cityscapes', '--data-root', trees['cs_ids'], '--crop-size', '16x32', '--batch-size', 2,
               '--max-steps', 2, '--out', out, cwd=tmp_path)
     assert_full_run(out, p)
+    # the teacher file itself, evaluated as the field reports it (whole image), before any run relies on it
+    import json
+    aicsd('evaluate', '--ckpt', teacher, '--data', 'cityscapes', '--data-root', trees['cs_ids'], '--json', tmp_path / 't.json',
+          cwd=tmp_path)
+    from aicsd.data import get_dataset, eval_transform
+    from aicsd.evaluation import evaluate
+    from aicsd.models import load_cirkd_checkpoint
+    ref = evaluate(load_cirkd_checkpoint(teacher, 'resnet18'), get_dataset('cityscapes', trees['cs_ids'], 'val', eval_transform()), 19)
+    assert abs(json.loads((tmp_path / 't.json').read_text())['pixel_acc'] - float(ref['pixel_acc'])) < 1e-12
 
 
 # ---------------------------------------------------------------------------------------------- data stats
