@@ -483,7 +483,7 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
         if len(ds) == 0:
             raise ValueError(f"the split {opts['val_split']!r} of {opts['data_root']} has no images: nothing to evaluate; "
                              "check --data-root and --val-split")
-        require_labelled(ds, f"the split {opts['val_split']!r} of {opts['data_root']} (--val-split, --data-root)")
+        require_labelled(ds, f"the split {opts['val_split']!r} of {getattr(ds, 'root', opts['data_root'])} (--val-split, --data-root)")
         nc, dnc = model_arch(model)['num_classes'], getattr(ds, 'num_classes', None)
         if dnc is not None and dnc != nc:
             raise ValueError(f"{ckpt} predicts {nc} classes but {opts['data']} ({getattr(ds, 'root', opts['data_root'])}) "
