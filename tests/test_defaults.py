@@ -162,6 +162,31 @@ def test_distill_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path, method):
     assert alpha == ([0.5] if method == 'aicsd' else [0.0]), alpha
 
 
+def test_torchrun_distill_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path):
+    "The same distillation as two processes under torchrun (gloo): each rank's share of mixed-size validation images"
+    "(2 and 1) evaluated and summed, the figures drawn on rank 0, every default on."
+    import sys
+    out = tmp_path / 'ddp'
+    p = run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'aicsd.cli', 'distill',
+             '--teacher', voc_teacher / 'best.pt', '--student', 'mobilenetv2', *small('voc', trees['voc'], out)],
+            cwd=tmp_path, timeout=400)
+    assert_full_run(out, p)
+
+
+def test_paper_recipe_voc_mixed_sizes(voc_teacher, trees, tmp_path):
+    "The paper's VOC recipe as a config file, run with only what this machine needs overridden (paths, sizes, steps,"
+    "no ImageNet download): its blur, bf16, per-epoch ALW and 513 x 513 square evaluation on mixed-size images."
+    out = tmp_path / 'recipe'
+    (tmp_path / 'r.yaml').write_text(aicsd('recipes', 'voc-r18-aicsd', cwd=tmp_path).stdout)
+    p = aicsd('distill', '--config', tmp_path / 'r.yaml', '--teacher', voc_teacher / 'best.pt', '--data-root', trees['voc'],
+              '--train-split', 'train', '--batch-size', 2, '--crop-size', CROP, '--max-steps', 2, '--pretrained-backbone', 'none',
+              '--out', out, cwd=tmp_path)
+    assert_full_run(out, p)
+    import torch
+    cfg = torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['config']
+    assert (cfg['eval_resize'], cfg['eval_square'], cfg['blur'], cfg['alw_unit'], cfg['method']) == (513, True, True, 'epoch', 'aicsd')
+
+
 @pytest.mark.parametrize('workers', [None, 2])
 def test_resume_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path, workers):
     """Stopped after one step, resumed to the end: the evaluation and its figures happen in the resumed session.
