@@ -294,6 +294,8 @@ def idle_options(cfg:dict, # a configuration (`make_config` fills it)
     "Options set away from their default where this configuration makes them change nothing (warned: older recipes set them)."
     on = (lambda k: cfg.get(k, DEFAULTS[k]) != DEFAULTS[k])
     idle = [f"--eval-square: it squares --eval-resize PX, which is not given"] if cfg.get('eval_square') and not cfg.get('eval_resize') else []
+    if cfg.get('arch') == 'deeplabv3' and on('output_stride'):
+        idle.append(f"--output-stride {cfg['output_stride']}: the DeepLabV3 (--arch deeplabv3) is built at output stride 8 only")
     if obj is None: return idle
     terms = f"method {obj.method!r} (terms {', '.join(obj.names)})"
     for t in ('kd', 'icsd'):
