@@ -4,7 +4,7 @@
 
 # %% ../nbs/05a_checkpoint.ipynb #6f1b7795
 from __future__ import annotations
-import contextlib, os, tempfile
+import contextlib, json, os, tempfile
 from pathlib import Path
 import torch
 
@@ -15,7 +15,7 @@ def _read_umask()->int:
 UMASK = _read_umask()   # files 0o666 & ~UMASK, folders 0o777 & ~UMASK: what `open` and `mkdir` would give
 
 # %% auto #0
-__all__ = ['UMASK', 'write_temporary', 'replace_synced', 'save_checkpoint', 'write_text_atomic', 'check_writable',
+__all__ = ['UMASK', 'write_temporary', 'replace_synced', 'save_checkpoint', 'write_text_atomic', 'json_text', 'check_writable',
            'load_checkpoint']
 
 # %% ../nbs/05a_checkpoint.ipynb #7d21d810
@@ -56,18 +56,19 @@ def save_checkpoint(path:str|Path, # file to write
 
 # %% ../nbs/05a_checkpoint.ipynb #c3e1a9b4
 def write_text_atomic(path:str|Path, # the file to (re)write
-                      text:str, # its whole content
+                      text:str|bytes, # its whole content (bytes: written as they are, e.g. a PNG)
                       newline:str|None=None, # as `open`'s: '' writes '\n' as is on every platform
                      )->Path:
     "Write `text` to `path` whole or not at all: a synced temporary file beside it, then `os.replace`. A link is followed (the file it points to is replaced, not the link); a device or pipe (`/dev/stdout`) is written in place."
     path = Path(path)
     if path.is_symlink() and (path.resolve().is_file() or not path.resolve().exists()): path = path.resolve()
+    mode, kw = ('wb', {}) if isinstance(text, bytes) else ('w', dict(newline=newline))
     if path.exists() and not path.is_file():
-        with open(path, 'w', newline=newline) as fh: fh.write(text)
+        with open(path, mode, **kw) as fh: fh.write(text)
         return path
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
-        with os.fdopen(fd, 'w', newline=newline) as fh:
+        with os.fdopen(fd, mode, **kw) as fh:
             fh.write(text); fh.flush(); os.fsync(fh.fileno()); os.fchmod(fh.fileno(), 0o666 & ~UMASK)
     except BaseException:
         if os.path.exists(tmp): os.remove(tmp)
@@ -75,6 +76,19 @@ def write_text_atomic(path:str|Path, # the file to (re)write
     replace_synced(Path(tmp), path)
     return path
 
+
+# %% ../nbs/05a_checkpoint.ipynb #c3e1a9b7
+def _json_safe(x):
+    if isinstance(x, float) and (x != x or x in (float('inf'), float('-inf'))): return None
+    if isinstance(x, dict): return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)): return [_json_safe(v) for v in x]
+    return x
+
+def json_text(x, # numbers, strings, lists and dicts of them
+              indent:int|None=None, # as `json.dumps`'s
+             )->str:
+    "`x` as strict JSON: NaN (a class absent from the data) and infinities as null, which every JSON reader accepts."
+    return json.dumps(_json_safe(x), indent=indent, allow_nan=False)
 
 # %% ../nbs/05a_checkpoint.ipynb #c3e1a9b6
 def check_writable(path:str|Path, # a file a command writes at its end

@@ -8,7 +8,7 @@ import argparse, difflib, inspect, json, os, sys
 from pathlib import Path
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint
 from .config import _D, _renamed, check_ranges, distill_only, read_config, size_arg, size_text, warn
-from .checkpoint import check_writable, write_text_atomic
+from .checkpoint import check_writable, write_text_atomic, json_text
 from .objective import METHODS, TERMS, parse_method
 from .experiments import RECIPES, recipe_text, run_demo, run_compare
 from .bench import BENCHES, run_benchmarks
@@ -421,13 +421,6 @@ def main(argv:list|None=None)->int:
         return 2
 
 # %% ../nbs/09_cli.ipynb #ab514419
-def _json_safe(x):
-    "NaN (a class absent from the data) as null: strict JSON readers reject NaN."
-    if isinstance(x, float) and x != x: return None
-    if isinstance(x, dict): return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list): return [_json_safe(v) for v in x]
-    return x
-
 def iou_table(res:dict, # `evaluate_checkpoint`'s result: `iou` and `classes`
              )->str:
     "Per-class IoU (%) of an evaluation, one class a line; 'absent' for a class neither predicted nor in the labels."
@@ -442,15 +435,15 @@ def _main(argv):
         cfg = args_to_config(a)
         r = fit(cfg, draw=_figure_hook(cfg))
         if int(os.environ.get('RANK', 0)) == 0:
-            print(json.dumps(_json_safe(dict(out=r['out'], steps=r['steps'],   # a NaN as null
-                  best_miou=None if r['best_miou'] is None else round(r['best_miou'], 6), time_s=round(r['time_s'], 1)))))
+            print(json_text(dict(out=r['out'], steps=r['steps'],   # a NaN as null
+                  best_miou=None if r['best_miou'] is None else round(r['best_miou'], 6), time_s=round(r['time_s'], 1))))
     elif a.command == 'evaluate':
         if a.json and int(os.environ.get('RANK', 0)) == 0: check_writable(a.json, '--json')   # before the evaluation, not after it
         res = evaluate_checkpoint(a.ckpt, vars(a))
         if int(os.environ.get('RANK', 0)) == 0:
             print(f"per-class IoU (%):\n{iou_table(res)}", file=sys.stderr)   # for people; stdout keeps one JSON line
-            print(json.dumps(_json_safe({k: v for k, v in res.items() if not isinstance(v, list)})))   # the scalars
-            if a.json: write_text_atomic(a.json, json.dumps(_json_safe(res), indent=1))
+            print(json_text({k: v for k, v in res.items() if not isinstance(v, list)}))   # the scalars
+            if a.json: write_text_atomic(a.json, json_text(res, indent=1))
     elif a.command == 'demo':
         run_demo(out=a.out, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads, seeds=a.seeds)
     elif a.command == 'compare':

@@ -82,7 +82,8 @@ _WHAT = [   # what to train
     _O('weight', None, 'Distillation', "weight of a term, e.g. --weight cwd=3 (repeat the option for more terms; default: "
        "the method's weights)", metavar='TERM=W', resume='same', check='>=0', commands=_D),
     _O('param', None, 'Distillation', "a term's hyper-parameter, e.g. --param cwd.tau=2 (repeat the option for more; "
-       "default: the term's own)", metavar='TERM.KEY=V', resume='same', commands=_D),
+       "default: the term's own; `aicsd train` has the one term ce: --param ce.batch_average=true divides it by the batch "
+       "as the released code)", metavar='TERM.KEY=V', resume='same'),
     _O('lambda_kd', 1.0, 'Distillation', 'weight of pixel-wise KD', type=float, resume='same', check='>=0', commands=_D),
     _O('lambda_icsd', 0.1, 'Distillation', 'weight of ICSD', type=float, resume='same', check='>=0', commands=_D),
     _O('temperature', 1.0, 'Distillation', 'softmax temperature of KD and ICSD', flags=('-T',), type=float, resume='same',
@@ -353,6 +354,8 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
         given_d = [f"--{o.name.replace('_', '-')}" for o in OPTIONS if o.commands == _D and o.name != 'method'
                    and out[o.name] != o.default]
         if given_d: raise ValueError(distill_only(given_d))
+        if stray := sorted(set(out['param'] or {}) - {'ce', 'aux'}):
+            raise ValueError(distill_only([f"--param {t}.{k}" for t in stray for k in out['param'][t]]))
     obj = make_objective(out)                              # checks the method, and the terms' parameters (`bounds`)
     if out['mode'] == 'train' and obj.needs_teacher:
         raise ValueError(f"mode 'train' trains on the ground truth only; method {out['method']!r} needs mode 'distill'")

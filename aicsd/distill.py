@@ -326,7 +326,7 @@ def _new_folders(path:str|Path)->list:
 def _remove_empty(folders:list):
     "Remove the folders a failed run made, deepest first, while they hold nothing it logged: nothing else is touched."
     for d in folders:
-        if (d/'tb').is_dir() and not any((d/f).exists() for f in ('train_log.csv', 'eval_log.csv', 'last.pt')):
+        if (d/'tb').is_dir() and not has_logs(d) and not (d/'last.pt').exists():
             shutil.rmtree(d/'tb', ignore_errors=True)   # TensorBoard's file of a run that logged no row (a data error)
         try: d.rmdir()
         except OSError: return   # not empty (the run wrote something worth keeping), or already gone
@@ -445,7 +445,7 @@ def restarted_with_checkpoint(out:str|Path, # the run folder
                              )->bool: # True: torchrun restarted this job and `out` holds last.pt (or last.prev.pt) to continue
     "Whether this process is a torchrun restart of a run that has a checkpoint (then `fit` resumes by itself)."
     n = restart_count()
-    if n == 0 or not any((Path(out)/f).exists() for f in ('last.pt', 'last.prev.pt')): return False
+    if n == 0 or not any((Path(out)/f).exists() for f in CHECKPOINTS[:2]): return False   # last.pt, last.prev.pt
     if dist_env()[0] == 0: warn(f"torchrun restarted the job (restart {n}): resuming the run in {out} from its last checkpoint")
     return True
 
@@ -462,7 +462,7 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
     failed = True
     try:
         ck = load_checkpoint(ckpt)
-        if isinstance(ck, dict) and 'arch' not in ck and (fb := cirkd_backbone(ck.get('state_dict', ck))) is not None:
+        if isinstance(ck, dict) and 'arch' not in ck and (fb := cirkd_backbone(ck)) is not None:
             model = load_cirkd_checkpoint(ck, fb, source=str(ckpt)).to(dev)   # the field's teacher file: check its 78.07 first
         elif not isinstance(ck, dict) or 'arch' not in ck:
             raise ValueError(f"{ckpt} is not an aicsd checkpoint (no 'arch' entry) nor a field (CIRKD) DeepLabV3; for the "

@@ -6,17 +6,18 @@
 from __future__ import annotations
 import json, math, shutil, statistics, time
 from pathlib import Path
+import scipy.stats
 import torch
 from .config import check_ranges, make_config, size_text
-from .checkpoint import load_checkpoint, write_text_atomic
+from .checkpoint import load_checkpoint, write_text_atomic, json_text
 from .distill import fit
-from .runfolder import Checkpointer, RunInterrupted
+from .runfolder import RUN_FILES, RunInterrupted
 from .objective import METHODS, TERMS, parse_method
 
 # %% auto #0
 __all__ = ['PAPER_MIOU', 'PAPER_TEACHER', 'FIELD_TEACHER', 'FIELD_MIOU', 'FIELD_RERUN', 'FIELD_WEIGHTS', 'RECIPES',
            'DEMO_PRESETS', 'DEMO_METHODS', 'DEMO_PARAMS', 'recipe_command', 'recipe_text', 'run_demo', 'run_compare',
-           't_cdf', 't_quantile', 't_interval', 'paired_diffs', 'paired_text', 'format_table', 'write_report']
+           't_interval', 'paired_diffs', 'paired_text', 'format_table', 'write_report']
 
 # %% ../nbs/08a_experiments.ipynb #cdfd83d4
 PAPER_MIOU = {  # (dataset, student) -> method -> reported val mIoU (%), the paper's table (nbs/paper.ipynb)
@@ -28,9 +29,13 @@ PAPER_MIOU = {  # (dataset, student) -> method -> reported val mIoU (%), the pap
 PAPER_TEACHER = dict(voc=77.85, cityscapes=77.66)
 _PROTOCOL = dict(output_stride=16, epochs=120, batch_size=6, momentum=0.9, weight_decay=5e-4, poly_power=0.9,
                  head_mult=10.0, crop_size=513, scale_min=0.5, scale_max=2.0, hflip=True, blur=True,
-                 eval_resize=513, eval_square=True, pretrained_backbone='imagenet', precision='bf16')
-_DATA = dict(voc=dict(data='voc', data_root='data/VOCdevkit/VOC2012', train_split='trainaug', val_split='val', lr=0.007),
+                 eval_resize=513, eval_square=True, pretrained_backbone='imagenet', precision='bf16',
+                 param=dict(ce=dict(batch_average=True)))           # CE / batch, as the released code's loss helper
+_DATA = dict(voc=dict(data='voc', data_root='data/VOCdevkit/VOC2012', train_split='train', val_split='val', lr=0.007),
              cityscapes=dict(data='cityscapes', data_root='data/cityscapes', train_split='train', val_split='val', lr=0.01))
+# the released README's AICSD command weighs its pixel KD by 10 (`--pi_lambda 10`), a KLDivLoss averaged over the C classes
+# too: 10 / C in the units of our KD (`pixel_kd_loss` sums over classes)
+_KD_WEIGHT = dict(voc=round(10 / 21, 4), cityscapes=round(10 / 19, 4))
 _SHORT = dict(resnet18='r18', mobilenetv2='mbv2', resnet101='r101')
 
 def _recipes()->dict:
@@ -45,7 +50,8 @@ def _recipes()->dict:
                 r[f'{ds}-{_SHORT[st]}-{m}'] = dict(
                     command='distill', method=m, model=st,
                     **({'teacher': f'runs/{ds}-teacher-r101/best.pt'} if m != 'baseline' else {}),   # baseline reads none
-                    **_DATA[ds], **_PROTOCOL, temperature=1.0, lambda_kd=1.0, lambda_icsd=0.1,
+                    **_DATA[ds], **_PROTOCOL,
+                    **(dict(temperature=1.0, lambda_kd=_KD_WEIGHT[ds], lambda_icsd=0.1) if m != 'baseline' else {}),
                     **({'alw_unit': 'epoch'} if m == 'aicsd' else {}),                   # ALW: aicsd's alone
                     out=f'runs/{ds}-{_SHORT[st]}-{m}',
                     paper=dict(miou=rep if rep is not None else 'not reported (ablation only)',
@@ -119,8 +125,9 @@ def recipe_command(name:str, # a key of RECIPES
         ok = [g for g in range(1, total + 1) if total % g == 0 and total // g >= 2]
         raise ValueError(f"gpus must split the total batch of {total} into at least 2 images per process "
                          f"({', '.join(map(str, ok))}), got {gpus!r}")
+    sync = ' --sync-bn' if gpus > 1 and not r.get('sync_bn') else ''   # batch-norm statistics over the whole batch, as published
     return (f"torchrun --standalone --nproc_per_node {gpus} -m aicsd.cli {r['command']} --config {file or name + '.yaml'} "
-            f"--batch-size {total // int(gpus)}")
+            f"--batch-size {total // int(gpus)}{sync}")
 
 # %% ../nbs/08a_experiments.ipynb #292f5749
 def _toml(v)->str:
@@ -152,8 +159,10 @@ def recipe_text(name:str, # a key of RECIPES
     else:
         head += (f"# paper (its results table): val mIoU {p['miou']}"
                  + (f", teacher {p['teacher_miou']}" if 'teacher_miou' in p else '') + "\n"
-                 + ("# lambda_kd = 1 and lambda_icsd = 0.1 are ours (not in the material we had); " if r['command'] == 'distill' else '# ')
-                 + "batch_size is per process (6 in total in the paper)\n")
+                 + (f"# lambda_kd = {r.get('lambda_kd')} is 10 / C, the released README's --pi_lambda 10 in our KD's units; "
+                    "lambda_icsd = 0.1 is ours (not in the material we had)\n" if r['command'] == 'distill' and r['method'] != 'baseline' else '')
+                 + "# param ce.batch_average: CE / batch as the released code (= lr / 6 and weight decay x 6 for CE); "
+                 "batch_size is per process (6 in total in the paper; on G GPUs the command adds --sync-bn)\n")
     if fmt == 'toml': return head + ''.join(f"{k} = {_toml(v)}\n" for k, v in r.items())
     if fmt != 'yaml': raise ValueError(f"fmt must be 'yaml' or 'toml', got {fmt!r}")
     import yaml
@@ -197,7 +206,7 @@ def _clear_run(d:Path, # one of the demo's run folders (its teacher, or a studen
     "Remove an earlier run from the demo's run folder `d`: its run files and `replaced-<time>/` copies; other files stay."
     d = Path(d)
     if not d.is_dir() or (d/'.lock').exists(): return 0    # locked: `fit` decides (a live run refuses, a dead one is taken over)
-    old = [d/f for f in Checkpointer.RUN_FILES if (d/f).exists()] + sorted(p for p in d.glob('replaced-*') if p.is_dir())
+    old = [d/f for f in RUN_FILES if (d/f).exists()] + sorted(p for p in d.glob('replaced-*') if p.is_dir())
     size = sum(f.stat().st_size for p in old for f in (p.rglob('*') if p.is_dir() else [p]) if f.is_file())
     for p in old: shutil.rmtree(p) if p.is_dir() else p.unlink()
     return size
@@ -227,7 +236,6 @@ def run_demo(out:str|Path='runs/demo', # report folder
              seeds:tuple|None=None, # student seeds (default: the preset's, 3 for the full demo)
             )->list: # rows of the results table (dicts with mean and std over seeds)
     "Synthetic data -> teacher -> students of each method and seed -> report, heatmaps, predictions."
-    import matplotlib; matplotlib.use('Agg')
     from aicsd.data import make_synthetic, get_dataset, eval_transform, read_synthetic_info
     from aicsd.models import load_model
     from aicsd.viz import demo_figures, model_ics
@@ -300,43 +308,6 @@ def run_compare(out:str|Path='runs/compare', # report folder
     "Every method on the same synthetic teacher and students, seeds as the demo: `aicsd compare`."
     return run_demo(out=out, methods=tuple(methods or METHODS), **kw)
 
-# %% ../nbs/08a_experiments.ipynb #9645e805
-def t_cdf(x:float, # where to evaluate
-          df:int, # degrees of freedom, a whole number >= 1
-         )->float: # P(T <= x) for Student's t with `df` degrees of freedom
-    "Student's t distribution function, exact for whole `df` (the finite series of Abramowitz & Stegun 26.7.3-4)."
-    if isinstance(df, bool) or int(df) != df or df < 1: raise ValueError(f"df must be a whole number >= 1, got {df!r}")
-    df = int(df); th = math.atan2(abs(x), math.sqrt(df)); s, c2 = math.sin(th), math.cos(th) ** 2
-    if df % 2:   # odd df: A = 2/pi (theta + sin(theta) (cos + 2/3 cos^3 + 2*4/(3*5) cos^5 + ... up to cos^(df-2)))
-        u = acc = math.cos(th) if df > 1 else 0.0
-        for k in range(1, (df - 1) // 2): u *= 2 * k / (2 * k + 1) * c2; acc += u
-        a = 2 / math.pi * (th + s * acc)
-    else:        # even df: A = sin(theta) (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... up to cos^(df-2))
-        u = acc = 1.0
-        for k in range(df // 2 - 1): u *= (2 * k + 1) / (2 * k + 2) * c2; acc += u
-        a = s * acc
-    return 0.5 + math.copysign(a / 2, x)     # A = P(|T| <= |x|)
-
-# %% ../nbs/08a_experiments.ipynb #f94c0e82
-def t_quantile(p:float, # probability, in (0, 1)
-               df:int, # degrees of freedom, a whole number >= 1
-              )->float: # x with P(T <= x) = p
-    "Student's t quantile: bisection on `t_cdf` (exact series) up to 1000 degrees of freedom, Cornish-Fisher beyond."
-    if not 0 < p < 1: raise ValueError(f"p must be in (0, 1), got {p!r}")
-    if p == 0.5: return 0.0
-    if p < 0.5: return -t_quantile(1 - p, df)
-    if isinstance(df, bool) or int(df) != df or df < 1: raise ValueError(f"df must be a whole number >= 1, got {df!r}")
-    if df > 1000:   # A&S 26.7.5: error below 1e-9 here
-        z = statistics.NormalDist().inv_cdf(p)
-        return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p: lo, hi = hi, 2 * hi
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if mid in (lo, hi): break
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
-
 # %% ../nbs/08a_experiments.ipynb #fc380402
 def t_interval(xs:list, # samples (e.g. per-seed differences)
                level:float=0.95, # confidence level
@@ -347,7 +318,7 @@ def t_interval(xs:list, # samples (e.g. per-seed differences)
     if not 0 < level < 1: raise ValueError(f"level must be in (0, 1), got {level!r}")
     m = statistics.fmean(xs)
     if len(xs) == 1: return m, None, None
-    half = t_quantile((1 + level) / 2, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    half = float(scipy.stats.t.ppf((1 + level) / 2, len(xs) - 1)) * statistics.stdev(xs) / math.sqrt(len(xs))
     return m, m - half, m + half
 
 # %% ../nbs/08a_experiments.ipynb #64fe5c44
@@ -446,4 +417,4 @@ def write_report(rows, out:Path, P:dict, total:float, seeds:tuple=(0,)):
            "![ICS matrices](ics_matrices.png)\n\n![Predictions](predictions.png)\n")
     write_text_atomic(out/'report.md', txt)
     by = {d['method']: d for d in diffs}
-    write_text_atomic(out/'results.json', json.dumps([{**r, 'paired': by[r['method']]} if r['method'] in by else r for r in rows], indent=1))
+    write_text_atomic(out/'results.json', json_text([{**r, 'paired': by[r['method']]} if r['method'] in by else r for r in rows], indent=1))

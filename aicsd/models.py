@@ -545,9 +545,10 @@ def _guess_backbone(sd):
     return {23: 'resnet101', 6: 'resnet50'}.get(n3)
 
 # %% ../nbs/05_models.ipynb #e1c57976
-def cirkd_backbone(sd:dict, # a state_dict (a 'module.' prefix is ignored)
+def cirkd_backbone(sd:dict, # a state_dict (a 'module.' prefix is ignored), or a dict holding it under 'state_dict'
                   )->str|None: # 'resnet101', 'resnet18' or 'mobilenetv2'; None if `sd` is not a field DeepLabV3
     "Which backbone a state_dict in the field's DeepLabV3 format (CIRKD) has, from its keys and shapes."
+    if isinstance(sd, dict) and isinstance(sd.get('state_dict'), dict): sd = sd['state_dict']   # as load_cirkd_checkpoint reads
     if not isinstance(sd, dict) or not sd: return None
     sd = _strip_prefixes(dict(sd))
     if not {'head.aspp.b0.0.weight', 'head.block.4.weight'} <= set(sd): return None

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 import torch
+import torch.distributed as dist
 from torch import nn, Tensor
 import torch.nn.functional as F
 from .losses import ce_loss, pixel_kd_loss, icsd_loss, released_icsd_loss
@@ -76,9 +77,12 @@ def register_term(name:str, # the name methods, weights and logs use
     return term
 
 # %% ../nbs/04_objective.ipynb #8898e185
-def term_ce(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, ignore_index:int=255):
-    "Cross-entropy with the ground truth."
-    return ce_loss(s['logits'], target, ignore_index=ignore_index)
+def term_ce(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, ignore_index:int=255, batch_average:bool=False):
+    "Cross-entropy with the ground truth; `batch_average`: divided again by the batch (every process's images), as the released code."
+    loss = ce_loss(s['logits'], target, ignore_index=ignore_index)
+    if not batch_average: return loss
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return loss / (target.shape[0] * world)
 
 # %% ../nbs/04_objective.ipynb #69d08efe
 def term_kd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, T:float=1.0, ignore_index:int=255,
@@ -96,7 +100,8 @@ def term_released_icsd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     "What the released code computes as ICSD (for audits; not a KL divergence)."
     return released_icsd_loss(s['logits'], t['logits'])
 
-register_term('ce', Term(term_ce, teacher=False, params=dict(ignore_index=255), ref='supervised cross-entropy'))
+register_term('ce', Term(term_ce, teacher=False, params=dict(ignore_index=255, batch_average=False),
+                         ref='supervised cross-entropy'))
 register_term('kd', Term(term_kd, alw='fade', params=dict(T=1.0, ignore_index=255, skip_ignored=False), bounds=dict(T='>0'),
                          ref='Hinton et al., NeurIPS-W 2015; pixel-wise as in CIRKD losses/'))
 register_term('icsd', Term(term_icsd, weight=0.1, params=dict(T=1.0, normalize=None), bounds=dict(T='>0'),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07b_runfolder.ipynb #9082a852
 from __future__ import annotations
-import csv, os, random, shutil, socket, time
+import csv, os, random, shutil, socket, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -16,8 +16,8 @@ from .models import model_arch
 from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write_text_atomic, replace_synced   # the one writer and reader of files
 
 # %% auto #0
-__all__ = ['CHECKPOINTS', 'rng_state', 'set_rng_state', 'RunLog', 'read_run', 'Progress', 'RunExistsError', 'RunLockedError',
-           'RunInterrupted', 'RunLock', 'Checkpointer']
+__all__ = ['LOGS', 'CHECKPOINTS', 'RUN_FILES', 'rng_state', 'set_rng_state', 'RunLog', 'has_logs', 'read_run', 'Progress',
+           'RunExistsError', 'RunLockedError', 'RunInterrupted', 'RunLock', 'Checkpointer']
 
 # %% ../nbs/07b_runfolder.ipynb #540a878f
 def rng_state()->dict:
@@ -90,11 +90,19 @@ def _read_csv(path:Path)->dict:
     return {k: np.array([f(r.get(k)) for r in rows]) for k in rows[0]}
 
 # %% ../nbs/07b_runfolder.ipynb #d68ebac5
+LOGS = ('train_log.csv', 'eval_log.csv')                  # the names of a run's files: here, and nowhere else
+CHECKPOINTS = ('last.pt', 'last.prev.pt', 'best.pt')
+RUN_FILES = CHECKPOINTS + LOGS + ('tb', 'figures')        # what a run writes in its folder (`--force` sets them aside)
+
+def has_logs(run)->bool:
+    "Whether the run folder `run` holds a log `read_run` can read."
+    return any((Path(run)/f).is_file() for f in LOGS)
+
 def read_run(run, # run folder holding `train_log.csv` and/or `eval_log.csv`
             )->dict: # {'train': column -> array, 'eval': column -> array, 'terms': names of the loss terms, 'name': folder name}
     "The logs of a run as arrays."
     run = Path(run)
-    tr, ev = _read_csv(run/'train_log.csv'), _read_csv(run/'eval_log.csv')
+    tr, ev = (_read_csv(run/f) for f in LOGS)
     if not tr and not ev: raise FileNotFoundError(f"no train_log.csv or eval_log.csv in {run}")
     return dict(train=tr, eval=ev, terms=[k for k in tr if k not in _FIXED], name=run.name)
 
@@ -136,21 +144,32 @@ class RunLock:
         me = f"{os.getpid()} {socket.gethostname()}"
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, (me + '\n').encode()); os.close(fd); self.held = True
+                self._create(me + '\n'); self.held = True
                 return self
             except PermissionError:
                 raise PermissionError(f"--out {self.path.parent}: cannot write in this folder (permission denied creating "
                                       f"{self.path.name}); choose another --out or make it writable") from None
             except FileExistsError:
                 try: pid, host = self.path.read_text().split()[:2]; pid = int(pid)
-                except (OSError, ValueError): pid, host = None, None
+                except (OSError, ValueError): pid, host = None, None   # (a lock written by an older version, cut short)
                 if pid is not None and host == socket.gethostname() and not _alive(pid):
                     warn(f"{self.path}: the run that held it (process {pid}) is gone; taking the folder over")
                     self.path.unlink(missing_ok=True); continue
-                raise RunLockedError(f"{self.path.parent} is in use by process {pid} on {host} (lock file {self.path}); wait "
+                who = f"process {pid} on {host}" if pid is not None else "a run whose lock file names no process"
+                raise RunLockedError(f"{self.path.parent} is in use by {who} (lock file {self.path}); wait "
                                      f"for that run to end or choose another --out; if that process is gone, delete the lock file")
         raise RunLockedError(f"could not take {self.path}")
+    def _create(self, text:str):
+        "The lock file, whole or not at all: a complete temporary file linked to the name (which fails if it exists)."
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix='.lock.', suffix='.tmp')
+        try:
+            with os.fdopen(fd, 'w') as fh: fh.write(text)
+            try: os.link(tmp, self.path)
+            except FileExistsError: raise
+            except OSError:   # a file system without hard links: create exclusively, then write
+                fd2 = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd2, text.encode()); os.close(fd2)
+        finally: os.unlink(tmp)
     def release(self):
         if self.held: self.path.unlink(missing_ok=True); self.held = False
 
@@ -165,7 +184,7 @@ class Checkpointer:
 
     def _student(self): return dict(model=self.run.student.state_dict(), arch=model_arch(self.run.student))
 
-    RUN_FILES = ('last.pt', 'last.prev.pt', 'best.pt', 'train_log.csv', 'eval_log.csv', 'tb', 'figures')
+    RUN_FILES = RUN_FILES
 
 # %% ../nbs/07b_runfolder.ipynb #dcffd789
 @patch
@@ -244,8 +263,6 @@ def resume(self:Checkpointer)->Progress|None:
     return Progress(ck['epoch'], ck['step_in_epoch'], ck['global_step'], _best(ck['best_miou']), ck['metrics'])
 
 # %% ../nbs/07b_runfolder.ipynb #202c2d94
-CHECKPOINTS = ('last.pt', 'last.prev.pt', 'best.pt')
-
 def _aside(out:Path)->Path:
     "A new `out/replaced-<time>/` folder (`-2`, `-3`... when one of that second exists)."
     base = out/time.strftime('replaced-%Y%m%d-%H%M%S')

@@ -4,6 +4,7 @@
 
 # %% ../nbs/10_viz.ipynb #7e7a9f12
 from __future__ import annotations
+import io
 from pathlib import Path
 import numpy as np
 import torch
@@ -19,12 +20,14 @@ from .similarity import ics_matrix
 from .data import voc_palette, denormalize, colorize, CITYSCAPES_CLASSES, IGNORE_INDEX, IGNORE_COLOUR
 try: from torch.utils.tensorboard import SummaryWriter   # the type of `write_eval_figures`'s `tb_writer`
 except Exception: SummaryWriter = None                     # TensorBoard stays optional
-from .runfolder import read_run   # the run format has one reader
+from .checkpoint import write_text_atomic
+from .runfolder import read_run, has_logs   # the run format has one reader
 
 # %% auto #0
 __all__ = ['CITYSCAPES_PALETTE', 'paint', 'class_names', 'palette_for', 'to_rgb', 'row_normalize', 'plot_ics', 'plot_ics_models',
            'plot_distributions', 'plot_predictions', 'plot_class_iou', 'plot_confusion', 'plot_curves', 'model_logits',
-           'model_ics', 'demo_figures', 'write_eval_figures', 'run_figures', 'ics_pair_view', 'ICSExplorer']
+           'model_ics', 'save_figure', 'demo_figures', 'write_eval_figures', 'run_figures', 'ics_pair_view',
+           'ICSExplorer']
 
 # %% ../nbs/10_viz.ipynb #5d4dee8c
 def _register_figure_display():
@@ -50,7 +53,10 @@ def class_names(source:list|Dataset|None=None, # a dataset (with `.classes`), a 
         if source is None or isinstance(source, (list, tuple)): break
         if getattr(source, 'classes', None) is not None: source = source.classes; break
         source = getattr(source, 'dataset', None)
-    if isinstance(source, (list, tuple)): return [str(c) for c in source]
+    if isinstance(source, (list, tuple)):
+        if num_classes is not None and len(source) != num_classes:
+            raise ValueError(f"`classes` has {len(source)} names but the data have {num_classes} classes")
+        return [str(c) for c in source]
     if num_classes is None: raise ValueError("no class names found: pass names or num_classes")
     return [str(c) for c in range(num_classes)]
 
@@ -84,6 +90,9 @@ def to_rgb(image, # `3 x H x W` tensor (float: ImageNet-normalised; uint8: raw),
 # %% ../nbs/10_viz.ipynb #0653dbeb
 def _mean_matrix(M)->Tensor:
     M = torch.as_tensor(M).detach().cpu().double()
+    if M.dim() not in (2, 3) or M.shape[-1] != M.shape[-2]:
+        raise ValueError(f"expected an ICS matrix `C x C` (or `B x C x C`); got shape {tuple(M.shape)}: "
+                         "logits `B x C x H x W` go through `ics_matrix` first")
     return M.mean(0) if M.dim() == 3 else M
 
 # %% ../nbs/10_viz.ipynb #548c2462
@@ -309,12 +318,13 @@ def plot_confusion(confmat, # `C x C` [true, predicted] counts, or a `SegMetrics
 # %% ../nbs/10_viz.ipynb #eca8c036
 def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder to compare runs
                 title:str|None=None, # figure title
-                alw:bool=True, # draw the ALW weight alpha; False for runs without a teacher (`aicsd train`): ALW does not apply
+                alw:bool|None=None, # draw the ALW weight alpha; None: when a run's log has a non-zero alpha (runs under ALW)
                )->Figure: # axes: loss terms, ALW alpha (alw) or learning rate, mIoU, then the learning rate's twin axis (alw)
     "Loss terms, ALW weight and learning rate, and validation mIoU of one run (or several) against steps."
     runs = run if isinstance(run, dict) and 'train' not in run else {None: run}
     logs = {k: (v if isinstance(v, dict) else read_run(v)) for k, v in runs.items()}
     one = len(logs) == 1
+    if alw is None: alw = any(L['train'] and np.any(np.asarray(L['train'].get('alpha', [0])) != 0) for L in logs.values())
     fig = Figure(figsize=(13, 3.4), layout='constrained')
     a_loss, a_alw, a_eval = fig.subplots(1, 3)
     a_lr = a_alw.twinx() if alw else a_alw
@@ -327,7 +337,7 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
             a_loss.plot(s, tr['loss'], color='k' if one else pal[k % 10], lw=1.8, label='total' if one else lab, **mk)
             if one:
                 for t, term in enumerate(L['terms']): a_loss.plot(s, tr[term], color=pal[t % 10], lw=1.1, label=term, **mk)
-            if alw:
+            if alw and 'alpha' in tr:
                 a_alw.plot(s, tr['alpha'], color=pal[k % 10] if not one else pal[0], label='alpha' if one else lab, **mk)
                 if one: a_alw.plot(s, 1 - tr['alpha'], color=pal[1], ls='--', label='1 - alpha (KD factor)', **mk)
             if one or not alw:
@@ -402,6 +412,16 @@ def _ics_and_dist(logits:dict, T:float=1.0)->tuple:
     ref = M[next(iter(M))]
     return M, {nm: float(((m - ref) ** 2).mean()) for nm, m in M.items()}
 
+# %% ../nbs/10_viz.ipynb #a5f1e0c2
+def save_figure(fig:Figure, # the figure
+                path:str|Path, # the file; its suffix names the format (.png, .pdf, .svg)
+                dpi:int=100, # resolution of raster formats
+               )->Path:
+    "Write `fig` to `path` whole or not at all (rendered in memory, then `write_text_atomic`): a run stopped mid-write leaves the previous picture."
+    path = Path(path); buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip('.') or 'png', dpi=dpi)
+    return write_text_atomic(path, buf.getvalue())
+
 # %% ../nbs/10_viz.ipynb #810062ee
 def demo_figures(models:dict, # name -> model (eval mode, CPU), 'teacher' first
                  root:str|Path, # the synthetic data set (its 'val' split is used)
@@ -416,14 +436,14 @@ def demo_figures(models:dict, # name -> model (eval mode, CPU), 'teacher' first
     cls = class_names(raw)
     logits = model_logits(models, ds, n)
     M, dist = _ics_and_dist(logits)
-    plot_ics_models(M, cls, dist, title=f'ICS matrices M[i, j] = KL(P_i || P_j), mean over {len(logits["teacher"])} '
-                    'validation images').savefig(out/'ics_matrices.png', dpi=110)
+    save_figure(plot_ics_models(M, cls, dist, title=f'ICS matrices M[i, j] = KL(P_i || P_j), mean over {len(logits["teacher"])} '
+                    'validation images'), out/'ics_matrices.png', dpi=110)
     for nm, m in M.items():
         f = plot_ics(m, classes=cls, names=(nm,), title=f'ICS matrix: {nm}')
-        f.savefig(out/f'ics_{nm}.png', dpi=100)
-    k = min(3, len(raw))
-    plot_predictions([raw[i][0] for i in range(k)], [raw[i][1] for i in range(k)],
-                     {nm: ls[:k] for nm, ls in logits.items()}, cls).savefig(out/'predictions.png', dpi=100)
+        save_figure(f, out/f'ics_{nm}.png', dpi=100)
+    k = min(3, len(raw), len(logits['teacher']))
+    save_figure(plot_predictions([raw[i][0] for i in range(k)], [raw[i][1] for i in range(k)],
+                                 {nm: ls[:k] for nm, ls in logits.items()}, cls), out/'predictions.png', dpi=100)
     return dist
 
 # %% ../nbs/10_viz.ipynb #7d909e40
@@ -447,8 +467,8 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
     M, dist = _ics_and_dist(logits)
     C = M[me].shape[0]
     is_ds = data is not None and not torch.is_tensor(data) and not isinstance(data, (list, tuple))
-    cls = class_names(classes if classes is not None else (data if is_ds else None), C)
-    if len(cls) != C: cls = class_names(None, C)
+    try: cls = class_names(classes if classes is not None else (data if is_ds else None), C)
+    except ValueError: cls = class_names(None, C)          # no names, or not C of them: the class indices
     figs = {}
     if teacher is not None:
         figs['ics'] = plot_ics(M['teacher'], M['student'], cls, title=f'ICS matrices at step {step}')
@@ -464,11 +484,11 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
     paths = {}
     for key, f in figs.items():
         paths[key] = fdir/f'{key}_step{step:07d}.png'
-        f.savefig(paths[key], dpi=dpi)
-    if curves and ((out/'train_log.csv').is_file() or (out/'eval_log.csv').is_file()):
+        save_figure(f, paths[key], dpi=dpi)
+    if curves and has_logs(out):
         figs['curves'] = plot_curves(out, alw=teacher is not None if alw is None else alw)   # ALW: distillation only
         paths['curves'] = fdir/'curves.png'
-        figs['curves'].savefig(paths['curves'], dpi=dpi)
+        save_figure(figs['curves'], paths['curves'], dpi=dpi)
     d = dist.get('student') if teacher is not None else None
     if tb_writer is not None:
         for key, f in figs.items(): tb_writer.add_figure(f'figures/{key}', f, global_step=step, close=False)
@@ -494,8 +514,13 @@ def ics_pair_view(logits:Tensor, # one image's logits `C x H x W` (or `1 x C x H
                   title:str='', # prefix of the figure title (e.g. the model's name)
                  )->dict: # P_i, P_j (`H x W` float64), kl (float), M (`C x C`), fig
     "P_i and P_j over the image, KL(P_i || P_j), and the ICS matrix with cell (i, j) framed."
+    if logits.dim() not in (3, 4) or (logits.dim() == 4 and len(logits) != 1):
+        raise ValueError(f"`logits` must be one image's `C x H x W` (or `1 x C x H x W`); got shape {tuple(logits.shape)}: "
+                         "pick the image, e.g. logits[b]")
     z = (logits if logits.dim() == 4 else logits[None]).detach().cpu().float()
     C, H, W = z.shape[1:]
+    for nm, c in (('i', i), ('j', j)):
+        if not 0 <= c < C: raise ValueError(f"class `{nm}` must be in 0..{C - 1}; got {c}")
     cn = class_names(classes, C)
     short = max(len(c) for c in cn) <= 10           # long names on the matrix's axes would squeeze the images: indices
     P = class_distributions(z, T=T)[0].reshape(C, H, W).double()

@@ -179,12 +179,13 @@ def test_paper_recipe_voc_mixed_sizes(voc_teacher, trees, tmp_path):
     out = tmp_path / 'recipe'
     (tmp_path / 'r.yaml').write_text(aicsd('recipes', 'voc-r18-aicsd', cwd=tmp_path).stdout)
     p = aicsd('distill', '--config', tmp_path / 'r.yaml', '--teacher', voc_teacher / 'best.pt', '--data-root', trees['voc'],
-              '--train-split', 'train', '--batch-size', 2, '--crop-size', CROP, '--max-steps', 2, '--pretrained-backbone', 'none',
+              '--batch-size', 2, '--crop-size', CROP, '--max-steps', 2, '--pretrained-backbone', 'none',
               '--out', out, cwd=tmp_path)
     assert_full_run(out, p)
     import torch
     cfg = torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['config']
     assert (cfg['eval_resize'], cfg['eval_square'], cfg['blur'], cfg['alw_unit'], cfg['method']) == (513, True, True, 'epoch', 'aicsd')
+    assert (cfg['train_split'], cfg['param'], cfg['lambda_kd']) == ('train', {'ce': {'batch_average': True}}, 0.4762)
 
 
 @pytest.mark.parametrize('workers', [None, 2])
