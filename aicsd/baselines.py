@@ -13,13 +13,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from .distributions import check_logits
 
 # %% ../nbs/03_baselines.ipynb #af41ff66
 def _check4(name:str, x):
     "Raise a clear error unless `x` is a 4-D tensor."
-    if not torch.is_tensor(x) or x.dim() != 4:
-        raise ValueError(f"`{name}` must be a 4-D tensor B x C x H x W; got "
-                         f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+    check_logits(x, name)
 
 # %% ../nbs/03_baselines.ipynb #58fd2e6d
 def _check_pair(s:Tensor, t:Tensor, s_name:str, t_name:str,

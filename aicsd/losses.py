@@ -7,11 +7,12 @@ __all__ = ['icsd_loss', 'pixel_kd_loss', 'ce_loss', 'released_ics_matrix_plain',
            'released_icsd_loop']
 
 # %% ../nbs/02_losses.ipynb #5bc6d66c
+import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from .distributions import flat_mask
+from .distributions import flat_mask, check_logits
 from .similarity import ics_matrix
 from .blocks import (run_blocks, n_workers, empty_grad, compute_dtype, round_up, block_width, scratch, mm_nt,
                           fast_exp)
@@ -19,10 +20,7 @@ from .blocks import (run_blocks, n_workers, empty_grad, compute_dtype, round_up,
 # %% ../nbs/02_losses.ipynb #b24cc297
 def _check_pair(student_logits:Tensor, teacher_logits:Tensor):
     "Raise a clear error unless student and teacher logits are 4-D with the same shape."
-    for name, t in (('student_logits', student_logits), ('teacher_logits', teacher_logits)):
-        if not torch.is_tensor(t) or t.dim() != 4:
-            raise ValueError(f"`{name}` must be a 4-D tensor B x C x H x W; got "
-                             f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+    check_logits(student_logits, 'student_logits'); check_logits(teacher_logits, 'teacher_logits')
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"`student_logits` {tuple(student_logits.shape)} and `teacher_logits` "
                          f"{tuple(teacher_logits.shape)} must have the same shape (upsample both to the label size)")
@@ -33,12 +31,14 @@ def icsd_loss(student_logits:Tensor, # student logits `B x C x H x W`
               T:float=1.0,           # temperature of the spatial softmax
               normalize:str|None=None, # None: raw KL matrices; 'row': L2-normalise each row of both first
               mask:Tensor|None=None, # optional bool `B x H x W`, True = position used
-             )->Tensor: # scalar float32: mean squared difference of the per-image ICS matrices
-    "ICSD loss: MSE between the student's and the teacher's inter-class similarity matrices."
+             )->Tensor: # scalar (float32; float64 for float64 logits): mean squared difference of the per-image ICS matrices
+    "ICSD: mean over the B x C x C entries of (M_S - M_T)^2, M = `ics_matrix` (per image, `B x C x C`); the teacher gets no gradient."
     _check_pair(student_logits, teacher_logits)
     if normalize not in (None, 'row'): raise ValueError(f"`normalize` must be None or 'row'; got {normalize!r}")
     Ms = ics_matrix(student_logits, T=T, mask=mask)
     with torch.no_grad(): Mt = ics_matrix(teacher_logits.detach(), T=T, mask=mask)
+    if normalize == 'row' and student_logits.shape[1] == 2:
+        warnings.warn("icsd_loss(normalize='row') with 2 classes is always 0: each row [0, x] normalises to [0, 1]", stacklevel=2)
     if normalize == 'row': Ms, Mt = F.normalize(Ms, dim=2), F.normalize(Mt, dim=2)
     return (Ms - Mt.to(Ms.dtype)).pow(2).mean()
 
@@ -80,19 +80,21 @@ def ce_loss(logits:Tensor, # logits `B x C x H x W`
             ignore_index:int=255, # label value left out of the mean
            )->Tensor: # scalar: mean cross-entropy over labelled pixels (0 if there are none)
     "Pixel-wise cross-entropy with an ignore index; 0 (not NaN) when every pixel is ignored."
+    check_logits(logits)
     if target.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"`target` must have shape (B, H, W) = {tuple(logits.shape[:1] + logits.shape[2:])} "
                          f"to match `logits` {tuple(logits.shape)}; got {tuple(target.shape)}")
     with torch.autocast(device_type=logits.device.type, enabled=False):
         x = logits if logits.dtype == torch.float64 else logits.float()
-        tot = F.cross_entropy(x, target.long(), ignore_index=ignore_index, reduction='sum')
+        try: tot = F.cross_entropy(x, target.long(), ignore_index=ignore_index, reduction='sum')
+        except IndexError:   # (on a CPU; CUDA stops with a device-side assertion instead)
+            C = logits.shape[1]; bad = sorted(set(target[target != ignore_index].unique().tolist()) - set(range(C)))
+            raise ValueError(f"`target` holds label(s) {bad[:5]} outside the {C} classes 0..{C - 1} ({ignore_index}: "
+                             "ignored); the number of classes or the label files are wrong") from None
         return tot / (target != ignore_index).sum().clamp_min(1)
 
 # %% ../nbs/02_losses.ipynb #7709a11e
-def _check_logits(logits:Tensor):
-    if not torch.is_tensor(logits) or logits.dim() != 4:
-        raise ValueError(f"`logits` must be a 4-D tensor B x C x H x W; got "
-                         f"{tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__}")
+def _check_logits(logits:Tensor): check_logits(logits)
 
 def _upper(C:int, device)->Tensor:
     "Bool `C x C`, True where `j >= i`: the entries the released code computes."

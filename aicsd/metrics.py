@@ -70,11 +70,12 @@ class SegMetrics:
         return self
 
     @torch.no_grad()
-    def update(self, pred:Tensor, # class indices (B x H x W) or logits (B x C x H x W)
+    def update(self, pred:Tensor, # class indices (B x H x W) or logits (B x C x H x W); a numpy array too
                target:Tensor, # class indices, ignore_index where ignored
               ):
         "Add a batch to the confusion matrix."
         if self._reduced: raise RuntimeError("SegMetrics.update after all_reduce(): call reset() first")
+        pred, target = torch.as_tensor(pred), torch.as_tensor(target)
         cm = confusion_matrix(pred, target.to(pred.device), self.num_classes, self.ignore_index)
         if self.device is None and self.confmat.device != cm.device: self.confmat = self.confmat.to(cm.device)
         self.confmat += cm.to(self.confmat.device)

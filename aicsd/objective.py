@@ -372,6 +372,13 @@ def build_modules(self:DistillObjective,
                   num_classes:int,
                  )->nn.ModuleDict: # term name -> module, for the terms that have one
     "The terms' modules (adapters, memories): trained with the student, saved in its checkpoint."
+    for n in self.names:
+        if TERMS[n].module is None: continue
+        for side, ch in (('s_channels', s_channels), ('t_channels', t_channels)):
+            if TERMS[n].teacher or side == 's_channels':
+                if miss := [t for t in TERMS[n].taps if t not in (ch or {})]:
+                    raise ValueError(f"term {n!r} reads the feature tap(s) {miss}: `{side}` must give their channels "
+                                     f"(e.g. `aicsd.distill.tap_channels(model, taps)`); got {dict(ch or {})}")
     return nn.ModuleDict({n: TERMS[n].module(s_channels, t_channels, num_classes, **self.params[n])
                           for n in self.names if TERMS[n].module is not None})
 

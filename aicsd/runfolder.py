@@ -87,7 +87,8 @@ def _read_csv(path:Path)->dict:
     with open(path, newline='') as fh: rows = list(csv.DictReader(fh))
     if not rows: return {}
     f = lambda v: float(v) if v not in (None, '') else float('nan')
-    return {k: np.array([f(r.get(k)) for r in rows]) for k in rows[0]}
+    try: return {k: np.array([f(r.get(k)) for r in rows]) for k in rows[0]}
+    except ValueError as e: raise ValueError(f"{path}: not a log aicsd wrote (every value a number): {e}") from None
 
 # %% ../nbs/07b_runfolder.ipynb #d68ebac5
 LOGS = ('train_log.csv', 'eval_log.csv')                  # the names of a run's files: here, and nowhere else
@@ -100,7 +101,7 @@ def has_logs(run)->bool:
 
 def read_run(run, # run folder holding `train_log.csv` and/or `eval_log.csv`
             )->dict: # {'train': column -> array, 'eval': column -> array, 'terms': names of the loss terms, 'name': folder name}
-    "The logs of a run as arrays."
+    "The logs of a run as arrays: `train` and `eval` map each CSV column (step, loss, each term, alpha, lr; miou, ...) to an array."
     run = Path(run)
     tr, ev = (_read_csv(run/f) for f in LOGS)
     if not tr and not ev: raise FileNotFoundError(f"no train_log.csv or eval_log.csv in {run}")

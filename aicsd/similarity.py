@@ -9,7 +9,7 @@ __all__ = ['ics_matrix_plain', 'ics_matrix', 'ICS_SETTINGS']
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from .distributions import class_distributions, flat_mask
+from .distributions import class_distributions, flat_mask, check_logits
 from .blocks import (
     ICS_SETTINGS, run_blocks, n_workers, block_width, round_up, compute_dtype, bcn_view, empty_grad, scratch, mm_nt, fast_exp)
 _all_ = ['ICS_SETTINGS']   # the fused kernel's settings, importable from here too
@@ -176,9 +176,7 @@ def ics_matrix(logits:Tensor, # segmentation logits `B x C x H x W` (any float d
                T:float=1.0,   # temperature of the spatial softmax
                mask:Tensor|None=None, # optional bool `B x H x W`, True = position used (e.g. not crop padding)
               )->Tensor: # float32 (float64 for float64 input) `B x C x C`, `M[b,i,j] = KL(P[b,i] || P[b,j])`
-    "Inter-class similarity matrix per image: KL divergence between every pair of class distributions over space."
-    if not torch.is_tensor(logits) or logits.dim() != 4:
-        raise ValueError(f"`logits` must be a 4-D tensor B x C x H x W; got "
-                         f"{tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__}")
+    "ICS matrices `B x C x C`: M[b,i,j] = KL(P[b,i] || P[b,j]), P[b,c] the softmax of class c's logits over the H*W positions."
+    check_logits(logits)
     if not T > 0: raise ValueError(f"`T` (temperature) must be > 0; got {T}")
     return _ICSMatrix.apply(logits, float(T), flat_mask(mask, logits, nonempty=True))

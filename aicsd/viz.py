@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.colors import PowerNorm
 from matplotlib.patches import Patch, Rectangle
 import seaborn as sns
-from .distributions import class_distributions
+from .distributions import class_distributions, check_logits
 from .similarity import ics_matrix
 from .data import voc_palette, denormalize, colorize, CITYSCAPES_CLASSES, IGNORE_INDEX, IGNORE_COLOUR
 try: from torch.utils.tensorboard import SummaryWriter   # the type of `write_eval_figures`'s `tb_writer`
@@ -409,6 +409,8 @@ def model_ics(models:dict, # name -> `nn.Module` or logits; the teacher (referen
 # %% ../nbs/10_viz.ipynb #2c49a421
 def _ics_and_dist(logits:dict, T:float=1.0)->tuple:
     M = {nm: torch.stack([ics_matrix(l, T=T)[0] for l in ls]).mean(0) for nm, ls in logits.items()}
+    if len({tuple(m.shape) for m in M.values()}) > 1:
+        raise ValueError(f"the networks have different numbers of classes: { {nm: m.shape[0] for nm, m in M.items()} }")
     ref = M[next(iter(M))]
     return M, {nm: float(((m - ref) ** 2).mean()) for nm, m in M.items()}
 
@@ -568,8 +570,15 @@ class ICSExplorer:
                  T:float=1.0, # initial temperature
                  i:int=1, j:int=2, # initial class pair
                 ):
-        self.logits = {k: v.detach().cpu() for k, v in logits.items()}
+        if not isinstance(logits, dict) or not logits:
+            raise ValueError("`logits` must be a dict name -> logits `B x C x H x W` (e.g. {'teacher': zt, 'student': zs})")
+        self.logits = {k: check_logits(v, f'logits[{k!r}]').detach().cpu() for k, v in logits.items()}
+        if len(shapes := {k: tuple(v.shape[:2]) for k, v in self.logits.items()}.values()) and len(set(shapes)) > 1:
+            raise ValueError(f"every network's logits must have the same images and classes (B, C); got "
+                             f"{ {k: tuple(v.shape[:2]) for k, v in self.logits.items()} }")
         B, C = next(iter(self.logits.values())).shape[:2]
+        if images is not None and len(images) != B: raise ValueError(f"`images` holds {len(images)} images for logits of {B}")
+        if max(i, j) >= C or min(i, j) < 0: i, j = 0, min(1, C - 1)   # the default pair (1, 2) needs 3 classes
         self.images, self.classes = images, class_names(classes, C)
         w = _explorer_controls(B, self.classes, list(self.logits), T, i, j)
         self.w_image, self.w_i, self.w_j, self.w_T, self.w_model, self.w_kl, self.w_out, self.widget = (
