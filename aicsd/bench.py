@@ -13,7 +13,7 @@ from .losses import (icsd_loss, released_icsd_loss, released_icsd_loop, released
 from .models import deeplabv3plus, BACKBONES
 from .objective import DistillObjective
 from .distill import train_step
-from .process import resolve_device
+from .process import resolve_device, autocast, amp_dtype
 from .checkpoint import check_writable
 from .config import check_ranges
 
@@ -289,12 +289,10 @@ def calibrate_bn(model:nn.Module, # a network with BatchNorm layers (random weig
     return model.train(was)
 
 # %% ../nbs/11_bench.ipynb #6cc92e71
-def _amp(device, dtype):
-    dt = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None, 'fp32': None}[dtype]
-    return torch.autocast(_dev(device).type, dtype=dt or torch.float32, enabled=dt is not None)
+def _amp(device, dtype): return autocast(_dev(device), amp_dtype(dtype))
 
 # %% ../nbs/11_bench.ipynb #81fe6b42
-def _dtype(name): return {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None, 'fp32': None}[name]
+_dtype = amp_dtype
 
 # %% ../nbs/11_bench.ipynb #ca9b2d1e
 def _step_fn(teacher, student, opt, x, y, style='ours', amp=None, teacher_amp=None, scaler=None, lambda_icsd=0.1):

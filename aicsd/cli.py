@@ -8,6 +8,7 @@ import argparse, difflib, inspect, json, os, sys
 from pathlib import Path
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint
 from .config import _D, _renamed, check_ranges, distill_only, read_config, size_arg, size_text, warn
+from .data import DEFAULT_ROOTS
 from .checkpoint import check_writable, write_text_atomic, json_text
 from .objective import METHODS, TERMS, parse_method
 from .experiments import RECIPES, recipe_text, run_demo, run_compare
@@ -326,7 +327,7 @@ def _add_data_commands(sub, fmt):
     b.add_argument('--sbd-root', required=True, metavar='DIR', help='the SBD release: benchmark_RELEASE/, its dataset/ (holding cls/*.mat, img/, train.txt, val.txt) or that cls/')
     b.add_argument('--voc-root', required=True, metavar='DIR', help='VOCdevkit/VOC2012')
     t = ds.add_parser('stats', formatter_class=fmt, help='class frequencies of a split')
-    t.add_argument('--data', choices=['voc', 'cityscapes', 'synthetic'], default='synthetic', help='dataset')
+    t.add_argument('--data', choices=list(DEFAULT_ROOTS), default='synthetic', help='dataset')
     t.add_argument('--data-root', '--root', dest='data_root', default='data/synthetic', metavar='DIR', help='dataset folder')
     t.add_argument('--split', default='train', help='split to count')
 
@@ -362,14 +363,6 @@ def _stdout_closed(fd:int|None=None)->bool: # True when the reader of stdout (a 
         p = select.poll(); p.register(fd, select.POLLOUT)
         return any(ev & select.POLLERR for _, ev in p.poll(0))
     except (AttributeError, OSError, ValueError): return True    # no poll (Windows) or no descriptor: assume stdout
-
-def _check_compile(backend:str|None):
-    "`--compile BACKEND`: a backend torch.compile knows (torch._dynamo is imported only when one is asked for)."
-    if not backend: return
-    import torch._dynamo
-    if backend not in torch._dynamo.list_backends(exclude_tags=()):
-        raise ValueError(f"--compile {backend!r}: torch.compile has no such backend; choose one of "
-                         f"{', '.join(torch._dynamo.list_backends())} (or eager, aot_eager to debug)")
 
 # %% ../nbs/09_cli.ipynb #b3f21daa
 def _figure_hook(cfg:dict): # `aicsd.viz.run_figures` when the run draws figures (--figures, the default), else None
@@ -430,7 +423,6 @@ def iou_table(res:dict, # `evaluate_checkpoint`'s result: `iou` and `classes`
 # %% ../nbs/09_cli.ipynb #53721ab3
 def _main(argv):
     a = parse(argv)
-    _check_compile(getattr(a, 'compile', None))     # before anything loads
     if a.command in ('train', 'distill'):
         cfg = args_to_config(a)
         r = fit(cfg, draw=_figure_hook(cfg))

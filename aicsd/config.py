@@ -9,14 +9,15 @@ from dataclasses import dataclass, fields
 from typing import Callable
 from pathlib import Path
 from .data import DEFAULT_ROOTS, parse_size
-from .evaluation import make_predictor
+from .evaluation import make_predictor, MODES
 from .objective import DistillObjective, METHODS, out_of_range
 from .models import BACKBONES, V3_BACKBONES
 
 # %% auto #0
 __all__ = ['OPTIONS', 'DEFAULTS', 'warn', 'Option', 'size_arg', 'size_text', 'value_text', 'flag_text', 'check_ranges',
-           'make_objective', 'eval_predictor', 'RunConfig', 'distill_only', 'idle_options', 'warn_idle', 'make_config',
-           'resume_changes', 'read_config', 'Spec', 'DataSpec', 'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
+           'make_objective', 'eval_predictor', 'RunConfig', 'distill_only', 'idle_options', 'warn_idle',
+           'check_compile', 'make_config', 'resume_changes', 'read_config', 'Spec', 'DataSpec', 'ModelSpec',
+           'OptimSpec', 'PrecisionSpec', 'LoopSpec']
 
 # %% ../nbs/07a_config.ipynb #a5ba81db
 def warn(msg:str):
@@ -95,7 +96,7 @@ _WHAT = [   # what to train
 
 # %% ../nbs/07a_config.ipynb #5efc1a4c
 _DATA = [   # data
-    _E('data', 'synthetic', 'Data', "dataset (evaluate: the checkpoint's, with its --data-root, when neither is given)", choices=('voc', 'cityscapes', 'synthetic'), resume='same'),
+    _E('data', 'synthetic', 'Data', "dataset (evaluate: the checkpoint's, with its --data-root, when neither is given)", choices=tuple(DEFAULT_ROOTS), resume='same'),
     _E('data_root', None, 'Data', 'dataset folder (VOC2012/, the Cityscapes root, or the synthetic folder); default: '
        + ', '.join(f'{k} {v}' for k, v in DEFAULT_ROOTS.items()), metavar='DIR'),
     _O('train_split', 'train', 'Data', 'training split (VOC: train or trainaug)', resume='same'),
@@ -116,7 +117,7 @@ _DATA = [   # data
        metavar='PX', check='int>=0'),
     _E('eval_square', False, 'Data', "with --eval-resize: resize to PX x PX, as the released code's FixedResize", flag='bool'),
     _E('eval_mode', 'whole', 'Data', "evaluation protocol: the whole image, sliding windows (--eval-crop, --eval-stride) "
-       "or several scales (--eval-scales) and the mirror image (--eval-flip), averaged", choices=('whole', 'slide', 'multiscale')),
+       "or several scales (--eval-scales) and the mirror image (--eval-flip), averaged", choices=MODES),
     _E('eval_crop', None, 'Data', 'sliding-window size, PX or HxW (--eval-mode slide, or multiscale at each scale)',
        type=size_arg, metavar='PX|HxW', check='int>=1'),
     _E('eval_stride', None, 'Data', 'sliding-window step, PX or HxW (at most the window)', type=size_arg, metavar='PX|HxW',
@@ -316,6 +317,15 @@ def warn_idle(cfg:dict, obj:DistillObjective|None=None):
         warn(f"ignored, as they change nothing here: {'; '.join(idle)}")
 
 
+# %% ../nbs/07a_config.ipynb #cc0a1e01
+def check_compile(backend:str|None):
+    "`--compile BACKEND`: a backend torch.compile knows (torch._dynamo is imported only when one is asked for)."
+    if not backend: return
+    import torch._dynamo
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"--compile {backend!r}: torch.compile has no such backend; choose one of "
+                         f"{', '.join(torch._dynamo.list_backends())} (or eager, aot_eager to debug)")
+
 # %% ../nbs/07a_config.ipynb #70afcc9b
 def make_config(cfg:dict|None=None, # options to set; anything left out takes its default
                 **kwargs, # more options (override `cfg`)
@@ -348,6 +358,7 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     if out['eval_scales'] is not None: out['eval_scales'] = [float(s) for s in (out['eval_scales'] if isinstance(out['eval_scales'], (list, tuple)) else str(out['eval_scales']).replace(',', ' ').split())]
     check_ranges(out)
     eval_predictor(out)                                    # a bad evaluation protocol fails now, before anything loads
+    check_compile(out['compile'])
     if out['weight'] is not None: out['weight'] = {k: float(v) for k, v in out['weight'].items()}
     if out['scale_min'] > out['scale_max']: raise ValueError(f"--scale-min {out['scale_min']} > --scale-max {out['scale_max']}")
     if out['mode'] == 'train':                             # the distillation rows mean nothing without a teacher

@@ -24,7 +24,7 @@ from .data import (crop_upsampling, get_dataset, train_transform, build_loader, 
                         DEFAULT_ROOTS)
 from .objective import alw_alpha, DistillObjective
 from .evaluation import evaluate, eval_transform_for, progress_bar as _progress
-from .process import autocast as _autocast
+from .process import autocast as _autocast, amp_dtype
 from .precision import resolve_precision, memory_format
 from .config import *            # the rooms below the engine; their names stay importable from here
 from .checkpoint import *
@@ -204,9 +204,8 @@ def _num_classes(ds)->int:
 # %% ../nbs/08_distill.ipynb #fdbcd1dc
 def _amp_dtype(precision:str, # 'fp32', 'bf16', 'fp16' or 'auto' (fp32 until `resolve_precision` decides)
                device:torch.device):
-    if precision in ('fp32', 'auto'): return None
     if precision == 'fp16' and device.type != 'cuda': raise ValueError("--precision fp16 needs CUDA; use --precision bf16 on CPU")
-    return torch.float16 if precision == 'fp16' else torch.bfloat16
+    return amp_dtype(precision)
 
 # %% ../nbs/08_distill.ipynb #c3ea01f1
 def _disable_dropout(model:nn.Module):

@@ -12,7 +12,8 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['set_malloc_mmap_threshold', 'dist_env', 'resolve_device', 'restart_count', 'init_distributed', 'cleanup_distributed',
-           'start_process', 'loader_workers', 'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'native_bf16', 'autocast']
+           'start_process', 'loader_workers', 'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'native_bf16', 'amp_dtype',
+           'autocast']
 
 # %% ../nbs/07c_process.ipynb #52a90803
 def set_malloc_mmap_threshold(mb:int, # allocations below this many MB come from the heap; 0: leave glibc's default
@@ -182,6 +183,13 @@ def native_bf16(device:torch.device, # where the teacher runs
     return ' avx512_bf16' in flags or ' amx_bf16' in flags
 
 # %% ../nbs/07c_process.ipynb #06bcfc1e
+def amp_dtype(precision:str|None, # 'fp32', 'bf16', 'fp16', 'auto' (fp32 until decided) or None
+             )->torch.dtype|None: # the autocast dtype; None: no autocast
+    "The autocast dtype a precision name stands for."
+    if precision not in (None, 'auto', 'fp32', 'bf16', 'fp16'):
+        raise ValueError(f"precision must be fp32, bf16, fp16 or auto; got {precision!r}")
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
+
 def autocast(device:torch.device, # where the computation runs
              dtype:torch.dtype|None, # torch.bfloat16 / torch.float16, or None: no autocast
             ):
