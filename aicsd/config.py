@@ -83,7 +83,7 @@ _WHAT = [   # what to train
     _O('weight', None, 'Distillation', "weight of a term, e.g. --weight cwd=3 (repeat the option for more terms; default: "
        "the method's weights)", metavar='TERM=W', resume='same', check='>=0', commands=_D),
     _O('param', None, 'Distillation', "a term's hyper-parameter, e.g. --param cwd.tau=2 (repeat the option for more; "
-       "default: the term's own; `aicsd train` has the one term ce: --param ce.batch_average=true divides it by the batch "
+       "default: the term's own; `aicsd train` has the terms ce and, with --aux-weight, aux: --param ce.batch_average=true divides CE by the batch "
        "as the released code)", metavar='TERM.KEY=V', resume='same'),
     _O('lambda_kd', 1.0, 'Distillation', 'weight of pixel-wise KD', type=float, resume='same', check='>=0', commands=_D),
     _O('lambda_icsd', 0.1, 'Distillation', 'weight of ICSD', type=float, resume='same', check='>=0', commands=_D),

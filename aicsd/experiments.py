@@ -6,7 +6,6 @@
 from __future__ import annotations
 import json, math, shutil, statistics, time
 from pathlib import Path
-import scipy.stats
 import torch
 from .config import check_ranges, make_config, size_text
 from .checkpoint import load_checkpoint, write_text_atomic, json_text
@@ -159,9 +158,9 @@ def recipe_text(name:str, # a key of RECIPES
     else:
         head += (f"# paper (its results table): val mIoU {p['miou']}"
                  + (f", teacher {p['teacher_miou']}" if 'teacher_miou' in p else '') + "\n"
-                 + (f"# lambda_kd = {r.get('lambda_kd')} is 10 / C, the released README's --pi_lambda 10 in our KD's units; "
-                    "lambda_icsd = 0.1 is ours (not in the material we had)\n" if r['command'] == 'distill' and r['method'] != 'baseline' else '')
-                 + "# param ce.batch_average: CE / batch as the released code (= lr / 6 and weight decay x 6 for CE); "
+                 + (f"# lambda_kd = {r.get('lambda_kd')} is 10 / C, the --pi_lambda 10 of the released README's AICSD command in our "
+                    "KD's units; lambda_icsd = 0.1 is ours (not in the material we had)\n" if r['command'] == 'distill' and r['method'] != 'baseline' else '')
+                 + "# param ce.batch_average: CE / batch as the released code (CE weighs 1/6; CE alone: = lr / 6, weight decay x 6); "
                  "batch_size is per process (6 in total in the paper; on G GPUs the command adds --sync-bn)\n")
     if fmt == 'toml': return head + ''.join(f"{k} = {_toml(v)}\n" for k, v in r.items())
     if fmt != 'yaml': raise ValueError(f"fmt must be 'yaml' or 'toml', got {fmt!r}")
@@ -318,6 +317,7 @@ def t_interval(xs:list, # samples (e.g. per-seed differences)
     if not 0 < level < 1: raise ValueError(f"level must be in (0, 1), got {level!r}")
     m = statistics.fmean(xs)
     if len(xs) == 1: return m, None, None
+    import scipy.stats                # here, not at import: it costs every `aicsd` command 0.7 s
     half = float(scipy.stats.t.ppf((1 + level) / 2, len(xs) - 1)) * statistics.stdev(xs) / math.sqrt(len(xs))
     return m, m - half, m + half
 

@@ -77,12 +77,15 @@ def register_term(name:str, # the name methods, weights and logs use
     return term
 
 # %% ../nbs/04_objective.ipynb #8898e185
-def term_ce(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, ignore_index:int=255, batch_average:bool=False):
-    "Cross-entropy with the ground truth; `batch_average`: divided again by the batch (every process's images), as the released code."
-    loss = ce_loss(s['logits'], target, ignore_index=ignore_index)
-    if not batch_average: return loss
+def _per_image(loss:Tensor, target:Tensor)->Tensor:
+    "`loss` divided by the batch: the images of every process (the released code's one process held them all)."
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return loss / (target.shape[0] * world)
+
+def term_ce(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, ignore_index:int=255, batch_average:bool=False):
+    "Cross-entropy with the ground truth; `batch_average`: divided again by the batch, as the released code."
+    loss = ce_loss(s['logits'], target, ignore_index=ignore_index)
+    return _per_image(loss, target) if batch_average else loss
 
 # %% ../nbs/04_objective.ipynb #69d08efe
 def term_kd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, T:float=1.0, ignore_index:int=255,
@@ -258,12 +261,13 @@ for _n, _m in dict(
 ).items(): register_method(_n, _m)
 
 # %% ../nbs/04_objective.ipynb #2855cd33
-def term_aux(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, ignore_index:int=255):
+def term_aux(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, ignore_index:int=255, batch_average:bool=False):
     "Cross-entropy of DeepLabV3's auxiliary logits (tap 'aux'), upsampled bilinearly (align_corners=True) to the labels."
     logits = F.interpolate(s['aux'], size=target.shape[-2:], mode='bilinear', align_corners=True)
-    return ce_loss(logits, target, ignore_index=ignore_index)
+    loss = ce_loss(logits, target, ignore_index=ignore_index)
+    return _per_image(loss, target) if batch_average else loss   # as `term_ce`: set both or neither
 
-register_term('aux', Term(term_aux, ('aux',), teacher=False, weight=0.4, params=dict(ignore_index=255),
+register_term('aux', Term(term_aux, ('aux',), teacher=False, weight=0.4, params=dict(ignore_index=255, batch_average=False),
                           ref="CIRKD train_kd.py: task loss CE + 0.4 x CE of the auxiliary head (ResNet students)"));
 
 # %% ../nbs/04_objective.ipynb #9c1c7d1b

@@ -146,6 +146,8 @@ class RunLock:
         for _ in range(3):
             try:
                 self._create(me + '\n'); self.held = True
+                for f in self.path.parent.glob('.lock.*.tmp'):   # left by a process killed while it took a lock
+                    if f.name.split('.')[2].isdigit() and not _alive(int(f.name.split('.')[2])): f.unlink(missing_ok=True)
                 return self
             except PermissionError:
                 raise PermissionError(f"--out {self.path.parent}: cannot write in this folder (permission denied creating "
@@ -162,7 +164,7 @@ class RunLock:
         raise RunLockedError(f"could not take {self.path}")
     def _create(self, text:str):
         "The lock file, whole or not at all: a complete temporary file linked to the name (which fails if it exists)."
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix='.lock.', suffix='.tmp')
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f'.lock.{os.getpid()}.', suffix='.tmp')
         try:
             with os.fdopen(fd, 'w') as fh: fh.write(text)
             try: os.link(tmp, self.path)
