@@ -246,6 +246,8 @@ def _add_demo_args(p:argparse.ArgumentParser, out:str, quick_help:str):
     p.add_argument('--data-root', default=None, metavar='DIR',
                    help='synthetic data folder (created if missing; default: data/synthetic-demo-64px)')
     p.add_argument('--fresh', action='store_true', help='retrain the teacher even if a cached one matches')
+    p.add_argument('--resume', action='store_true', help='after an interruption: keep the students already trained, continue '
+                   'the interrupted run from its last.pt, train the rest (default: every student trained again)')
     p.add_argument('--threads', type=_positive_int, default=None, help='torch CPU threads (default: 1)')
     p.add_argument('--seeds', type=int, nargs='+', default=None, help='student seeds (default: 0 1 2; --quick: 0)')
 
@@ -437,10 +439,11 @@ def _main(argv):
             print(json_text({k: v for k, v in res.items() if not isinstance(v, list)}))   # the scalars
             if a.json: write_text_atomic(a.json, json_text(res, indent=1))
     elif a.command == 'demo':
-        run_demo(out=a.out, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads, seeds=a.seeds)
+        run_demo(out=a.out, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads, seeds=a.seeds,
+                 resume=a.resume)
     elif a.command == 'compare':
         run_compare(out=a.out, methods=a.methods, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads,
-                    seeds=a.seeds)
+                    seeds=a.seeds, resume=a.resume)
     elif a.command == 'recipes':
         if a.name: sys.stdout.write(recipe_text(a.name, a.format))
         else:

@@ -186,8 +186,8 @@ def _demo_cfg(P:dict, root:Path, out:Path, threads, seed)->dict:
                 max_val=P.get('max_val'))
 
 # %% ../nbs/08a_experiments.ipynb #ba611d5b
-def _teacher(P, base, out, fresh):
-    "Train the demo teacher, or reuse the cached one when its configuration matches."
+def _teacher(P, base, out, fresh, resume=False):
+    "Train the demo teacher, or reuse the cached one when its configuration matches (`resume`: continue an interrupted one)."
     tdir = out/f"teacher-{P['name']}"
     cfg = make_config(base, mode='train', model=P['teacher'], max_steps=P['teacher_steps'], out=str(tdir))
     ck = tdir/'best.pt'
@@ -195,8 +195,12 @@ def _teacher(P, base, out, fresh):
         c = load_checkpoint(ck)
         if all(c['config'].get(k) == cfg[k] for k in _TEACHER_KEYS):
             return ck, c['metrics'], 0.0, True
+    t0 = time.time()
+    if resume and not fresh and (tdir/'last.pt').exists():   # its own checks refuse a teacher of other settings
+        r = fit(make_config(cfg, force=False, resume=True))
+        return ck, r['metrics'], time.time() - t0, False
     if _clear_run(tdir): print(f"the earlier teacher in {tdir} is replaced (the demo keeps no copy)", flush=True)
-    t0 = time.time(); r = fit(cfg)
+    r = fit(cfg)
     return ck, r['metrics'], time.time() - t0, False
 
 # %% ../nbs/08a_experiments.ipynb #5b0e2c91
@@ -213,11 +217,11 @@ def _clear_run(d:Path, # one of the demo's run folders (its teacher, or a studen
 # %% ../nbs/08a_experiments.ipynb #9d4f1b37
 def _interrupted_text(e:RunInterrupted, # what `fit` raised
                       what:str, # the run it stopped: 'the teacher', 'student kd, seed 0'
-                      again:str, # what the same command does when run again
+                      again:str, # what the same command without --resume does
                      )->str:
-    "`fit`'s line on a Ctrl-C or SIGTERM, reworded for the demo and the comparison, which do not resume."
+    "`fit`'s line on a Ctrl-C or SIGTERM, reworded for the demo and the comparison (their own --resume, their own runs)."
     how = str(e.args[0]).split(';')[0] if e.args else 'interrupted'     # 'interrupted at step 3'
-    return f"{how} of {what}; run the same command again to finish (it does not resume: it {again})"
+    return f"{how} of {what}; continue with the same command and --resume (without it, it {again})"
 
 # %% ../nbs/08a_experiments.ipynb #94895957
 def _mean_std(xs:list)->tuple:
@@ -233,6 +237,7 @@ def run_demo(out:str|Path='runs/demo', # report folder
              seed:int=0, # seed of the data and the teacher
              methods:tuple|None=None, # methods to train (default the demo's four; `aicsd compare`: all)
              seeds:tuple|None=None, # student seeds (default: the preset's, 3 for the full demo)
+             resume:bool=False, # keep the students already trained and continue an interrupted one (after a Ctrl-C)
             )->list: # rows of the results table (dicts with mean and std over seeds)
     "Synthetic data -> teacher -> students of each method and seed -> report, heatmaps, predictions."
     from aicsd.data import make_synthetic, get_dataset, eval_transform, read_synthetic_info
@@ -259,8 +264,10 @@ def run_demo(out:str|Path='runs/demo', # report folder
          'size': size_text(size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size)}
     base = _demo_cfg(P, root, out, threads, seed)
     print(f"teacher: DeepLabV3+ {P['teacher']}, {P['teacher_steps']} steps ...", flush=True)
-    try: tck, tmet, tsec, cached = _teacher(P, base, out, fresh)
+    try: tck, tmet, tsec, cached = _teacher(P, base, out, fresh, resume)
     except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, 'the teacher', 'trains the teacher and the students'), e.signum) from None
+    if resume and not cached:
+        print("the teacher was trained in this run: its students are trained again", flush=True); resume = False
     again = ('trains the teacher (--fresh) and every student' if fresh else
              f'reuses the teacher in {tck.parent} and trains every student')
     teacher = load_model(tck).eval()
@@ -269,25 +276,27 @@ def run_demo(out:str|Path='runs/demo', # report folder
                  time_s=tsec, n=1, note='cached' if cached else '')]
     models = {'teacher': teacher}
     dirs = [out/f"student-{m}"/f"seed{sd}" for m in methods for sd in seeds]
-    freed = [_clear_run(d) for d in dirs]                    # derived outputs: replaced, no copies kept
+    freed = [0 if resume and (d/'last.pt').exists() else _clear_run(d) for d in dirs]   # derived outputs: replaced, no copies
     if any(freed): print(f"the earlier student runs in {out} are replaced ({sum(map(bool, freed))} run folder(s), "
                          f"{sum(freed) / 1e6:.0f} MB; the demo keeps no copies)", flush=True)
     for m in methods:
-        res = []
+        res, resumed = [], 0
         for sd in seeds:
             print(f"student {P['student']} with {m}, seed {sd} ...", flush=True)
             cfg = make_config(base, mode='distill', method=m, model=P['student'], seed=sd,
                               teacher=str(tck) if any(TERMS[t].teacher for t in parse_method(m)[0]) else None,   # baseline: none
                               max_steps=P['student_steps'], out=str(out/f"student-{m}"/f"seed{sd}"),
                               param={k: v for k, v in DEMO_PARAMS.items() if k in parse_method(m)[0]} or None)
+            if (cont := resume and (out/f"student-{m}"/f"seed{sd}"/'last.pt').exists()): resumed += 1
             t0 = time.time()
-            try: r = fit(cfg)
+            try: r = fit(make_config(cfg, force=False, resume=True) if cont else cfg)
             except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, f'student {m}, seed {sd}', again), e.signum) from None
             sec = time.time() - t0
             d = model_ics({'teacher': teacher, m: r['model']}, val, n=8)[1][m]
             res.append(dict(seed=sd, miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], ics_dist=d, time_s=sec))
             if sd == seeds[0]: models[m] = r['model']
-        row = dict(method=m, n=len(res), time_s=sum(x['time_s'] for x in res) / len(res), note='')
+        row = dict(method=m, n=len(res), time_s=sum(x['time_s'] for x in res) / len(res),
+                   note=f"{resumed} of {len(res)} resumed (time: this session's)" if resumed else '')
         for k in ('miou', 'pixel_acc', 'ics_dist'): row[k], row[k + '_std'] = _mean_std([x[k] for x in res])
         row['runs'] = res
         rows.append(row)

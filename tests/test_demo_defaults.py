@@ -16,7 +16,8 @@ def aicsd(*args, cwd, timeout=400):
 
 # ---------------------------------------------------------------------------------------------- the demo
 def test_demo_quick_defaults(tmp_path):
-    "`aicsd demo --quick`, then Ctrl-C in a re-run and the same command again: the advice fits, no copies pile up."
+    "`aicsd demo --quick`, then Ctrl-C in a re-run and the same command with --resume: finished students kept, the"
+    "interrupted one continued, no copies pile up."
     out = tmp_path / 'demo'
     demo = ('demo', '--quick', '--out', out, '--data-root', tmp_path / 'syn')
     aicsd('data', 'synthetic', '--root', tmp_path / 'syn', '--n-train', 40, '--n-val', 20, '--size', 56, cwd=tmp_path)
@@ -24,7 +25,8 @@ def test_demo_quick_defaults(tmp_path):
     # the data used (not the preset's) and the images scored: --quick evaluates the first 16 (max_val) of the 20
     assert 'Synthetic shapes (40 train / 20 val images, the first 16 scored (--quick), 56 px)' in (out / 'report.md').read_text()
     assert {'ics_matrices.png', 'predictions.png'} <= {q.name for q in out.rglob('*.png')}
-    # Ctrl-C while the kd student trains: the demo has no --resume, so the line says what the same command does
+    first = {r['method']: r for r in json.loads((out / 'results.json').read_text())}
+    # Ctrl-C while the kd student trains: the line says how to continue
     p = subprocess.Popen([str(a) for a in (*aicsd_cmd(), *demo)], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     run, t0 = out / 'student-kd' / 'seed0', time.time()
@@ -36,13 +38,18 @@ def test_demo_quick_defaults(tmp_path):
     p.send_signal(signal.SIGINT)
     so, err = p.communicate(timeout=300)
     assert p.returncode == 130 and 'Traceback' not in err, err[-3000:]
-    assert (f"of student kd, seed 0; run the same command again to finish (it does not resume: it reuses the teacher in "
-            f"{out / 'teacher-quick'} and trains every student)") in err and '--resume' not in err, err[-3000:]
+    assert (f"of student kd, seed 0; continue with the same command and --resume (without it, it reuses the teacher in "
+            f"{out / 'teacher-quick'} and trains every student)") in err, err[-3000:]
     assert 'the earlier student runs in' in so and '(4 run folder(s)' in so, so    # the first run's four, said in one line
-    # the same command again: the cached teacher, the students retrained; no copies of earlier runs anywhere
-    so = aicsd(*demo, cwd=tmp_path, timeout=600).stdout
-    assert '(2 run folder(s)' in so and 'earlier teacher' not in so, so           # baseline and the interrupted kd
-    assert json.loads((out / 'results.json').read_text())[0]['note'] == 'cached'
+    assert (run / 'last.pt').is_file() and not (out / 'student-icsd' / 'seed0' / 'last.pt').exists()
+    # --resume: baseline read back as it finished, kd continued from its last.pt, icsd and aicsd trained; nothing replaced
+    so = aicsd(*demo, '--resume', cwd=tmp_path, timeout=600).stdout
+    assert 'earlier student runs' not in so and 'earlier teacher' not in so, so
+    rows = {r['method']: r for r in json.loads((out / 'results.json').read_text())}
+    assert rows[next(iter(rows))]['note'] == 'cached'                                       # the teacher
+    assert [rows[m]['note'] for m in ('baseline', 'kd', 'icsd')] == ["1 of 1 resumed (time: this session's)"] * 2 + [''], rows
+    for m in ('baseline', 'kd', 'icsd', 'aicsd'):   # the same runs as the first time, bit for bit (kd: resumed exactly)
+        assert rows[m]['runs'][0]['miou'] == first[m]['runs'][0]['miou'], (m, rows[m], first[m])
     assert not list(out.rglob('replaced-*')), sorted(map(str, out.rglob('replaced-*')))
 
 
