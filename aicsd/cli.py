@@ -234,7 +234,7 @@ examples:
   aicsd evaluate --ckpt runs/s/best.pt --data synthetic --data-root data/synthetic
   aicsd recipes                             the paper's experiments; `aicsd recipes NAME > f.yaml`
   aicsd distill --config f.yaml --data-root /data/VOCdevkit/VOC2012
-  torchrun --standalone --nproc_per_node=4 -m aicsd.cli distill --config f.yaml --batch-size 2 --sync-bn
+  torchrun --standalone --nproc_per_node=3 -m aicsd.cli distill --config f.yaml --batch-size 2 --sync-bn
 
 Each subcommand has its own --help. Config keys mirror the long options (--batch-size -> batch_size).
 """

@@ -177,7 +177,9 @@ def native_bf16(device:torch.device, # where the teacher runs
                )->bool: # True where bf16 has hardware support: CUDA (compute capability 8+), AVX512-BF16 or AMX CPUs
     "Whether `device` computes bf16 natively (on CPUs: Linux /proc/cpuinfo flags)."
     device = torch.device(device)
-    if device.type == 'cuda': return torch.cuda.is_bf16_supported()
+    if device.type == 'cuda':   # not counting emulation (pre-Ampere GPUs run bf16 emulated, slower than fp32)
+        try: return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError: return torch.cuda.get_device_capability(device)[0] >= 8   # older torch: no such argument
     try: flags = Path('/proc/cpuinfo').read_text()
     except OSError: return False
     return ' avx512_bf16' in flags or ' amx_bf16' in flags

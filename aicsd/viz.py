@@ -269,8 +269,9 @@ def _is_metrics(m)->bool: return hasattr(m, 'compute') and hasattr(m, 'confmat')
 # %% ../nbs/10_viz.ipynb #e0359974
 def _iou_of(m)->Tensor:
     if _is_metrics(m): return torch.as_tensor(m.compute()['iou'])
-    if isinstance(m, dict): return torch.as_tensor(m['iou'])
-    return torch.as_tensor(m)
+    v = m['iou'] if isinstance(m, dict) else m
+    if isinstance(v, (list, tuple)): v = [float('nan') if x is None else x for x in v]   # JSON's null: an absent class
+    return torch.as_tensor(v, dtype=torch.float64)
 
 # %% ../nbs/10_viz.ipynb #d45ff16d
 def plot_class_iou(iou, # per-class IoU (C values in [0, 1], NaN = absent), a `SegMetrics`, a metrics dict, or name -> any of these
