@@ -247,7 +247,7 @@ def _add_demo_args(p:argparse.ArgumentParser, out:str, quick_help:str):
                    help='synthetic data folder (created if missing; default: data/synthetic-demo-64px)')
     p.add_argument('--fresh', action='store_true', help='retrain the teacher even if a cached one matches')
     p.add_argument('--resume', action='store_true', help='after an interruption: keep the students already trained, continue '
-                   'the interrupted run from its last.pt, train the rest (default: every student trained again)')
+                   'the interrupted run from its last.pt, train the rest (without it, every student is trained again)')
     p.add_argument('--threads', type=_positive_int, default=None, help='torch CPU threads (default: 1)')
     p.add_argument('--seeds', type=int, nargs='+', default=None, help='student seeds (default: 0 1 2; --quick: 0)')
 
