@@ -291,17 +291,14 @@ def calibrate_bn(model:nn.Module, # a network with BatchNorm layers (random weig
 # %% ../nbs/11_bench.ipynb #6cc92e71
 def _amp(device, dtype): return autocast(_dev(device), amp_dtype(dtype))
 
-# %% ../nbs/11_bench.ipynb #81fe6b42
-_dtype = amp_dtype
-
 # %% ../nbs/11_bench.ipynb #ca9b2d1e
 def _step_fn(teacher, student, opt, x, y, style='ours', amp=None, teacher_amp=None, scaler=None, lambda_icsd=0.1):
     "One step as a callable: 'ours' is the engine's `train_step` with the 'icsd' objective; 'released' the released code's."
     objective = DistillObjective('icsd', lambda_icsd=lambda_icsd)
     def step():
         if style == 'ours':
-            return train_step(student, teacher, objective, x, y, opt, scaler=scaler, amp_dtype=_dtype(amp),
-                              teacher_dtype=_dtype(teacher_amp))[0]
+            return train_step(student, teacher, objective, x, y, opt, scaler=scaler, amp_dtype=amp_dtype(amp),
+                              teacher_dtype=amp_dtype(teacher_amp))[0]
         if style != 'released': raise ValueError(f"style must be 'ours' or 'released', got {style!r}")
         teacher.train(); student.train()        # the released step: the teacher in train mode, with autograd
         t = teacher(x); s = student(x)

@@ -11,7 +11,7 @@ from .config import check_ranges, make_config, size_text
 from .checkpoint import load_checkpoint, write_text_atomic, json_text
 from .distill import fit
 from .runfolder import RUN_FILES, RunInterrupted
-from .objective import METHODS, TERMS, parse_method
+from .objective import METHODS, TERMS, parse_method, reads_teacher
 
 # %% auto #0
 __all__ = ['PAPER_MIOU', 'PAPER_TEACHER', 'FIELD_TEACHER', 'FIELD_MIOU', 'FIELD_RERUN', 'FIELD_WEIGHTS', 'RECIPES',
@@ -48,7 +48,7 @@ def _recipes()->dict:
                 rep = PAPER_MIOU[(ds, st)][m]
                 r[f'{ds}-{_SHORT[st]}-{m}'] = dict(
                     command='distill', method=m, model=st,
-                    **({'teacher': f'runs/{ds}-teacher-r101/best.pt'} if m != 'baseline' else {}),   # baseline reads none
+                    **({'teacher': f'runs/{ds}-teacher-r101/best.pt'} if reads_teacher(m) else {}),   # baseline reads none
                     **_DATA[ds], **_PROTOCOL,
                     **(dict(temperature=1.0, lambda_kd=_KD_WEIGHT[ds], lambda_icsd=0.1) if m != 'baseline' else {}),
                     **({'alw_unit': 'epoch'} if m == 'aicsd' else {}),                   # ALW: aicsd's alone
@@ -104,7 +104,7 @@ def _field_recipes()->dict:
             spec, w, src = FIELD_WEIGHTS.get(m, (m, None, 'no field script: the weights of the methods table (04_objective)'))
             r[f'field-citys-{_SHORT[st]}-{m}'] = dict(
                 command='distill', method=spec, **({'weight': dict(w)} if w else {}), model=st, **sk,
-                **({'teacher': FIELD_TEACHER['file']} if m != 'baseline' else {}), **_FIELD_PROTOCOL,
+                **({'teacher': FIELD_TEACHER['file']} if reads_teacher(m) else {}), **_FIELD_PROTOCOL,
                 out=f'runs/field-citys-{_SHORT[st]}-{m}',
                 paper=dict(miou=_field_published(st, m), teacher_miou=FIELD_TEACHER['miou'], batch_total=16, weights=src,
                            protocol='field', **({'rerun': FIELD_RERUN[st][m]} if m in FIELD_RERUN.get(st, {}) else {})))
@@ -283,11 +283,12 @@ def run_demo(out:str|Path='runs/demo', # report folder
         res, resumed = [], 0
         for sd in seeds:
             print(f"student {P['student']} with {m}, seed {sd} ...", flush=True)
+            d = out/f"student-{m}"/f"seed{sd}"
             cfg = make_config(base, mode='distill', method=m, model=P['student'], seed=sd,
-                              teacher=str(tck) if any(TERMS[t].teacher for t in parse_method(m)[0]) else None,   # baseline: none
-                              max_steps=P['student_steps'], out=str(out/f"student-{m}"/f"seed{sd}"),
+                              teacher=str(tck) if reads_teacher(m) else None,   # baseline: none
+                              max_steps=P['student_steps'], out=str(d),
                               param={k: v for k, v in DEMO_PARAMS.items() if k in parse_method(m)[0]} or None)
-            if (cont := resume and (out/f"student-{m}"/f"seed{sd}"/'last.pt').exists()): resumed += 1
+            if (cont := resume and (d/'last.pt').exists()): resumed += 1
             t0 = time.time()
             try: r = fit(make_config(cfg, force=False, resume=True) if cont else cfg)
             except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, f'student {m}, seed {sd}', again), e.signum) from None

@@ -94,8 +94,6 @@ def ce_loss(logits:Tensor, # logits `B x C x H x W`
         return tot / (target != ignore_index).sum().clamp_min(1)
 
 # %% ../nbs/02_losses.ipynb #7709a11e
-def _check_logits(logits:Tensor): check_logits(logits)
-
 def _upper(C:int, device)->Tensor:
     "Bool `C x C`, True where `j >= i`: the entries the released code computes."
     idx = torch.arange(C, device=device)
@@ -104,7 +102,7 @@ def _upper(C:int, device)->Tensor:
 def released_ics_matrix_plain(logits:Tensor, # logits `B x C x H x W`
                              )->Tensor: # `C x C` float32 (float64 for float64 input): one matrix for the whole batch
     "The released code's 'ICS matrix', vectorised and differentiated by autograd: the reference for `released_ics_matrix`."
-    _check_logits(logits)
+    check_logits(logits)
     B, C = logits.shape[:2]
     with torch.autocast(device_type=logits.device.type, enabled=False):
         z = logits if logits.dtype == torch.float64 else logits.float()
@@ -201,7 +199,7 @@ class _ReleasedICS(torch.autograd.Function):
 def released_ics_matrix(logits:Tensor, # logits `B x C x H x W` (any float dtype; contiguous or channels-last)
                        )->Tensor: # `C x C` float32 (float64 for float64 input): one matrix for the whole batch
     "The released code's 'ICS matrix': height-axis softmax, KLDivLoss fed probabilities, `j>=i` mirrored, summed over the batch."
-    _check_logits(logits)
+    check_logits(logits)
     return _ReleasedICS.apply(logits)
 
 # %% ../nbs/02_losses.ipynb #18e0cb03

@@ -19,7 +19,8 @@ from fastcore.basics import patch
 __all__ = ['TERMS', 'METHODS', 'alw_alpha', 'out_of_range', 'Term', 'register_term', 'term_ce', 'term_kd', 'term_icsd',
            'term_released_icsd', 'Method', 'register_method', 'term_at', 'term_fitnet', 'term_sp', 'term_ickd',
            'term_skd', 'term_ifvd', 'term_cwd', 'term_dist', 'term_cirkd_pixel', 'CIRKDMemoryTerm', 'term_cirkd_memory',
-           'term_released_pa', 'term_released_ic', 'term_released_pi', 'term_aux', 'parse_method', 'DistillObjective']
+           'term_released_pa', 'term_released_ic', 'term_released_pi', 'term_aux', 'parse_method', 'reads_teacher',
+           'DistillObjective']
 
 # %% ../nbs/04_objective.ipynb #7affb6ee
 def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
@@ -283,6 +284,11 @@ def parse_method(spec:str, # a method name or names joined by '+', e.g. 'aicsd' 
     want = {t for n in names for t in METHODS[n].terms}
     return tuple(t for t in TERMS if t in want), any(METHODS[n].alw for n in names)
 
+def reads_teacher(spec:str, # a method name or a '+' combination
+                 )->bool: # False for the baseline: no term reads the teacher
+    "Whether a method needs a teacher (some term of it reads the teacher's outputs)."
+    return any(TERMS[t].teacher for t in parse_method(spec)[0])
+
 # %% ../nbs/04_objective.ipynb #157a9fd9
 def _outputs(x)->dict|None:
     "A model's outputs as a dict: logits alone (a tensor) become {'logits': x}."
@@ -358,7 +364,7 @@ class DistillObjective:
     @property
     def needs_teacher(self)->bool:
         "Whether some term reads the teacher's outputs (False for the baseline)."
-        return any(TERMS[n].teacher for n in self.names)
+        return any(TERMS[n].teacher for n in self.names)   # (`reads_teacher` of the method, with its extra terms)
     @property
     def student_taps(self)->tuple:
         "Feature taps some term reads from the student."
