@@ -10,7 +10,7 @@ from typing import Callable
 from pathlib import Path
 from .data import DEFAULT_ROOTS, parse_size
 from .evaluation import make_predictor, MODES
-from .objective import DistillObjective, METHODS, out_of_range
+from .objective import DistillObjective, METHODS, TERMS, out_of_range
 from .models import BACKBONES, V3_BACKBONES
 
 # %% auto #0
@@ -151,6 +151,9 @@ _OPTIM = [   # optimisation (torchvision reference / paper)
     _O('batch_size', 6, 'Optimisation', 'batch size per process (paper: 6)', flags=('-b',), type=int, resume='same',
        check='int>=2', why="the BatchNorm after ASPP's image pooling sees one value per image and channel, so one "
                            "image per process cannot be trained"),
+    _O('total_batch', None, 'Optimisation', "images per step the run is meant to have, --batch-size x processes (the recipes: "
+       "their published batch); a run with another total says so at its start", type=int, metavar='N', resume='free',
+       check='int>=2'),
     _E('val_batch_size', 1, 'Optimisation', 'evaluation batch size per process', type=int, resume='free', check='int>=1'),
     _O('lr', 0.007, 'Optimisation', 'base learning rate of the backbone (paper: 0.007 VOC, 0.01 Cityscapes)', type=float,
        resume='same', check='>0'),
@@ -392,6 +395,12 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     return rc
 
 # %% ../nbs/07a_config.ipynb #45d0a181
+def _params_set(p:dict|None)->dict:
+    "Term parameters that differ from the terms' own defaults (a parameter given at its default changes nothing)."
+    out = {t: {k: v for k, v in d.items() if t not in TERMS or k not in TERMS[t].params or TERMS[t].params[k] != v}
+           for t, d in (p or {}).items()}
+    return {t: d for t, d in out.items() if d}
+
 def resume_changes(old:dict, # configuration stored in last.pt
                    new:dict, # configuration of the resuming command
                   )->tuple: # (refused, warned): lists of 'flag old -> new'
@@ -400,6 +409,7 @@ def resume_changes(old:dict, # configuration stored in last.pt
     for o in OPTIONS:
         a, b = old.get(o.name, o.default), new.get(o.name, o.default)
         if a == b or o.resume == 'free': continue
+        if o.name == 'param' and _params_set(a) == _params_set(b): continue   # `ce.batch_average=false` is the term's own
         if o.commands == _D and new.get('mode') == 'train': continue   # train now refuses them; an older train run stored them
         flag = dict(o.renamed).get(new.get('mode'), f"--{o.name.replace('_', '-')}")   # as this command spells it: --student
         (refused if o.resume == 'same' else warned).append(f"{flag} {value_text(o.name, a)} -> {value_text(o.name, b)}")

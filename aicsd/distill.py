@@ -15,7 +15,7 @@ from torch import nn, Tensor
 # %% auto #0
 __all__ = ['poly_lr_lambda', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_channels', 'distill_step', 'train_step',
            'Run', 'build_models', 'weights_sha256', 'build_run', 'train_one_epoch', 'evaluate_and_keep_best',
-           'restarted_with_checkpoint', 'evaluate_checkpoint', 'fit']
+           'restarted_with_checkpoint', 'evaluate_checkpoint', 'describe_run', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import (build_model, param_groups, model_arch, load_model, load_released_checkpoint,
@@ -292,6 +292,11 @@ def build_run(cfg:dict)->Run:
         except (FileExistsError, NotADirectoryError): raise ValueError(f"--out {out}: a file is in the way (the run folder, or a "
                                                                       "folder above it, is a file); choose another --out") from None
         except OSError as e: raise ValueError(f"--out {out}: cannot create it ({e.strerror}: {e.filename})") from None
+    if rank == 0 and (want := cfg['total_batch']) and L.batch_size * world != want:
+        g = max(d for d in range(1, min(world, want // 2) + 1) if want % d == 0)   # the most processes that split it evenly
+        fix = f"--batch-size {want // world}" if g == world else f"{g} process(es) x --batch-size {want // g}"
+        warn(f"{L.batch_size} images per process (--batch-size) x {world} process(es) = {L.batch_size * world} images per step, "
+             f"not the {want} of --total-batch (the recipe's published batch): use {fix} to train as published")
     train_ds, val_ds, nc = _datasets(D, rank)
     if len(val_ds) == 0:
         raise ValueError(f"the validation split {D.val_split!r} of {D.data_root} has no images, so no mIoU and no "
@@ -495,6 +500,22 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
                 'classes': names + [str(i) for i in range(len(names), nc)]}
     finally: cleanup_distributed(owned, failed=failed)   # a failing rank leaves without waiting for the others
 
+# %% ../nbs/08_distill.ipynb #d3c1b0a1
+def describe_run(run, # an `aicsd.distill.Run`, its precision settled (`resolve_precision`)
+                )->str: # two lines: what is trained on what; the steps, precision and device
+    "What a run does, printed at its start: the method and its weights, the networks, the data, the images per step."
+    o, c, L = run.objective, run.cfg, run.loop
+    terms = ', '.join(f"{n} {w:g}" for n, w in o.weights.items()) + (' under ALW' if o.alw else '')
+    name = lambda dt: {torch.bfloat16: 'bf16', torch.float16: 'fp16', torch.float64: 'fp64'}.get(dt, 'fp32')
+    prec = f"student {name(run.amp_dtype or run.dtype)}" + (f", teacher {name(run.teacher_dtype or run.dtype)}" if run.teacher is not None else '')
+    return (f"{c['mode']}: {c['arch']} {c['model']}" + (f" from the teacher {c['teacher']}" if run.teacher is not None else '')
+            + f", method {o.method} ({terms}); {run.data.data} at {run.data.data_root}: {len(run.train_ds)} training / "
+            f"{len(run.val_ds)} validation images, {run.num_classes} classes\n"
+            f"{L.batch_size} images x {run.world} process(es) = {L.batch_size * run.world} per step, {run.total} steps "
+            f"({run.epochs} epoch(s) of {run.steps_per_epoch}); {prec}"
+            + (', channels-last' if run.memory_format == torch.channels_last else '') + f"; {run.device}; into {run.out}")
+
+
 # %% ../nbs/08_distill.ipynb #db7bd979
 def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take their defaults
         draw:Callable|None=None, # figure hook at each evaluation, e.g. `aicsd.viz.run_figures` (the CLI's, with --figures)
@@ -527,6 +548,7 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
                   (f": the run is complete ({run.total} steps), nothing to do" if prog.step >= run.total else ''))
         if prog is None: prog = ckpt.start()
         resolve_precision(run)
+        if run.main and not L.quiet: print(describe_run(run), flush=True)
         log = RunLog(run.out, enabled=run.main, tensorboard=L.tensorboard, resume_step=prog.step if resume else None)
         tty = sys.stderr.isatty() and not L.quiet and run.main and 'PYTEST_CURRENT_TEST' not in os.environ
         stop_at = prog.step + int(L.stop_after) if L.stop_after else None

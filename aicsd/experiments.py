@@ -26,7 +26,7 @@ PAPER_MIOU = {  # (dataset, student) -> method -> reported val mIoU (%), the pap
     ('cityscapes', 'mobilenetv2'): dict(baseline=63.05, kd=64.03, icsd=None, aicsd=66.53),
 }
 PAPER_TEACHER = dict(voc=77.85, cityscapes=77.66)
-_PROTOCOL = dict(output_stride=16, epochs=120, batch_size=6, momentum=0.9, weight_decay=5e-4, poly_power=0.9,
+_PROTOCOL = dict(output_stride=16, epochs=120, batch_size=6, total_batch=6, momentum=0.9, weight_decay=5e-4, poly_power=0.9,
                  head_mult=10.0, crop_size=513, scale_min=0.5, scale_max=2.0, hflip=True, blur=True,
                  eval_resize=513, eval_square=True, pretrained_backbone='imagenet', precision='bf16',
                  param=dict(ce=dict(batch_average=True)))           # CE / batch, as the released code's loss helper
@@ -42,7 +42,7 @@ def _recipes()->dict:
     r = {}
     for ds in ('voc', 'cityscapes'):
         r[f'{ds}-teacher-r101'] = dict(command='train', model='resnet101', **_DATA[ds], **_PROTOCOL,
-                                       out=f'runs/{ds}-teacher-r101', paper=dict(miou=PAPER_TEACHER[ds], batch_total=6))
+                                       out=f'runs/{ds}-teacher-r101', paper=dict(miou=PAPER_TEACHER[ds]))
         for st in ('resnet18', 'mobilenetv2'):
             for m in ('baseline', 'kd', 'icsd', 'aicsd'):
                 rep = PAPER_MIOU[(ds, st)][m]
@@ -54,7 +54,7 @@ def _recipes()->dict:
                     **({'alw_unit': 'epoch'} if m == 'aicsd' else {}),                   # ALW: aicsd's alone
                     out=f'runs/{ds}-{_SHORT[st]}-{m}',
                     paper=dict(miou=rep if rep is not None else 'not reported (ablation only)',
-                               teacher_miou=PAPER_TEACHER[ds], batch_total=6))
+                               teacher_miou=PAPER_TEACHER[ds]))
     return r
 
 # %% ../nbs/08a_experiments.ipynb #32b1d301
@@ -83,7 +83,7 @@ FIELD_WEIGHTS = {   # method -> (the method as the field's script runs it, {term
              "every recipe keeps CIRKD's protocol)"),
 }
 _FIELD_PROTOCOL = dict(arch='deeplabv3', data='cityscapes', data_root='data/cityscapes', train_split='train', val_split='val',
-                       crop_size='512x1024', scale_min=0.5, scale_max=2.0, scale_base=1024, hflip=True, blur=False, batch_size=2,
+                       crop_size='512x1024', scale_min=0.5, scale_max=2.0, scale_base=1024, hflip=True, blur=False, batch_size=2, total_batch=16,
                        sync_bn=True, max_steps=40000, lr=0.02, head_mult=1.0, momentum=0.9, weight_decay=1e-4,
                        poly_power=0.9, warmup_steps=0, eval_mode='whole', temperature=1.0)
 _FIELD_STUDENTS = dict(resnet18=dict(aux_weight=0.4, pretrained_backbone='pretrained/resnet18-imagenet.pth'),
@@ -106,7 +106,7 @@ def _field_recipes()->dict:
                 command='distill', method=spec, **({'weight': dict(w)} if w else {}), model=st, **sk,
                 **({'teacher': FIELD_TEACHER['file']} if reads_teacher(m) else {}), **_FIELD_PROTOCOL,
                 out=f'runs/field-citys-{_SHORT[st]}-{m}',
-                paper=dict(miou=_field_published(st, m), teacher_miou=FIELD_TEACHER['miou'], batch_total=16, weights=src,
+                paper=dict(miou=_field_published(st, m), teacher_miou=FIELD_TEACHER['miou'], weights=src,
                            protocol='field', **({'rerun': FIELD_RERUN[st][m]} if m in FIELD_RERUN.get(st, {}) else {})))
     return r
 
@@ -119,7 +119,7 @@ def recipe_command(name:str, # a key of RECIPES
                   )->str: # the command line
     "The `torchrun` line that runs a recipe on `gpus` GPUs, the batch per process set so the total stays as published."
     if name not in RECIPES: raise KeyError(f"unknown recipe {name!r}; `aicsd recipes` lists: {', '.join(RECIPES)}")
-    r = RECIPES[name]; total = r['paper']['batch_total']
+    r = RECIPES[name]; total = r['total_batch']
     if isinstance(gpus, bool) or int(gpus) != gpus or gpus < 1 or total % gpus or total // gpus < 2:
         ok = [g for g in range(1, total + 1) if total % g == 0 and total // g >= 2]
         raise ValueError(f"gpus must split the total batch of {total} into at least 2 images per process "
@@ -153,15 +153,16 @@ def recipe_text(name:str, # a key of RECIPES
                  f"# the field's table (R18 / MBV2): {_field_table()}\n"
                  + (f"# users' reruns of this recipe reach {p['rerun']}: gains over the published {p['miou']} are inflated; "
                     "rerun every method with the same seeds\n" if 'rerun' in p else '')
-                 + f"# loss weights: {p['weights']}\n# batch_size is per process: 2 x 8 GPUs = 16 in total, as published; "
-                 f"on G GPUs use 16/G, e.g. on one GPU:\n#   {recipe_command(name, 1)}\n")
+                 + f"# loss weights: {p['weights']}\n# batch_size is per process: 2 x 8 GPUs = 16 in total (total_batch, as published; "
+                 f"another total is warned at the start); on G GPUs use 16/G, e.g. on one GPU:\n#   {recipe_command(name, 1)}\n")
     else:
         head += (f"# paper (its results table): val mIoU {p['miou']}"
                  + (f", teacher {p['teacher_miou']}" if 'teacher_miou' in p else '') + "\n"
                  + (f"# lambda_kd = {r.get('lambda_kd')} is 10 / C, the --pi_lambda 10 of the released README's AICSD command in our "
                     "KD's units; lambda_icsd = 0.1 is ours (not in the material we had)\n" if r['command'] == 'distill' and r['method'] != 'baseline' else '')
                  + "# param ce.batch_average: CE / batch as the released code (CE weighs 1/6; CE alone: = lr / 6, weight decay x 6); "
-                 "batch_size is per process (6 in total in the paper; on G GPUs the command adds --sync-bn)\n")
+                 "batch_size is per process (total_batch: 6 over all processes, as in the paper; another total is warned at the start; on G "
+                 "GPUs the command adds --sync-bn)\n")
     if fmt == 'toml': return head + ''.join(f"{k} = {_toml(v)}\n" for k, v in r.items())
     if fmt != 'yaml': raise ValueError(f"fmt must be 'yaml' or 'toml', got {fmt!r}")
     import yaml

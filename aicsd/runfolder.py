@@ -203,7 +203,7 @@ def save_last(self:Checkpointer, prog:Progress):
         tmp = write_temporary(dict(**self._student(), config=dict(r.cfg), decided=dict(r.decided), teacher_sha256=getattr(r, 'teacher_sha256', None), modules=r.net.extras.state_dict(),
                               optimizer=r.opt.state_dict(), scheduler=r.sched.state_dict(),
                               scaler=r.scaler.state_dict() if r.scaler is not None else {},
-                              epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step,
+                              epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step, world=r.world,
                               best_miou=prog.best, metrics=prog.metrics or {}, rng=allst), self.last)
         if self.last.exists(): os.replace(self.last, self.prev)
         replace_synced(tmp, self.last)                # and the folder synced: the renames survive a power cut
@@ -243,6 +243,10 @@ def resume(self:Checkpointer)->Progress|None:
     asked = {**r.cfg, 'teacher_bf16': ck['config'].get('teacher_bf16') if r.precision.teacher_bf16 is None
              else r.precision.teacher_bf16}           # automatic (None) asks for the run's own choice
     refused, warned = resume_changes(ck['config'], asked)
+    was_world = ck.get('world', len(ck['rng']) if isinstance(ck['rng'], list) else 1)   # older files: one RNG state per process
+    if was_world != r.world:                         # the images of a step and the epoch's split over processes define the run
+        refused.append(f"{was_world} -> {r.world} process(es) ({r.loop.batch_size} x {was_world} = {r.loop.batch_size * was_world} "
+                       f"images per step then, {r.loop.batch_size * r.world} now); resume with {was_world} process(es)")
     was, now = ck.get('teacher_sha256'), getattr(r, 'teacher_sha256', None)
     moved = ck['config'].get('teacher') != r.cfg.get('teacher')
     if moved and was and was == now:                 # another path, the same weights: the file was moved or copied

@@ -61,6 +61,17 @@ def test_compiled_ddp_resumes_like_one_process(tiny_data, tmp_path):
     print(f"compiled, resumed DDP: max |w_ddp - w_single| = {worst:.3g}")
     assert worst < TOL, f"max |w_ddp - w_single| = {worst:.3g} (limit {TOL})"
 
+def test_resume_on_another_process_count_is_refused(tiny_data, tmp_path):
+    "A run started on one process and resumed by torchrun on two would take 2x the images per step and re-split its"
+    "epoch: refused, naming both counts; the recipe's total (--total-batch) is checked at the start of every run."
+    args = ['train', '--model', 'mobilenetv2', '--max-steps', 3, *tiny_args(tiny_data, tmp_path / 'r'), '--batch-size', 2]
+    run(aicsd_cmd() + args + ['--stop-after', 1], cwd=tmp_path)
+    p = run(TORCHRUN + args + ['--resume', '--total-batch', 2], cwd=tmp_path, timeout=300, check=False)
+    err = ' '.join(p.stderr.split())
+    assert p.returncode != 0 and '1 -> 2 process(es) (2 x 1 = 2 images per step then, 4 now)' in err, err[-3000:]
+    assert '2 images per process (--batch-size) x 2 process(es) = 4 images per step, not the 2 of --total-batch' in err
+    assert torch.load(tmp_path / 'r' / 'last.pt', weights_only=True)['global_step'] == 1      # the run is untouched
+
 def test_distributed_evaluation_is_exact(tiny_data, tmp_path):
     # any network will do (the evaluation is what is compared): MobileNetV2's checkpoints are a third of ResNet-18's
     run(aicsd_cmd() + _train(tiny_data, tmp_path / 'm', 4, model='mobilenetv2'), cwd=tmp_path)
