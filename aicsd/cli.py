@@ -281,7 +281,7 @@ def build_parser()->argparse.ArgumentParser:
     add_train_options(e, 'evaluate')                 # the rows whose `commands` name evaluate
     e.add_argument('--json', metavar='FILE', help='also write every metric to FILE, the per-class ones (iou, class_acc, classes) too; stdout has the scalars')
     m = sub.add_parser('demo', formatter_class=fmt, help='the whole method on synthetic data, on a CPU',
-        description='Synthetic data -> small teacher -> students (baseline, KD, ICSD, AICSD, same seed) -> '
+        description='Synthetic data -> small teacher -> students (baseline, KD, ICSD, AICSD, the same seeds for each) -> '
                     'report.md, ICS heatmaps and predictions in --out.')
     _add_demo_args(m, 'runs/demo', 'a version of about 30 s to 1 minute on 2 CPU cores (what CI runs)')
     c = sub.add_parser('compare', formatter_class=fmt, help='every method on the same synthetic teacher (mean ± std over seeds)',
