@@ -59,3 +59,11 @@ def test_combination_alw_weights_params_on_the_command_line(teacher, tiny_data, 
     p = run(aicsd_cmd() + ['distill', '--teacher', teacher, '--method', 'cwd+ickdd'] + tiny_args(tiny_data, out),
             cwd=tmp_path, check=False)
     assert p.returncode == 2 and "unknown method 'ickdd'" in p.stderr
+
+def test_epoch_alw_follows_the_epochs(teacher, tiny_data, tmp_path):
+    "The paper's recipes take alpha per epoch: epoch e of E (from 0) trains at alpha = e / E, by hand [0, 0.5] for 2."
+    fit(_cfg(tiny_data, tmp_path / 'e', mode='distill', method='aicsd', model='mobilenetv2', teacher=str(teacher),
+             epochs=2, alw_unit='epoch', log_every=1))
+    import csv
+    rows = list(csv.DictReader((tmp_path / 'e' / 'train_log.csv').open()))
+    assert [(int(r['epoch']), float(r['alpha'])) for r in rows] == [(1, 0.0)] * 3 + [(2, 0.5)] * 3, rows
