@@ -188,7 +188,10 @@ def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
               f"{', '.join(other)}: option(s) of `aicsd {' / '.join(sorted({c for k in other for c in opt[k].commands}))}`, not of `aicsd {command}`"
         raise KeyError(f"config {path}: {msg}; remove them")
     bad = sorted(set(cfg) - valid)
-    if bad: raise KeyError(f"config {path}: unknown key(s) {bad}; valid keys: {sorted(valid)}")
+    if bad:
+        near = {k: m[0] for k in bad if (m := difflib.get_close_matches(k, valid, n=1, cutoff=0.75))}
+        raise ValueError(f"config {path}: unknown key(s) {', '.join(bad)}" + (": did you mean " + ', '.join(
+            f"{v} (for {k})" for k, v in near.items()) + "?" if near else '') + f"; valid keys: {', '.join(sorted(valid))}")
     p.set_defaults(**{k: _config_value(opt[k], v, path, written.get(k)) if k in opt else v for k, v in cfg.items()})
 
 

@@ -225,12 +225,19 @@ class VOCSegmentation(SegmentationDataset):
                 ):
         super().__init__(root, split, transform)
         if not (self.root / 'JPEGImages').is_dir():
+            inside = sorted(self.root.glob('*/JPEGImages')) + sorted(self.root.glob('*/*/JPEGImages'))
+            if inside and inside[0].is_dir():      # the root of the archive (VOCdevkit/), not the folder holding the images
+                raise FileNotFoundError(f"No JPEGImages/ folder in {self.root}, but {inside[0].parent} has one: did you mean "
+                                        f"--data-root {inside[0].parent}?")
             raise _missing(kind, self.root, f"No JPEGImages/ folder in {self.root}.")
         sets = self.root / 'ImageSets' / 'Segmentation'
         names = ['trainaug.txt', 'train_aug.txt'] if split == 'trainaug' else [f'{split}.txt']
         lst = next((sets / n for n in names if (sets / n).is_file()), None)
         if lst is None:
             have = sorted(p.stem for p in sets.glob('*.txt')) if sets.is_dir() else []
+            if have and split != 'trainaug':         # the data set is there: the split's name is wrong, not the tree
+                raise FileNotFoundError(f"Split list {sets / names[0]} not found (split {split!r}); the lists of {self.root}: "
+                                        f"{', '.join(have)}")
             raise _missing(kind, self.root, f"Split list {sets / names[0]} not found (split {split!r}; "
                            f"lists present: {have or 'none'}).")
         label_dir = self.root / ('SegmentationClassAug' if split == 'trainaug' else 'SegmentationClass')

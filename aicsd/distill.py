@@ -475,6 +475,10 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
         trained = ck.get('config', {})
         mine = (trained.get('data'), trained.get('data_root') or DEFAULT_ROOTS.get(trained.get('data')))
         if opts['data'] == DEFAULTS['data'] and not opts.get('data_root') and trained.get('data') and mine != (opts['data'], DEFAULT_ROOTS[opts['data']]):
+            if not Path(mine[1]).exists():                               # e.g. a relative root, from another folder
+                raise FileNotFoundError(f"{ckpt} was trained on --data {mine[0]} --data-root {mine[1]}, which is not found from "
+                                        f"{Path.cwd()}" + ('' if Path(mine[1]).is_absolute() else ' (a relative path: '
+                                        'did training run in another folder?)') + ": give --data-root (and --data) of its data")
             opts['data'], opts['data_root'] = mine                       # no --data / --data-root: the checkpoint's data
             print(f"evaluating on the data of training: --data {mine[0]} --data-root {mine[1]} (--data and --data-root "
                   "choose others)", file=sys.stderr)

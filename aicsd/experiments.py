@@ -249,10 +249,18 @@ def run_demo(out:str|Path='runs/demo', # report folder
     methods = tuple(methods or DEMO_METHODS); seeds = tuple(P['seeds'] if seeds is None else seeds)
     if len(set(seeds)) != len(seeds):       # a seed twice is the same run twice: a spread of 0 and a false n
         raise ValueError(f"--seeds {' '.join(map(str, seeds))}: give each seed once (a repeated seed repeats the same run)")
+    if bad := [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]:   # before the teacher's minutes
+        raise ValueError(f"--seeds {' '.join(map(str, seeds))}: seeds are integers >= 0, got {', '.join(map(repr, bad))}")
     bad = [m for m in methods if m not in METHODS and '+' not in m]
     if bad: raise ValueError(f"unknown method(s) {bad}; methods: {', '.join(METHODS)}")
     check_ranges(dict(threads=threads))                     # as the command line checks --threads: an integer >= 1
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    try: out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"--out {out}: a file is in the way (the report folder, or a folder above it, is a file); choose "
+                         "another --out") from None
+    if (out/'report.md').exists():
+        print(f"the earlier report in {out} (report.md, results.json, figures) is replaced; another --out keeps it", flush=True)
     root = Path(data_root or f"data/synthetic-demo-{P['size']}px")
     threads = threads or 1  # one thread per process: robust when other jobs share the cores (--threads 2 on a quiet machine)
     torch.set_num_threads(threads)

@@ -38,10 +38,18 @@ def test_missing_split_list_names_the_list(tmp_path):
     root, _ = voc_root(tmp_path)
     with pytest.raises(FileNotFoundError) as e: VOCSegmentation(root, 'val')
     msg = str(e.value)
-    assert str(root / 'ImageSets' / 'Segmentation' / 'val.txt') in msg and "lists present: ['train']" in msg
-    assert 'JPEGImages/' in msg and 'host.robots.ox.ac.uk' in msg
+    assert str(root / 'ImageSets' / 'Segmentation' / 'val.txt') in msg and msg.endswith(f"the lists of {root}: train")
+    assert 'host.robots.ox.ac.uk' not in msg                  # the data set is there: no download advice
     with pytest.raises(FileNotFoundError) as e: VOCSegmentation(root, 'trainaug')
     assert 'trainaug.txt' in str(e.value) and 'semantic_contours' in str(e.value)   # says how to build it
+
+
+def test_archive_root_points_at_the_images_folder(tmp_path):
+    "--data-root at VOCdevkit/ (or above), not at the VOC2012/ folder holding the images: the error names that folder."
+    root, _ = voc_root(tmp_path / 'data' / 'VOCdevkit')
+    for up in (root.parent, root.parent.parent):             # VOCdevkit/, data/
+        with pytest.raises(FileNotFoundError) as e: VOCSegmentation(up)
+        assert str(e.value) == f"No JPEGImages/ folder in {up}, but {root} has one: did you mean --data-root {root}?"
 
 
 def test_split_list_naming_missing_files(tmp_path):
