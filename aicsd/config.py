@@ -316,8 +316,11 @@ def idle_options(cfg:dict, # a configuration (`make_config` fills it)
 
 def warn_idle(cfg:dict, obj:DistillObjective|None=None):
     "Warn, in one line on rank 0, of the options `idle_options` finds."
-    if (idle := idle_options(cfg, obj)) and int(os.environ.get('RANK', 0)) == 0:
-        warn(f"ignored, as they change nothing here: {'; '.join(idle)}")
+    if int(os.environ.get('RANK', 0)) != 0: return
+    if idle := idle_options(cfg, obj): warn(f"ignored, as they change nothing here: {'; '.join(idle)}")
+    if obj is not None and obj.alw and not any(TERMS[n].alw == 'fade' for n in obj.names):   # e.g. --method baseline --alw
+        warn(f"--alw with method {obj.method!r} (terms {', '.join(obj.names)}): no term fades with 1 - alpha, so ALW only "
+             "scales every term by alpha, from 0 at the start: a slower start, nothing handed over")
 
 
 # %% ../nbs/07a_config.ipynb #cc0a1e01
