@@ -16,7 +16,7 @@ UMASK = _read_umask()   # files 0o666 & ~UMASK, folders 0o777 & ~UMASK: what `op
 
 # %% auto #0
 __all__ = ['UMASK', 'write_temporary', 'replace_synced', 'save_checkpoint', 'write_text_atomic', 'json_text', 'check_writable',
-           'load_checkpoint']
+           'make_folder', 'load_checkpoint']
 
 # %% ../nbs/05a_checkpoint.ipynb #7d21d810
 def write_temporary(state:dict, # anything `torch.load(weights_only=True)` can read back
@@ -100,6 +100,19 @@ def check_writable(path:str|Path, # a file a command writes at its end
     if not d.is_dir(): raise ValueError(f"{flag} {f}: folder {d} does not exist")
     if not os.access(d, os.W_OK | os.X_OK) or (f.exists() and not os.access(f, os.W_OK)):
         raise ValueError(f"{flag} {f}: not writable (permission denied)")
+
+def make_folder(path:str|Path, # an output folder a command writes into (made with its parents)
+                what:str, # what it is, for the message: 'the run folder', 'the report folder'
+                flag:str='--out', # the option that named it
+               )->Path:
+    "Create an output folder, or refuse naming the option: a file in the way, no permission, another OS error."
+    p = Path(path)
+    try: p.mkdir(parents=True, exist_ok=True)
+    except PermissionError as e: raise PermissionError(f"{flag} {p}: cannot create it ({e.strerror}: {e.filename})") from None
+    except (FileExistsError, NotADirectoryError): raise ValueError(f"{flag} {p}: a file is in the way ({what}, or a folder "
+                                                                  f"above it, is a file); choose another {flag}") from None
+    except OSError as e: raise ValueError(f"{flag} {p}: cannot create it ({e.strerror}: {e.filename})") from None
+    return p
 
 # %% ../nbs/05a_checkpoint.ipynb #84570adf
 def _numpy_scalars()->list:

@@ -286,12 +286,7 @@ def build_run(cfg:dict)->Run:
     device, rank, world, local, owned = start_process(cfg['device'], cfg['threads'], cfg['deterministic'],
                                                       cfg['malloc_mmap_mb'])
     out = Path(cfg['out'])
-    if rank == 0:
-        try: out.mkdir(parents=True, exist_ok=True)
-        except PermissionError as e: raise PermissionError(f"--out {out}: cannot create it ({e.strerror}: {e.filename})") from None
-        except (FileExistsError, NotADirectoryError): raise ValueError(f"--out {out}: a file is in the way (the run folder, or a "
-                                                                      "folder above it, is a file); choose another --out") from None
-        except OSError as e: raise ValueError(f"--out {out}: cannot create it ({e.strerror}: {e.filename})") from None
+    if rank == 0: make_folder(out, 'the run folder')
     if rank == 0 and (want := cfg['total_batch']) and L.batch_size * world != want:
         g = max(d for d in range(1, min(world, want // 2) + 1) if want % d == 0)   # the most processes that split it evenly
         fix = f"--batch-size {want // world}" if g == world else f"{g} process(es) x --batch-size {want // g}"

@@ -8,7 +8,7 @@ import json, math, shutil, statistics, time
 from pathlib import Path
 import torch
 from .config import check_ranges, make_config, size_text
-from .checkpoint import load_checkpoint, write_text_atomic, json_text
+from .checkpoint import load_checkpoint, write_text_atomic, json_text, make_folder
 from .distill import fit
 from .runfolder import RUN_FILES, RunInterrupted
 from .objective import METHODS, TERMS, parse_method, reads_teacher
@@ -254,11 +254,7 @@ def run_demo(out:str|Path='runs/demo', # report folder
     bad = [m for m in methods if m not in METHODS and '+' not in m]
     if bad: raise ValueError(f"unknown method(s) {bad}; methods: {', '.join(METHODS)}")
     check_ranges(dict(threads=threads))                     # as the command line checks --threads: an integer >= 1
-    out = Path(out)
-    try: out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"--out {out}: a file is in the way (the report folder, or a folder above it, is a file); choose "
-                         "another --out") from None
+    out = make_folder(out, 'the report folder')
     if (out/'report.md').exists():
         print(f"the earlier report in {out} (report.md, results.json, figures) is replaced; another --out keeps it", flush=True)
     root = Path(data_root or f"data/synthetic-demo-{P['size']}px")
