@@ -151,6 +151,7 @@ def _why_unreadable(path:Path, e:Exception)->str:
                 "code, so aicsd refuses it (torch.load with weights_only=True). If you trust its source, load it yourself "
                 "and save its state_dict")
     with open(path, 'rb') as fh: head = fh.read(4)
+    if not head: return "the file is empty (0 bytes): a save that never wrote, or a copy that failed"
     if head.startswith(b'PK') or head.startswith(b'\x80'):   # torch.save's zip archive, or its older pickle format
         return (f"the file is truncated or corrupted ({type(e).__name__}: {msg.strip().splitlines()[0].split('. ')[0][:120] if msg.strip() else ''}): "
                 f"a copy cut short, a full disk, or a save that was killed")

@@ -66,9 +66,17 @@ def _param_arg(s:str)->tuple:
     return term, key, yaml.safe_load(v)
 
 # %% ../nbs/09_cli.ipynb #5b0fb864
+def _once(parser, ns, key:str, value, flag:str):
+    "Refuse a second, different value for `key` on one command line (a config file's value may be overridden once)."
+    seen = ns.__dict__.setdefault('_given', {})      # removed by `parse`; the parse of one command line only
+    if (flag, key) in seen and seen[flag, key] != value:
+        parser.error(f"argument {flag}: {key} given twice ({seen[flag, key]!r}, then {value!r}); give it once")
+    seen[flag, key] = value
+
 class _Params(argparse.Action):
     "--param TERM.KEY=V, repeatable; merges into a dict of dicts."
     def __call__(self, parser, ns, values, option_string=None):
+        _once(parser, ns, f"{values[0]}.{values[1]}", values[2], option_string)
         d = {k: dict(v) for k, v in (getattr(ns, self.dest) or {}).items()}
         d.setdefault(values[0], {})[values[1]] = values[2]; setattr(ns, self.dest, d)
 
@@ -76,6 +84,7 @@ class _Params(argparse.Action):
 class _Weights(argparse.Action):
     "--weight TERM=W, repeatable; merges into a dict (a config file's `weight:` mapping included)."
     def __call__(self, parser, ns, values, option_string=None):
+        _once(parser, ns, values[0], values[1], option_string)
         d = dict(getattr(ns, self.dest) or {}); d[values[0]] = values[1]; setattr(ns, self.dest, d)
 
 # %% ../nbs/09_cli.ipynb #31f844ff
@@ -396,6 +405,7 @@ def parse(argv:list|None=None)->argparse.Namespace:
     if getattr(a, 'config', None):
         _apply_config(subs[a.command], read_config(a.config), a.command, a.config)
         a = p.parse_args(argv)
+    a.__dict__.pop('_given', None)                   # `_once`'s record of repeated --weight/--param
     return a
 
 # %% ../nbs/09_cli.ipynb #b867e4d3

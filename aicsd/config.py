@@ -359,7 +359,9 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     if out['param'] is not None: out['param'] = {str(k): dict(v) for k, v in dict(out['param']).items()}
     for k in ('crop_size', 'eval_crop', 'eval_stride'):    # sizes: PX, 'HxW', [H, W] -> PX or [H, W] (plain types)
         v = out[k]
-        if isinstance(v, str): out[k] = size_arg(v)
+        if isinstance(v, str):
+            try: out[k] = size_arg(v)
+            except (ValueError, TypeError) as e: raise ValueError(f"configuration '{k}' (--{k.replace('_', '-')}): {e}") from None
         elif isinstance(v, (list, tuple)): out[k] = [int(a) if isinstance(a, float) and a.is_integer() else a for a in v]
     if out['eval_scales'] is not None: out['eval_scales'] = [float(s) for s in (out['eval_scales'] if isinstance(out['eval_scales'], (list, tuple)) else str(out['eval_scales']).replace(',', ' ').split())]
     check_ranges(out)

@@ -304,8 +304,11 @@ class CityscapesSegmentation(SegmentationDataset):
             elif l.is_file(): self.labels.append(l); self.train_ids.append(False)
             else: missing.append(l)
         if missing:
-            raise FileNotFoundError(f"{len(missing)} label files missing for {img_dir}, e.g. {[str(m) for m in missing[:3]]}. "
-                                    "Unzip gtFine_trainvaltest.zip into the same root as leftImg8bit.")
+            color = Path(str(missing[0]).replace('_labelIds.png', '_color.png')).is_file()
+            raise FileNotFoundError(f"{len(missing)} label files missing for {img_dir}, e.g. {[str(m) for m in missing[:3]]}. " + (
+                "Only *_gtFine_color.png is there: those are colour renderings for viewing, not labels; "
+                "aicsd reads *_gtFine_labelIds.png (or *_gtFine_labelTrainIds.png) from the same zip. " if color else '')
+                + "Unzip gtFine_trainvaltest.zip into the same root as leftImg8bit.")
         self._lut = cityscapes_lut()
     def read_mask(self, i:int)->np.ndarray:
         m = read_label(self.labels[i])

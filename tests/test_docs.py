@@ -259,6 +259,15 @@ def test_notebooks_have_titles():
                    and src(read_nb(p)['cells'][0]).lstrip().startswith('# '))]
     assert not bad, f"the first cell must be a markdown '# Title' (nbdev makes it the page title): {bad}"
 
+def test_cell_ids_unique():
+    "Jupyter requires a cell's id to be unique in its notebook; tools that address cells by id (and nbformat's validator) act on the wrong one otherwise."
+    bad = {}
+    for p in notebooks():
+        ids = [c.get('id') for c in read_nb(p)['cells'] if c.get('id')]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup: bad[rel(p)] = dup
+    assert not bad, f"cells sharing an id (give each a new one): {bad}"
+
 def test_quarto_config():
     q = yaml.safe_load((NBS/'_quarto.yml').read_text())
     for f in q.get('metadata-files', []): assert (NBS/f).is_file(), f"_quarto.yml names a missing metadata file {f}"
