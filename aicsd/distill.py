@@ -14,8 +14,8 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['poly_lr_lambda', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_channels', 'distill_step', 'train_step',
-           'Run', 'build_models', 'weights_sha256', 'build_run', 'train_one_epoch', 'evaluate_and_keep_best',
-           'restarted_with_checkpoint', 'evaluate_checkpoint', 'describe_run', 'fit']
+           'Run', 'build_models', 'weights_sha256', 'build_run', 'start_warnings', 'train_one_epoch',
+           'evaluate_and_keep_best', 'restarted_with_checkpoint', 'evaluate_checkpoint', 'describe_run', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import (build_model, param_groups, model_arch, load_model, load_released_checkpoint,
@@ -287,11 +287,8 @@ def build_run(cfg:dict)->Run:
                                                       cfg['malloc_mmap_mb'])
     out = Path(cfg['out'])
     if rank == 0: make_folder(out, 'the run folder')
-    if rank == 0 and (want := cfg['total_batch']) and L.batch_size * world != want:
-        g = max(d for d in range(1, min(world, want // 2) + 1) if want % d == 0)   # the most processes that split it evenly
-        fix = f"--batch-size {want // world}" if g == world else f"{g} process(es) x --batch-size {want // g}"
-        warn(f"{L.batch_size} images per process (--batch-size) x {world} process(es) = {L.batch_size * world} images per step, "
-             f"not the {want} of --total-batch (the recipe's published batch): use {fix} to train as published")
+    if rank == 0:
+        for w in start_warnings(cfg, world): warn(w)
     train_ds, val_ds, nc = _datasets(D, rank)
     if len(val_ds) == 0:
         raise ValueError(f"the validation split {D.val_split!r} of {D.data_root} has no images, so no mIoU and no "
@@ -330,6 +327,28 @@ def _remove_empty(folders:list):
         try: d.rmdir()
         except OSError: return   # not empty (the run wrote something worth keeping), or already gone
 
+
+# %% ../nbs/08_distill.ipynb #5a7b1c01
+def start_warnings(cfg:dict, # a run's configuration (`make_config`)
+                   world:int, # its processes
+                  )->list: # the warnings, one sentence each with its fix
+    "What a run warns about at its start, before any data loads: the images per step against the recipe's, BatchNorm "
+    "statistics of one process's images, a real data set learned from random weights."
+    out, b = [], cfg['batch_size']
+    if (want := cfg['total_batch']) and b * world != want:
+        g = max(d for d in range(1, min(world, want // 2) + 1) if want % d == 0)   # the most processes that split it evenly
+        fix = f"--batch-size {want // world}" if g == world else f"{g} process(es) x --batch-size {want // g}"
+        out.append(f"{b} images per process (--batch-size) x {world} process(es) = {b * world} images per step, "
+                   f"not the {want} of --total-batch (the recipe's published batch): use {fix} to train as published")
+    if world > 1 and not cfg['sync_bn']:
+        out.append(f"--sync-bn is off: each process's BatchNorm layers compute their statistics from its {b} image(s) only, "
+                   f"not from the {b * world} of the step (the paper's code, CIRKD and torchvision's references "
+                   f"synchronise them across GPUs): add --sync-bn")
+    if cfg['data'] != 'synthetic' and cfg['pretrained_backbone'] in (None, 'none'):
+        out.append(f"--data {cfg['data']} with a backbone from random weights (--pretrained-backbone none): the paper and the "
+                   f"field start from ImageNet weights (--pretrained-backbone imagenet, or a weight FILE), and their mIoU "
+                   f"is out of reach without them")
+    return out
 
 # %% ../nbs/08_distill.ipynb #7935d540
 def _place(net, teacher, P:PrecisionSpec, device, world:int)->tuple: # (model, teacher, dtype, memory format)

@@ -79,13 +79,21 @@ FIELD_WEIGHTS = {   # method -> (the method as the field's script runs it, {term
               "--lambda-minibatch-pixel 1, --lambda-memory-pixel 0.1, --lambda-memory-region 0.1 (memories 20000 / 2000, "
               "contrast 4096 / 1024, temperature 0.1)"),
     'dist': ('dist', dict(dist=1.0), "DIST authors' segmentation/train_kd.py: --lambda-kd 1 on DIST(beta=1, gamma=1) of the "
-             "softmax (their run also distils the aux head at 0.4, with weight decay 5e-4 and an lr floor of 1e-4: not here, "
-             "every recipe keeps CIRKD's protocol)"),
+             "softmax (their run also distils the aux head at 0.4, with weight decay 5e-4 and an lr floor of 1e-4, and their "
+             "ResNet-18 DeepLabV3 head is 128 channels wide, CIRKD's 512: not here, every recipe keeps CIRKD's protocol)"),
 }
 _FIELD_PROTOCOL = dict(arch='deeplabv3', data='cityscapes', data_root='data/cityscapes', train_split='train', val_split='val',
                        crop_size='512x1024', scale_min=0.5, scale_max=2.0, scale_base=1024, hflip=True, blur=False, batch_size=2, total_batch=16,
                        sync_bn=True, max_steps=40000, lr=0.02, head_mult=1.0, momentum=0.9, weight_decay=1e-4,
-                       poly_power=0.9, warmup_steps=0, eval_mode='whole', temperature=1.0)
+                       poly_power=0.9, warmup_steps=0, eval_mode='whole', temperature=1.0,
+                       eval_every=4)   # 54 evaluations in 40k steps (185 a epoch); CIRKD's --val-per-iters 800: 50
+# as CIRKD's scripts compute them: logit terms on the head's output at stride 8 (its DeepLabV3 returns no upsampled
+# logits), the mini-batch pixel term on the unpooled head feature (CriterionMiniBatchCrossImagePair's pooling=False)
+_FIELD_PARAMS = dict(kd=dict(upsampled=False), cwd=dict(upsampled=False), dist=dict(upsampled=False), cirkd_pixel=dict(pool=1))
+
+def _field_params(spec:str)->dict:
+    "The `param` of a field recipe running method `spec`: `_FIELD_PARAMS` of the terms it has."
+    return {n: dict(_FIELD_PARAMS[n]) for n in parse_method(spec)[0] if n in _FIELD_PARAMS}
 _FIELD_STUDENTS = dict(resnet18=dict(aux_weight=0.4, pretrained_backbone='pretrained/resnet18-imagenet.pth'),
                        mobilenetv2=dict(aux_weight=0.0, pretrained_backbone='pretrained/mobilenetv2-imagenet.pth'))
 
@@ -103,7 +111,8 @@ def _field_recipes()->dict:
         for m in METHODS:
             spec, w, src = FIELD_WEIGHTS.get(m, (m, None, 'no field script: the weights of the methods table (04_objective)'))
             r[f'field-citys-{_SHORT[st]}-{m}'] = dict(
-                command='distill', method=spec, **({'weight': dict(w)} if w else {}), model=st, **sk,
+                command='distill', method=spec, **({'weight': dict(w)} if w else {}),
+                **({'param': _field_params(spec)} if _field_params(spec) else {}), model=st, **sk,
                 **({'teacher': FIELD_TEACHER['file']} if reads_teacher(m) else {}), **_FIELD_PROTOCOL,
                 out=f'runs/field-citys-{_SHORT[st]}-{m}',
                 paper=dict(miou=_field_published(st, m), teacher_miou=FIELD_TEACHER['miou'], weights=src,

@@ -89,10 +89,20 @@ def term_ce(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, ignore_index
     return _per_image(loss, target) if batch_average else loss
 
 # %% ../nbs/04_objective.ipynb #69d08efe
+def _head(o:dict, upsampled:bool=True)->Tensor:
+    "A network's logits: upsampled to the image ('logits'), or the head's output before that ('logits4'), as CIRKD's terms read it."
+    if upsampled: return o['logits']
+    if 'logits4' not in o: raise KeyError("upsampled=False reads the head's output before upsampling, the 'logits4' tap; "
+                                          "the outputs hold only " + ', '.join(map(repr, o)))
+    return o['logits4']
+
 def term_kd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, T:float=1.0, ignore_index:int=255,
-            skip_ignored:bool=False):
+            skip_ignored:bool=False, upsampled:bool=True):
     "Pixel-wise KD (Hinton) over every pixel, as the paper and CIRKD; `skip_ignored`: leave out pixels labelled `ignore_index`."
-    return pixel_kd_loss(s['logits'], t['logits'], T=T, target=target if skip_ignored else None, ignore_index=ignore_index)
+    zs, zt = _head(s, upsampled), _head(t, upsampled)
+    if skip_ignored and target.shape[-2:] != zs.shape[-2:]:   # labels at the head's resolution: nearest, pixel centres
+        target = F.interpolate(target[:, None].float(), size=zs.shape[-2:], mode='nearest-exact')[:, 0].long()
+    return pixel_kd_loss(zs, zt, T=T, target=target if skip_ignored else None, ignore_index=ignore_index)
 
 # %% ../nbs/04_objective.ipynb #ddb49658
 def term_icsd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, T:float=1.0, normalize:str|None=None):
@@ -106,7 +116,7 @@ def term_released_icsd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
 
 register_term('ce', Term(term_ce, teacher=False, params=dict(ignore_index=255, batch_average=False),
                          ref='supervised cross-entropy'))
-register_term('kd', Term(term_kd, alw='fade', params=dict(T=1.0, ignore_index=255, skip_ignored=False), bounds=dict(T='>0'),
+register_term('kd', Term(term_kd, alw='fade', params=dict(T=1.0, ignore_index=255, skip_ignored=False, upsampled=True), bounds=dict(T='>0'),
                          ref='Hinton et al., NeurIPS-W 2015; pixel-wise as in CIRKD losses/'))
 register_term('icsd', Term(term_icsd, weight=0.1, params=dict(T=1.0, normalize=None), bounds=dict(T='>0'),
                            ref='AICSD (Mansourian et al., 2025)'))
@@ -168,12 +178,13 @@ def term_ifvd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
     return B.ifvd_loss(s['decoder'], t['decoder'], target, num_classes=s['logits'].shape[1])
 
 # %% ../nbs/04_objective.ipynb #56e26e63
-def term_cwd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=4.0):
-    return B.cwd_loss(s['logits'], t['logits'], tau=tau)
+def term_cwd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=4.0, upsampled:bool=True):
+    return B.cwd_loss(_head(s, upsampled), _head(t, upsampled), tau=tau)
 
 # %% ../nbs/04_objective.ipynb #e84469ff
-def term_dist(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, beta:float=1.0, gamma:float=1.0, tau:float=1.0):
-    return B.dist_loss(s['logits'], t['logits'], beta=beta, gamma=gamma, tau=tau)
+def term_dist(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, beta:float=1.0, gamma:float=1.0, tau:float=1.0,
+              upsampled:bool=True):
+    return B.dist_loss(_head(s, upsampled), _head(t, upsampled), beta=beta, gamma=gamma, tau=tau)
 
 # %% ../nbs/04_objective.ipynb #69109db8
 def term_cirkd_pixel(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=0.1, pool:int=2):
@@ -226,8 +237,8 @@ for _n, _t in dict(
     skd=Term(term_skd, ('decoder',), weight=10.0, params=dict(scale=0.5, kernel=2), bounds=dict(scale='>0'),
              ref='Liu et al., CVPR 2019; CIRKD'),
     ifvd=Term(term_ifvd, ('logits', 'decoder'), weight=20.0, ref='Wang et al., ECCV 2020; CIRKD'),
-    cwd=Term(term_cwd, weight=3.0, alw='fade', params=dict(tau=4.0), bounds=dict(tau='>0'), ref='Shu et al., ICCV 2021; CIRKD'),
-    dist=Term(term_dist, weight=1.0, alw='fade', params=dict(beta=1.0, gamma=1.0, tau=1.0),
+    cwd=Term(term_cwd, weight=3.0, alw='fade', params=dict(tau=4.0, upsampled=True), bounds=dict(tau='>0'), ref='Shu et al., ICCV 2021; CIRKD'),
+    dist=Term(term_dist, weight=1.0, alw='fade', params=dict(beta=1.0, gamma=1.0, tau=1.0, upsampled=True),
                bounds=dict(beta='>=0', gamma='>=0', tau='>0'), ref='Huang et al., NeurIPS 2022'),
     cirkd_pixel=Term(term_cirkd_pixel, ('decoder',), weight=1.0, params=dict(tau=0.1, pool=2),
                       bounds=dict(tau='>0', pool='int>=1'), ref='Yang et al., CVPR 2022'),
@@ -365,14 +376,16 @@ class DistillObjective:
     def needs_teacher(self)->bool:
         "Whether some term reads the teacher's outputs (False for the baseline)."
         return any(TERMS[n].teacher for n in self.names)   # (`reads_teacher` of the method, with its extra terms)
+    def _taps(self, n:str)->tuple:   # a term's taps, with 'logits4' when it reads the head's output (`upsampled=False`)
+        return TERMS[n].taps + (('logits4',) if self.params[n].get('upsampled') is False else ())
     @property
     def student_taps(self)->tuple:
         "Feature taps some term reads from the student."
-        return tuple(dict.fromkeys(t for n in self.names for t in TERMS[n].taps))
+        return tuple(dict.fromkeys(t for n in self.names for t in self._taps(n)))
     @property
     def teacher_taps(self)->tuple:
         "Feature taps some term reads from the teacher."
-        return tuple(dict.fromkeys(t for n in self.names if TERMS[n].teacher for t in TERMS[n].taps))
+        return tuple(dict.fromkeys(t for n in self.names if TERMS[n].teacher for t in self._taps(n)))
 
 # %% ../nbs/04_objective.ipynb #01c5a308
 @patch

@@ -314,13 +314,19 @@ def test_field_protocol_voc_mixed_sizes_defaults(trees, tmp_path):
 
 
 def test_field_protocol_cityscapes_defaults(trees, tmp_path):
-    "The field's data set and crop shape (HxW), from a field teacher file, whole-image evaluation; every default on."
+    "The field's CWD recipe as a config file (DeepLabV3, KD and CWD on the head's stride-8 output, whole-image"
+    "evaluation), from a field teacher file, with only what this machine needs overridden; every other default on."
     out = tmp_path / 'field_cs'
     teacher = _field_teacher(tmp_path / 'deeplabv3_resnet18_citys.pth', 19)
-    p = aicsd('distill', '--arch', 'deeplabv3', '--teacher', teacher, '--student', 'mobilenetv2', '--method', 'cwd',
-              '--data', 'cityscapes', '--data-root', trees['cs_ids'], '--crop-size', '16x32', '--batch-size', 2,
-              '--max-steps', 2, '--out', out, cwd=tmp_path)
+    (tmp_path / 'f.yaml').write_text(aicsd('recipes', 'field-citys-mbv2-cwd', cwd=tmp_path).stdout)
+    p = aicsd('distill', '--config', tmp_path / 'f.yaml', '--teacher', teacher, '--data-root', trees['cs_ids'],
+              '--crop-size', '16x32', '--batch-size', 2, '--max-steps', 2, '--pretrained-backbone', 'none',
+              '--out', out, cwd=tmp_path)
     assert_full_run(out, p)
+    import torch
+    cfg = torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['config']
+    assert (cfg['arch'], cfg['method'], cfg['eval_mode'], cfg['eval_every']) == ('deeplabv3', 'cwd+kd', 'whole', 4)
+    assert cfg['param'] == {'kd': {'upsampled': False}, 'cwd': {'upsampled': False}}, cfg['param']
     # the teacher file itself, evaluated as the field reports it (whole image), before any run relies on it
     import json
     aicsd('evaluate', '--ckpt', teacher, '--data', 'cityscapes', '--data-root', trees['cs_ids'], '--json', tmp_path / 't.json',
