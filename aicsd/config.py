@@ -76,7 +76,7 @@ _WHAT = [   # what to train
        commands=_D, resume='same'),
     _O('teacher_backbone', None, 'What to train', "backbone of a teacher file of the authors' released code (required for "
        "such a file; an aicsd checkpoint says it itself)", choices=BACKBONES, metavar='BACKBONE', commands=_D, resume='same'),
-    _O('method', None, 'What to train', "distillation method, or several joined by '+' (their terms summed, e.g. cwd+icsd): "
+    _O('method', None, 'What to train', "distillation method, or several joined by '+' (their terms summed, e.g. cwd+icsd; a term's name adds that term, e.g. cwd+cwd_feat): "
        f"{', '.join(METHODS)} (default: aicsd; `aicsd train`: baseline; each method's terms are listed below)",
        metavar='METHOD', commands=_D, resume='same'),
     _O('alw', None, 'Distillation', "put the method's terms under adaptive loss weighting (default: on for aicsd only)", flag='bool', resume='same', commands=_D),

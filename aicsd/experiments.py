@@ -73,8 +73,9 @@ FIELD_WEIGHTS = {   # method -> (the method as the field's script runs it, {term
             'terms, --lambda-adv 0.001 --lambda-d 0.1, have no term here)'),
     'ifvd': ('ifvd', dict(kd=1.0, ifvd=20.0), _S + 'train_kd/train_ifvd.sh: --lambda-kd 1.0 --lambda-ifv 20 (its adversarial '
              'terms, --lambda-adv 0.001 --lambda-d 0.1, have no term here)'),
-    'cwd': ('cwd+kd', dict(kd=1.0, cwd=3.0), _S + 'train_kd/train_cwd.sh: --lambda-kd 1.0 --lambda-cwd-logit 3 (tau 4 in '
-            'train_kd.py; its --lambda-cwd-fea 50 and adversarial terms have no term here)'),
+    'cwd': ('cwd+kd+cwd_feat', dict(kd=1.0, cwd=3.0, cwd_feat=50.0), _S + 'train_kd/train_cwd.sh: --lambda-kd 1.0 '
+            '--lambda-cwd-logit 3 --lambda-cwd-fea 50 (tau 4 in train_kd.py; its adversarial terms, --lambda-adv 0.001 '
+            '--lambda-d 0.1, have no term here)'),
     'cirkd': ('cirkd', dict(kd=1.0, cirkd_pixel=1.0, cirkd_memory=0.1), "CIRKD train_cirkd.py defaults: --lambda-kd 1, "
               "--lambda-minibatch-pixel 1, --lambda-memory-pixel 0.1, --lambda-memory-region 0.1 (memories 20000 / 2000, "
               "contrast 4096 / 1024, temperature 0.1)"),

@@ -18,9 +18,9 @@ from fastcore.basics import patch
 # %% auto #0
 __all__ = ['TERMS', 'METHODS', 'alw_alpha', 'out_of_range', 'Term', 'register_term', 'term_ce', 'term_kd', 'term_icsd',
            'term_released_icsd', 'Method', 'register_method', 'term_at', 'term_fitnet', 'term_sp', 'term_ickd',
-           'term_skd', 'term_ifvd', 'term_cwd', 'term_dist', 'term_cirkd_pixel', 'CIRKDMemoryTerm', 'term_cirkd_memory',
-           'term_released_pa', 'term_released_ic', 'term_released_pi', 'term_aux', 'parse_method', 'reads_teacher',
-           'DistillObjective']
+           'term_skd', 'term_ifvd', 'term_cwd', 'term_cwd_feat', 'term_dist', 'term_cirkd_pixel', 'CIRKDMemoryTerm',
+           'term_cirkd_memory', 'term_released_pa', 'term_released_ic', 'term_released_pi', 'term_aux', 'parse_method',
+           'reads_teacher', 'DistillObjective']
 
 # %% ../nbs/04_objective.ipynb #7affb6ee
 def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
@@ -181,6 +181,13 @@ def term_ifvd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
 def term_cwd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=4.0, upsampled:bool=True):
     return B.cwd_loss(_head(s, upsampled), _head(t, upsampled), tau=tau)
 
+def term_cwd_feat(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=4.0):
+    "CWD on the head feature ('decoder'), the student's mapped to the teacher's channels by `mod` where they differ; "
+    "divided by B x the student's channels, as CIRKD's `CriterionCWD` (which reads the channels before its conv)."
+    fs = s['decoder']; c = fs.shape[1]
+    if mod is not None: fs = mod(fs)
+    return B.cwd_loss(fs, t['decoder'], tau=tau) * (fs.shape[1] / c)
+
 # %% ../nbs/04_objective.ipynb #e84469ff
 def term_dist(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, beta:float=1.0, gamma:float=1.0, tau:float=1.0,
               upsampled:bool=True):
@@ -228,6 +235,10 @@ def _cirkd_memory(sc, tc, nc, pixel_size:int=20000, region_size:int=2000, **_):
     "The module of `cirkd_memory`: its queue sizes are term parameters (`--param cirkd_memory.pixel_size=2000`)."
     return CIRKDMemoryTerm(sc['decoder'], tc['decoder'], nc, pixel_size, region_size)
 
+def _cwd_feat_conv(sc, tc, nc, **_):
+    "The module of `cwd_feat`: CIRKD's 1x1 conv (no bias, no BN) where the channels differ, else nothing to train."
+    return nn.Conv2d(sc['decoder'], tc['decoder'], 1, bias=False) if sc['decoder'] != tc['decoder'] else nn.Identity()
+
 for _n, _t in dict(
     at=Term(term_at, ('decoder',), weight=1e4, alw='fade', params=dict(p=2.0), bounds=dict(p='>0'),
             ref='Zagoruyko & Komodakis, ICLR 2017; CIRKD'),
@@ -238,6 +249,8 @@ for _n, _t in dict(
              ref='Liu et al., CVPR 2019; CIRKD'),
     ifvd=Term(term_ifvd, ('logits', 'decoder'), weight=20.0, ref='Wang et al., ECCV 2020; CIRKD'),
     cwd=Term(term_cwd, weight=3.0, alw='fade', params=dict(tau=4.0, upsampled=True), bounds=dict(tau='>0'), ref='Shu et al., ICCV 2021; CIRKD'),
+    cwd_feat=Term(term_cwd_feat, ('decoder',), weight=50.0, alw='fade', params=dict(tau=4.0), bounds=dict(tau='>0'),
+                  module=_cwd_feat_conv, ref="Shu et al., ICCV 2021; CIRKD train_cwd.sh (--lambda-cwd-fea 50)"),
     dist=Term(term_dist, weight=1.0, alw='fade', params=dict(beta=1.0, gamma=1.0, tau=1.0, upsampled=True),
                bounds=dict(beta='>=0', gamma='>=0', tau='>0'), ref='Huang et al., NeurIPS 2022'),
     cirkd_pixel=Term(term_cirkd_pixel, ('decoder',), weight=1.0, params=dict(tau=0.1, pool=2),
@@ -283,17 +296,19 @@ register_term('aux', Term(term_aux, ('aux',), teacher=False, weight=0.4, params=
                           ref="CIRKD train_kd.py: task loss CE + 0.4 x CE of the auxiliary head (ResNet students)"));
 
 # %% ../nbs/04_objective.ipynb #9c1c7d1b
-def parse_method(spec:str, # a method name or names joined by '+', e.g. 'aicsd' or 'cwd+icsd'
+def parse_method(spec:str, # a method name or names joined by '+', e.g. 'aicsd' or 'cwd+icsd'; a term's name adds that term
                 )->tuple: # (term names in registry order, ALW on)
-    "The terms and the ALW flag of a method or a combination of methods."
+    "The terms and the ALW flag of a method or a combination of methods (and terms: 'cwd+kd+cwd_feat')."
     names = [n.strip() for n in str(spec).split('+')]
-    bad = [n for n in names if n not in METHODS]
+    bad = [n for n in names if n not in METHODS and n not in TERMS]
     if bad: raise ValueError(f"unknown method {', '.join(map(repr, bad))} in {spec!r}; methods: {', '.join(METHODS)} "
-                             f"(combine with '+', e.g. 'cwd+icsd')")
+                             f"(combine with '+', e.g. 'cwd+icsd'; a term's name adds that term alone, e.g. 'cwd+cwd_feat')")
+    if 'aux' in names and 'aux' not in METHODS:
+        raise ValueError(f"method {spec!r}: the 'aux' term comes with DeepLabV3's auxiliary head: set --aux-weight instead")
     if len(set(names)) != len(names): raise ValueError(f"method {spec!r} names {', '.join(sorted({n for n in names if names.count(n) > 1}))} "
                                                        "twice: each method once (their terms are combined once anyway)")
-    want = {t for n in names for t in METHODS[n].terms}
-    return tuple(t for t in TERMS if t in want), any(METHODS[n].alw for n in names)
+    want = {t for n in names for t in (METHODS[n].terms if n in METHODS else ('ce', n))}   # a term alone: with CE
+    return tuple(t for t in TERMS if t in want), any(METHODS[n].alw for n in names if n in METHODS)
 
 def reads_teacher(spec:str, # a method name or a '+' combination
                  )->bool: # False for the baseline: no term reads the teacher

@@ -325,7 +325,7 @@ def test_field_protocol_cityscapes_defaults(trees, tmp_path):
     assert_full_run(out, p)
     import torch
     cfg = torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['config']
-    assert (cfg['arch'], cfg['method'], cfg['eval_mode'], cfg['eval_every']) == ('deeplabv3', 'cwd+kd', 'whole', 4)
+    assert (cfg['arch'], cfg['method'], cfg['eval_mode'], cfg['eval_every']) == ('deeplabv3', 'cwd+kd+cwd_feat', 'whole', 4)
     assert cfg['param'] == {'kd': {'upsampled': False}, 'cwd': {'upsampled': False}}, cfg['param']
     # the teacher file itself, evaluated as the field reports it (whole image), before any run relies on it
     import json
