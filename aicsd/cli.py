@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, difflib, inspect, json, os, sys
 from pathlib import Path
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint
+from .models import BACKBONES
 from .config import _D, _renamed, check_ranges, distill_only, read_config, size_arg, size_text, warn
 from .data import DEFAULT_ROOTS
 from .checkpoint import check_writable, write_text_atomic, json_text
@@ -289,7 +290,10 @@ def build_parser()->argparse.ArgumentParser:
         description='mIoU, pixel accuracy, mean class accuracy and frequency-weighted IoU as one JSON line on stdout; '
                     'per-class IoU as a table on stderr; in --json FILE, every metric: also per-class IoU and accuracy, with the class names.',
         epilog="example:\n  aicsd evaluate --ckpt runs/s/best.pt --data voc --data-root data/VOCdevkit/VOC2012 --eval-resize 513")
-    e.add_argument('--ckpt', required=True, metavar='PATH', help='best.pt / last.pt (or any file load_model reads)')
+    e.add_argument('--ckpt', required=True, metavar='PATH', help="best.pt / last.pt (or any file load_model reads), a field "
+                   "(CIRKD) DeepLabV3 file (told from its keys), or a file of the authors' released code (with --backbone)")
+    e.add_argument('--backbone', choices=BACKBONES, metavar='BACKBONE', help="backbone of a --ckpt written by the authors' "
+                   f"released code, which does not say it ({', '.join(BACKBONES)}); aicsd and field files need none")
     add_train_options(e, 'evaluate')                 # the rows whose `commands` name evaluate
     e.add_argument('--json', metavar='FILE', help='also write every metric to FILE, the per-class ones (iou, class_acc, classes) too; stdout has the scalars')
     m = sub.add_parser('demo', formatter_class=fmt, help='the whole method on synthetic data, on a CPU',

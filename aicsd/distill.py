@@ -479,12 +479,18 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
     dev, _, _, _, owned = start_process(opts['device'], opts['threads'])   # no allocator change: no training
     failed = True
     try:
-        ck = load_checkpoint(ckpt)
+        ck, released = load_checkpoint(ckpt), opts.get('backbone')   # --backbone: a file of the authors' released code
         if isinstance(ck, dict) and 'arch' not in ck and (fb := cirkd_backbone(ck)) is not None:
+            if released: raise ValueError(f"{ckpt} is the field's DeepLabV3 {fb} (told from its keys): drop --backbone "
+                                          "(it is for files of the authors' released code)")
             model = load_cirkd_checkpoint(ck, fb, source=str(ckpt)).to(dev)   # the field's teacher file: check its 78.07 first
         elif not isinstance(ck, dict) or 'arch' not in ck:
-            raise ValueError(f"{ckpt} is not an aicsd checkpoint (no 'arch' entry) nor a field (CIRKD) DeepLabV3; for the "
-                             f"released code's checkpoints use aicsd.models.load_released_checkpoint in Python")
+            if not released or not isinstance(ck, dict):
+                raise ValueError(f"{ckpt} is not an aicsd checkpoint (no 'arch' entry) nor a field (CIRKD) DeepLabV3; if the "
+                                 f"authors' released code wrote it, name its backbone: --backbone resnet101 (or resnet18, mobilenetv2)")
+            model = None                                                 # built below, with the data's classes
+        elif released: raise ValueError(f"{ckpt} is an aicsd checkpoint of a {ck['arch'].get('backbone')}: drop --backbone "
+                                        "(aicsd checkpoints know their architecture)")
         else: model = load_model(ck, map_location='cpu').to(dev)
         trained = ck.get('config', {})
         mine = (trained.get('data'), trained.get('data_root') or DEFAULT_ROOTS.get(trained.get('data')))
@@ -506,6 +512,11 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
             raise ValueError(f"the split {opts['val_split']!r} of {opts['data_root']} has no images: nothing to evaluate; "
                              "check --data-root and --val-split")
         require_labelled(ds, f"the split {opts['val_split']!r} of {getattr(ds, 'root', opts['data_root'])} (--val-split, --data-root)")
+        if model is None:                                                # the released code's file: OS 16, as trained
+            model = load_released_checkpoint(ck, released, getattr(ds, 'num_classes', None) or 21, source=str(ckpt)).to(dev)
+            if all(opts[k] == DEFAULTS[k] for k in _PROTOCOL_KEYS):
+                print("evaluating at native resolution; the released code evaluated on 513 x 513 squares: "
+                      "--eval-resize 513 --eval-square", file=sys.stderr)
         nc, dnc = model_arch(model)['num_classes'], getattr(ds, 'num_classes', None)
         if dnc is not None and dnc != nc:
             raise ValueError(f"{ckpt} predicts {nc} classes but {opts['data']} ({getattr(ds, 'root', opts['data_root'])}) "

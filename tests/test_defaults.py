@@ -247,6 +247,15 @@ def test_evaluate_voc_mixed_sizes_scores_what_numpy_counts(voc_teacher, trees, t
     assert abs(m['pixel_acc'] - iou0) < 1e-12 and abs(m['iou'][0] - iou0) < 1e-12, (m, iou0)
     assert abs(m['miou'] - iou0 / present) < 1e-12, (m['miou'], iou0 / present)
     assert present >= 3 and 0 < iou0 < 1                                      # the comparison can tell cases apart
+    # the same network as a file of the authors' released code ('state_dict', DataParallel's 'module.' prefix, no
+    # architecture): `--backbone` reads it, every other default on, and it scores what numpy counted
+    torch.save({'epoch': 1, 'state_dict': {'module.' + k: v for k, v in ck['model'].items()}, 'best_pred': 0.0},
+               tmp_path / 'released.pth.tar')
+    p = aicsd('evaluate', '--ckpt', tmp_path / 'released.pth.tar', '--backbone', 'resnet18', '--data', 'voc',
+              '--data-root', trees['voc'], '--json', tmp_path / 'r.json', cwd=tmp_path)
+    r = json.loads((tmp_path / 'r.json').read_text())
+    assert abs(r['miou'] - iou0 / present) < 1e-12 and r['iou'] == m['iou'], (r, m)
+    assert '--eval-resize 513 --eval-square' in p.stderr, p.stderr[-2000:]   # the released protocol, named
 
 
 def test_a_split_without_labelled_pixels_is_refused(voc_teacher, trees, tmp_path):
