@@ -586,6 +586,8 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
             done = prog.step >= run.total
             if done or prog.epoch % max(1, L.eval_every) == 0: evaluate_and_keep_best(run, prog, log, ckpt, t0, tty, draw)
             ckpt.save_last(prog)
+        if run.main and prog.step >= run.total:   # complete: last.pt is whole, its predecessor only costs disk
+            ckpt.prev.unlink(missing_ok=True)
         log.close()
         res = dict(best_miou=prog.best, metrics=prog.metrics, steps=prog.step, time_s=time.time() - t0, out=str(run.out),
                    num_classes=run.num_classes)
