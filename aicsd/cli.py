@@ -237,7 +237,7 @@ BENCH_DEFAULT = ('icsd', 'step', 'data', 'loop')   # what a bare `aicsd bench` r
 
 EPILOG = """\
 examples:
-  aicsd demo --quick                        synthetic data -> teacher -> 4 students -> runs/demo/report.md
+  aicsd demo --quick                        synthetic data -> teacher -> 4 students -> runs/demo-quick/report.md
   aicsd compare                             every method, same teacher, 3 seeds -> runs/compare/report.md
   aicsd data synthetic --data-root data/synthetic
   aicsd train --model resnet18 --data synthetic --data-root data/synthetic --crop-size 64 --epochs 5 --out runs/t
@@ -252,10 +252,11 @@ examples:
 Each subcommand has its own --help. Config keys mirror the long options (--batch-size -> batch_size).
 """
 
-def _add_demo_args(p:argparse.ArgumentParser, out:str, quick_help:str):
+def _add_demo_args(p:argparse.ArgumentParser, name:str, quick_help:str):
     "The options `demo` and `compare` share."
     p.add_argument('--quick', action='store_true', help=quick_help)
-    p.add_argument('--out', default=out, metavar='DIR', help='where the report goes')
+    p.add_argument('--out', default=None, metavar='DIR', help=f"where the report and the runs go (default: runs/{name}; "
+                   f"--quick: runs/{name}-quick, so a quick run never replaces a full one)")
     p.add_argument('--data-root', default=None, metavar='DIR',
                    help='synthetic data folder (created if missing; default: data/synthetic-demo-64px)')
     p.add_argument('--fresh', action='store_true', help='retrain the teacher even if a cached one matches')
@@ -299,13 +300,13 @@ def build_parser()->argparse.ArgumentParser:
     m = sub.add_parser('demo', formatter_class=fmt, help='the whole method on synthetic data, on a CPU',
         description='Synthetic data -> small teacher -> students (baseline, KD, ICSD, AICSD, the same seeds for each) -> '
                     'report.md, ICS heatmaps and predictions in --out.')
-    _add_demo_args(m, 'runs/demo', 'a version of about 30 s to 1 minute on 2 CPU cores (what CI runs)')
+    _add_demo_args(m, 'demo', 'a version of about 30 s to 1 minute on 2 CPU cores (what CI runs)')
     c = sub.add_parser('compare', formatter_class=fmt, help='every method on the same synthetic teacher (mean ± std over seeds)',
         description='The demo over every method of the methods table (or --methods): same teacher, same data, same '
                     'student steps, 3 seeds each; report.md and results.json in --out.',
         epilog="methods:\n" + methods_help())
     c.add_argument('--methods', nargs='+', type=_method_arg, default=None, metavar='METHOD', help='methods to compare (default: all)')
-    _add_demo_args(c, 'runs/compare', 'tiny settings, one seed (a smoke test)')
+    _add_demo_args(c, 'compare', 'tiny settings, one seed (a smoke test)')
     r = sub.add_parser('recipes', formatter_class=fmt, help="list the paper's experiments or print one as a config",
         epilog="example:\n  aicsd recipes voc-r18-aicsd > voc-r18-aicsd.yaml\n  aicsd distill --config voc-r18-aicsd.yaml")
     r.add_argument('name', nargs='?', help='recipe to print')

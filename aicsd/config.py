@@ -184,7 +184,7 @@ _LOGS = [   # checkpoints and logs
     _O('tensorboard', True, 'Checkpoints and logs', 'write TensorBoard events', flag='bool', resume='free'),
     _O('figures', True, 'Checkpoints and logs', 'at each evaluation, draw the ICS matrices (in distill: teacher | student | '
        'difference), predictions and curves into out/figures/ and TensorBoard', flag='bool', resume='free'),
-    _O('quiet', False, 'Checkpoints and logs', 'no progress bars or per-epoch lines', flags=('-q',), flag='bool', resume='free'),
+    _O('quiet', False, 'Checkpoints and logs', 'no progress: bars on a terminal, else a line per logged step (--log-every); no per-epoch lines', flags=('-q',), flag='bool', resume='free'),
 ]
 
 # %% ../nbs/07a_config.ipynb #6ac6fece

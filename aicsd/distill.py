@@ -228,6 +228,7 @@ class Run:
     predict:Callable|None=None # the evaluation protocol (`eval_predictor`)
     decided:dict=field(default_factory=dict) # run-time decisions (teacher_bf16, student_bf16), kept in last.pt, never in `cfg`
     teacher_sha256:str|None=None # `weights_sha256` of the teacher as loaded, kept in last.pt and compared on --resume
+    precision_note:str|None=None # what `resolve_precision` measured to choose, in words (printed after `describe_run`)
     @property
     def main(self)->bool: return self.rank == 0
 
@@ -383,12 +384,14 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
                     stop_at:int|None=None, # leave (checkpoint written) once this global step is reached
                     tty:bool=False,
                     interrupted:Callable|None=None, # () -> the signal's number (SIGINT, SIGTERM) once one came, else 0: checkpoint, raise RunInterrupted
+                    lines:bool=False, # print a progress line at each logged step (where no bar can be drawn: a log file)
                    )->bool: # True when stopped by `stop_at` in the middle of the epoch
     "Train the rest of epoch `prog.epoch` from batch `prog.step_in_epoch`; `prog` moves along."
     L, spe = run.loop, run.steps_per_epoch
     skip = prog.step_in_epoch
     run.loader.sampler.set_epoch(prog.epoch, skip=skip * L.batch_size)
-    bar = _progress(run.loader, tty, desc=f'epoch {prog.epoch + 1}/{run.epochs}', total=spe, initial=skip)
+    todo = min(spe - skip, run.total - prog.step)    # the steps this epoch trains (--max-steps can end it early)
+    bar = _progress(run.loader, tty, desc=f'epoch {prog.epoch + 1}/{run.epochs}', total=skip + todo, initial=skip)
     for i, (x, y) in enumerate(bar, start=skip):
         if prog.step >= run.total: break
         x = x.to(run.device, dtype=run.dtype, non_blocking=True, memory_format=run.memory_format)
@@ -414,6 +417,8 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
                         **{k: float(v) for k, v in terms.items()})
             log.row('train_log', prog.step, vals)
             if tty: bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
+            elif lines: print(f"step {prog.step}/{run.total} (epoch {prog.epoch + 1}/{run.epochs}): loss {vals['loss']:.4f}, "
+                              f"lr {lr:.2e}", flush=True)
         mid, saved = i + 1 < spe, False
         if L.ckpt_every and prog.step % L.ckpt_every == 0 and mid and prog.step < run.total:
             ckpt.save_last(prog); saved = True
@@ -577,12 +582,16 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
                   (f": the run is complete ({run.total} steps), nothing to do" if prog.step >= run.total else ''))
         if prog is None: prog = ckpt.start()
         resolve_precision(run)
-        if run.main and not L.quiet: print(describe_run(run), flush=True)
+        if run.main and not L.quiet:
+            print(describe_run(run), flush=True)
+            if run.precision_note: print(f"precision measured: {run.precision_note} (--precision and --teacher-bf16 / "
+                                         "--no-teacher-bf16 choose by hand)", flush=True)
         log = RunLog(run.out, enabled=run.main, tensorboard=L.tensorboard, resume_step=prog.step if resume else None)
         tty = sys.stderr.isatty() and not L.quiet and run.main and 'PYTEST_CURRENT_TEST' not in os.environ
         stop_at = prog.step + int(L.stop_after) if L.stop_after else None
         while prog.epoch < run.epochs and prog.step < run.total and not (stop_at is not None and prog.step >= stop_at):
-            if train_one_epoch(run, prog, log, ckpt, stop_at, tty, interrupted=_interrupted): break
+            if train_one_epoch(run, prog, log, ckpt, stop_at, tty, interrupted=_interrupted,
+                               lines=not tty and run.main and not L.quiet): break
             done = prog.step >= run.total
             if done or prog.epoch % max(1, L.eval_every) == 0: evaluate_and_keep_best(run, prog, log, ckpt, t0, tty, draw)
             ckpt.save_last(prog)

@@ -15,8 +15,8 @@ from .objective import METHODS, TERMS, parse_method, reads_teacher
 
 # %% auto #0
 __all__ = ['PAPER_MIOU', 'PAPER_TEACHER', 'FIELD_TEACHER', 'FIELD_MIOU', 'FIELD_RERUN', 'FIELD_WEIGHTS', 'RECIPES',
-           'DEMO_PRESETS', 'DEMO_METHODS', 'DEMO_PARAMS', 'recipe_command', 'recipe_text', 'run_demo', 'run_compare',
-           't_interval', 'paired_diffs', 'paired_text', 'format_table', 'write_report']
+           'DEMO_PRESETS', 'DEMO_METHODS', 'DEMO_PARAMS', 'recipe_command', 'recipe_text', 'demo_out', 'run_demo',
+           'run_compare', 't_interval', 'paired_diffs', 'paired_text', 'format_table', 'write_report']
 
 # %% ../nbs/08a_experiments.ipynb #cdfd83d4
 PAPER_MIOU = {  # (dataset, student) -> method -> reported val mIoU (%), the paper's table (nbs/paper.ipynb)
@@ -205,7 +205,9 @@ def _teacher(P, base, out, fresh, resume=False):
     if ck.exists() and not fresh:
         c = load_checkpoint(ck)
         if all(c['config'].get(k) == cfg[k] for k in _TEACHER_KEYS):
+            print(f"teacher: reused {ck}, trained earlier with these settings (--fresh trains it again)", flush=True)
             return ck, c['metrics'], 0.0, True
+    print(f"teacher: DeepLabV3+ {P['teacher']}, {P['teacher_steps']} steps ...", flush=True)
     t0 = time.time()
     if resume and not fresh and (tdir/'last.pt').exists():   # its own checks refuse a teacher of other settings
         r = fit(make_config(cfg, force=False, resume=True))
@@ -235,12 +237,18 @@ def _interrupted_text(e:RunInterrupted, # what `fit` raised
     return f"{how} of {what}; continue with the same command and --resume (without it, it {again})"
 
 # %% ../nbs/08a_experiments.ipynb #94895957
+def demo_out(name:str, # 'demo' or 'compare'
+             quick:bool=False, # the quick version has a folder of its own: it never replaces a full run's students
+            )->Path:
+    "The default report folder of `aicsd demo` / `aicsd compare`."
+    return Path('runs') / (name + ('-quick' if quick else ''))
+
 def _mean_std(xs:list)->tuple:
     import statistics
-    return (float(statistics.fmean(xs)), float(statistics.stdev(xs)) if len(xs) > 1 else 0.0)
+    return (float(statistics.fmean(xs)), float(statistics.stdev(xs)) if len(xs) > 1 else None)   # one seed: no spread
 
 # %% ../nbs/08a_experiments.ipynb #4992944e
-def run_demo(out:str|Path='runs/demo', # report folder
+def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `quick`, runs/demo-quick)
              quick:bool=False, # the short version (CI)
              data_root:str|Path|None=None, # synthetic data folder (default data/synthetic-demo-{size}px, made when missing)
              fresh:bool=False, # retrain the teacher even if cached
@@ -264,7 +272,7 @@ def run_demo(out:str|Path='runs/demo', # report folder
     bad = [m for m in methods if m not in METHODS and '+' not in m]
     if bad: raise ValueError(f"unknown method(s) {bad}; methods: {', '.join(METHODS)}")
     check_ranges(dict(threads=threads))                     # as the command line checks --threads: an integer >= 1
-    out = make_folder(out, 'the report folder')
+    out = make_folder(out or demo_out('demo', quick), 'the report folder')
     if (out/'report.md').exists():
         print(f"the earlier report in {out} (report.md, results.json, figures) is replaced; another --out keeps it", flush=True)
     root = Path(data_root or f"data/synthetic-demo-{P['size']}px")
@@ -278,7 +286,6 @@ def run_demo(out:str|Path='runs/demo', # report folder
     P = {**P, 'n_train': len(get_dataset('synthetic', root, 'train', None)), 'n_val': len(get_dataset('synthetic', root, 'val', None)),
          'size': size_text(size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size)}
     base = _demo_cfg(P, root, out, threads, seed)
-    print(f"teacher: DeepLabV3+ {P['teacher']}, {P['teacher_steps']} steps ...", flush=True)
     try: tck, tmet, tsec, cached = _teacher(P, base, out, fresh, resume)
     except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, 'the teacher', 'trains the teacher and the students'), e.signum) from None
     if resume and not cached:
@@ -325,12 +332,12 @@ def run_demo(out:str|Path='runs/demo', # report folder
     return rows
 
 # %% ../nbs/08a_experiments.ipynb #304f32fd
-def run_compare(out:str|Path='runs/compare', # report folder
+def run_compare(out:str|Path|None=None, # report folder (default runs/compare; with `quick`, runs/compare-quick)
                 methods:tuple|None=None, # default: every method of the methods table
                 **kw, # more `run_demo` arguments (quick, seeds, threads, ...)
                )->list:
     "Every method on the same synthetic teacher and students, seeds as the demo: `aicsd compare`."
-    return run_demo(out=out, methods=tuple(methods or METHODS), **kw)
+    return run_demo(out=out or demo_out('compare', kw.get('quick', False)), methods=tuple(methods or METHODS), **kw)
 
 # %% ../nbs/08a_experiments.ipynb #fc380402
 def t_interval(xs:list, # samples (e.g. per-seed differences)
@@ -432,6 +439,10 @@ def write_report(rows, out:Path, P:dict, total:float, seeds:tuple=(0,)):
            f"Synthetic shapes ({P['n_train']} train / {P['n_val']} val images{scored}, {P['size']} px), teacher DeepLabV3+ "
            f"{P['teacher']} ({P['teacher_steps']} steps), students DeepLabV3+ {P['student']} ({P['student_steps']} "
            f"steps each, crop {P['crop_size']}, batch {P['batch_size']}, seeds {', '.join(map(str, seeds))}), CPU.\n\n"
+           + ("**A quick run** checks that every part runs: its networks train for a few dozen steps on a few images, so "
+              "its numbers say nothing about the methods and can come out in any order. The full demo (no --quick: "
+              "3 seeds, longer runs) is the toy comparison; the recipes on VOC and Cityscapes are the real one.\n\n"
+              if P['name'] == 'quick' else '')
            + format_table(rows) +
            f"\nMean ± standard deviation over {len(seeds)} seed(s). "
            + ("Δ: the mean over the shared seeds of (method - baseline) at the same seed, in mIoU points, with its 95 % "

@@ -571,7 +571,8 @@ def _hints(model, sd):
     v3 = getattr(model, 'family', 'deeplabv3plus') == 'deeplabv3'
     out, w = [], sd.get('head.block.4.weight' if v3 else 'decoder.last_conv.8.weight')
     if w is not None and hasattr(w, 'shape') and w.shape[0] != model.num_classes:
-        out.append(f"the checkpoint has {w.shape[0]} classes; pass num_classes={w.shape[0]}")
+        out.append(f"the checkpoint has {w.shape[0]} classes, not {model.num_classes}: it was trained on other data "
+                   f"(in Python: num_classes={w.shape[0]})")
     g3, gp = cirkd_backbone(sd), _guess_backbone(sd)
     same, other = (g3, gp) if v3 else (gp, g3)
     if same is not None and same != model.backbone_name: out.append(f"the checkpoint looks like backbone={same!r}")
@@ -689,7 +690,7 @@ def load_released_checkpoint(path:str|Path|dict, # released checkpoint file (or 
 # %% ../nbs/05_models.ipynb #a7fa9578
 def load_cirkd_checkpoint(path_or_state_dict:str|Path|dict, # a field checkpoint file (a plain state_dict), or the dict itself
                           backbone:str, # 'resnet101', 'resnet18' or 'mobilenetv2'
-                          num_classes:int=19, # 19 for Cityscapes
+                          num_classes:int|None=None, # None: the file's (its classifier's rows; 19 for Cityscapes)
                           map_location='cpu', # passed to torch.load
                           source:str|None=None, # where a passed dict was read from, named in errors
                          )->DeepLabV3: # in eval mode, with the outputs of CIRKD's code
@@ -703,6 +704,9 @@ def load_cirkd_checkpoint(path_or_state_dict:str|Path|dict, # a field checkpoint
         raise KeyError(f"{src}: expected the field's format, a plain state_dict of tensors; found {found}")
     sd = _strip_prefixes(dict(sd))
     aux = backbone != 'mobilenetv2' and any(k.startswith('auxlayer.') for k in sd)
+    if num_classes is None:
+        w = sd.get('head.block.4.weight')                # the classifier: num_classes x channels x 1 x 1
+        num_classes = int(w.shape[0]) if torch.is_tensor(w) and w.ndim == 4 else 19
     return load_state_dict_strict(deeplabv3(backbone, num_classes, aux=aux), sd, src).eval()
 
 # %% ../nbs/05_models.ipynb #d3bfac27

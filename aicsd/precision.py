@@ -51,7 +51,7 @@ def choose_teacher_bf16(teacher:nn.Module, # the frozen teacher (eval mode)
         if dev.type == 'cuda': torch.cuda.synchronize(dev)
         return time.perf_counter() - t
     t32 = min(timed(None), timed(None))                   # warm-up, then a first measurement
-    if t32 < min_seconds: return False, f'teacher forward {t32 * 1e3:.0f} ms in fp32: too small to gain'
+    if t32 < min_seconds: return False, f'its forward takes {t32 * 1e3:.0f} ms in fp32, too short for bf16 to pay off'
     timed(torch.bfloat16)
     t16 = float('inf')
     for _ in range(rounds): t32, t16 = min(t32, timed(None)), min(t16, timed(torch.bfloat16))
@@ -102,7 +102,6 @@ def resolve_precision(run, # an `aicsd.distill.Run` (its student, teacher, parts
         box = list(_measure_precision(run, todo)) if run.main else [None, None]
         if run.world > 1: dist.broadcast_object_list(box, src=0)
         d.update(box[0]); d.setdefault('teacher_bf16', bool(d.get('student_bf16')))
-        if run.main and not run.loop.quiet:
-            print(f"precision ({box[1]}); --precision and --teacher-bf16 / --no-teacher-bf16 decide it by hand", flush=True)
+        if run.main: run.precision_note = box[1]    # `fit` prints it after the run's start lines
     if d['student_bf16'] and P.precision == 'auto': run.amp_dtype = torch.bfloat16
     run.teacher_dtype = torch.bfloat16 if d['teacher_bf16'] else None
