@@ -13,8 +13,8 @@ import torch.distributed as dist
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['poly_lr_lambda', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_channels', 'distill_step', 'train_step',
-           'Run', 'build_models', 'weights_sha256', 'build_run', 'start_warnings', 'train_one_epoch',
+__all__ = ['poly_lr_lambda', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_shapes', 'tap_channels', 'distill_step',
+           'train_step', 'Run', 'build_models', 'weights_sha256', 'build_run', 'start_warnings', 'train_one_epoch',
            'evaluate_and_keep_best', 'restarted_with_checkpoint', 'evaluate_checkpoint', 'describe_run', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
@@ -61,7 +61,7 @@ def load_teacher(path:str, # `best.pt`/`last.pt` of aicsd, a field (CIRKD) DeepL
         if backbone is not None and backbone != fb:
             raise ValueError(f"teacher checkpoint {path} is the field's DeepLabV3 {fb} (told from its keys), but "
                              f"--teacher-backbone says {backbone}: drop that option (it is for the authors' released code)")
-        return load_cirkd_checkpoint(ck, fb, num_classes if num_classes is not None else 19, source=str(path))
+        return load_cirkd_checkpoint(ck, fb, source=str(path))   # its classes: the file's (checked against the data by the caller)
     if 'arch' in ck:
         if backbone is not None and backbone != ck['arch'].get('backbone'):
             raise ValueError(f"teacher checkpoint {path} is an aicsd checkpoint of a {ck['arch'].get('backbone')} {ck['arch'].get('family', 'deeplabv3plus')}, "
@@ -108,15 +108,21 @@ def model_outputs(model:nn.Module, # a DeepLabV3Plus (or a `StudentWithModules`,
 
 # %% ../nbs/08_distill.ipynb #3486968d
 @torch.no_grad()
-def tap_channels(model:nn.Module, # a DeepLabV3Plus
-                 taps:tuple=(), # feature taps
-                )->dict: # {'logits': C, tap: channels}
-    "Channels of the logits and of each tap, from one small forward pass in eval mode."
+def tap_shapes(model:nn.Module, # a DeepLabV3Plus or DeepLabV3
+               taps:tuple=(), # feature taps
+              )->dict: # {'logits': shape, tap: shape}, for one 64 x 64 image
+    "Shapes of the logits and of each tap, from one small forward pass in eval mode."
     was = model.training; model.eval()
     p = next(model.parameters())
     out = model_outputs(model, torch.zeros(1, 3, 64, 64, dtype=p.dtype, device=p.device), taps)
     model.train(was)
-    return {k: int(v.shape[1]) for k, v in out.items()}
+    return {k: tuple(v.shape) for k, v in out.items()}
+
+def tap_channels(model:nn.Module, # a DeepLabV3Plus or DeepLabV3
+                 taps:tuple=(), # feature taps
+                )->dict: # {'logits': C, tap: channels}
+    "Channels of the logits and of each tap, from one small forward pass in eval mode."
+    return {k: s[1] for k, s in tap_shapes(model, taps).items()}
 
 # %% ../nbs/08_distill.ipynb #a6288099
 def distill_step(student:nn.Module, # network being trained (train mode): a model or a `StudentWithModules`
@@ -250,9 +256,17 @@ def build_models(M:ModelSpec, # the model part of the configuration
         tnc = model_arch(teacher)['num_classes']
         if tnc != num_classes: raise ValueError(f"teacher {M.teacher} predicts {tnc} classes, the data has {num_classes}")
         teacher.eval().requires_grad_(False)
-    modules = objective.build_modules(tap_channels(student, objective.student_taps),
-                                      tap_channels(teacher, objective.teacher_taps) if teacher is not None else None,
-                                      num_classes)
+    ss = tap_shapes(student, objective.student_taps)
+    ts = tap_shapes(teacher, objective.teacher_taps) if teacher is not None else None
+    if ts is not None and 'logits4' in ts and ss['logits4'][2:] != ts['logits4'][2:]:   # upsampled=False across families
+        terms = [n for n in objective.names if objective.params[n].get('upsampled') is False]
+        raise ValueError(f"--param {terms[0]}.upsampled=false compares the heads' outputs before upsampling, but the student's "
+                         f"is {ss['logits4'][2]} x {ss['logits4'][3]} and the teacher's {ts['logits4'][2]} x {ts['logits4'][3]} "
+                         f"for a 64 x 64 image (the student is {model_arch(student).get('family', 'deeplabv3plus')}, the "
+                         f"teacher {model_arch(teacher).get('family', 'deeplabv3plus')}): use one network family "
+                         f"(--arch) for both, or the upsampled logits (drop the option)")
+    modules = objective.build_modules({k: s[1] for k, s in ss.items()},
+                                      {k: s[1] for k, s in ts.items()} if ts is not None else None, num_classes)
     return student, teacher, modules
 
 # %% ../nbs/08_distill.ipynb #66e33893
@@ -346,9 +360,10 @@ def start_warnings(cfg:dict, # a run's configuration (`make_config`)
                    f"not from the {b * world} of the step (the paper's code, CIRKD and torchvision's references "
                    f"synchronise them across GPUs): add --sync-bn")
     if cfg['data'] != 'synthetic' and cfg['pretrained_backbone'] in (None, 'none'):
+        how = ("a weight FILE: the field's, e.g. resnet18-imagenet.pth" if cfg['arch'] == 'deeplabv3' else
+               "--pretrained-backbone imagenet, or a weight FILE")
         out.append(f"--data {cfg['data']} with a backbone from random weights (--pretrained-backbone none): the paper and the "
-                   f"field start from ImageNet weights (--pretrained-backbone imagenet, or a weight FILE), and their mIoU "
-                   f"is out of reach without them")
+                   f"field start from ImageNet weights ({how}), and their mIoU is out of reach without them")
     return out
 
 # %% ../nbs/08_distill.ipynb #7935d540
@@ -422,7 +437,7 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
         mid, saved = i + 1 < spe, False
         if L.ckpt_every and prog.step % L.ckpt_every == 0 and mid and prog.step < run.total:
             ckpt.save_last(prog); saved = True
-        if stop_at is not None and prog.step >= stop_at and mid:
+        if stop_at is not None and prog.step >= stop_at and mid and prog.step < run.total:   # (the last step: evaluated first)
             if not saved: ckpt.save_last(prog)
             return True
         if interrupted is not None and (sig := int(interrupted())):
@@ -449,7 +464,7 @@ def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer
     L = run.loop
     m = evaluate(run.student, run.val_ds, run.num_classes, batch_size=L.val_batch_size, device=run.device,
                  workers=L.workers, amp_dtype=run.amp_dtype, max_items=L.max_val, progress=tty, predict=run.predict)
-    prog.metrics = {k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in m.items()}
+    prog.metrics = {k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in m.items()}; prog.eval_step = prog.step
     if run.main:
         log.row('eval_log', prog.step, dict(epoch=prog.epoch, **{k: v for k, v in prog.metrics.items() if isinstance(v, float)},
                                             time_s=round(time.time() - t0, 2)))
@@ -579,7 +594,8 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         prog = ckpt.resume() if resume else None
         if prog is not None and run.main and not L.quiet:   # epochs and batches counted from 1, as the progress lines do
             print(f"resumed {ckpt.last} at epoch {prog.epoch + 1}, batch {prog.step_in_epoch + 1} (step {prog.step})" +
-                  (f": the run is complete ({run.total} steps), nothing to do" if prog.step >= run.total else ''))
+                  (f": the run is complete ({run.total} steps), nothing to do" if prog.step >= run.total == prog.eval_step else
+                   f": its {run.total} steps are done, its final evaluation runs now" if prog.step >= run.total else ''))
         if prog is None: prog = ckpt.start()
         resolve_precision(run)
         if run.main and not L.quiet:
@@ -595,6 +611,8 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
             done = prog.step >= run.total
             if done or prog.epoch % max(1, L.eval_every) == 0: evaluate_and_keep_best(run, prog, log, ckpt, t0, tty, draw)
             ckpt.save_last(prog)
+        if prog.step >= run.total and prog.eval_step != prog.step:   # stopped on the last step before its evaluation (Ctrl-C)
+            evaluate_and_keep_best(run, prog, log, ckpt, t0, tty, draw); ckpt.save_last(prog)
         if run.main and prog.step >= run.total:   # complete: last.pt is whole, its predecessor only costs disk
             ckpt.prev.unlink(missing_ok=True)
         log.close()

@@ -269,8 +269,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
         raise ValueError(f"--seeds {' '.join(map(str, seeds))}: give each seed once (a repeated seed repeats the same run)")
     if bad := [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]:   # before the teacher's minutes
         raise ValueError(f"--seeds {' '.join(map(str, seeds))}: seeds are integers >= 0, got {', '.join(map(repr, bad))}")
-    bad = [m for m in methods if m not in METHODS and '+' not in m]
-    if bad: raise ValueError(f"unknown method(s) {bad}; methods: {', '.join(METHODS)}")
+    for m in methods: parse_method(m)                      # a misspelt one fails now, not after the teacher's minutes
     check_ranges(dict(threads=threads))                     # as the command line checks --threads: an integer >= 1
     out = make_folder(out or demo_out('demo', quick), 'the report folder')
     if (out/'report.md').exists():

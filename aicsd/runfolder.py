@@ -110,8 +110,9 @@ def read_run(run, # run folder holding `train_log.csv` and/or `eval_log.csv`
 # %% ../nbs/07b_runfolder.ipynb #8a0d14ea
 @dataclass
 class Progress:
-    "Where a run stands: the next batch to train and the best mIoU so far."
+    "Where a run stands: the next batch to train, the best mIoU so far and the step of the last evaluation (-1: none)."
     epoch:int=0; step_in_epoch:int=0; step:int=0; best:float|None=None; metrics:dict=field(default_factory=dict)
+    eval_step:int=-1
 
 def _best(v)->float|None:
     "The best mIoU a `last.pt` holds: None before the first evaluation (older files wrote -1.0 for that)."
@@ -203,7 +204,7 @@ def save_last(self:Checkpointer, prog:Progress):
         tmp = write_temporary(dict(**self._student(), config=dict(r.cfg), decided=dict(r.decided), teacher_sha256=getattr(r, 'teacher_sha256', None), modules=r.net.extras.state_dict(),
                               optimizer=r.opt.state_dict(), scheduler=r.sched.state_dict(),
                               scaler=r.scaler.state_dict() if r.scaler is not None else {},
-                              epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step, world=r.world,
+                              epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step, eval_step=prog.eval_step, world=r.world,
                               best_miou=prog.best, metrics=prog.metrics or {}, rng=allst), self.last)
         if self.last.exists(): os.replace(self.last, self.prev)
         replace_synced(tmp, self.last)                # and the folder synced: the renames survive a power cut
@@ -267,7 +268,8 @@ def resume(self:Checkpointer)->Progress|None:
     set_rng_state(rngs[r.rank] if isinstance(rngs, list) else rngs)
     for k, v in kept.items():                        # automatic decisions are kept, not taken again
         if r.decided.get(k) is None and v is not None: r.decided[k] = bool(v)
-    return Progress(ck['epoch'], ck['step_in_epoch'], ck['global_step'], _best(ck['best_miou']), ck['metrics'])
+    return Progress(ck['epoch'], ck['step_in_epoch'], ck['global_step'], _best(ck['best_miou']), ck['metrics'],
+                    ck.get('eval_step', ck['global_step']))   # older files: taken as evaluated where they stopped
 
 # %% ../nbs/07b_runfolder.ipynb #202c2d94
 def _aside(out:Path)->Path:
