@@ -20,7 +20,7 @@ __all__ = ['poly_lr_lambda', 'load_teacher', 'StudentWithModules', 'model_output
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import (build_model, param_groups, model_arch, load_model, load_released_checkpoint,
                           cirkd_backbone, load_cirkd_checkpoint)
-from .data import (crop_upsampling, get_dataset, train_transform, build_loader, make_synthetic, close_loader, require_labelled,
+from .data import (crop_upsampling, get_dataset, train_transform, build_loader, make_synthetic, close_loader, require_labelled, size_pair,
                         DEFAULT_ROOTS)
 from .objective import alw_alpha, DistillObjective
 from .evaluation import evaluate, eval_transform_for, progress_bar as _progress
@@ -359,6 +359,11 @@ def start_warnings(cfg:dict, # a run's configuration (`make_config`)
         out.append(f"--sync-bn is off: each process's BatchNorm layers compute their statistics from its {b} image(s) only, "
                    f"not from the {b * world} of the step (the paper's code, CIRKD and torchvision's references "
                    f"synchronise them across GPUs): add --sync-bn")
+    stride = 8 if cfg['arch'] == 'deeplabv3' else cfg['output_stride']
+    if cfg['data'] != 'synthetic' and min(size_pair(cfg['crop_size'], 'crop_size')) < 4 * stride:   # (toy data: toy crops)
+        out.append(f"--crop-size {size_text(cfg['crop_size'])}: the network's deepest features are at 1/{stride} of the crop, "
+                   f"under 4 x 4 positions for the ASPP's dilated 3 x 3 convolutions (rates 6-36) to see any context; "
+                   f"a crop of {8 * stride} or more learns what the paper's 513 does")
     if cfg['data'] != 'synthetic' and cfg['pretrained_backbone'] in (None, 'none'):
         how = ("a weight FILE: the field's, e.g. resnet18-imagenet.pth" if cfg['arch'] == 'deeplabv3' else
                "--pretrained-backbone imagenet, or a weight FILE")
