@@ -309,6 +309,10 @@ def idle_options(cfg:dict, # a configuration (`make_config` fills it)
         elif t in (cfg.get('weight') or {}): idle.append(f"--lambda-{t} {cfg[f'lambda_{t}']}: --weight {t}={cfg['weight'][t]} sets that weight")
     if on('temperature') and not any('T' in obj.params[n] for n in obj.names):
         idle.append(f"--temperature {cfg['temperature']}: no term of {terms} has a temperature T (set a term's own with --param TERM.KEY=V)")
+    elif on('temperature') and all('T' in (cfg.get('param') or {}).get(n, {}) for n in obj.names if 'T' in obj.params[n]):
+        idle.append(f"--temperature {cfg['temperature']}: --param sets the T of every term that has one")
+    if cfg.get('aux_weight') and 'aux' in (cfg.get('weight') or {}):
+        idle.append(f"--weight aux={cfg['weight']['aux']}: --aux-weight {cfg['aux_weight']} sets that weight")
     if cfg.get('teacher') and not obj.needs_teacher and Path(cfg['teacher']).is_file():   # a missing one: an error
         idle.append(f"--teacher {cfg['teacher']}: {terms} reads no teacher")
     if on('alw_unit') and not obj.alw: idle.append(f"--alw-unit {cfg['alw_unit']}: {terms} runs without ALW (--alw turns it on)")
@@ -345,6 +349,7 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     out.update(given)
     if not out['data_root']: out['data_root'] = DEFAULT_ROOTS.get(out['data'])
     if out['method'] is None: out['method'] = 'aicsd' if out['mode'] == 'distill' else 'baseline'
+    elif isinstance(out['method'], str): out['method'] = '+'.join(p.strip() for p in out['method'].split('+'))   # ' kd + cwd '
     if out['pretrained_backbone'] in (True, False): out['pretrained_backbone'] = 'imagenet' if out['pretrained_backbone'] else None
     if str(out['pretrained_backbone']).lower() == 'none': out['pretrained_backbone'] = None   # over a recipe's `imagenet`
     if out['eval_resize'] == 0: out['eval_resize'] = None        # 0: native resolution, said explicitly

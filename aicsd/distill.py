@@ -22,7 +22,7 @@ from .models import (build_model, param_groups, model_arch, load_model, load_rel
                           cirkd_backbone, load_cirkd_checkpoint)
 from .data import (crop_upsampling, get_dataset, train_transform, build_loader, make_synthetic, close_loader, require_labelled, size_pair,
                         DEFAULT_ROOTS)
-from .objective import alw_alpha, DistillObjective
+from .objective import alw_alpha, DistillObjective, TERMS
 from .evaluation import evaluate, eval_transform_for, progress_bar as _progress
 from .process import autocast as _autocast, amp_dtype
 from .precision import resolve_precision, memory_format
@@ -258,13 +258,17 @@ def build_models(M:ModelSpec, # the model part of the configuration
         teacher.eval().requires_grad_(False)
     ss = tap_shapes(student, objective.student_taps)
     ts = tap_shapes(teacher, objective.teacher_taps) if teacher is not None else None
-    if ts is not None and 'logits4' in ts and ss['logits4'][2:] != ts['logits4'][2:]:   # upsampled=False across families
-        terms = [n for n in objective.names if objective.params[n].get('upsampled') is False]
-        raise ValueError(f"--param {terms[0]}.upsampled=false compares the heads' outputs before upsampling, but the student's "
-                         f"is {ss['logits4'][2]} x {ss['logits4'][3]} and the teacher's {ts['logits4'][2]} x {ts['logits4'][3]} "
-                         f"for a 64 x 64 image (the student is {model_arch(student).get('family', 'deeplabv3plus')}, the "
-                         f"teacher {model_arch(teacher).get('family', 'deeplabv3plus')}): use one network family "
-                         f"(--arch) for both, or the upsampled logits (drop the option)")
+    for n in (objective.names if ts is not None else ()):  # maps compared position by position: one size, or step 1 fails
+        for t in (objective._taps(n) if TERMS[n].teacher and TERMS[n].same_size else ()):
+            if ss[t][2:] != ts[t][2:]:
+                a, b = model_arch(student), model_arch(teacher)
+                raise ValueError(
+                    f"term {n!r} of method {objective.method!r} compares the student's and the teacher's {t!r} maps, "
+                    f"{ss[t][2]} x {ss[t][3]} and {ts[t][2]} x {ts[t][3]} for a 64 x 64 image: the student is "
+                    f"{a.get('family', 'deeplabv3plus')} at output stride {a.get('output_stride')}, the teacher "
+                    f"{b.get('family', 'deeplabv3plus')} at {b.get('output_stride')}. Use one network family (--arch) and "
+                    f"output stride (--output-stride) for both" + (f", or the upsampled logits (drop --param "
+                    f"{n}.upsampled=false)" if t == 'logits4' else ''))
     modules = objective.build_modules({k: s[1] for k, s in ss.items()},
                                       {k: s[1] for k, s in ts.items()} if ts is not None else None, num_classes)
     return student, teacher, modules

@@ -269,7 +269,10 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
         raise ValueError(f"--seeds {' '.join(map(str, seeds))}: give each seed once (a repeated seed repeats the same run)")
     if bad := [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]:   # before the teacher's minutes
         raise ValueError(f"--seeds {' '.join(map(str, seeds))}: seeds are integers >= 0, got {', '.join(map(repr, bad))}")
-    for m in methods: parse_method(m)                      # a misspelt one fails now, not after the teacher's minutes
+    methods = tuple('+'.join(p.strip() for p in str(m).split('+')) for m in methods)   # ' kd + cwd ': one folder name
+    same = [parse_method(m) for m in methods]              # a misspelt one fails now, not after the teacher's minutes
+    if dup := [m for i, m in enumerate(methods) if same[i] in same[:i]]:
+        raise ValueError(f"--methods: {', '.join(dup)} trains the same terms as a method before it: give each once")
     check_ranges(dict(threads=threads))                     # as the command line checks --threads: an integer >= 1
     out = make_folder(out or demo_out('demo', quick), 'the report folder')
     if (out/'report.md').exists():

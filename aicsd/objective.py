@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_objective.ipynb #ba8ff410
 from __future__ import annotations
-import math
+import difflib, math
 from dataclasses import dataclass, field
 from typing import Callable
 import torch
@@ -59,6 +59,7 @@ class Term:
     module:Callable|None=None # factory(s_channels:dict, t_channels:dict, num_classes:int, **params) -> nn.Module, or None
     bounds:dict=field(default_factory=dict) # parameter -> its range (`out_of_range`), checked when a method is configured
     ref:str='' # where it comes from
+    same_size:bool=True # its student and teacher maps must have one height and width (checked before a run starts)
 
     @property
     def taps(self)->tuple: return tuple(i for i in self.inputs if i != 'logits')
@@ -243,8 +244,8 @@ for _n, _t in dict(
     at=Term(term_at, ('decoder',), weight=1e4, alw='fade', params=dict(p=2.0), bounds=dict(p='>0'),
             ref='Zagoruyko & Komodakis, ICLR 2017; CIRKD'),
     fitnet=Term(term_fitnet, ('decoder',), weight=1.0, alw='fade', module=_adapter('decoder'), ref='Romero et al., ICLR 2015 (weight ours)'),
-    sp=Term(term_sp, ('aspp',), weight=3000.0, ref='Tung & Mori, ICCV 2019 (CIFAR weight)'),
-    ickd=Term(term_ickd, ('aspp',), weight=2.5, module=_adapter('aspp'), ref='Liu et al., ICCV 2021 (CIFAR weight)'),
+    sp=Term(term_sp, ('aspp',), weight=3000.0, same_size=False, ref='Tung & Mori, ICCV 2019 (CIFAR weight)'),
+    ickd=Term(term_ickd, ('aspp',), weight=2.5, same_size=False, module=_adapter('aspp'), ref='Liu et al., ICCV 2021 (CIFAR weight)'),
     skd=Term(term_skd, ('decoder',), weight=10.0, params=dict(scale=0.5, kernel=2), bounds=dict(scale='>0'),
              ref='Liu et al., CVPR 2019; CIRKD'),
     ifvd=Term(term_ifvd, ('logits', 'decoder'), weight=20.0, ref='Wang et al., ECCV 2020; CIRKD'),
@@ -300,11 +301,16 @@ def parse_method(spec:str, # a method name or names joined by '+', e.g. 'aicsd' 
                 )->tuple: # (term names in registry order, ALW on)
     "The terms and the ALW flag of a method or a combination of methods (and terms: 'cwd+kd+cwd_feat')."
     names = [n.strip() for n in str(spec).split('+')]
+    if '' in names: raise ValueError(f"method {spec!r} has an empty part: names joined by one '+', e.g. 'cwd+icsd'")
     bad = [n for n in names if n not in METHODS and n not in TERMS]
-    if bad: raise ValueError(f"unknown method {', '.join(map(repr, bad))} in {spec!r}; methods: {', '.join(METHODS)} "
-                             f"(combine with '+', e.g. 'cwd+icsd'; a term's name adds that term alone, e.g. 'cwd+cwd_feat')")
+    if bad:
+        near = difflib.get_close_matches(bad[0].lower(), [*METHODS, *TERMS], n=1)
+        raise ValueError(f"unknown method {', '.join(map(repr, bad))} in {spec!r}" + (f" (did you mean {near[0]!r}?)" if near else '')
+                         + f"; methods: {', '.join(METHODS)} (combine with '+', e.g. 'cwd+icsd'; a term's name adds that "
+                         f"term alone, e.g. 'cwd+cwd_feat'; terms: {', '.join(t for t in TERMS if t not in METHODS and t != 'aux')})")
     if 'aux' in names and 'aux' not in METHODS:
-        raise ValueError(f"method {spec!r}: the 'aux' term comes with DeepLabV3's auxiliary head: set --aux-weight instead")
+        raise ValueError(f"method {spec!r}: the 'aux' term comes with DeepLabV3's auxiliary head, weighted by --aux-weight: "
+                         "drop 'aux' from the method")
     if len(set(names)) != len(names): raise ValueError(f"method {spec!r} names {', '.join(sorted({n for n in names if names.count(n) > 1}))} "
                                                        "twice: each method once (their terms are combined once anyway)")
     want = {t for n in names for t in (METHODS[n].terms if n in METHODS else ('ce', n))}   # a term alone: with CE
@@ -357,13 +363,15 @@ class DistillObjective:
             if k in w: w[k] = float(v)
             elif k in (weights or {}):            # asked for by name: a term the method lacks is an error, not a no-op
                 raise ValueError(f"weight for term {k!r}, which method {method!r} does not use (its terms: "
-                                 f"{', '.join(self.names)}); add the term with --method {method}+{k}")
+                                 f"{', '.join(self.names)}); " + ("DeepLabV3's auxiliary head adds it: set --aux-weight W"
+                                 if k == 'aux' else f"add the term with --method {method}+{k}"))
             # (lambda_kd / lambda_icsd, which every command passes, are ignored by methods without KD / ICSD)
         self.weights = w
         shared = dict(T=float(T), ignore_index=ignore_index, normalize=normalize)
         if stray := sorted(set(params or {}) - set(self.names)):   # as for weights: a term the method lacks is an error
             raise ValueError(f"--param for term(s) {', '.join(stray)}, which method {method!r} does not use (its terms: "
-                             f"{', '.join(self.names)}); add the term with --method {method}+{stray[0]}")
+                             f"{', '.join(self.names)}); " + ("DeepLabV3's auxiliary head adds 'aux': set --aux-weight W"
+                             if stray[0] == 'aux' else f"add the term with --method {method}+{stray[0]}"))
         self.params = {}
         for n in self.names:
             p = dict(TERMS[n].params)
