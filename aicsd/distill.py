@@ -513,8 +513,11 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
             if released: raise ValueError(f"{ckpt} is the field's DeepLabV3 {fb} (told from its keys): drop --backbone "
                                           "(it is for files of the authors' released code)")
             model = load_cirkd_checkpoint(ck, fb, source=str(ckpt)).to(dev)   # the field's teacher file: check its 78.07 first
-        elif not isinstance(ck, dict) or 'arch' not in ck:
-            if not released or not isinstance(ck, dict):
+        elif not isinstance(ck, dict):
+            raise ValueError(f"{ckpt} holds a {type(ck).__name__}, not a model: expected an aicsd checkpoint (best.pt/last.pt), "
+                             "a field DeepLabV3 state_dict or a file of the authors' released code")
+        elif 'arch' not in ck:
+            if not released:
                 raise ValueError(f"{ckpt} is not an aicsd checkpoint (no 'arch' entry) nor a field (CIRKD) DeepLabV3; if the "
                                  f"authors' released code wrote it, name its backbone: --backbone resnet101 (or resnet18, mobilenetv2)")
             model = None                                                 # built below, with the data's classes
