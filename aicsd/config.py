@@ -10,7 +10,7 @@ from typing import Callable
 from pathlib import Path
 from .data import DEFAULT_ROOTS, parse_size
 from .evaluation import make_predictor, MODES
-from .objective import DistillObjective, METHODS, TERMS, out_of_range
+from .objective import DistillObjective, METHODS, TERMS, out_of_range, method_spec
 from .models import BACKBONES, V3_BACKBONES
 
 # %% auto #0
@@ -349,7 +349,7 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     out.update(given)
     if not out['data_root']: out['data_root'] = DEFAULT_ROOTS.get(out['data'])
     if out['method'] is None: out['method'] = 'aicsd' if out['mode'] == 'distill' else 'baseline'
-    elif isinstance(out['method'], str): out['method'] = '+'.join(p.strip() for p in out['method'].split('+'))   # ' kd + cwd '
+    elif isinstance(out['method'], str): out['method'] = method_spec(out['method'])   # ' kd + cwd ' -> 'kd+cwd'
     if out['pretrained_backbone'] in (True, False): out['pretrained_backbone'] = 'imagenet' if out['pretrained_backbone'] else None
     if str(out['pretrained_backbone']).lower() == 'none': out['pretrained_backbone'] = None   # over a recipe's `imagenet`
     if out['eval_resize'] == 0: out['eval_resize'] = None        # 0: native resolution, said explicitly

@@ -11,7 +11,7 @@ from .config import check_ranges, make_config, size_text
 from .checkpoint import load_checkpoint, write_text_atomic, json_text, make_folder
 from .distill import fit
 from .runfolder import RUN_FILES, RunInterrupted
-from .objective import METHODS, TERMS, parse_method, reads_teacher
+from .objective import METHODS, TERMS, method_spec, parse_method, reads_teacher
 
 # %% auto #0
 __all__ = ['PAPER_MIOU', 'PAPER_TEACHER', 'FIELD_TEACHER', 'FIELD_MIOU', 'FIELD_RERUN', 'FIELD_WEIGHTS', 'RECIPES',
@@ -111,9 +111,10 @@ def _field_recipes()->dict:
     for st, sk in _FIELD_STUDENTS.items():
         for m in METHODS:
             spec, w, src = FIELD_WEIGHTS.get(m, (m, None, 'no field script: the weights of the methods table (04_objective)'))
+            prm = _field_params(spec)
             r[f'field-citys-{_SHORT[st]}-{m}'] = dict(
                 command='distill', method=spec, **({'weight': dict(w)} if w else {}),
-                **({'param': _field_params(spec)} if _field_params(spec) else {}), model=st, **sk,
+                **({'param': prm} if prm else {}), model=st, **sk,
                 **({'teacher': FIELD_TEACHER['file']} if reads_teacher(m) else {}), **_FIELD_PROTOCOL,
                 out=f'runs/field-citys-{_SHORT[st]}-{m}',
                 paper=dict(miou=_field_published(st, m), teacher_miou=FIELD_TEACHER['miou'], weights=src,
@@ -269,7 +270,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
         raise ValueError(f"--seeds {' '.join(map(str, seeds))}: give each seed once (a repeated seed repeats the same run)")
     if bad := [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]:   # before the teacher's minutes
         raise ValueError(f"--seeds {' '.join(map(str, seeds))}: seeds are integers >= 0, got {', '.join(map(repr, bad))}")
-    methods = tuple('+'.join(p.strip() for p in str(m).split('+')) for m in methods)   # ' kd + cwd ': one folder name
+    methods = tuple(method_spec(m) for m in methods)       # ' kd + cwd ': one folder name
     same = [parse_method(m) for m in methods]              # a misspelt one fails now, not after the teacher's minutes
     if dup := [m for i, m in enumerate(methods) if same[i] in same[:i]]:
         raise ValueError(f"--methods: {', '.join(dup)} trains the same terms as a method before it: give each once")

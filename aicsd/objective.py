@@ -19,8 +19,8 @@ from fastcore.basics import patch
 __all__ = ['TERMS', 'METHODS', 'alw_alpha', 'out_of_range', 'Term', 'register_term', 'term_ce', 'term_kd', 'term_icsd',
            'term_released_icsd', 'Method', 'register_method', 'term_at', 'term_fitnet', 'term_sp', 'term_ickd',
            'term_skd', 'term_ifvd', 'term_cwd', 'term_cwd_feat', 'term_dist', 'term_cirkd_pixel', 'CIRKDMemoryTerm',
-           'term_cirkd_memory', 'term_released_pa', 'term_released_ic', 'term_released_pi', 'term_aux', 'parse_method',
-           'reads_teacher', 'DistillObjective']
+           'term_cirkd_memory', 'term_released_pa', 'term_released_ic', 'term_released_pi', 'term_aux', 'method_spec',
+           'parse_method', 'reads_teacher', 'DistillObjective']
 
 # %% ../nbs/04_objective.ipynb #7affb6ee
 def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
@@ -297,6 +297,10 @@ register_term('aux', Term(term_aux, ('aux',), teacher=False, weight=0.4, params=
                           ref="CIRKD train_kd.py: task loss CE + 0.4 x CE of the auxiliary head (ResNet students)"));
 
 # %% ../nbs/04_objective.ipynb #9c1c7d1b
+def method_spec(spec:str)->str:
+    "A method spec in its one spelling: the spaces around its '+' parts dropped (' kd + cwd ' -> 'kd+cwd')."
+    return '+'.join(p.strip() for p in str(spec).split('+'))
+
 def parse_method(spec:str, # a method name or names joined by '+', e.g. 'aicsd' or 'cwd+icsd'; a term's name adds that term
                 )->tuple: # (term names in registry order, ALW on)
     "The terms and the ALW flag of a method or a combination of methods (and terms: 'cwd+kd+cwd_feat')."
