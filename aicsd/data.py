@@ -698,6 +698,11 @@ def close_loader(loader:DataLoader|None, # a loader, possibly with live (persist
 NUM_CLASSES = {'voc': 21, 'cityscapes': 19, 'synthetic': 9}
 DEFAULT_ROOTS = {'voc': 'data/VOCdevkit/VOC2012', 'cityscapes': 'data/cityscapes', 'synthetic': 'data/synthetic'}
 
+def _no_root(kind, root):
+    "The error for a dataset root that is not a folder: missing, or a file."
+    if root.exists(): return NotADirectoryError(f"Dataset root {root} is a file, not a folder.\n" + DATASET_HELP[kind].format(root=root))
+    return _missing(kind, root, f"Dataset root {root} does not exist.")
+
 def get_dataset(name:str, # 'voc', 'cityscapes' or 'synthetic' (VOC layout)
                 root:str|Path|None=None, # dataset root; default `DEFAULT_ROOTS[name]`
                 split:str='train', # split name ('train', 'val', 'trainaug' for VOC, ...)
@@ -708,9 +713,9 @@ def get_dataset(name:str, # 'voc', 'cityscapes' or 'synthetic' (VOC layout)
         raise ValueError(f"Unknown dataset {name!r}; choose one of {sorted(DEFAULT_ROOTS)}.")
     root = Path(root or DEFAULT_ROOTS[name])
     if name == 'cityscapes':
-        if not root.is_dir(): raise _missing('cityscapes', root, f"Dataset root {root} does not exist.")
+        if not root.is_dir(): raise _no_root('cityscapes', root)
         return CityscapesSegmentation(root, split, transform)
-    if not root.is_dir(): raise _missing(name, root, f"Dataset root {root} does not exist.")
+    if not root.is_dir(): raise _no_root(name, root)
     return VOCSegmentation(root, split, transform, kind=name)
 
 # %% ../nbs/06_data.ipynb #b9b8c7d7

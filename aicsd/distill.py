@@ -13,9 +13,10 @@ import torch.distributed as dist
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['poly_lr_lambda', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_shapes', 'tap_channels', 'distill_step',
-           'train_step', 'Run', 'build_models', 'weights_sha256', 'build_run', 'start_warnings', 'train_one_epoch',
-           'evaluate_and_keep_best', 'restarted_with_checkpoint', 'evaluate_checkpoint', 'describe_run', 'fit']
+__all__ = ['poly_lr_lambda', 'checkpoint_kind', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_shapes',
+           'tap_channels', 'distill_step', 'train_step', 'Run', 'build_models', 'weights_sha256', 'build_run',
+           'start_warnings', 'train_one_epoch', 'evaluate_and_keep_best', 'restarted_with_checkpoint',
+           'evaluate_checkpoint', 'describe_run', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import (build_model, param_groups, model_arch, load_model, load_released_checkpoint,
@@ -47,6 +48,32 @@ def poly_lr_lambda(total_steps:int, # number of optimiser steps of the whole tra
     return factor
 
 # %% ../nbs/08_distill.ipynb #5989ab44
+def checkpoint_kind(ck, # what `load_checkpoint` read
+                    what:str, # how messages name the file, e.g. 'teacher checkpoint runs/t/best.pt'
+                    backbone:str|None=None, # the backbone the user named for a file of the authors' released code
+                    flag:str='--backbone', # the option that names it (messages tell users to give or drop it)
+                   )->str: # 'aicsd', 'field' (CIRKD's DeepLabV3, told from its keys) or 'released'
+    "Which code wrote a network checkpoint; refuses a file that holds no model, and a `flag` the file contradicts."
+    if not isinstance(ck, dict):
+        raise ValueError(f"{what} holds a {type(ck).__name__}, not a model: expected an aicsd checkpoint (best.pt/last.pt), "
+                         "a field DeepLabV3 state_dict or a file of the authors' released code")
+    if 'arch' in ck:
+        a = ck['arch']
+        if backbone is not None and backbone != a.get('backbone'):
+            raise ValueError(f"{what} is an aicsd checkpoint of a {a.get('backbone')} {a.get('family', 'deeplabv3plus')}, "
+                             f"but {flag} says {backbone}: drop {flag} (aicsd checkpoints know their architecture; "
+                             "it is for files of the authors' released code)")
+        return 'aicsd'
+    if (fb := cirkd_backbone(ck)) is not None:
+        if backbone is not None and backbone != fb:
+            raise ValueError(f"{what} is the field's DeepLabV3 {fb} (told from its keys), but {flag} says {backbone}: "
+                             f"drop {flag} (it is for files of the authors' released code)")
+        return 'field'
+    if backbone is None:
+        raise ValueError(f"{what} is not an aicsd checkpoint (no 'arch' entry) nor a field (CIRKD) DeepLabV3; if the "
+                         f"authors' released code wrote it, name its backbone: {flag} resnet101 (or resnet18, mobilenetv2)")
+    return 'released'
+
 def load_teacher(path:str, # `best.pt`/`last.pt` of aicsd, a field (CIRKD) DeepLabV3 file, or a file of the authors' released code
                  backbone:str|None=None, # for a released-code checkpoint: its backbone ('resnet101', ...)
                  num_classes:int|None=None, # classes of the data (checked against the checkpoint)
@@ -54,26 +81,12 @@ def load_teacher(path:str, # `best.pt`/`last.pt` of aicsd, a field (CIRKD) DeepL
                 ): # the teacher in eval mode
     "Load a teacher from an aicsd checkpoint (which knows its architecture), a field file (told from its keys) or a released one."
     ck = load_checkpoint(path)
-    if not isinstance(ck, dict):
-        raise ValueError(f"teacher checkpoint {path} holds a {type(ck).__name__}, not a model: expected an aicsd checkpoint "
-                         f"(best.pt/last.pt), a field DeepLabV3 state_dict or a file of the authors' released code")
-    if 'arch' not in ck and (fb := cirkd_backbone(ck)) is not None:
-        if backbone is not None and backbone != fb:
-            raise ValueError(f"teacher checkpoint {path} is the field's DeepLabV3 {fb} (told from its keys), but "
-                             f"--teacher-backbone says {backbone}: drop that option (it is for the authors' released code)")
-        return load_cirkd_checkpoint(ck, fb, source=str(path))   # its classes: the file's (checked against the data by the caller)
-    if 'arch' in ck:
-        if backbone is not None and backbone != ck['arch'].get('backbone'):
-            raise ValueError(f"teacher checkpoint {path} is an aicsd checkpoint of a {ck['arch'].get('backbone')} {ck['arch'].get('family', 'deeplabv3plus')}, "
-                             f"but --teacher-backbone says {backbone}; that option is only for checkpoints of the authors' "
-                             f"released code: drop it (aicsd checkpoints know their architecture)")
-        return load_model(ck, source=str(path))
-    if backbone is None:
-        raise ValueError(f"teacher checkpoint {path} has no 'arch' entry, so it is not an aicsd checkpoint; if it was "
-                         f"written by the authors' released code, say which backbone it is with --teacher-backbone "
-                         f"(e.g. resnet101)")
+    kind = checkpoint_kind(ck, f"teacher checkpoint {path}", backbone, '--teacher-backbone')
+    if kind == 'field': return load_cirkd_checkpoint(ck, cirkd_backbone(ck), source=str(path))   # its classes: the file's (the caller compares)
+    if kind == 'aicsd': return load_model(ck, source=str(path))
     if num_classes is None: raise ValueError("num_classes is needed to load a released-code teacher")
     return load_released_checkpoint(ck, backbone, num_classes, output_stride=output_stride, source=str(path))
+
 
 # %% ../nbs/08_distill.ipynb #4d0a9426
 def _full(x:Tensor)->Tensor:
@@ -509,21 +522,9 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
     failed = True
     try:
         ck, released = load_checkpoint(ckpt), opts.get('backbone')   # --backbone: a file of the authors' released code
-        if isinstance(ck, dict) and 'arch' not in ck and (fb := cirkd_backbone(ck)) is not None:
-            if released: raise ValueError(f"{ckpt} is the field's DeepLabV3 {fb} (told from its keys): drop --backbone "
-                                          "(it is for files of the authors' released code)")
-            model = load_cirkd_checkpoint(ck, fb, source=str(ckpt)).to(dev)   # the field's teacher file: check its 78.07 first
-        elif not isinstance(ck, dict):
-            raise ValueError(f"{ckpt} holds a {type(ck).__name__}, not a model: expected an aicsd checkpoint (best.pt/last.pt), "
-                             "a field DeepLabV3 state_dict or a file of the authors' released code")
-        elif 'arch' not in ck:
-            if not released:
-                raise ValueError(f"{ckpt} is not an aicsd checkpoint (no 'arch' entry) nor a field (CIRKD) DeepLabV3; if the "
-                                 f"authors' released code wrote it, name its backbone: --backbone resnet101 (or resnet18, mobilenetv2)")
-            model = None                                                 # built below, with the data's classes
-        elif released: raise ValueError(f"{ckpt} is an aicsd checkpoint of a {ck['arch'].get('backbone')}: drop --backbone "
-                                        "(aicsd checkpoints know their architecture)")
-        else: model = load_model(ck, map_location='cpu').to(dev)
+        kind = checkpoint_kind(ck, str(ckpt), released, '--backbone')
+        model = (load_cirkd_checkpoint(ck, cirkd_backbone(ck), source=str(ckpt)).to(dev) if kind == 'field' else   # check its 78.07 first
+                 load_model(ck, map_location='cpu').to(dev) if kind == 'aicsd' else None)   # released: built below, with the data's classes
         trained = ck.get('config', {})
         mine = (trained.get('data'), trained.get('data_root') or DEFAULT_ROOTS.get(trained.get('data')))
         if opts['data'] == DEFAULTS['data'] and not opts.get('data_root') and trained.get('data') and mine != (opts['data'], DEFAULT_ROOTS[opts['data']]):
@@ -566,7 +567,9 @@ def describe_run(run, # an `aicsd.distill.Run`, its precision settled (`resolve_
                 )->str: # two lines: what is trained on what; the steps, precision and device
     "What a run does, printed at its start: the method and its weights, the networks, the data, the images per step."
     o, c, L = run.objective, run.cfg, run.loop
-    terms = ', '.join(f"{n} {w:g}" for n, w in o.weights.items()) + (' under ALW' if o.alw else '')
+    val = lambda v: str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
+    changed = lambda n: ' '.join(f"{k}={val(v)}" for k, v in o.params.get(n, {}).items() if v != TERMS[n].params.get(k))
+    terms = ', '.join(f"{n} {w:g}" + (f" [{changed(n)}]" if changed(n) else '') for n, w in o.weights.items()) + (' under ALW' if o.alw else '')
     name = lambda dt: {torch.bfloat16: 'bf16', torch.float16: 'fp16', torch.float64: 'fp64'}.get(dt, 'fp32')
     prec = f"student {name(run.amp_dtype or run.dtype)}" + (f", teacher {name(run.teacher_dtype or run.dtype)}" if run.teacher is not None else '')
     return (f"{c['mode']}: {c['arch']} {c['model']}" + (f" from the teacher {c['teacher']}" if run.teacher is not None else '')
@@ -605,9 +608,9 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         resume = L.resume or restarted_with_checkpoint(run.out)
         prog = ckpt.resume() if resume else None
         if prog is not None and run.main and not L.quiet:   # epochs and batches counted from 1, as the progress lines do
-            print(f"resumed {ckpt.last} at epoch {prog.epoch + 1}, batch {prog.step_in_epoch + 1} (step {prog.step})" +
-                  (f": the run is complete ({run.total} steps), nothing to do" if prog.step >= run.total == prog.eval_step else
-                   f": its {run.total} steps are done, its final evaluation runs now" if prog.step >= run.total else ''))
+            print(f"resumed {ckpt.last}: " + (f"the run is complete ({run.total} steps), nothing to do" if prog.step >= run.total == prog.eval_step else
+                  f"its {run.total} steps are done, its final evaluation runs now" if prog.step >= run.total else
+                  f"at epoch {prog.epoch + 1}, batch {prog.step_in_epoch + 1} (step {prog.step} of {run.total})"))
         if prog is None: prog = ckpt.start()
         resolve_precision(run)
         if run.main and not L.quiet:

@@ -275,10 +275,12 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
     if dup := [m for i, m in enumerate(methods) if same[i] in same[:i]]:
         raise ValueError(f"--methods: {', '.join(dup)} trains the same terms as a method before it: give each once")
     check_ranges(dict(threads=threads))                     # as the command line checks --threads: an integer >= 1
+    root = Path(data_root or f"data/synthetic-demo-{P['size']}px")
+    if root.exists() and not root.is_dir():                 # before any folder is made
+        raise ValueError(f"--data-root {root}: a file, not a folder; name a folder for the synthetic data (made when missing)")
     out = make_folder(out or demo_out('demo', quick), 'the report folder')
     if (out/'report.md').exists():
         print(f"the earlier report in {out} (report.md, results.json, figures) is replaced; another --out keeps it", flush=True)
-    root = Path(data_root or f"data/synthetic-demo-{P['size']}px")
     threads = threads or 1  # one thread per process: robust when other jobs share the cores (--threads 2 on a quiet machine)
     torch.set_num_threads(threads)
     if not root.exists():
