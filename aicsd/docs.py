@@ -6,6 +6,7 @@
 from __future__ import annotations
 import inspect, json
 from pathlib import Path
+from typing import Callable
 from nbdev.showdoc import BasicMarkdownRenderer
 
 # %% auto #0
@@ -41,7 +42,7 @@ def stored_text(nb:str|Path, # a notebook file
 
 def stale_lines(stored:str, # what the notebook file stores (`stored_text`)
                 fresh:str, # what the code shows now
-                norm=None, # maps a line to its comparable form (e.g. a process id replaced), or None
+                norm:Callable|None=None, # maps a line to its comparable form (e.g. a process id replaced), or None
                )->list: # '+ line' shown now but not stored, '- line' stored but no longer shown; [] when they agree
     "The lines in which a page's stored outputs and the code's present outputs differ (as sets of lines)."
     f = norm or (lambda s: s)
