@@ -104,11 +104,17 @@ def row_normalize(M:Tensor, # `C x C` (or `B x C x C`) matrix
 # %% ../nbs/10_viz.ipynb #f5a30a56
 def _panel_size(C:int)->float: return float(min(max(2.8, 0.24 * C + 1.4), 6.0))
 
+def _power(top:float)->int:
+    "The power of ten that brings a scale whose top is `top` below 10: 0 unless `top` < 0.1 (KL at high T is ~1e-4)."
+    import math
+    return math.floor(math.log10(top)) if 0 < top < 0.1 else 0
+
 # %% ../nbs/10_viz.ipynb #1a8907b6
 def _heat(ax, M, names, vmin, vmax, cmap, annot, show_y=True, center=None):
-    C = M.shape[0]
+    C, big = M.shape[0], float(M.abs().max())
+    fmt = '.2f' if big < 9.995 else '.1f' if big < 99.95 else '.0f'   # at most 4 characters a cell (9.66, 24.4, 180)
     sns.heatmap(M.numpy(), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, center=center, square=True, cbar=False,
-                annot=annot, fmt='.2f', annot_kws=dict(fontsize=max(5, 9 - C // 3)),
+                annot=annot, fmt=fmt, annot_kws=dict(fontsize=max(5, 9 - C // 3)),
                 xticklabels=names, yticklabels=names if show_y else False, linewidths=0)
     ax.tick_params(labelsize=max(5, 9 - C // 6))
     ax.set_xlabel('j'); ax.set_ylabel('i' if show_y else '')
@@ -122,6 +128,7 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
              diff_scale:str='shared', # 'shared': difference on +- the matrices' range; 'own': on its own range
              annot:bool|None=None, # write the values in the cells; default when C <= 10
              title:str|None=None, # figure title
+             vmax:float|None=None, # top of the matrices' colour scale (e.g. the teacher's largest entry, fixed over a run); default: the largest entry of either
             )->Figure: # axes: teacher, student, difference, then two colour bars (teacher alone: 2 axes)
     "Heatmaps of the teacher's and the student's ICS matrices on one colour scale, and their difference."
     if normalize not in (None, 'row'): raise ValueError(f"`normalize` must be None or 'row'; got {normalize!r}")
@@ -136,17 +143,21 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
     side = _panel_size(C)
     fig = Figure(figsize=(side * len(mats) + 1.2 * (len(mats) > 1) + 0.8, side + 0.9), layout='constrained')
     axs = fig.subplots(1, len(mats), squeeze=False)[0]
-    vmax = max(float(m.max()) for m in mats[:2]) or 1.0
-    unit = 'row-normalised KL' if normalize == 'row' else 'KL (nats)'
+    top = max(float(m.max()) for m in mats[:2])
+    vmax = float(vmax) if vmax is not None and normalize is None else (top or 1.0)   # row-normalised entries are in [0, 1]
+    e = _power(vmax)                                     # tiny values: drawn x 10^-e, the unit says so
+    if e: mats, vmax = [m / 10.0 ** e for m in mats], vmax / 10.0 ** e
+    unit = ('row-normalised KL' if normalize == 'row' else 'KL (nats)') + (f' x 1e{e}' if e else '')
     for k, (ax, M, nm) in enumerate(zip(axs, mats[:2], names)):
         _heat(ax, M, cls, 0, vmax, 'viridis', annot, show_y=k == 0)
         ax.set_title(nm)
-    fig.colorbar(axs[0].collections[0], ax=list(axs[:2]), shrink=0.8, label=unit)
+    fig.colorbar(axs[0].collections[0], ax=list(axs[:2]), shrink=0.8, label=unit, extend='max' if top > vmax else 'neither')
     if S is not None:
         D = mats[2]
         r = (float(D.abs().max()) or 1.0) if diff_scale == 'own' else vmax
         _heat(axs[2], D, cls, -r, r, 'RdBu_r', annot, show_y=False)
-        axs[2].set_title(f'{names[1]} - {names[0]}\n(mean squared difference {float((D ** 2).mean()):.3g})')
+        D0 = D * 10.0 ** e                                 # the difference in the matrices' own unit, for the title
+        axs[2].set_title(f'{names[1]} - {names[0]}\n(mean squared {float((D0 ** 2).mean()):.3g}, largest |.| {float(D0.abs().max()):.3g})')
         fig.colorbar(axs[2].collections[0], ax=axs[2], shrink=0.8, label=f'difference ({unit})')
     fig.suptitle(title or ('Row-normalised ICS matrices' if normalize == 'row' else
                            'ICS matrices  M[i, j] = KL(P_i || P_j)'))
@@ -157,20 +168,28 @@ def plot_ics_models(mats:dict, # name -> ICS matrix `C x C` (or `B x C x C`); th
                     classes:list|None=None, # class names
                     dists:dict|None=None, # name -> distance to the reference, shown in the titles
                     title:str|None=None, # figure title
+                    cols:int=5, # panels per row
+                    vmax:float|None=None, # top of the colour scale; default: the reference's largest entry (larger entries: the top colour)
                    )->Figure: # one heatmap per model, then one colour bar
-    "The ICS matrices of several models side by side on one colour scale."
+    "The ICS matrices of several models side by side on one colour scale, the reference's, in rows of `cols`."
     M = {k: _mean_matrix(v) for k, v in mats.items()}
     first = next(iter(M))
     C = M[first].shape[0]; cls = class_names(classes, C)
     side = min(_panel_size(C), 3.6)
-    fig = Figure(figsize=(side * len(M) + 1.5, side + 1.0), layout='constrained')
-    axs = fig.subplots(1, len(M), squeeze=False)[0]
-    vmax = max(float(v.max()) for v in M.values()) or 1.0
+    nc = min(len(M), cols); nr = -(-len(M) // nc)
+    fig = Figure(figsize=(side * nc + 1.5, (side + 0.5) * nr + 0.6), layout='constrained')
+    grid = fig.subplots(nr, nc, squeeze=False)
+    for ax in grid.flat[len(M):]: ax.set_axis_off()
+    axs = grid.flat[:len(M)]
+    vmax = float(vmax) if vmax is not None else (float(M[first].max()) or 1.0)
+    top = max(float(v.max()) for v in M.values())
+    e = _power(vmax)                                     # tiny values: drawn x 10^-e, the unit says so
+    if e: M, vmax, top = {k: v / 10.0 ** e for k, v in M.items()}, vmax / 10.0 ** e, top / 10.0 ** e
     for k, (ax, (nm, m)) in enumerate(zip(axs, M.items())):
-        _heat(ax, m, cls, 0, vmax, 'viridis', C <= 6, show_y=k == 0)
+        _heat(ax, m, cls, 0, vmax, 'viridis', C <= 6, show_y=k % nc == 0)
         d = None if dists is None else dists.get(nm)
         ax.set_title(nm if nm == first or d is None else f'{nm}\n(distance to {first} {d:.3g})', fontsize=9)
-    fig.colorbar(axs[0].collections[0], ax=list(axs), shrink=0.8, label='KL (nats)')
+    fig.colorbar(axs[0].collections[0], ax=list(grid.flat), shrink=0.8, label='KL (nats)' + (f' x 1e{e}' if e else ''), extend='max' if top > vmax else 'neither')
     fig.suptitle(title or 'ICS matrices M[i, j] = KL(P_i || P_j)')
     return fig
 
@@ -291,6 +310,9 @@ def plot_class_iou(iou, # per-class IoU (C values in [0, 1], NaN = absent), a `S
     ax.set_yticks(y, cls); ax.invert_yaxis(); ax.set_xlim(0, 100); ax.set_xlabel('IoU (%)')
     mi = {nm: float(np.nanmean(v.numpy())) for nm, v in vals.items()}
     ax.set_title(title or ('per-class IoU, ' + ', '.join(f"{(nm + ' ') if nm else ''}mIoU {x:.1f}%" for nm, x in mi.items())), fontsize=9)
+    for k, v in enumerate(vals.values()):                # an absent class (NaN): 'n/a', not a bar of 0
+        for c in np.flatnonzero(np.isnan(v.numpy())):
+            ax.text(1, c - 0.4 + h * (k + 0.5), 'n/a (absent)', va='center', fontsize=6, color='0.4')
     if len(vals) > 1: ax.legend(fontsize=7, loc='lower right')
     return fig
 
@@ -327,7 +349,7 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
     one = len(logs) == 1
     if alw is None: alw = any(L['train'] and np.any(np.asarray(L['train'].get('alpha', [0])) != 0) for L in logs.values())
     fig = Figure(figsize=(13, 3.4), layout='constrained')
-    a_loss, a_alw, a_eval = fig.subplots(1, 3)
+    a_loss, a_alw, a_eval = fig.subplots(1, 3, sharex=True)   # one step axis: a single evaluation sits where it was made
     a_lr = a_alw.twinx() if alw else a_alw
     pal = sns.color_palette('deep')
     for k, (nm, L) in enumerate(logs.items()):
@@ -339,8 +361,12 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
             if one:
                 for t, term in enumerate(L['terms']): a_loss.plot(s, tr[term], color=pal[t % 10], lw=1.1, label=term, **mk)
             if alw and 'alpha' in tr:
-                a_alw.plot(s, tr['alpha'], color=pal[k % 10] if not one else pal[0], label='alpha' if one else lab, **mk)
-                if one: a_alw.plot(s, 1 - tr['alpha'], color=pal[1], ls='--', label='1 - alpha (KD factor)', **mk)
+                from aicsd.objective import TERMS                      # which terms grow with alpha and which fade with 1 - alpha
+                role = {t: TERMS[t].alw for t in L['terms'] if t in TERMS}
+                grow, fade = ([t for t, r in role.items() if r == w] for w in ('grow', 'fade'))
+                a_alw.plot(s, tr['alpha'], color=pal[k % 10] if not one else pal[0],
+                           label=(f"alpha (x {', '.join(grow)})" if grow else 'alpha') if one else lab, **mk)
+                if one and fade: a_alw.plot(s, 1 - tr['alpha'], color=pal[1], ls='--', label=f"1 - alpha (x {', '.join(fade)})", **mk)
             if one or not alw:
                 a_lr.plot(s, tr['lr'], color='0.4' if one else pal[k % 10], ls=':', label='lr' if one else lab, **mk)
         if ev:
@@ -422,7 +448,7 @@ def save_figure(fig:Figure, # the figure
                )->Path:
     "Write `fig` to `path` whole or not at all (rendered in memory, then `write_text_atomic`): a run stopped mid-write leaves the previous picture."
     path = Path(path); buf = io.BytesIO()
-    fig.savefig(buf, format=path.suffix.lstrip('.') or 'png', dpi=dpi)
+    fig.savefig(buf, format=path.suffix.lstrip('.') or 'png', dpi=dpi, bbox_inches='tight', pad_inches=0.08)   # no label cut at an edge
     return write_text_atomic(path, buf.getvalue())
 
 # %% ../nbs/10_viz.ipynb #810062ee
@@ -439,10 +465,11 @@ def demo_figures(models:dict, # name -> model (eval mode, CPU), 'teacher' first
     cls = class_names(raw)
     logits = model_logits(models, ds, n)
     M, dist = _ics_and_dist(logits)
-    save_figure(plot_ics_models(M, cls, dist, title=f'ICS matrices M[i, j] = KL(P_i || P_j), mean over {len(logits["teacher"])} '
-                    'validation images'), out/'ics_matrices.png', dpi=110)
-    for nm, m in M.items():
-        f = plot_ics(m, classes=cls, names=(nm,), title=f'ICS matrix: {nm}')
+    what = f'M[i, j] = KL(P_i || P_j), mean over {len(logits["teacher"])} validation images, T = 1'
+    save_figure(plot_ics_models(M, cls, dist, title=f'ICS matrices {what}; distance: mean squared difference to the teacher\'s'),
+                out/'ics_matrices.png', dpi=110)
+    for nm, m in M.items():                                # one file per model, all on the teacher's scale
+        f = plot_ics(m, classes=cls, names=(nm,), title=f'ICS matrix {what}', vmax=float(M['teacher'].max()))
         save_figure(f, out/f'ics_{nm}.png', dpi=100)
     k = min(3, len(raw), len(logits['teacher']))
     save_figure(plot_predictions([raw[i][0] for i in range(k)], [raw[i][1] for i in range(k)],
@@ -450,6 +477,20 @@ def demo_figures(models:dict, # name -> model (eval mode, CPU), 'teacher' first
     return dist
 
 # %% ../nbs/10_viz.ipynb #7d909e40
+def _figures_readme(teacher:bool, of:str)->str:
+    "What the files of a run's figures/ folder show."
+    ics = ("teacher | student | student - teacher, on the teacher's colour scale (fixed over the run; larger entries "
+           "in its top colour, an arrow on the colour bar)" if teacher else "the network's matrix (a run without a teacher)")
+    return "\n".join([
+        "# The figures of this run (aicsd)", "",
+        f"Drawn at each evaluation on the same validation images ({of}), so that files of successive steps compare.", "",
+        f"- `ics_step<step>.png`: ICS matrices M[i, j] = KL(P_i || P_j), averaged over the images: {ics}.",
+        *(["- `ics_rows_step<step>.png`: the same with each row L2-normalised (what `icsd_loss(normalize='row')` compares).",
+           "  The ICS distance (the mean squared difference of the two mean matrices) is TensorBoard's `eval/ics_distance`."]
+          if teacher else []),
+        "- `predictions_step<step>.png`: up to 3 images, their ground truth and the predictions (void pixels: ignored).",
+        "- `curves.png`: loss terms, the ALW weight and learning rate, and validation mIoU so far (redrawn each time).", ""])
+
 def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`; curves read from `out`)
                        step:int, # global step: names the files, and the TensorBoard step
                        student:nn.Module|Tensor, # the network being trained (`nn.Module`), or its logits `B x C x H x W`
@@ -461,30 +502,34 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
                        curves:bool=True, # also draw `curves.png` from the run's CSV logs
                        alw:bool|None=None, # the curves' ALW panel: the run's method uses ALW (None: when there is a teacher)
                        dpi:int=90, # resolution of the PNGs
+                       T:float=1.0, # temperature of the ICS matrices (the run's ICSD temperature: what its loss compares)
                       )->dict: # name -> written path, and 'ics_distance' (student to teacher; None without teacher)
     "Write the ICS (teacher | student | difference; without a teacher the network's alone), prediction and curve figures of one evaluation."
     out = Path(out); fdir = out/'figures'; fdir.mkdir(parents=True, exist_ok=True)
     me = 'student' if teacher is not None else 'network'   # without a teacher (`aicsd train`) there is no student
     models = {'teacher': teacher, me: student} if teacher is not None else {me: student}
     logits = model_logits(models, data, n)
-    M, dist = _ics_and_dist(logits)
+    M, dist = _ics_and_dist(logits, T)
     C = M[me].shape[0]
+    of = f"T = {T:g}, mean of {len(logits[me])} validation images"
     is_ds = data is not None and not torch.is_tensor(data) and not isinstance(data, (list, tuple))
     try: cls = class_names(classes if classes is not None else (data if is_ds else None), C)
     except ValueError: cls = class_names(None, C)          # no names, or not C of them: the class indices
     figs = {}
     if teacher is not None:
-        figs['ics'] = plot_ics(M['teacher'], M['student'], cls, title=f'ICS matrices at step {step}')
+        figs['ics'] = plot_ics(M['teacher'], M['student'], cls, title=f'ICS matrices at step {step} ({of})',
+                               vmax=float(M['teacher'].max()))        # the teacher's scale: the same at every evaluation
         figs['ics_rows'] = plot_ics(M['teacher'], M['student'], cls, normalize='row', diff_scale='own',
-                                    title=f'Row-normalised ICS matrices at step {step}')
+                                    title=f'Row-normalised ICS matrices at step {step} ({of})')
     else:
-        figs['ics'] = plot_ics(M[me], classes=cls, names=(me,), title=f'ICS matrix of the network at step {step}')
+        figs['ics'] = plot_ics(M[me], classes=cls, names=(me,), title=f'ICS matrix of the network at step {step} ({of})')
     if is_ds:
         k = min(n, len(data), 3)
         items = [data[i] for i in range(k)]
         figs['predictions'] = plot_predictions([x for x, _ in items], [y for _, y in items],
                                                {nm: ls[:k] for nm, ls in logits.items()}, cls, max_rows=k)
     paths = {}
+    write_text_atomic(fdir/'README.md', _figures_readme(teacher is not None, of))
     for key, f in figs.items():
         paths[key] = fdir/f'{key}_step{step:07d}.png'
         save_figure(f, paths[key], dpi=dpi)
@@ -503,9 +548,11 @@ def run_figures(run, # the engine's `Run`: its folder `out`, `student`, `teacher
                 step:int, # global step of the evaluation
                 tb_writer:SummaryWriter|None=None, # the run's TensorBoard writer, or None
                )->dict: # `write_eval_figures`' result
-    "The engine's figure hook: `write_eval_figures` on the first 4 validation images of a run."
+    "The engine's figure hook: `write_eval_figures` on the first 4 validation images of a run, at its ICSD temperature."
+    o = getattr(run, 'objective', None)
+    T = next((p['T'] for n, p in (getattr(o, 'params', None) or {}).items() if 'icsd' in n and 'T' in p), 1.0)
     return write_eval_figures(run.out, step, run.student, run.teacher, data=run.val_ds, n=4, tb_writer=tb_writer,
-                              alw=getattr(getattr(run, 'objective', None), 'alw', None))   # no alpha panel for kd, cwd, ...
+                              alw=getattr(o, 'alw', None), T=T)   # no alpha panel for kd, cwd, ...
 
 # %% ../nbs/10_viz.ipynb #79507da9
 def ics_pair_view(logits:Tensor, # one image's logits `C x H x W` (or `1 x C x H x W`)
