@@ -15,8 +15,8 @@ from torch import nn, Tensor
 # %% auto #0
 __all__ = ['poly_lr_lambda', 'checkpoint_kind', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_shapes',
            'tap_channels', 'distill_step', 'train_step', 'Run', 'build_models', 'weights_sha256', 'build_run',
-           'start_warnings', 'train_one_epoch', 'evaluate_and_keep_best', 'restarted_with_checkpoint',
-           'evaluate_checkpoint', 'describe_run', 'fit']
+           'start_warnings', 'train_one_epoch', 'val_ics_distance', 'evaluate_and_keep_best',
+           'restarted_with_checkpoint', 'evaluate_checkpoint', 'describe_run', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import (build_model, param_groups, model_arch, load_model, load_released_checkpoint,
@@ -24,6 +24,7 @@ from .models import (build_model, param_groups, model_arch, load_model, load_rel
 from .data import (crop_upsampling, get_dataset, train_transform, build_loader, make_synthetic, close_loader, require_labelled, size_pair,
                         DEFAULT_ROOTS)
 from .objective import alw_alpha, DistillObjective, TERMS
+from .metrics import ics_distance
 from .evaluation import evaluate, eval_transform_for, progress_bar as _progress
 from .process import autocast as _autocast, amp_dtype
 from .precision import resolve_precision, memory_format
@@ -479,6 +480,21 @@ def _eval_figures(run:Run, prog:Progress, log:RunLog, draw:Callable)->dict: # th
         return {}
 
 # %% ../nbs/08_distill.ipynb #d8204a73
+@torch.no_grad()
+def val_ics_distance(run:Run, # the run: its student, teacher (None: no distance), validation set, device, dtype and objective
+                     n:int=4, # the first n validation images: those the figures show
+                    )->float|None: # `aicsd.metrics.ics_distance` at the run's ICSD temperature; None without a teacher
+    "How far the student's class relations are from the teacher's on the first `n` validation images (what the figures show)."
+    if run.teacher is None: return None
+    zs, zt = [], []
+    for i in range(min(n, len(run.val_ds))):
+        x = run.val_ds[i][0][None].to(run.device, run.dtype)
+        for m, z in ((run.student, zs), (run.teacher, zt)):
+            was = m.training; m.eval()
+            try: z.append(_full(m(x)).float().cpu())
+            finally: m.train(was)
+    return ics_distance(zs, zt, T=run.objective.ics_T)
+
 def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer, t0:float, tty:bool=False,
                            draw:Callable|None=None, # figure hook (run, step, tb_writer) -> dict, or None
                           ):
@@ -488,14 +504,14 @@ def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer
                  workers=L.workers, amp_dtype=run.amp_dtype, max_items=L.max_val, progress=tty, predict=run.predict)
     prog.metrics = {k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in m.items()}; prog.eval_step = prog.step
     if run.main:
+        if (d := val_ics_distance(run)) is not None: prog.metrics['ics_distance'] = d   # distillation: the transfer, logged
         log.row('eval_log', prog.step, dict(epoch=prog.epoch, **{k: v for k, v in prog.metrics.items() if isinstance(v, float)},
                                             time_s=round(time.time() - t0, 2)))
         if not L.quiet:
             print(f"epoch {prog.epoch}/{run.epochs} step {prog.step}: mIoU {prog.metrics['miou']:.4f} "
                   f"pixel acc {prog.metrics['pixel_acc']:.4f}", flush=True)
     if run.main and draw is not None and run.dtype == torch.float32:   # (figures are drawn from float32 logits)
-        r = _eval_figures(run, prog, log, draw)
-        if r.get('ics_distance') is not None: prog.metrics['ics_distance'] = float(r['ics_distance'])
+        _eval_figures(run, prog, log, draw)
     if prog.best is None or prog.metrics['miou'] > prog.best:
         prog.best = prog.metrics['miou']
         ckpt.save_best(prog)

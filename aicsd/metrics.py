@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from .similarity import ics_matrix
 
 # %% auto #0
-__all__ = ['confusion_matrix', 'metrics_from_confmat', 'SegMetrics']
+__all__ = ['confusion_matrix', 'metrics_from_confmat', 'SegMetrics', 'mean_ics', 'ics_distance']
 
 # %% ../nbs/07_metrics.ipynb #6cacb387
 def confusion_matrix(pred:Tensor, # predicted class indices (any shape), or logits B x C x H x W
@@ -98,3 +99,20 @@ class SegMetrics:
         return metrics_from_confmat(self._summed())
 
     def __repr__(self): return f"SegMetrics(num_classes={self.num_classes}, ignore_index={self.ignore_index}, pixels={int(self.confmat.sum())})"
+
+# %% ../nbs/07_metrics.ipynb #b7e1c0d2
+def mean_ics(logits:list, # one network's logits, one image at a time (`1 x C x H x W` each; sizes may differ)
+             T:float=1.0, # temperature of the spatial softmax
+            )->Tensor: # float64 `C x C`: the ICS matrix averaged over the images
+    "A network's ICS matrix averaged over images."
+    if not len(logits): raise ValueError("no logits: `mean_ics` needs at least one image")
+    return torch.stack([ics_matrix(z.detach().double().cpu(), T=T).sum(0) for z in logits]).sum(0) / sum(len(z) for z in logits)
+
+def ics_distance(student:list|Tensor, # the student's logits, one image at a time (or its mean ICS matrix `C x C`)
+                 teacher:list|Tensor, # the teacher's, on the same images (or its mean ICS matrix)
+                 T:float=1.0, # temperature of the spatial softmax
+                )->float: # mean squared difference of the two mean ICS matrices (nats^2)
+    "How far the student's inter-class similarities are from the teacher's: the mean squared difference of their mean ICS matrices."
+    Ms, Mt = (m.double() if torch.is_tensor(m) and m.dim() == 2 else mean_ics(m, T) for m in (student, teacher))
+    if Ms.shape != Mt.shape: raise ValueError(f"student {tuple(Ms.shape)} and teacher {tuple(Mt.shape)} ICS matrices differ: not the same classes")
+    return float(((Ms - Mt) ** 2).mean())

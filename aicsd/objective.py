@@ -400,6 +400,10 @@ class DistillObjective:
     @property
     def lambda_icsd(self)->float: return self.weights.get('icsd', TERMS['icsd'].weight)
     @property
+    def ics_T(self)->float:
+        "The temperature at which this method compares ICS matrices (its ICSD term's; 1 without one): the figures' and the ICS distance's."
+        return float(next((p['T'] for n, p in self.params.items() if 'icsd' in n and 'T' in p), 1.0))
+    @property
     def needs_teacher(self)->bool:
         "Whether some term reads the teacher's outputs (False for the baseline)."
         return any(TERMS[n].teacher for n in self.names)   # (`reads_teacher` of the method, with its extra terms)

@@ -68,9 +68,11 @@ class RunLog:
     def row(self, name:str, step:int, values:dict):
         if not self.enabled: return
         f = self.out/f'{name}.csv'
-        new = not f.exists()
+        new, cols = not f.exists(), ['step', *values]
+        if not new:         # the file's own columns: a row never shifts under its header (a run of an older aicsd, resumed)
+            with open(f, newline='') as fh: cols = next(csv.reader(fh), None) or cols
         with open(f, 'a', newline='') as fh:
-            w = csv.DictWriter(fh, fieldnames=['step', *values], lineterminator='\n')   # csv's default is '\r\n'
+            w = csv.DictWriter(fh, fieldnames=cols, lineterminator='\n', extrasaction='ignore', restval='')   # csv's default is '\r\n'
             if new: w.writeheader()
             w.writerow({'step': step, **values})
         if self.tb is not None:

@@ -17,6 +17,7 @@ from matplotlib.patches import Patch, Rectangle
 import seaborn as sns
 from .distributions import class_distributions, check_logits
 from .similarity import ics_matrix
+from .metrics import mean_ics, ics_distance   # the ICS distance: one definition, the engine logs it too
 from .data import voc_palette, denormalize, colorize, CITYSCAPES_CLASSES, IGNORE_INDEX, IGNORE_COLOUR
 try: from torch.utils.tensorboard import SummaryWriter   # the type of `write_eval_figures`'s `tb_writer`
 except Exception: SummaryWriter = None                     # TensorBoard stays optional
@@ -351,7 +352,7 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
     fig = Figure(figsize=(13, 3.4), layout='constrained')
     a_loss, a_alw, a_eval = fig.subplots(1, 3, sharex=True)   # one step axis: a single evaluation sits where it was made
     a_lr = a_alw.twinx() if alw else a_alw
-    pal = sns.color_palette('deep')
+    pal, a_ics = sns.color_palette('deep'), None
     for k, (nm, L) in enumerate(logs.items()):
         tr, ev, lab = L['train'], L['eval'], nm or L['name']
         if tr:
@@ -374,6 +375,10 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
                         label='mIoU' if one else lab)
             if one and 'pixel_acc' in ev:
                 a_eval.plot(ev['step'], 100 * ev['pixel_acc'], marker='s', ms=3, ls='--', color=pal[3], label='pixel acc.')
+            if one and np.isfinite(ev.get('ics_distance', [np.nan])).any():   # a distillation: how close to the teacher
+                a_ics = a_eval.twinx()
+                a_ics.plot(ev['step'], ev['ics_distance'], marker='^', ms=3, ls=':', color=pal[4], label='ICS distance (right)')
+                a_ics.set_ylabel('ICS distance to the teacher (nats²)'); a_ics.set_ylim(bottom=0)
     vals = [v for L in logs.values() if L['train'] for c in ['loss', *L['terms']] for v in L['train'][c] if np.isfinite(v)]
     if vals and min(vals) > 0: a_loss.set_yscale('log')
     a_loss.set_title('loss: total and weighted terms' if one else 'total loss'); a_loss.set_xlabel('step')
@@ -383,8 +388,9 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
     a_eval.set_title('validation'); a_eval.set_xlabel('step'); a_eval.set_ylabel('%')
     if not any(L['eval'] for L in logs.values()):
         a_eval.text(0.5, 0.5, 'no evaluation yet', ha='center', va='center', transform=a_eval.transAxes)
-    for ax in (a_loss, a_eval): 
-        if ax.lines: ax.legend(fontsize=7)
+    for ax, more in ((a_loss, ([], [])), (a_eval, a_ics.get_legend_handles_labels() if a_ics else ([], []))):
+        h, l = ax.get_legend_handles_labels()
+        if h: ax.legend(h + more[0], l + more[1], fontsize=7)
     h1, l1 = a_alw.get_legend_handles_labels(); h2, l2 = a_lr.get_legend_handles_labels() if alw else ([], [])
     if h1: a_alw.legend(h1 + h2, l1 + l2, fontsize=7, loc='center right')
     fig.suptitle(title or ('training of ' + (next(iter(logs.values()))['name'] if one else ', '.join(map(str, logs)))))
@@ -435,11 +441,11 @@ def model_ics(models:dict, # name -> `nn.Module` or logits; the teacher (referen
 
 # %% ../nbs/10_viz.ipynb #2c49a421
 def _ics_and_dist(logits:dict, T:float=1.0)->tuple:
-    M = {nm: torch.stack([ics_matrix(l, T=T)[0] for l in ls]).mean(0) for nm, ls in logits.items()}
+    M = {nm: mean_ics(ls, T) for nm, ls in logits.items()}      # float64
     if len({tuple(m.shape) for m in M.values()}) > 1:
         raise ValueError(f"the networks have different numbers of classes: { {nm: m.shape[0] for nm, m in M.items()} }")
     ref = M[next(iter(M))]
-    return M, {nm: float(((m - ref) ** 2).mean()) for nm, m in M.items()}
+    return M, {nm: ics_distance(m, ref) for nm, m in M.items()}
 
 # %% ../nbs/10_viz.ipynb #a5f1e0c2
 def save_figure(fig:Figure, # the figure
@@ -486,10 +492,11 @@ def _figures_readme(teacher:bool, of:str)->str:
         f"Drawn at each evaluation on the same validation images ({of}), so that files of successive steps compare.", "",
         f"- `ics_step<step>.png`: ICS matrices M[i, j] = KL(P_i || P_j), averaged over the images: {ics}.",
         *(["- `ics_rows_step<step>.png`: the same with each row L2-normalised (what `icsd_loss(normalize='row')` compares).",
-           "  The ICS distance (the mean squared difference of the two mean matrices) is TensorBoard's `eval/ics_distance`."]
+           "  The ICS distance (the mean squared difference of the two mean matrices) is the column `ics_distance` of",
+           "  `eval_log.csv` (TensorBoard: `eval_log/ics_distance`)."]
           if teacher else []),
         "- `predictions_step<step>.png`: up to 3 images, their ground truth and the predictions (void pixels: ignored).",
-        "- `curves.png`: loss terms, the ALW weight and learning rate, and validation mIoU so far (redrawn each time).", ""])
+        "- `curves.png`: loss terms, the ALW weight and learning rate, validation mIoU (and the ICS distance) so far (redrawn each time).", ""])
 
 def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`; curves read from `out`)
                        step:int, # global step: names the files, and the TensorBoard step
@@ -503,6 +510,7 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
                        alw:bool|None=None, # the curves' ALW panel: the run's method uses ALW (None: when there is a teacher)
                        dpi:int=90, # resolution of the PNGs
                        T:float=1.0, # temperature of the ICS matrices (the run's ICSD temperature: what its loss compares)
+                       tb_distance:bool=True, # add the ICS distance to TensorBoard as `eval/ics_distance` (the engine logs it itself)
                       )->dict: # name -> written path, and 'ics_distance' (student to teacher; None without teacher)
     "Write the ICS (teacher | student | difference; without a teacher the network's alone), prediction and curve figures of one evaluation."
     out = Path(out); fdir = out/'figures'; fdir.mkdir(parents=True, exist_ok=True)
@@ -540,7 +548,7 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
     d = dist.get('student') if teacher is not None else None
     if tb_writer is not None:
         for key, f in figs.items(): tb_writer.add_figure(f'figures/{key}', f, global_step=step, close=False)
-        if d is not None: tb_writer.add_scalar('eval/ics_distance', d, step)
+        if d is not None and tb_distance: tb_writer.add_scalar('eval/ics_distance', d, step)
     return {**paths, 'ics_distance': d}
 
 # %% ../nbs/10_viz.ipynb #437d9387
@@ -550,9 +558,9 @@ def run_figures(run, # the engine's `Run`: its folder `out`, `student`, `teacher
                )->dict: # `write_eval_figures`' result
     "The engine's figure hook: `write_eval_figures` on the first 4 validation images of a run, at its ICSD temperature."
     o = getattr(run, 'objective', None)
-    T = next((p['T'] for n, p in (getattr(o, 'params', None) or {}).items() if 'icsd' in n and 'T' in p), 1.0)
+    T = getattr(o, 'ics_T', 1.0)
     return write_eval_figures(run.out, step, run.student, run.teacher, data=run.val_ds, n=4, tb_writer=tb_writer,
-                              alw=getattr(o, 'alw', None), T=T)   # no alpha panel for kd, cwd, ...
+                              alw=getattr(o, 'alw', None), T=T, tb_distance=False)   # no alpha panel for kd, cwd, ...
 
 # %% ../nbs/10_viz.ipynb #79507da9
 def ics_pair_view(logits:Tensor, # one image's logits `C x H x W` (or `1 x C x H x W`)
