@@ -208,26 +208,30 @@ def plot_distributions(logits:Tensor, # one image's logits `C x H x W` (or `1 x 
                        classes:list|None=None, # class names
                        T:float=1.0, # temperature of the spatial softmax
                        alpha:float=0.65, # opacity of the distribution over the image
-                      )->Figure: # one panel per class, then one colour bar
-    "Each chosen class's spatial distribution `P_c(x)` overlaid on its image."
-    z = logits if logits.dim() == 4 else logits[None]
-    if z.shape[0] != 1: raise ValueError(f"one image at a time: logits {tuple(logits.shape)}")
-    C, H, W = z.shape[1:]
-    if cls is None: cls = torch.unique(z[0].argmax(0)).tolist()
+                       student:Tensor|None=None, # a second network's logits on the same image (a student): a second row, same classes and scale
+                       names:tuple=('teacher', 'student'), # the rows' names when `student` is given
+                      )->Figure: # one panel per class (per row), then one colour bar
+    "Each chosen class's spatial distribution `P_c(x)` overlaid on its image; with `student`, the teacher's row above the student's."
+    zs = [z if z.dim() == 4 else z[None] for z in ([logits] if student is None else [logits, student])]
+    if any(z.shape[0] != 1 for z in zs): raise ValueError(f"one image at a time: logits {[tuple(z.shape) for z in zs]}")
+    if len({tuple(z.shape) for z in zs}) > 1: raise ValueError(f"the two networks' logits differ: {[tuple(z.shape) for z in zs]}")
+    C, H, W = zs[0].shape[1:]
+    if cls is None: cls = torch.unique(zs[0][0].argmax(0)).tolist()      # the (first) network's classes
     cls = [cls] if isinstance(cls, int) else list(cls)
     cn = class_names(classes, C)
-    P = class_distributions(z.detach().cpu().float(), T=T)[0].reshape(C, H, W).double() * (H * W)
+    Ps = [class_distributions(z.detach().cpu().float(), T=T)[0].reshape(C, H, W).double() * (H * W) for z in zs]
     g = _gray(image, (H, W))
-    vmax = float(P[cls].max())
-    side = 2.6 * min(1.0, 1.0 * W / H) if W < H else 2.6
-    fig = Figure(figsize=(side * len(cls) + 0.9, 2.6 * H / W + 0.6), layout='constrained')
-    axs = fig.subplots(1, len(cls), squeeze=False)[0]
-    for ax, c in zip(axs, cls):
-        ax.imshow(g, cmap='gray', vmin=0, vmax=1)
-        im = ax.imshow(P[c].numpy(), cmap='magma', alpha=alpha, norm=PowerNorm(0.5, vmin=0, vmax=vmax))
-        ax.set_title(f'P_{c}: {cn[c]}', fontsize=9); ax.set_axis_off()
-    fig.colorbar(im, ax=list(axs), shrink=0.8, label='N * P_c(x)  (1 = uniform)')
-    fig.suptitle(f'Where each class lives: softmax of its logit map over the image (T = {T:g})', fontsize=10)
+    vmax = max(float(P[cls].max()) for P in Ps)                           # one scale for every panel
+    pw, ph = 2.6 * W / max(H, W), 2.6 * H / max(H, W)                   # a panel, landscape or portrait
+    fig = Figure(figsize=(max(pw * len(cls) + 1.0, 4.0), ph * len(Ps) + 0.5 * len(Ps) + 0.6), layout='constrained')
+    axs = fig.subplots(len(Ps), len(cls), squeeze=False)
+    for r, P in enumerate(Ps):
+        for ax, c in zip(axs[r], cls):
+            ax.imshow(g, cmap='gray', vmin=0, vmax=1)
+            im = ax.imshow(P[c].numpy(), cmap='magma', alpha=alpha, norm=PowerNorm(0.5, vmin=0, vmax=vmax))
+            ax.set_title((f'{names[r]}: ' if student is not None else '') + f'P_{c}: {cn[c]}', fontsize=8); ax.set_axis_off()
+    fig.colorbar(im, ax=list(axs.flat), shrink=0.8, label='N * P_c(x)  (1 = uniform)')
+    fig.suptitle(f'Where each class lives: P_c(x), T = {T:g}', fontsize=9)
     return fig
 
 # %% ../nbs/10_viz.ipynb #a2b42b3e
@@ -496,6 +500,8 @@ def _figures_readme(teacher:bool, of:str)->str:
            "  `eval_log.csv` (TensorBoard: `eval_log/ics_distance`)."]
           if teacher else []),
         "- `predictions_step<step>.png`: up to 3 images, their ground truth and the predictions (void pixels: ignored).",
+        *(["- `distributions_step<step>.png`: the first image's class distributions P_c(x) (the softmax of class c's logits",
+           "  over the image, at T), teacher above student, for the classes the teacher predicts there (at most 6)."] if teacher else []),
         "- `curves.png`: loss terms, the ALW weight and learning rate, validation mIoU (and the ICS distance) so far (redrawn each time).", ""])
 
 def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`; curves read from `out`)
@@ -536,6 +542,12 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
         items = [data[i] for i in range(k)]
         figs['predictions'] = plot_predictions([x for x, _ in items], [y for _, y in items],
                                                {nm: ls[:k] for nm, ls in logits.items()}, cls, max_rows=k)
+        if teacher is not None:                          # where the teacher puts each class, and where the student does
+            zt = logits['teacher'][0]
+            top = torch.bincount(zt[0].argmax(0).flatten(), minlength=C).argsort(descending=True)[:6]
+            top = [int(c) for c in top if (zt[0].argmax(0) == c).any()]
+            figs['distributions'] = plot_distributions(zt, items[0][0], cls=sorted(top), classes=cls, T=T,
+                                                       student=logits['student'][0])
     paths = {}
     write_text_atomic(fdir/'README.md', _figures_readme(teacher is not None, of))
     for key, f in figs.items():
