@@ -10,7 +10,7 @@ from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_check
 from .models import BACKBONES
 from .config import _D, _renamed, check_ranges, distill_only, read_config, size_arg, size_text, warn
 from .data import DEFAULT_ROOTS
-from .checkpoint import check_writable, write_text_atomic, json_text
+from .checkpoint import check_writable, write_text_atomic, json_text, make_folder
 from .objective import METHODS, TERMS, parse_method
 from .experiments import RECIPES, recipe_text, run_demo, run_compare
 from .bench import BENCHES, run_benchmarks
@@ -296,7 +296,10 @@ def build_parser()->argparse.ArgumentParser:
     e.add_argument('--backbone', choices=BACKBONES, metavar='BACKBONE', help="backbone of a --ckpt written by the authors' "
                    f"released code, which does not say it ({', '.join(BACKBONES)}); aicsd and field files need none")
     add_train_options(e, 'evaluate')                 # the rows whose `commands` name evaluate
-    e.add_argument('--json', metavar='FILE', help='also write every metric to FILE, the per-class ones (iou, class_acc, classes) too; stdout has the scalars')
+    e.add_argument('--json', metavar='FILE', help='also write every metric to FILE, the per-class ones (iou, class_acc, classes) '
+                   'and the confusion matrix (confmat, [true][predicted] pixel counts) too; stdout has the scalars')
+    e.add_argument('--figures-dir', metavar='DIR', help='also draw class_iou.png (per-class IoU) and confusion.png (the confusion '
+                   'matrix, rows normalised) into DIR (made when missing)')
     m = sub.add_parser('demo', formatter_class=fmt, help='the whole method on synthetic data, on a CPU',
         description='Synthetic data -> small teacher -> students (baseline, KD, ICSD, AICSD, the same seeds for each) -> '
                     'report.md, ICS heatmaps and predictions in --out.')
@@ -451,11 +454,17 @@ def _main(argv):
                   best_miou=None if r['best_miou'] is None else round(r['best_miou'], 6), time_s=round(r['time_s'], 1))))
     elif a.command == 'evaluate':
         if a.json and int(os.environ.get('RANK', 0)) == 0: check_writable(a.json, '--json')   # before the evaluation, not after it
+        if a.figures_dir and int(os.environ.get('RANK', 0)) == 0: make_folder(a.figures_dir, 'the figures folder', '--figures-dir')
         res = evaluate_checkpoint(a.ckpt, vars(a))
         if int(os.environ.get('RANK', 0)) == 0:
             print(f"per-class IoU (%):\n{iou_table(res)}", file=sys.stderr)   # for people; stdout keeps one JSON line
             print(json_text({k: v for k, v in res.items() if not isinstance(v, list)}))   # the scalars
             if a.json: write_text_atomic(a.json, json_text(res, indent=1))
+            if a.figures_dir:
+                from aicsd.viz import save_figure, plot_class_iou, plot_confusion
+                save_figure(plot_class_iou(res, res['classes']), Path(a.figures_dir)/'class_iou.png')
+                save_figure(plot_confusion(res['confmat'], res['classes']), Path(a.figures_dir)/'confusion.png')
+                print(f"figures: {Path(a.figures_dir)/'class_iou.png'}, {Path(a.figures_dir)/'confusion.png'}", file=sys.stderr)
     elif a.command == 'demo':
         run_demo(out=a.out, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads, seeds=a.seeds,
                  resume=a.resume)

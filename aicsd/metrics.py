@@ -35,8 +35,9 @@ def confusion_matrix(pred:Tensor, # predicted class indices (any shape), or logi
 
 # %% ../nbs/07_metrics.ipynb #915099b3
 def metrics_from_confmat(cm:Tensor, # C x C confusion matrix [true, predicted]
-                        )->dict: # miou, pixel_acc, mean_acc, fwiou (floats), iou, class_acc (C float64 tensors, NaN if undefined)
+                        )->dict: # miou, pixel_acc, mean_acc, fwiou (floats), iou, class_acc (C float64 tensors, NaN if undefined), confmat (`cm`)
     "mIoU, pixel accuracy, mean class accuracy, frequency-weighted IoU and per-class IoU/accuracy of a confusion matrix."
+    counts = cm.detach().to('cpu', torch.int64)               # returned too: the numbers come from it (plot_confusion draws it)
     cm = cm.detach().to('cpu', torch.float64)
     tp, gt, pr = cm.diag(), cm.sum(1), cm.sum(0)
     n = cm.sum()
@@ -50,7 +51,7 @@ def metrics_from_confmat(cm:Tensor, # C x C confusion matrix [true, predicted]
                 pixel_acc=f(tp.sum() / n.clamp(min=1)),
                 mean_acc=f(acc[gt > 0].mean()) if (gt > 0).any() else float('nan'),
                 fwiou=f((gt[valid] / n.clamp(min=1) * iou[valid]).sum()),
-                iou=iou, class_acc=acc)
+                iou=iou, class_acc=acc, confmat=counts)
 
 # %% ../nbs/07_metrics.ipynb #214424ec
 class SegMetrics:

@@ -235,8 +235,9 @@ def test_evaluate_voc_mixed_sizes_scores_what_numpy_counts(voc_teacher, trees, t
     ck['model'][w] = torch.zeros_like(ck['model'][w]); ck['model'][b] = torch.zeros_like(ck['model'][b]); ck['model'][b][0] = 1
     torch.save(ck, tmp_path / 'background.pt')
     aicsd('evaluate', '--ckpt', tmp_path / 'background.pt', '--data', 'voc', '--data-root', trees['voc'],
-          '--json', tmp_path / 'm.json', cwd=tmp_path)
+          '--json', tmp_path / 'm.json', '--figures-dir', tmp_path / 'figs', cwd=tmp_path)
     m = json.loads((tmp_path / 'm.json').read_text())
+    assert sorted(q.name for q in (tmp_path / 'figs').iterdir()) == ['class_iou.png', 'confusion.png']
     ids = (trees['voc'] / 'ImageSets/Segmentation/val.txt').read_text().split()
     labs = [np.array(Image.open(trees['voc'] / 'SegmentationClass' / f'{i}.png')) for i in ids]
     assert [l.shape for l in labs] == VAL_SIZES
@@ -246,6 +247,7 @@ def test_evaluate_voc_mixed_sizes_scores_what_numpy_counts(voc_teacher, trees, t
     iou0, present = counts[0] / lab.size, int((counts > 0).sum())
     assert abs(m['pixel_acc'] - iou0) < 1e-12 and abs(m['iou'][0] - iou0) < 1e-12, (m, iou0)
     assert abs(m['miou'] - iou0 / present) < 1e-12, (m['miou'], iou0 / present)
+    assert np.array_equal(np.array(m['confmat'])[:, 0], counts) and np.array(m['confmat'])[:, 1:].sum() == 0   # every pixel: 'background'
     assert present >= 3 and 0 < iou0 < 1                                      # the comparison can tell cases apart
     # the same network as a file of the authors' released code ('state_dict', DataParallel's 'module.' prefix, no
     # architecture): `--backbone` reads it, every other default on, and it scores what numpy counted
