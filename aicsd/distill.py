@@ -60,6 +60,9 @@ def checkpoint_kind(ck, # what `load_checkpoint` read
                          "a field DeepLabV3 state_dict or a file of the authors' released code")
     if 'arch' in ck:
         a = ck['arch']
+        if not isinstance(a, dict):
+            raise ValueError(f"{what} has an 'arch' entry that is a {type(a).__name__}, not the dict aicsd writes (backbone, "
+                             "family, classes): the file was edited or written by other code")
         if backbone is not None and backbone != a.get('backbone'):
             raise ValueError(f"{what} is an aicsd checkpoint of a {a.get('backbone')} {a.get('family', 'deeplabv3plus')}, "
                              f"but {flag} says {backbone}: drop {flag} (aicsd checkpoints know their architecture; "
@@ -540,8 +543,8 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
         ck, released = load_checkpoint(ckpt), opts.get('backbone')   # --backbone: a file of the authors' released code
         kind = checkpoint_kind(ck, str(ckpt), released, '--backbone')
         model = (load_cirkd_checkpoint(ck, cirkd_backbone(ck), source=str(ckpt)).to(dev) if kind == 'field' else   # check its 78.07 first
-                 load_model(ck, map_location='cpu').to(dev) if kind == 'aicsd' else None)   # released: built below, with the data's classes
-        trained = ck.get('config', {})
+                 load_model(ck, map_location='cpu', source=str(ckpt)).to(dev) if kind == 'aicsd' else None)   # released: built below, with the data's classes
+        trained = ck.get('config') if isinstance(ck.get('config'), dict) else {}   # (an edited file: no training settings)
         mine = (trained.get('data'), trained.get('data_root') or DEFAULT_ROOTS.get(trained.get('data')))
         if opts['data'] == DEFAULTS['data'] and not opts.get('data_root') and trained.get('data') and mine != (opts['data'], DEFAULT_ROOTS[opts['data']]):
             if not Path(mine[1]).exists():                               # e.g. a relative root, from another folder
@@ -624,7 +627,7 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         resume = L.resume or restarted_with_checkpoint(run.out)
         prog = ckpt.resume() if resume else None
         if prog is not None and run.main and not L.quiet:   # epochs and batches counted from 1, as the progress lines do
-            print(f"resumed {ckpt.last}: " + (f"the run is complete ({run.total} steps), nothing to do" if prog.step >= run.total == prog.eval_step else
+            print(f"resumed {ckpt.resumed_from}: " + (f"the run is complete ({run.total} steps), nothing to do" if prog.step >= run.total == prog.eval_step else
                   f"its {run.total} steps are done, its final evaluation runs now" if prog.step >= run.total else
                   f"at epoch {prog.epoch + 1}, batch {prog.step_in_epoch + 1} (step {prog.step} of {run.total})"))
         if prog is None: prog = ckpt.start()
@@ -646,6 +649,9 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
             evaluate_and_keep_best(run, prog, log, ckpt, t0, tty, draw); ckpt.save_last(prog)
         if run.main and prog.step >= run.total:   # complete: last.pt is whole, its predecessor only costs disk
             ckpt.prev.unlink(missing_ok=True)
+        elif run.main and not L.quiet:            # --stop-after: an unfinished run, said so
+            print(f"stopped at step {prog.step} of {run.total} (--stop-after); {ckpt.last} written: continue with the same "
+                  "command and --resume", file=sys.stderr, flush=True)
         log.close()
         res = dict(best_miou=prog.best, metrics=prog.metrics, steps=prog.step, time_s=time.time() - t0, out=str(run.out),
                    num_classes=run.num_classes)

@@ -258,11 +258,16 @@ def resume(self:Checkpointer)->Progress|None:
     if was and now and was != now and not moved:     # the same path, other weights: another teacher
         refused.append(f"the teacher {r.cfg.get('teacher')} holds other weights than when the run started (SHA-256 "
                        f"{was[:12]}... then, {now[:12]}... now): was the file replaced? Put the original back")
+    nc = (ck.get('arch') or {}).get('num_classes') if isinstance(ck.get('arch'), dict) else None
+    if nc is not None and nc != r.num_classes:       # another data set (e.g. --data-root changed): the classifier does not fit
+        refused.append(f"the run predicts {nc} classes but {r.cfg.get('data')} at {r.cfg.get('data_root')} has {r.num_classes} "
+                       f"(--data-root {ck['config'].get('data_root')} when it started)")
     if refused:
         raise ValueError(f"cannot resume {path}: {'; '.join(refused)}. These options define the run: resume with the values "
                          f"it was started with, or start a new run with another --out (or --force to move this one aside)")
     if warned and r.main:
         warn(f"--resume {path}: {'; '.join(warned)}; the rest of the run uses the new value(s)")
+    self.resumed_from = path                         # last.pt, or last.prev.pt when last.pt could not be read
     r.student.load_state_dict(ck['model']); r.net.extras.load_state_dict(ck.get('modules', {}))
     r.opt.load_state_dict(ck['optimizer']); r.sched.load_state_dict(ck['scheduler'])
     if r.scaler is not None and ck['scaler']: r.scaler.load_state_dict(ck['scaler'])
