@@ -10,7 +10,7 @@ import torch
 from .config import check_ranges, make_config, size_text
 from .checkpoint import load_checkpoint, write_text_atomic, json_text, make_folder
 from .distill import fit
-from .runfolder import RUN_FILES, RunInterrupted
+from .runfolder import RUN_FILES, RunInterrupted, RunLock
 from .objective import METHODS, TERMS, method_spec, parse_method, reads_teacher
 
 # %% auto #0
@@ -207,6 +207,10 @@ def _teacher(P, base, out, fresh, resume=False):
         c = load_checkpoint(ck)
         if all(c['config'].get(k) == cfg[k] for k in _TEACHER_KEYS):
             print(f"teacher: reused {ck}, trained earlier with these settings (--fresh trains it again)", flush=True)
+            lock = RunLock(tdir).acquire()         # (a lock left by a killed run: taken over, said)
+            try:
+                for f in tdir.glob('.*.pt.*.tmp'): f.unlink(missing_ok=True)   # a save that was killed midway
+            finally: lock.release()
             return ck, c['metrics'], 0.0, True
     print(f"teacher: DeepLabV3+ {P['teacher']}, {P['teacher_steps']} steps ...", flush=True)
     t0 = time.time()
@@ -279,62 +283,70 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
     if root.exists() and not root.is_dir():                 # before any folder is made
         raise ValueError(f"--data-root {root}: a file, not a folder; name a folder for the synthetic data (made when missing)")
     out = make_folder(out or demo_out('demo', quick), 'the report folder')
-    if (out/'report.md').exists():
-        print(f"the earlier report in {out} (report.md, results.json, figures) is replaced; another --out keeps it", flush=True)
-    threads = threads or 1  # one thread per process: robust when other jobs share the cores (--threads 2 on a quiet machine)
-    torch.set_num_threads(threads)
-    if not root.exists():
-        kw = {k: P[k] for k in ('n_train', 'n_val', 'size', 'num_classes') if P[k] is not None}
-        make_synthetic(root, seed=seed, **kw)
-        print(f"synthetic data written to {root}")
-    size = ((read_synthetic_info(root) or {}).get('settings') or {}).get('size', '?')   # the report describes the data used
-    P = {**P, 'n_train': len(get_dataset('synthetic', root, 'train', None)), 'n_val': len(get_dataset('synthetic', root, 'val', None)),
-         'size': size_text(size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size)}
-    base = _demo_cfg(P, root, out, threads, seed)
-    try: tck, tmet, tsec, cached = _teacher(P, base, out, fresh, resume)
-    except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, 'the teacher', 'trains the teacher and the students'), e.signum) from None
-    if resume and not cached:
-        print("the teacher was trained in this run: its students are trained again", flush=True); resume = False
-    again = ('trains the teacher (--fresh) and every student' if fresh else
-             f'reuses the teacher in {tck.parent} and trains every student')
-    teacher = load_model(tck).eval()
-    val = get_dataset('synthetic', root, 'val', eval_transform())
-    rows = [dict(method=f"teacher ({P['teacher']})", miou=tmet['miou'], pixel_acc=tmet['pixel_acc'], ics_dist=0.0,
-                 time_s=tsec, n=1, note='cached' if cached else '')]
-    models = {'teacher': teacher}
-    dirs = [out/f"student-{m}"/f"seed{sd}" for m in methods for sd in seeds]
-    freed = [0 if resume and (d/'last.pt').exists() else _clear_run(d) for d in dirs]   # derived outputs: replaced, no copies
-    if any(freed): print(f"the earlier student runs in {out} are replaced ({sum(map(bool, freed))} run folder(s), "
-                         f"{sum(freed) / 1e6:.0f} MB; the demo keeps no copies)", flush=True)
-    for m in methods:
-        res, resumed = [], 0
-        for sd in seeds:
-            print(f"student {P['student']} with {m}, seed {sd} ...", flush=True)
-            d = out/f"student-{m}"/f"seed{sd}"
-            cfg = make_config(base, mode='distill', method=m, model=P['student'], seed=sd,
-                              teacher=str(tck) if reads_teacher(m) else None,   # baseline: none
-                              max_steps=P['student_steps'], out=str(d),
-                              param={k: v for k, v in DEMO_PARAMS.items() if k in parse_method(m)[0]} or None)
-            if (cont := resume and (d/'last.pt').exists()): resumed += 1
-            t0 = time.time()
-            try: r = fit(make_config(cfg, force=False, resume=True) if cont else cfg)
-            except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, f'student {m}, seed {sd}', again), e.signum) from None
-            sec = time.time() - t0
-            d = model_ics({'teacher': teacher, m: r['model']}, val, n=8)[1][m]
-            res.append(dict(seed=sd, miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], ics_dist=d, time_s=sec))
-            if sd == seeds[0]: models[m] = r['model']
-        row = dict(method=m, n=len(res), time_s=sum(x['time_s'] for x in res) / len(res),
-                   note=f"{resumed} of {len(res)} resumed (time: this session's)" if resumed else '')
-        for k in ('miou', 'pixel_acc', 'ics_dist'): row[k], row[k + '_std'] = _mean_std([x[k] for x in res])
-        row['runs'] = res
-        rows.append(row)
-    demo_figures(models, root, out, n=8)
-    total = time.time() - t_start
-    write_report(rows, out, P, total, seeds)
-    print(format_table(rows))
-    if 'baseline' in methods: print(paired_text(paired_diffs(rows)))
-    print(f"finished in {total:.0f} s; report: {out/'report.md'}")
-    return rows
+    lock = RunLock(out).acquire()                       # one demo or comparison in a folder at a time
+    try:
+        if (out/'report.md').exists() and not resume:      # gone now: an interrupted re-run leaves no report of runs replaced
+            print(f"the earlier report in {out} (report.md, results.json, figures) is replaced; another --out keeps it", flush=True)
+            for f in ('report.md', 'results.json'): (out/f).unlink(missing_ok=True)
+        threads = threads or 1  # one thread per process: robust when other jobs share the cores (--threads 2 on a quiet machine)
+        torch.set_num_threads(threads)
+        if not root.exists():
+            kw = {k: P[k] for k in ('n_train', 'n_val', 'size', 'num_classes') if P[k] is not None}
+            make_synthetic(root, seed=seed, **kw)
+            print(f"synthetic data written to {root}")
+        size = ((read_synthetic_info(root) or {}).get('settings') or {}).get('size', '?')   # the report describes the data used
+        P = {**P, 'n_train': len(get_dataset('synthetic', root, 'train', None)), 'n_val': len(get_dataset('synthetic', root, 'val', None)),
+             'size': size_text(size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size)}
+        base = _demo_cfg(P, root, out, threads, seed)
+        try: tck, tmet, tsec, cached = _teacher(P, base, out, fresh, resume)
+        except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, 'the teacher', 'trains the teacher and the students'), e.signum) from None
+        if resume and not cached:
+            print("the teacher was trained in this run: its students are trained again", flush=True); resume = False
+        again = ('trains the teacher (--fresh) and every student' if fresh else
+                 f'reuses the teacher in {tck.parent} and trains every student')
+        teacher = load_model(tck).eval()
+        val = get_dataset('synthetic', root, 'val', eval_transform())
+        rows = [dict(method=f"teacher ({P['teacher']})", miou=tmet['miou'], pixel_acc=tmet['pixel_acc'], ics_dist=0.0,
+                     time_s=tsec, n=1, note='cached' if cached else '')]
+        models = {'teacher': teacher}
+        dirs = [out/f"student-{m}"/f"seed{sd}" for m in methods for sd in seeds]
+        for m in methods:
+            res, resumed = [], 0
+            for sd in seeds:
+                print(f"student {P['student']} with {m}, seed {sd} ...", flush=True)
+                d = out/f"student-{m}"/f"seed{sd}"
+                cfg = make_config(base, mode='distill', method=m, model=P['student'], seed=sd,
+                                  teacher=str(tck) if reads_teacher(m) else None,   # baseline: none
+                                  max_steps=P['student_steps'], out=str(d),
+                                  param={k: v for k, v in DEMO_PARAMS.items() if k in parse_method(m)[0]} or None)
+                if (cont := resume and (d/'last.pt').exists()): resumed += 1
+                elif freed := _clear_run(d):                 # one at a time: an interruption keeps the runs not reached yet
+                    print(f"the earlier run in {d} is replaced ({freed / 1e6:.0f} MB; no copy is kept)", flush=True)
+                t0 = time.time()
+                try: r = fit(make_config(cfg, force=False, resume=True) if cont else cfg)
+                except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, f'student {m}, seed {sd}', again), e.signum) from None
+                except ValueError as e:
+                    if not cont: raise
+                    why = str(e).split('. Start the run again with --force')[0].split(' (or --force to move this one aside)')[0]
+                    raise ValueError(f"{why}. Run the same command without --resume: it trains this student again") from None
+                sec = time.time() - t0
+                d = model_ics({'teacher': teacher, m: r['model']}, val, n=8)[1][m]
+                res.append(dict(seed=sd, miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], ics_dist=d, time_s=sec))
+                if sd == seeds[0]: models[m] = r['model']
+            row = dict(method=m, n=len(res), time_s=sum(x['time_s'] for x in res) / len(res),
+                       note=f"{resumed} of {len(res)} resumed (time: this session's)" if resumed else '')
+            for k in ('miou', 'pixel_acc', 'ics_dist'): row[k], row[k + '_std'] = _mean_std([x[k] for x in res])
+            row['runs'] = res
+            rows.append(row)
+        demo_figures(models, root, out, n=8)
+        total = time.time() - t_start
+        write_report(rows, out, P, total, seeds)
+        print(format_table(rows))
+        if 'baseline' in methods: print(paired_text(paired_diffs(rows)))
+        print(f"finished in {total:.0f} s; report: {out/'report.md'}")
+        return rows
+    finally: lock.release()
+
 
 # %% ../nbs/08a_experiments.ipynb #304f32fd
 def run_compare(out:str|Path|None=None, # report folder (default runs/compare; with `quick`, runs/compare-quick)

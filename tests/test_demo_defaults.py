@@ -30,7 +30,7 @@ def test_demo_quick_defaults(tmp_path):
     p = subprocess.Popen([str(a) for a in (*aicsd_cmd(), *demo)], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     run, t0 = out / 'student-kd' / 'seed0', time.time()
-    # the demo clears the students' folders first; then `fit` takes the run's lock, installs its Ctrl-C handler and
+    # the demo clears a student's folder when it reaches it; then `fit` takes the run's lock, installs its Ctrl-C handler and
     # logs the first step: both files there means this process is inside the training loop
     while not ((run / '.lock').exists() and (run / 'train_log.csv').exists()):
         assert p.poll() is None and time.time() - t0 < 300, p.communicate()[1][-3000:] if p.poll() is not None else 'too slow'
@@ -40,14 +40,17 @@ def test_demo_quick_defaults(tmp_path):
     assert p.returncode == 130 and 'Traceback' not in err, err[-3000:]
     assert (f"of student kd, seed 0; continue with the same command and --resume (without it, it reuses the teacher in "
             f"{out / 'teacher-quick'} and trains every student)") in err, err[-3000:]
-    assert 'the earlier student runs in' in so and '(4 run folder(s)' in so, so    # the first run's four, said in one line
-    assert (run / 'last.pt').is_file() and not (out / 'student-icsd' / 'seed0' / 'last.pt').exists()
-    # --resume: baseline read back as it finished, kd continued from its last.pt, icsd and aicsd trained; nothing replaced
+    # the first run's students are replaced one at a time, as reached: baseline and kd; icsd and aicsd are kept, and so
+    # is no report of runs that are gone
+    assert so.count('the earlier run in') == 2 and f"the earlier run in {out / 'student-kd' / 'seed0'} is replaced" in so, so
+    assert (run / 'last.pt').is_file() and (out / 'student-icsd' / 'seed0' / 'last.pt').is_file()
+    assert not (out / 'report.md').exists() and not (out / 'results.json').exists()
+    # --resume: baseline, icsd and aicsd read back as they finished, kd continued from its last.pt; nothing replaced
     so = aicsd(*demo, '--resume', cwd=tmp_path, timeout=600).stdout
-    assert 'earlier student runs' not in so and 'earlier teacher' not in so, so
+    assert 'the earlier run in' not in so and 'earlier teacher' not in so, so
     rows = {r['method']: r for r in json.loads((out / 'results.json').read_text())}
     assert rows[next(iter(rows))]['note'] == 'cached'                                       # the teacher
-    assert [rows[m]['note'] for m in ('baseline', 'kd', 'icsd')] == ["1 of 1 resumed (time: this session's)"] * 2 + [''], rows
+    assert [rows[m]['note'] for m in ('baseline', 'kd', 'icsd', 'aicsd')] == ["1 of 1 resumed (time: this session's)"] * 4, rows
     for m in ('baseline', 'kd', 'icsd', 'aicsd'):   # the same runs as the first time, bit for bit (kd: resumed exactly)
         assert rows[m]['runs'][0]['miou'] == first[m]['runs'][0]['miou'], (m, rows[m], first[m])
     assert not list(out.rglob('replaced-*')), sorted(map(str, out.rglob('replaced-*')))
