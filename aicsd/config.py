@@ -430,8 +430,11 @@ def read_config(path:str|Path, # .yaml, .yml or .toml
                )->dict: # keys with underscores
     "Read a YAML or TOML configuration file."
     path = Path(path)
+    if path.is_dir(): raise ValueError(f"config file {path} is a folder: give a .yaml or .toml file (`aicsd recipes NAME > FILE` writes one)")
     if not path.is_file(): raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
+    try: text = path.read_text(encoding='utf-8')
+    except UnicodeDecodeError as e: raise ValueError(f"config file {path} is not text (UTF-8): byte {e.object[e.start]:#04x} at "
+                                                     f"position {e.start}; expected a .yaml or .toml file") from None
     if path.suffix.lower() == '.toml':
         try: import tomllib                      # Python >= 3.11
         except ImportError: import tomli as tomllib  # Python 3.10

@@ -59,7 +59,14 @@ class RunLog:
     def _truncate(f:Path, step:int):
         "Keep the header and the rows of steps <= `step`, every line ending in '\\n' (a temporary file, then moved into place)."
         if not f.exists(): return
-        with open(f, newline='') as fh: raw = fh.read()   # as on disk: an older aicsd wrote '\r\n'
+        try:
+            with open(f, newline='') as fh: raw = fh.read()   # as on disk: an older aicsd wrote '\r\n'
+        except UnicodeDecodeError: raw = ''
+        if not raw.startswith('step,'):              # not a log aicsd wrote (damaged, edited): kept aside, a new one begins
+            aside = f.with_name(f"{f.stem}.damaged-{time.strftime('%Y%m%d-%H%M%S')}{f.suffix}")
+            f.rename(aside)
+            warn(f"{f} is not a log aicsd wrote (its first line is not 'step,...'): moved to {aside.name}; the log starts again")
+            return
         lines = raw.splitlines()
         keep = lines[:1] + [l for l in lines[1:] if l.split(',', 1)[0].strip().isdigit() and int(l.split(',', 1)[0]) <= step]
         text = ''.join(l + '\n' for l in keep)
