@@ -24,7 +24,7 @@ from .models import (build_model, param_groups, model_arch, load_model, load_rel
 from .data import (crop_upsampling, get_dataset, train_transform, build_loader, make_synthetic, close_loader, require_labelled, size_pair,
                         DEFAULT_ROOTS)
 from .objective import alw_alpha, DistillObjective, TERMS
-from .metrics import ics_distance
+from .metrics import ics_distance, mean_ics
 from .evaluation import evaluate, eval_transform_for, progress_bar as _progress
 from .process import autocast as _autocast, amp_dtype
 from .precision import resolve_precision, memory_format
@@ -489,14 +489,15 @@ def val_ics_distance(run:Run, # the run: its student, teacher (None: no distance
                     )->float|None: # `aicsd.metrics.ics_distance` at the run's ICSD temperature; None without a teacher
     "How far the student's class relations are from the teacher's on the first `n` validation images (what the figures show)."
     if run.teacher is None: return None
-    zs, zt = [], []
-    for i in range(min(n, len(run.val_ds))):
+    k, T = min(n, len(run.val_ds)), run.objective.ics_T
+    M = {'s': 0.0, 't': 0.0}                         # sums of the C x C matrices: one image's logits alive at a time
+    for i in range(k):
         x = run.val_ds[i][0][None].to(run.device, run.dtype)
-        for m, z in ((run.student, zs), (run.teacher, zt)):
+        for key, m in (('s', run.student), ('t', run.teacher)):
             was = m.training; m.eval()
-            try: z.append(_full(m(x)).float().cpu())
+            try: M[key] = M[key] + mean_ics([_full(m(x))], T)
             finally: m.train(was)
-    return ics_distance(zs, zt, T=run.objective.ics_T)
+    return ics_distance(M['s'] / k, M['t'] / k)
 
 def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer, t0:float, tty:bool=False,
                            draw:Callable|None=None, # figure hook (run, step, tb_writer) -> dict, or None

@@ -107,7 +107,8 @@ def mean_ics(logits:list, # one network's logits, one image at a time (`1 x C x 
             )->Tensor: # float64 `C x C`: the ICS matrix averaged over the images
     "A network's ICS matrix averaged over images."
     if not len(logits): raise ValueError("no logits: `mean_ics` needs at least one image")
-    return torch.stack([ics_matrix(z.detach().double().cpu(), T=T).sum(0) for z in logits]).sum(0) / sum(len(z) for z in logits)
+    # on the logits' device, one image at a time: only `C x C` matrices are kept (a 19 x 1024 x 2048 map is 320 MB in float64)
+    return torch.stack([ics_matrix(z.detach().double(), T=T).sum(0).cpu() for z in logits]).sum(0) / sum(len(z) for z in logits)
 
 def ics_distance(student:list|Tensor, # the student's logits, one image at a time (or its mean ICS matrix `C x C`)
                  teacher:list|Tensor, # the teacher's, on the same images (or its mean ICS matrix)
