@@ -491,11 +491,14 @@ def val_ics_distance(run:Run, # the run: its student, teacher (None: no distance
     if run.teacher is None: return None
     k, T = min(n, len(run.val_ds)), run.objective.ics_T
     M = {'s': 0.0, 't': 0.0}                         # sums of the C x C matrices: one image's logits alive at a time
+    nets = (('s', run.student, run.amp_dtype), ('t', _core(run.teacher), run.teacher_dtype or run.amp_dtype))   # plain modules
     for i in range(k):
         x = run.val_ds[i][0][None].to(run.device, run.dtype)
-        for key, m in (('s', run.student), ('t', run.teacher)):
+        for key, m, dt in nets:
             was = m.training; m.eval()
-            try: M[key] = M[key] + mean_ics([_full(m(x))], T)
+            try:
+                with _autocast(run.device, dt): z = _full(m(x))
+                M[key] = M[key] + mean_ics([z.cpu()], T)   # the C x C matrix in float64 on the CPU, this image's map only
             finally: m.train(was)
     return ics_distance(M['s'] / k, M['t'] / k)
 
@@ -508,7 +511,9 @@ def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer
                  workers=L.workers, amp_dtype=run.amp_dtype, max_items=L.max_val, progress=tty, predict=run.predict)
     prog.metrics = {k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in m.items()}; prog.eval_step = prog.step
     if run.main:
-        if (d := val_ics_distance(run)) is not None: prog.metrics['ics_distance'] = d   # distillation: the transfer, logged
+        try: d = val_ics_distance(run)                  # distillation: the transfer, logged; a diagnostic never ends a run
+        except Exception as e: d = None; warn(f"ICS distance at step {prog.step} not computed: {type(e).__name__}: {e}")
+        if d is not None: prog.metrics['ics_distance'] = d
         log.row('eval_log', prog.step, dict(epoch=prog.epoch, **{k: v for k, v in prog.metrics.items() if isinstance(v, float)},
                                             time_s=round(time.time() - t0, 2)))
         if not L.quiet:

@@ -286,7 +286,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
     lock = RunLock(out).acquire()                       # one demo or comparison in a folder at a time
     try:
         if (out/'report.md').exists() and not resume:      # gone now: an interrupted re-run leaves no report of runs replaced
-            print(f"the earlier report in {out} (report.md, results.json, figures) is replaced; another --out keeps it", flush=True)
+            print(f"the earlier report in {out} (report.md, results.json) is removed, its figures redrawn at the end; another --out keeps it", flush=True)
             for f in ('report.md', 'results.json'): (out/f).unlink(missing_ok=True)
         threads = threads or 1  # one thread per process: robust when other jobs share the cores (--threads 2 on a quiet machine)
         torch.set_num_threads(threads)
@@ -326,7 +326,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
                 try: r = fit(make_config(cfg, force=False, resume=True) if cont else cfg)
                 except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, f'student {m}, seed {sd}', again), e.signum) from None
                 except ValueError as e:
-                    if not cont: raise
+                    if not cont or not str(e).startswith(('cannot resume', '--resume:')): raise
                     why = str(e).split('. Start the run again with --force')[0].split(' (or --force to move this one aside)')[0]
                     raise ValueError(f"{why}. Run the same command without --resume: it trains this student again") from None
                 sec = time.time() - t0

@@ -110,11 +110,15 @@ def mean_ics(logits:list, # one network's logits, one image at a time (`1 x C x 
     # on the logits' device, one image at a time: only `C x C` matrices are kept (a 19 x 1024 x 2048 map is 320 MB in float64)
     return torch.stack([ics_matrix(z.detach().double(), T=T).sum(0).cpu() for z in logits]).sum(0) / sum(len(z) for z in logits)
 
-def ics_distance(student:list|Tensor, # the student's logits, one image at a time (or its mean ICS matrix `C x C`)
+def ics_distance(student:list|Tensor, # the student's logits (`B x C x H x W`, or a list of `1 x C x H x W`), or its ICS matrices (`C x C`, `B x C x C`)
                  teacher:list|Tensor, # the teacher's, on the same images (or its mean ICS matrix)
                  T:float=1.0, # temperature of the spatial softmax
                 )->float: # mean squared difference of the two mean ICS matrices (nats^2)
     "How far the student's inter-class similarities are from the teacher's: the mean squared difference of their mean ICS matrices."
-    Ms, Mt = (m.double() if torch.is_tensor(m) and m.dim() == 2 else mean_ics(m, T) for m in (student, teacher))
+    def mean(m):
+        if torch.is_tensor(m) and m.dim() in (2, 3) and m.shape[-1] == m.shape[-2]:   # matrices (`C x C`, or `B x C x C`)
+            return (m if m.dim() == 2 else m.mean(0)).double()
+        return mean_ics(list(m.split(1)) if torch.is_tensor(m) else m, T)      # logits: a batch tensor, or a list
+    Ms, Mt = mean(student), mean(teacher)
     if Ms.shape != Mt.shape: raise ValueError(f"student {tuple(Ms.shape)} and teacher {tuple(Mt.shape)} ICS matrices differ: not the same classes")
     return float(((Ms - Mt) ** 2).mean())

@@ -47,7 +47,7 @@ class RunLog:
                  tensorboard:bool=True, # also write TensorBoard events under out/tb
                  resume_step:int|None=None, # resuming at this step: rows logged after it (by the interrupted session) are dropped
                 ):
-        self.out, self.enabled, self.tb = Path(out), enabled, None
+        self.out, self.enabled, self.tb, self._said = Path(out), enabled, None, set()
         if enabled and resume_step is not None:
             for name in ('train_log', 'eval_log'): self._truncate(self.out/f'{name}.csv', resume_step)
         if enabled and tensorboard:
@@ -75,9 +75,12 @@ class RunLog:
     def row(self, name:str, step:int, values:dict):
         if not self.enabled: return
         f = self.out/f'{name}.csv'
-        new, cols = not f.exists(), ['step', *values]
+        new, cols = not f.exists() or f.stat().st_size == 0, ['step', *values]   # (empty: killed before its header)
         if not new:         # the file's own columns: a row never shifts under its header (a run of an older aicsd, resumed)
             with open(f, newline='') as fh: cols = next(csv.reader(fh), None) or cols
+            if (extra := [k for k in values if k not in cols]) and (name, tuple(extra)) not in self._said:
+                self._said.add((name, tuple(extra)))
+                warn(f"{f} has no column {', '.join(extra)} (a log begun by an older aicsd): not logged there")
         with open(f, 'a', newline='') as fh:
             w = csv.DictWriter(fh, fieldnames=cols, lineterminator='\n', extrasaction='ignore', restval='')   # csv's default is '\r\n'
             if new: w.writeheader()

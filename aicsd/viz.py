@@ -146,13 +146,14 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
     axs = fig.subplots(1, len(mats), squeeze=False)[0]
     top = max(float(m.max()) for m in mats[:2])
     vmax = float(vmax) if vmax is not None and normalize is None else (top or 1.0)   # row-normalised entries are in [0, 1]
+    over = top > vmax                                    # entries above the scale: an arrow on the colour bar
     e = _power(vmax)                                     # tiny values: drawn x 10^-e, the unit says so
     if e: mats, vmax = [m / 10.0 ** e for m in mats], vmax / 10.0 ** e
     unit = ('row-normalised KL' if normalize == 'row' else 'KL (nats)') + (f' x 1e{e}' if e else '')
     for k, (ax, M, nm) in enumerate(zip(axs, mats[:2], names)):
         _heat(ax, M, cls, 0, vmax, 'viridis', annot, show_y=k == 0)
         ax.set_title(nm)
-    fig.colorbar(axs[0].collections[0], ax=list(axs[:2]), shrink=0.8, label=unit, extend='max' if top > vmax else 'neither')
+    fig.colorbar(axs[0].collections[0], ax=list(axs[:2]), shrink=0.8, label=unit, extend='max' if over else 'neither')
     if S is not None:
         D = mats[2]
         r = (float(D.abs().max()) or 1.0) if diff_scale == 'own' else vmax
@@ -221,6 +222,8 @@ def plot_distributions(logits:Tensor, # one image's logits `C x H x W` (or `1 x 
     cn = class_names(classes, C)
     Ps = [class_distributions(z.detach().cpu().float(), T=T)[0].reshape(C, H, W).double() * (H * W) for z in zs]
     g = _gray(image, (H, W))
+    st = -(-max(H, W) // 512)                                            # a full-size map drawn at most 512 px a side
+    g, Ps = g[::st, ::st], [P[:, ::st, ::st] for P in Ps]
     vmax = max(float(P[cls].max()) for P in Ps)                           # one scale for every panel
     pw, ph = 2.6 * W / max(H, W), 2.6 * H / max(H, W)                   # a panel, landscape or portrait
     fig = Figure(figsize=(max(pw * len(cls) + 1.0, 4.0), ph * len(Ps) + 0.5 * len(Ps) + 0.6), layout='constrained')
@@ -363,7 +366,7 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
             s = tr['step']
             mk = dict(marker='o', ms=3) if len(s) == 1 else {}   # a line through one point draws nothing
             a_loss.plot(s, tr['loss'], color='k' if one else pal[k % 10], lw=1.8, label='total' if one else lab, **mk)
-            if one:
+            if one and len(L['terms']) > 1:              # (one term, e.g. training on CE alone: it is the total)
                 for t, term in enumerate(L['terms']): a_loss.plot(s, tr[term], color=pal[t % 10], lw=1.1, label=term, **mk)
             if alw and 'alpha' in tr:
                 from aicsd.objective import TERMS                      # which terms grow with alpha and which fade with 1 - alpha
@@ -571,7 +574,8 @@ def run_figures(run, # the engine's `Run`: its folder `out`, `student`, `teacher
     "The engine's figure hook: `write_eval_figures` on the first 4 validation images of a run, at its ICSD temperature."
     o = getattr(run, 'objective', None)
     T = getattr(o, 'ics_T', 1.0)
-    return write_eval_figures(run.out, step, run.student, run.teacher, data=run.val_ds, n=4, tb_writer=tb_writer,
+    teacher = getattr(run.teacher, '_orig_mod', run.teacher)   # (torch.compile's wrapper: not compiled again on rank 0 alone)
+    return write_eval_figures(run.out, step, run.student, teacher, data=run.val_ds, n=4, tb_writer=tb_writer,
                               alw=getattr(o, 'alw', None), T=T, tb_distance=False)   # no alpha panel for kd, cwd, ...
 
 # %% ../nbs/10_viz.ipynb #79507da9
