@@ -187,7 +187,7 @@ def test_paper_recipe_voc_mixed_sizes(voc_teacher, trees, tmp_path):
     assert (cfg['eval_resize'], cfg['eval_square'], cfg['blur'], cfg['alw_unit'], cfg['method']) == (513, True, True, 'epoch', 'aicsd')
     assert (cfg['train_split'], cfg['param'], cfg['lambda_kd']) == ('train', {'ce': {'batch_average': True}}, 0.4762)
     # the start says what runs: the recipe's weights (10 / 21 for KD), and that 2 images per step are not its 6
-    assert 'method aicsd (ce 1, kd 0.4762, icsd 0.1 under ALW)' in p.stdout, p.stdout[:2000]
+    assert 'method aicsd (ce 1 [batch_average=true], kd 0.4762, icsd 0.1 under ALW)' in p.stdout, p.stdout[:2000]
     assert '2 images per step, not the 6 of --total-batch' in ' '.join(p.stderr.split()), p.stderr[-3000:]
 
 
