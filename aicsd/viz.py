@@ -259,6 +259,7 @@ def plot_predictions(images, # `B x 3 x H x W` tensor, or a list of images of an
                      classes:list|None=None, # class names (default '0'..'C-1')
                      palette:np.ndarray|None=None, # `C x 3` uint8; default the dataset's (`palette_for`)
                      max_rows:int=4, # at most this many images
+                     max_cols:int=8, # panels per row: more maps (a comparison of many methods) continue on the rows below
                     )->Figure: # a rows x (image, ground truth, models) grid of axes and one legend
     "Images, ground truth and each model's prediction in the dataset's palette, with a legend; each row at its image's size."
     preds = preds or {}
@@ -273,18 +274,26 @@ def plot_predictions(images, # `B x 3 x H x W` tensor, or a list of images of an
     cls = class_names(classes, C)
     pal = palette_for(cls) if palette is None else np.asarray(palette, np.uint8)
     rgbs = [to_rgb(images[i]) for i in range(n)]
-    ratios = [r.shape[0] / r.shape[1] for r in rgbs]                 # each row as tall as its image is
-    cols, cw = 1 + len(maps), 2.0
-    fig = Figure(figsize=(cw * cols, cw * sum(ratios) + 0.9), layout='constrained')
-    axs = fig.subplots(n, cols, squeeze=False, gridspec_kw={'height_ratios': ratios})
-    seen = set()
+    per = max(1, max_cols - 1)                                       # maps per row, after the image
+    g = -(-len(maps) // per) if maps else 1                          # rows per image
+    ratios = [r.shape[0] / r.shape[1] for r in rgbs for _ in range(g)]   # each row as tall as its image is
+    cols, cw = 1 + min(len(maps), per), 2.0
+    fig = Figure(figsize=(cw * cols, cw * sum(ratios) + 0.9 + 0.25 * n * g * (g > 1)), layout='constrained')
+    axs = fig.subplots(n * g, cols, squeeze=False, gridspec_kw={'height_ratios': ratios})
+    seen, names = set(), list(maps)
     for i in range(n):
-        axs[i, 0].imshow(rgbs[i])
-        for j, (nm, v) in enumerate(maps.items()):
-            axs[i, j + 1].imshow(colorize(v[i], pal), interpolation='nearest')
-            seen |= set(torch.unique(v[i]).tolist())
-        for ax in axs[i]: ax.set_xticks([]); ax.set_yticks([])
-    for j, t in enumerate(['image', *maps]): axs[0, j].set_title(t, fontsize=9)
+        for r in range(g):
+            row = axs[i * g + r]
+            if r == 0: row[0].imshow(rgbs[i])
+            else: row[0].set_axis_off()
+            for j in range(cols - 1):
+                k = r * per + j
+                if k >= len(names): row[j + 1].set_axis_off(); continue
+                row[j + 1].imshow(colorize(maps[names[k]][i], pal), interpolation='nearest')
+                seen |= set(torch.unique(maps[names[k]][i]).tolist())
+                if i == 0 or g > 1: row[j + 1].set_title(names[k], fontsize=9)
+            for ax in row: ax.set_xticks([]); ax.set_yticks([])
+    axs[0, 0].set_title('image', fontsize=9)
     handles = [Patch(facecolor=pal[c] / 255.0, edgecolor='0.5', label=cls[c]) for c in sorted(seen) if 0 <= c < len(pal)]
     if IGNORE_INDEX in seen: handles.append(Patch(facecolor=np.array(IGNORE_COLOUR) / 255.0, edgecolor='0.5', label='ignored (255)'))
     fig.legend(handles=handles, loc='outside lower center', ncols=min(len(handles), 4), fontsize=7, frameon=False)
