@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, difflib, inspect, json, os, sys
 from pathlib import Path
-from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint
+from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint, _new_folders, _remove_empty
 from .models import BACKBONES
 from .config import _D, _renamed, check_ranges, distill_only, read_config, size_arg, size_text, warn
 from .data import DEFAULT_ROOTS
@@ -454,8 +454,11 @@ def _main(argv):
                   best_miou=None if r['best_miou'] is None else round(r['best_miou'], 6), time_s=round(r['time_s'], 1))))
     elif a.command == 'evaluate':
         if a.json and int(os.environ.get('RANK', 0)) == 0: check_writable(a.json, '--json')   # before the evaluation, not after it
-        if a.figures_dir and int(os.environ.get('RANK', 0)) == 0: make_folder(a.figures_dir, 'the figures folder', '--figures-dir')
-        res = evaluate_checkpoint(a.ckpt, vars(a))
+        main_rank_figs = a.figures_dir and int(os.environ.get('RANK', 0)) == 0
+        made = _new_folders(a.figures_dir) if main_rank_figs else []
+        if main_rank_figs: make_folder(a.figures_dir, 'the figures folder', '--figures-dir')   # before the evaluation: a bad path fails now
+        try: res = evaluate_checkpoint(a.ckpt, vars(a))
+        except BaseException: _remove_empty(made); raise                     # a failed evaluation leaves no empty folder
         if int(os.environ.get('RANK', 0)) == 0:
             print(f"per-class IoU (%):\n{iou_table(res)}", file=sys.stderr)   # for people; stdout keeps one JSON line
             print(json_text({k: v for k, v in res.items() if not isinstance(v, list)}))   # the scalars

@@ -60,6 +60,9 @@ def test_errors_are_clear(tiny_data, tmp_path):
     assert p.returncode == 2 and 'teacher' in p.stderr
     p = run(aicsd_cmd() + ['train', '--model', 'vgg16'], cwd=tmp_path, check=False)
     assert p.returncode == 2 and 'invalid choice' in p.stderr
+    # evaluate --figures-dir: a failed evaluation leaves no empty folder behind
+    p = run(aicsd_cmd() + ['evaluate', '--ckpt', tmp_path / 'none.pt', '--figures-dir', tmp_path / 'f' / 'g'], cwd=tmp_path, check=False)
+    assert p.returncode == 2 and 'checkpoint not found' in p.stderr and not (tmp_path / 'f').exists(), p.stderr
 
 def test_out_of_range_weights_are_refused(teacher, tiny_data, tmp_path):
     "`--lambda-kd -1` and friends: exit 2 before anything runs, the message names the flag and the range."
