@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_data.ipynb #6344200f
 from __future__ import annotations
-import functools, json, os, re, shutil, tempfile
+import functools, glob, json, os, re, shutil, socket, tempfile
 from pathlib import Path
 from itertools import product
 from typing import Callable
@@ -535,6 +535,13 @@ def _write_synthetic(folder:Path, # an empty folder to write into
     (folder / 'classes.json').write_text(json.dumps(info, indent=1))
 
 # %% ../nbs/06_data.ipynb #2edbc54e
+def _pid_alive(pid:int)->bool:
+    "Whether process `pid` runs on this machine (one we may not signal counts as running)."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
 def make_synthetic(root='data/synthetic', # output folder (VOC layout)
                    n_train:int=320, # training images
                    n_val:int=80, # validation images
@@ -551,7 +558,11 @@ def make_synthetic(root='data/synthetic', # output folder (VOC layout)
     if _existing_synthetic(root, settings, overwrite): return root
     table = synthetic_classes(num_classes)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.tmp-', dir=root.parent))
+    me = f'.{root.name}.tmp-{socket.gethostname()}-'
+    for old in root.parent.glob(f'{glob.escape(me)}*'):     # left by a process of this machine that was killed while writing
+        pid = old.name[len(me):].split('-')[0]
+        if pid.isdigit() and not _pid_alive(int(pid)): shutil.rmtree(old, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'{me}{os.getpid()}-', dir=root.parent))
     os.chmod(tmp, 0o777 & ~UMASK)                          # mkdtemp makes it 0700: the mode `mkdir` would give
     try:
         _write_synthetic(tmp, table, settings)

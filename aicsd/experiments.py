@@ -309,7 +309,6 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
         rows = [dict(method=f"teacher ({P['teacher']})", miou=tmet['miou'], pixel_acc=tmet['pixel_acc'], ics_dist=0.0,
                      time_s=tsec, n=1, note='cached' if cached else '')]
         models = {'teacher': teacher}
-        dirs = [out/f"student-{m}"/f"seed{sd}" for m in methods for sd in seeds]
         for m in methods:
             res, resumed = [], 0
             for sd in seeds:
