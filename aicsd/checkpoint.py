@@ -16,7 +16,7 @@ UMASK = _read_umask()   # files 0o666 & ~UMASK, folders 0o777 & ~UMASK: what `op
 
 # %% auto #0
 __all__ = ['UMASK', 'write_temporary', 'replace_synced', 'save_checkpoint', 'write_text_atomic', 'json_text', 'check_writable',
-           'make_folder', 'load_checkpoint']
+           'make_folder', 'pid_alive', 'load_checkpoint']
 
 # %% ../nbs/05a_checkpoint.ipynb #7d21d810
 def write_temporary(state:dict, # anything `torch.load(weights_only=True)` can read back
@@ -113,6 +113,14 @@ def make_folder(path:str|Path, # an output folder a command writes into (made wi
                                                                   f"above it, is a file); choose another {flag}") from None
     except OSError as e: raise ValueError(f"{flag} {p}: cannot create it ({e.strerror}: {e.filename})") from None
     return p
+
+def pid_alive(pid:int, # a process id of this machine
+             )->bool:
+    "Whether process `pid` runs on this machine (one we may not signal counts as running): a lock's or a temporary folder's owner."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
 
 # %% ../nbs/05a_checkpoint.ipynb #84570adf
 def _numpy_scalars()->list:

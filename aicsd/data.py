@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DataLoader, DistributedSampler, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from .checkpoint import UMASK, write_text_atomic   # the umask, read once: what `mkdir` and `open` would give
+from .checkpoint import UMASK, write_text_atomic, pid_alive   # the umask, read once: what `mkdir` and `open` would give
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VOC_CLASSES', 'CITYSCAPES_CLASSES', 'DATASET_HELP',
@@ -535,13 +535,6 @@ def _write_synthetic(folder:Path, # an empty folder to write into
     (folder / 'classes.json').write_text(json.dumps(info, indent=1))
 
 # %% ../nbs/06_data.ipynb #2edbc54e
-def _pid_alive(pid:int)->bool:
-    "Whether process `pid` runs on this machine (one we may not signal counts as running)."
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    return True
-
 def make_synthetic(root='data/synthetic', # output folder (VOC layout)
                    n_train:int=320, # training images
                    n_val:int=80, # validation images
@@ -561,7 +554,7 @@ def make_synthetic(root='data/synthetic', # output folder (VOC layout)
     me = f'.{root.name}.tmp-{socket.gethostname()}-'
     for old in root.parent.glob(f'{glob.escape(me)}*'):     # left by a process of this machine that was killed while writing
         pid = old.name[len(me):].split('-')[0]
-        if pid.isdigit() and not _pid_alive(int(pid)): shutil.rmtree(old, ignore_errors=True)
+        if pid.isdigit() and not pid_alive(int(pid)): shutil.rmtree(old, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'{me}{os.getpid()}-', dir=root.parent))
     os.chmod(tmp, 0o777 & ~UMASK)                          # mkdtemp makes it 0700: the mode `mkdir` would give
     try:

@@ -337,6 +337,11 @@ def _known_terms(names:tuple)->tuple:
     return tuple(names)
 
 # %% ../nbs/04_objective.ipynb #0d75648c
+def _add_term(method:str, term:str)->str:
+    "How to give method `method` the term `term` it lacks (for the refusal of a weight or parameter of that term)."
+    return ("DeepLabV3's auxiliary head adds it: set --aux-weight W" if term == 'aux' else
+            f"add the term with --method {method}+{term}")
+
 class DistillObjective:
     "Total loss and named, weighted terms of a method (or a '+' combination), optionally under ALW."
     def __init__(self,
@@ -367,15 +372,13 @@ class DistillObjective:
             if k in w: w[k] = float(v)
             elif k in (weights or {}):            # asked for by name: a term the method lacks is an error, not a no-op
                 raise ValueError(f"weight for term {k!r}, which method {method!r} does not use (its terms: "
-                                 f"{', '.join(self.names)}); " + ("DeepLabV3's auxiliary head adds it: set --aux-weight W"
-                                 if k == 'aux' else f"add the term with --method {method}+{k}"))
+                                 f"{', '.join(self.names)}); " + _add_term(method, k))
             # (lambda_kd / lambda_icsd, which every command passes, are ignored by methods without KD / ICSD)
         self.weights = w
         shared = dict(T=float(T), ignore_index=ignore_index, normalize=normalize)
         if stray := sorted(set(params or {}) - set(self.names)):   # as for weights: a term the method lacks is an error
             raise ValueError(f"--param for term(s) {', '.join(stray)}, which method {method!r} does not use (its terms: "
-                             f"{', '.join(self.names)}); " + ("DeepLabV3's auxiliary head adds 'aux': set --aux-weight W"
-                             if stray[0] == 'aux' else f"add the term with --method {method}+{stray[0]}"))
+                             f"{', '.join(self.names)}); " + _add_term(method, stray[0]))
         self.params = {}
         for n in self.names:
             p = dict(TERMS[n].params)

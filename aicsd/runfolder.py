@@ -13,7 +13,7 @@ import torch.distributed as dist
 from fastcore.basics import patch
 from .config import warn, resume_changes
 from .models import model_arch
-from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write_text_atomic, replace_synced   # the one writer and reader of files
+from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write_text_atomic, replace_synced, pid_alive   # the one writer and reader of files
 
 # %% auto #0
 __all__ = ['LOGS', 'CHECKPOINTS', 'RUN_FILES', 'rng_state', 'set_rng_state', 'RunLog', 'has_logs', 'read_run', 'Progress',
@@ -143,13 +143,6 @@ class RunInterrupted(KeyboardInterrupt):
     @property
     def signum(self)->int: return self.args[1] if len(self.args) > 1 else 2   # SIGINT's number: the exit status 128 + 2
 
-# %% ../nbs/07b_runfolder.ipynb #676d37ae
-def _alive(pid:int)->bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    return True
-
 # %% ../nbs/07b_runfolder.ipynb #43c6540e
 class RunLock:
     "`out/.lock`: one run writes a folder at a time; a lock left by a dead process on this host is taken over."
@@ -160,7 +153,7 @@ class RunLock:
             try:
                 self._create(me + '\n'); self.held = True
                 for f in self.path.parent.glob('.lock.*.tmp'):   # left by a process killed while it took a lock
-                    if f.name.split('.')[2].isdigit() and not _alive(int(f.name.split('.')[2])): f.unlink(missing_ok=True)
+                    if f.name.split('.')[2].isdigit() and not pid_alive(int(f.name.split('.')[2])): f.unlink(missing_ok=True)
                 return self
             except PermissionError:
                 raise PermissionError(f"--out {self.path.parent}: cannot write in this folder (permission denied creating "
@@ -168,7 +161,7 @@ class RunLock:
             except FileExistsError:
                 try: pid, host = self.path.read_text().split()[:2]; pid = int(pid)
                 except (OSError, ValueError): pid, host = None, None   # (a lock written by an older version, cut short)
-                if pid is not None and host == socket.gethostname() and not _alive(pid):
+                if pid is not None and host == socket.gethostname() and not pid_alive(pid):
                     warn(f"{self.path}: the run that held it (process {pid}) is gone; taking the folder over")
                     self.path.unlink(missing_ok=True); continue
                 who = f"process {pid} on {host}" if pid is not None else "a run whose lock file names no process"
@@ -268,7 +261,7 @@ def resume(self:Checkpointer)->Progress|None:
     if was and now and was != now and not moved:     # the same path, other weights: another teacher
         refused.append(f"the teacher {r.cfg.get('teacher')} holds other weights than when the run started (SHA-256 "
                        f"{was[:12]}... then, {now[:12]}... now): was the file replaced? Put the original back")
-    nc = (ck.get('arch') or {}).get('num_classes') if isinstance(ck.get('arch'), dict) else None
+    nc = ck['arch'].get('num_classes') if isinstance(ck.get('arch'), dict) else None
     if nc is not None and nc != r.num_classes:       # another data set (e.g. --data-root changed): the classifier does not fit
         refused.append(f"the run predicts {nc} classes but {r.cfg.get('data')} at {r.cfg.get('data_root')} has {r.num_classes} "
                        f"(--data-root {ck['config'].get('data_root')} when it started)")
