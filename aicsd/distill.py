@@ -642,7 +642,9 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
             print(describe_run(run), flush=True)
             if run.precision_note: print(f"precision measured: {run.precision_note} (--precision and --teacher-bf16 / "
                                          "--no-teacher-bf16 choose by hand)", flush=True)
-        log = RunLog(run.out, enabled=run.main, tensorboard=L.tensorboard, resume_step=prog.step if resume else None)
+        wrote = (('train_log',) if prog.step >= max(1, L.log_every) else ()) + (('eval_log',) if prog.eval_step >= 0 else ())
+        log = RunLog(run.out, enabled=run.main, tensorboard=L.tensorboard, resume_step=prog.step if resume else None,
+                     written=wrote)
         tty = sys.stderr.isatty() and not L.quiet and run.main and 'PYTEST_CURRENT_TEST' not in os.environ
         stop_at = prog.step + int(L.stop_after) if L.stop_after else None
         while prog.epoch < run.epochs and prog.step < run.total and not (stop_at is not None and prog.step >= stop_at):

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn, Tensor
 import torch.nn.functional as F
-from .losses import ce_loss, pixel_kd_loss, icsd_loss, released_icsd_loss
+from .losses import ce_loss, pixel_kd_loss, icsd_loss, released_icsd_loss, RELEASED_SOFTMAX
 from . import baselines as B
 from fastcore.basics import patch
 
@@ -58,6 +58,7 @@ class Term:
     params:dict=field(default_factory=dict) # hyper-parameters and their defaults, passed to `fn` as keywords
     module:Callable|None=None # factory(s_channels:dict, t_channels:dict, num_classes:int, **params) -> nn.Module, or None
     bounds:dict=field(default_factory=dict) # parameter -> its range (`out_of_range`), checked when a method is configured
+    choices:dict=field(default_factory=dict) # parameter -> the tuple of values it takes (a named setting), checked as `bounds`
     ref:str='' # where it comes from
     same_size:bool=True # its student and teacher maps must have one height and width (checked before a run starts)
 
@@ -111,17 +112,18 @@ def term_icsd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, T:float=1.
     return icsd_loss(s['logits'], t['logits'], T=T, normalize=normalize)
 
 # %% ../nbs/04_objective.ipynb #a6d3b44b
-def term_released_icsd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
-    "What the released code computes as ICSD (for audits; not a KL divergence)."
-    return released_icsd_loss(s['logits'], t['logits'])
+def term_released_icsd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, softmax:str='height'):
+    "What the released code computes as ICSD (for audits; not a KL divergence); `softmax`: the revision's axis (02_losses)."
+    return released_icsd_loss(s['logits'], t['logits'], softmax=softmax)
 
 register_term('ce', Term(term_ce, teacher=False, params=dict(ignore_index=255, batch_average=False),
                          ref='supervised cross-entropy'))
 register_term('kd', Term(term_kd, alw='fade', params=dict(T=1.0, ignore_index=255, skip_ignored=False, upsampled=True), bounds=dict(T='>0'),
                          ref='Hinton et al., NeurIPS-W 2015; pixel-wise as in CIRKD losses/'))
-register_term('icsd', Term(term_icsd, weight=0.1, params=dict(T=1.0, normalize=None), bounds=dict(T='>0'),
+register_term('icsd', Term(term_icsd, weight=0.1, params=dict(T=1.0, normalize=None), bounds=dict(T='>0'), choices=dict(normalize=(None, 'row')),
                            ref='AICSD (Mansourian et al., 2025)'))
-register_term('released_icsd', Term(term_released_icsd, weight=0.1, ref="AICSD authors' released code (see 02_losses)"));
+register_term('released_icsd', Term(term_released_icsd, weight=0.1, params=dict(softmax='height'), choices=dict(softmax=RELEASED_SOFTMAX),
+                                    ref="AICSD authors' released code (see 02_losses)"));
 
 # %% ../nbs/04_objective.ipynb #b27027c8
 @dataclass(frozen=True)
@@ -396,6 +398,10 @@ class DistillObjective:
             for k, c in TERMS[n].bounds.items():
                 if p.get(k) is not None and (bad := out_of_range(p[k], c)):
                     raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) must be {bad}; got {p[k]!r}")
+            for k, c in TERMS[n].choices.items():
+                if p.get(k) not in c:
+                    raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) must be one of "
+                                     f"{', '.join('null' if v is None else str(v) for v in c)}; got {p.get(k)!r}")
         self.T, self.ignore_index, self.normalize = float(T), ignore_index, normalize
 
     @property

@@ -46,10 +46,15 @@ class RunLog:
                  enabled:bool=True, # False on ranks other than 0
                  tensorboard:bool=True, # also write TensorBoard events under out/tb
                  resume_step:int|None=None, # resuming at this step: rows logged after it (by the interrupted session) are dropped
+                 written:tuple=(), # resuming: the logs the interrupted session wrote rows to (a missing one is said, not recreated unsaid)
                 ):
         self.out, self.enabled, self.tb, self._said = Path(out), enabled, None, set()
         if enabled and resume_step is not None:
             for name in ('train_log', 'eval_log'): self._truncate(self.out/f'{name}.csv', resume_step)
+            for name in written:
+                if not (self.out/f'{name}.csv').exists():
+                    warn(f"{self.out/name}.csv is missing (deleted or moved?): it starts again at step {resume_step}, "
+                         "without the rows of the steps before")
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
