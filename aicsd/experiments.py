@@ -344,6 +344,10 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
         if 'baseline' in methods: print(paired_text(paired_diffs(rows)))
         print(f"finished in {total:.0f} s; report: {out/'report.md'}")
         return rows
+    except KeyboardInterrupt as e:      # outside a training step (data, loading, figures): what is kept, and how to go on
+        if isinstance(e, RunInterrupted): raise
+        raise KeyboardInterrupt(f"interrupted; the runs finished in {out} are kept: continue with the same command and "
+                                "--resume") from None
     finally: lock.release()
 
 
