@@ -10,7 +10,7 @@ from typing import Callable
 from nbdev.showdoc import BasicMarkdownRenderer
 
 # %% auto #0
-__all__ = ['DocRenderer', 'stored_text', 'stale_lines']
+__all__ = ['DocRenderer', 'stored_text', 'stale_lines', 'check_stored']
 
 # %% ../nbs/12_docs.ipynb #7b72081a
 class DocRenderer(BasicMarkdownRenderer):
@@ -46,5 +46,17 @@ def stale_lines(stored:str, # what the notebook file stores (`stored_text`)
                )->list: # '+ line' shown now but not stored, '- line' stored but no longer shown; [] when they agree
     "The lines in which a page's stored outputs and the code's present outputs differ (as sets of lines)."
     f = norm or (lambda s: s)
-    s, n = [f(l) for l in stored.splitlines()], [f(l) for l in fresh.splitlines()]
+    s, n = ([f(l) for l in t.splitlines() if l.strip()] for t in (stored, fresh))   # blank lines: layout, not content
     return [f"+ {l}" for l in n if l not in set(s)] + [f"- {l}" for l in s if l not in set(n)]
+
+# %% ../nbs/12_docs.ipynb #a1d0c5e4
+def check_stored(nb:str|Path, # the notebook file (the page being run)
+                 shown:dict, # cell id -> the text that cell shows now (what it printed, or a `Markdown`'s `.data`)
+                 norm:Callable|None=None, # maps a line to its comparable form, or None
+                ):
+    "Fail (AssertionError) when the outputs `nb` stores for these cells are not what they show now: the page must be run and saved."
+    diff = {cid: d for cid, text in shown.items() if (d := stale_lines(stored_text(nb, cid), text, norm))}
+    if diff:
+        raise AssertionError(f"the outputs {Path(nb).name} stores are not what the code shows now: run the page again "
+                             "in Jupyter and save it (nbdev_test runs it but saves nothing)\n"
+                             + '\n'.join(f"cell {cid}:\n" + '\n'.join(d) for cid, d in diff.items()))

@@ -170,7 +170,7 @@ def recipe_text(name:str, # a key of RECIPES
         head += (f"# paper (its results table): val mIoU {p['miou']}"
                  + (f", teacher {p['teacher_miou']}" if 'teacher_miou' in p else '') + "\n"
                  + (f"# lambda_kd = {r.get('lambda_kd')} is 10 / C, the --pi_lambda 10 of the released README's AICSD command in our "
-                    "KD's units; lambda_icsd = 0.1 is ours (not in the material we had)\n" if r['command'] == 'distill' and r['method'] != 'baseline' else '')
+                    "KD's units (our reading of its 'pi': paper page, section 7); lambda_icsd = 0.1 is ours (not in the material we had)\n" if r['command'] == 'distill' and r['method'] != 'baseline' else '')
                  + "# param ce.batch_average: CE / batch as the released code (CE weighs 1/6; CE alone: = lr / 6, weight decay x 6); "
                  "batch_size is per process (total_batch: 6 over all processes, as in the paper; another total is warned at the start; on G "
                  "GPUs the command adds --sync-bn)\n")
