@@ -25,10 +25,10 @@ $(STAMP): settings.ini setup.py
 	@echo "installed aicsd into $(VENV) (activate with: source $(BIN)/activate)"
 
 demo: $(STAMP)
-	$(BIN)/aicsd demo $(DEMO_ARGS)
+	AICSD_MAKE_TARGET=demo $(BIN)/aicsd demo $(DEMO_ARGS)
 
 demo-quick: $(STAMP)
-	$(BIN)/aicsd demo --quick $(DEMO_ARGS)
+	AICSD_MAKE_TARGET=demo-quick $(BIN)/aicsd demo --quick $(DEMO_ARGS)
 
 # 1. library in sync with notebooks, 2. notebooks clean, 3. notebook tests, 4. pytest, 5. docs processing
 test: $(STAMP)

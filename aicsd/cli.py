@@ -311,7 +311,13 @@ def build_parser()->argparse.ArgumentParser:
     c.add_argument('--methods', nargs='+', type=_method_arg, default=None, metavar='METHOD', help='methods to compare (default: all)')
     _add_demo_args(c, 'compare', 'tiny settings, one seed (a smoke test)')
     r = sub.add_parser('recipes', formatter_class=fmt, help="list the paper's experiments or print one as a config",
-        epilog="example:\n  aicsd recipes voc-r18-aicsd > voc-r18-aicsd.yaml\n  aicsd distill --config voc-r18-aicsd.yaml")
+        description="Without NAME: every recipe (the paper's on VOC and Cityscapes, the field's on Cityscapes) with its "
+                    "published mIoU. A data set's teacher recipe runs first (voc-teacher-r101, cityscapes-teacher-r101): "
+                    "its students read runs/<teacher>/best.pt. The data sets are not downloaded: data/README.md says "
+                    "where to get them and where to put them.",
+        epilog="example:\n  aicsd recipes                              the list\n"
+               "  aicsd recipes voc-teacher-r101 > t.yaml && aicsd train --config t.yaml\n"
+               "  aicsd recipes voc-r18-aicsd > voc-r18-aicsd.yaml\n  aicsd distill --config voc-r18-aicsd.yaml")
     r.add_argument('name', nargs='?', help='recipe to print')
     r.add_argument('--format', choices=['yaml', 'toml'], default='yaml', help='config file format')
     b = sub.add_parser('bench', formatter_class=fmt, help='speed and memory: ICSD term, distill step, data loading, training loop',
@@ -335,7 +341,10 @@ def build_parser()->argparse.ArgumentParser:
 def _add_data_commands(sub, fmt):
     from aicsd.data import make_synthetic
     d = {k: v.default for k, v in inspect.signature(make_synthetic).parameters.items()}
-    p = sub.add_parser('data', formatter_class=fmt, help='prepare or inspect datasets')
+    p = sub.add_parser('data', formatter_class=fmt, help='prepare or inspect datasets',
+        description="Pascal VOC 2012 and Cityscapes are read in their official layouts from data/VOCdevkit/VOC2012 and "
+                    "data/cityscapes (or --data-root); they are not downloaded: data/README.md says where to get them. "
+                    "These actions write the synthetic set, build VOC's trainaug split from SBD, or count a split's classes.")
     ds = p.add_subparsers(dest='data_command', metavar='ACTION', required=True)
     s = ds.add_parser('synthetic', formatter_class=fmt, help='write the built-in synthetic dataset (VOC layout)')
     s.add_argument('--data-root', '--root', dest='data_root', default=d['root'], metavar='DIR', help='dataset folder')

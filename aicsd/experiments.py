@@ -4,7 +4,7 @@
 
 # %% ../nbs/08a_experiments.ipynb #d6059ee0
 from __future__ import annotations
-import json, math, shutil, statistics, time
+import json, math, os, shutil, statistics, time
 from pathlib import Path
 import torch
 from .config import check_ranges, make_config, size_text
@@ -15,8 +15,8 @@ from .objective import METHODS, TERMS, method_spec, parse_method, reads_teacher
 
 # %% auto #0
 __all__ = ['PAPER_MIOU', 'PAPER_TEACHER', 'FIELD_TEACHER', 'FIELD_MIOU', 'FIELD_RERUN', 'FIELD_WEIGHTS', 'RECIPES',
-           'DEMO_PRESETS', 'DEMO_METHODS', 'DEMO_PARAMS', 'recipe_command', 'recipe_text', 'demo_out', 'run_demo',
-           'run_compare', 't_interval', 'paired_diffs', 'paired_text', 'format_table', 'write_report']
+           'DEMO_PRESETS', 'DEMO_METHODS', 'DEMO_PARAMS', 'ICS_WHAT', 'recipe_command', 'recipe_text', 'demo_out',
+           'run_demo', 'run_compare', 't_interval', 'paired_diffs', 'paired_text', 'format_table', 'write_report']
 
 # %% ../nbs/08a_experiments.ipynb #cdfd83d4
 PAPER_MIOU = {  # (dataset, student) -> method -> reported val mIoU (%), the paper's table (nbs/paper.ipynb)
@@ -233,13 +233,18 @@ def _clear_run(d:Path, # one of the demo's run folders (its teacher, or a studen
     return size
 
 # %% ../nbs/08a_experiments.ipynb #9d4f1b37
+def _continue_with()->str:
+    "How to go on after an interruption: the same command with --resume (under `make demo`, which names its target, DEMO_ARGS)."
+    t = os.environ.get('AICSD_MAKE_TARGET')
+    return f"make {t} DEMO_ARGS=--resume" if t else "the same command and --resume"
+
 def _interrupted_text(e:RunInterrupted, # what `fit` raised
                       what:str, # the run it stopped: 'the teacher', 'student kd, seed 0'
                       again:str, # what the same command without --resume does
                      )->str:
     "`fit`'s line on a Ctrl-C or SIGTERM, reworded for the demo and the comparison (their own --resume, their own runs)."
     how = str(e.args[0]).split(';')[0] if e.args else 'interrupted'     # 'interrupted at step 3'
-    return f"{how} of {what}; continue with the same command and --resume (without it, it {again})"
+    return f"{how} of {what}; continue with {_continue_with()} (without it, it {again})"
 
 # %% ../nbs/08a_experiments.ipynb #94895957
 def demo_out(name:str, # 'demo' or 'compare'
@@ -309,16 +314,19 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
         rows = [dict(method=f"teacher ({P['teacher']})", miou=tmet['miou'], pixel_acc=tmet['pixel_acc'], ics_dist=0.0,
                      time_s=tsec, n=1, note='cached' if cached else '')]
         models = {'teacher': teacher}
+        kept, k_run, n_runs = 0, 0, len(methods) * len(seeds)
         for m in methods:
             res, resumed = [], 0
             for sd in seeds:
-                print(f"student {P['student']} with {m}, seed {sd} ...", flush=True)
                 d = out/f"student-{m}"/f"seed{sd}"
+                k_run += 1
+                print(f"student {P['student']} with {m}, seed {sd} ({k_run} of {n_runs})"
+                      + (": its run in this folder is resumed (or kept, if complete) ..." if resume and (d/'last.pt').exists() else " ..."), flush=True)
                 cfg = make_config(base, mode='distill', method=m, model=P['student'], seed=sd,
                                   teacher=str(tck) if reads_teacher(m) else None,   # baseline: none
                                   max_steps=P['student_steps'], out=str(d),
                                   param={k: v for k, v in DEMO_PARAMS.items() if k in parse_method(m)[0]} or None)
-                if (cont := resume and (d/'last.pt').exists()): resumed += 1
+                if (cont := resume and (d/'last.pt').exists()): resumed += 1; kept += 1
                 elif freed := _clear_run(d):                 # one at a time: an interruption keeps the runs not reached yet
                     print(f"the earlier run in {d} is replaced ({freed / 1e6:.0f} MB; no copy is kept)", flush=True)
                 t0 = time.time()
@@ -331,23 +339,23 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
                 sec = time.time() - t0
                 d = model_ics({'teacher': teacher, m: r['model']}, val, n=8)[1][m]
                 res.append(dict(seed=sd, miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], ics_dist=d, time_s=sec))
+                print(f"  mIoU {100 * r['metrics']['miou']:.2f} %, ICS distance to the teacher {d:.4f}, {sec:.0f} s", flush=True)
                 if sd == seeds[0]: models[m] = r['model']
             row = dict(method=m, n=len(res), time_s=sum(x['time_s'] for x in res) / len(res),
-                       note=f"{resumed} of {len(res)} resumed (time: this session's)" if resumed else '')
+                       note=f"{resumed} of {len(res)} resumed: this session's time only" if resumed else '')
             for k in ('miou', 'pixel_acc', 'ics_dist'): row[k], row[k + '_std'] = _mean_std([x[k] for x in res])
             row['runs'] = res
             rows.append(row)
-        demo_figures(models, root, out, n=8)
+        demo_figures(models, root, out, n=8, seed=seeds[0])
         total = time.time() - t_start
-        write_report(rows, out, P, total, seeds)
+        write_report(rows, out, P, total, seeds, resumed=kept > 0 or cached)
         print(format_table(rows))
-        if 'baseline' in methods: print(paired_text(paired_diffs(rows)))
+        if 'baseline' in methods: print(paired_text(paired_diffs(rows)) + '\n' + paired_text(paired_diffs(rows, key='ics_dist'), 1.0, ICS_WHAT))
         print(f"finished in {total:.0f} s; report: {out/'report.md'}")
         return rows
     except KeyboardInterrupt as e:      # outside a training step (data, loading, figures): what is kept, and how to go on
         if isinstance(e, RunInterrupted): raise
-        raise KeyboardInterrupt(f"interrupted; the runs finished in {out} are kept: continue with the same command and "
-                                "--resume") from None
+        raise KeyboardInterrupt(f"interrupted; the runs finished in {out} are kept: continue with {_continue_with()}") from None
     finally: lock.release()
 
 
@@ -403,6 +411,7 @@ def paired_diffs(rows:list, # result rows (`run_demo`); rows with per-seed `runs
 # %% ../nbs/08a_experiments.ipynb #6bbcd03a
 def paired_text(diffs:list, # `paired_diffs` output
                 scale:float=100.0, # 100: mIoU in percentage points
+                what:str|None=None, # the measure, named in the text (None: mIoU, unnamed)
                )->str: # one paragraph
     "What the paired comparison lets a report claim: distinguishable differences with their interval; the rest named."
     if not diffs: return "No per-seed results to pair: no difference between methods can be claimed from these rows."
@@ -415,7 +424,7 @@ def paired_text(diffs:list, # `paired_diffs` output
     s = f"distinguishable from the {ref} at {100 * lev:g} %: " + ('; '.join(yes) if yes else 'none') + '.'
     if no: s += ' Not distinguishable: ' + ', '.join(no) + '.'
     if one: s += ' Cannot tell (fewer than 2 shared seeds): ' + ', '.join(one) + '.'
-    return f"Paired differences to the {ref} (same seeds, mean [{100 * lev:g} % Student t interval]): " + s
+    return f"Paired differences{f' in {what}' if what else ''} to the {ref} (same seeds, mean [{100 * lev:g} % Student t interval]): " + s
 
 # %% ../nbs/08a_experiments.ipynb #b0ffc250
 def _pm(r, k, scale=100.0, fmt='.2f'):
@@ -449,10 +458,13 @@ def format_table(rows:list, # result rows (`run_demo`)
                        f"{r['time_s']:.0f}{' (' + r['note'] + ')' if r.get('note') else ''} |\n" for r in rows)
 
 # %% ../nbs/08a_experiments.ipynb #47222f4e
-def write_report(rows, out:Path, P:dict, total:float, seeds:tuple=(0,)):
-    "Write `out/report.md` (the table and what the paired comparison lets one claim) and `out/results.json` (with `paired`)."
+def write_report(rows, out:Path, P:dict, total:float, seeds:tuple=(0,),
+                 resumed:bool=False, # some runs were kept from an earlier session (`total` is this session's)
+                ):
+    "Write `out/report.md` (the table and what the paired comparison lets one claim) and `out/results.json` (with `paired`, `paired_ics_dist`)."
     paired = any(r['method'] == 'baseline' and r.get('runs') for r in rows)
     diffs = paired_diffs(rows) if paired else []
+    ics = paired_diffs(rows, key='ics_dist') if paired else []
     mv = P.get('max_val')                              # the runs score the first `max_val` validation images only
     scored = f", the first {mv} scored{' (--quick)' if P['name'] == 'quick' else ''}" if mv and mv < P['n_val'] else ''
     txt = (f"# aicsd {'quick ' if P['name'] == 'quick' else ''}comparison\n\n"
@@ -467,10 +479,17 @@ def write_report(rows, out:Path, P:dict, total:float, seeds:tuple=(0,)):
            f"\nMean ± standard deviation over {len(seeds)} seed(s). "
            + ("Δ: the mean over the shared seeds of (method - baseline) at the same seed, in mIoU points, with its 95 % "
               "Student t interval; a method is distinguishable from the baseline only where that interval excludes 0.\n\n"
-              + paired_text(diffs) + "\n\n" if paired else "\n\n")
+              + paired_text(diffs) + "\n\n" + paired_text(ics, 1.0, ICS_WHAT) + "\n\n" if paired else "\n\n")
            + "ICS distance: mean squared difference between the model's and the teacher's inter-class similarity matrices "
-           f"(averaged over 8 validation images).\n\nTotal wall time: {total:.0f} s.\n\n"
+           f"(averaged over 8 validation images; the figure shows the students of seed {seeds[0]}). The numbers differ between "
+           "CPUs and torch builds (float32 rounding takes training at this scale down another path); the paired "
+           f"differences are what to compare.\n\nTotal wall time: {total:.0f} s"
+           + (" (this session; the runs kept from an earlier one are not in it)" if resumed else "") + ".\n\n"
            "![ICS matrices](ics_matrices.png)\n\n![Predictions](predictions.png)\n")
     write_text_atomic(out/'report.md', txt)
-    by = {d['method']: d for d in diffs}
-    write_text_atomic(out/'results.json', json_text([{**r, 'paired': by[r['method']]} if r['method'] in by else r for r in rows], indent=1))
+    by, by_ics = ({d['method']: d for d in ds} for ds in (diffs, ics))
+    write_text_atomic(out/'results.json', json_text([{**r, **({'paired': by[r['method']]} if r['method'] in by else {}),
+                                                      **({'paired_ics_dist': by_ics[r['method']]} if r['method'] in by_ics else {})}
+                                                     for r in rows], indent=1))
+
+ICS_WHAT = 'ICS distance to the teacher (below: closer to it)'

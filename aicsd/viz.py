@@ -105,6 +105,10 @@ def row_normalize(M:Tensor, # `C x C` (or `B x C x C`) matrix
 # %% ../nbs/10_viz.ipynb #f5a30a56
 def _panel_size(C:int)->float: return float(min(max(2.8, 0.24 * C + 1.4), 6.0))
 
+def _label_room(names:list, C:int)->float:
+    "Inches the longest class name takes as a tick label of a heatmap (`_heat`'s font size): room the layout must give."
+    return max(map(len, names), default=0) * max(5, 9 - C // 6) * 0.6 / 72
+
 def _power(top:float)->int:
     "The power of ten that brings a scale whose top is `top` below 10: 0 unless `top` < 0.1 (KL at high T is ~1e-4)."
     import math
@@ -118,7 +122,7 @@ def _heat(ax, M, names, vmin, vmax, cmap, annot, show_y=True, center=None):
                 annot=annot, fmt=fmt, annot_kws=dict(fontsize=max(5, 9 - C // 3)),
                 xticklabels=names, yticklabels=names if show_y else False, linewidths=0)
     ax.tick_params(labelsize=max(5, 9 - C // 6))
-    ax.set_xlabel('j'); ax.set_ylabel('i' if show_y else '')
+    ax.set_xlabel('j'); ax.set_ylabel('i' if show_y else '', rotation=0, labelpad=8)   # upright: a lying 'i' reads as a stray mark
 
 # %% ../nbs/10_viz.ipynb #76e76750
 def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged over images)
@@ -142,7 +146,8 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
     annot = C <= 10 if annot is None else annot
     mats = [T] if S is None else [T, S, S - T]
     side = _panel_size(C)
-    fig = Figure(figsize=(side * len(mats) + 1.2 * (len(mats) > 1) + 0.8, side + 0.9), layout='constrained')
+    room = _label_room(cls, C)                          # long class names: under the panels and beside the first
+    fig = Figure(figsize=(side * len(mats) + 1.2 * (len(mats) > 1) + 0.8 + room, side + 0.9 + room), layout='constrained')
     axs = fig.subplots(1, len(mats), squeeze=False)[0]
     top = max(float(m.max()) for m in mats[:2])
     vmax = float(vmax) if vmax is not None and normalize is None else (top or 1.0)   # row-normalised entries are in [0, 1]
@@ -179,7 +184,8 @@ def plot_ics_models(mats:dict, # name -> ICS matrix `C x C` (or `B x C x C`); th
     C = M[first].shape[0]; cls = class_names(classes, C)
     side = min(_panel_size(C), 3.6)
     nc = min(len(M), cols); nr = -(-len(M) // nc)
-    fig = Figure(figsize=(side * nc + 1.5, (side + 0.5) * nr + 0.6), layout='constrained')
+    room = _label_room(cls, C)                          # long class names under each row, beside the first column
+    fig = Figure(figsize=(side * nc + 1.5 + room, (side + 0.5 + room) * nr + 0.6), layout='constrained')
     grid = fig.subplots(nr, nc, squeeze=False)
     for ax in grid.flat[len(M):]: ax.set_axis_off()
     axs = grid.flat[:len(M)]
@@ -478,6 +484,7 @@ def demo_figures(models:dict, # name -> model (eval mode, CPU), 'teacher' first
                  root:str|Path, # the synthetic data set (its 'val' split is used)
                  out:str|Path, # folder for the PNGs
                  n:int=8, # validation images averaged for the ICS matrices
+                 seed:int|None=None, # the students' seed, named in the titles (the demo trains several per method)
                 )->dict: # name -> ICS distance to the teacher
     "Write ics_matrices.png, ics_<name>.png and predictions.png; return each model's ICS distance to the teacher."
     from aicsd.data import get_dataset, eval_transform
@@ -487,7 +494,8 @@ def demo_figures(models:dict, # name -> model (eval mode, CPU), 'teacher' first
     cls = class_names(raw)
     logits = model_logits(models, ds, n)
     M, dist = _ics_and_dist(logits)
-    what = f'M[i, j] = KL(P_i || P_j), mean over {len(logits["teacher"])} validation images, T = 1'
+    what = (f'M[i, j] = KL(P_i || P_j), mean over {len(logits["teacher"])} validation images, T = 1'
+            + (f'; students of seed {seed}' if seed is not None else ''))
     save_figure(plot_ics_models(M, cls, dist, title=f'ICS matrices {what}; distance: mean squared difference to the teacher\'s'),
                 out/'ics_matrices.png', dpi=110)
     for nm, m in M.items():                                # one file per model, all on the teacher's scale

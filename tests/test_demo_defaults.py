@@ -48,9 +48,13 @@ def test_demo_quick_defaults(tmp_path):
     # --resume: baseline, icsd and aicsd read back as they finished, kd continued from its last.pt; nothing replaced
     so = aicsd(*demo, '--resume', cwd=tmp_path, timeout=600).stdout
     assert 'the earlier run in' not in so and 'earlier teacher' not in so, so
+    assert so.count('its run in this folder is resumed (or kept, if complete)') == 4 and '(4 of 4)' in so, so
+    assert so.count(', ICS distance to the teacher ') == 4, so                                  # each student's result, as it ends
+    md = (out / 'report.md').read_text()
+    assert 'Paired differences in ICS distance to the teacher' in md and 'the runs kept from an earlier one are not in it' in md, md
     rows = {r['method']: r for r in json.loads((out / 'results.json').read_text())}
     assert rows[next(iter(rows))]['note'] == 'cached'                                       # the teacher
-    assert [rows[m]['note'] for m in ('baseline', 'kd', 'icsd', 'aicsd')] == ["1 of 1 resumed (time: this session's)"] * 4, rows
+    assert [rows[m]['note'] for m in ('baseline', 'kd', 'icsd', 'aicsd')] == ["1 of 1 resumed: this session's time only"] * 4, rows
     for m in ('baseline', 'kd', 'icsd', 'aicsd'):   # the same runs as the first time, bit for bit (kd: resumed exactly)
         assert rows[m]['runs'][0]['miou'] == first[m]['runs'][0]['miou'], (m, rows[m], first[m])
     assert not list(out.rglob('replaced-*')), sorted(map(str, out.rglob('replaced-*')))
