@@ -33,6 +33,11 @@ def _size_arg(s:str)->int|list:
     except (ValueError, TypeError): raise argparse.ArgumentTypeError(f"expected a size N or HxW, got {s!r}") from None
 
 # %% ../nbs/09_cli.ipynb #9b3e0968
+def _path_arg(s:str)->str:
+    "argparse type of a file or folder: an empty name is refused (it would mean the current folder, or the default)."
+    if not s.strip(): raise argparse.ArgumentTypeError("an empty path: name a file or folder")
+    return s
+
 def _positive_int(s:str)->int:
     "argparse type of a count that must be at least 1 (--threads)."
     try: v = int(s)
@@ -255,9 +260,9 @@ Each subcommand has its own --help. Config keys mirror the long options (--batch
 def _add_demo_args(p:argparse.ArgumentParser, name:str, quick_help:str):
     "The options `demo` and `compare` share."
     p.add_argument('--quick', action='store_true', help=quick_help)
-    p.add_argument('--out', default=None, metavar='DIR', help=f"where the report and the runs go (default: runs/{name}; "
+    p.add_argument('--out', type=_path_arg, default=None, metavar='DIR', help=f"where the report and the runs go (default: runs/{name}; "
                    f"--quick: runs/{name}-quick, so a quick run never replaces a full one)")
-    p.add_argument('--data-root', default=None, metavar='DIR',
+    p.add_argument('--data-root', type=_path_arg, default=None, metavar='DIR',
                    help='synthetic data folder (created if missing; default: data/synthetic-demo-64px)')
     p.add_argument('--fresh', action='store_true', help='retrain the teacher even if a cached one matches')
     p.add_argument('--resume', action='store_true', help='after an interruption: keep the students already trained, continue '
@@ -291,7 +296,7 @@ def build_parser()->argparse.ArgumentParser:
         description='mIoU, pixel accuracy, mean class accuracy and frequency-weighted IoU as one JSON line on stdout; '
                     'per-class IoU as a table on stderr; in --json FILE, every metric: also per-class IoU and accuracy, with the class names.',
         epilog="example:\n  aicsd evaluate --ckpt runs/s/best.pt --data voc --data-root data/VOCdevkit/VOC2012 --eval-resize 513")
-    e.add_argument('--ckpt', required=True, metavar='PATH', help="best.pt / last.pt (or any file load_model reads), a field "
+    e.add_argument('--ckpt', type=_path_arg, required=True, metavar='PATH', help="best.pt / last.pt (or any file load_model reads), a field "
                    "(CIRKD) DeepLabV3 file (told from its keys), or a file of the authors' released code (with --backbone)")
     e.add_argument('--backbone', choices=BACKBONES, metavar='BACKBONE', help="backbone of a --ckpt written by the authors' "
                    f"released code, which does not say it ({', '.join(BACKBONES)}); aicsd and field files need none")
@@ -359,7 +364,8 @@ def _add_data_commands(sub, fmt):
     b.add_argument('--voc-root', required=True, metavar='DIR', help='VOCdevkit/VOC2012')
     t = ds.add_parser('stats', formatter_class=fmt, help='class frequencies of a split')
     t.add_argument('--data', choices=list(DEFAULT_ROOTS), default='synthetic', help='dataset')
-    t.add_argument('--data-root', '--root', dest='data_root', default='data/synthetic', metavar='DIR', help='dataset folder')
+    t.add_argument('--data-root', '--root', dest='data_root', type=_path_arg, default=None, metavar='DIR',
+                   help="dataset folder (default: --data's usual place, e.g. data/VOCdevkit/VOC2012 for voc)")
     t.add_argument('--split', default='train', help='split to count')
 
 # %% ../nbs/09_cli.ipynb #3efa88d0
@@ -372,9 +378,13 @@ def _run_data(a):
     elif a.data_command == 'sbd':
         print(f"trainaug written: {D.build_sbd_trainaug(a.sbd_root, a.voc_root)}")
     else:
-        ds = D.get_dataset(a.data, a.data_root, a.split, None)
+        root = a.data_root or DEFAULT_ROOTS[a.data]
+        ds = D.get_dataset(a.data, root, a.split, None)
         names = list(getattr(ds, 'classes', None) or [])
-        for i, v in enumerate(D.class_frequencies(ds).tolist()): print(f"{names[i] if i < len(names) else i!s:>20}  {v}")
+        n = D.class_frequencies(ds, progress=sys.stderr.isatty()).tolist()
+        print(f"{a.data} at {root}, split {a.split}: {len(ds)} images, {sum(n)} labelled pixels (void excluded)")
+        for i, v in enumerate(n):
+            print(f"{names[i] if i < len(names) else i!s:>20}  {100 * v / max(1, sum(n)):6.2f} %  {v:>12}")   # the count last
 
 # %% ../nbs/09_cli.ipynb #75cf1df9
 def _error_text(e:BaseException)->str:
@@ -385,6 +395,16 @@ def _error_text(e:BaseException)->str:
         i = body.rfind(f'\n{name}: ')
         msg = (body[i + len(name) + 3:] if i >= 0 else body.splitlines()[-1]).strip() + ' (in a loader worker)'
     return msg
+
+def _out_of_memory(e:BaseException)->str|None: # the one line for an allocation failure, or None for any other error
+    "An allocation the CPU or GPU refused, said with what to lower (the allocator's message is kept, shortened)."
+    import torch                       # (loaded already: the error came from it)
+    msg = str(e)
+    if not (isinstance(e, getattr(torch, 'OutOfMemoryError', ())) or "can't allocate memory" in msg or 'out of memory' in msg.lower()):
+        return None
+    first = msg.strip().splitlines()[0][:160] if msg.strip() else type(e).__name__
+    return (f"out of memory ({first}): lower --batch-size or --crop-size (training), --val-batch-size, --eval-crop or "
+            "--eval-scales (evaluation), or use a device with more memory")
 
 def _stdout_closed(fd:int|None=None)->bool: # True when the reader of stdout (a pipe) has gone
     "Whether writing to `fd` (stdout) fails because its reader left, so a BrokenPipeError came from stdout."
@@ -443,6 +463,10 @@ def main(argv:list|None=None)->int:
         return 141
     except (ValueError, KeyError, OSError, RunLockedError, CheckpointMismatchError, FloatingPointError) as e:
         print(f"aicsd: error: {_error_text(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:            # an allocation refused (a crop or scale too large for the machine): one line
+        if (oom := _out_of_memory(e)) is None: raise
+        print(f"aicsd: error: {oom}", file=sys.stderr)
         return 2
 
 # %% ../nbs/09_cli.ipynb #ab514419

@@ -77,7 +77,7 @@ _WHAT = [   # what to train
     _O('teacher_backbone', None, 'What to train', "backbone of a teacher file of the authors' released code (required for "
        "such a file; an aicsd checkpoint says it itself)", choices=BACKBONES, metavar='BACKBONE', commands=_D, resume='same'),
     _O('method', None, 'What to train', "distillation method, or several joined by '+' (their terms summed, e.g. cwd+icsd; a term's name adds that term, e.g. cwd+cwd_feat): "
-       f"{', '.join(METHODS)} (default: aicsd; `aicsd train`: baseline; each method's terms are listed below)",
+       f"{', '.join(METHODS)} (default: aicsd; each method's terms are listed below)",
        metavar='METHOD', commands=_D, resume='same'),
     _O('alw', None, 'Distillation', "put the method's terms under adaptive loss weighting (default: on for aicsd only)", flag='bool', resume='same', commands=_D),
     _O('weight', None, 'Distillation', "weight of a term, e.g. --weight cwd=3 (repeat the option for more terms; default: "
@@ -123,7 +123,8 @@ _DATA = [   # data
     _E('eval_stride', None, 'Data', 'sliding-window step, PX or HxW (at most the window)', type=size_arg, metavar='PX|HxW',
        check='int>=1'),
     _E('eval_scales', None, 'Data', 'image scales of --eval-mode multiscale, e.g. 0.5 0.75 1.0 1.25 1.5 1.75 (default: 1.0)',
-       type=float, nargs='+', metavar='S', check='>0'),
+       type=float, nargs='+', metavar='S', check='>0,<=4',
+       why='a scale s enlarges each image s x s times (its memory too): 500 took 22 GB on a 32 px image'),
     _E('eval_flip', False, 'Data', 'with --eval-mode multiscale: also the mirror image', flag='bool'),
     _E('workers', None, 'Data', 'data loader worker processes per rank (default: on a GPU, the CPU cores shared among the '
        'local ranks, at most 12; on a CPU, 0)', type=int, resume='free', check='int>=0'),
@@ -146,7 +147,7 @@ _MODEL = [   # model
 # %% ../nbs/07a_config.ipynb #bff03c3e
 _OPTIM = [   # optimisation (torchvision reference / paper)
     _O('epochs', 120, 'Optimisation', 'epochs (paper: 120)', type=int, resume='same', check='int>=1'),
-    _O('max_steps', None, 'Optimisation', 'stop after N iterations (the poly schedule spans N; default: all epochs)',
+    _O('max_steps', None, 'Optimisation', 'train for N iterations in all, in place of --epochs (as many epochs as N needs; the poly schedule spans N; default: --epochs)',
        type=int, metavar='N', resume='same', check='int>=1'),
     _O('batch_size', 6, 'Optimisation', 'batch size per process (paper: 6)', flags=('-b',), type=int, resume='same',
        check='int>=2', why="the BatchNorm after ASPP's image pooling sees one value per image and channel, so one "
@@ -160,7 +161,7 @@ _OPTIM = [   # optimisation (torchvision reference / paper)
     _O('head_mult', 10.0, 'Optimisation', "learning-rate multiplier of ASPP, decoder and the terms' adapters (paper: 10)",
        type=float, resume='same', check='>=0'),
     _O('momentum', 0.9, 'Optimisation', 'SGD momentum', type=float, resume='same', check='>=0,<1',
-       why='with momentum 1 or more, no gradient ever fades from the update, which grows without bound'),
+       why='momentum is the fraction of the last update kept; at 1 or more no gradient ever fades from the update, which grows without bound'),
     _O('weight_decay', 5e-4, 'Optimisation', 'weight decay', flags=('--wd',), type=float, resume='same', check='>=0'),
     _O('poly_power', 0.9, 'Optimisation', 'poly learning-rate power', type=float, resume='same', check='>=0'),
     _O('warmup_steps', 0, 'Optimisation', 'linear warm-up iterations', type=int, resume='same', check='int>=0'),
@@ -170,7 +171,7 @@ _OPTIM = [   # optimisation (torchvision reference / paper)
 
 # %% ../nbs/07a_config.ipynb #ad89aec0
 _LOGS = [   # checkpoints and logs
-    _O('out', 'runs/exp', 'Checkpoints and logs', 'run folder: last.pt, best.pt, *.csv, tb/', metavar='DIR', resume='free'),
+    _O('out', 'runs/exp', 'Checkpoints and logs', 'run folder: last.pt, best.pt, *.csv, tb/, figures/', metavar='DIR', resume='free'),
     _O('ckpt_every', 0, 'Checkpoints and logs', 'also write last.pt every N iterations (0: epoch ends only)', type=int,
        metavar='N', resume='free', check='int>=0'),
     _O('eval_every', 1, 'Checkpoints and logs', 'evaluate every K epochs', type=int, metavar='K', check='int>=1'),
@@ -189,7 +190,8 @@ _LOGS = [   # checkpoints and logs
 
 # %% ../nbs/07a_config.ipynb #6ac6fece
 _RUNTIME = [   # runtime
-    _O('seed', 0, 'Runtime', 'random seed', type=int, resume='same', check='int>=0'),
+    _O('seed', 0, 'Runtime', 'random seed', type=int, resume='same', check='int>=0,<4294967040',
+       why="numpy's generator takes 32-bit seeds, and each process adds its rank"),
     _E('device', 'auto', 'Runtime', "'auto', 'cpu', 'cuda' or 'cuda:N'", resume='free'),
     _E('precision', 'auto', 'Runtime', "the student's precision: auto (bf16 autocast on a GPU with native bf16 when a "
        "check on the first validation image shows it moves nothing, else fp32), fp32, bf16 or fp16 (autocast with a grad "
@@ -347,6 +349,9 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     unknown = sorted(k for k in given if k not in DEFAULTS)
     if unknown: raise KeyError(f"unknown configuration key(s) {unknown}; valid keys: {sorted(DEFAULTS)}")
     out.update(given)
+    if out['data_root'] is not None and not str(out['data_root']).strip():   # '' is not "the default": said
+        raise ValueError(f"--data-root is empty: name the data set's folder, or leave the option out for the default "
+                         f"({DEFAULT_ROOTS.get(out['data'])})")
     if not out['data_root']: out['data_root'] = DEFAULT_ROOTS.get(out['data'])
     if out['method'] is None: out['method'] = 'aicsd' if out['mode'] == 'distill' else 'baseline'
     elif isinstance(out['method'], str): out['method'] = method_spec(out['method'])   # ' kd + cwd ' -> 'kd+cwd'

@@ -41,7 +41,8 @@ def poly_lr_lambda(total_steps:int, # number of optimiser steps of the whole tra
     "Poly learning-rate factor `(1 - t/T)^power` with optional linear warm-up, for `torch.optim.lr_scheduler.LambdaLR`."
     if not total_steps > 0: raise ValueError(f"`total_steps` must be > 0; got {total_steps}")
     if not 0 <= warmup_steps < total_steps:
-        raise ValueError(f"`warmup_steps` must be in [0, total_steps={total_steps}); got {warmup_steps}")
+        raise ValueError(f"--warmup-steps {warmup_steps}: the warm-up must end before the run's last step, so at most "
+                         f"{total_steps - 1} for this run of {total_steps} steps (0: none)")
     def factor(step:int)->float:
         if step < warmup_steps: return (step + 1) / warmup_steps
         t = (step - warmup_steps) / (total_steps - warmup_steps)
@@ -421,6 +422,20 @@ def _optimizer(student, modules, O:OptimSpec, loader)->tuple: # (optimizer, sche
     return opt, sched, epochs, total, spe
 
 # %% ../nbs/08_distill.ipynb #3ff4845e
+def _saving_on_data_error(batches, run:Run, prog:Progress, ckpt:Checkpointer):
+    "The batches; a file that fails to read mid-run (bad label, missing image) first gets the steps done into last.pt (one process)."
+    it = iter(batches)
+    while True:
+        try: b = next(it)
+        except StopIteration: return
+        except (ValueError, OSError):     # what the data sets raise for a file they cannot use (checked as each is read)
+            if run.world == 1 and prog.step > 0:
+                ckpt.save_last(prog)
+                warn(f"a data file failed at step {prog.step} (below); {ckpt.last} holds the {prog.step} steps done: once the "
+                     "file is fixed, the same command with --resume continues from there")
+            raise
+        yield b
+
 def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
                     stop_at:int|None=None, # leave (checkpoint written) once this global step is reached
                     tty:bool=False,
@@ -433,7 +448,7 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
     run.loader.sampler.set_epoch(prog.epoch, skip=skip * L.batch_size)
     todo = min(spe - skip, run.total - prog.step)    # the steps this epoch trains (--max-steps can end it early)
     bar = _progress(run.loader, tty, desc=f'epoch {prog.epoch + 1}/{run.epochs}', total=skip + todo, initial=skip)
-    for i, (x, y) in enumerate(bar, start=skip):
+    for i, (x, y) in enumerate(_saving_on_data_error(bar, run, prog, ckpt), start=skip):
         if prog.step >= run.total: break
         x = x.to(run.device, dtype=run.dtype, non_blocking=True, memory_format=run.memory_format)
         y = y.to(run.device, non_blocking=True)

@@ -221,7 +221,7 @@ def test_data_root_either_spelling(tmp_path):
         p = run(aicsd_cmd() + ['data', 'synthetic', flag, tmp_path / flag.strip('-'), *small], cwd=tmp_path)
         assert (tmp_path / flag.strip('-') / 'classes.json').is_file(), (flag, p.stdout, p.stderr)
     stats = [run(aicsd_cmd() + ['data', 'stats', flag, tmp_path / 'root'], cwd=tmp_path).stdout for flag in ('--data-root', '--root')]
-    assert stats[0] == stats[1] and len(stats[0].splitlines()) == 3, stats
+    assert stats[0] == stats[1] and len(stats[0].splitlines()) == 4, stats   # a header, then 3 classes
     for action in ('synthetic', 'stats'):
         p = run(aicsd_cmd() + ['data', action, '--help'], cwd=tmp_path)
         assert '--data-root DIR, --root DIR' in p.stdout, p.stdout
@@ -247,4 +247,5 @@ def test_data_synthetic_defaults(tmp_path):
     assert set(np.unique(lab)) <= set(range(d['num_classes'])) | {255}
     p = run(aicsd_cmd() + ['data', 'stats', '--data', 'synthetic'], cwd=tmp_path)      # train split, default root
     counts = np.bincount(lab[lab != 255], minlength=d['num_classes'])
-    assert [int(l.split()[-1]) for l in p.stdout.splitlines()] == counts.tolist(), p.stdout
+    assert p.stdout.splitlines()[0].startswith(f"synthetic at data/synthetic, split train: {d['n_train']} images"), p.stdout
+    assert [int(l.split()[-1]) for l in p.stdout.splitlines()[1:]] == counts.tolist(), p.stdout

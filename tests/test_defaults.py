@@ -351,8 +351,8 @@ def test_field_protocol_cityscapes_defaults(trees, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- data stats
 def _stats(p) -> dict:
-    "`aicsd data stats` output (`name  count` per line) as {name: count}."
-    return {l.rsplit(None, 1)[0].strip(): int(l.rsplit(None, 1)[1]) for l in p.stdout.splitlines() if l.strip()}
+    "`aicsd data stats` output (a header, then `name  percent %  count` per class) as {name: count}."
+    return {l.rsplit(None, 3)[0].strip(): int(l.rsplit(None, 1)[1]) for l in p.stdout.splitlines()[1:] if l.strip()}
 
 
 @pytest.mark.parametrize('split', ['train', 'val'])
