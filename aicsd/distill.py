@@ -575,6 +575,13 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
             opts['data'], opts['data_root'] = mine                       # no --data / --data-root: the checkpoint's data
             print(f"evaluating on the data of training: --data {mine[0]} --data-root {mine[1]} (--data and --data-root "
                   "choose others)", file=sys.stderr)
+        elif trained.get('data') and opts['data'] == DEFAULTS['data'] != trained['data'] and opts.get('data_root'):
+            opts['data'] = trained['data']                               # --data-root alone: the data set of training, there
+            print(f"evaluating --data-root {opts['data_root']} as --data {opts['data']}, the data of training (--data chooses "
+                  "another)", file=sys.stderr)
+        elif opts['data'] == trained.get('data') != DEFAULTS['data'] and not opts.get('data_root') and Path(mine[1]).exists():
+            opts['data_root'] = mine[1]                                  # --data alone, the training's: its root too
+            print(f"evaluating --data {opts['data']} at {mine[1]}, where training read it (--data-root chooses another)", file=sys.stderr)
         if all(opts[k] == DEFAULTS[k] for k in _PROTOCOL_KEYS) and any(trained.get(k, DEFAULTS[k]) != DEFAULTS[k] for k in _PROTOCOL_KEYS):
             opts.update({k: trained.get(k, DEFAULTS[k]) for k in _PROTOCOL_KEYS})   # the checkpoint's own protocol
             print('evaluating as in training: ' + ' '.join(flag_text(k, opts[k]) for k in _PROTOCOL_KEYS if opts[k] != DEFAULTS[k]) +

@@ -224,6 +224,12 @@ def test_evaluate_without_data_flags_uses_the_checkpoints(voc_teacher, trees, tm
     aicsd('evaluate', '--ckpt', voc_teacher / 'best.pt', '--data', 'voc', '--data-root', trees['voc'], '--json',
           tmp_path / 'b.json', cwd=tmp_path)
     assert json.loads((tmp_path / 'a.json').read_text()) == json.loads((tmp_path / 'b.json').read_text())
+    # one of the two given: the other from the checkpoint (not synthetic's default, not VOC's usual folder), said
+    p = aicsd('evaluate', '--ckpt', voc_teacher / 'best.pt', '--data-root', trees['voc'], '--json', tmp_path / 'c.json', cwd=tmp_path)
+    assert f"evaluating --data-root {trees['voc']} as --data voc, the data of training" in p.stderr, p.stderr[-2000:]
+    p = aicsd('evaluate', '--ckpt', voc_teacher / 'best.pt', '--data', 'voc', '--json', tmp_path / 'd.json', cwd=tmp_path)
+    assert f"evaluating --data voc at {trees['voc']}, where training read it" in p.stderr, p.stderr[-2000:]
+    for f in ('c.json', 'd.json'): assert json.loads((tmp_path / f).read_text()) == json.loads((tmp_path / 'a.json').read_text()), f
 
 
 def test_evaluate_voc_mixed_sizes_scores_what_numpy_counts(voc_teacher, trees, tmp_path):
