@@ -28,7 +28,7 @@ PAPER_MIOU = {  # (dataset, student) -> method -> reported val mIoU (%), the pap
 PAPER_TEACHER = dict(voc=77.85, cityscapes=77.66)
 _PROTOCOL = dict(output_stride=16, epochs=120, batch_size=6, total_batch=6, momentum=0.9, weight_decay=5e-4, poly_power=0.9,
                  head_mult=10.0, crop_size=513, scale_min=0.5, scale_max=2.0, hflip=True, blur=True,
-                 eval_resize=513, eval_square=True, pretrained_backbone='imagenet', precision='bf16',
+                 eval_resize=513, eval_square=True, pretrained_backbone='imagenet', precision='auto',
                  param=dict(ce=dict(batch_average=True)))           # CE / batch, as the released code's loss helper
 _DATA = dict(voc=dict(data='voc', data_root='data/VOCdevkit/VOC2012', train_split='train', val_split='val', lr=0.007),
              cityscapes=dict(data='cityscapes', data_root='data/cityscapes', train_split='train', val_split='val', lr=0.01))
