@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .distributions import check_logits
+from .distributions import check_logits, check_temperature
 
 # %% ../nbs/03_baselines.ipynb #af41ff66
 def _check4(name:str, x):
@@ -88,6 +88,8 @@ def at_loss(s_feat:Tensor, # student feature `B x Cs x H x W`
            )->Tensor: # scalar: mean over images and positions of the squared attention-map difference
     "Attention transfer (Zagoruyko & Komodakis 2017) with CIRKD's reduction."
     _check_pair(s_feat, t_feat, 's_feat', 't_feat')
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:   # p <= 0: no map of where a network looks
+        raise ValueError(f"`p` (exponent of the attention map, the paper's 2) must be a number > 0; got {p!r}")
     with _no_autocast(s_feat):
         s, t = _prep(s_feat, t_feat)
         return (_attention_map(s, p) - _attention_map(t, p)).pow(2).mean()
@@ -180,6 +182,8 @@ def ifvd_loss(s_feat:Tensor, # student feature `B x Cs x H x W`
              )->Tensor: # scalar: mean over all B*H*W feature positions of the squared similarity difference
     "IFVD (Wang et al. 2020): match each pixel's cosine similarity to its class prototype, CIRKD's reduction."
     _check_pair(s_feat, t_feat, 's_feat', 't_feat')
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"`num_classes` must be an integer >= 1 (the classes of `target`); got {num_classes!r}")
     lab = _resize_labels(target, s_feat.shape[2:]).to(s_feat.device)
     if lab.shape[0] != s_feat.shape[0]:
         raise ValueError(f"`target` has {lab.shape[0]} images but `s_feat` has {s_feat.shape[0]}")
@@ -197,7 +201,7 @@ def cwd_loss(s_logits:Tensor, # student logits (or a feature) `B x C x H x W`
             )->Tensor: # scalar: tau^2 * sum of per-channel KL(teacher || student) over space / (B*C)
     "Channel-wise distillation (Shu et al. 2021) with CIRKD's reduction: spatial softmax per channel, KL, / (B*C), * tau^2."
     _check_pair(s_logits, t_logits, 's_logits', 't_logits', same_shape=True)
-    if not tau > 0: raise ValueError(f"`tau` (temperature) must be > 0; got {tau}")
+    check_temperature(tau, 'tau')
     with _no_autocast(s_logits):
         s, t = _prep(s_logits, t_logits)
         B, C = s.shape[:2]
@@ -219,7 +223,7 @@ def dist_loss(s_logits:Tensor, # student logits `B x C x H x W`
              )->Tensor: # scalar: tau^2 * (beta * (1 - mean_pixels rho) + gamma * (1 - mean_classes rho))
     "DIST (Huang et al. 2022) for segmentation: Pearson-correlation relations of per-pixel class distributions."
     _check_pair(s_logits, t_logits, 's_logits', 't_logits', same_shape=True)
-    if not tau > 0: raise ValueError(f"`tau` (temperature) must be > 0; got {tau}")
+    check_temperature(tau, 'tau')
     with _no_autocast(s_logits):
         s, t = _prep(s_logits, t_logits)
         C = s.shape[1]
@@ -237,7 +241,7 @@ def cirkd_pixel_loss(s_feat:Tensor, # student feature `B x Cs x H x W`
                     )->Tensor: # scalar: mean over image pairs of the row-averaged KL between similarity distributions
     "CIRKD's mini-batch pixel-to-pixel term: cross-image pixel similarity distributions, KL, / B^2."
     _check_pair(s_feat, t_feat, 's_feat', 't_feat')
-    if not tau > 0: raise ValueError(f"`tau` (temperature) must be > 0; got {tau}")
+    check_temperature(tau, 'tau')
     with _no_autocast(s_feat):
         s, t = _prep(s_feat, t_feat)
         if pool > 1:
@@ -333,7 +337,7 @@ def _memory_contrast(s_feat, t_feat, target, memory, which, n_total, tau, kd_tau
     queue = getattr(memory, which)
     if t_feat.shape[1] != memory.dim:
         raise ValueError(f"`t_feat` has {t_feat.shape[1]} channels; `memory` holds dim={memory.dim}")
-    if not (tau > 0 and kd_tau > 0): raise ValueError(f"`tau` and `kd_tau` must be > 0; got {tau}, {kd_tau}")
+    check_temperature(tau, 'tau'); check_temperature(kd_tau, 'kd_tau')
     lab = _resize_labels(target, s_feat.shape[2:]).to(s_feat.device)
     with _no_autocast(s_feat):
         s, t = _prep(s_feat, t_feat)

@@ -508,7 +508,7 @@ def _main(argv):
         run_compare(out=a.out, methods=a.methods, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads,
                     seeds=a.seeds, resume=a.resume)
     elif a.command == 'recipes':
-        if a.name: sys.stdout.write(recipe_text(a.name, a.format))
+        if a.name is not None: sys.stdout.write(recipe_text(a.name, a.format))
         else:
             w = max(map(len, RECIPES))
             for k, v in RECIPES.items():

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_data.ipynb #6344200f
 from __future__ import annotations
-import functools, glob, json, os, re, shutil, socket, tempfile
+import functools, glob, json, os, re, shutil, socket, tempfile, warnings
 from pathlib import Path
 from itertools import product
 from typing import Callable
@@ -198,11 +198,18 @@ def read_synthetic_info(root, # a dataset folder
 
 # %% ../nbs/06_data.ipynb #8aa6f605
 def _read_list(path:Path)->list:
-    "Ids of a split list; accepts `id` lines and `/JPEGImages/id.jpg /SegmentationClassAug/id.png` lines."
-    ids = []
-    for line in path.read_text().splitlines():
+    "Ids of a split list, each once; accepts `id` lines and `/JPEGImages/id.jpg /SegmentationClassAug/id.png` lines."
+    ids, first, again = [], {}, []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
         line = line.strip()
-        if line: ids.append(Path(line.split()[0]).stem)
+        if not line: continue
+        i = Path(line.split()[0]).stem
+        if i in first: again.append((i, first[i], n)); continue   # twice in a list: trained twice, or counted twice in mIoU
+        first[i] = n; ids.append(i)
+    if again:
+        i, a, b = again[0]
+        warnings.warn(f"Split list {path} names {len(again)} id(s) more than once (e.g. {i!r} on lines {a} and {b}); "
+                      f"each is read once ({len(ids)} ids)", stacklevel=2)
     return ids
 
 # %% ../nbs/06_data.ipynb #fdfc4a1e
@@ -477,6 +484,8 @@ def _synthetic_settings(n_train, n_val, size, num_classes, seed, border, ext)->d
     if ext not in ('jpg', 'png'): raise ValueError(f"ext must be 'jpg' or 'png', got {ext!r}")
     for k, v in (('n_train', n_train), ('n_val', n_val)):
         if int(v) < 0: raise ValueError(f"{k} (--{k.replace('_', '-')}) must be >= 0, got {v}")
+    if isinstance(border, bool) or not isinstance(border, (int, np.integer)) or border < 0:
+        raise ValueError(f"border must be a whole number of pixels >= 0 (0: no void band), got {border!r}")
     if n_train + n_val < 1: raise ValueError("n_train + n_val must be >= 1: the dataset would be empty")
     if not all(isinstance(s, (int, np.integer)) and 4 <= s <= 4096 for s in size):   # smaller: no room for a shape; larger: GBs per image
         raise ValueError(f"size (--size) must be a side of 4 to 4096 pixels, got {size[0] if size[0] == size[1] else size}")

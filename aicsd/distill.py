@@ -310,6 +310,7 @@ def _student(M:ModelSpec, num_classes:int)->nn.Module:
     except OSError as e:   # urllib's URLError (offline), a refused connection, an unwritable cache
         if isinstance(e, FileNotFoundError) and pre != 'imagenet': raise FileNotFoundError(f"--pretrained-backbone {pre}: {e}") from None
         if pre != 'imagenet': raise
+        e = getattr(e, 'cause', e)                       # the download's own error (the library's message names the argument)
         raise ValueError(f"--pretrained-backbone: torchvision's ImageNet weights of {M.model} could not be downloaded "
                          f"({type(e).__name__}: {e}). Offline, copy the weight file into {torch.hub.get_dir()}/checkpoints/ "
                          f"from a machine with internet (or set TORCH_HOME), give a weight FILE, or train from scratch with "
@@ -391,6 +392,9 @@ def start_warnings(cfg:dict, # a run's configuration (`make_config`)
                "--pretrained-backbone imagenet, or a weight FILE")
         out.append(f"--data {cfg['data']} with a backbone from random weights (--pretrained-backbone none): the paper and the "
                    f"field start from ImageNet weights ({how}), and their mIoU is out of reach without them")
+    if cfg['head_mult'] == 0:
+        out.append("--head-mult 0: the ASPP, the decoder and the terms' adapters learn at 0 x --lr, so they keep their random "
+                   "weights for the whole run; the paper uses 10, the field's recipe 1")
     return out
 
 # %% ../nbs/08_distill.ipynb #7935d540
@@ -500,11 +504,11 @@ def _eval_figures(run:Run, prog:Progress, log:RunLog, draw:Callable)->dict: # th
 # %% ../nbs/08_distill.ipynb #d8204a73
 @torch.no_grad()
 def val_ics_distance(run:Run, # the run: its student, teacher (None: no distance), validation set, device, dtype and objective
-                     n:int=4, # the first n validation images: those the figures show
+                     n:int=4, # the first n validation images (those the figures show), at most `--max-val`
                     )->float|None: # `aicsd.metrics.ics_distance` at the run's ICSD temperature; None without a teacher
     "How far the student's class relations are from the teacher's on the first `n` validation images (what the figures show)."
     if run.teacher is None: return None
-    k, T = min(n, len(run.val_ds)), run.objective.ics_T
+    k, T = min(n, len(run.val_ds), run.loop.max_val or n), run.objective.ics_T   # --max-val bounds every evaluation
     M = {'s': 0.0, 't': 0.0}                         # sums of the C x C matrices: one image's logits alive at a time
     nets = (('s', run.student, run.amp_dtype), ('t', _core(run.teacher), run.teacher_dtype or run.amp_dtype))   # plain modules
     for i in range(k):
@@ -519,11 +523,18 @@ def val_ics_distance(run:Run, # the run: its student, teacher (None: no distance
 
 def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer, t0:float, tty:bool=False,
                            draw:Callable|None=None, # figure hook (run, step, tb_writer) -> dict, or None
+                           interrupted:Callable|None=None, # as `train_one_epoch`'s: a signal ends the evaluation, last.pt written
                           ):
     "Evaluate the student, log, and write `best.pt` when the mIoU improves."
     L = run.loop
     m = evaluate(run.student, run.val_ds, run.num_classes, batch_size=L.val_batch_size, device=run.device,
-                 workers=L.workers, amp_dtype=run.amp_dtype, max_items=L.max_val, progress=tty, predict=run.predict)
+                 workers=L.workers, amp_dtype=run.amp_dtype, max_items=L.max_val, progress=tty, predict=run.predict,
+                 stop=interrupted)
+    if m is None:   # a Ctrl-C or SIGTERM (a cluster's time limit) waits for no evaluation: the steps are kept, it runs again
+        ckpt.save_last(prog); sig = int(interrupted())
+        how = 'interrupted' if sig == signal.SIGINT else f'stopped by {signal.Signals(sig).name}'
+        raise RunInterrupted(f"{how} during the evaluation at step {prog.step}; {ckpt.last} written (the evaluation runs "
+                             f"first): continue with the same command and --resume", sig)
     prog.metrics = {k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in m.items()}; prog.eval_step = prog.step
     if run.main:
         try: d = val_ics_distance(run)                  # distillation: the transfer, logged; a diagnostic never ends a run
@@ -669,14 +680,18 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
                      written=wrote)
         tty = sys.stderr.isatty() and not L.quiet and run.main and 'PYTEST_CURRENT_TEST' not in os.environ
         stop_at = prog.step + int(L.stop_after) if L.stop_after else None
+        ev = lambda: evaluate_and_keep_best(run, prog, log, ckpt, t0, tty, draw, interrupted=_interrupted)
+        if 0 < prog.step < run.total and prog.step_in_epoch == 0 and prog.eval_step != prog.step \
+           and prog.epoch % max(1, L.eval_every) == 0:   # resumed after a signal during an epoch's evaluation: that one first
+            ev(); ckpt.save_last(prog)
         while prog.epoch < run.epochs and prog.step < run.total and not (stop_at is not None and prog.step >= stop_at):
             if train_one_epoch(run, prog, log, ckpt, stop_at, tty, interrupted=_interrupted,
                                lines=not tty and run.main and not L.quiet): break
             done = prog.step >= run.total
-            if done or prog.epoch % max(1, L.eval_every) == 0: evaluate_and_keep_best(run, prog, log, ckpt, t0, tty, draw)
+            if done or prog.epoch % max(1, L.eval_every) == 0: ev()
             ckpt.save_last(prog)
         if prog.step >= run.total and prog.eval_step != prog.step:   # stopped on the last step before its evaluation (Ctrl-C)
-            evaluate_and_keep_best(run, prog, log, ckpt, t0, tty, draw); ckpt.save_last(prog)
+            ev(); ckpt.save_last(prog)
         if run.main and prog.step >= run.total:   # complete: last.pt is whole, its predecessor only costs disk
             ckpt.prev.unlink(missing_ok=True)
         elif run.main and not L.quiet:            # --stop-after: an unfinished run, said so

@@ -171,23 +171,27 @@ def evaluate(model:nn.Module, # network to evaluate (eval mode is set here)
              max_items:int|None=None, # evaluate the first `max_items` only
              progress:bool=False,
              predict:Callable|None=None, # the protocol, (model, x) -> scores `B x C x H x W` (`make_predictor`); None: whole image
-            )->dict: # SegMetrics.compute() over all ranks
+             stop:Callable|None=None, # () -> true once the evaluation should end early (a Ctrl-C or SIGTERM); then None is returned
+            )->dict|None: # SegMetrics.compute() over all ranks; None when `stop` ended it
     "Confusion-matrix metrics of `model` on `dataset`, sharded over ranks and summed."
     if max_items is not None and max_items < len(dataset): dataset = Subset(dataset, range(int(max_items)))
     K, r = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     dl = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), K, r), collate_fn=same_size_groups,
+                    generator=torch.Generator(),       # its iterator's seed: not drawn from the training's random stream
                     **worker_options(workers))         # as the training loader's workers
     was = model.training; model.eval()
     fdt = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     m = SegMetrics(num_classes, ignore_index=255)
     dev, predict = torch.device(device), predict or whole_logits
-    for groups in progress_bar(dl, progress and r == 0, desc='eval'):
-        for x, y in groups:
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            if fdt is not None: x = x.to(fdt)                        # float64 models evaluate float64 images
-            with autocast(dev, amp_dtype): logits = predict(model, x)
-            m.update(logits.argmax(1), y)
-    model.train(was)
+    try:
+        for groups in progress_bar(dl, progress and r == 0, desc='eval'):
+            if stop is not None and stop(): return None           # (one process: a signal is never seen by a rank alone)
+            for x, y in groups:
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                if fdt is not None: x = x.to(fdt)                    # float64 models evaluate float64 images
+                with autocast(dev, amp_dtype): logits = predict(model, x)
+                m.update(logits.argmax(1), y)
+    finally: model.train(was)
     return m.compute()
 
 # %% ../nbs/07d_evaluation.ipynb #dbf7dbea

@@ -284,6 +284,8 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
     if dup := [m for i, m in enumerate(methods) if same[i] in same[:i]]:
         raise ValueError(f"--methods: {', '.join(dup)} trains the same terms as a method before it: give each once")
     check_ranges(dict(threads=threads))                     # as the command line checks --threads: an integer >= 1
+    if fresh and resume:                                    # as train's --force with --resume: opposite wishes
+        raise ValueError("--fresh trains the teacher and every student again and --resume keeps what was trained: give one")
     root = Path(data_root or f"data/synthetic-demo-{P['size']}px")
     if root.exists() and not root.is_dir():                 # before any folder is made
         raise ValueError(f"--data-root {root}: a file, not a folder; name a folder for the synthetic data (made when missing)")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from .distributions import flat_mask, check_logits
+from .distributions import flat_mask, check_logits, check_temperature
 from .similarity import ics_matrix
 from .blocks import (run_blocks, n_workers, empty_grad, compute_dtype, round_up, block_width, scratch, mm_nt,
                           fast_exp)
@@ -21,9 +21,11 @@ from .blocks import (run_blocks, n_workers, empty_grad, compute_dtype, round_up,
 def _check_pair(student_logits:Tensor, teacher_logits:Tensor):
     "Raise a clear error unless student and teacher logits are 4-D with the same shape."
     check_logits(student_logits, 'student_logits'); check_logits(teacher_logits, 'teacher_logits')
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"`student_logits` {tuple(student_logits.shape)} and `teacher_logits` "
-                         f"{tuple(teacher_logits.shape)} must have the same shape (upsample both to the label size)")
+    s, t = student_logits.shape, teacher_logits.shape
+    if s != t:                                    # the hint for what differs: images, classes, or the map's size
+        why = ('the same images' if s[0] != t[0] else 'the same classes (one label set)' if s[1] != t[1] else
+               'the same H x W (upsample both to the label size)')
+        raise ValueError(f"`student_logits` {tuple(s)} and `teacher_logits` {tuple(t)} must have the same shape: {why}")
 
 # %% ../nbs/02_losses.ipynb #a5218a71
 def icsd_loss(student_logits:Tensor, # student logits `B x C x H x W`
@@ -64,7 +66,7 @@ def pixel_kd_loss(student_logits:Tensor, # student logits `B x C x H x W`
                  )->Tensor: # scalar: T^2 * mean over used pixels of KL(teacher || student)
     "Pixel-wise KD: KL divergence between teacher and student class probabilities at each pixel, `T^2` scaled."
     _check_pair(student_logits, teacher_logits)
-    if not T > 0: raise ValueError(f"`T` (temperature) must be > 0; got {T}")
+    check_temperature(T)
     m = _pixel_mask(mask, target, ignore_index, student_logits)
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         dt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
@@ -72,7 +74,7 @@ def pixel_kd_loss(student_logits:Tensor, # student logits `B x C x H x W`
         lt = F.log_softmax(teacher_logits.detach().flatten(2).to(dt) / T, dim=1)
         kl = (lt.exp() * (lt - ls)).sum(dim=1, keepdim=True)                     # B x 1 x N
         if m is None: return kl.mean() * T**2
-        return (kl * m).sum() / m.sum().clamp_min(1) * T**2
+        return torch.where(m, kl, 0).sum() / m.sum().clamp_min(1) * T**2   # (where, not *: a NaN left out stays out)
 
 # %% ../nbs/02_losses.ipynb #66a64631
 def ce_loss(logits:Tensor, # logits `B x C x H x W`

@@ -19,7 +19,11 @@ def confusion_matrix(pred:Tensor, # predicted class indices (any shape), or logi
                      ignore_index:int=255, # label value that is not counted
                     )->Tensor: # C x C int64, [true, predicted]
     "Confusion matrix of one batch with `torch.bincount` (rows: true class, columns: predicted class)."
-    if pred.dim() == target.dim() + 1 and pred.is_floating_point(): pred = pred.argmax(1)
+    if pred.dim() == target.dim() + 1 and pred.is_floating_point():
+        if pred.dim() != 4:                       # C x H x W with H x W labels: argmax(1) would run over the rows
+            raise ValueError(f"pred: logits must be B x C x H x W (with B x H x W labels); got {tuple(pred.shape)} "
+                             f"and target {tuple(target.shape)}: add the batch dimension (`x[None]`) to both")
+        pred = pred.argmax(1)
     if pred.shape != target.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)} "
                          f"(pred: class indices of the target's shape, or logits B x C x H x W)")
@@ -29,8 +33,9 @@ def confusion_matrix(pred:Tensor, # predicted class indices (any shape), or logi
     for name, v in (('target', target), ('pred', pred)):
         bad = (v < 0) | (v >= num_classes)
         if bad.any():
-            raise ValueError(f"{name} has values {sorted(v[bad].unique().tolist())[:10]} outside 0..{num_classes - 1} "
-                             f"(and not the ignore index {ignore_index})")
+            raise ValueError(f"{name} has values {sorted(v[bad].unique().tolist())[:10]} outside 0..{num_classes - 1} " +
+                             (f"(and not the ignore index {ignore_index})" if name == 'target' else
+                              f"(a prediction is one of the classes; the ignore index {ignore_index} marks labels only)"))
     return torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 # %% ../nbs/07_metrics.ipynb #915099b3

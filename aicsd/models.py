@@ -18,11 +18,11 @@ from .data import IMAGENET_MEAN, IMAGENET_STD
 __all__ = ['BACKBONES', 'CHANNELS', 'MBV2_SETTING', 'V3_BACKBONES', 'V3_CHANNELS', 'FIELD_MEAN_BGR', 'FAMILIES', 'resnet_layout',
            'ResNetBackbone', 'resnet_backbone', 'same_padding', 'PaddedInvertedResidual', 'mobilenetv2_layout',
            'MobileNetV2Backbone', 'mobilenetv2_backbone', 'ASPPBranch', 'ASPP', 'Decoder', 'DeepLabV3Plus',
-           'deeplabv3plus', 'v1s_dilations', 'ResNetV1s', 'mobilenetv2_dilated_layout', 'DilatedInvertedResidual',
-           'MobileNetV2Dilated', 'ASPPPooling', 'DeepLabV3ASPP', 'DeepLabV3Head', 'fcn_head', 'FieldInput', 'DeepLabV3',
-           'deeplabv3', 'build_model', 'param_groups', 'CheckpointMismatchError', 'cirkd_backbone',
-           'load_state_dict_strict', 'model_arch', 'save_model', 'load_model', 'load_released_checkpoint',
-           'load_cirkd_checkpoint', 'load_backbone_weights']
+           'WeightsDownloadError', 'deeplabv3plus', 'v1s_dilations', 'ResNetV1s', 'mobilenetv2_dilated_layout',
+           'DilatedInvertedResidual', 'MobileNetV2Dilated', 'ASPPPooling', 'DeepLabV3ASPP', 'DeepLabV3Head', 'fcn_head',
+           'FieldInput', 'DeepLabV3', 'deeplabv3', 'build_model', 'param_groups', 'CheckpointMismatchError',
+           'cirkd_backbone', 'load_state_dict_strict', 'model_arch', 'save_model', 'load_model',
+           'load_released_checkpoint', 'load_cirkd_checkpoint', 'load_backbone_weights']
 
 # %% ../nbs/05_models.ipynb #071f91c5
 BACKBONES = ('resnet101', 'resnet50', 'resnet18', 'mobilenetv2')   # the one list of DeepLabV3+ backbones
@@ -84,10 +84,10 @@ _TV = {'resnet101': ('resnet101', 'ResNet101_Weights'), 'resnet50': ('resnet50',
        'resnet18': ('resnet18', 'ResNet18_Weights'), 'mobilenetv2': ('mobilenet_v2', 'MobileNet_V2_Weights')}
 
 def _tv_weights(backbone, pretrained):
-    "torchvision weights enum for `pretrained` (True -> 'IMAGENET1K_V1', the weights the released code started from)."
+    "torchvision weights enum for `pretrained` (True or 'imagenet' -> 'IMAGENET1K_V1', the weights the released code started from)."
     if not pretrained: return None
     enum = getattr(torchvision.models, _TV[backbone][1])
-    name = 'IMAGENET1K_V1' if pretrained is True else pretrained
+    name = 'IMAGENET1K_V1' if pretrained is True or pretrained == 'imagenet' else pretrained   # 'imagenet': the CLI's word
     try: return enum[name]
     except KeyError: raise ValueError(f"pretrained_backbone={pretrained!r}: {_TV[backbone][1]} has {[w.name for w in enum]}") from None
 
@@ -261,17 +261,27 @@ class DeepLabV3Plus(nn.Module):
 
     def extra_repr(self): return f"backbone={self.backbone_name!r}, num_classes={self.num_classes}, output_stride={self.output_stride}"
 
+# %% ../nbs/05_models.ipynb #f1b9c967
+class WeightsDownloadError(OSError):
+    "ImageNet weights that could not be fetched; `cause` is the error the download raised."
+    def __init__(self, cause:Exception, msg:str): super().__init__(msg); self.cause = cause
+
 # %% ../nbs/05_models.ipynb #f1b9c968
 def deeplabv3plus(backbone:str, # 'resnet101', 'resnet50', 'resnet18' or 'mobilenetv2'
                   num_classes:int, # number of classes (21 for VOC, 19 for Cityscapes)
                   output_stride:int=16, # 16 or 8
-                  pretrained_backbone:bool|str|Path=False, # True: torchvision ImageNet weights (IMAGENET1K_V1), a weights name, or a weight file
+                  pretrained_backbone:bool|str|Path=False, # True or 'imagenet': torchvision ImageNet weights (IMAGENET1K_V1), a weights name, or a weight file
                  )->DeepLabV3Plus:
     "DeepLabV3+ on a torchvision backbone, in the released layout."
     _check_arch(backbone, output_stride)
     num_classes, wfile = _check_num_classes(num_classes), _weight_file(pretrained_backbone)
     tv = False if wfile is not None else pretrained_backbone
-    bb = mobilenetv2_backbone(output_stride, tv) if backbone == 'mobilenetv2' else resnet_backbone(backbone, output_stride, tv)
+    try: bb = mobilenetv2_backbone(output_stride, tv) if backbone == 'mobilenetv2' else resnet_backbone(backbone, output_stride, tv)
+    except OSError as e:   # urllib's URLError offline, a refused connection, an unwritable cache
+        raise WeightsDownloadError(e, f"pretrained_backbone={pretrained_backbone!r}: torchvision's ImageNet weights of {backbone} "
+            f"could not be downloaded ({type(e).__name__}: {e}). Offline, copy the weight file into "
+            f"{torch.hub.get_dir()}/checkpoints/ from a machine with internet (or set TORCH_HOME), or pass a weight file's "
+            "path as pretrained_backbone") from e
     model = DeepLabV3Plus(bb, backbone, num_classes, output_stride)
     if wfile is not None: load_backbone_weights(model, wfile)
     return model

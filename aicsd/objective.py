@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_objective.ipynb #ba8ff410
 from __future__ import annotations
-import difflib, math
+import difflib, math, numbers
 from dataclasses import dataclass, field
 from typing import Callable
 import torch
@@ -27,6 +27,9 @@ def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
               total:int|float, # number of iterations (or epochs) of the whole training
              )->float: # alpha in [0, 1]: 0 at the start, 1 at `total`, linear in between
     "Adaptive loss weighting factor: linear in training progress, clipped to [0, 1]."
+    for name, v in (('step', step), ('total', total)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise TypeError(f"`{name}` must be a finite number (iterations or epochs); got {type(v).__name__} {v!r}")
     if not total > 0: raise ValueError(f"`total` must be > 0 (length of training); got {total}")
     return float(min(max(step / total, 0.0), 1.0))
 

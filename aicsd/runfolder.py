@@ -296,6 +296,12 @@ def _aside(out:Path)->Path:
         except FileExistsError: continue
     raise FileExistsError(f"{base}: too many replaced-<time> folders in {out}")
 
+def _kept_text(out:Path)->str:
+    "What the `replaced-<time>/` folders of `out` hold: ' (N folder(s), X MB: ...)' (they are never deleted by aicsd)."
+    ds = [p for p in out.iterdir() if p.is_dir() and p.name.startswith('replaced-')]
+    mb = sum(f.stat().st_size for d in ds for f in d.rglob('*') if f.is_file()) / 2**20
+    return f" ({len(ds)} replaced-<time> folder(s) in {out}, {mb:.1f} MB in all: delete those you no longer need)"
+
 @patch
 def start(self:Checkpointer)->Progress:
     "A fresh run: refuse to replace an earlier run in the same folder unless `force` (then move it aside); seed."
@@ -311,7 +317,7 @@ def start(self:Checkpointer)->Progress:
             aside = _aside(r.out)
             for f in old: shutil.move(str(r.out/f), str(aside/f))
             if r.loop.force:
-                if not r.loop.quiet: print(f"--force: the earlier run's files were moved to {aside}")
+                if not r.loop.quiet: print(f"--force: the earlier run's files were moved to {aside}{_kept_text(r.out)}")
             else: warn(f"{r.out} held only the logs ({', '.join(old)}) of a run that ended before writing a checkpoint; "
                        f"they were moved to {aside} (nothing is lost) and the run starts afresh")
     s = r.seed + r.rank

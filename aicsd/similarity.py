@@ -9,7 +9,7 @@ __all__ = ['ics_matrix_plain', 'ics_matrix', 'ICS_SETTINGS']
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from .distributions import class_distributions, flat_mask, check_logits
+from .distributions import class_distributions, flat_mask, check_logits, check_temperature
 from .blocks import (
     ICS_SETTINGS, run_blocks, n_workers, block_width, round_up, compute_dtype, bcn_view, empty_grad, scratch, mm_nt, fast_exp)
 _all_ = ['ICS_SETTINGS']   # the fused kernel's settings, importable from here too
@@ -177,6 +177,6 @@ def ics_matrix(logits:Tensor, # segmentation logits `B x C x H x W` (any float d
                mask:Tensor|None=None, # optional bool `B x H x W`, True = position used (e.g. not crop padding)
               )->Tensor: # float32 (float64 for float64 input) `B x C x C`, `M[b,i,j] = KL(P[b,i] || P[b,j])`
     "ICS matrices `B x C x C`: M[b,i,j] = KL(P[b,i] || P[b,j]), P[b,c] the softmax of class c's logits over the H*W positions."
-    check_logits(logits)
-    if not T > 0: raise ValueError(f"`T` (temperature) must be > 0; got {T}")
-    return _ICSMatrix.apply(logits, float(T), flat_mask(mask, logits, nonempty=True))
+    check_logits(logits); t = check_temperature(T)
+    if torch.is_tensor(T) and T.requires_grad: return ics_matrix_plain(logits, T, mask)   # a learned T: autograd's path
+    return _ICSMatrix.apply(logits, t, flat_mask(mask, logits, nonempty=True))

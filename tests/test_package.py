@@ -11,6 +11,18 @@ def test_modules_import():
     import aicsd.distill, aicsd.cli, aicsd.models, aicsd.data, aicsd.objective, aicsd.metrics  # noqa: F401
     assert callable(aicsd.cli.main) and callable(aicsd.distill.fit)
 
+def test_submodules_on_first_use():
+    "`import aicsd` then `aicsd.losses...`: every module of the package (a new notebook's too) loads on first use."
+    import pkgutil
+    mods = {m.name for m in pkgutil.iter_modules(aicsd.__path__)} - {'_modidx'}
+    assert mods == set(aicsd._SUBMODULES), (mods ^ set(aicsd._SUBMODULES))
+    code = ('import sys, torch, aicsd; assert "aicsd.losses" not in sys.modules\n'
+            'print(float(aicsd.losses.icsd_loss(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3))))\n'
+            'assert "losses" in dir(aicsd)\n'
+            'try: aicsd.nosuch\nexcept AttributeError as e: print(e)')
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert p.returncode == 0 and p.stdout.split() == ['0.0', 'module', "'aicsd'", 'has', 'no', 'attribute', "'nosuch'"], p.stdout + p.stderr
+
 def test_console_script_help():
     p = subprocess.run(aicsd_cmd() + ['--help'], capture_output=True, text=True, env=ENV, timeout=120)
     assert p.returncode == 0, p.stderr
