@@ -4,12 +4,13 @@
 
 # %% ../nbs/09_cli.ipynb #543bbab8
 from __future__ import annotations
-import argparse, difflib, inspect, json, os, sys
+import argparse, difflib, inspect, json, os, signal, sys, threading
 from pathlib import Path
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint, _new_folders, _remove_empty
 from .models import BACKBONES
 from .config import _D, _renamed, check_ranges, distill_only, read_config, size_arg, size_text, warn
 from .data import DEFAULT_ROOTS
+from .runfolder import STOP_SIGNALS, how_stopped
 from .checkpoint import check_writable, write_text_atomic, json_text, make_folder
 from .objective import METHODS, TERMS, parse_method
 from .experiments import RECIPES, recipe_text, run_demo, run_compare
@@ -445,15 +446,24 @@ def parse(argv:list|None=None)->argparse.Namespace:
     a.__dict__.pop('_given', None)                   # `_once`'s record of repeated --weight/--param
     return a
 
+# %% ../nbs/09_cli.ipynb #b867e4d2
+def _stop_on_signals()->dict: # the handlers replaced, to put back
+    "SIGTERM and SIGHUP, where nothing else handles them, end the command as Ctrl-C does: its cleanup runs and it says so."
+    def stop(sig, frame):
+        e = KeyboardInterrupt(how_stopped(sig)); e.signum = sig; raise e
+    if threading.current_thread() is not threading.main_thread(): return {}   # (Python handles signals in the main thread)
+    return {s: signal.signal(s, stop) for s in STOP_SIGNALS if s != signal.SIGINT and signal.getsignal(s) is signal.SIG_DFL}
+
 # %% ../nbs/09_cli.ipynb #b867e4d3
 def main(argv:list|None=None)->int:
     "Entry point of the `aicsd` console script."
     from aicsd.distill import RunLockedError
     from aicsd.models import CheckpointMismatchError
+    old = _stop_on_signals()
     try: return _main(argv)
-    except KeyboardInterrupt as e:          # RunInterrupted: last.pt written (Ctrl-C or SIGTERM); a plain one: a second Ctrl-C
+    except KeyboardInterrupt as e:          # RunInterrupted: last.pt written (Ctrl-C, SIGTERM, SIGHUP); others: said where raised
         print(f"aicsd: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
-        return 128 + getattr(e, 'signum', 2)  # as the shell reports a process ended by that signal: 130, 143
+        return 128 + getattr(e, 'signum', 2)  # as the shell reports a process ended by that signal: 130, 143, 129
     except BrokenPipeError as e:
         if not _stdout_closed(): print(f"aicsd: error: {e}", file=sys.stderr); return 2
         # `aicsd recipes | head -5`: the reader left. Say nothing; stdout to devnull so the exit's flush cannot fail
@@ -468,6 +478,8 @@ def main(argv:list|None=None)->int:
         if (oom := _out_of_memory(e)) is None: raise
         print(f"aicsd: error: {oom}", file=sys.stderr)
         return 2
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
 
 # %% ../nbs/09_cli.ipynb #ab514419
 def iou_table(res:dict, # `evaluate_checkpoint`'s result: `iou` and `classes`

@@ -654,14 +654,16 @@ class ShardSampler(Sampler):
 
 # %% ../nbs/06_data.ipynb #eed76213
 def _worker_init(worker_id:int):
-    """Seed a loader worker; leave Ctrl-C and SIGTERM to the main process (a scheduler signals the whole process group);
+    """Seed a loader worker; leave Ctrl-C, SIGTERM and SIGHUP to the main process (a scheduler or a closed terminal
+    signals the whole process group);
     keep the worker's socket paths short."""
     import random, signal
     s = torch.initial_seed() % 2**32
     np.random.seed(s); random.seed(s)
     # The main process finishes its step, writes last.pt and stops the workers; one killed first would end the run with
     # "DataLoader worker exited unexpectedly" and no checkpoint. A worker leaves on its own when the main process is gone.
-    for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, signal.SIG_IGN)
+    for sig in ('SIGINT', 'SIGTERM', 'SIGHUP'):          # (aicsd.runfolder.STOP_SIGNALS; no SIGHUP on Windows)
+        if hasattr(signal, sig): signal.signal(getattr(signal, sig), signal.SIG_IGN)
     # A worker hands each batch's tensors over as file descriptors, through a Unix socket at
     # $TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX (32 characters after $TMPDIR). The kernel takes 107 at most: under a deep
     # TMPDIR (a scheduler's job folder, pytest's) the socket fails in the queue's feeder thread, the batch is dropped

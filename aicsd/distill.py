@@ -487,7 +487,7 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
             return True
         if interrupted is not None and (sig := int(interrupted())):
             if not saved: ckpt.save_last(prog)
-            how = 'interrupted' if sig == signal.SIGINT else f'stopped by {signal.Signals(sig).name}'
+            how = how_stopped(sig)
             raise RunInterrupted(f"{how} at step {prog.step}; {ckpt.last} written: continue with the same command "
                                  f"and --resume", sig)
     prog.epoch += 1; prog.step_in_epoch = 0
@@ -532,7 +532,7 @@ def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer
                  stop=interrupted)
     if m is None:   # a Ctrl-C or SIGTERM (a cluster's time limit) waits for no evaluation: the steps are kept, it runs again
         ckpt.save_last(prog); sig = int(interrupted())
-        how = 'interrupted' if sig == signal.SIGINT else f'stopped by {signal.Signals(sig).name}'
+        how = how_stopped(sig)
         raise RunInterrupted(f"{how} during the evaluation at step {prog.step}; {ckpt.last} written (the evaluation runs "
                              f"first): continue with the same command and --resume", sig)
     prog.metrics = {k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in m.items()}; prog.eval_step = prog.step
@@ -638,6 +638,17 @@ def describe_run(run, # an `aicsd.distill.Run`, its precision settled (`resolve_
             + (', channels-last' if run.memory_format == torch.channels_last else '') + f"; {run.device}; into {run.out}")
 
 
+# %% ../nbs/08_distill.ipynb #db7bd978
+def _left_at_once(out:Path, # the run folder
+                  sig:int, # the second signal
+                 )->KeyboardInterrupt: # to raise: says what is kept and what to type
+    "A second signal, before the run's own checkpoint: no last.pt written now; say what the folder holds."
+    last = Path(out)/'last.pt'
+    go_on = (f"{last} (written earlier) holds the last saved step: continue with the same command and --resume"
+             if last.exists() else "no checkpoint was written: run the same command again (without --resume)")
+    e = KeyboardInterrupt(f"{how_stopped(sig)} twice: left at once, without writing last.pt; {go_on}")
+    e.signum = sig; return e
+
 # %% ../nbs/08_distill.ipynb #db7bd979
 def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take their defaults
         draw:Callable|None=None, # figure hook at each evaluation, e.g. `aicsd.viz.run_figures` (the CLI's, with --figures)
@@ -653,11 +664,12 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         run = build_run(cfg)
         if run.main: lock = RunLock(run.out).acquire()
         if run.world == 1 and threading.current_thread() is threading.main_thread():
-            def _on_signal(sig, frame):   # first Ctrl-C or SIGTERM: finish the step, write last.pt, leave; a second: leave
-                if stop and not writing: raise KeyboardInterrupt   # now, unless that last.pt is being written
+            def _on_signal(sig, frame):   # first Ctrl-C, SIGTERM or SIGHUP: finish the step, write last.pt, leave; a second: leave
+                if stop and not writing: raise _left_at_once(run.out, sig)   # now, unless that last.pt is being written
                 if writing: print(f"aicsd: writing {run.out/'last.pt'} first; leaving right after", file=sys.stderr, flush=True)
                 stop.append(sig)
-            old_handler = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            old_handler = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS
+                           if signal.getsignal(s) is not signal.SIG_IGN}   # (ignored, as under nohup: left ignored)
         def _interrupted():            # the signal's number once one came; from then on the last checkpoint is being written
             if stop: writing.append(1)
             return stop[0] if stop else 0
@@ -677,19 +689,21 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
                                          "--no-teacher-bf16 choose by hand)", flush=True)
         wrote = (('train_log',) if prog.step >= max(1, L.log_every) else ()) + (('eval_log',) if prog.eval_step >= 0 else ())
         log = RunLog(run.out, enabled=run.main, tensorboard=L.tensorboard, resume_step=prog.step if resume else None,
-                     written=wrote)
+                     written=wrote, eval_step=prog.eval_step if resume else None)
         tty = sys.stderr.isatty() and not L.quiet and run.main and 'PYTEST_CURRENT_TEST' not in os.environ
         stop_at = prog.step + int(L.stop_after) if L.stop_after else None
         ev = lambda: evaluate_and_keep_best(run, prog, log, ckpt, t0, tty, draw, interrupted=_interrupted)
         if 0 < prog.step < run.total and prog.step_in_epoch == 0 and prog.eval_step != prog.step \
-           and prog.epoch % max(1, L.eval_every) == 0:   # resumed after a signal during an epoch's evaluation: that one first
-            ev(); ckpt.save_last(prog)
+           and prog.epoch % max(1, L.eval_every) == 0:   # resumed at an epoch's end its checkpoint holds no evaluation of: that first
+            ev()                                         # (recorded by the next checkpoint, as each epoch's evaluation)
         while prog.epoch < run.epochs and prog.step < run.total and not (stop_at is not None and prog.step >= stop_at):
             if train_one_epoch(run, prog, log, ckpt, stop_at, tty, interrupted=_interrupted,
                                lines=not tty and run.main and not L.quiet): break
             done = prog.step >= run.total
-            if done or prog.epoch % max(1, L.eval_every) == 0: ev()
-            ckpt.save_last(prog)
+            ckpt.save_last(prog)                         # the epoch's steps, kept before its evaluation: a kill there loses none
+            if done or prog.epoch % max(1, L.eval_every) == 0:
+                ev()                                     # its result is recorded by the next checkpoint (or a signal's)
+                if done or (stop_at is not None and prog.step >= stop_at): ckpt.save_last(prog)   # nothing comes after
         if prog.step >= run.total and prog.eval_step != prog.step:   # stopped on the last step before its evaluation (Ctrl-C)
             ev(); ckpt.save_last(prog)
         if run.main and prog.step >= run.total:   # complete: last.pt is whole, its predecessor only costs disk

@@ -4,13 +4,14 @@
 
 # %% ../nbs/08a_experiments.ipynb #d6059ee0
 from __future__ import annotations
-import json, math, os, shutil, statistics, time
+import json, math, os, shutil, signal, statistics, time
 from pathlib import Path
+from typing import Callable
 import torch
 from .config import check_ranges, make_config, size_text
 from .checkpoint import load_checkpoint, write_text_atomic, json_text, make_folder
 from .distill import fit
-from .runfolder import RUN_FILES, RunInterrupted, RunLock
+from .runfolder import RUN_FILES, RunInterrupted, RunLock, how_stopped
 from .objective import METHODS, TERMS, method_spec, parse_method, reads_teacher
 
 # %% auto #0
@@ -198,13 +199,19 @@ def _demo_cfg(P:dict, root:Path, out:Path, threads, seed)->dict:
                 max_val=P.get('max_val'))
 
 # %% ../nbs/08a_experiments.ipynb #ba611d5b
-def _teacher(P, base, out, fresh, resume=False):
+def _teacher(P, base, out, fresh, resume=False,
+             replacing:Callable=lambda: None, # called before anything of an earlier run is replaced
+            ):
     "Train the demo teacher, or reuse the cached one when its configuration matches (`resume`: continue an interrupted one)."
     tdir = out/f"teacher-{P['name']}"
     cfg = make_config(base, mode='train', model=P['teacher'], max_steps=P['teacher_steps'], out=str(tdir))
     ck = tdir/'best.pt'
+    c = None
     if ck.exists() and not fresh:
-        c = load_checkpoint(ck)
+        try: c = load_checkpoint(ck)
+        except ValueError as e:                      # damaged: trained again (a complete run's --resume would not rewrite it)
+            print(f"teacher: {e}: it is trained again", flush=True); resume = False
+    if c is not None:
         if all(c['config'].get(k) == cfg[k] for k in _TEACHER_KEYS):
             print(f"teacher: reused {ck}, trained earlier with these settings (--fresh trains it again)", flush=True)
             lock = RunLock(tdir).acquire()         # (a lock left by a killed run: taken over, said)
@@ -213,7 +220,7 @@ def _teacher(P, base, out, fresh, resume=False):
             finally: lock.release()
             return ck, c['metrics'], 0.0, True
     print(f"teacher: DeepLabV3+ {P['teacher']}, {P['teacher_steps']} steps ...", flush=True)
-    t0 = time.time()
+    t0 = time.time(); replacing()
     if resume and not fresh and (tdir/'last.pt').exists():   # its own checks refuse a teacher of other settings
         r = fit(make_config(cfg, force=False, resume=True))
         return ck, r['metrics'], time.time() - t0, False
@@ -292,9 +299,12 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
     out = make_folder(out or demo_out('demo', quick), 'the report folder')
     lock = RunLock(out).acquire()                       # one demo or comparison in a folder at a time
     try:
-        if (out/'report.md').exists() and not resume:      # gone now: an interrupted re-run leaves no report of runs replaced
-            print(f"the earlier report in {out} (report.md, results.json) is removed, its figures redrawn at the end; another --out keeps it", flush=True)
-            for f in ('report.md', 'results.json'): (out/f).unlink(missing_ok=True)
+        for f in out.glob('.*.tmp'): f.unlink(missing_ok=True)   # files a killed session was writing (report, figures)
+        def replacing():    # before the first run is replaced: an interrupted re-run leaves no report of runs gone
+            if (out/'report.md').exists():
+                print(f"the earlier report in {out} (report.md, results.json) is removed, its figures redrawn at the end; "
+                      "another --out keeps it", flush=True)
+                for f in ('report.md', 'results.json'): (out/f).unlink(missing_ok=True)
         threads = threads or 1  # one thread per process: robust when other jobs share the cores (--threads 2 on a quiet machine)
         torch.set_num_threads(threads)
         if not root.exists():
@@ -305,7 +315,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
         P = {**P, 'n_train': len(get_dataset('synthetic', root, 'train', None)), 'n_val': len(get_dataset('synthetic', root, 'val', None)),
              'size': size_text(size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size)}
         base = _demo_cfg(P, root, out, threads, seed)
-        try: tck, tmet, tsec, cached = _teacher(P, base, out, fresh, resume)
+        try: tck, tmet, tsec, cached = _teacher(P, base, out, fresh, resume, replacing)
         except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, 'the teacher', 'trains the teacher and the students'), e.signum) from None
         if resume and not cached:
             print("the teacher was trained in this run: its students are trained again", flush=True); resume = False
@@ -329,15 +339,18 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
                                   max_steps=P['student_steps'], out=str(d),
                                   param={k: v for k, v in DEMO_PARAMS.items() if k in parse_method(m)[0]} or None)
                 if (cont := resume and (d/'last.pt').exists()): resumed += 1; kept += 1
-                elif freed := _clear_run(d):                 # one at a time: an interruption keeps the runs not reached yet
+                else: replacing()
+                if not cont and (freed := _clear_run(d)):    # one at a time: an interruption keeps the runs not reached yet
                     print(f"the earlier run in {d} is replaced ({freed / 1e6:.0f} MB; no copy is kept)", flush=True)
                 t0 = time.time()
-                try: r = fit(make_config(cfg, force=False, resume=True) if cont else cfg)
+                try:
+                    try: r = fit(make_config(cfg, force=False, resume=True) if cont else cfg)
+                    except ValueError as e:                  # unreadable, or of other settings: this student again, the rest kept
+                        if not cont or not str(e).startswith(('cannot resume', '--resume:')): raise
+                        why = str(e).split('. Start the run again with --force')[0].split(' (or --force to move this one aside)')[0]
+                        print(f"  {why}: this student is trained again", flush=True)
+                        replacing(); _clear_run(d); resumed -= 1; kept -= 1; r = fit(cfg)
                 except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, f'student {m}, seed {sd}', again), e.signum) from None
-                except ValueError as e:
-                    if not cont or not str(e).startswith(('cannot resume', '--resume:')): raise
-                    why = str(e).split('. Start the run again with --force')[0].split(' (or --force to move this one aside)')[0]
-                    raise ValueError(f"{why}. Run the same command without --resume: it trains this student again") from None
                 sec = time.time() - t0
                 d = model_ics({'teacher': teacher, m: r['model']}, val, n=8)[1][m]
                 res.append(dict(seed=sd, miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], ics_dist=d, time_s=sec))
@@ -357,7 +370,8 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
         return rows
     except KeyboardInterrupt as e:      # outside a training step (data, loading, figures): what is kept, and how to go on
         if isinstance(e, RunInterrupted): raise
-        raise KeyboardInterrupt(f"interrupted; the runs finished in {out} are kept: continue with {_continue_with()}") from None
+        sig = getattr(e, 'signum', signal.SIGINT)     # Ctrl-C, or SIGTERM / SIGHUP turned into one by the command line
+        raise RunInterrupted(f"{how_stopped(sig)}; the runs finished in {out} are kept: continue with {_continue_with()}", sig) from None
     finally: lock.release()
 
 

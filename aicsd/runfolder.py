@@ -4,7 +4,7 @@
 
 # %% ../nbs/07b_runfolder.ipynb #9082a852
 from __future__ import annotations
-import csv, os, random, shutil, socket, tempfile, time
+import csv, os, random, shutil, signal, socket, sys, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -16,8 +16,8 @@ from .models import model_arch
 from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write_text_atomic, replace_synced, pid_alive   # the one writer and reader of files
 
 # %% auto #0
-__all__ = ['LOGS', 'CHECKPOINTS', 'RUN_FILES', 'rng_state', 'set_rng_state', 'RunLog', 'has_logs', 'read_run', 'Progress',
-           'RunExistsError', 'RunLockedError', 'RunInterrupted', 'RunLock', 'Checkpointer']
+__all__ = ['LOGS', 'CHECKPOINTS', 'RUN_FILES', 'STOP_SIGNALS', 'rng_state', 'set_rng_state', 'RunLog', 'has_logs', 'read_run',
+           'Progress', 'RunExistsError', 'RunLockedError', 'how_stopped', 'RunInterrupted', 'RunLock', 'Checkpointer']
 
 # %% ../nbs/07b_runfolder.ipynb #540a878f
 def rng_state()->dict:
@@ -47,12 +47,14 @@ class RunLog:
                  tensorboard:bool=True, # also write TensorBoard events under out/tb
                  resume_step:int|None=None, # resuming at this step: rows logged after it (by the interrupted session) are dropped
                  written:tuple=(), # resuming: the logs the interrupted session wrote rows to (a missing one is said, not recreated unsaid)
+                 eval_step:int|None=None, # resuming: the checkpoint's last evaluation; eval rows after it are dropped too
                 ):
         self.out, self.enabled, self.tb, self._said = Path(out), enabled, None, set()
         if enabled and resume_step is not None:
-            for name in ('train_log', 'eval_log'): self._truncate(self.out/f'{name}.csv', resume_step)
+            ev = resume_step if eval_step is None else min(resume_step, eval_step)   # (saved before its evaluation: that row goes)
+            moved = [n for n, s in (('train_log', resume_step), ('eval_log', ev)) if self._truncate(self.out/f'{n}.csv', s)]
             for name in written:
-                if not (self.out/f'{name}.csv').exists():
+                if name not in moved and not (self.out/f'{name}.csv').exists():   # (a damaged one was said already)
                     warn(f"{self.out/name}.csv is missing (deleted or moved?): it starts again at step {resume_step}, "
                          "without the rows of the steps before")
         if enabled and tensorboard:
@@ -61,9 +63,9 @@ class RunLog:
                 self.tb = SummaryWriter(str(self.out/'tb'), purge_step=resume_step)
             except Exception as e: warn(f"TensorBoard disabled: {type(e).__name__}: {e}")
     @staticmethod
-    def _truncate(f:Path, step:int):
+    def _truncate(f:Path, step:int)->bool: # True when the file was not a log and was moved aside
         "Keep the header and the rows of steps <= `step`, every line ending in '\\n' (a temporary file, then moved into place)."
-        if not f.exists(): return
+        if not f.exists(): return False
         try:
             with open(f, newline='') as fh: raw = fh.read()   # as on disk: an older aicsd wrote '\r\n'
         except UnicodeDecodeError: raw = ''
@@ -71,12 +73,12 @@ class RunLog:
             aside = f.with_name(f"{f.stem}.damaged-{time.strftime('%Y%m%d-%H%M%S')}{f.suffix}")
             f.rename(aside)
             warn(f"{f} is not a log aicsd wrote (its first line is not 'step,...'): moved to {aside.name}; the log starts again")
-            return
+            return True
         lines = raw.splitlines()
         keep = lines[:1] + [l for l in lines[1:] if l.split(',', 1)[0].strip().isdigit() and int(l.split(',', 1)[0]) <= step]
         text = ''.join(l + '\n' for l in keep)
-        if text == raw: return
-        write_text_atomic(f, text, newline='')
+        if text != raw: write_text_atomic(f, text, newline='')
+        return False
     def row(self, name:str, step:int, values:dict):
         if not self.enabled: return
         f = self.out/f'{name}.csv'
@@ -143,8 +145,14 @@ class RunExistsError(ValueError): "The run folder holds a run and neither --resu
 class RunLockedError(RuntimeError): "Another live process is writing to the run folder."
 
 # %% ../nbs/07b_runfolder.ipynb #29a4554b
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ('SIGINT', 'SIGTERM', 'SIGHUP') if hasattr(signal, n))   # (no SIGHUP on Windows)
+
+def how_stopped(sig:int)->str: # 'interrupted' (Ctrl-C) or 'stopped by SIGTERM' / 'stopped by SIGHUP' (a closed terminal)
+    "The words for a run ended by `sig`."
+    return 'interrupted' if sig == signal.SIGINT else f'stopped by {signal.Signals(sig).name}'
+
 class RunInterrupted(KeyboardInterrupt):
-    "Ctrl-C or SIGTERM: the run stopped after a whole step and wrote last.pt (args: the message, the signal's number)."
+    "Ctrl-C, SIGTERM or SIGHUP: the run stopped after a whole step and wrote last.pt (args: the message, the signal's number)."
     @property
     def signum(self)->int: return self.args[1] if len(self.args) > 1 else 2   # SIGINT's number: the exit status 128 + 2
 
@@ -193,8 +201,9 @@ class Checkpointer:
     def __init__(self, run):   # the engine's `Run`: its folder, networks, optimiser, rank
         self.run, self.last, self.best = run, run.out/'last.pt', run.out/'best.pt'
         self.prev = run.out/'last.prev.pt'   # the last.pt before the current one (see `resume`)
-        if run.main:   # temporary files of saves that were killed midway (they are never read)
-            for f in run.out.glob('.*.pt.*.tmp'): f.unlink(missing_ok=True)
+        if run.main:   # temporary files of writes that were killed midway (they are never read): checkpoints, logs, figures
+            for f in [*run.out.glob('.*.tmp'), *(run.out/'figures').glob('.*.tmp')]:
+                if not f.name.startswith('.lock.'): f.unlink(missing_ok=True)   # (a lock's: RunLock's own)
 
     def _student(self): return dict(model=self.run.student.state_dict(), arch=model_arch(self.run.student))
 
@@ -203,8 +212,9 @@ class Checkpointer:
 # %% ../nbs/07b_runfolder.ipynb #dcffd789
 @patch
 def save_last(self:Checkpointer, prog:Progress):
-    "Write `last.pt` (every rank takes part: the RNG states are gathered)."
+    "Write `last.pt` (every rank takes part: the RNG states are gathered); a complete run's leaves out the optimizer state."
     r = self.run
+    done = prog.step >= r.total and prog.eval_step == prog.step   # nothing left to train: momentum buffers are a model's size
     st = rng_state()
     if r.world > 1:
         allst = [None] * r.world
@@ -212,7 +222,7 @@ def save_last(self:Checkpointer, prog:Progress):
     else: allst = st
     if r.main:   # the new file complete on disk first, then two renames: last.pt -> last.prev.pt, new -> last.pt
         tmp = write_temporary(dict(**self._student(), config=dict(r.cfg), decided=dict(r.decided), teacher_sha256=getattr(r, 'teacher_sha256', None), modules=r.net.extras.state_dict(),
-                              optimizer=r.opt.state_dict(), scheduler=r.sched.state_dict(),
+                              optimizer={} if done else r.opt.state_dict(), scheduler=r.sched.state_dict(),
                               scaler=r.scaler.state_dict() if r.scaler is not None else {},
                               epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step, eval_step=prog.eval_step, world=r.world,
                               best_miou=prog.best, metrics=prog.metrics or {}, rng=allst), self.last)
@@ -277,7 +287,8 @@ def resume(self:Checkpointer)->Progress|None:
         warn(f"--resume {path}: {'; '.join(warned)}; the rest of the run uses the new value(s)")
     self.resumed_from = path                         # last.pt, or last.prev.pt when last.pt could not be read
     r.student.load_state_dict(ck['model']); r.net.extras.load_state_dict(ck.get('modules', {}))
-    r.opt.load_state_dict(ck['optimizer']); r.sched.load_state_dict(ck['scheduler'])
+    if ck['optimizer']: r.opt.load_state_dict(ck['optimizer'])   # (a complete run's has none: nothing is left to train)
+    r.sched.load_state_dict(ck['scheduler'])
     if r.scaler is not None and ck['scaler']: r.scaler.load_state_dict(ck['scaler'])
     rngs = ck['rng']
     set_rng_state(rngs[r.rank] if isinstance(rngs, list) else rngs)
@@ -317,7 +328,8 @@ def start(self:Checkpointer)->Progress:
             aside = _aside(r.out)
             for f in old: shutil.move(str(r.out/f), str(aside/f))
             if r.loop.force:
-                if not r.loop.quiet: print(f"--force: the earlier run's files were moved to {aside}{_kept_text(r.out)}")
+                print(f"--force: the earlier run's files were moved to {aside}{_kept_text(r.out)}", file=sys.stderr,
+                      flush=True)   # also under --quiet: disk taken is said
             else: warn(f"{r.out} held only the logs ({', '.join(old)}) of a run that ended before writing a checkpoint; "
                        f"they were moved to {aside} (nothing is lost) and the run starts afresh")
     s = r.seed + r.rank

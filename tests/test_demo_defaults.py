@@ -58,6 +58,17 @@ def test_demo_quick_defaults(tmp_path):
     for m in ('baseline', 'kd', 'icsd', 'aicsd'):   # the same runs as the first time, bit for bit (kd: resumed exactly)
         assert rows[m]['runs'][0]['miou'] == first[m]['runs'][0]['miou'], (m, rows[m], first[m])
     assert not list(out.rglob('replaced-*')), sorted(map(str, out.rglob('replaced-*')))
+    # a complete run's last.pt holds no optimizer state: about the size of best.pt
+    for d in (out / 'teacher-quick', out / 'student-kd' / 'seed0'):
+        assert (d / 'last.pt').stat().st_size < 1.2 * (d / 'best.pt').stat().st_size, d
+    # --resume with one student's checkpoint damaged (a disk error): that student again, the others kept, a report
+    (out / 'student-icsd' / 'seed0' / 'last.pt').write_bytes(b'cut')
+    (out / '.report.md.x1y2z3.tmp').write_text('a killed write')                        # swept at the start
+    so = aicsd(*demo, '--resume', cwd=tmp_path, timeout=600).stdout
+    assert so.count('this student is trained again') == 1 and so.count('resumed (or kept, if complete)') == 4, so
+    assert (out / 'report.md').is_file() and not list(out.glob('.*.tmp'))
+    rows = {r['method']: r for r in json.loads((out / 'results.json').read_text())}
+    assert rows['icsd']['runs'][0]['miou'] == first['icsd']['runs'][0]['miou']          # trained again: the same run
 
 
 def test_compare_quick_every_method_defaults(tmp_path):

@@ -52,16 +52,16 @@ def _training(args, cwd, out, **popen) -> subprocess.Popen:
         time.sleep(0.05)
     return p
 
-@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_ctrl_c_checkpoints_and_resumes(tiny_data, tmp_path, sig):
-    "Ctrl-C or SIGTERM (kill, timeout, a scheduler's time limit): last.pt written, exit 128 + signal, resumable."
+    "Ctrl-C, SIGTERM (kill, timeout, a scheduler's time limit) or SIGHUP (a closed terminal): last.pt written, exit 128 + signal, resumable."
     out = tmp_path / 'c'
     args = _train(tiny_data, out, '--epochs', 50, '--log-every', 1)
     p = _training(args, tmp_path, out)
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 128 + sig, err
-    how = 'interrupted' if sig == signal.SIGINT else 'stopped by SIGTERM'
+    how = 'interrupted' if sig == signal.SIGINT else f'stopped by {signal.Signals(sig).name}'
     assert 'Traceback' not in err and f'{how} at step' in err and '--resume' in err, err
     step = torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['global_step']
     assert 1 <= step < 150
@@ -201,18 +201,20 @@ def _spy_last_writes(monkeypatch, out) -> list:
     return seen
 
 def test_one_checkpoint_write_per_step(tiny_data, tmp_path, monkeypatch):
-    "Epochs that end on a checkpoint step, a stop at an epoch end, a resume: last.pt is written once per step."
+    """Epochs that end on a checkpoint step, a stop at an epoch end, a resume: last.pt is written once per step, except
+    where an evaluation ends the session (--stop-after at an epoch's end, the run's end): before it and after it."""
     from aicsd.distill import fit
     seen = _spy_last_writes(monkeypatch, tmp_path / 'o')
     fit(_cfg(tiny_data, tmp_path / 'o', epochs=2, ckpt_every=1, stop_after=3))
     fit(_cfg(tiny_data, tmp_path / 'o', epochs=2, ckpt_every=1, resume=True))
-    assert [s for s, _, _ in seen] == [1, 2, 3, 4, 5, 6], seen
+    assert [s for s, _, _ in seen] == [1, 2, 3, 3, 4, 5, 6, 6], seen
 
 def test_last_pt_stays_until_the_new_checkpoint_is_complete(tiny_data, tmp_path, monkeypatch):
     "While a checkpoint is written, last.pt holds the previous one; then the previous one becomes last.prev.pt."
     from aicsd.distill import fit, load_checkpoint
     out = tmp_path / 'o'
     seen = _spy_last_writes(monkeypatch, out)
+    out.mkdir(); (out / '.eval_log.csv.k3j2.tmp').write_text('a killed write')   # swept when the run starts
     fit(_cfg(tiny_data, out, epochs=2, ckpt_every=1))
     assert seen[0] == (1, None, None)                                     # the first write: nothing before it
     for (step, before, after), (prev, _, _) in zip(seen[1:], seen):
