@@ -11,7 +11,7 @@ import torch
 from .config import check_ranges, make_config, size_text
 from .checkpoint import load_checkpoint, write_text_atomic, json_text, make_folder
 from .distill import fit
-from .runfolder import RUN_FILES, RunInterrupted, RunLock, how_stopped
+from .runfolder import RUN_FILES, RunInterrupted, RunLock, how_stopped, sweep_temporaries
 from .objective import METHODS, TERMS, method_spec, parse_method, reads_teacher
 
 # %% auto #0
@@ -299,7 +299,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
     out = make_folder(out or demo_out('demo', quick), 'the report folder')
     lock = RunLock(out).acquire()                       # one demo or comparison in a folder at a time
     try:
-        for f in out.glob('.*.tmp'): f.unlink(missing_ok=True)   # files a killed session was writing (report, figures)
+        sweep_temporaries(out)                         # files a killed session was writing (report, figures)
         def replacing():    # before the first run is replaced: an interrupted re-run leaves no report of runs gone
             if (out/'report.md').exists():
                 print(f"the earlier report in {out} (report.md, results.json) is removed, its figures redrawn at the end; "

@@ -17,7 +17,8 @@ from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write
 
 # %% auto #0
 __all__ = ['LOGS', 'CHECKPOINTS', 'RUN_FILES', 'STOP_SIGNALS', 'rng_state', 'set_rng_state', 'RunLog', 'has_logs', 'read_run',
-           'Progress', 'RunExistsError', 'RunLockedError', 'how_stopped', 'RunInterrupted', 'RunLock', 'Checkpointer']
+           'Progress', 'RunExistsError', 'RunLockedError', 'how_stopped', 'RunInterrupted', 'RunLock', 'Checkpointer',
+           'sweep_temporaries']
 
 # %% ../nbs/07b_runfolder.ipynb #540a878f
 def rng_state()->dict:
@@ -202,8 +203,7 @@ class Checkpointer:
         self.run, self.last, self.best = run, run.out/'last.pt', run.out/'best.pt'
         self.prev = run.out/'last.prev.pt'   # the last.pt before the current one (see `resume`)
         if run.main:   # temporary files of writes that were killed midway (they are never read): checkpoints, logs, figures
-            for f in [*run.out.glob('.*.tmp'), *(run.out/'figures').glob('.*.tmp')]:
-                if not f.name.startswith('.lock.'): f.unlink(missing_ok=True)   # (a lock's: RunLock's own)
+            sweep_temporaries(run.out, run.out/'figures')
 
     def _student(self): return dict(model=self.run.student.state_dict(), arch=model_arch(self.run.student))
 
@@ -335,3 +335,9 @@ def start(self:Checkpointer)->Progress:
     s = r.seed + r.rank
     torch.manual_seed(s); random.seed(s); np.random.seed(s)
     return Progress()
+
+def sweep_temporaries(*folders:Path): # folders whose owner (a run, a demo) holds their lock
+    "Remove the `.NAME.*.tmp` files of writes that were killed midway (never read); a lock's own are RunLock's."
+    for d in folders:
+        for f in Path(d).glob('.*.tmp'):
+            if not f.name.startswith('.lock.'): f.unlink(missing_ok=True)
