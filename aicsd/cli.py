@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_cli.ipynb #543bbab8
 from __future__ import annotations
-import argparse, difflib, inspect, json, os, signal, sys, threading
+import argparse, difflib, importlib, importlib.util, inspect, json, os, signal, sys, threading
 from pathlib import Path
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint, _new_folders, _remove_empty
 from .models import BACKBONES
@@ -17,8 +17,8 @@ from .experiments import RECIPES, recipe_text, run_demo, run_compare
 from .bench import BENCHES, run_benchmarks
 
 # %% auto #0
-__all__ = ['BENCH_DEFAULT', 'EPILOG', 'methods_help', 'add_train_options', 'build_parser', 'args_to_config', 'parse', 'main',
-           'iou_table']
+__all__ = ['BENCH_DEFAULT', 'IMPORT_COMMANDS', 'EPILOG', 'methods_help', 'add_train_options', 'build_parser', 'import_methods',
+           'args_to_config', 'parse', 'main', 'iou_table']
 
 # %% ../nbs/09_cli.ipynb #939854fc
 def _method_arg(s:str)->str:
@@ -50,6 +50,8 @@ def _parsers(p:argparse.ArgumentParser)->list: # `p` and every subcommand parser
     return [p] + [q for a in p._actions if isinstance(a, argparse._SubParsersAction) for s in a.choices.values() for q in _parsers(s)]
 
 # %% ../nbs/09_cli.ipynb #08e7e296
+_OWN = " (a term of your own: --import MODULE registers it)"
+
 def _weight_arg(s:str)->tuple:
     "argparse type of --weight: TERM=W."
     k, sep, v = s.partition('=')
@@ -57,7 +59,7 @@ def _weight_arg(s:str)->tuple:
     except ValueError: w = None
     if not sep or w is None or not k.strip():
         raise argparse.ArgumentTypeError(f"expected TERM=WEIGHT such as cwd=3, got {s!r}")
-    if k.strip() not in TERMS: raise argparse.ArgumentTypeError(f"unknown term {k.strip()!r}; terms: {', '.join(TERMS)}")
+    if k.strip() not in TERMS: raise argparse.ArgumentTypeError(f"unknown term {k.strip()!r}; terms: {', '.join(TERMS)}{_OWN}")
     return k.strip(), w
 
 # %% ../nbs/09_cli.ipynb #2c5ce269
@@ -67,7 +69,7 @@ def _param_arg(s:str)->tuple:
     k, sep, v = s.partition('=')
     term, dot, key = k.strip().partition('.')
     if not sep or not dot or not key: raise argparse.ArgumentTypeError(f"expected TERM.KEY=VALUE such as cwd.tau=2, got {s!r}")
-    if term not in TERMS: raise argparse.ArgumentTypeError(f"unknown term {term!r}; terms: {', '.join(TERMS)}")
+    if term not in TERMS: raise argparse.ArgumentTypeError(f"unknown term {term!r}; terms: {', '.join(TERMS)}{_OWN}")
     if key not in TERMS[term].params:                # (ignore_index passes: the objective says why it is not set per term)
         raise argparse.ArgumentTypeError(f"term {term!r} has no parameter {key!r}; it takes {TERMS[term].settable or 'none'}")
     return term, key, yaml.safe_load(v)
@@ -240,6 +242,7 @@ class _Subparser(argparse.ArgumentParser):
 
 # %% ../nbs/09_cli.ipynb #c77fb66d
 BENCH_DEFAULT = ('icsd', 'step', 'data', 'loop')   # what a bare `aicsd bench` runs
+IMPORT_COMMANDS = ('train', 'distill', 'compare')   # the commands that take --import (they read methods and terms)
 
 EPILOG = """\
 examples:
@@ -339,6 +342,9 @@ def build_parser()->argparse.ArgumentParser:
     b.add_argument('--out', metavar='FILE', default=None, help='also append every row to FILE as JSON lines')
     b.add_argument('--threads', type=_positive_int, default=None, help='torch CPU threads (default: all cores)')
     _add_data_commands(sub, fmt)
+    for n in IMPORT_COMMANDS:                        # read before parsing (`parse`); declared here for --help
+        sub.choices[n].add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
+            help='a module (name or .py file) that registers terms and methods of your own; repeatable; --resume needs it again')
     for q in _parsers(p): q.allow_abbrev = False  # `--ckpt 3` to train is an error, not --ckpt-every 3
     return p
 
@@ -387,6 +393,42 @@ def _run_data(a):
         for i, v in enumerate(n):
             print(f"{names[i] if i < len(names) else i!s:>20}  {100 * v / max(1, sum(n)):6.2f} %  {v:>12}")   # the count last
 
+# %% ../nbs/09_cli.ipynb #imp0a1b3
+def _import_specs(argv:list)->list: # the values of every `--import X` / `--import=X` in `argv`
+    out = []
+    for i, t in enumerate(argv):
+        if t == '--': break
+        if t == '--import':
+            if i + 1 >= len(argv) or argv[i + 1].startswith('-'): raise ValueError("--import needs a MODULE (a module name or a .py file)")
+            out.append(argv[i + 1])
+        elif t.startswith('--import='): out.append(t.split('=', 1)[1])
+    return out
+
+def import_methods(specs:list, # module names (found in the current folder or on the Python path) or .py files
+                  )->list: # the modules, imported in order
+    "Import the modules that register a user's own terms and methods (`--import`), before the command line reads them."
+    mods = []
+    for s in specs:
+        if not s: raise ValueError("--import '': give a module name or a .py file")
+        if s.endswith('.py') or os.sep in s or '/' in s:
+            f = Path(s)
+            if not f.is_file(): raise FileNotFoundError(f"--import {s}: no such file (a .py file, or a module name)")
+            name = f.stem
+            if name in sys.modules and getattr(sys.modules[name], '__file__', None) == str(f.resolve()): mods.append(sys.modules[name]); continue
+            spec = importlib.util.spec_from_file_location(name, f.resolve())
+            m = importlib.util.module_from_spec(spec); sys.modules[name] = m
+            try: spec.loader.exec_module(m)
+            except BaseException: sys.modules.pop(name, None); raise
+            mods.append(m)
+        else:
+            if os.getcwd() not in sys.path and '' not in sys.path: sys.path.insert(0, os.getcwd())   # as `python -m` would
+            try: mods.append(importlib.import_module(s))
+            except ModuleNotFoundError as e:
+                if e.name != s and not s.startswith(f"{e.name}."): raise   # a module missing inside the user's own: its own error
+                raise ValueError(f"--import {s}: no module named {s!r} in {os.getcwd()} or on the Python path; give a "
+                                 "module name or a .py file") from None
+    return mods
+
 # %% ../nbs/09_cli.ipynb #75cf1df9
 def _error_text(e:BaseException)->str:
     "The one line `main` prints for an error: a KeyError's key; for an error of a loader worker, its own message."
@@ -432,6 +474,7 @@ def args_to_config(a:argparse.Namespace)->dict:
 def parse(argv:list|None=None)->argparse.Namespace:
     "Parse `argv`, reading `--config FILE` first (its keys become defaults; flags still win)."
     argv = list(sys.argv[1:] if argv is None else argv)
+    import_methods(_import_specs(argv))              # a user's terms and methods, before --method and --help read them
     p = build_parser()
     subs = p._subparsers._group_actions[0].choices
     if argv[:1] == ['train']:                        # a distillation flag given to train: say where it belongs

@@ -87,7 +87,7 @@ _WHAT = [   # what to train
        "as the released code)", metavar='TERM.KEY=V', resume='same'),
     _O('lambda_kd', 1.0, 'Distillation', 'weight of pixel-wise KD', type=float, resume='same', check='>=0', commands=_D),
     _O('lambda_icsd', 0.1, 'Distillation', 'weight of ICSD', type=float, resume='same', check='>=0', commands=_D),
-    _O('temperature', 1.0, 'Distillation', 'softmax temperature of KD and ICSD', flags=('-T',), type=float, resume='same',
+    _O('temperature', 1.0, 'Distillation', 'softmax temperature of KD and ICSD (and of the terms of your own that declare `global_T`)', flags=('-T',), type=float, resume='same',
        check='>0', commands=_D),
     _O('alw_unit', 'step', 'Distillation', 'ALW alpha per iteration (ours) or per epoch (paper)', choices=('step', 'epoch'), resume='same', commands=_D),
     _O('teacher_bf16', None, 'Distillation', 'run the frozen teacher under bf16 autocast (default: when measured faster at the '
@@ -365,6 +365,10 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
             raise ValueError(f"configuration '{o.name}' must be one of {o.choices}, got {out[o.name]!r}")
         if o.flag in ('bool', 'true') and not isinstance(out[o.name], bool) and not (out[o.name] is None is o.default):
             raise ValueError(f"configuration '{o.name}' (--{o.name.replace('_', '-')}) must be True or False, got {out[o.name]!r}")
+    for k, want in (('weight', "a mapping of term: W, e.g. {'cwd': 3.0} (on the command line --weight cwd=3)"),
+                    ('param', "a mapping of term: {key: value}, e.g. {'cwd': {'tau': 2.0}} (on the command line --param cwd.tau=2)")):
+        if out[k] is not None and not (isinstance(out[k], dict) and (k == 'weight' or all(isinstance(v, dict) for v in out[k].values()))):
+            raise ValueError(f"configuration '{k}' must be {want}; got {out[k]!r}")
     if out['weight'] is not None: out['weight'] = {str(k): v for k, v in dict(out['weight']).items()}
     if out['param'] is not None: out['param'] = {str(k): dict(v) for k, v in dict(out['param']).items()}
     for k in ('crop_size', 'eval_crop', 'eval_stride'):    # sizes: PX, 'HxW', [H, W] -> PX or [H, W] (plain types)

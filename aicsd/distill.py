@@ -122,6 +122,8 @@ def model_outputs(model:nn.Module, # a DeepLabV3Plus (or a `StudentWithModules`,
     if isinstance(_core(model), StudentWithModules): return model(x, taps=tuple(taps))
     if not taps: return {'logits': _full(model(x))}
     out, f = model(x, return_features=True)
+    if miss := [k for k in taps if k not in f]:
+        raise KeyError(f"{type(_core(model)).__name__} gives no tap(s) {', '.join(map(repr, miss))}; its taps: {', '.join(f)}")
     return {'logits': _full(out), **{k: _full(f[k]) for k in taps}}
 
 # %% ../nbs/08_distill.ipynb #3486968d
@@ -274,8 +276,14 @@ def build_models(M:ModelSpec, # the model part of the configuration
         tnc = model_arch(teacher)['num_classes']
         if tnc != num_classes: raise ValueError(f"teacher {M.teacher} predicts {tnc} classes, the data has {num_classes}")
         teacher.eval().requires_grad_(False)
-    ss = tap_shapes(student, objective.student_taps)
-    ts = tap_shapes(teacher, objective.teacher_taps) if teacher is not None else None
+    def shapes(net, taps, who):   # a tap no network gives: said now, naming the terms that read it
+        try: return tap_shapes(net, taps)
+        except KeyError as e:
+            users = [n for n in objective.names if any(t in e.args[0] for t in (f"'{t}'" for t in objective._taps(n)))]
+            raise ValueError(f"method {objective.method!r}: term(s) {', '.join(users)} read a feature tap the {who} does not "
+                             f"give: {e.args[0]} (a term declares its taps in `Term.inputs`)") from None
+    ss = shapes(student, objective.student_taps, 'student')
+    ts = shapes(teacher, objective.teacher_taps, 'teacher') if teacher is not None else None
     for n in (objective.names if ts is not None else ()):  # maps compared position by position: one size, or step 1 fails
         for t in (objective._taps(n) if TERMS[n].teacher and TERMS[n].same_size else ()):
             if ss[t][2:] != ts[t][2:]:
@@ -625,9 +633,7 @@ def describe_run(run, # an `aicsd.distill.Run`, its precision settled (`resolve_
                 )->str: # two lines: what is trained on what; the steps, precision and device
     "What a run does, printed at its start: the method and its weights, the networks, the data, the images per step."
     o, c, L = run.objective, run.cfg, run.loop
-    val = lambda v: str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
-    changed = lambda n: ' '.join(f"{k}={val(v)}" for k, v in o.params.get(n, {}).items() if v != TERMS[n].params.get(k))
-    terms = ', '.join(f"{n} {w:g}" + (f" [{changed(n)}]" if changed(n) else '') for n, w in o.weights.items()) + (' under ALW' if o.alw else '')
+    terms = o.terms_text()
     name = lambda dt: {torch.bfloat16: 'bf16', torch.float16: 'fp16', torch.float64: 'fp64'}.get(dt, 'fp32')
     prec = f"student {name(run.amp_dtype or run.dtype)}" + (f", teacher {name(run.teacher_dtype or run.dtype)}" if run.teacher is not None else '')
     return (f"{c['mode']}: {c['arch']} {c['model']}" + (f" from the teacher {c['teacher']}" if run.teacher is not None else '')

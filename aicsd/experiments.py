@@ -356,7 +356,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
                 res.append(dict(seed=sd, miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], ics_dist=d, time_s=sec))
                 print(f"  mIoU {100 * r['metrics']['miou']:.2f} %, ICS distance to the teacher {d:.4f}, {sec:.0f} s", flush=True)
                 if sd == seeds[0]: models[m] = r['model']
-            row = dict(method=m, n=len(res), time_s=sum(x['time_s'] for x in res) / len(res),
+            row = dict(method=m, terms=cfg.objective.terms_text(), n=len(res), time_s=sum(x['time_s'] for x in res) / len(res),
                        note=f"{resumed} of {len(res)} resumed: this session's time only" if resumed else '')
             for k in ('miou', 'pixel_acc', 'ics_dist'): row[k], row[k + '_std'] = _mean_std([x[k] for x in res])
             row['runs'] = res
@@ -496,6 +496,8 @@ def write_report(rows, out:Path, P:dict, total:float, seeds:tuple=(0,),
            + ("Δ: the mean over the shared seeds of (method - baseline) at the same seed, in mIoU points, with its 95 % "
               "Student t interval; a method is distinguishable from the baseline only where that interval excludes 0.\n\n"
               + paired_text(diffs) + "\n\n" + paired_text(ics, 1.0, ICS_WHAT) + "\n\n" if paired else "\n\n")
+           + "Terms and weights of each method, as its runs computed them:\n\n"
+           + ''.join(f"- {r['method']}: {r['terms']}\n" for r in rows if r.get('terms')) + "\n"
            + "ICS distance: mean squared difference between the model's and the teacher's inter-class similarity matrices "
            f"(averaged over 8 validation images; the figure shows the students of seed {seeds[0]}). The numbers differ between "
            "CPUs and torch builds (float32 rounding takes training at this scale down another path); the paired "

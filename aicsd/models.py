@@ -193,11 +193,14 @@ class ASPP(nn.Module):
         self.global_avg_pool = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
         self.conv1, self.bn1, self.relu, self.dropout = nn.Conv2d(5 * cout, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.Dropout(0.5)
 
-    def forward(self, x:Tensor)->Tensor:
+    def forward(self, x:Tensor,
+                return_features:bool=False, # also return {'aspp_bn': before the ReLU, 'aspp': before the dropout}
+               ):
         x4 = self.aspp4(x)
         x5 = F.interpolate(self.global_avg_pool(x), size=x4.shape[2:], mode='bilinear', align_corners=True)
         x = torch.cat((self.aspp1(x), self.aspp2(x), self.aspp3(x), x4, x5), dim=1)
-        return self.dropout(self.relu(self.bn1(self.conv1(x))))
+        pre = self.bn1(self.conv1(x)); a = self.relu(pre)
+        return (self.dropout(a), dict(aspp_bn=pre, aspp=a)) if return_features else self.dropout(a)
 
 # %% ../nbs/05_models.ipynb #73fcd15e
 class Decoder(nn.Module):
@@ -254,10 +257,10 @@ class DeepLabV3Plus(nn.Module):
                 return_features:bool=False, # also return the dict of feature taps
                ):
         high, low = self.backbone(x)
-        a = self.aspp(high)
-        out4, dec = self.decoder(a, low, return_features=True)
+        a, fa = self.aspp(high, return_features=True)   # the taps before the dropout: a student in training mode hands the
+        out4, dec = self.decoder(a, low, return_features=True)   # feature terms its feature, not a randomly masked copy
         out = F.interpolate(out4, size=x.shape[2:], mode='bilinear', align_corners=True)
-        return (out, dict(low=low, high=high, aspp=a, decoder=dec, logits4=out4)) if return_features else out
+        return (out, dict(low=low, high=high, **fa, decoder=dec, logits4=out4)) if return_features else out
 
     def extra_repr(self): return f"backbone={self.backbone_name!r}, num_classes={self.num_classes}, output_stride={self.output_stride}"
 
@@ -412,8 +415,12 @@ class DeepLabV3ASPP(nn.Module):
         self.b4 = ASPPPooling(cin, cout)
         self.project = nn.Sequential(*_cbr(5 * cout, cout), nn.Dropout(0.5))
 
-    def forward(self, x:Tensor)->Tensor:
-        return self.project(torch.cat([b(x) for b in (self.b0, self.b1, self.b2, self.b3, self.b4)], dim=1))
+    def forward(self, x:Tensor,
+                return_features:bool=False, # also return the output before the dropout (the 'aspp' tap)
+               ):
+        a = torch.cat([b(x) for b in (self.b0, self.b1, self.b2, self.b3, self.b4)], dim=1)
+        for layer in list(self.project)[:-1]: a = layer(a)   # (not a slice: keeps FX feature extraction working)
+        return (self.project[-1](a), a) if return_features else self.project[-1](a)
 
 # %% ../nbs/05_models.ipynb #9c70ced2
 class DeepLabV3Head(nn.Module):
@@ -427,8 +434,8 @@ class DeepLabV3Head(nn.Module):
         self.block = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
                                    nn.ReLU(inplace=True), nn.Dropout(0.1), nn.Conv2d(channels, num_classes, 1))
 
-    def forward(self, x:Tensor)->tuple: # (logits at the input's stride, ASPP output, the feature before the classifier)
-        a = feat = self.aspp(x)
+    def forward(self, x:Tensor)->tuple: # (logits at the input's stride, ASPP output before its dropout, the feature before the classifier)
+        feat, a = self.aspp(x, return_features=True)
         for layer in list(self.block)[:-1]: feat = layer(feat)   # (not a slice: keeps FX feature extraction working)
         return self.block[-1](feat), a, feat
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_objective.ipynb #ba8ff410
 from __future__ import annotations
-import difflib, math, numbers
+import difflib, inspect, math, numbers, warnings
 from dataclasses import dataclass, field
 from typing import Callable
 import torch
@@ -20,7 +20,7 @@ __all__ = ['TERMS', 'METHODS', 'alw_alpha', 'out_of_range', 'Term', 'register_te
            'term_released_icsd', 'Method', 'register_method', 'term_at', 'term_fitnet', 'term_sp', 'term_ickd',
            'term_skd', 'term_ifvd', 'term_cwd', 'term_cwd_feat', 'term_dist', 'term_cirkd_pixel', 'CIRKDMemoryTerm',
            'term_cirkd_memory', 'term_released_pa', 'term_released_ic', 'term_released_pi', 'term_aux', 'method_spec',
-           'parse_method', 'reads_teacher', 'DistillObjective']
+           'parse_method', 'reads_teacher', 'DistillObjective', 'record_changes']
 
 # %% ../nbs/04_objective.ipynb #7affb6ee
 def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
@@ -54,7 +54,7 @@ def out_of_range(value, # a number, or whatever a flag or a config file gave
 class Term:
     "One distillation (or supervision) term: a function and what it declares."
     fn:Callable # fn(s, t, target, mod=None, **params) -> scalar; s, t: dicts of outputs ('logits', taps)
-    inputs:tuple=('logits',) # outputs it reads: 'logits' and/or feature taps ('low', 'high', 'aspp', 'decoder')
+    inputs:tuple=('logits',) # outputs it reads: 'logits' and/or feature taps ('low', 'high', 'aspp', 'aspp_bn', 'decoder')
     teacher:bool=True # needs the teacher's outputs
     weight:float=1.0 # default weight (lambda) under the protocol it was published with
     alw:str='grow' # under ALW: 'grow' (x alpha) or 'fade' (x (1 - alpha))
@@ -64,6 +64,7 @@ class Term:
     choices:dict=field(default_factory=dict) # parameter -> the tuple of values it takes (a named setting), checked as `bounds`
     ref:str='' # where it comes from
     same_size:bool=True # its student and teacher maps must have one height and width (checked before a run starts)
+    global_T:bool=False # its parameter `T` is the objective's temperature (`--temperature`), as KD's and ICSD's; else its own
 
     @property
     def taps(self)->tuple: return tuple(i for i in self.inputs if i != 'logits')
@@ -74,11 +75,38 @@ class Term:
 # %% ../nbs/04_objective.ipynb #355d217e
 TERMS = {}
 
+def _check_term(name:str, term:Term):
+    "Refuse, naming the term, what the trainer could not call (said at registration, not at the first training step)."
+    w = f"term {name!r}"
+    if not isinstance(term, Term): raise TypeError(f"{w}: expected a `Term(fn, ...)`; got {type(term).__name__}")
+    if not callable(term.fn): raise TypeError(f"{w}: `fn` must be a function fn(s, t, target, mod=None, **params); got {term.fn!r}")
+    if isinstance(term.inputs, str) or not isinstance(term.inputs, (tuple, list)) or not term.inputs or \
+       not all(isinstance(i, str) for i in term.inputs):
+        raise TypeError(f"{w}: `inputs` must be a tuple of output names, 'logits' and/or taps, e.g. ('logits',) or "
+                        f"('decoder',); got {term.inputs!r}")
+    if isinstance(term.weight, bool) or not isinstance(term.weight, numbers.Real) or (bad := out_of_range(term.weight, '>=0')):
+        raise ValueError(f"{w}: `weight` (its default lambda) must be a finite number >= 0; got {term.weight!r}")
+    if term.alw not in ('grow', 'fade'): raise ValueError(f"{w}: `alw` must be 'grow' or 'fade', got {term.alw!r}")
+    if not isinstance(term.params, dict): raise TypeError(f"{w}: `params` must be a dict of name: default; got {term.params!r}")
+    if stray := sorted((set(term.bounds) | set(term.choices)) - set(term.params)):
+        raise ValueError(f"{w}: `bounds`/`choices` name {stray}, which are not in its `params` {sorted(term.params)}")
+    if term.global_T and 'T' not in term.params: raise ValueError(f"{w}: `global_T=True` needs a parameter 'T' in `params`")
+    try: sig = inspect.signature(term.fn)
+    except (TypeError, ValueError): return            # a builtin without a signature: called as it is
+    try: sig.bind(None, None, None, mod=None, **term.params)
+    except TypeError as e:
+        raise TypeError(f"{w}: `fn` ({getattr(term.fn, '__qualname__', term.fn)}{sig}) must accept fn(s, t, target, mod=None"
+                        + ''.join(f", {k}=..." for k in term.params) + f"), its `params` as keywords: {e}") from None
+
 def register_term(name:str, # the name methods, weights and logs use
                   term:Term)->Term:
-    "Add `term` to the registry under `name` (replacing a term of that name)."
-    if not name.isidentifier(): raise ValueError(f"term name must be an identifier (it names a log column); got {name!r}")
-    if term.alw not in ('grow', 'fade'): raise ValueError(f"term {name!r}: `alw` must be 'grow' or 'fade', got {term.alw!r}")
+    "Add `term` to the registry under `name` (a term of that name is replaced, with a warning)."
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"term name must be an identifier (it names a log column); got {name!r}")
+    _check_term(name, term)
+    if name in TERMS and TERMS[name] != term:
+        warnings.warn(f"register_term({name!r}): replaces the registered term of that name (runs started with the old "
+                      "one refuse --resume)", stacklevel=2)
     TERMS[name] = term
     return term
 
@@ -121,9 +149,9 @@ def term_released_icsd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, s
 
 register_term('ce', Term(term_ce, teacher=False, params=dict(ignore_index=255, batch_average=False),
                          ref='supervised cross-entropy'))
-register_term('kd', Term(term_kd, alw='fade', params=dict(T=1.0, ignore_index=255, skip_ignored=False, upsampled=True), bounds=dict(T='>0'),
+register_term('kd', Term(term_kd, alw='fade', global_T=True, params=dict(T=1.0, ignore_index=255, skip_ignored=False, upsampled=True), bounds=dict(T='>0'),
                          ref='Hinton et al., NeurIPS-W 2015; pixel-wise as in CIRKD losses/'))
-register_term('icsd', Term(term_icsd, weight=0.1, params=dict(T=1.0, normalize=None), bounds=dict(T='>0'), choices=dict(normalize=(None, 'row')),
+register_term('icsd', Term(term_icsd, weight=0.1, global_T=True, params=dict(T=1.0, normalize=None), bounds=dict(T='>0'), choices=dict(normalize=(None, 'row')),
                            ref='AICSD (Mansourian et al., 2025)'))
 register_term('released_icsd', Term(term_released_icsd, weight=0.1, params=dict(softmax='height'), choices=dict(softmax=RELEASED_SOFTMAX),
                                     ref="AICSD authors' released code (see 02_losses)"));
@@ -141,10 +169,16 @@ class Method:
 METHODS = {}
 
 def register_method(name:str, method:Method)->Method:
-    "Add `method` to the table under `name`."
-    if '+' in name or not name: raise ValueError(f"method name must be non-empty without '+'; got {name!r}")
+    "Add `method` to the table under `name` (a method of that name is replaced, with a warning)."
+    if not isinstance(name, str) or '+' in name or not name: raise ValueError(f"method name must be non-empty without '+'; got {name!r}")
+    if not isinstance(method, Method): raise TypeError(f"method {name!r}: expected a `Method(terms, ...)`; got {type(method).__name__}")
+    if isinstance(method.terms, str) or not method.terms:
+        raise TypeError(f"method {name!r}: `terms` must be a tuple of term names, e.g. ('ce', 'kd'); got {method.terms!r}")
     missing = [t for t in method.terms if t not in TERMS]
     if missing: raise KeyError(f"method {name!r} uses unregistered term(s) {missing}; registered: {sorted(TERMS)}")
+    if name in METHODS and METHODS[name] != method:
+        warnings.warn(f"register_method({name!r}): replaces the registered method of that name (runs started with the "
+                      "old one refuse --resume)", stacklevel=2)
     METHODS[name] = method
     return method
 
@@ -222,7 +256,8 @@ def term_cirkd_memory(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, ta
 
 # %% ../nbs/04_objective.ipynb #90769393
 def term_released_pa(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, scale:float=0.5):
-    return B.released_pa_loss(s['aspp'], t['aspp'], scale=scale)
+    "The released code's `pa`: on the ASPP's batch-norm output before its ReLU (`extract_feature`'s `feat1`), tap 'aspp_bn'."
+    return B.released_pa_loss(s['aspp_bn'], t['aspp_bn'], scale=scale)
 
 # %% ../nbs/04_objective.ipynb #d3f36cba
 def term_released_ic(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
@@ -266,7 +301,7 @@ for _n, _t in dict(
                                   region_size=2000),
                       bounds=dict(tau='>0', kd_tau='>0', **dict.fromkeys(('pixel_contrast', 'region_contrast', 'pixel_size',
                                   'region_size'), 'int>=1')), ref='Yang et al., CVPR 2022'),
-    released_pa=Term(term_released_pa, ('aspp',), weight=9500.0, params=dict(scale=0.5), bounds=dict(scale='>0'),
+    released_pa=Term(term_released_pa, ('aspp_bn',), weight=9500.0, params=dict(scale=0.5), bounds=dict(scale='>0'),
                      ref="AICSD released code ('pa')"),
     released_ic=Term(term_released_ic, weight=1.0, ref="AICSD released code ('ic'; weight not set by its README)"),
     released_pi=Term(term_released_pi, weight=10.0, alw='fade', ref="AICSD released code ('pi')"),
@@ -316,7 +351,8 @@ def parse_method(spec:str, # a method name or names joined by '+', e.g. 'aicsd' 
         near = difflib.get_close_matches(bad[0].lower(), [*METHODS, *TERMS], n=1)
         raise ValueError(f"unknown method {', '.join(map(repr, bad))} in {spec!r}" + (f" (did you mean {near[0]!r}?)" if near else '')
                          + f"; methods: {', '.join(METHODS)} (combine with '+', e.g. 'cwd+icsd'; a term's name adds that "
-                         f"term alone, e.g. 'cwd+cwd_feat'; terms: {', '.join(t for t in TERMS if t not in METHODS and t != 'aux')})")
+                         f"term alone, e.g. 'cwd+cwd_feat'; terms: {', '.join(t for t in TERMS if t not in METHODS and t != 'aux')}; "
+                         "a method of your own: `register_method` first, on the command line with --import MODULE)")
     if 'aux' in names and 'aux' not in METHODS:
         raise ValueError(f"method {spec!r}: the 'aux' term comes with DeepLabV3's auxiliary head, weighted by --aux-weight: "
                          "drop 'aux' from the method")
@@ -353,7 +389,7 @@ class DistillObjective:
                  method:str='aicsd', # a name of `METHODS` or a combination such as 'cwd+icsd'
                  lambda_kd:float|None=None, # weight of pixel-wise KD (default: the term's, 1)
                  lambda_icsd:float|None=None, # weight of ICSD (default: the term's, 0.1 on raw KL matrices)
-                 T:float=1.0, # temperature of every term that has one named `T` (KD, ICSD)
+                 T:float=1.0, # temperature of the terms that declare `global_T` (KD, ICSD); others keep their own `T`
                  ignore_index:int=255, # label value left out of CE and the label-aware terms (and of KD with `skip_ignored`)
                  normalize:str|None=None, # ICSD row normalisation: None or 'row'
                  weights:dict|None=None, # more weights by term name, e.g. {'cwd': 3.0}
@@ -380,7 +416,7 @@ class DistillObjective:
                                  f"{', '.join(self.names)}); " + _add_term(method, k))
             # (lambda_kd / lambda_icsd, which every command passes, are ignored by methods without KD / ICSD)
         self.weights = w
-        shared = dict(T=float(T), ignore_index=ignore_index, normalize=normalize)
+        shared = dict(ignore_index=ignore_index)
         if stray := sorted(set(params or {}) - set(self.names)):   # as for weights: a term the method lacks is an error
             raise ValueError(f"--param for term(s) {', '.join(stray)}, which method {method!r} does not use (its terms: "
                              f"{', '.join(self.names)}); " + _add_term(method, stray[0]))
@@ -388,6 +424,8 @@ class DistillObjective:
         for n in self.names:
             p = dict(TERMS[n].params)
             p.update({k: v for k, v in shared.items() if k in p})
+            if TERMS[n].global_T: p['T'] = float(T)
+            if n == 'icsd': p['normalize'] = normalize     # as `lambda_icsd`: the paper's term by name
             extra = (params or {}).get(n, {})
             if 'ignore_index' in extra:       # one label for the whole objective: the data's, not a term's choice
                 raise ValueError(f"--param {n}.ignore_index: 'ignore_index' is the label of unlabelled pixels (255 in every "
@@ -462,7 +500,37 @@ def __repr__(self:DistillObjective):
     return (f"DistillObjective(method={self.method!r}, terms={self.names}, alw={self.alw}, weights={self.weights}, "
             f"T={self.T}, ignore_index={self.ignore_index}, normalize={self.normalize!r})")
 
+# %% ../nbs/04_objective.ipynb #07ca415b
+@patch
+def terms_text(self:DistillObjective)->str:
+    "The terms with their weights, parameters set away from the term's defaults, and ALW: 'ce 1, kd 1 [T=2], icsd 0.1 under ALW'."
+    val = lambda v: str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
+    changed = lambda n: ' '.join(f"{k}={val(v)}" for k, v in self.params[n].items() if v != TERMS[n].params.get(k))
+    return ', '.join(f"{n} {w:g}" + (f" [{changed(n)}]" if changed(n) else '') for n, w in self.weights.items()) + (' under ALW' if self.alw else '')
+
+@patch
+def record(self:DistillObjective)->dict: # plain types: kept in checkpoints (`weights_only`)
+    "What this objective computes, term by term: function, inputs, weight, ALW direction and parameters."
+    fn = lambda f: f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
+    return dict(method=self.method, alw=self.alw, terms={n: dict(fn=fn(TERMS[n].fn), inputs=list(TERMS[n].inputs), teacher=TERMS[n].teacher,
+                                                                  weight=self.weights[n], alw=TERMS[n].alw, params=dict(self.params[n]))
+                                                          for n in self.names})
+
+def record_changes(old:dict, # `DistillObjective.record()` stored when a run started
+                   new:dict, # the record of the objective configured now
+                  )->list: # what differs, as 'term lskd: weight 1 -> 5'; empty when they are the same
+    "How an objective's definition moved between a run and its resume (a term or method registered again with other settings)."
+    if old == new: return []
+    out = [f"ALW {old.get('alw')} -> {new.get('alw')}"] if old.get('alw') != new.get('alw') else []
+    a, b = old.get('terms', {}), new.get('terms', {})
+    out += [f"term {n} dropped" for n in a if n not in b] + [f"term {n} added" for n in b if n not in a]
+    out += [f"term {n}: {k} {a[n].get(k)} -> {b[n].get(k)}" for n in a if n in b for k in dict.fromkeys([*a[n], *b[n]])
+            if a[n].get(k) != b[n].get(k)]
+    return out
+
 # %% ../nbs/04_objective.ipynb #b0c25c8b
+_WARNED_NOGRAD = set()   # terms already said to return no gradient (once per process)
+
 @patch
 def __call__(self:DistillObjective,
              student:Tensor|dict, # student logits `B x C x H x W`, or a dict of outputs ('logits' and taps)
@@ -488,6 +556,16 @@ def __call__(self:DistillObjective,
             raise ValueError(f"term {n!r} needs its module: pass `modules=objective.build_modules(...)`")
         c = self.coefficient(n, alpha)
         value = term.fn(s, t, target, mod=modules[n] if n in modules else None, **self.params[n])
+        if not (torch.is_tensor(value) and value.numel() == 1 and value.is_floating_point()):
+            raise TypeError(f"term {n!r} ({getattr(term.fn, '__qualname__', term.fn)}) returned "
+                            + (f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if torch.is_tensor(value) else
+                               f"{type(value).__name__} {value!r}") + ": a term returns a floating-point scalar tensor (reduce it, "
+                            "e.g. with .mean(), inside the term)")
+        if value.ndim: value = value.reshape(())
+        if torch.is_grad_enabled() and not value.requires_grad and s['logits'].requires_grad and n not in _WARNED_NOGRAD:
+            _WARNED_NOGRAD.add(n)                        # said once: a detached term is logged but trains nothing
+            warnings.warn(f"term {n!r} returned a value with no gradient (detached, or computed from the teacher only): "
+                          "it is logged but does not train the student", stacklevel=2)
         terms[n] = c * value
     total = sum(terms.values())
     return total, terms

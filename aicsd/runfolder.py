@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from fastcore.basics import patch
 from .config import warn, resume_changes
+from .objective import record_changes
 from .models import model_arch
 from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write_text_atomic, replace_synced, pid_alive   # the one writer and reader of files
 
@@ -221,7 +222,7 @@ def save_last(self:Checkpointer, prog:Progress):
         dist.all_gather_object(allst, st)
     else: allst = st
     if r.main:   # the new file complete on disk first, then two renames: last.pt -> last.prev.pt, new -> last.pt
-        tmp = write_temporary(dict(**self._student(), config=dict(r.cfg), decided=dict(r.decided), teacher_sha256=getattr(r, 'teacher_sha256', None), modules=r.net.extras.state_dict(),
+        tmp = write_temporary(dict(**self._student(), config=dict(r.cfg), objective=r.objective.record(), decided=dict(r.decided), teacher_sha256=getattr(r, 'teacher_sha256', None), modules=r.net.extras.state_dict(),
                               optimizer={} if done else r.opt.state_dict(), scheduler=r.sched.state_dict(),
                               scaler=r.scaler.state_dict() if r.scaler is not None else {},
                               epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step, eval_step=prog.eval_step, world=r.world,
@@ -234,7 +235,7 @@ def save_last(self:Checkpointer, prog:Progress):
 def save_best(self:Checkpointer, prog:Progress):
     "Write `best.pt`: the student, its metrics and the configuration."
     if self.run.main:
-        save_checkpoint(self.best, **self._student(), config=dict(self.run.cfg), metrics=prog.metrics,
+        save_checkpoint(self.best, **self._student(), config=dict(self.run.cfg), objective=self.run.objective.record(), metrics=prog.metrics,
                         epoch=prog.epoch, global_step=prog.step)
 
 # %% ../nbs/07b_runfolder.ipynb #b3e0e15a
@@ -280,6 +281,9 @@ def resume(self:Checkpointer)->Progress|None:
     if nc is not None and nc != r.num_classes:       # another data set (e.g. --data-root changed): the classifier does not fit
         refused.append(f"the run predicts {nc} classes but {r.cfg.get('data')} at {r.cfg.get('data_root')} has {r.num_classes} "
                        f"(--data-root {ck['config'].get('data_root')} when it started)")
+    if not refused and ck.get('objective') and (moved := record_changes(ck['objective'], r.objective.record())):
+        refused.append(f"method {r.objective.method!r} computes another objective than when the run started ({'; '.join(moved)}): "
+                       "was a term or method registered again with other settings? Register it as it was")
     if refused:
         raise ValueError(f"cannot resume {path}: {'; '.join(refused)}. These options define the run: resume with the values "
                          f"it was started with, or start a new run with another --out (or --force to move this one aside)")

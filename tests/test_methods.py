@@ -67,3 +67,34 @@ def test_epoch_alw_follows_the_epochs(teacher, tiny_data, tmp_path):
     import csv
     rows = list(csv.DictReader((tmp_path / 'e' / 'train_log.csv').open()))
     assert [(int(r['epoch']), float(r['alpha'])) for r in rows] == [(1, 0.0)] * 3 + [(2, 0.5)] * 3, rows
+
+MY_TERMS = """from aicsd.objective import Term, Method, register_term, register_method
+def term_lskd(s, t, target, mod=None, T=2.0):
+    z = lambda x: (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-7)   # logit-standardised KD
+    ls, lt = (z(o['logits']) / T for o in (s, t))
+    return (lt.softmax(1) * (lt.log_softmax(1) - ls.log_softmax(1))).sum(1).mean() * T * T
+register_term('lskd', Term(term_lskd, alw='fade', weight=WEIGHT, params=dict(T=2.0), bounds=dict(T='>0')))
+register_method('lskd_icsd', Method(('ce', 'lskd', 'icsd'), doc='CE + logit-standardised KD + ICSD'))
+"""
+
+def test_a_method_of_your_own_on_the_command_line(teacher, tiny_data, tmp_path):
+    "--import registers a user's term and method; distill, --resume and compare run it; a redefinition refuses --resume."
+    (tmp_path / 'my_terms.py').write_text(MY_TERMS.replace('WEIGHT', '1.0'))
+    out, imp = tmp_path / 'u', ['--import', 'my_terms.py']
+    args = ['distill', '--teacher', teacher, '--student', 'mobilenetv2', '--method', 'lskd_icsd', '--param', 'lskd.T=3',
+            '--max-steps', 3, '--log-every', 1] + tiny_args(tiny_data, out)
+    p = run(aicsd_cmd() + args, cwd=tmp_path, check=False)              # without the module: named, with the way in
+    assert p.returncode == 2 and "unknown term 'lskd'" in p.stderr and '--import MODULE registers it' in p.stderr, p.stderr
+    p = run(aicsd_cmd() + args + imp + ['--stop-after', 1, '--quiet'], cwd=tmp_path, check=False)
+    assert p.returncode == 0, p.stderr
+    assert (out / 'train_log.csv').read_text().splitlines()[0].split(',')[5:] == ['ce', 'icsd', 'lskd']
+    ck = load_checkpoint(out / 'last.pt')
+    assert ck['objective']['terms']['lskd']['params']['T'] == 3 and ck['objective']['terms']['lskd']['fn'] == 'my_terms.term_lskd'
+    (tmp_path / 'my_terms.py').write_text(MY_TERMS.replace('WEIGHT', '5.0'))   # the term edited between two sessions
+    p = run(aicsd_cmd() + args + imp + ['--resume'], cwd=tmp_path, check=False)
+    assert p.returncode == 2 and 'term lskd: weight 1.0 -> 5.0' in p.stderr, p.stderr
+    (tmp_path / 'my_terms.py').write_text(MY_TERMS.replace('WEIGHT', '1.0'))
+    run(aicsd_cmd() + args + imp + ['--resume'], cwd=tmp_path)
+    assert load_checkpoint(out / 'last.pt')['global_step'] == 3
+    p = run(aicsd_cmd() + ['distill', '--help', '--import', 'my_terms'], cwd=tmp_path)   # a module name, from this folder
+    assert 'lskd_icsd' in p.stdout and 'CE + logit-standardised KD + ICSD' in p.stdout
