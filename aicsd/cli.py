@@ -183,7 +183,10 @@ def _inert(o:Option, v, command:str)->bool:
 
 def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
     "Make the keys of config file `path` the defaults of subcommand parser `p`; refuse what `command` does not take."
-    valid = {a.dest for a in p._actions} - {'help', 'config'}
+    valid = {a.dest for a in p._actions} - {'help', 'config', 'imports'}
+    if given := [k for k in ('import', 'imports') if k in cfg]:   # read before the file: a module must register its names first
+        raise ValueError(f"config {path}: key {given[0]!r}: a module of your own is given on the command line, "
+                         f"`--import MODULE`, so that its methods and terms exist before the file is read; remove the key")
     cmd = cfg.pop('command', command); cfg.pop('paper', None); cfg.pop('notes', None)
     written = {'precision': 'amp'} if 'amp' in cfg and 'precision' not in cfg else {}
     cfg = _renamed(cfg)                              # keys of older files under their new names
@@ -394,8 +397,9 @@ def _run_data(a):
             print(f"{names[i] if i < len(names) else i!s:>20}  {100 * v / max(1, sum(n)):6.2f} %  {v:>12}")   # the count last
 
 # %% ../nbs/09_cli.ipynb #imp0a1b3
-def _import_specs(argv:list)->list: # the values of every `--import X` / `--import=X` in `argv`
+def _import_specs(argv:list)->list: # the values of every `--import X` / `--import=X` of a command that takes it
     out = []
+    if not argv or argv[0] not in IMPORT_COMMANDS: return out   # elsewhere the parser refuses it, before any import
     for i, t in enumerate(argv):
         if t == '--': break
         if t == '--import':
@@ -415,13 +419,25 @@ def import_methods(specs:list, # module names (found in the current folder or on
             if not f.is_file(): raise FileNotFoundError(f"--import {s}: no such file (a .py file, or a module name)")
             name = f.stem
             if name in sys.modules and getattr(sys.modules[name], '__file__', None) == str(f.resolve()): mods.append(sys.modules[name]); continue
+            if name in sys.modules or name in getattr(sys, 'stdlib_module_names', ()) or not name.isidentifier():
+                was = getattr(sys.modules.get(name), '__file__', None) or 'Python itself'
+                raise ValueError(f"--import {s}: its module name {name!r} is taken (by {was}): the file would replace that "
+                                 f"module for the whole run; rename the file")
             spec = importlib.util.spec_from_file_location(name, f.resolve())
             m = importlib.util.module_from_spec(spec); sys.modules[name] = m
             try: spec.loader.exec_module(m)
             except BaseException: sys.modules.pop(name, None); raise
             mods.append(m)
         else:
-            if os.getcwd() not in sys.path and '' not in sys.path: sys.path.insert(0, os.getcwd())   # as `python -m` would
+            if os.getcwd() not in sys.path and '' not in sys.path: sys.path.append(os.getcwd())   # last: it shadows nothing
+            here = Path(*s.split('.')).with_suffix('.py')
+            if here.is_file():                           # a file of that name here: it must be the module the name finds
+                try: spec = importlib.util.find_spec(s)
+                except (ImportError, ValueError): spec = None
+                origin = getattr(spec, 'origin', None)
+                if origin is None or origin in ('built-in', 'frozen') or Path(origin).resolve() != here.resolve():
+                    raise ValueError(f"--import {s}: that name is another module ({origin or 'of Python'}), so {here} is "
+                                     "not read; rename the file")
             try: mods.append(importlib.import_module(s))
             except ModuleNotFoundError as e:
                 if e.name != s and not s.startswith(f"{e.name}."): raise   # a module missing inside the user's own: its own error

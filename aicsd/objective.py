@@ -90,6 +90,11 @@ def _check_term(name:str, term:Term):
     if not isinstance(term.params, dict): raise TypeError(f"{w}: `params` must be a dict of name: default; got {term.params!r}")
     if stray := sorted((set(term.bounds) | set(term.choices)) - set(term.params)):
         raise ValueError(f"{w}: `bounds`/`choices` name {stray}, which are not in its `params` {sorted(term.params)}")
+    for k, c in term.bounds.items():                  # its own defaults within its own ranges
+        if term.params[k] is not None and (bad := out_of_range(term.params[k], c)):
+            raise ValueError(f"{w}: the default of parameter {k!r} must be {bad} (its `bounds`); got {term.params[k]!r}")
+    for k, c in term.choices.items():
+        if term.params[k] not in c: raise ValueError(f"{w}: the default of parameter {k!r} must be one of {c} (its `choices`); got {term.params[k]!r}")
     if term.global_T and 'T' not in term.params: raise ValueError(f"{w}: `global_T=True` needs a parameter 'T' in `params`")
     try: sig = inspect.signature(term.fn)
     except (TypeError, ValueError): return            # a builtin without a signature: called as it is
@@ -555,7 +560,12 @@ def __call__(self:DistillObjective,
         if term.module is not None and n not in modules:
             raise ValueError(f"term {n!r} needs its module: pass `modules=objective.build_modules(...)`")
         c = self.coefficient(n, alpha)
-        value = term.fn(s, t, target, mod=modules[n] if n in modules else None, **self.params[n])
+        try: value = term.fn(s, t, target, mod=modules[n] if n in modules else None, **self.params[n])
+        except KeyError as e:                            # an output the term reads but does not declare: the trainer never asked for it
+            k = e.args[0] if e.args else None
+            if not isinstance(k, str) or not k.isidentifier() or k in term.inputs or k in s: raise
+            raise KeyError(f"term {n!r} reads the output {k!r}, which its `Term.inputs` {tuple(term.inputs)} does not declare: "
+                           f"the networks are asked only for declared taps; add {k!r} to `inputs`") from None
         if not (torch.is_tensor(value) and value.numel() == 1 and value.is_floating_point()):
             raise TypeError(f"term {n!r} ({getattr(term.fn, '__qualname__', term.fn)}) returned "
                             + (f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if torch.is_tensor(value) else
