@@ -416,11 +416,13 @@ class DeepLabV3ASPP(nn.Module):
         self.project = nn.Sequential(*_cbr(5 * cout, cout), nn.Dropout(0.5))
 
     def forward(self, x:Tensor,
-                return_features:bool=False, # also return the output before the dropout (the 'aspp' tap)
+                return_features:bool=False, # also return {'aspp_bn': before the ReLU, 'aspp': before the dropout}
                ):
         a = torch.cat([b(x) for b in (self.b0, self.b1, self.b2, self.b3, self.b4)], dim=1)
-        for layer in list(self.project)[:-1]: a = layer(a)   # (not a slice: keeps FX feature extraction working)
-        return (self.project[-1](a), a) if return_features else self.project[-1](a)
+        conv, bn, relu, drop = self.project
+        if not return_features: return drop(relu(bn(conv(a))))
+        pre = bn(conv(a)); a = F.relu(pre)                # (not the in-place ReLU: the BN output is a tap)
+        return drop(a), dict(aspp_bn=pre, aspp=a)
 
 # %% ../nbs/05_models.ipynb #9c70ced2
 class DeepLabV3Head(nn.Module):
@@ -434,8 +436,10 @@ class DeepLabV3Head(nn.Module):
         self.block = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
                                    nn.ReLU(inplace=True), nn.Dropout(0.1), nn.Conv2d(channels, num_classes, 1))
 
-    def forward(self, x:Tensor)->tuple: # (logits at the input's stride, ASPP output before its dropout, the feature before the classifier)
-        feat, a = self.aspp(x, return_features=True)
+    def forward(self, x:Tensor,
+                return_features:bool=False, # also return the ASPP taps
+               )->tuple: # (logits at the input's stride, the ASPP taps (a dict) or None, the feature before the classifier)
+        feat, a = self.aspp(x, return_features=True) if return_features else (self.aspp(x), None)
         for layer in list(self.block)[:-1]: feat = layer(feat)   # (not a slice: keeps FX feature extraction working)
         return self.block[-1](feat), a, feat
 
@@ -478,10 +482,10 @@ class DeepLabV3(nn.Module):
                 return_features:bool=False, # also return the dict of feature taps (and the aux logits)
                ):
         high, low, mid = self.pretrained(x if self.field_input is None else self.field_input(x))
-        out8, a, feat = self.head(high)
+        out8, a, feat = self.head(high, return_features)
         out = F.interpolate(out8, size=x.shape[2:], mode='bilinear', align_corners=True)
         if not return_features: return out
-        taps = dict(low=low, high=high, aspp=a, decoder=feat, logits4=out8)
+        taps = dict(low=low, high=high, **a, decoder=feat, logits4=out8)
         if self.aux: taps['aux'] = self.auxlayer(mid)
         return out, taps
 
