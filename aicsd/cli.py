@@ -398,15 +398,11 @@ def _run_data(a):
 
 # %% ../nbs/09_cli.ipynb #imp0a1b3
 def _import_specs(argv:list)->list: # the values of every `--import X` / `--import=X` of a command that takes it
-    out = []
-    if not argv or argv[0] not in IMPORT_COMMANDS: return out   # elsewhere the parser refuses it, before any import
-    for i, t in enumerate(argv):
-        if t == '--': break
-        if t == '--import':
-            if i + 1 >= len(argv) or argv[i + 1].startswith('-'): raise ValueError("--import needs a MODULE (a module name or a .py file)")
-            out.append(argv[i + 1])
-        elif t.startswith('--import='): out.append(t.split('=', 1)[1])
-    return out
+    if not argv or argv[0] not in IMPORT_COMMANDS: return []   # elsewhere the parser refuses it, before any import
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)   # --import alone; the rest later
+    pre.add_argument('--import', dest='imports', action='append', default=[])
+    try: return pre.parse_known_args(argv[1:])[0].imports
+    except argparse.ArgumentError: raise ValueError("--import needs a MODULE (a module name or a .py file)") from None
 
 def import_methods(specs:list, # module names (found in the current folder or on the Python path) or .py files
                   )->list: # the modules, imported in order

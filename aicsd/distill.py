@@ -123,7 +123,8 @@ def model_outputs(model:nn.Module, # a DeepLabV3Plus (or a `StudentWithModules`,
     if not taps: return {'logits': _full(model(x))}
     out, f = model(x, return_features=True)
     if miss := [k for k in taps if k not in f]:
-        raise KeyError(f"{type(_core(model)).__name__} gives no tap(s) {', '.join(map(repr, miss))}; its taps: {', '.join(f)}")
+        e = KeyError(f"{type(_core(model)).__name__} gives no tap(s) {', '.join(map(repr, miss))}; its taps: {', '.join(f)}")
+        e.taps = miss; raise e                          # (which ones: for the caller that names the terms reading them)
     return {'logits': _full(out), **{k: _full(f[k]) for k in taps}}
 
 # %% ../nbs/08_distill.ipynb #3486968d
@@ -279,7 +280,7 @@ def build_models(M:ModelSpec, # the model part of the configuration
     def shapes(net, taps, who):   # a tap no network gives: said now, naming the terms that read it
         try: return tap_shapes(net, taps)
         except KeyError as e:
-            users = [n for n in objective.names if any(t in e.args[0] for t in (f"'{t}'" for t in objective._taps(n)))]
+            users = [n for n in objective.names if set(objective._taps(n)) & set(getattr(e, 'taps', ()))]
             raise ValueError(f"method {objective.method!r}: term(s) {', '.join(users)} read a feature tap the {who} does not "
                              f"give: {e.args[0]} (a term declares its taps in `Term.inputs`)") from None
     ss = shapes(student, objective.student_taps, 'student')
