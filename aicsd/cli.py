@@ -4,14 +4,15 @@
 
 # %% ../nbs/09_cli.ipynb #543bbab8
 from __future__ import annotations
-import argparse, difflib, importlib, importlib.util, inspect, json, os, signal, sys, threading
+import argparse, difflib, importlib, importlib.util, inspect, os, signal, sys, threading
 from pathlib import Path
-from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_checkpoint, _new_folders, _remove_empty
+from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_to_files
 from .models import BACKBONES
-from .config import _D, _renamed, check_ranges, distill_only, read_config, size_arg, size_text, warn
+from .config import DISTILL_ONLY, renamed_keys, check_ranges, distill_only, read_config, size_arg, size_text, warn
 from .data import DEFAULT_ROOTS
 from .runfolder import STOP_SIGNALS, how_stopped
-from .checkpoint import check_writable, write_text_atomic, json_text, make_folder
+from .process import dist_env
+from .checkpoint import json_text
 from .objective import METHODS, TERMS, parse_method
 from .experiments import RECIPES, recipe_text, run_demo, run_compare
 from .bench import BENCHES, run_benchmarks
@@ -189,7 +190,7 @@ def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
                          f"`--import MODULE`, so that its methods and terms exist before the file is read; remove the key")
     cmd = cfg.pop('command', command); cfg.pop('paper', None); cfg.pop('notes', None)
     written = {'precision': 'amp'} if 'amp' in cfg and 'precision' not in cfg else {}
-    cfg = _renamed(cfg)                              # keys of older files under their new names
+    cfg = renamed_keys(cfg)                              # keys of older files under their new names
     for o in OPTIONS:                                # a flag spelled otherwise here (--student) is a key too
         k = dict(o.renamed).get(command, '')[2:].replace('-', '_')
         if k in cfg: cfg[o.name] = cfg.pop(k); written[o.name] = k
@@ -205,7 +206,7 @@ def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
         for k in inert: del cfg[k]
     other = [k for k in other if k not in inert]
     if other:
-        msg = distill_only(other) if command == 'train' and all(opt[k].commands == _D for k in other) else \
+        msg = distill_only(other) if command == 'train' and all(opt[k].commands == DISTILL_ONLY for k in other) else \
               f"{', '.join(other)}: option(s) of `aicsd {' / '.join(sorted({c for k in other for c in opt[k].commands}))}`, not of `aicsd {command}`"
         raise KeyError(f"config {path}: {msg}; remove them")
     bad = sorted(set(cfg) - valid)
@@ -388,13 +389,7 @@ def _run_data(a):
     elif a.data_command == 'sbd':
         print(f"trainaug written: {D.build_sbd_trainaug(a.sbd_root, a.voc_root)}")
     else:
-        root = a.data_root or DEFAULT_ROOTS[a.data]
-        ds = D.get_dataset(a.data, root, a.split, None)
-        names = list(getattr(ds, 'classes', None) or [])
-        n = D.class_frequencies(ds, progress=sys.stderr.isatty()).tolist()
-        print(f"{a.data} at {root}, split {a.split}: {len(ds)} images, {sum(n)} labelled pixels (void excluded)")
-        for i, v in enumerate(n):
-            print(f"{names[i] if i < len(names) else i!s:>20}  {100 * v / max(1, sum(n)):6.2f} %  {v:>12}")   # the count last
+        print(D.class_stats(a.data, a.data_root or DEFAULT_ROOTS[a.data], a.split, progress=sys.stderr.isatty()))
 
 # %% ../nbs/09_cli.ipynb #imp0a1b3
 def _import_specs(argv:list)->list: # the values of every `--import X` / `--import=X` of a command that takes it
@@ -549,25 +544,15 @@ def _main(argv):
     if a.command in ('train', 'distill'):
         cfg = args_to_config(a)
         r = fit(cfg, draw=_figure_hook(cfg))
-        if int(os.environ.get('RANK', 0)) == 0:
+        if dist_env()[0] == 0:
             print(json_text(dict(out=r['out'], steps=r['steps'],   # a NaN as null
                   best_miou=None if r['best_miou'] is None else round(r['best_miou'], 6), time_s=round(r['time_s'], 1))))
     elif a.command == 'evaluate':
-        if a.json and int(os.environ.get('RANK', 0)) == 0: check_writable(a.json, '--json')   # before the evaluation, not after it
-        main_rank_figs = a.figures_dir and int(os.environ.get('RANK', 0)) == 0
-        made = _new_folders(a.figures_dir) if main_rank_figs else []
-        if main_rank_figs: make_folder(a.figures_dir, 'the figures folder', '--figures-dir')   # before the evaluation: a bad path fails now
-        try: res = evaluate_checkpoint(a.ckpt, vars(a))
-        except BaseException: _remove_empty(made); raise                     # a failed evaluation leaves no empty folder
-        if int(os.environ.get('RANK', 0)) == 0:
+        res, files = evaluate_to_files(a.ckpt, vars(a), a.json, a.figures_dir)
+        if dist_env()[0] == 0:
             print(f"per-class IoU (%):\n{iou_table(res)}", file=sys.stderr)   # for people; stdout keeps one JSON line
             print(json_text({k: v for k, v in res.items() if not isinstance(v, list)}))   # the scalars
-            if a.json: write_text_atomic(a.json, json_text(res, indent=1))
-            if a.figures_dir:
-                from aicsd.viz import save_figure, plot_class_iou, plot_confusion
-                save_figure(plot_class_iou(res, res['classes']), Path(a.figures_dir)/'class_iou.png')
-                save_figure(plot_confusion(res['confmat'], res['classes']), Path(a.figures_dir)/'confusion.png')
-                print(f"figures: {Path(a.figures_dir)/'class_iou.png'}, {Path(a.figures_dir)/'confusion.png'}", file=sys.stderr)
+            if figs := [str(f) for f in files if Path(f).suffix == '.png']: print(f"figures: {', '.join(figs)}", file=sys.stderr)
     elif a.command == 'demo':
         run_demo(out=a.out, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads, seeds=a.seeds,
                  resume=a.resume)

@@ -14,10 +14,10 @@ from .objective import DistillObjective, METHODS, TERMS, out_of_range, method_sp
 from .models import BACKBONES, V3_BACKBONES
 
 # %% auto #0
-__all__ = ['OPTIONS', 'DEFAULTS', 'warn', 'Option', 'size_arg', 'size_text', 'value_text', 'flag_text', 'check_ranges',
-           'make_objective', 'eval_predictor', 'RunConfig', 'distill_only', 'idle_options', 'warn_idle',
-           'check_compile', 'make_config', 'resume_changes', 'read_config', 'Spec', 'DataSpec', 'ModelSpec',
-           'OptimSpec', 'PrecisionSpec', 'LoopSpec']
+__all__ = ['DISTILL_ONLY', 'OPTIONS', 'DEFAULTS', 'warn', 'Option', 'size_arg', 'size_text', 'value_text', 'flag_text',
+           'check_ranges', 'make_objective', 'eval_predictor', 'RunConfig', 'renamed_keys', 'distill_only',
+           'idle_options', 'warn_idle', 'check_compile', 'make_config', 'resume_changes', 'read_config', 'Spec',
+           'DataSpec', 'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
 
 # %% ../nbs/07a_config.ipynb #a5ba81db
 def warn(msg:str):
@@ -64,7 +64,7 @@ def size_text(v:int|list|tuple)->str:
 
 
 # %% ../nbs/07a_config.ipynb #b996b36c
-_D = ('distill',)   # the rows only `aicsd distill` takes: `aicsd train` has no teacher
+DISTILL_ONLY = ('distill',)   # the rows only `aicsd distill` takes: `aicsd train` has no teacher
 _WHAT = [   # what to train
     _O('mode', 'train', 'What to train', choices=('train', 'distill'), resume='same'),
     _O('arch', 'deeplabv3plus', 'What to train', "network family: deeplabv3plus (the paper's DeepLabV3+) or deeplabv3 (the "
@@ -73,25 +73,25 @@ _WHAT = [   # what to train
        renamed=(('distill', '--student'),), resume='same'),
     _O('teacher', None, 'What to train', "teacher checkpoint: best.pt of `aicsd train`, a file of the authors' released code "
        "(name its backbone with --teacher-backbone) or a field (CIRKD) DeepLabV3 file (told from its keys)", metavar='CKPT',
-       commands=_D, resume='same'),
+       commands=DISTILL_ONLY, resume='same'),
     _O('teacher_backbone', None, 'What to train', "backbone of a teacher file of the authors' released code (required for "
-       "such a file; an aicsd checkpoint says it itself)", choices=BACKBONES, metavar='BACKBONE', commands=_D, resume='same'),
+       "such a file; an aicsd checkpoint says it itself)", choices=BACKBONES, metavar='BACKBONE', commands=DISTILL_ONLY, resume='same'),
     _O('method', None, 'What to train', "distillation method, or several joined by '+' (their terms summed, e.g. cwd+icsd; a term's name adds that term, e.g. cwd+cwd_feat): "
        f"{', '.join(METHODS)} (default: aicsd; each method's terms are listed below)",
-       metavar='METHOD', commands=_D, resume='same'),
-    _O('alw', None, 'Distillation', "put the method's terms under adaptive loss weighting (default: on for aicsd only)", flag='bool', resume='same', commands=_D),
+       metavar='METHOD', commands=DISTILL_ONLY, resume='same'),
+    _O('alw', None, 'Distillation', "put the method's terms under adaptive loss weighting (default: on for aicsd only)", flag='bool', resume='same', commands=DISTILL_ONLY),
     _O('weight', None, 'Distillation', "weight of a term, e.g. --weight cwd=3 (repeat the option for more terms; default: "
-       "the method's weights)", metavar='TERM=W', resume='same', check='>=0', commands=_D),
+       "the method's weights)", metavar='TERM=W', resume='same', check='>=0', commands=DISTILL_ONLY),
     _O('param', None, 'Distillation', "a term's hyper-parameter, e.g. --param cwd.tau=2 (repeat the option for more; "
        "default: the term's own; `aicsd train` has the terms ce and, with --aux-weight, aux: --param ce.batch_average=true divides CE by the batch "
        "as the released code)", metavar='TERM.KEY=V', resume='same'),
-    _O('lambda_kd', 1.0, 'Distillation', 'weight of pixel-wise KD', type=float, resume='same', check='>=0', commands=_D),
-    _O('lambda_icsd', 0.1, 'Distillation', 'weight of ICSD', type=float, resume='same', check='>=0', commands=_D),
+    _O('lambda_kd', 1.0, 'Distillation', 'weight of pixel-wise KD', type=float, resume='same', check='>=0', commands=DISTILL_ONLY),
+    _O('lambda_icsd', 0.1, 'Distillation', 'weight of ICSD', type=float, resume='same', check='>=0', commands=DISTILL_ONLY),
     _O('temperature', 1.0, 'Distillation', 'softmax temperature of KD and ICSD (and of the terms of your own that declare `global_T`)', flags=('-T',), type=float, resume='same',
-       check='>0', commands=_D),
-    _O('alw_unit', 'step', 'Distillation', 'ALW alpha per iteration (ours) or per epoch (paper)', choices=('step', 'epoch'), resume='same', commands=_D),
+       check='>0', commands=DISTILL_ONLY),
+    _O('alw_unit', 'step', 'Distillation', 'ALW alpha per iteration (ours) or per epoch (paper)', choices=('step', 'epoch'), resume='same', commands=DISTILL_ONLY),
     _O('teacher_bf16', None, 'Distillation', 'run the frozen teacher under bf16 autocast (default: when measured faster at the '
-       'start of the run, on a CPU with native bf16 or a GPU)', flag='bool', commands=_D),
+       'start of the run, on a CPU with native bf16 or a GPU)', flag='bool', commands=DISTILL_ONLY),
 ]
 
 # %% ../nbs/07a_config.ipynb #5efc1a4c
@@ -278,7 +278,7 @@ class RunConfig(dict):
 # %% ../nbs/07a_config.ipynb #c2136e21
 _RENAMED = {'amp': ('precision', {'none': 'fp32'})}   # old key -> (new key, old value -> new value)
 
-def _renamed(given:dict)->dict:
+def renamed_keys(given:dict)->dict:
     "Keys of older configuration files under their new names (with one warning each); `--amp none` is `--precision fp32`."
     out = dict(given)
     for old, (new, values) in _RENAMED.items():
@@ -345,7 +345,7 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     "Merge `cfg` and `kwargs` over `DEFAULTS`, check names, choices, ranges and the method."
     if isinstance(cfg, RunConfig) and not kwargs: return cfg      # made and checked once: a value, not re-checked
     out = dict(DEFAULTS)
-    given = _renamed({**(cfg or {}), **kwargs})
+    given = renamed_keys({**(cfg or {}), **kwargs})
     unknown = sorted(k for k in given if k not in DEFAULTS)
     if unknown: raise KeyError(f"unknown configuration key(s) {unknown}; valid keys: {sorted(DEFAULTS)}")
     out.update(given)
@@ -384,7 +384,7 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     if out['weight'] is not None: out['weight'] = {k: float(v) for k, v in out['weight'].items()}
     if out['scale_min'] > out['scale_max']: raise ValueError(f"--scale-min {out['scale_min']} > --scale-max {out['scale_max']}")
     if out['mode'] == 'train':                             # the distillation rows mean nothing without a teacher
-        given_d = [f"--{o.name.replace('_', '-')}" for o in OPTIONS if o.commands == _D and o.name != 'method'
+        given_d = [f"--{o.name.replace('_', '-')}" for o in OPTIONS if o.commands == DISTILL_ONLY and o.name != 'method'
                    and out[o.name] != o.default]
         if given_d: raise ValueError(distill_only(given_d))
         if stray := sorted(set(out['param'] or {}) - {'ce', 'aux'}):
@@ -429,7 +429,7 @@ def resume_changes(old:dict, # configuration stored in last.pt
         a, b = old.get(o.name, o.default), new.get(o.name, o.default)
         if a == b or o.resume == 'free': continue
         if o.name == 'param' and _params_set(a) == _params_set(b): continue   # `ce.batch_average=false` is the term's own
-        if o.commands == _D and new.get('mode') == 'train': continue   # train now refuses them; an older train run stored them
+        if o.commands == DISTILL_ONLY and new.get('mode') == 'train': continue   # train now refuses them; an older train run stored them
         flag = dict(o.renamed).get(new.get('mode'), f"--{o.name.replace('_', '-')}")   # as this command spells it: --student
         (refused if o.resume == 'same' else warned).append(f"{flag} {value_text(o.name, a)} -> {value_text(o.name, b)}")
     return refused, warned

@@ -27,7 +27,7 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VO
            'train_transform', 'eval_transform', 'crop_upsampling', 'synthetic_classes', 'attribute_overlap',
            'draw_synthetic', 'make_synthetic', 'class_frequencies', 'pad_collate', 'sample_seed', 'EpochSampler',
            'SeededDataset', 'ShardSampler', 'worker_options', 'build_loader', 'close_loader', 'get_dataset',
-           'require_labelled', 'read_sbd_mat', 'build_sbd_trainaug', 'size_pair', 'parse_size']
+           'class_stats', 'require_labelled', 'read_sbd_mat', 'build_sbd_trainaug', 'size_pair', 'parse_size']
 
 # %% ../nbs/06_data.ipynb #0e871ed7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -732,6 +732,18 @@ def get_dataset(name:str, # 'voc', 'cityscapes' or 'synthetic' (VOC layout)
         return CityscapesSegmentation(root, split, transform)
     if not root.is_dir(): raise _no_root(name, root)
     return VOCSegmentation(root, split, transform, kind=name)
+
+# %% ../nbs/06_data.ipynb #ds0a1b01
+def class_stats(data:str, # 'voc', 'cityscapes' or 'synthetic'
+                root:str|Path, # the dataset's folder
+                split:str='train', # the split to count
+                progress:bool=False, # show a progress bar
+               )->str: # a header line, then one line per class: name, share of the labelled pixels (%), count
+    "What `aicsd data stats` prints: each class's share of a split's labelled pixels (void excluded)."
+    ds = get_dataset(data, root, split, None)
+    names, n = list(getattr(ds, 'classes', None) or []), class_frequencies(ds, progress=progress).tolist()
+    return '\n'.join([f"{data} at {root}, split {split}: {len(ds)} images, {sum(n)} labelled pixels (void excluded)"] +
+                     [f"{names[i] if i < len(names) else i!s:>20}  {100 * v / max(1, sum(n)):6.2f} %  {v:>12}" for i, v in enumerate(n)])
 
 # %% ../nbs/06_data.ipynb #b9b8c7d7
 def require_labelled(ds:SegmentationDataset, # a dataset (with `read_mask`)

@@ -16,11 +16,11 @@ from torch import nn, Tensor
 __all__ = ['poly_lr_lambda', 'checkpoint_kind', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_shapes',
            'tap_channels', 'distill_step', 'train_step', 'Run', 'build_models', 'weights_sha256', 'build_run',
            'start_warnings', 'train_one_epoch', 'val_ics_distance', 'evaluate_and_keep_best',
-           'restarted_with_checkpoint', 'evaluate_checkpoint', 'describe_run', 'fit']
+           'restarted_with_checkpoint', 'evaluate_checkpoint', 'evaluate_to_files', 'describe_run', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import (build_model, param_groups, model_arch, load_model, load_released_checkpoint,
-                          cirkd_backbone, load_cirkd_checkpoint)
+                          cirkd_backbone, load_cirkd_checkpoint, unwrap)
 from .data import (crop_upsampling, get_dataset, train_transform, build_loader, make_synthetic, close_loader, require_labelled, size_pair,
                         DEFAULT_ROOTS)
 from .objective import alw_alpha, DistillObjective, TERMS
@@ -106,24 +106,17 @@ class StudentWithModules(nn.Module):
         self.student, self.extras = student, modules if modules is not None else nn.ModuleDict()
     def forward(self, x:Tensor, taps:tuple=())->dict: return model_outputs(self.student, x, taps)
 
-# %% ../nbs/08_distill.ipynb #216afd12
-def _core(model:nn.Module)->nn.Module:
-    "The module inside DDP and torch.compile wrappers."
-    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, '_orig_mod'):
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
-    return model
-
 # %% ../nbs/08_distill.ipynb #6cd84b29
 def model_outputs(model:nn.Module, # a DeepLabV3Plus (or a `StudentWithModules`, possibly inside DDP)
                   x:Tensor, # images
                   taps:tuple=(), # feature taps to return besides the logits
                  )->dict: # {'logits': ..., tap: ...}, half precision cast to float32
     "A model's outputs as a dict: the logits and the requested feature taps."
-    if isinstance(_core(model), StudentWithModules): return model(x, taps=tuple(taps))
+    if isinstance(unwrap(model), StudentWithModules): return model(x, taps=tuple(taps))
     if not taps: return {'logits': _full(model(x))}
     out, f = model(x, return_features=True)
     if miss := [k for k in taps if k not in f]:
-        e = KeyError(f"{type(_core(model)).__name__} gives no tap(s) {', '.join(map(repr, miss))}; its taps: {', '.join(f)}")
+        e = KeyError(f"{type(unwrap(model)).__name__} gives no tap(s) {', '.join(map(repr, miss))}; its taps: {', '.join(f)}")
         e.taps = miss; raise e                          # (which ones: for the caller that names the terms reading them)
     return {'logits': _full(out), **{k: _full(f[k]) for k in taps}}
 
@@ -162,7 +155,7 @@ def distill_step(student:nn.Module, # network being trained (train mode): a mode
             t_out = model_outputs(teacher, images, objective.teacher_taps)
     with _autocast(images.device, amp_dtype):
         s_out = model_outputs(student, images, objective.student_taps)
-    core = _core(student)
+    core = unwrap(student)
     modules = core.extras if isinstance(core, StudentWithModules) else None
     total, terms = objective(s_out, t_out, target, alpha=alpha, modules=modules)
     return total, terms, s_out['logits']
@@ -210,9 +203,8 @@ def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, cla
                          "never be trained nor evaluated; drop --num-classes (the dataset's count is used)")
     if D.num_classes and D.num_classes < n and hasattr(tr, 'classes'):
         for ds in (tr, va):                               # labels are checked against the run's classes
-            ds.classes = list(ds.classes)[:D.num_classes]
-            ds.limit_note = (f"--num-classes {D.num_classes} keeps the first {D.num_classes} of the {n} classes of "
-                             f"{D.data}: leave it out (or raise it) to train on these labels")
+            _keep_classes(ds, D.num_classes, f"--num-classes {D.num_classes} keeps the first {D.num_classes} of the {n} "
+                          f"classes of {D.data}: leave it out (or raise it) to train on these labels")
     up = crop_upsampling(tr, D.crop_size) if rank == 0 and D.scale_base is None else None   # scaled from the crop's side
     if up and up[0] > 2:
         cs, f = D.crop_size, up[0]        # the size that trains at the images' own scale: the crop divided by the factor
@@ -223,6 +215,13 @@ def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, cla
     return tr, va, D.num_classes or n
 
 # %% ../nbs/08_distill.ipynb #30f763d0
+def _keep_classes(ds, # a dataset with `classes`
+                  C:int, # the classes kept: the first C (a run's --num-classes below the dataset's count)
+                  note:str, # what a label beyond them is told (said by the label check)
+                 ):
+    "Keep the first `C` classes of `ds`: a label beyond them is an error that says `note`."
+    ds.classes, ds.limit_note = list(ds.classes)[:C], note
+
 def _num_classes(ds)->int:
     if hasattr(ds, 'num_classes'): return int(ds.num_classes)
     if hasattr(ds, 'classes'): return len(ds.classes)
@@ -280,13 +279,13 @@ def build_models(M:ModelSpec, # the model part of the configuration
     def shapes(net, taps, who):   # a tap no network gives: said now, naming the terms that read it
         try: return tap_shapes(net, taps)
         except KeyError as e:
-            users = [n for n in objective.names if set(objective._taps(n)) & set(getattr(e, 'taps', ()))]
+            users = [n for n in objective.names if set(objective.taps(n)) & set(getattr(e, 'taps', ()))]
             raise ValueError(f"method {objective.method!r}: term(s) {', '.join(users)} read a feature tap the {who} does not "
                              f"give: {e.args[0]} (a term declares its taps in `Term.inputs`)") from None
     ss = shapes(student, objective.student_taps, 'student')
     ts = shapes(teacher, objective.teacher_taps, 'teacher') if teacher is not None else None
     for n in (objective.names if ts is not None else ()):  # maps compared position by position: one size, or step 1 fails
-        for t in (objective._taps(n) if TERMS[n].teacher and TERMS[n].same_size else ()):
+        for t in (objective.taps(n) if TERMS[n].teacher and TERMS[n].same_size else ()):
             if ss[t][2:] != ts[t][2:]:
                 a, b = model_arch(student), model_arch(teacher)
                 raise ValueError(
@@ -358,22 +357,6 @@ def build_run(cfg:dict)->Run:
                model=model, opt=opt, sched=sched, scaler=scaler, amp_dtype=amp_dtype, teacher_dtype=None, dtype=fdt,
                memory_format=mf, steps_per_epoch=spe, epochs=epochs, total=total, loop=L, precision=P, data=D,
                predict=eval_predictor(cfg), teacher_sha256=weights_sha256(teacher) if teacher is not None else None)
-
-# %% ../nbs/08_distill.ipynb #ebd9a6d0
-def _new_folders(path:str|Path)->list:
-    "The folders that creating `path` would make, deepest first."
-    p, new = Path(path).absolute(), []
-    while not p.exists() and p != p.parent: new.append(p); p = p.parent
-    return new
-
-def _remove_empty(folders:list):
-    "Remove the folders a failed run made, deepest first, while they hold nothing it logged: nothing else is touched."
-    for d in folders:
-        if (d/'tb').is_dir() and not has_logs(d) and not (d/'last.pt').exists():
-            shutil.rmtree(d/'tb', ignore_errors=True)   # TensorBoard's file of a run that logged no row (a data error)
-        try: d.rmdir()
-        except OSError: return   # not empty (the run wrote something worth keeping), or already gone
-
 
 # %% ../nbs/08_distill.ipynb #5a7b1c01
 def start_warnings(cfg:dict, # a run's configuration (`make_config`)
@@ -519,7 +502,7 @@ def val_ics_distance(run:Run, # the run: its student, teacher (None: no distance
     if run.teacher is None: return None
     k, T = min(n, len(run.val_ds), run.loop.max_val or n), run.objective.ics_T   # --max-val bounds every evaluation
     M = {'s': 0.0, 't': 0.0}                         # sums of the C x C matrices: one image's logits alive at a time
-    nets = (('s', run.student, run.amp_dtype), ('t', _core(run.teacher), run.teacher_dtype or run.amp_dtype))   # plain modules
+    nets = (('s', run.student, run.amp_dtype), ('t', unwrap(run.teacher), run.teacher_dtype or run.amp_dtype))   # plain modules
     for i in range(k):
         x = run.val_ds[i][0][None].to(run.device, run.dtype)
         for key, m, dt in nets:
@@ -618,7 +601,11 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
                 print("evaluating at native resolution; the released code evaluated on 513 x 513 squares: "
                       "--eval-resize 513 --eval-square", file=sys.stderr)
         nc, dnc = model_arch(model)['num_classes'], getattr(ds, 'num_classes', None)
-        if dnc is not None and dnc != nc:
+        if dnc is not None and nc < dnc and trained.get('num_classes') == nc and hasattr(ds, 'classes'):   # as in training
+            _keep_classes(ds, nc, f"{ckpt} was trained with --num-classes {nc}, the first {nc} of the {dnc} classes of {opts['data']}")
+            print(f"evaluating the first {nc} of the {dnc} classes of {opts['data']}, as {ckpt} was trained (--num-classes "
+                  f"{nc})", file=sys.stderr)
+        elif dnc is not None and dnc != nc:
             raise ValueError(f"{ckpt} predicts {nc} classes but {opts['data']} ({getattr(ds, 'root', opts['data_root'])}) "
                              f"has {dnc}: this checkpoint was not trained on this dataset")
         res = evaluate(model, ds, nc, batch_size=opts['val_batch_size'], device=dev, workers=loader_workers(opts['workers'], dev),
@@ -628,6 +615,26 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
         return {**{k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in res.items()},
                 'classes': names + [str(i) for i in range(len(names), nc)]}
     finally: cleanup_distributed(owned, failed=failed)   # a failing rank leaves without waiting for the others
+
+# %% ../nbs/08_distill.ipynb #ev0a1b03
+def evaluate_to_files(ckpt:str|Path, # the checkpoint (`evaluate_checkpoint`)
+                      opts:dict, # evaluation options (`evaluate_checkpoint`)
+                      json_path:str|Path|None=None, # write the whole result here as JSON (`--json`), or None
+                      figures_dir:str|Path|None=None, # draw the per-class IoU and the confusion matrix here (`--figures-dir`), or None
+                     )->tuple: # (result, files written); on ranks other than 0 nothing is written
+    "`evaluate_checkpoint`, then its result into files: destinations checked first, a folder it made removed if it fails."
+    main = dist_env()[0] == 0
+    if json_path and main: check_writable(json_path, '--json')
+    made = new_folders(figures_dir) if figures_dir and main else []
+    if figures_dir and main: make_folder(figures_dir, 'the figures folder', '--figures-dir')
+    try: res = evaluate_checkpoint(ckpt, opts)
+    except BaseException: remove_empty(made); raise
+    files = []
+    if main and json_path: files.append(write_text_atomic(json_path, json_text(res, indent=1)))
+    if main and figures_dir:
+        from aicsd.viz import evaluation_figures             # plotting loaded only when figures are asked for
+        files += evaluation_figures(res, figures_dir)
+    return res, files
 
 # %% ../nbs/08_distill.ipynb #d3c1b0a1
 def describe_run(run, # an `aicsd.distill.Run`, its precision settled (`resolve_precision`)
@@ -660,12 +667,15 @@ def _left_at_once(out:Path, # the run folder
 def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take their defaults
         draw:Callable|None=None, # figure hook at each evaluation, e.g. `aicsd.viz.run_figures` (the CLI's, with --figures)
         **kwargs, # more options, e.g. fit(epochs=2, out='runs/x')
-       )->dict: # best_miou (None before any evaluation), metrics (last evaluation), steps, time_s, out, model (rank 0, unwrapped, CPU)
-    "Train (or distil into) a network according to `cfg`; resume from `out/last.pt` if `resume`."
+       )->dict: # best_miou (None before any evaluation), metrics (last evaluation), steps, time_s, out, num_classes, model (one process only: unwrapped, CPU)
+    """Train (or distil into) a network according to `cfg`; resume from `out/last.pt` if `resume`.
+
+    Options: the keys of `aicsd.config.DEFAULTS`, each the long flag of `aicsd train --help` / `aicsd distill --help`
+    with '_' for '-' (`--batch-size 8` is `batch_size=8`; errors name the flags). `figures` only draws with a `draw` hook."""
     cfg = make_config(cfg, **kwargs)
     t0 = time.time()
-    run, joined_before, lock, old_handler = None, dist.is_initialized(), None, None
-    made = _new_folders(cfg['out'])           # removed again if the run fails before writing anything into them
+    run, joined_before, lock, old_handler, log = None, dist.is_initialized(), None, None, None
+    made = new_folders(cfg['out'])           # removed again if the run fails before writing anything into them
     stop, writing, failed = [], [], True     # signals received; set once the last checkpoint is being written
     try:
         run = build_run(cfg)
@@ -713,18 +723,17 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
                 if done or (stop_at is not None and prog.step >= stop_at): ckpt.save_last(prog)   # nothing comes after
         if prog.step >= run.total and prog.eval_step != prog.step:   # stopped on the last step before its evaluation (Ctrl-C)
             ev(); ckpt.save_last(prog)
-        if run.main and prog.step >= run.total:   # complete: last.pt is whole, its predecessor only costs disk
-            ckpt.prev.unlink(missing_ok=True)
+        if prog.step >= run.total: ckpt.finish()
         elif run.main and not L.quiet:            # --stop-after: an unfinished run, said so
             print(f"stopped at step {prog.step} of {run.total} (--stop-after); {ckpt.last} written: continue with the same "
                   "command and --resume", file=sys.stderr, flush=True)
-        log.close()
         res = dict(best_miou=prog.best, metrics=prog.metrics, steps=prog.step, time_s=time.time() - t0, out=str(run.out),
                    num_classes=run.num_classes)
         if run.main and run.world == 1: res['model'] = run.student.to('cpu').eval()
         failed = False
         return res
     finally:
+        if log is not None: log.close()     # TensorBoard's writer (a thread, a file) also after an error or a Ctrl-C
         for s, h in (old_handler or {}).items():
             if h is not None: signal.signal(s, h)
         if lock is not None: lock.release()
@@ -732,4 +741,4 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
             close_loader(run.loader); run.model = run.opt = run.sched = run.net = None   # DDP, optimizer: first
         run = ckpt = None
         cleanup_distributed(owned=not joined_before and dist.is_initialized(), failed=failed)
-        if failed and int(os.environ.get('RANK', 0)) == 0: _remove_empty(made)
+        if failed and dist_env()[0] == 0: remove_empty(made)

@@ -165,11 +165,13 @@ def eval_transform_for(eval_resize:int|None=None, # resize the short side to thi
 @torch.no_grad()
 def evaluate(model:nn.Module, # network to evaluate (eval mode is set here)
              dataset:Dataset, # validation set yielding (image, mask) after its eval transform
-             num_classes:int,
-             batch_size:int=1, device='cpu', workers:int=0,
+             num_classes:int, # classes of the data: the model's output channels
+             batch_size:int=1, # images per forward pass (images of one size are batched together, never padded)
+             device='cpu', # where the model runs
+             workers:int=0, # loader worker processes
              amp_dtype:torch.dtype|None=None, # autocast dtype, or None
              max_items:int|None=None, # evaluate the first `max_items` only
-             progress:bool=False,
+             progress:bool=False, # show a progress bar
              predict:Callable|None=None, # the protocol, (model, x) -> scores `B x C x H x W` (`make_predictor`); None: whole image
              stop:Callable|None=None, # () -> true once the evaluation should end early (a Ctrl-C or SIGTERM); then None is returned
             )->dict|None: # SegMetrics.compute() over all ranks; None when `stop` ended it
@@ -187,9 +189,15 @@ def evaluate(model:nn.Module, # network to evaluate (eval mode is set here)
         for groups in progress_bar(dl, progress and r == 0, desc='eval'):
             if stop is not None and stop(): return None           # (one process: a signal is never seen by a rank alone)
             for x, y in groups:
+                if not x.is_floating_point():                       # raw images (a dataset without its transform)
+                    raise ValueError(f"evaluate needs normalised float images (the dataset's eval transform, e.g. "
+                                     f"get_dataset(name, root, split, eval_transform())); got {x.dtype} images")
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 if fdt is not None: x = x.to(fdt)                    # float64 models evaluate float64 images
                 with autocast(dev, amp_dtype): logits = predict(model, x)
+                if logits.shape[1] != num_classes:
+                    raise ValueError(f"the model gives {logits.shape[1]} class scores, num_classes is {num_classes}: "
+                                     "give the classes the model was trained for")
                 m.update(logits.argmax(1), y)
     finally: model.train(was)
     return m.compute()

@@ -4,15 +4,15 @@
 
 # %% ../nbs/08a_experiments.ipynb #d6059ee0
 from __future__ import annotations
-import json, math, os, shutil, signal, statistics, time
+import json, math, os, signal, statistics, time
 from pathlib import Path
 from typing import Callable
 import torch
-from .config import check_ranges, make_config, size_text
+from .config import OPTIONS, check_ranges, make_config, size_text
 from .checkpoint import load_checkpoint, write_text_atomic, json_text, make_folder
 from .distill import fit
-from .runfolder import RUN_FILES, RunInterrupted, RunLock, how_stopped, sweep_temporaries
-from .objective import METHODS, TERMS, method_spec, parse_method, reads_teacher
+from .runfolder import RunInterrupted, RunLock, clear_run, how_stopped, sweep_temporaries
+from .objective import METHODS, method_spec, out_of_range, parse_method, reads_teacher
 
 # %% auto #0
 __all__ = ['PAPER_MIOU', 'PAPER_TEACHER', 'FIELD_TEACHER', 'FIELD_MIOU', 'FIELD_RERUN', 'FIELD_WEIGHTS', 'RECIPES',
@@ -192,7 +192,7 @@ DEMO_METHODS = ('baseline', 'kd', 'icsd', 'aicsd')
 DEMO_PARAMS = {'cirkd_memory': dict(pixel_size=2000, region_size=200, pixel_contrast=1024, region_contrast=256)}
 _TEACHER_KEYS = ('model', 'data_root', 'crop_size', 'batch_size', 'lr', 'seed', 'max_steps', 'scale_min', 'scale_max', 'max_val')
 
-def _demo_cfg(P:dict, root:Path, out:Path, threads, seed)->dict:
+def _demo_cfg(P:dict, root:Path, threads, seed)->dict:
     return dict(data='synthetic', data_root=str(root), crop_size=P['crop_size'], batch_size=P['batch_size'],
                 lr=P['lr'], seed=seed, tensorboard=False, figures=False, quiet=True, force=True, eval_every=10**6, log_every=5,
                 threads=threads, device='cpu', workers=0, val_batch_size=16, scale_min=0.75, scale_max=1.25,
@@ -215,8 +215,7 @@ def _teacher(P, base, out, fresh, resume=False,
         if all(c['config'].get(k) == cfg[k] for k in _TEACHER_KEYS):
             print(f"teacher: reused {ck}, trained earlier with these settings (--fresh trains it again)", flush=True)
             lock = RunLock(tdir).acquire()         # (a lock left by a killed run: taken over, said)
-            try:
-                for f in tdir.glob('.*.pt.*.tmp'): f.unlink(missing_ok=True)   # a save that was killed midway
+            try: sweep_temporaries(tdir)           # a save that was killed midway
             finally: lock.release()
             return ck, c['metrics'], 0.0, True
     print(f"teacher: DeepLabV3+ {P['teacher']}, {P['teacher_steps']} steps ...", flush=True)
@@ -224,20 +223,9 @@ def _teacher(P, base, out, fresh, resume=False,
     if resume and not fresh and (tdir/'last.pt').exists():   # its own checks refuse a teacher of other settings
         r = fit(make_config(cfg, force=False, resume=True))
         return ck, r['metrics'], time.time() - t0, False
-    if _clear_run(tdir): print(f"the earlier teacher in {tdir} is replaced (the demo keeps no copy)", flush=True)
+    if clear_run(tdir): print(f"the earlier teacher in {tdir} is replaced (the demo keeps no copy)", flush=True)
     r = fit(cfg)
     return ck, r['metrics'], time.time() - t0, False
-
-# %% ../nbs/08a_experiments.ipynb #5b0e2c91
-def _clear_run(d:Path, # one of the demo's run folders (its teacher, or a student's seed)
-              )->int: # bytes removed
-    "Remove an earlier run from the demo's run folder `d`: its run files and `replaced-<time>/` copies; other files stay."
-    d = Path(d)
-    if not d.is_dir() or (d/'.lock').exists(): return 0    # locked: `fit` decides (a live run refuses, a dead one is taken over)
-    old = [d/f for f in RUN_FILES if (d/f).exists()] + sorted(p for p in d.glob('replaced-*') if p.is_dir())
-    size = sum(f.stat().st_size for p in old for f in (p.rglob('*') if p.is_dir() else [p]) if f.is_file())
-    for p in old: shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return size
 
 # %% ../nbs/08a_experiments.ipynb #9d4f1b37
 def _continue_with()->str:
@@ -284,8 +272,9 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
     methods = tuple(methods or DEMO_METHODS); seeds = tuple(P['seeds'] if seeds is None else seeds)
     if len(set(seeds)) != len(seeds):       # a seed twice is the same run twice: a spread of 0 and a false n
         raise ValueError(f"--seeds {' '.join(map(str, seeds))}: give each seed once (a repeated seed repeats the same run)")
-    if bad := [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]:   # before the teacher's minutes
-        raise ValueError(f"--seeds {' '.join(map(str, seeds))}: seeds are integers >= 0, got {', '.join(map(repr, bad))}")
+    rule = next(o.check for o in OPTIONS if o.name == 'seed')   # --seed's range (numpy's seeds), before the teacher's minutes
+    if bad := [s for s in seeds if not isinstance(s, int) or out_of_range(s, rule)]:
+        raise ValueError(f"--seeds {' '.join(map(str, seeds))}: each seed must be {out_of_range(-1, rule)}, got {', '.join(map(repr, bad))}")
     methods = tuple(method_spec(m) for m in methods)       # ' kd + cwd ': one folder name
     same = [parse_method(m) for m in methods]              # a misspelt one fails now, not after the teacher's minutes
     if dup := [m for i, m in enumerate(methods) if same[i] in same[:i]]:
@@ -314,7 +303,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
         size = ((read_synthetic_info(root) or {}).get('settings') or {}).get('size', '?')   # the report describes the data used
         P = {**P, 'n_train': len(get_dataset('synthetic', root, 'train', None)), 'n_val': len(get_dataset('synthetic', root, 'val', None)),
              'size': size_text(size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size)}
-        base = _demo_cfg(P, root, out, threads, seed)
+        base = _demo_cfg(P, root, threads, seed)
         try: tck, tmet, tsec, cached = _teacher(P, base, out, fresh, resume, replacing)
         except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, 'the teacher', 'trains the teacher and the students'), e.signum) from None
         if resume and not cached:
@@ -340,7 +329,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
                                   param={k: v for k, v in DEMO_PARAMS.items() if k in parse_method(m)[0]} or None)
                 if (cont := resume and (d/'last.pt').exists()): resumed += 1; kept += 1
                 else: replacing()
-                if not cont and (freed := _clear_run(d)):    # one at a time: an interruption keeps the runs not reached yet
+                if not cont and (freed := clear_run(d)):    # one at a time: an interruption keeps the runs not reached yet
                     print(f"the earlier run in {d} is replaced ({freed / 1e6:.0f} MB; no copy is kept)", flush=True)
                 t0 = time.time()
                 try:
@@ -349,7 +338,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
                         if not cont or not str(e).startswith(('cannot resume', '--resume:')): raise
                         why = str(e).split('. Start the run again with --force')[0].split(' (or --force to move this one aside)')[0]
                         print(f"  {why}: this student is trained again", flush=True)
-                        replacing(); _clear_run(d); resumed -= 1; kept -= 1; r = fit(cfg)
+                        replacing(); clear_run(d); resumed -= 1; kept -= 1; r = fit(cfg)
                 except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, f'student {m}, seed {sd}', again), e.signum) from None
                 sec = time.time() - t0
                 d = model_ics({'teacher': teacher, m: r['model']}, val, n=8)[1][m]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from .distributions import flat_mask, check_logits, check_temperature
+from .distributions import flat_mask, check_logits, check_labels, check_temperature
 from .similarity import ics_matrix
 from .blocks import (run_blocks, n_workers, empty_grad, compute_dtype, round_up, block_width, scratch, mm_nt,
                           fast_exp)
@@ -86,6 +86,7 @@ def ce_loss(logits:Tensor, # logits `B x C x H x W`
     if target.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"`target` must have shape (B, H, W) = {tuple(logits.shape[:1] + logits.shape[2:])} "
                          f"to match `logits` {tuple(logits.shape)}; got {tuple(target.shape)}")
+    check_labels(target)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         x = logits if logits.dtype == torch.float64 else logits.float()
         try: tot = F.cross_entropy(x, target.long(), ignore_index=ignore_index, reduction='sum')

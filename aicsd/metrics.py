@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from .similarity import ics_matrix
+from .distributions import check_labels
 
 # %% auto #0
 __all__ = ['confusion_matrix', 'metrics_from_confmat', 'SegMetrics', 'mean_ics', 'ics_distance']
@@ -27,7 +28,7 @@ def confusion_matrix(pred:Tensor, # predicted class indices (any shape), or logi
     if pred.shape != target.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)} "
                          f"(pred: class indices of the target's shape, or logits B x C x H x W)")
-    pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+    pred, target = check_labels(pred, 'pred').reshape(-1).long(), check_labels(target).reshape(-1).long()
     keep = target != ignore_index
     pred, target = pred[keep], target[keep]
     for name, v in (('target', target), ('pred', pred)):

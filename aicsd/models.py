@@ -20,7 +20,7 @@ __all__ = ['BACKBONES', 'CHANNELS', 'MBV2_SETTING', 'V3_BACKBONES', 'V3_CHANNELS
            'MobileNetV2Backbone', 'mobilenetv2_backbone', 'ASPPBranch', 'ASPP', 'Decoder', 'DeepLabV3Plus',
            'WeightsDownloadError', 'deeplabv3plus', 'v1s_dilations', 'ResNetV1s', 'mobilenetv2_dilated_layout',
            'DilatedInvertedResidual', 'MobileNetV2Dilated', 'ASPPPooling', 'DeepLabV3ASPP', 'DeepLabV3Head', 'fcn_head',
-           'FieldInput', 'DeepLabV3', 'deeplabv3', 'build_model', 'param_groups', 'CheckpointMismatchError',
+           'FieldInput', 'DeepLabV3', 'deeplabv3', 'build_model', 'unwrap', 'param_groups', 'CheckpointMismatchError',
            'cirkd_backbone', 'load_state_dict_strict', 'model_arch', 'save_model', 'load_model',
            'load_released_checkpoint', 'load_cirkd_checkpoint', 'load_backbone_weights']
 
@@ -532,13 +532,22 @@ def build_model(family:str, # 'deeplabv3plus' or 'deeplabv3'
     if kw.pop('aux', False): raise ValueError("aux=True: only the field's DeepLabV3 has an auxiliary head (family='deeplabv3')")
     return deeplabv3plus(backbone, num_classes, **kw)
 
+# %% ../nbs/05_models.ipynb #mw0a1b02
+def unwrap(model:nn.Module, # a network, or DDP / DataParallel / torch.compile wrappers around one (any nesting)
+          )->nn.Module: # the network inside
+    "The module inside DDP, DataParallel and torch.compile wrappers."
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
+        elif isinstance(getattr(model, '_orig_mod', None), nn.Module): model = model._orig_mod
+        else: return model
+
 # %% ../nbs/05_models.ipynb #4500f315
 def param_groups(model:nn.Module, # a DeepLabV3Plus or DeepLabV3 (or a DDP/compile wrapper around one)
                  lr:float, # base learning rate (backbone)
                  head_mult:float=10.0, # head learning rate = head_mult * lr (1 in CIRKD's protocol)
                 )->list: # param groups for torch.optim.SGD
     "Backbone at `lr`, head at `head_mult * lr` (DeepLabV3+: ASPP and decoder; DeepLabV3: `head` and `auxlayer`); trainable parameters only."
-    m = getattr(model, 'module', model); m = getattr(m, '_orig_mod', m)
+    m = unwrap(model)
     if getattr(m, 'family', 'deeplabv3plus') == 'deeplabv3': backbone, heads = m.pretrained, [m.head] + ([m.auxlayer] if m.aux else [])
     else: backbone, heads = m.backbone, [m.aspp, m.decoder]
     bb = [p for p in backbone.parameters() if p.requires_grad]
@@ -646,7 +655,7 @@ def load_state_dict_strict(model:nn.Module, # the model to fill
 # %% ../nbs/05_models.ipynb #32aa0585
 def model_arch(model:nn.Module)->dict: # family, backbone, num_classes, output_stride (and aux for DeepLabV3)
     "What `build_model` needs to rebuild `model`."
-    m = getattr(model, 'module', model); m = getattr(m, '_orig_mod', m)
+    m = unwrap(model)
     arch = dict(family=getattr(m, 'family', 'deeplabv3plus'), backbone=m.backbone_name, num_classes=m.num_classes,
                 output_stride=m.output_stride)
     if arch['family'] == 'deeplabv3': arch.update(aux=m.aux, field_input=m.field_input is not None)
@@ -658,7 +667,7 @@ def save_model(model:nn.Module, # a DeepLabV3Plus or DeepLabV3 (a DDP/compile wr
                **extra, # more entries for the checkpoint dict (epoch, metrics, ...)
               )->Path:
     "Write `{'model': state_dict, 'arch': model_arch(model), **extra}` atomically."
-    m = getattr(model, 'module', model); m = getattr(m, '_orig_mod', m)
+    m = unwrap(model)
     return save_checkpoint(path, model=m.state_dict(), arch=model_arch(m), **extra)
 
 # %% ../nbs/05_models.ipynb #588ed9af
@@ -746,7 +755,7 @@ def load_backbone_weights(model:nn.Module, # a DeepLabV3 or DeepLabV3Plus (a DDP
                           map_location='cpu', # passed to torch.load
                          )->dict: # {'loaded': number of backbone tensors, 'ignored': keys of the file not used}
     "Load an ImageNet weight file into the backbone: the field's files for DeepLabV3, torchvision state_dicts for DeepLabV3+."
-    m = getattr(model, 'module', model); m = getattr(m, '_orig_mod', m)
+    m = unwrap(model)
     p, sd = Path(path), load_checkpoint(path, map_location)
     if isinstance(sd, dict) and isinstance(sd.get('state_dict'), dict): sd = sd['state_dict']
     if not (isinstance(sd, dict) and sd and all(torch.is_tensor(v) for v in sd.values())):

@@ -462,16 +462,16 @@ class DistillObjective:
     def needs_teacher(self)->bool:
         "Whether some term reads the teacher's outputs (False for the baseline)."
         return any(TERMS[n].teacher for n in self.names)   # (`reads_teacher` of the method, with its extra terms)
-    def _taps(self, n:str)->tuple:   # a term's taps, with 'logits4' when it reads the head's output (`upsampled=False`)
+    def taps(self, n:str)->tuple:   # a term's taps, with 'logits4' when it reads the head's output (`upsampled=False`)
         return TERMS[n].taps + (('logits4',) if self.params[n].get('upsampled') is False else ())
     @property
     def student_taps(self)->tuple:
         "Feature taps some term reads from the student."
-        return tuple(dict.fromkeys(t for n in self.names for t in self._taps(n)))
+        return tuple(dict.fromkeys(t for n in self.names for t in self.taps(n)))
     @property
     def teacher_taps(self)->tuple:
         "Feature taps some term reads from the teacher."
-        return tuple(dict.fromkeys(t for n in self.names if TERMS[n].teacher for t in self._taps(n)))
+        return tuple(dict.fromkeys(t for n in self.names if TERMS[n].teacher for t in self.taps(n)))
 
 # %% ../nbs/04_objective.ipynb #01c5a308
 @patch

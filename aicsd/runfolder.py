@@ -19,7 +19,7 @@ from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write
 # %% auto #0
 __all__ = ['LOGS', 'CHECKPOINTS', 'RUN_FILES', 'STOP_SIGNALS', 'rng_state', 'set_rng_state', 'RunLog', 'has_logs', 'read_run',
            'Progress', 'RunExistsError', 'RunLockedError', 'how_stopped', 'RunInterrupted', 'RunLock', 'Checkpointer',
-           'sweep_temporaries']
+           'sweep_temporaries', 'new_folders', 'remove_empty', 'clear_run']
 
 # %% ../nbs/07b_runfolder.ipynb #540a878f
 def rng_state()->dict:
@@ -98,7 +98,8 @@ class RunLog:
             for k, v in values.items():
                 if isinstance(v, (int, float)): self.tb.add_scalar(f'{name}/{k}', v, step)
     def close(self):
-        if self.tb is not None: self.tb.close()
+        "Close TensorBoard's writer (its thread and file); again: nothing."
+        if self.tb is not None: self.tb.close(); self.tb = None
 
 # %% ../nbs/07b_runfolder.ipynb #36758e70
 _FIXED = ('step', 'epoch', 'lr', 'alpha', 'loss')
@@ -340,8 +341,41 @@ def start(self:Checkpointer)->Progress:
     torch.manual_seed(s); random.seed(s); np.random.seed(s)
     return Progress()
 
+@patch
+def finish(self:Checkpointer):
+    "A complete run: `last.pt` is whole, so its predecessor `last.prev.pt` only costs disk (removed)."
+    if self.run.main: self.prev.unlink(missing_ok=True)
+
 def sweep_temporaries(*folders:Path): # folders whose owner (a run, a demo) holds their lock
     "Remove the `.NAME.*.tmp` files of writes that were killed midway (never read); a lock's own are RunLock's."
     for d in folders:
         for f in Path(d).glob('.*.tmp'):
             if not f.name.startswith('.lock.'): f.unlink(missing_ok=True)
+
+# %% ../nbs/07b_runfolder.ipynb #rf0a1b02
+def new_folders(path:str|Path, # a run folder about to be made
+               )->list: # the folders that making `path` would create, deepest first (none when it exists)
+    "The folders a run would make for `path`: what `remove_empty` may take away again if the run fails before writing."
+    p, new = Path(path).absolute(), []
+    while not p.exists() and p != p.parent: new.append(p); p = p.parent
+    return new
+
+def remove_empty(folders:list, # `new_folders`' result, made by a run that failed
+                ):
+    "Remove the folders a failed run made, deepest first, while they hold nothing it logged: nothing else is touched."
+    for d in map(Path, folders):
+        if (d/'.lock').exists(): return   # another run holds the folder (two runs started on one new --out): its files stay
+        if (d/'tb').is_dir() and not has_logs(d) and not (d/'last.pt').exists():
+            shutil.rmtree(d/'tb', ignore_errors=True)   # TensorBoard's file of a run that logged no row (a data error)
+        try: d.rmdir()
+        except OSError: return   # not empty (the run wrote something worth keeping), or already gone
+
+def clear_run(d:str|Path, # a run folder that is about to be used again (one of the demo's: its teacher, a student's seed)
+             )->int: # bytes removed
+    "Remove an earlier run from folder `d`: its run files and `replaced-<time>/` copies; other files stay; a locked folder is left alone."
+    d = Path(d)
+    if not d.is_dir() or (d/'.lock').exists(): return 0    # locked: `fit` decides (a live run refuses, a dead one is taken over)
+    old = [d/f for f in RUN_FILES if (d/f).exists()] + sorted(p for p in d.glob('replaced-*') if p.is_dir())
+    size = sum(f.stat().st_size for p in old for f in (p.rglob('*') if p.is_dir() else [p]) if f.is_file())
+    for p in old: shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return size

@@ -23,12 +23,13 @@ try: from torch.utils.tensorboard import SummaryWriter   # the type of `write_ev
 except Exception: SummaryWriter = None                     # TensorBoard stays optional
 from .checkpoint import write_text_atomic
 from .runfolder import read_run, has_logs   # the run format has one reader
+from .models import unwrap
 
 # %% auto #0
 __all__ = ['CITYSCAPES_PALETTE', 'paint', 'class_names', 'palette_for', 'to_rgb', 'row_normalize', 'plot_ics', 'plot_ics_models',
            'plot_distributions', 'plot_predictions', 'plot_class_iou', 'plot_confusion', 'plot_curves', 'model_logits',
-           'model_ics', 'save_figure', 'demo_figures', 'write_eval_figures', 'run_figures', 'ics_pair_view',
-           'ICSExplorer']
+           'model_ics', 'save_figure', 'evaluation_figures', 'demo_figures', 'write_eval_figures', 'run_figures',
+           'ics_pair_view', 'ICSExplorer']
 
 # %% ../nbs/10_viz.ipynb #5d4dee8c
 def _register_figure_display():
@@ -121,7 +122,7 @@ def _heat(ax, M, names, vmin, vmax, cmap, annot, show_y=True, center=None):
     sns.heatmap(M.numpy(), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, center=center, square=True, cbar=False,
                 annot=annot, fmt=fmt, annot_kws=dict(fontsize=max(5, 9 - C // 3)),
                 xticklabels=names, yticklabels=names if show_y else False, linewidths=0)
-    ax.tick_params(labelsize=max(5, 9 - C // 6))
+    ax.tick_params(labelsize=max(5, 9 - C // 6)); ax.tick_params(axis='y', labelrotation=0)   # (seaborn turns short labels)
     ax.set_xlabel('j'); ax.set_ylabel('i' if show_y else '', rotation=0, labelpad=8)   # upright: a lying 'i' reads as a stray mark
 
 # %% ../nbs/10_viz.ipynb #76e76750
@@ -130,7 +131,7 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
              classes:list|None=None, # class names; default '0'..'C-1'
              normalize:str|None=None, # None: the KL values (nats); 'row': each row L2-normalised
              names:tuple=('teacher', 'student'), # titles of the two matrices
-             diff_scale:str='shared', # 'shared': difference on +- the matrices' range; 'own': on its own range
+             diff_scale:str='shared', # 'shared': difference on +- the matrices' scale (`vmax`); 'own': on its own range
              annot:bool|None=None, # write the values in the cells; default when C <= 10
              title:str|None=None, # figure title
              vmax:float|None=None, # top of the matrices' colour scale (e.g. the teacher's largest entry, fixed over a run); default: the largest entry of either
@@ -165,7 +166,9 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
         _heat(axs[2], D, cls, -r, r, 'RdBu_r', annot, show_y=False)
         D0 = D * 10.0 ** e                                 # the difference in the matrices' own unit, for the title
         axs[2].set_title(f'{names[1]} - {names[0]}\n(mean squared {float((D0 ** 2).mean()):.3g}, largest |.| {float(D0.abs().max()):.3g})')
-        fig.colorbar(axs[2].collections[0], ax=axs[2], shrink=0.8, label=f'difference ({unit})')
+        hi, lo = float(D.max()) > r, float(D.min()) < -r     # beyond the scale: drawn in its end colours, arrows say so
+        fig.colorbar(axs[2].collections[0], ax=axs[2], shrink=0.8, label=f'difference ({unit})',
+                     extend='both' if hi and lo else 'max' if hi else 'min' if lo else 'neither')
     fig.suptitle(title or ('Row-normalised ICS matrices' if normalize == 'row' else
                            'ICS matrices  M[i, j] = KL(P_i || P_j)'))
     return fig
@@ -333,9 +336,11 @@ def plot_class_iou(iou, # per-class IoU (C values in [0, 1], NaN = absent), a `S
     ax.set_yticks(y, cls); ax.invert_yaxis(); ax.set_xlim(0, 100); ax.set_xlabel('IoU (%)')
     mi = {nm: float(np.nanmean(v.numpy())) for nm, v in vals.items()}
     ax.set_title(title or ('per-class IoU, ' + ', '.join(f"{(nm + ' ') if nm else ''}mIoU {x:.1f}%" for nm, x in mi.items())), fontsize=9)
-    for k, v in enumerate(vals.values()):                # an absent class (NaN): 'n/a', not a bar of 0
+    for k, v in enumerate(vals.values()):                # an absent class (NaN): 'n/a', not a bar of 0; a bar of 0: '0'
         for c in np.flatnonzero(np.isnan(v.numpy())):
-            ax.text(1, c - 0.4 + h * (k + 0.5), 'n/a (absent)', va='center', fontsize=6, color='0.4')
+            ax.text(1, c - 0.4 + h * (k + 0.5), 'n/a (absent)', va='center', fontsize=7, color='0.4')
+        for c in np.flatnonzero(v.numpy() == 0):
+            ax.text(1, c - 0.4 + h * (k + 0.5), '0', va='center', fontsize=7, color='0.2')
     if len(vals) > 1: ax.legend(fontsize=7, loc='lower right')
     return fig
 
@@ -348,7 +353,8 @@ def plot_confusion(confmat, # `C x C` [true, predicted] counts, or a `SegMetrics
     "The confusion matrix as a heatmap, rows normalised to sum to 1."
     cm = torch.as_tensor(confmat.confmat if _is_metrics(confmat) else confmat).detach().cpu().double()
     C = cm.shape[0]; cls = class_names(classes, C)
-    if normalize: cm = cm / cm.sum(1, keepdim=True).clamp(min=1)
+    absent = cm.sum(1) == 0                              # no labelled pixel of the class: no row to normalise
+    if normalize: cm = cm / cm.sum(1, keepdim=True).clamp(min=1); cm[absent] = float('nan')   # blank, not a row of 0s
     side = _panel_size(C) + 1.0
     fig = Figure(figsize=(side + 1.0, side), layout='constrained')
     ax = fig.subplots()
@@ -358,7 +364,8 @@ def plot_confusion(confmat, # `C x C` [true, predicted] counts, or a `SegMetrics
                 xticklabels=cls, yticklabels=cls, cbar_kws=dict(shrink=0.8, label='fraction of the row' if normalize else 'pixels'))
     ax.tick_params(labelsize=max(5, 9 - C // 6))
     ax.set_xlabel('predicted'); ax.set_ylabel('true')
-    ax.set_title('confusion matrix' + (' (rows sum to 1)' if normalize else ''))
+    ax.set_title('confusion matrix' + (' (rows sum to 1' + ('; blank: class absent from the labels' if absent.any() else '')
+                                       + ')' if normalize else ''), fontsize=9 if normalize and absent.any() else None)
     return fig
 
 # %% ../nbs/10_viz.ipynb #eca8c036
@@ -402,7 +409,12 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
                 a_ics.plot(ev['step'], ev['ics_distance'], marker='^', ms=3, ls=':', color=pal[4], label='ICS distance (right)')
                 a_ics.set_ylabel('ICS distance to the teacher (nats²)'); a_ics.set_ylim(bottom=0)
     vals = [v for L in logs.values() if L['train'] for c in ['loss', *L['terms']] for v in L['train'][c] if np.isfinite(v)]
-    if vals and min(vals) > 0: a_loss.set_yscale('log')
+    log = bool(vals) and min(vals) > 0                   # linear when a term is 0 somewhere (ALW's start): the label says which
+    if log:
+        from matplotlib.ticker import LogFormatterSciNotation
+        a_loss.set_yscale('log')                         # values between the powers of ten labelled too when they span few
+        a_loss.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    a_loss.set_ylabel('loss (log scale)' if log else 'loss')
     a_loss.set_title('loss: total and weighted terms' if one else 'total loss'); a_loss.set_xlabel('step')
     a_alw.set_title('ALW weight alpha and learning rate' if alw else 'learning rate'); a_alw.set_xlabel('step')
     if alw: a_alw.set_ylim(-0.05, 1.05); a_alw.set_ylabel('alpha')
@@ -471,13 +483,22 @@ def _ics_and_dist(logits:dict, T:float=1.0)->tuple:
 
 # %% ../nbs/10_viz.ipynb #a5f1e0c2
 def save_figure(fig:Figure, # the figure
-                path:str|Path, # the file; its suffix names the format (.png, .pdf, .svg)
+                path:str|Path, # the file (its folder made when missing); its suffix names the format (.png, .pdf, .svg)
                 dpi:int=100, # resolution of raster formats
                )->Path:
     "Write `fig` to `path` whole or not at all (rendered in memory, then `write_text_atomic`): a run stopped mid-write leaves the previous picture."
-    path = Path(path); buf = io.BytesIO()
+    path = Path(path); buf = io.BytesIO(); path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(buf, format=path.suffix.lstrip('.') or 'png', dpi=dpi, bbox_inches='tight', pad_inches=0.08)   # no label cut at an edge
     return write_text_atomic(path, buf.getvalue())
+
+# %% ../nbs/10_viz.ipynb #vz0a1b01
+def evaluation_figures(res:dict, # `aicsd.distill.evaluate_checkpoint`'s result: `iou`, `confmat` and `classes`
+                       folder:str|Path, # where the pictures go (made when missing)
+                      )->list: # the files written
+    "What `aicsd evaluate --figures-dir` draws: the per-class IoU bars and the confusion matrix."
+    folder = Path(folder)
+    return [save_figure(plot_class_iou(res, res['classes']), folder/'class_iou.png'),
+            save_figure(plot_confusion(res['confmat'], res['classes']), folder/'confusion.png')]
 
 # %% ../nbs/10_viz.ipynb #810062ee
 def demo_figures(models:dict, # name -> model (eval mode, CPU), 'teacher' first
@@ -507,7 +528,7 @@ def demo_figures(models:dict, # name -> model (eval mode, CPU), 'teacher' first
     return dist
 
 # %% ../nbs/10_viz.ipynb #7d909e40
-def _figures_readme(teacher:bool, of:str)->str:
+def _figures_readme(teacher:bool, of:str, alw:bool=False)->str:
     "What the files of a run's figures/ folder show."
     ics = ("teacher | student | student - teacher, on the teacher's colour scale (fixed over the run; larger entries "
            "in its top colour, an arrow on the colour bar)" if teacher else "the network's matrix (a run without a teacher)")
@@ -522,7 +543,9 @@ def _figures_readme(teacher:bool, of:str)->str:
         "- `predictions_step<step>.png`: up to 3 images, their ground truth and the predictions (void pixels: ignored).",
         *(["- `distributions_step<step>.png`: the first image's class distributions P_c(x) (the softmax of class c's logits",
            "  over the image, at T), teacher above student, for the classes the teacher predicts there (at most 6)."] if teacher else []),
-        "- `curves.png`: loss terms, the ALW weight and learning rate, validation mIoU (and the ICS distance) so far (redrawn each time).", ""])
+        f"- `curves.png`: {'the loss and its weighted terms' if teacher else 'the loss'}, "
+        f"{'the ALW weight alpha and the learning rate' if alw else 'the learning rate'}, validation mIoU and pixel accuracy"
+        f"{' and the ICS distance to the teacher' if teacher else ''} so far (redrawn each time).", ""])
 
 def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`; curves read from `out`)
                        step:int, # global step: names the files, and the TensorBoard step
@@ -569,12 +592,13 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
             figs['distributions'] = plot_distributions(zt, items[0][0], cls=sorted(top), classes=cls, T=T,
                                                        student=logits['student'][0])
     paths = {}
-    write_text_atomic(fdir/'README.md', _figures_readme(teacher is not None, of))
+    alw = teacher is not None if alw is None else alw    # the curves' ALW panel: distillation under ALW only
+    write_text_atomic(fdir/'README.md', _figures_readme(teacher is not None, of, alw and curves))
     for key, f in figs.items():
         paths[key] = fdir/f'{key}_step{step:07d}.png'
         save_figure(f, paths[key], dpi=dpi)
     if curves and has_logs(out):
-        figs['curves'] = plot_curves(out, alw=teacher is not None if alw is None else alw)   # ALW: distillation only
+        figs['curves'] = plot_curves(out, alw=alw)
         paths['curves'] = fdir/'curves.png'
         save_figure(figs['curves'], paths['curves'], dpi=dpi)
     d = dist.get('student') if teacher is not None else None
@@ -591,7 +615,7 @@ def run_figures(run, # the engine's `Run`: its folder `out`, `student`, `teacher
     "The engine's figure hook: `write_eval_figures` on the first 4 validation images of a run, at its ICSD temperature."
     o = getattr(run, 'objective', None)
     T = getattr(o, 'ics_T', 1.0)
-    teacher = getattr(run.teacher, '_orig_mod', run.teacher)   # (torch.compile's wrapper: not compiled again on rank 0 alone)
+    teacher = unwrap(run.teacher) if run.teacher is not None else None   # (torch.compile's wrapper: not compiled again on rank 0 alone)
     return write_eval_figures(run.out, step, run.student, teacher, data=run.val_ds, n=4, tb_writer=tb_writer,
                               alw=getattr(o, 'alw', None), T=T, tb_distance=False)   # no alpha panel for kd, cwd, ...
 
