@@ -601,7 +601,9 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
                 print("evaluating at native resolution; the released code evaluated on 513 x 513 squares: "
                       "--eval-resize 513 --eval-square", file=sys.stderr)
         nc, dnc = model_arch(model)['num_classes'], getattr(ds, 'num_classes', None)
-        if dnc is not None and nc < dnc and trained.get('num_classes') == nc and hasattr(ds, 'classes'):   # as in training
+        same = trained.get('data') == opts['data'] and (opts['data'] != 'synthetic' or   # VOC, Cityscapes: fixed classes
+               Path(str(trained.get('data_root'))).resolve() == Path(str(opts['data_root'])).resolve())   # synthetic: its folder
+        if dnc is not None and nc < dnc and trained.get('num_classes') == nc and same and hasattr(ds, 'classes'):   # as in training
             _keep_classes(ds, nc, f"{ckpt} was trained with --num-classes {nc}, the first {nc} of the {dnc} classes of {opts['data']}")
             print(f"evaluating the first {nc} of the {dnc} classes of {opts['data']}, as {ckpt} was trained (--num-classes "
                   f"{nc})", file=sys.stderr)
@@ -678,8 +680,9 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
     made = new_folders(cfg['out'])           # removed again if the run fails before writing anything into them
     stop, writing, failed = [], [], True     # signals received; set once the last checkpoint is being written
     try:
+        if dist_env()[0] == 0:              # the folder locked as it is made: a twin run started on it fails, and leaves it
+            lock = RunLock(make_folder(cfg['out'], 'the run folder')).acquire()
         run = build_run(cfg)
-        if run.main: lock = RunLock(run.out).acquire()
         if run.world == 1 and threading.current_thread() is threading.main_thread():
             def _on_signal(sig, frame):   # first Ctrl-C, SIGTERM or SIGHUP: finish the step, write last.pt, leave; a second: leave
                 if stop and not writing: raise _left_at_once(run.out, sig)   # now, unless that last.pt is being written

@@ -30,7 +30,7 @@ def check_labels(y:Tensor, # labels (class indices; any shape), e.g. a `B x H x 
     "`y` unless it is a floating-point tensor holding a value that is not a whole number (a mask resized bilinearly)."
     if y.is_floating_point() and bool((y != y.round()).any()):
         v = y[y != y.round()].flatten()[:3].tolist()
-        raise ValueError(f"`{name}` holds labels that are not whole numbers (e.g. {', '.join(f'{a:g}' for a in v)}): "
+        raise ValueError(f"`{name}` holds labels that are not whole numbers (e.g. {', '.join(f'{a:.8g}' for a in v)}): "
                          "labels are class indices; resize masks with nearest-neighbour interpolation, never bilinear")
     return y
 

@@ -363,7 +363,7 @@ def plot_confusion(confmat, # `C x C` [true, predicted] counts, or a `SegMetrics
                 annot=annot, fmt='.2f' if normalize else '.0f', annot_kws=dict(fontsize=max(5, 9 - C // 3)),
                 xticklabels=cls, yticklabels=cls, cbar_kws=dict(shrink=0.8, label='fraction of the row' if normalize else 'pixels'))
     ax.tick_params(labelsize=max(5, 9 - C // 6))
-    ax.set_xlabel('predicted'); ax.set_ylabel('true')
+    ax.tick_params(axis='y', labelrotation=0); ax.set_xlabel('predicted'); ax.set_ylabel('true')
     ax.set_title('confusion matrix' + (' (rows sum to 1' + ('; blank: class absent from the labels' if absent.any() else '')
                                        + ')' if normalize else ''), fontsize=9 if normalize and absent.any() else None)
     return fig
@@ -415,7 +415,8 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
         a_loss.set_yscale('log')                         # values between the powers of ten labelled too when they span few
         a_loss.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     a_loss.set_ylabel('loss (log scale)' if log else 'loss')
-    a_loss.set_title('loss: total and weighted terms' if one else 'total loss'); a_loss.set_xlabel('step')
+    terms = one and len(next(iter(logs.values()))['terms']) > 1   # (one term, e.g. CE alone: the total only)
+    a_loss.set_title('loss: total and weighted terms' if terms else 'loss' if one else 'total loss'); a_loss.set_xlabel('step')
     a_alw.set_title('ALW weight alpha and learning rate' if alw else 'learning rate'); a_alw.set_xlabel('step')
     if alw: a_alw.set_ylim(-0.05, 1.05); a_alw.set_ylabel('alpha')
     a_lr.set_ylabel('learning rate')
@@ -487,8 +488,9 @@ def save_figure(fig:Figure, # the figure
                 dpi:int=100, # resolution of raster formats
                )->Path:
     "Write `fig` to `path` whole or not at all (rendered in memory, then `write_text_atomic`): a run stopped mid-write leaves the previous picture."
-    path = Path(path); buf = io.BytesIO(); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path); buf = io.BytesIO()
     fig.savefig(buf, format=path.suffix.lstrip('.') or 'png', dpi=dpi, bbox_inches='tight', pad_inches=0.08)   # no label cut at an edge
+    path.parent.mkdir(parents=True, exist_ok=True)      # (after rendering: a figure that fails to render leaves no folder)
     return write_text_atomic(path, buf.getvalue())
 
 # %% ../nbs/10_viz.ipynb #vz0a1b01
