@@ -118,7 +118,7 @@ def _power(top:float)->int:
 # %% ../nbs/10_viz.ipynb #1a8907b6
 def _heat(ax, M, names, vmin, vmax, cmap, annot, show_y=True, center=None):
     C, big = M.shape[0], float(M.abs().max())
-    fmt = '.2f' if big < 9.995 else '.1f' if big < 99.95 else '.0f'   # at most 4 characters a cell (9.66, 24.4, 180)
+    fmt = '.2f' if big < 9.995 else '.1f' if big < 99.95 else '.0f' if big < 999.5 else '.0e'   # at most 5 characters a cell (9.66, 24.4, 180, 3e+66)
     sns.heatmap(M.numpy(), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, center=center, square=True, cbar=False,
                 annot=annot, fmt=fmt, annot_kws=dict(fontsize=max(5, 9 - C // 3)),
                 xticklabels=names, yticklabels=names if show_y else False, linewidths=0)
