@@ -601,8 +601,8 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
                 print("evaluating at native resolution; the released code evaluated on 513 x 513 squares: "
                       "--eval-resize 513 --eval-square", file=sys.stderr)
         nc, dnc = model_arch(model)['num_classes'], getattr(ds, 'num_classes', None)
-        same = trained.get('data') == opts['data'] and (opts['data'] != 'synthetic' or   # VOC, Cityscapes: fixed classes
-               Path(str(trained.get('data_root'))).resolve() == Path(str(opts['data_root'])).resolve())   # synthetic: its folder
+        here = opts.get('data_root') or DEFAULT_ROOTS[opts['data']]
+        same = mine[0] == opts['data'] and (opts['data'] != 'synthetic' or Path(mine[1]).resolve() == Path(here).resolve())   # synthetic: its folder
         if dnc is not None and nc < dnc and trained.get('num_classes') == nc and same and hasattr(ds, 'classes'):   # as in training
             _keep_classes(ds, nc, f"{ckpt} was trained with --num-classes {nc}, the first {nc} of the {dnc} classes of {opts['data']}")
             print(f"evaluating the first {nc} of the {dnc} classes of {opts['data']}, as {ckpt} was trained (--num-classes "
