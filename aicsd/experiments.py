@@ -21,11 +21,11 @@ __all__ = ['PAPER_MIOU', 'PAPER_TEACHER', 'FIELD_TEACHER', 'FIELD_MIOU', 'FIELD_
 
 # %% ../nbs/08a_experiments.ipynb #cdfd83d4
 PAPER_MIOU = {  # (dataset, student) -> method -> reported val mIoU (%), the paper's table (nbs/paper.ipynb)
-    ('voc', 'resnet18'): dict(baseline=67.50, kd=69.13, icsd=None, aicsd=70.03),
-    ('voc', 'mobilenetv2'): dict(baseline=63.92, kd=66.39, icsd=None, aicsd=68.05),
-    ('cityscapes', 'resnet18'): dict(baseline=64.09, kd=65.21, icsd=None, aicsd=68.46),
-    ('cityscapes', 'mobilenetv2'): dict(baseline=63.05, kd=64.03, icsd=None, aicsd=66.53),
-}
+    ('voc', 'resnet18'): dict(baseline=67.50, kd=69.13, at=68.95, sp=69.04, ickd=69.13, icsd=None, aicsd=70.03),
+    ('voc', 'mobilenetv2'): dict(baseline=63.92, kd=66.39, at=66.27, sp=66.32, ickd=67.01, icsd=None, aicsd=68.05),
+    ('cityscapes', 'resnet18'): dict(baseline=64.09, kd=65.21, at=65.29, sp=65.64, ickd=66.98, icsd=None, aicsd=68.46),
+    ('cityscapes', 'mobilenetv2'): dict(baseline=63.05, kd=64.03, at=63.72, sp=64.22, ickd=65.55, icsd=None, aicsd=66.53),
+}   # at: the paper's "AD" column
 PAPER_TEACHER = dict(voc=77.85, cityscapes=77.66)
 _PROTOCOL = dict(output_stride=16, epochs=120, batch_size=6, total_batch=6, momentum=0.9, weight_decay=5e-4, poly_power=0.9,
                  head_mult=10.0, crop_size=513, scale_min=0.5, scale_max=2.0, hflip=True, blur=True,
@@ -45,13 +45,13 @@ def _recipes()->dict:
         r[f'{ds}-teacher-r101'] = dict(command='train', model='resnet101', **_DATA[ds], **_PROTOCOL,
                                        out=f'runs/{ds}-teacher-r101', paper=dict(miou=PAPER_TEACHER[ds]))
         for st in ('resnet18', 'mobilenetv2'):
-            for m in ('baseline', 'kd', 'icsd', 'aicsd'):
+            for m in PAPER_MIOU[(ds, st)]:
                 rep = PAPER_MIOU[(ds, st)][m]
                 r[f'{ds}-{_SHORT[st]}-{m}'] = dict(
                     command='distill', method=m, model=st,
                     **({'teacher': f'runs/{ds}-teacher-r101/best.pt'} if reads_teacher(m) else {}),   # baseline reads none
                     **_DATA[ds], **_PROTOCOL,
-                    **(dict(temperature=1.0, lambda_kd=_KD_WEIGHT[ds], lambda_icsd=0.1) if m != 'baseline' else {}),
+                    **(dict(temperature=1.0, lambda_kd=_KD_WEIGHT[ds], lambda_icsd=0.1) if m in ('kd', 'icsd', 'aicsd') else {}),
                     **({'alw_unit': 'epoch'} if m == 'aicsd' else {}),                   # ALW: aicsd's alone
                     out=f'runs/{ds}-{_SHORT[st]}-{m}',
                     paper=dict(miou=rep if rep is not None else 'not reported (ablation only)',
@@ -171,7 +171,8 @@ def recipe_text(name:str, # a key of RECIPES
         head += (f"# paper (its results table): val mIoU {p['miou']}"
                  + (f", teacher {p['teacher_miou']}" if 'teacher_miou' in p else '') + "\n"
                  + (f"# lambda_kd = {r.get('lambda_kd')} is 10 / C, the --pi_lambda 10 of the released README's AICSD command in our "
-                    "KD's units (our reading of its 'pi': paper page, section 7); lambda_icsd = 0.1 is ours (not in the material we had)\n" if r['command'] == 'distill' and r['method'] != 'baseline' else '')
+                    "KD's units (our reading of its 'pi': paper page, section 7); lambda_icsd = 0.1 is ours (not in the material we had)\n" if 'lambda_kd' in r else
+                    f"# loss weights: the methods table's (04_objective); the paper does not give its weights for {r['method']}\n" if r['command'] == 'distill' and r['method'] != 'baseline' else '')
                  + "# param ce.batch_average: CE / batch as the released code (CE weighs 1/6; CE alone: = lr / 6, weight decay x 6); "
                  "batch_size is per process (total_batch: 6 over all processes, as in the paper; another total is warned at the start; on G "
                  "GPUs the command adds --sync-bn)\n")

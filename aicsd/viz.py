@@ -106,9 +106,14 @@ def row_normalize(M:Tensor, # `C x C` (or `B x C x C`) matrix
 # %% ../nbs/10_viz.ipynb #f5a30a56
 def _panel_size(C:int)->float: return float(min(max(2.8, 0.24 * C + 1.4), 6.0))
 
-def _label_room(names:list, C:int)->float:
+def _tick_size(C:int, side:float|None=None)->float:
+    "Points of a heatmap's tick labels: as large as the pitch of `C` cells on a `side`-inch panel allows, 5 to 8 pt."
+    small = max(5, 9 - C // 6)                           # no panel size given: the size for the densest layout
+    return small if side is None else max(small, min(8.0, 0.4 * side * 72 / C))   # 19 classes on 6 in: 8 pt, not 6
+
+def _label_room(names:list, C:int, side:float|None=None)->float:
     "Inches the longest class name takes as a tick label of a heatmap (`_heat`'s font size): room the layout must give."
-    return max(map(len, names), default=0) * max(5, 9 - C // 6) * 0.6 / 72
+    return max(map(len, names), default=0) * _tick_size(C, side) * 0.6 / 72
 
 def _power(top:float)->int:
     "The power of ten that brings a scale whose top is `top` below 10: 0 unless `top` < 0.1 (KL at high T is ~1e-4)."
@@ -116,13 +121,13 @@ def _power(top:float)->int:
     return math.floor(math.log10(top)) if 0 < top < 0.1 else 0
 
 # %% ../nbs/10_viz.ipynb #1a8907b6
-def _heat(ax, M, names, vmin, vmax, cmap, annot, show_y=True, center=None):
+def _heat(ax, M, names, vmin, vmax, cmap, annot, show_y=True, center=None, side=None):   # side: the panel's inches (`_tick_size`)
     C, big = M.shape[0], float(M.abs().max())
     fmt = '.2f' if big < 9.995 else '.1f' if big < 99.95 else '.0f' if big < 999.5 else '.0e'   # at most 5 characters a cell (9.66, 24.4, 180, 3e+66)
     sns.heatmap(M.numpy(), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, center=center, square=True, cbar=False,
                 annot=annot, fmt=fmt, annot_kws=dict(fontsize=max(5, 9 - C // 3)),
                 xticklabels=names, yticklabels=names if show_y else False, linewidths=0)
-    ax.tick_params(labelsize=max(5, 9 - C // 6)); ax.tick_params(axis='y', labelrotation=0)   # (seaborn turns short labels)
+    ax.tick_params(labelsize=_tick_size(C, side)); ax.tick_params(axis='y', labelrotation=0)   # (seaborn turns short labels)
     ax.set_xlabel('j'); ax.set_ylabel('i' if show_y else '', rotation=0, labelpad=8)   # upright: a lying 'i' reads as a stray mark
 
 # %% ../nbs/10_viz.ipynb #76e76750
@@ -130,7 +135,7 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
              student:Tensor|None=None, # student ICS matrix, same shape; None: the teacher alone
              classes:list|None=None, # class names; default '0'..'C-1'
              normalize:str|None=None, # None: the KL values (nats); 'row': each row L2-normalised
-             names:tuple=('teacher', 'student'), # titles of the two matrices
+             names:tuple=('teacher', 'student'), # titles of the two matrices (of the teacher alone: one)
              diff_scale:str='shared', # 'shared': difference on +- the matrices' scale (`vmax`); 'own': on its own range
              annot:bool|None=None, # write the values in the cells; default when C <= 10
              title:str|None=None, # figure title
@@ -138,6 +143,8 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
             )->Figure: # axes: teacher, student, difference, then two colour bars (teacher alone: 2 axes)
     "Heatmaps of the teacher's and the student's ICS matrices on one colour scale, and their difference."
     if normalize not in (None, 'row'): raise ValueError(f"`normalize` must be None or 'row'; got {normalize!r}")
+    if isinstance(names, str) or not (1 if student is None else 2) <= len(names) <= 2:
+        raise ValueError(f"`names` takes the matrices' titles (teacher, student); got {names!r} (class names go in `classes`)")
     if diff_scale not in ('shared', 'own'): raise ValueError(f"`diff_scale` must be 'shared' or 'own'; got {diff_scale!r}")
     T = _mean_matrix(teacher)
     S = None if student is None else _mean_matrix(student)
@@ -147,7 +154,7 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
     annot = C <= 10 if annot is None else annot
     mats = [T] if S is None else [T, S, S - T]
     side = _panel_size(C)
-    room = _label_room(cls, C)                          # long class names: under the panels and beside the first
+    room = _label_room(cls, C, side)                          # long class names: under the panels and beside the first
     fig = Figure(figsize=(side * len(mats) + 1.2 * (len(mats) > 1) + 0.8 + room, side + 0.9 + room), layout='constrained')
     axs = fig.subplots(1, len(mats), squeeze=False)[0]
     top = max(float(m.max()) for m in mats[:2])
@@ -157,13 +164,13 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
     if e: mats, vmax = [m / 10.0 ** e for m in mats], vmax / 10.0 ** e
     unit = ('row-normalised KL' if normalize == 'row' else 'KL (nats)') + (f' x 1e{e}' if e else '')
     for k, (ax, M, nm) in enumerate(zip(axs, mats[:2], names)):
-        _heat(ax, M, cls, 0, vmax, 'viridis', annot, show_y=k == 0)
+        _heat(ax, M, cls, 0, vmax, 'viridis', annot, show_y=k == 0, side=side)
         ax.set_title(nm)
     fig.colorbar(axs[0].collections[0], ax=list(axs[:2]), shrink=0.8, label=unit, extend='max' if over else 'neither')
     if S is not None:
         D = mats[2]
         r = (float(D.abs().max()) or 1.0) if diff_scale == 'own' else vmax
-        _heat(axs[2], D, cls, -r, r, 'RdBu_r', annot, show_y=False)
+        _heat(axs[2], D, cls, -r, r, 'RdBu_r', annot, show_y=False, side=side)
         D0 = D * 10.0 ** e                                 # the difference in the matrices' own unit, for the title
         axs[2].set_title(f'{names[1]} - {names[0]}\n(mean squared {float((D0 ** 2).mean()):.3g}, largest |.| {float(D0.abs().max()):.3g})')
         hi, lo = float(D.max()) > r, float(D.min()) < -r     # beyond the scale: drawn in its end colours, arrows say so
@@ -187,7 +194,7 @@ def plot_ics_models(mats:dict, # name -> ICS matrix `C x C` (or `B x C x C`); th
     C = M[first].shape[0]; cls = class_names(classes, C)
     side = min(_panel_size(C), 3.6)
     nc = min(len(M), cols); nr = -(-len(M) // nc)
-    room = _label_room(cls, C)                          # long class names under each row, beside the first column
+    room = _label_room(cls, C, side)                          # long class names under each row, beside the first column
     fig = Figure(figsize=(side * nc + 1.5 + room, (side + 0.5 + room) * nr + 0.6), layout='constrained')
     grid = fig.subplots(nr, nc, squeeze=False)
     for ax in grid.flat[len(M):]: ax.set_axis_off()
@@ -197,7 +204,7 @@ def plot_ics_models(mats:dict, # name -> ICS matrix `C x C` (or `B x C x C`); th
     e = _power(vmax)                                     # tiny values: drawn x 10^-e, the unit says so
     if e: M, vmax, top = {k: v / 10.0 ** e for k, v in M.items()}, vmax / 10.0 ** e, top / 10.0 ** e
     for k, (ax, (nm, m)) in enumerate(zip(axs, M.items())):
-        _heat(ax, m, cls, 0, vmax, 'viridis', C <= 6, show_y=k % nc == 0)
+        _heat(ax, m, cls, 0, vmax, 'viridis', C <= 6, show_y=k % nc == 0, side=side)
         d = None if dists is None else dists.get(nm)
         ax.set_title(nm if nm == first or d is None else f'{nm}\n(distance to {first} {d:.3g})', fontsize=9)
     fig.colorbar(axs[0].collections[0], ax=list(grid.flat), shrink=0.8, label='KL (nats)' + (f' x 1e{e}' if e else ''), extend='max' if top > vmax else 'neither')
@@ -362,7 +369,7 @@ def plot_confusion(confmat, # `C x C` [true, predicted] counts, or a `SegMetrics
     sns.heatmap(cm.numpy(), ax=ax, cmap='Blues', vmin=0, vmax=1 if normalize else None, square=True,
                 annot=annot, fmt='.2f' if normalize else '.0f', annot_kws=dict(fontsize=max(5, 9 - C // 3)),
                 xticklabels=cls, yticklabels=cls, cbar_kws=dict(shrink=0.8, label='fraction of the row' if normalize else 'pixels'))
-    ax.tick_params(labelsize=max(5, 9 - C // 6))
+    ax.tick_params(labelsize=_tick_size(C, side))
     ax.tick_params(axis='y', labelrotation=0); ax.set_xlabel('predicted'); ax.set_ylabel('true')
     ax.set_title('confusion matrix' + (' (rows sum to 1' + ('; blank: class absent from the labels' if absent.any() else '')
                                        + ')' if normalize else ''), fontsize=9 if normalize and absent.any() else None)
