@@ -36,9 +36,9 @@ def _size_arg(s:str)->int|list:
 
 # %% ../nbs/09_cli.ipynb #9b3e0968
 def _path_arg(s:str)->str:
-    "argparse type of a file or folder: an empty name is refused (it would mean the current folder, or the default)."
+    "argparse type of a file or folder: an empty name is refused (it would mean the current folder, or the default); `~` expanded."
     if not s.strip(): raise argparse.ArgumentTypeError("an empty path: name a file or folder")
-    return s
+    return os.path.expanduser(s)   # `--out=~/runs/x` and quoted '~/...': the shell left the ~, a folder named '~' would be made
 
 def _positive_int(s:str)->int:
     "argparse type of a count that must be at least 1 (--threads)."
@@ -131,7 +131,7 @@ def add_train_options(p:argparse.ArgumentParser, # a subcommand parser
                      )->argparse.ArgumentParser:
     "Add the options of `command` to `p` from `OPTIONS`, grouped by `--help` section, with their defaults."
     if command != 'evaluate':
-        p.add_argument('--config', '-c', metavar='FILE', help='YAML or TOML file whose keys are the long options (flags override it)')
+        p.add_argument('--config', '-c', type=_path_arg, metavar='FILE', help='YAML or TOML file whose keys are the long options (flags override it)')
     groups = {}
     for o in OPTIONS:
         if not o.help or command not in o.commands: continue
@@ -309,9 +309,9 @@ def build_parser()->argparse.ArgumentParser:
     e.add_argument('--backbone', choices=BACKBONES, metavar='BACKBONE', help="backbone of a --ckpt written by the authors' "
                    f"released code, which does not say it ({', '.join(BACKBONES)}); aicsd and field files need none")
     add_train_options(e, 'evaluate')                 # the rows whose `commands` name evaluate
-    e.add_argument('--json', metavar='FILE', help='also write every metric to FILE, the per-class ones (iou, class_acc, classes) '
+    e.add_argument('--json', type=_path_arg, metavar='FILE', help='also write every metric to FILE, the per-class ones (iou, class_acc, classes) '
                    'and the confusion matrix (confmat, [true][predicted] pixel counts) too; stdout has the scalars')
-    e.add_argument('--figures-dir', metavar='DIR', help='also draw class_iou.png (per-class IoU) and confusion.png (the confusion '
+    e.add_argument('--figures-dir', type=_path_arg, metavar='DIR', help='also draw class_iou.png (per-class IoU) and confusion.png (the confusion '
                    'matrix, rows normalised) into DIR (made when missing)')
     m = sub.add_parser('demo', formatter_class=fmt, help='the whole method on synthetic data, on a CPU',
         description='Synthetic data -> small teacher -> students (baseline, KD, ICSD, AICSD, the same seeds for each) -> '
@@ -343,7 +343,7 @@ def build_parser()->argparse.ArgumentParser:
     b.add_argument('--latency', action='store_true', help='also the latency table (same as adding `latency`)')
     b.add_argument('--quick', action='store_true', help='tiny shapes: a smoke test in seconds')
     b.add_argument('--device', default='auto', help="'cpu', 'cuda' or 'auto' (the GPU when there is one)")
-    b.add_argument('--out', metavar='FILE', default=None, help='also append every row to FILE as JSON lines')
+    b.add_argument('--out', type=_path_arg, metavar='FILE', default=None, help='also append every row to FILE as JSON lines')
     b.add_argument('--threads', type=_positive_int, default=None, help='torch CPU threads (default: all cores)')
     _add_data_commands(sub, fmt)
     for n in IMPORT_COMMANDS:                        # read before parsing (`parse`); declared here for --help
@@ -363,7 +363,7 @@ def _add_data_commands(sub, fmt):
                     "These actions write the synthetic set, build VOC's trainaug split from SBD, or count a split's classes.")
     ds = p.add_subparsers(dest='data_command', metavar='ACTION', required=True)
     s = ds.add_parser('synthetic', formatter_class=fmt, help='write the built-in synthetic dataset (VOC layout)')
-    s.add_argument('--data-root', '--root', dest='data_root', default=d['root'], metavar='DIR', help='dataset folder')
+    s.add_argument('--data-root', '--root', dest='data_root', type=_path_arg, default=d['root'], metavar='DIR', help='dataset folder')
     s.add_argument('--n-train', type=int, default=d['n_train'], metavar='N', help='training images')
     s.add_argument('--n-val', type=int, default=d['n_val'], metavar='N', help='validation images')
     s.add_argument('--size', type=int, default=d['size'], metavar='PX', help='image side')
@@ -371,7 +371,7 @@ def _add_data_commands(sub, fmt):
     s.add_argument('--seed', type=int, default=d['seed'], help='everything drawn depends only on the seed')
     s.add_argument('--overwrite', action='store_true', help='replace a synthetic dataset made with other settings')
     b = ds.add_parser('sbd', formatter_class=fmt, help='build VOC trainaug (SegmentationClassAug) from the SBD release')
-    b.add_argument('--sbd-root', required=True, metavar='DIR', help='the SBD release: benchmark_RELEASE/, its dataset/ (holding cls/*.mat, img/, train.txt, val.txt) or that cls/')
+    b.add_argument('--sbd-root', type=_path_arg, required=True, metavar='DIR', help='the SBD release: benchmark_RELEASE/, its dataset/ (holding cls/*.mat, img/, train.txt, val.txt) or that cls/')
     b.add_argument('--voc-root', required=True, metavar='DIR', help='VOCdevkit/VOC2012')
     t = ds.add_parser('stats', formatter_class=fmt, help='class frequencies of a split')
     t.add_argument('--data', choices=list(DEFAULT_ROOTS), default='synthetic', help='dataset')

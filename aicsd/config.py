@@ -349,6 +349,8 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     unknown = sorted(k for k in given if k not in DEFAULTS)
     if unknown: raise KeyError(f"unknown configuration key(s) {unknown}; valid keys: {sorted(DEFAULTS)}")
     out.update(given)
+    for o in OPTIONS:   # `~` in a path from a config file, Python or `--out=~/x` (the shell expands only a bare leading ~)
+        if o.metavar in ('DIR', 'FILE', 'CKPT') and isinstance(out[o.name], (str, Path)): out[o.name] = os.path.expanduser(str(out[o.name]))
     if out['data_root'] is not None and not str(out['data_root']).strip():   # '' is not "the default": said
         raise ValueError(f"--data-root is empty: name the data set's folder, or leave the option out for the default "
                          f"({DEFAULT_ROOTS.get(out['data'])})")

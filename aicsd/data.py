@@ -110,7 +110,13 @@ def read_image(path, # image file (JPEG or PNG)
               )->tv_tensors.Image: # uint8 `3 x H x W`
     "Decode an image file to RGB; a file that cannot be decoded raises an error naming it."
     try:
-        with Image.open(path) as im: a = np.array(im.convert('RGB'))
+        with Image.open(path) as im:
+            if im.mode == 'F': raise ValueError(f"mode F (floating-point pixels); expected 8 or 16 bits per channel")
+            if im.mode.startswith('I'):        # 16-bit grayscale: its 0..65535 scaled to 0..255 (PIL's convert clips at 255)
+                g = np.array(im).astype(np.int64)
+                if g.min() < 0 or g.max() > 65535: raise ValueError(f"pixel values {g.min()}..{g.max()} (mode {im.mode}); expected 0..65535")
+                a = np.repeat(((g * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, axis=2)
+            else: a = np.array(im.convert('RGB'))
         return tv_tensors.Image(torch.from_numpy(a).permute(2, 0, 1).contiguous())
     except Exception as e: raise _unreadable(path, e) from e
 
@@ -131,8 +137,12 @@ def read_label(path, # label PNG (palette or 8-bit grayscale): one class index p
     "Read an index label image without colour conversion (palette PNGs give their indices)."
     try:
         with Image.open(path) as im:
+            if im.format == 'JPEG':   # lossy: the class indices at region edges become other values
+                raise ValueError(f"label file {path} is a JPEG image (lossy compression changes class indices at edges); "
+                                 "expected a palette ('P') or 8-bit grayscale ('L') PNG holding one class index per pixel")
             if im.mode not in ('P', 'L'):
-                what = 'colours' if im.mode in ('RGB', 'RGBA', 'CMYK', 'YCbCr', 'LA') else 'more than 8 bits per pixel'
+                what = ('colours' if im.mode in ('RGB', 'RGBA', 'CMYK', 'YCbCr', 'LA') else
+                        'one bit per pixel: two values' if im.mode == '1' else 'more than 8 bits per pixel')
                 raise ValueError(f"label file {path} has mode {im.mode} ({what}); expected a palette ('P') or "
                                  "8-bit grayscale ('L') PNG holding one class index per pixel")
             return np.array(im, dtype=np.uint8)
@@ -150,10 +160,12 @@ def _check_values(m:np.ndarray, valid:int, path, extra=(), note:str=''):
                          f"(0..{valid - 1}) and the ignore index 255." + (f" {note}" if note else ''))
 
 # %% ../nbs/06_data.ipynb #eda758be
-def _check_sizes(image, mask, ipath, mpath):
-    if tuple(image.shape[-2:]) != tuple(mask.shape[-2:]):
-        raise ValueError(f"Image {ipath} is {tuple(image.shape[-2:])} (H, W) but its label {mpath} is "
-                         f"{tuple(mask.shape[-2:])}: image and label must have the same size.")
+def _check_sizes(image, mask, ipath, mpath):   # tensors (their last two sizes) or (H, W) tuples
+    ih, mh = (tuple(x) if isinstance(x, tuple) else tuple(x.shape[-2:]) for x in (image, mask))
+    if ih != mh:
+        raise ValueError(f"Image {ipath} is {ih} (H, W) but its label {mpath} is {mh}: image and label must have the same size."
+                         + (" Height and width are swapped: aicsd reads pixels as stored, without the rotation an EXIF "
+                            "orientation tag asks viewers for; save the image upright (or the label as stored)." if mh == ih[::-1] else ''))
 
 # %% ../nbs/06_data.ipynb #431ca5f0
 class SegmentationDataset(Dataset):
@@ -200,26 +212,34 @@ def read_synthetic_info(root, # a dataset folder
 def _read_list(path:Path)->list:
     "Ids of a split list, each once; accepts `id` lines and `/JPEGImages/id.jpg /SegmentationClassAug/id.png` lines."
     ids, first, again = [], {}, []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    raw = path.read_bytes()
+    try: text = raw.decode('utf-16') if raw[:2] in (b'\xff\xfe', b'\xfe\xff') else raw.decode('utf-8-sig')   # (BOMs: Notepad's, PowerShell's)
+    except UnicodeDecodeError as e: raise ValueError(f"Split list {path} is not UTF-8 text ({e}); expected one image id a line") from None
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line: continue
-        i = Path(line.split()[0]).stem
+        name = line.split()[0].replace('\\', '/').rsplit('/', 1)[-1]
+        stem, ext = os.path.splitext(name)
+        i = stem if ext.lower() in ('.jpg', '.jpeg', '.png') else name   # an id may hold dots: 2007_000032.v2
         if i in first: again.append((i, first[i], n)); continue   # twice in a list: trained twice, or counted twice in mIoU
         first[i] = n; ids.append(i)
     if again:
         i, a, b = again[0]
-        warnings.warn(f"Split list {path} names {len(again)} id(s) more than once (e.g. {i!r} on lines {a} and {b}); "
-                      f"each is read once ({len(ids)} ids)", stacklevel=2)
+        from aicsd.config import warn
+        warn(f"Split list {path} names {len(again)} id(s) more than once (e.g. {i!r} on lines {a} and {b}); "
+             f"each is read once ({len(ids)} ids)")
     return ids
 
 # %% ../nbs/06_data.ipynb #fdfc4a1e
 def _stems(folder:Path, exts)->dict:
-    "Map file stem -> path for the files of `folder` with one of `exts` (one directory listing, fast)."
+    "Map file stem -> path for the files of `folder` with one of `exts` (one directory listing); a stem with several files: their list."
     if not folder.is_dir(): return {}
     out = {}
-    for e in os.scandir(folder):
+    for e in sorted(os.scandir(folder), key=lambda e: e.name):
         stem, ext = os.path.splitext(e.name)
-        if ext.lower() in exts and stem not in out: out[stem] = folder / e.name
+        if ext.lower() not in exts: continue
+        p = folder / e.name
+        out[stem] = p if stem not in out else (out[stem] if isinstance(out[stem], list) else [out[stem]]) + [p]
     return out
 
 # %% ../nbs/06_data.ipynb #4b23b4ad
@@ -257,6 +277,10 @@ class VOCSegmentation(SegmentationDataset):
             what = (f"{len(miss_i)} images missing from {self.root / 'JPEGImages'} (e.g. {miss_i[:3]})" if miss_i else '') + \
                    (f"{'; ' if miss_i else ''}{len(miss_l)} labels missing from {label_dir} (e.g. {miss_l[:3]})" if miss_l else '')
             raise FileNotFoundError(f"Split list {lst} names files that do not exist: {what}.")
+        two = [f for i in self.ids for f in (imgs[i], labs[i]) if isinstance(f, list)]
+        if two:   # x.jpg and x.png: which one is the image would depend on the order of the directory listing
+            raise ValueError(f"Split list {lst} names {len(two)} id(s) with more than one file (e.g. {', '.join(map(str, two[0]))}): "
+                             "keep one file per id (move the others out of the folder)")
         self.images = [imgs[i] for i in self.ids]; self.labels = [labs[i] for i in self.ids]
         info = read_synthetic_info(self.root)        # a damaged classes.json is named
         if info is None and kind == 'synthetic':
@@ -589,7 +613,7 @@ def class_frequencies(dataset, # a dataset of this module (or any `(image, mask)
                       num_classes:int|None=None, # default `dataset.num_classes`
                       progress:bool=False, # show a tqdm bar
                      )->torch.Tensor: # int64 pixel count per class (255 excluded)
-    "Count the labelled pixels of each class over a dataset."
+    "Count the labelled pixels of each class over a dataset (checking each label against its image's size)."
     C = num_classes or dataset.num_classes
     counts = np.zeros(256, np.int64)
     it = range(len(dataset))
@@ -598,6 +622,8 @@ def class_frequencies(dataset, # a dataset of this module (or any `(image, mask)
         it = tqdm(it, desc='class frequencies')
     for i in it:
         m = dataset.read_mask(i) if hasattr(dataset, 'read_mask') else torch.as_tensor(dataset[i][1]).numpy().astype(np.uint8)
+        if hasattr(dataset, 'images'):   # the image's size from its header: a tree that training would refuse is refused here
+            _check_sizes(image_hw(dataset.images[i]), m.shape, dataset.images[i], dataset.labels[i])
         counts += np.bincount(m.ravel(), minlength=256)
     return torch.from_numpy(counts[:C].copy())
 

@@ -212,6 +212,10 @@ class Checkpointer:
     RUN_FILES = RUN_FILES
 
 # %% ../nbs/07b_runfolder.ipynb #dcffd789
+def _n_train(run)->int|None: # images of the training split (None: a run without one)
+    ds = getattr(run, 'train_ds', None)
+    return len(ds) if ds is not None else None
+
 @patch
 def save_last(self:Checkpointer, prog:Progress):
     "Write `last.pt` (every rank takes part: the RNG states are gathered); a complete run's leaves out the optimizer state."
@@ -227,7 +231,7 @@ def save_last(self:Checkpointer, prog:Progress):
                               optimizer={} if done else r.opt.state_dict(), scheduler=r.sched.state_dict(),
                               scaler=r.scaler.state_dict() if r.scaler is not None else {},
                               epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step, eval_step=prog.eval_step, world=r.world,
-                              best_miou=prog.best, metrics=prog.metrics or {}, rng=allst), self.last)
+                              best_miou=prog.best, metrics=prog.metrics or {}, rng=allst, train_images=_n_train(r)), self.last)
         if self.last.exists(): os.replace(self.last, self.prev)
         replace_synced(tmp, self.last)                # and the folder synced: the renames survive a power cut
 
@@ -285,6 +289,10 @@ def resume(self:Checkpointer)->Progress|None:
     if not refused and ck.get('objective') and (moved := record_changes(ck['objective'], r.objective.record())):
         refused.append(f"method {r.objective.method!r} computes another objective than when the run started ({'; '.join(moved)}): "
                        "was a term or method registered again with other settings? Register it as it was")
+    was_n, now_n = ck.get('train_images'), _n_train(r)
+    if was_n is not None and now_n is not None and was_n != now_n:   # e.g. a damaged image's id taken out of the split list
+        warned.append(f"the training split holds {now_n} images, {was_n} when the run started: an epoch is now "
+                      f"{r.steps_per_epoch} steps and the run {r.total}")
     if refused:
         raise ValueError(f"cannot resume {path}: {'; '.join(refused)}. These options define the run: resume with the values "
                          f"it was started with, or start a new run with another --out (or --force to move this one aside)")
