@@ -823,7 +823,8 @@ def build_sbd_trainaug(sbd_root, # the SBD release: `benchmark_RELEASE/`, its `d
     gone = [str(f) for f in src.values() if not f.is_file()]
     if gone: raise FileNotFoundError(f"{len(gone)} annotation(s) listed in {sets}/train.txt or {sbd}/train.txt, val.txt are "
                                      f"missing, e.g. {', '.join(gone[:3])}; nothing was written")
-    copy = {i: sbd / 'img' / f'{i}.jpg' for i in ids if not (voc / 'JPEGImages' / f'{i}.jpg').is_file()}
+    have = _stems(voc / 'JPEGImages', {'.jpg', '.jpeg', '.png'})   # VOC's own images, whatever their extension
+    copy = {i: sbd / 'img' / f'{i}.jpg' for i in ids if i not in have}
     gone = [i for i, f in copy.items() if not f.is_file()]
     if gone: raise FileNotFoundError(f"{len(gone)} image(s) are in neither {voc / 'JPEGImages'} nor {sbd / 'img'}, e.g. "
                                      f"{', '.join(f'{i}.jpg' for i in gone[:3])}; nothing was written")
@@ -835,7 +836,7 @@ def build_sbd_trainaug(sbd_root, # the SBD release: `benchmark_RELEASE/`, its `d
         for i in tqdm(ids, desc='SBD -> SegmentationClassAug', disable=not progress):
             lab = read_sbd_mat(src[i]) if src[i].suffix == '.mat' else read_label(src[i])
             _check_values(lab, 21, src[i])
-            img = copy.get(i, voc / 'JPEGImages' / f'{i}.jpg')
+            img = copy[i] if i in copy else have[i] if not isinstance(have[i], list) else have[i][0]   # (two files: the reader says so)
             h, w = image_hw(img)
             if lab.shape != (h, w):
                 raise ValueError(f"SBD annotation {src[i]} is {lab.shape} (H, W) but its image {img} is {(h, w)}: "

@@ -43,18 +43,24 @@ def _image(lab, seed):
     return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
 
 
+ODD = ('train', 2)   # this image: a 16-bit grayscale PNG whose id holds a dot (2007_train0002.v2)
+
+
 def write_voc(root: Path) -> Path:
     "VOC2012/: JPEGImages/*.jpg, SegmentationClass/*.png (palette), ImageSets/Segmentation/{train,val}.txt."
+    "As files come in the wild: train.txt as Notepad writes it (a UTF-8 BOM, CRLF), one training image a 16-bit PNG."
     from aicsd.data import save_label_png
     for d in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'): (root / d).mkdir(parents=True)
     splits = {'train': TRAIN_SIZES, 'val': VAL_SIZES}
     for s, sizes in splits.items():
-        ids = [f'2007_{s}{k:04d}' for k in range(len(sizes))]
+        ids = [f'2007_{s}{k:04d}' + ('.v2' if (s, k) == ODD else '') for k in range(len(sizes))]
         for k, (i, size) in enumerate(zip(ids, sizes)):
             lab = _label(size, k, 21)
             save_label_png(lab, root / 'SegmentationClass' / f'{i}.png')
-            Image.fromarray(_image(lab, k)).save(root / 'JPEGImages' / f'{i}.jpg', quality=90)
-        (root / 'ImageSets/Segmentation' / f'{s}.txt').write_text(''.join(f'{i}\n' for i in ids))
+            if (s, k) == ODD: Image.fromarray((_image(lab, k).mean(-1) * 257).astype(np.uint16)).save(root / 'JPEGImages' / f'{i}.png')
+            else: Image.fromarray(_image(lab, k)).save(root / 'JPEGImages' / f'{i}.jpg', quality=90)
+        if s == 'train': (root / 'ImageSets/Segmentation/train.txt').write_text(''.join(f'{i}\r\n' for i in ids), encoding='utf-8-sig')
+        else: (root / 'ImageSets/Segmentation' / f'{s}.txt').write_text(''.join(f'{i}\n' for i in ids))
     return root
 
 
@@ -368,7 +374,7 @@ def test_data_stats_voc_mixed_sizes_defaults(trees, tmp_path, split):
     got = _stats(p)
     assert len(got) == 21 and 'Traceback' not in p.stderr
     seg = trees['voc'] / 'SegmentationClass'
-    ids = (trees['voc'] / 'ImageSets/Segmentation' / f'{split}.txt').read_text().split()
+    ids = (trees['voc'] / 'ImageSets/Segmentation' / f'{split}.txt').read_text(encoding='utf-8-sig').split()
     want = sum(np.bincount(np.asarray(Image.open(seg / f'{i}.png')).ravel(), minlength=256) for i in ids)
     assert list(got.values()) == want[:21].tolist(), (got, want[:21])
     assert sum(got.values()) == sum(h * w for h, w in (TRAIN_SIZES if split == 'train' else VAL_SIZES)) - want[255]
