@@ -18,6 +18,9 @@ from aicsd.runfolder import read_run
 from aicsd.data import make_synthetic
 from aicsd.process import native_bf16
 
+def _reps(c)->int: return 1 if c.quick else 3     # timed rounds: one where only the check's working matters (CPU tests)
+def _warm(c)->int: return 0 if c.quick else 1     # (quick: the times are reported, not judged)
+
 def _check(ok:bool, msg:str):
     if not ok: raise AssertionError(msg)
 
@@ -80,7 +83,7 @@ def _icsd_compiled(c):
         def step(f=f):
             z = sd.detach().requires_grad_(); f(z, td).backward()
         fns[name] = step
-    times = time_interleaved(fns, 3 if c.quick else 10, warmup=1, device=c.dev)
+    times = time_interleaved(fns, 1 if c.quick else 10, warmup=0 if c.quick else 1, device=c.dev)
     for name in cands:
         tm = min(times[name]); lim = 1e-3 if name.startswith('icsd') else 2e-3
         c.log(check=f'icsd variants {"x".join(map(str, shape))}', variant=name, time_ms=tm * 1e3,
@@ -133,7 +136,7 @@ def _gpu_steps(c):
                     dict(name='ours bf16 channels-last', amp='bf16', channels_last=True),
                     dict(name='ours bf16 channels-last cudnn.benchmark', amp='bf16', channels_last=True, cudnn_benchmark=True),
                     dict(name='released-style fp32', style='released')]
-        rows = bench_step(variants, c.teacher, student, c.crop, c.batch, c.num_classes, device=c.dev, repeats=3)
+        rows = bench_step(variants, c.teacher, student, c.crop, c.batch, c.num_classes, device=c.dev, repeats=_reps(c))
         for r in rows:
             _check(math.isfinite(r['loss']), f"{student} step {r['variant']}: loss {r['loss']}")
             c.log(check=f'step {c.teacher} -> {student}', **r)
@@ -152,7 +155,7 @@ def _eval_at(c, check:str, m, size:tuple, **extra)->dict:
             with torch.inference_mode(), _amp(c.dev, p): return m(xe)
         outs[p] = out = f().float()
         _check(out.shape == (1, 19, *size) and torch.isfinite(out).all().item(), f"{check} {p} at {size}: bad output")
-        t = min(time_interleaved({'e': f}, 3, device=c.dev)['e'])
+        t = min(time_interleaved({'e': f}, _reps(c), warmup=_warm(c), device=c.dev)['e'])
         c.log(check=check, **extra, dtype=p, images_per_s=1 / t, peak_mb=peak_memory(f, c.dev) / 2**20)
     return outs
 
@@ -265,7 +268,7 @@ def _gpu_compile(c):
                 return l.detach()
             return f
         t0 = time.perf_counter(); l0 = step(Sc)(); _sync(c.dev); tc = time.perf_counter() - t0
-        times = time_interleaved({'compiled': step(Sc), 'eager': step(S)}, 3, warmup=1, device=c.dev)
+        times = time_interleaved({'compiled': step(Sc), 'eager': step(S)}, _reps(c), warmup=_warm(c), device=c.dev)
         l1 = step(Sc)().item()
         _check(math.isfinite(l0.item()) and math.isfinite(l1), f"{student}: compiled steps give loss {l0.item()}, {l1}")
         c.log(check=f'{student} compiled bf16 step', compile_and_first_step_s=tc, time_s=min(times['compiled']),
@@ -287,7 +290,7 @@ def _gpu_deeplabv3(c):
             dt = torch.bfloat16 if prec == 'bf16' else None
             f = lambda: train_step(S, Tm, _ICSD, xm, y, opt, amp_dtype=dt)
             loss = float(f()[0]); _check(math.isfinite(loss), f"DeepLabV3 {student} {prec} step: loss {loss}")
-            t = min(time_interleaved({'s': f}, 3, warmup=1, device=c.dev)['s'])
+            t = min(time_interleaved({'s': f}, _reps(c), warmup=_warm(c), device=c.dev)['s'])
             c.log(check=f'deeplabv3 r101 -> {student} step {crop[0]}x{crop[1]}', precision=prec, batch=c.batch, time_s=t,
                   images_per_s=c.batch / t, peak_mb=peak_memory(f, c.dev) / 2**20, loss=loss)
             del S, opt; gc.collect(); torch.cuda.empty_cache() if c.dev.type == 'cuda' else None
@@ -370,7 +373,7 @@ def _gpu_default_step(c):
                    f"{'bf16' if run.teacher_dtype == torch.bfloat16 else 'fp32'}, "
                    f"{'channels-last' if run.memory_format == torch.channels_last else 'contiguous'}")
             loss = float(ours()); _check(math.isfinite(loss), f"{student} default step: loss {loss}")
-            times = time_interleaved({'ours': ours, 'released': rel}, 3, warmup=1, device=c.dev)
+            times = time_interleaved({'ours': ours, 'released': rel}, _reps(c), warmup=_warm(c), device=c.dev)
             mem = {k: peak_memory(f, c.dev) / 2**20 for k, f in (('ours', ours), ('released', rel))}
             sp, mr = min(times['released']) / min(times['ours']), mem['ours'] / max(mem['released'], 1e-9)
             for k in ('ours', 'released'):
