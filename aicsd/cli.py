@@ -372,7 +372,7 @@ def _add_data_commands(sub, fmt):
     s.add_argument('--overwrite', action='store_true', help='replace a synthetic dataset made with other settings')
     b = ds.add_parser('sbd', formatter_class=fmt, help='build VOC trainaug (SegmentationClassAug) from the SBD release')
     b.add_argument('--sbd-root', type=_path_arg, required=True, metavar='DIR', help='the SBD release: benchmark_RELEASE/, its dataset/ (holding cls/*.mat, img/, train.txt, val.txt) or that cls/')
-    b.add_argument('--voc-root', required=True, metavar='DIR', help='VOCdevkit/VOC2012')
+    b.add_argument('--voc-root', type=_path_arg, required=True, metavar='DIR', help='VOCdevkit/VOC2012')
     t = ds.add_parser('stats', formatter_class=fmt, help='class frequencies of a split')
     t.add_argument('--data', choices=list(DEFAULT_ROOTS), default='synthetic', help='dataset')
     t.add_argument('--data-root', '--root', dest='data_root', type=_path_arg, default=None, metavar='DIR',

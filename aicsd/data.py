@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_data.ipynb #6344200f
 from __future__ import annotations
-import functools, glob, json, os, re, shutil, socket, tempfile, warnings
+import functools, glob, json, os, re, shutil, socket, tempfile
 from pathlib import Path
 from itertools import product
 from typing import Callable
