@@ -7,7 +7,8 @@ off: figures, TensorBoard, progress output and the default loader stay as a user
 small (crops of 32 px, two steps an epoch) so the matrix fits in CI.
 
 Trees: Pascal VOC 2012 (JPEG images, palette PNG labels with 255 borders, landscape / portrait / square images, one
-smaller than the crop), VOC trainaug built from an SBD release (`cls/*.mat`) by `aicsd data sbd`, and Cityscapes with
+smaller than the crop; train.txt as Notepad saves it, a UTF-8 BOM and CRLF line ends, and one image a 16-bit grayscale PNG
+whose id holds a dot), VOC trainaug built from an SBD release (`cls/*.mat`) by `aicsd data sbd`, and Cityscapes with
 `*_gtFine_labelIds.png` only and with `*_gtFine_labelTrainIds.png`, images smaller than the crop.
 """
 from pathlib import Path
