@@ -111,7 +111,7 @@ def read_image(path, # image file (JPEG or PNG)
     "Decode an image file to RGB; a file that cannot be decoded raises an error naming it."
     try:
         with Image.open(path) as im:
-            if im.mode == 'F': raise ValueError(f"mode F (floating-point pixels); expected 8 or 16 bits per channel")
+            if im.mode == 'F': raise ValueError("mode F (floating-point pixels); expected 8 or 16 bits per channel")
             if im.mode.startswith('I'):        # 16-bit grayscale: its 0..65535 scaled to 0..255 (PIL's convert clips at 255)
                 g = np.array(im).astype(np.int64)
                 if g.min() < 0 or g.max() > 65535: raise ValueError(f"pixel values {g.min()}..{g.max()} (mode {im.mode}); expected 0..65535")
@@ -232,14 +232,12 @@ def _read_list(path:Path)->list:
 
 # %% ../nbs/06_data.ipynb #fdfc4a1e
 def _stems(folder:Path, exts)->dict:
-    "Map file stem -> path for the files of `folder` with one of `exts` (one directory listing); a stem with several files: their list."
+    "Map file stem -> its files in `folder` with one of `exts`, sorted (one directory listing; two files: `x.jpg`, `x.png`)."
     if not folder.is_dir(): return {}
     out = {}
     for e in sorted(os.scandir(folder), key=lambda e: e.name):
         stem, ext = os.path.splitext(e.name)
-        if ext.lower() not in exts: continue
-        p = folder / e.name
-        out[stem] = p if stem not in out else (out[stem] if isinstance(out[stem], list) else [out[stem]]) + [p]
+        if ext.lower() in exts: out.setdefault(stem, []).append(folder / e.name)
     return out
 
 # %% ../nbs/06_data.ipynb #4b23b4ad
@@ -277,11 +275,11 @@ class VOCSegmentation(SegmentationDataset):
             what = (f"{len(miss_i)} images missing from {self.root / 'JPEGImages'} (e.g. {miss_i[:3]})" if miss_i else '') + \
                    (f"{'; ' if miss_i else ''}{len(miss_l)} labels missing from {label_dir} (e.g. {miss_l[:3]})" if miss_l else '')
             raise FileNotFoundError(f"Split list {lst} names files that do not exist: {what}.")
-        two = [f for i in self.ids for f in (imgs[i], labs[i]) if isinstance(f, list)]
+        two = [f for i in self.ids for f in (imgs[i], labs[i]) if len(f) > 1]
         if two:   # x.jpg and x.png: which one is the image would depend on the order of the directory listing
             raise ValueError(f"Split list {lst} names {len(two)} id(s) with more than one file (e.g. {', '.join(map(str, two[0]))}): "
                              "keep one file per id (move the others out of the folder)")
-        self.images = [imgs[i] for i in self.ids]; self.labels = [labs[i] for i in self.ids]
+        self.images = [imgs[i][0] for i in self.ids]; self.labels = [labs[i][0] for i in self.ids]
         info = read_synthetic_info(self.root)        # a damaged classes.json is named
         if info is None and kind == 'synthetic':
             raise FileNotFoundError(                 # no "create it there": that folder holds other files
@@ -836,7 +834,7 @@ def build_sbd_trainaug(sbd_root, # the SBD release: `benchmark_RELEASE/`, its `d
         for i in tqdm(ids, desc='SBD -> SegmentationClassAug', disable=not progress):
             lab = read_sbd_mat(src[i]) if src[i].suffix == '.mat' else read_label(src[i])
             _check_values(lab, 21, src[i])
-            img = copy[i] if i in copy else have[i] if not isinstance(have[i], list) else have[i][0]   # (two files: the reader says so)
+            img = copy[i] if i in copy else have[i][0]   # (two files: the reader says so)
             h, w = image_hw(img)
             if lab.shape != (h, w):
                 raise ValueError(f"SBD annotation {src[i]} is {lab.shape} (H, W) but its image {img} is {(h, w)}: "
