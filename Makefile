@@ -58,7 +58,7 @@ test: $(STAMP)
 	@# AVX2/AVX-512 (results differ in the last bits by kernel, as they do between AMD and Intel CI machines)
 	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --path nbs --file_glob '0[0-4]_*.ipynb'
 	@echo "== 4/5 pytest tests/"
-	$(BIN)/python -m pytest tests/ -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --durations=12
+	$(BIN)/python -m pytest tests/ -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=12
 	@echo "== 5/5 nbdev_proc_nbs (docs pre-processing; Quarto renders the site in the GitHub docs workflow)"
 	@# nbdev_proc_nbs itself first tries to install Quarto with sudo and then pip-installs the project into
 	@# whatever pip is on PATH; run the same processing steps without that (Quarto cannot be installed here).
