@@ -407,14 +407,24 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
             if one or not alw:
                 a_lr.plot(s, tr['lr'], color='0.4' if one else pal[k % 10], ls=':', label='lr' if one else lab, **mk)
         if ev:
+            single = one and len(ev['step']) == 1   # one evaluation: its markers share a step, at the panel's edge
+            kw = dict(clip_on=False) if single else {}
             a_eval.plot(ev['step'], 100 * ev['miou'], marker='o', ms=3, color=pal[k % 10] if not one else pal[2],
-                        label='mIoU' if one else lab)
+                        label='mIoU' if one else lab, **kw)
             if one and 'pixel_acc' in ev:
-                a_eval.plot(ev['step'], 100 * ev['pixel_acc'], marker='s', ms=3, ls='--', color=pal[3], label='pixel acc.')
+                a_eval.plot(ev['step'], 100 * ev['pixel_acc'], marker='s', ms=3, ls='--', color=pal[3], label='pixel acc.', **kw)
             if one and np.isfinite(ev.get('ics_distance', [np.nan])).any():   # a distillation: how close to the teacher
                 a_ics = a_eval.twinx()
-                a_ics.plot(ev['step'], ev['ics_distance'], marker='^', ms=3, ls=':', color=pal[4], label='ICS distance (right)')
+                a_ics.plot(ev['step'], ev['ics_distance'], marker='^', ms=3, ls=':', color=pal[4], label='ICS distance (right)', **kw)
                 a_ics.set_ylabel('ICS distance to the teacher (nats²)'); a_ics.set_ylim(bottom=0)
+            if single:                              # the values written out: markers at one step can cover each other
+                a_eval.set_ylim(0, 100)
+                txt = [f"mIoU {100 * ev['miou'][0]:.1f} %"] + ([f"pixel acc. {100 * ev['pixel_acc'][0]:.1f} %"] if 'pixel_acc' in ev else [])
+                if a_ics is not None:
+                    d = float(ev['ics_distance'][0]); a_ics.set_ylim(0, 2 * d if d > 0 else 1)   # its marker half-way up
+                    txt.append(f"ICS distance {d:.3g}")
+                a_eval.text(0.03, 0.5, f"step {int(ev['step'][0])}:\n" + '\n'.join(txt), transform=a_eval.transAxes,
+                            va='center', fontsize=8)
     vals = [v for L in logs.values() if L['train'] for c in ['loss', *L['terms']] for v in L['train'][c] if np.isfinite(v)]
     log = bool(vals) and min(vals) > 0                   # linear when a term is 0 somewhere (ALW's start): the label says which
     if log:
