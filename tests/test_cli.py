@@ -249,3 +249,34 @@ def test_data_synthetic_defaults(tmp_path):
     counts = np.bincount(lab[lab != 255], minlength=d['num_classes'])
     assert p.stdout.splitlines()[0].startswith(f"synthetic at data/synthetic, split train: {d['n_train']} images"), p.stdout
     assert [int(l.split()[-1]) for l in p.stdout.splitlines()[1:]] == counts.tolist(), p.stdout
+
+def _doc_commands() -> list:
+    "(file, arguments) of each `aicsd ...` command in the docs' shell blocks (``` fences of markdown), as a user would paste it."
+    import glob, json, re
+    root = Path(__file__).resolve().parents[1]
+    out = []
+    for f in sorted(glob.glob(str(root/'nbs/**/*.ipynb'), recursive=True)) + [str(root/'README.md'), str(root/'data/README.md')]:
+        texts = ([''.join(c['source']) for c in json.loads(Path(f).read_text())['cells'] if c['cell_type'] == 'markdown']
+                 if f.endswith('.ipynb') else [Path(f).read_text()])
+        for block in (b for t in texts for b in re.findall(r'```[a-z]*\n(.*?)```', t, re.S)):
+            for line in block.replace('\\\n', ' ').splitlines():
+                for part in re.split(r'&&|\|\||;|\|', line):           # one command at a time; redirections and comments cut
+                    part = part.split(' #')[0].split('>')[0].strip()
+                    m = re.match(r'(?:\S*/)?aicsd (\S.*)$', part) or re.match(r'torchrun .*?-m aicsd\.cli (\S.*)$', part)
+                    if m: out.append((Path(f).relative_to(root), m.group(1).strip()))
+    return out
+
+def test_documented_commands_parse():
+    "Every complete command the docs show (no placeholder: `...`, `$VAR`, `<x>`, a capital like N or DIR) is one `aicsd` takes."
+    import contextlib, io, re, shlex
+    from aicsd.cli import build_parser
+    cmds = [(f, c) for f, c in _doc_commands() if not re.search(r'\.\.\.|\$|<|\b[A-Z]+\b', c)]
+    assert len(cmds) >= 20, cmds                                       # the blocks were found
+    bad = []
+    for f, c in cmds:
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()): build_parser().parse_args(shlex.split(c))
+        except SystemExit as e:
+            if e.code not in (0, None): bad.append(f"{f}: aicsd {c}\n    {err.getvalue().strip().splitlines()[-1]}")
+    assert not bad, 'commands in the docs that `aicsd` refuses:\n' + '\n'.join(bad)
