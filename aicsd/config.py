@@ -349,6 +349,12 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     unknown = sorted(k for k in given if k not in DEFAULTS)
     if unknown: raise KeyError(f"unknown configuration key(s) {unknown}; valid keys: {sorted(DEFAULTS)}")
     out.update(given)
+    for o in OPTIONS:   # a number written as text (PyYAML reads `lr: 1e-3` as a string) is read as its flag's argument is
+        if o.type in (int, float) and not o.nargs and isinstance(out[o.name], str):
+            try: out[o.name] = o.type(out[o.name].strip())
+            except ValueError:
+                raise ValueError(f"'{o.name}' (--{o.name.replace('_', '-')}) must be {out_of_range(None, o.check)}, got "
+                                 f"{out[o.name]!r}") from None
     for o in OPTIONS:   # `~` in a path from a config file, Python or `--out=~/x` (the shell expands only a bare leading ~)
         if o.metavar in ('DIR', 'FILE', 'CKPT') and isinstance(out[o.name], (str, Path)): out[o.name] = os.path.expanduser(str(out[o.name]))
     if out['data_root'] is not None and not str(out['data_root']).strip():   # '' is not "the default": said

@@ -123,6 +123,11 @@ def ics_distance(student:list|Tensor, # the student's logits (`B x C x H x W`, o
     "How far the student's inter-class similarities are from the teacher's: the mean squared difference of their mean ICS matrices."
     def mean(m):
         if torch.is_tensor(m) and m.dim() in (2, 3) and m.shape[-1] == m.shape[-2]:   # matrices (`C x C`, or `B x C x C`)
+            tol = 1e-3 * float(m.abs().max()) + 1e-6     # KL(P_i || P_i) = 0 and KL >= 0, up to rounding
+            if float(m.diagonal(dim1=-2, dim2=-1).abs().max()) > tol or float(m.min()) < -tol:
+                raise ValueError(f"a {' x '.join(map(str, m.shape))} tensor is read as ICS matrices (`C x C` or `B x C x C`), but it "
+                                 "has a non-zero diagonal or a negative entry, which KL divergences never have: one image's "
+                                 "logits (`C x H x W`)? give them as `1 x C x H x W` (`logits[None]`)")
             return (m if m.dim() == 2 else m.mean(0)).double()
         return mean_ics(list(m.split(1)) if torch.is_tensor(m) else m, T)      # logits: a batch tensor, or a list
     Ms, Mt = mean(student), mean(teacher)

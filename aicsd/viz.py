@@ -116,9 +116,10 @@ def _label_room(names:list, C:int, side:float|None=None)->float:
     return max(map(len, names), default=0) * _tick_size(C, side) * 0.6 / 72
 
 def _power(top:float)->int:
-    "The power of ten that brings a scale whose top is `top` below 10: 0 unless `top` < 0.1 (KL at high T is ~1e-4)."
+    """The power of ten that brings a scale whose top is `top` into [1, 10): 0 unless `top` < 0.1 (KL at high T is ~1e-4)
+    or 1e3 <= `top` < 1e6 (peaked classes at low T), where cells of at most 5 characters would keep one figure."""
     import math
-    return math.floor(math.log10(top)) if 0 < top < 0.1 else 0
+    return math.floor(math.log10(top)) if 0 < top < 0.1 or 1e3 <= top < 1e6 else 0
 
 # %% ../nbs/10_viz.ipynb #1a8907b6
 def _heat(ax, M, names, vmin, vmax, cmap, annot, show_y=True, center=None, side=None):   # side: the panel's inches (`_tick_size`)
@@ -341,8 +342,9 @@ def plot_class_iou(iou, # per-class IoU (C values in [0, 1], NaN = absent), a `S
         ax.barh(y - 0.4 + h * (k + 0.5), np.nan_to_num(v.numpy()), height=h, label=nm or None,
                 color=sns.color_palette('deep')[k % 10])
     ax.set_yticks(y, cls); ax.invert_yaxis(); ax.set_xlim(0, 100); ax.set_xlabel('IoU (%)')
-    mi = {nm: float(np.nanmean(v.numpy())) for nm, v in vals.items()}
-    ax.set_title(title or ('per-class IoU, ' + ', '.join(f"{(nm + ' ') if nm else ''}mIoU {x:.1f}%" for nm, x in mi.items())), fontsize=9)
+    mi = {nm: float(np.nanmean(v.numpy())) if np.isfinite(v.numpy()).any() else None for nm, v in vals.items()}   # None: no class seen
+    ax.set_title(title or ('per-class IoU, ' + ', '.join(f"{(nm + ' ') if nm else ''}mIoU " + (f"{x:.1f}%" if x is not None else
+                                                                  'n/a (no labelled pixels)') for nm, x in mi.items())), fontsize=9)
     for k, v in enumerate(vals.values()):                # an absent class (NaN): 'n/a', not a bar of 0; a bar of 0: '0'
         for c in np.flatnonzero(np.isnan(v.numpy())):
             ax.text(1, c - 0.4 + h * (k + 0.5), 'n/a (absent)', va='center', fontsize=7, color='0.4')
@@ -379,7 +381,7 @@ def plot_confusion(confmat, # `C x C` [true, predicted] counts, or a `SegMetrics
 def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder to compare runs
                 title:str|None=None, # figure title
                 alw:bool|None=None, # draw the ALW weight alpha; None: when a run's log has a non-zero alpha (runs under ALW)
-               )->Figure: # axes: loss terms, ALW alpha (alw) or learning rate, mIoU, then the learning rate's twin axis (alw)
+               )->Figure: # axes: loss terms, ALW alpha (alw) or learning rate, mIoU, then the learning rate's twin axis (alw, one run)
     "Loss terms, ALW weight and learning rate, and validation mIoU of one run (or several) against steps."
     runs = run if isinstance(run, dict) and 'train' not in run else {None: run}
     logs = {k: (v if isinstance(v, dict) else read_run(v)) for k, v in runs.items()}
@@ -387,7 +389,7 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
     if alw is None: alw = any(L['train'] and np.any(np.asarray(L['train'].get('alpha', [0])) != 0) for L in logs.values())
     fig = Figure(figsize=(13, 3.4), layout='constrained')
     a_loss, a_alw, a_eval = fig.subplots(1, 3, sharex=True)   # one step axis: a single evaluation sits where it was made
-    a_lr = a_alw.twinx() if alw else a_alw
+    a_lr = a_alw.twinx() if alw and one else a_alw      # several runs under ALW: alpha alone (one line per run)
     pal, a_ics = sns.color_palette('deep'), None
     for k, (nm, L) in enumerate(logs.items()):
         tr, ev, lab = L['train'], L['eval'], nm or L['name']
@@ -397,7 +399,7 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
             a_loss.plot(s, tr['loss'], color='k' if one else pal[k % 10], lw=1.8, label='total' if one else lab, **mk)
             if one and len(L['terms']) > 1:              # (one term, e.g. training on CE alone: it is the total)
                 for t, term in enumerate(L['terms']): a_loss.plot(s, tr[term], color=pal[t % 10], lw=1.1, label=term, **mk)
-            if alw and 'alpha' in tr:
+            if alw and 'alpha' in tr and (one or np.any(np.asarray(tr['alpha']) != 0)):   # (a run without ALW: no alpha line)
                 from aicsd.objective import TERMS                      # which terms grow with alpha and which fade with 1 - alpha
                 role = {t: TERMS[t].alw for t in L['terms'] if t in TERMS}
                 grow, fade = ([t for t, r in role.items() if r == w] for w in ('grow', 'fade'))
@@ -434,10 +436,11 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
     a_loss.set_ylabel('loss (log scale)' if log else 'loss')
     terms = one and len(next(iter(logs.values()))['terms']) > 1   # (one term, e.g. CE alone: the total only)
     a_loss.set_title('loss: total and weighted terms' if terms else 'loss' if one else 'total loss'); a_loss.set_xlabel('step')
-    a_alw.set_title('ALW weight alpha and learning rate' if alw else 'learning rate'); a_alw.set_xlabel('step')
+    a_alw.set_title(('ALW weight alpha and learning rate' if one else 'ALW weight alpha') if alw else 'learning rate')
+    a_alw.set_xlabel('step')
     if alw: a_alw.set_ylim(-0.05, 1.05); a_alw.set_ylabel('alpha')
-    a_lr.set_ylabel('learning rate')
-    a_eval.set_title('validation'); a_eval.set_xlabel('step'); a_eval.set_ylabel('%')
+    if a_lr is not a_alw or not alw: a_lr.set_ylabel('learning rate')
+    a_eval.set_title('validation'); a_eval.set_xlabel('step'); a_eval.set_ylabel('%' if one else 'mIoU (%)')
     if not any(L['eval'] for L in logs.values()):
         a_eval.text(0.5, 0.5, 'no evaluation yet', ha='center', va='center', transform=a_eval.transAxes)
     for ax, more in ((a_loss, ([], [])), (a_eval, a_ics.get_legend_handles_labels() if a_ics else ([], []))):
@@ -669,10 +672,11 @@ def ics_pair_view(logits:Tensor, # one image's logits `C x H x W` (or `1 x C x H
         im = ax.imshow(P[c].numpy() * H * W, cmap='magma', alpha=0.65, norm=PowerNorm(0.5, vmin=0, vmax=vmax))
         ax.set_title(f'P_{c} ({c}: {cn[c]})' if not short else f'P_{c} ({cn[c]})', fontsize=9); ax.set_axis_off()
     fig.colorbar(im, ax=[a_i, a_j], shrink=0.8, label='N * P(x)')
-    _heat(a_m, M, cn if short else [str(c) for c in range(C)], 0, float(M.max()) or 1.0, 'viridis', C <= 6)
+    e = _power(float(M.max()))                      # tiny values (a high T): drawn x 10^-e, as in `plot_ics`
+    _heat(a_m, M / 10.0 ** e, cn if short else [str(c) for c in range(C)], 0, float(M.max()) / 10.0 ** e or 1.0, 'viridis', C <= 6)
     a_m.add_patch(Rectangle((j, i), 1, 1, fill=False, edgecolor='red', lw=2.5))
     a_m.set_title(f'ICS matrix (T = {T:g}), cell ({i}, {j}) framed', fontsize=9)
-    fig.colorbar(a_m.collections[0], ax=a_m, shrink=0.8, label='KL (nats)')
+    fig.colorbar(a_m.collections[0], ax=a_m, shrink=0.8, label='KL (nats)' + (f' x 1e{e}' if e else ''))
     fig.suptitle(f'{title + ": " if title else ""}KL(P_{i} || P_{j}) = {kl:.4f} nats,  KL(P_{j} || P_{i}) = {float(M[j, i]):.4f}')
     return dict(P_i=P[i], P_j=P[j], kl=kl, M=M, fig=fig)
 
@@ -683,17 +687,23 @@ def _explorer_controls(n_images:int, # images to choose from
                        T:float, i:int, j:int, # initial temperature and class pair
                       )->dict: # the widgets by role, and `box`, the layout holding them
     "The explorer's widgets: image slider, class dropdowns, temperature slider, network buttons, KL line, output."
-    import ipywidgets as W
+    import math, ipywidgets as W
     C, opts = len(classes), [(f'{c}: {n}', c) for c, n in enumerate(classes)]
     w = dict(image=W.IntSlider(value=0, min=0, max=n_images - 1, description='image'),
              i=W.Dropdown(options=opts, value=min(i, C - 1), description='class i'),
              j=W.Dropdown(options=opts, value=min(j, C - 1), description='class j'),
-             T=W.FloatLogSlider(value=T, base=10, min=-1, max=1, step=0.05, description='T'),
+             T=W.FloatLogSlider(value=T, base=10, min=min(-1, math.floor(math.log10(T))), max=max(1, math.ceil(math.log10(T))),
+                                step=0.05, description='T'),   # 0.1 to 10, wider for a T outside (a slider clamps, silently)
              model=W.ToggleButtons(options=models, description='network'), kl=W.HTML(), out=W.Output())
     w['box'] = W.VBox([W.HBox([w['image'], w['T']]), W.HBox([w['i'], w['j']]), w['model'], w['kl'], w['out']])
     return w
 
 # %% ../nbs/10_viz.ipynb #250f6fd0
+def _check_T(T):
+    import math
+    if isinstance(T, bool) or not isinstance(T, (int, float)) or not math.isfinite(T) or T <= 0:
+        raise ValueError(f"`T` (the temperature) must be a number > 0; got {T!r}")
+
 class ICSExplorer:
     "Interactive view of class distributions and their KL: image, class pair, temperature and network."
     def __init__(self, logits:dict, # name -> logits `B x C x H x W` of the same images ('teacher', 'student', ...)
@@ -711,6 +721,7 @@ class ICSExplorer:
         B, C = next(iter(self.logits.values())).shape[:2]
         if images is not None and len(images) != B: raise ValueError(f"`images` holds {len(images)} images for logits of {B}")
         if max(i, j) >= C or min(i, j) < 0: i, j = 0, min(1, C - 1)   # the default pair (1, 2) needs 3 classes
+        _check_T(T)
         self.images, self.classes = images, class_names(classes, C)
         w = _explorer_controls(B, self.classes, list(self.logits), T, i, j)
         self.w_image, self.w_i, self.w_j, self.w_T, self.w_model, self.w_kl, self.w_out, self.widget = (
@@ -726,6 +737,13 @@ class ICSExplorer:
                show:bool=True, # draw into the output widget
               )->dict: # what `ics_pair_view` returns, plus the choices
         "Set the choices (widgets follow), recompute and redraw; return the numbers and the figure."
+        B, C = next(iter(self.logits.values())).shape[:2]      # each choice checked first: widgets clamp or refuse obscurely
+        for nm, v, n in (('image', image, B), ('i', i, C), ('j', j, C)):
+            if v is not None and not (isinstance(v, int) and 0 <= v < n): raise ValueError(f"`{nm}` must be in 0..{n - 1}; got {v!r}")
+        if model is not None and model not in self.logits: raise ValueError(f"`model` must be one of {list(self.logits)}; got {model!r}")
+        if T is not None:
+            _check_T(T); import math
+            self.w_T.min, self.w_T.max = min(self.w_T.min, math.floor(math.log10(T))), max(self.w_T.max, math.ceil(math.log10(T)))
         self._busy = True
         try:
             for w, v in ((self.w_image, image), (self.w_i, i), (self.w_j, j), (self.w_T, T), (self.w_model, model)):
