@@ -673,9 +673,12 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
     """Train (or distil into) a network according to `cfg`; resume from `out/last.pt` if `resume`.
 
     Options: the keys of `aicsd.config.DEFAULTS`, each the long flag of `aicsd train --help` / `aicsd distill --help`
-    with '_' for '-' (`--batch-size 8` is `batch_size=8`; errors name the flags). `figures` only draws with a `draw` hook."""
+    with '_' for '-' (`--batch-size 8` is `batch_size=8`; errors name the flags). `figures` only draws with a `draw` hook.
+    The torch threads and deterministic-algorithms setting it changes are put back when it returns."""
     cfg = make_config(cfg, **kwargs)
     t0 = time.time()
+    process = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),   # put back at the end: a notebook's
+               torch.is_deterministic_algorithms_warn_only_enabled())                 # next fit() or cell starts as it was
     run, joined_before, lock, old_handler, log = None, dist.is_initialized(), None, None, None
     made = new_folders(cfg['out'])           # removed again if the run fails before writing anything into them
     stop, writing, failed = [], [], True     # signals received; set once the last checkpoint is being written
@@ -745,3 +748,4 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         run = ckpt = None
         cleanup_distributed(owned=not joined_before and dist.is_initialized(), failed=failed)
         if failed and dist_env()[0] == 0: remove_empty(made)
+        torch.set_num_threads(process[0]); torch.use_deterministic_algorithms(process[1], warn_only=process[2])

@@ -85,7 +85,7 @@ _TV = {'resnet101': ('resnet101', 'ResNet101_Weights'), 'resnet50': ('resnet50',
 
 def _tv_weights(backbone, pretrained):
     "torchvision weights enum for `pretrained` (True or 'imagenet' -> 'IMAGENET1K_V1', the weights the released code started from)."
-    if not pretrained: return None
+    if not pretrained or str(pretrained).lower() == 'none': return None   # 'none': as `make_config` and the CLI read it
     enum = getattr(torchvision.models, _TV[backbone][1])
     name = 'IMAGENET1K_V1' if pretrained is True or pretrained == 'imagenet' else pretrained   # 'imagenet': the CLI's word
     try: return enum[name]
@@ -512,7 +512,7 @@ def deeplabv3(backbone:str, # 'resnet101', 'resnet18' or 'mobilenetv2'
     bb = (MobileNetV2Dilated() if backbone == 'mobilenetv2' else
           ResNetV1s(*{'resnet101': (Bottleneck, (3, 4, 23, 3)), 'resnet18': (BasicBlock, (2, 2, 2, 2))}[backbone]))
     model = DeepLabV3(bb, backbone, num_classes, aux, field_input)
-    if pretrained_backbone: load_backbone_weights(model, pretrained_backbone)
+    if pretrained_backbone and str(pretrained_backbone).lower() != 'none': load_backbone_weights(model, pretrained_backbone)   # 'none' as the CLI reads it
     return model
 
 # %% ../nbs/05_models.ipynb #7c12a86d
