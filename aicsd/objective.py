@@ -415,7 +415,9 @@ class DistillObjective:
         if lambda_icsd is not None: given.setdefault('icsd', lambda_icsd)
         for k, v in given.items():
             if k not in TERMS: raise ValueError(f"weight for unknown term {k!r}; terms: {', '.join(TERMS)}")
-            if bad := out_of_range(v, '>=0'): raise ValueError(f"weight of {k!r} (--weight {k}=W) must be {bad}; got {v}")
+            if bad := out_of_range(v, '>=0'):
+                arg = f"lambda_{k}" if k in ('kd', 'icsd') and k not in (weights or {}) else f"weights[{k!r}]"   # the argument given
+                raise ValueError(f"weight of {k!r} (`{arg}`, --weight {k}=W) must be {bad}; got {v}")
             if k in w: w[k] = float(v)
             elif k in (weights or {}):            # asked for by name: a term the method lacks is an error, not a no-op
                 raise ValueError(f"weight for term {k!r}, which method {method!r} does not use (its terms: "
@@ -423,6 +425,9 @@ class DistillObjective:
             # (lambda_kd / lambda_icsd, which every command passes, are ignored by methods without KD / ICSD)
         self.weights = w
         shared = dict(ignore_index=ignore_index)
+        if params is not None and not (isinstance(params, dict) and all(isinstance(v, dict) for v in params.values())):
+            raise ValueError(f"`params` maps each term to its parameters, e.g. {{'cwd': {{'tau': 4.0}}}} (on the command line "
+                             f"--param cwd.tau=4); got {params!r}")
         if stray := sorted(set(params or {}) - set(self.names)):   # as for weights: a term the method lacks is an error
             raise ValueError(f"--param for term(s) {', '.join(stray)}, which method {method!r} does not use (its terms: "
                              f"{', '.join(self.names)}); " + _add_term(method, stray[0]))

@@ -228,6 +228,7 @@ def plot_distributions(logits:Tensor, # one image's logits `C x H x W` (or `1 x 
                        alpha:float=0.65, # opacity of the distribution over the image
                        student:Tensor|None=None, # a second network's logits on the same image (a student): a second row, same classes and scale
                        names:tuple=('teacher', 'student'), # the rows' names when `student` is given
+                       max_cols:int=10, # more classes than this wrap onto further rows (of equal length)
                       )->Figure: # one panel per class (per row), then one colour bar
     "Each chosen class's spatial distribution `P_c(x)` overlaid on its image; with `student`, the teacher's row above the student's."
     zs = [z if z.dim() == 4 else z[None] for z in ([logits] if student is None else [logits, student])]
@@ -243,13 +244,18 @@ def plot_distributions(logits:Tensor, # one image's logits `C x H x W` (or `1 x 
     g, Ps = g[::st, ::st], [P[:, ::st, ::st] for P in Ps]
     vmax = max(float(P[cls].max()) for P in Ps)                           # one scale for every panel
     pw, ph = 2.6 * W / max(H, W), 2.6 * H / max(H, W)                   # a panel, landscape or portrait
-    fig = Figure(figsize=(max(pw * len(cls) + 1.0, 4.0), ph * len(Ps) + 0.5 * len(Ps) + 0.6), layout='constrained')
-    axs = fig.subplots(len(Ps), len(cls), squeeze=False)
-    for r, P in enumerate(Ps):
-        for ax, c in zip(axs[r], cls):
-            ax.imshow(g, cmap='gray', vmin=0, vmax=1)
-            im = ax.imshow(P[c].numpy(), cmap='magma', alpha=alpha, norm=PowerNorm(0.5, vmin=0, vmax=vmax))
-            ax.set_title((f'{names[r]}: ' if student is not None else '') + f'P_{c}: {cn[c]}', fontsize=8); ax.set_axis_off()
+    ncol = -(-len(cls) // -(-len(cls) // max(1, max_cols)))               # 21 classes, at most 10 a row: 3 rows of 7
+    parts = [cls[k:k + ncol] for k in range(0, len(cls), ncol)]         # each part: a row per network
+    fig = Figure(figsize=(max(pw * ncol + 1.0, 4.0), (ph + 0.5) * len(Ps) * len(parts) + 0.6), layout='constrained')
+    axs = fig.subplots(len(Ps) * len(parts), ncol, squeeze=False)
+    for k, part in enumerate(parts):
+        for r, P in enumerate(Ps):
+            row = axs[k * len(Ps) + r]
+            for ax, c in zip(row, part):
+                ax.imshow(g, cmap='gray', vmin=0, vmax=1)
+                im = ax.imshow(P[c].numpy(), cmap='magma', alpha=alpha, norm=PowerNorm(0.5, vmin=0, vmax=vmax))
+                ax.set_title((f'{names[r]}: ' if student is not None else '') + f'P_{c}: {cn[c]}', fontsize=8)
+            for ax in row: ax.set_axis_off()
     fig.colorbar(im, ax=list(axs.flat), shrink=0.8, label='N * P_c(x)  (1 = uniform)')
     fig.suptitle(f'Where each class lives: P_c(x), T = {T:g}', fontsize=9)
     return fig
