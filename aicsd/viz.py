@@ -122,8 +122,8 @@ def _power(top:float)->int:
     return math.floor(math.log10(top)) if 0 < top < 0.1 or 1e3 <= top < 1e6 else 0
 
 # %% ../nbs/10_viz.ipynb #1a8907b6
-def _heat(ax, M, names, vmin, vmax, cmap, annot, show_y=True, center=None, side=None):   # side: the panel's inches (`_tick_size`)
-    C, big = M.shape[0], float(M.abs().max())
+def _heat(ax, M, names, vmin, vmax, cmap, annot, show_y=True, center=None, side=None, big=None):   # side: the panel's inches (`_tick_size`)
+    C, big = M.shape[0], float(M.abs().max()) if big is None else big   # big: the largest value of panels written alike
     fmt = '.2f' if big < 9.995 else '.1f' if big < 99.95 else '.0f' if big < 999.5 else '.0e'   # at most 5 characters a cell (9.66, 24.4, 180, 3e+66)
     sns.heatmap(M.numpy(), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, center=center, square=True, cbar=False,
                 annot=annot, fmt=fmt, annot_kws=dict(fontsize=max(5, 9 - C // 3)),
@@ -165,7 +165,8 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
     if e: mats, vmax = [m / 10.0 ** e for m in mats], vmax / 10.0 ** e
     unit = ('row-normalised KL' if normalize == 'row' else 'KL (nats)') + (f' x 1e{e}' if e else '')
     for k, (ax, M, nm) in enumerate(zip(axs, mats[:2], names)):
-        _heat(ax, M, cls, 0, vmax, 'viridis', annot, show_y=k == 0, side=side)
+        _heat(ax, M, cls, 0, vmax, 'viridis', annot, show_y=k == 0, side=side,
+              big=max(float(m.abs().max()) for m in mats[:2]))   # teacher and student cells in one format
         ax.set_title(nm)
     fig.colorbar(axs[0].collections[0], ax=list(axs[:2]), shrink=0.8, label=unit, extend='max' if over else 'neither')
     if S is not None:
