@@ -6,8 +6,8 @@ test's folder and environment, stdin from /dev/null, stdout and stderr to files,
 `sys.argv` as the shell sets it, and the interpreter's normal exit (atexit handlers, buffers flushed, an uncaught
 exception printed with exit status 1). Only the imports are shared: they ran before the fork, in this process, with
 the tests' environment (tests/conftest.py starts it with `ENV`). The multiprocessing module's forkserver is not
-used because its children exit through `os._exit` (no atexit handlers), read stdin from /dev/null only after its own
-set-up and carry a multiprocessing identity; a command's process here is the one the console script makes.
+used: its children run a multiprocessing bootstrap and leave through `os._exit` (no atexit handlers), which the
+console script's process does not.
 
 Protocol, one JSON line per command on stdin: {"argv": [...], "cwd": ..., "env": {...}, "stdout": FILE, "stderr": FILE};
 this process answers two lines: the command's pid as soon as it is forked, then its exit status (negative: the signal).
