@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_viz.ipynb #7e7a9f12
 from __future__ import annotations
-import io
+import io, math
 from pathlib import Path
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.colors import PowerNorm
 from matplotlib.patches import Patch, Rectangle
 import seaborn as sns
-from .distributions import class_distributions, check_logits
+from .distributions import class_distributions, check_logits, check_temperature
 from .similarity import ics_matrix
 from .metrics import mean_ics, ics_distance   # the ICS distance: one definition, the engine logs it too
 from .data import voc_palette, denormalize, colorize, CITYSCAPES_CLASSES, IGNORE_INDEX, IGNORE_COLOUR
@@ -118,15 +118,16 @@ def _label_room(names:list, C:int, side:float|None=None)->float:
 def _power(top:float)->int:
     """The power of ten that brings a scale whose top is `top` into [1, 10): 0 unless `top` < 0.1 (KL at high T is ~1e-4)
     or 1e3 <= `top` < 1e6 (peaked classes at low T), where cells of at most 5 characters would keep one figure."""
-    import math
     return math.floor(math.log10(top)) if 0 < top < 0.1 or 1e3 <= top < 1e6 else 0
 
 # %% ../nbs/10_viz.ipynb #1a8907b6
 def _heat(ax, M, names, vmin, vmax, cmap, annot, show_y=True, center=None, side=None, big=None):   # side: the panel's inches (`_tick_size`)
     C, big = M.shape[0], float(M.abs().max()) if big is None else big   # big: the largest value of panels written alike
     fmt = '.2f' if big < 9.995 else '.1f' if big < 99.95 else '.0f' if big < 999.5 else '.0e'   # at most 5 characters a cell (9.66, 24.4, 180, 3e+66)
+    dec = {'.2f': 2, '.1f': 1, '.0f': 0}.get(fmt)
+    shown = (np.round(M.numpy(), dec) if dec is not None else M.numpy()) + 0.0   # -0.001 is written 0.00, not -0.00 (-0.0 + 0.0 = 0.0)
     sns.heatmap(M.numpy(), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, center=center, square=True, cbar=False,
-                annot=annot, fmt=fmt, annot_kws=dict(fontsize=max(5, 9 - C // 3)),
+                annot=shown if annot else False, fmt=fmt, annot_kws=dict(fontsize=max(5, 9 - C // 3)),
                 xticklabels=names, yticklabels=names if show_y else False, linewidths=0)
     ax.tick_params(labelsize=_tick_size(C, side)); ax.tick_params(axis='y', labelrotation=0)   # (seaborn turns short labels)
     ax.set_xlabel('j'); ax.set_ylabel('i' if show_y else '', rotation=0, labelpad=8)   # upright: a lying 'i' reads as a stray mark
@@ -384,6 +385,21 @@ def plot_confusion(confmat, # `C x C` [true, predicted] counts, or a `SegMetrics
                                        + ')' if normalize else ''), fontsize=9 if normalize and absent.any() else None)
     return fig
 
+# %% ../nbs/10_viz.ipynb #b7c1a2e4
+def _log_ticks(axis, # a matplotlib axis on a log scale (`ax.yaxis`)
+               decades:float, # how many powers of ten the plotted values span
+              ):
+    """Label a log axis in plain numbers: the powers of ten and 2 and 5 times them when the values span under 2 decades,
+    every tick when under half of one; minor ticks unlabelled from 2 decades, matplotlib's $10^k$ labels from 4."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    keep = range(1, 10) if decades < 0.5 else (1, 2, 5)
+    def label(v, _=None):
+        if not v > 0: return ''
+        m = round(v / 10.0 ** math.floor(math.log10(v) + 1e-9), 6)   # the leading digit: 3 of 0.3
+        return f'{v:.3g}' if m in keep else ''
+    axis.set_minor_formatter(FuncFormatter(label) if decades < 2 else NullFormatter())
+    if decades < 4: axis.set_major_formatter(FuncFormatter(label))
+
 # %% ../nbs/10_viz.ipynb #eca8c036
 def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder to compare runs
                 title:str|None=None, # figure title
@@ -435,11 +451,9 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
                 a_eval.text(0.03, 0.5, f"step {int(ev['step'][0])}:\n" + '\n'.join(txt), transform=a_eval.transAxes,
                             va='center', fontsize=8)
     vals = [v for L in logs.values() if L['train'] for c in ['loss', *L['terms']] for v in L['train'][c] if np.isfinite(v)]
-    log = bool(vals) and min(vals) > 0                   # linear when a term is 0 somewhere (ALW's start): the label says which
-    if log:
-        from matplotlib.ticker import LogFormatterSciNotation
-        a_loss.set_yscale('log')                         # values between the powers of ten labelled too when they span few
-        a_loss.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    span = math.log10(max(vals) / min(vals)) if vals and min(vals) > 0 else 0.0   # decades the losses cover
+    log = span >= 0.5              # linear when a term is 0 somewhere (ALW's start) or all lie within a factor of 3: the label says which
+    if log: a_loss.set_yscale('log'); _log_ticks(a_loss.yaxis, span)
     a_loss.set_ylabel('loss (log scale)' if log else 'loss')
     terms = one and len(next(iter(logs.values()))['terms']) > 1   # (one term, e.g. CE alone: the total only)
     a_loss.set_title('loss: total and weighted terms' if terms else 'loss' if one else 'total loss'); a_loss.set_xlabel('step')
@@ -694,7 +708,7 @@ def _explorer_controls(n_images:int, # images to choose from
                        T:float, i:int, j:int, # initial temperature and class pair
                       )->dict: # the widgets by role, and `box`, the layout holding them
     "The explorer's widgets: image slider, class dropdowns, temperature slider, network buttons, KL line, output."
-    import math, ipywidgets as W
+    import ipywidgets as W
     C, opts = len(classes), [(f'{c}: {n}', c) for c, n in enumerate(classes)]
     w = dict(image=W.IntSlider(value=0, min=0, max=n_images - 1, description='image'),
              i=W.Dropdown(options=opts, value=min(i, C - 1), description='class i'),
@@ -706,11 +720,6 @@ def _explorer_controls(n_images:int, # images to choose from
     return w
 
 # %% ../nbs/10_viz.ipynb #250f6fd0
-def _check_T(T):
-    import math
-    if isinstance(T, bool) or not isinstance(T, (int, float)) or not math.isfinite(T) or T <= 0:
-        raise ValueError(f"`T` (the temperature) must be a number > 0; got {T!r}")
-
 class ICSExplorer:
     "Interactive view of class distributions and their KL: image, class pair, temperature and network."
     def __init__(self, logits:dict, # name -> logits `B x C x H x W` of the same images ('teacher', 'student', ...)
@@ -728,7 +737,7 @@ class ICSExplorer:
         B, C = next(iter(self.logits.values())).shape[:2]
         if images is not None and len(images) != B: raise ValueError(f"`images` holds {len(images)} images for logits of {B}")
         if max(i, j) >= C or min(i, j) < 0: i, j = 0, min(1, C - 1)   # the default pair (1, 2) needs 3 classes
-        _check_T(T)
+        T = check_temperature(T)
         self.images, self.classes = images, class_names(classes, C)
         w = _explorer_controls(B, self.classes, list(self.logits), T, i, j)
         self.w_image, self.w_i, self.w_j, self.w_T, self.w_model, self.w_kl, self.w_out, self.widget = (
@@ -749,7 +758,7 @@ class ICSExplorer:
             if v is not None and not (isinstance(v, int) and 0 <= v < n): raise ValueError(f"`{nm}` must be in 0..{n - 1}; got {v!r}")
         if model is not None and model not in self.logits: raise ValueError(f"`model` must be one of {list(self.logits)}; got {model!r}")
         if T is not None:
-            _check_T(T); import math
+            T = check_temperature(T)
             self.w_T.min, self.w_T.max = min(self.w_T.min, math.floor(math.log10(T))), max(self.w_T.max, math.ceil(math.log10(T)))
         self._busy = True
         try:
