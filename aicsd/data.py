@@ -27,7 +27,8 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VO
            'train_transform', 'eval_transform', 'crop_upsampling', 'synthetic_classes', 'attribute_overlap',
            'draw_synthetic', 'make_synthetic', 'class_frequencies', 'pad_collate', 'sample_seed', 'EpochSampler',
            'SeededDataset', 'ShardSampler', 'worker_options', 'build_loader', 'close_loader', 'get_dataset',
-           'class_stats', 'require_labelled', 'read_sbd_mat', 'build_sbd_trainaug', 'size_pair', 'parse_size']
+           'class_stats', 'require_labelled', 'check_pairs', 'read_sbd_mat', 'build_sbd_trainaug', 'size_pair',
+           'parse_size']
 
 # %% ../nbs/06_data.ipynb #0e871ed7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -134,20 +135,42 @@ def image_hw(path, # image file
 # %% ../nbs/06_data.ipynb #ade1d782
 def read_label(path, # label PNG (palette or 8-bit grayscale): one class index per pixel
               )->np.ndarray: # uint8 `H x W`
-    "Read an index label image without colour conversion (palette PNGs give their indices)."
+    "Read an index label image without colour conversion (palette PNGs give their indices; renumbered VOC colours, their classes)."
     try:
         with Image.open(path) as im:
             if im.format == 'JPEG':   # lossy: the class indices at region edges become other values
                 raise ValueError(f"label file {path} is a JPEG image (lossy compression changes class indices at edges); "
                                  "expected a palette ('P') or 8-bit grayscale ('L') PNG holding one class index per pixel")
             if im.mode not in ('P', 'L'):
-                what = ('colours' if im.mode in ('RGB', 'RGBA', 'CMYK', 'YCbCr', 'LA') else
+                what = ('grayscale with alpha' if im.mode == 'LA' else 'colours' if im.mode in ('RGB', 'RGBA', 'CMYK', 'YCbCr') else
                         'one bit per pixel: two values' if im.mode == '1' else 'more than 8 bits per pixel')
                 raise ValueError(f"label file {path} has mode {im.mode} ({what}); expected a palette ('P') or "
                                  "8-bit grayscale ('L') PNG holding one class index per pixel")
-            return np.array(im, dtype=np.uint8)
+            a = np.array(im, dtype=np.uint8)
+            return _by_voc_colour(a, im.getpalette()) if im.mode == 'P' else a
     except ValueError: raise
     except Exception as e: raise ValueError(f"Cannot read label file {path}: {e}") from e
+
+# %% ../nbs/06_data.ipynb #pal0cd01
+@functools.lru_cache(16)
+def _voc_index_of_colour(pal:bytes)->np.ndarray: # per palette entry: the VOC index of its colour, -1 if not a VOC colour
+    voc = _voc_palette(256).astype(np.int64) @ np.array([65536, 256, 1])
+    where = dict(zip(voc.tolist(), range(256)))             # the 256 VOC colours are distinct
+    rgb = np.frombuffer(pal, np.uint8)[:len(pal) // 3 * 3].reshape(-1, 3).astype(np.int64) @ np.array([65536, 256, 1])
+    return np.array([where.get(c, -1) for c in rgb.tolist()], np.int64)
+
+def _by_voc_colour(a:np.ndarray, # a palette label's indices, `H x W` uint8
+                   palette:list|None, # its palette (`Image.getpalette()`: r, g, b, r, g, b, ...)
+                  )->np.ndarray: # the class indices
+    "The classes of a palette label: its indices, or where it holds VOC colours at other indices, their VOC indices."
+    if not palette: return a
+    to = _voc_index_of_colour(bytes(palette))
+    used = np.flatnonzero(np.bincount(a.ravel(), minlength=256))
+    if used[-1] >= len(to): return a                         # an index past the palette's end: no colour to go by
+    m = to[used]
+    if (m == used).all() or (m < 0).any() or len(np.unique(m)) < len(m): return a   # VOC's numbering; other colours; two indices alike
+    lut = np.arange(256, dtype=np.uint8); lut[used] = m
+    return lut[a]
 
 # %% ../nbs/06_data.ipynb #659fb668
 def _check_values(m:np.ndarray, valid:int, path, extra=(), note:str=''):
@@ -210,14 +233,14 @@ def read_synthetic_info(root, # a dataset folder
 
 # %% ../nbs/06_data.ipynb #8aa6f605
 def _read_list(path:Path)->list:
-    "Ids of a split list, each once; accepts `id` lines and `/JPEGImages/id.jpg /SegmentationClassAug/id.png` lines."
+    "Ids of a split list, each once; accepts `id` lines and `/JPEGImages/id.jpg /SegmentationClassAug/id.png` lines (and `#` comment lines)."
     ids, first, again = [], {}, []
     raw = path.read_bytes()
     try: text = raw.decode('utf-16') if raw[:2] in (b'\xff\xfe', b'\xfe\xff') else raw.decode('utf-8-sig')   # (BOMs: Notepad's, PowerShell's)
     except UnicodeDecodeError as e: raise ValueError(f"Split list {path} is not UTF-8 text ({e}); expected one image id a line") from None
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
-        if not line: continue
+        if not line or line.startswith('#'): continue        # blank lines and comment lines
         name = line.split()[0].replace('\\', '/').rsplit('/', 1)[-1]
         stem, ext = os.path.splitext(name)
         i = stem if ext.lower() in ('.jpg', '.jpeg', '.png') else name   # an id may hold dots: 2007_000032.v2
@@ -231,13 +254,13 @@ def _read_list(path:Path)->list:
     return ids
 
 # %% ../nbs/06_data.ipynb #fdfc4a1e
-def _stems(folder:Path, exts)->dict:
-    "Map file stem -> its files in `folder` with one of `exts`, sorted (one directory listing; two files: `x.jpg`, `x.png`)."
+def _stems(folder:Path, exts=None)->dict:
+    "Map file stem -> its files in `folder` with one of `exts` (None: any), sorted (one directory listing; two files: `x.jpg`, `x.png`)."
     if not folder.is_dir(): return {}
     out = {}
     for e in sorted(os.scandir(folder), key=lambda e: e.name):
         stem, ext = os.path.splitext(e.name)
-        if ext.lower() in exts: out.setdefault(stem, []).append(folder / e.name)
+        if exts is None or ext.lower() in exts: out.setdefault(stem, []).append(folder / e.name)
     return out
 
 # %% ../nbs/06_data.ipynb #4b23b4ad
@@ -274,7 +297,11 @@ class VOCSegmentation(SegmentationDataset):
         if miss_i or miss_l:
             what = (f"{len(miss_i)} images missing from {self.root / 'JPEGImages'} (e.g. {miss_i[:3]})" if miss_i else '') + \
                    (f"{'; ' if miss_i else ''}{len(miss_l)} labels missing from {label_dir} (e.g. {miss_l[:3]})" if miss_l else '')
-            raise FileNotFoundError(f"Split list {lst} names files that do not exist: {what}.")
+            other = [f.name for d, miss in ((self.root / 'JPEGImages', miss_i), (label_dir, miss_l)) if miss
+                     for every in [_stems(d)] for i in miss for f in every.get(i, [])][:3]   # there, in a format not read
+            raise FileNotFoundError(f"Split list {lst} names files that do not exist: {what}." + (
+                f" Files of these ids exist in formats that are not read: {', '.join(other)} (images: .jpg, .jpeg or .png; "
+                "labels: .png)." if other else " (A list line's id is its first word.)"))
         two = [f for i in self.ids for f in (imgs[i], labs[i]) if len(f) > 1]
         if two:   # x.jpg and x.png: which one is the image would depend on the order of the directory listing
             raise ValueError(f"Split list {lst} names {len(two)} id(s) with more than one file (e.g. {', '.join(map(str, two[0]))}): "
@@ -778,6 +805,33 @@ def require_labelled(ds:SegmentationDataset, # a dataset (with `read_mask`)
         if (ds.read_mask(i) != IGNORE_INDEX).any(): return i
     raise ValueError(f"{what} has no labelled pixels: all {len(ds)} label files hold only the ignore index "
                      f"{IGNORE_INDEX}, so no mIoU can be computed (Cityscapes' test split has no public labels: use val)")
+
+# %% ../nbs/06_data.ipynb #cpairs02
+_ORIENTATION = {2: 'mirrored', 3: 'rotated 180 degrees', 4: 'flipped', 5: 'transposed', 6: 'rotated 90 degrees',
+                7: 'transversed', 8: 'rotated 270 degrees'}   # EXIF tag 0x0112: what a viewer does before showing
+
+def check_pairs(ds:SegmentationDataset, # a dataset of files: `images` and `labels`, in the same order
+                say:bool=True, # print the orientation warning (a run's other processes: False)
+               )->list: # (image, orientation) of the images with an EXIF orientation tag (warned of)
+    "Refuse image/label pairs of different sizes, from the headers alone; warn of images a viewer would rotate or flip."
+    bad, turned = [], []
+    for ip, lp in zip(ds.images, ds.labels):
+        try:
+            with Image.open(ip) as im: (w, h), o = im.size, im.getexif().get(0x0112, 1)
+        except Exception as e: raise _unreadable(ip, e) from e
+        if o in _ORIENTATION: turned.append((ip, o))
+        if (h, w) != (lhw := image_hw(lp)): bad.append(((h, w), lhw, ip, lp))
+    if bad:
+        try: _check_sizes(*bad[0])
+        except ValueError as e:
+            raise ValueError(f"{len(bad)} of the {len(ds.images)} images of {ds!r} differ in size from their labels "
+                             f"(e.g. {', '.join(Path(b[2]).name for b in bad[:3])}). The first: {e}") from None
+    if turned and say:
+        from aicsd.config import warn
+        warn(f"{len(turned)} image(s) of {ds!r} carry an EXIF orientation tag (e.g. {turned[0][0]}: "
+             f"{_ORIENTATION[turned[0][1]]} for viewing); aicsd reads pixels as stored, as Pillow and torchvision do: "
+             "their labels must match the stored pixels, not the picture a viewer shows")
+    return turned
 
 # %% ../nbs/06_data.ipynb #a88d89ad
 def _sbd_dataset_dir(sbd_root:Path)->Path:

@@ -21,7 +21,7 @@ __all__ = ['poly_lr_lambda', 'checkpoint_kind', 'load_teacher', 'StudentWithModu
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import (build_model, param_groups, model_arch, load_model, load_released_checkpoint,
                           cirkd_backbone, load_cirkd_checkpoint, unwrap)
-from .data import (crop_upsampling, get_dataset, train_transform, build_loader, make_synthetic, close_loader, require_labelled, size_pair,
+from .data import (crop_upsampling, check_pairs, get_dataset, train_transform, build_loader, make_synthetic, close_loader, require_labelled, size_pair,
                         DEFAULT_ROOTS)
 from .objective import alw_alpha, DistillObjective, TERMS
 from .metrics import ics_distance, mean_ics
@@ -197,6 +197,7 @@ def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, cla
     ttf = train_transform(D.crop_size, scale=(D.scale_min, D.scale_max), hflip=D.hflip, blur=D.blur, base_size=D.scale_base)
     tr = get_dataset(D.data, root, D.train_split, ttf)
     va = get_dataset(D.data, root, D.val_split, eval_transform_for(D.eval_resize, D.eval_square))
+    for ds in (tr, va): check_pairs(ds, say=rank == 0)       # a wrong pair stops the run before its first step
     n = _num_classes(tr)
     if D.num_classes and D.num_classes > n:
         raise ValueError(f"--num-classes {D.num_classes} is more than the {n} classes of {tr!r}: the extra outputs would "
@@ -595,6 +596,7 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
             raise ValueError(f"the split {opts['val_split']!r} of {opts['data_root']} has no images: nothing to evaluate; "
                              "check --data-root and --val-split")
         require_labelled(ds, f"the split {opts['val_split']!r} of {getattr(ds, 'root', opts['data_root'])} (--val-split, --data-root)")
+        check_pairs(ds)
         if model is None:                                                # the released code's file: OS 16, as trained
             model = load_released_checkpoint(ck, released, getattr(ds, 'num_classes', None) or 21, source=str(ckpt)).to(dev)
             if all(opts[k] == DEFAULTS[k] for k in _PROTOCOL_KEYS):

@@ -57,6 +57,22 @@ def test_split_list_naming_missing_files(tmp_path):
     (root / 'JPEGImages' / f'{ids[1]}.jpg').unlink()
     with pytest.raises(FileNotFoundError) as e: VOCSegmentation(root)
     assert ids[1] in str(e.value) and str(root / 'JPEGImages') in str(e.value)
+    assert str(e.value).endswith("(A list line's id is its first word.)")
+
+
+def test_split_list_file_in_a_format_not_read(tmp_path):
+    "An image saved as .bmp or a label as .jpg exists: the error names it and the formats read, not just 'missing'."
+    root, ids = voc_root(tmp_path)
+    from PIL import Image
+    img = root / 'JPEGImages' / f'{ids[1]}.jpg'
+    Image.open(img).save(img.with_suffix('.bmp')); img.unlink()
+    lab = root / 'SegmentationClass' / f'{ids[0]}.png'
+    lab.rename(lab.with_suffix('.jpg'))
+    with pytest.raises(FileNotFoundError) as e: VOCSegmentation(root)
+    msg = str(e.value)
+    assert f"1 images missing from {root / 'JPEGImages'} (e.g. ['{ids[1]}'])" in msg and f"1 labels missing" in msg
+    assert msg.endswith(f"exist in formats that are not read: {ids[1]}.bmp, {ids[0]}.jpg (images: .jpg, .jpeg or .png; "
+                        "labels: .png)."), msg
 
 
 def test_missing_cityscapes_names_path_layout_and_download(tmp_path):
@@ -217,3 +233,18 @@ def test_loader_under_torch_distributed(tmp_path):
     for r, off in ((r0, 0), (r1, 1)):
         flat = [y[k] for _, y in r['eval'] for k in range(len(y))]
         for j, y in zip(range(off, 10, 2), flat): assert torch.equal(y, ev_single[j][1])
+
+
+def test_renumbered_palette_labels_read_by_colour(tmp_path):
+    """`aicsd data stats` on labels an editor re-saved (Pillow's `quantize`: the same VOC colours at indices 0..3) gives
+    the class shares of the original files, not those of classes 0..3 (other palettes: 06_data)."""
+    from conftest import run, aicsd_cmd
+    root, ids = voc_root(tmp_path / 'a', n=3)
+    stats = lambda r: run(aicsd_cmd() + ['data', 'stats', '--data', 'voc', '--data-root', r], cwd=tmp_path).stdout.split('\n', 1)[1]
+    want = stats(root)
+    assert [l.split()[0] for l in want.splitlines() if not l.split()[-1] == '0'] == ['background', 'aeroplane', 'bicycle', 'bird']
+    for i in ids:
+        p = root / 'SegmentationClass' / f'{i}.png'
+        Image.open(p).convert('RGB').quantize(colors=256).save(p)
+    assert sorted(np.unique(np.array(Image.open(root / 'SegmentationClass' / f'{ids[2]}.png'))).tolist()) == [0, 1, 2]
+    assert stats(root) == want
