@@ -248,3 +248,18 @@ def test_renumbered_palette_labels_read_by_colour(tmp_path):
         Image.open(p).convert('RGB').quantize(colors=256).save(p)
     assert sorted(np.unique(np.array(Image.open(root / 'SegmentationClass' / f'{ids[2]}.png'))).tolist()) == [0, 1, 2]
     assert stats(root) == want
+
+
+def test_own_data_in_the_voc_layout(tmp_path):
+    "data/README.md's 'Your own data': a VOC-layout tree with a hand-written classes.json trains with --data voc, on its classes."
+    from conftest import run, aicsd_cmd
+    import json
+    root = make_synthetic(tmp_path / 'own', n_train=8, n_val=2, size=32, num_classes=4, seed=0)
+    (root / 'classes.json').write_text(json.dumps({'classes': ['background', 'road', 'car', 'tree']}))   # by hand
+    p = run(aicsd_cmd() + ['data', 'stats', '--data', 'voc', '--data-root', root], cwd=tmp_path)
+    assert [l.split()[0] for l in p.stdout.splitlines()[1:]] == ['background', 'road', 'car', 'tree'], p.stdout
+    p = run(aicsd_cmd() + ['train', '--data', 'voc', '--data-root', root, '--model', 'resnet18', '--max-steps', 1,
+                           '--crop-size', 32, '--batch-size', 4, '--pretrained-backbone', 'none', '--out', tmp_path / 'run'],
+            cwd=tmp_path)
+    assert 'voc at' in p.stdout and '8 training / 2 validation images, 4 classes' in p.stdout, p.stdout
+    assert torch.load(tmp_path / 'run' / 'best.pt', weights_only=True)['arch']['num_classes'] == 4
