@@ -112,7 +112,7 @@ _DATA = [   # data
        type=int, metavar='PX', check='int>=1'),
     _O('hflip', True, 'Data', 'random horizontal flip', flag='bool'),
     _O('blur', False, 'Data', 'random Gaussian blur (released code: on)', flag='bool'),
-    _E('eval_resize', None, 'Data', 'evaluate with the short side resized to PX (default: native resolution; 0 says '
+    _E('eval_resize', None, 'Data', 'evaluate with the short side resized to PX, the label too (nearest: scored at that size, as the released code; default: native resolution; 0 says '
        "so explicitly: `aicsd evaluate` then leaves out the resize a checkpoint was trained with)", type=int,
        metavar='PX', check='int>=0'),
     _E('eval_square', False, 'Data', "with --eval-resize: resize to PX x PX, as the released code's FixedResize", flag='bool'),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07d_evaluation.ipynb #b34ee193
 from __future__ import annotations
-import math
+import inspect, math
 from dataclasses import dataclass
 from typing import Callable
 import torch
@@ -15,6 +15,7 @@ import torch.distributed as dist
 from .data import size_pair, parse_size, eval_transform, ShardSampler, worker_options
 from .metrics import SegMetrics
 from .process import autocast
+from .models import unwrap
 
 # %% auto #0
 __all__ = ['MODES', 'slide_windows', 'whole_logits', 'slide_logits', 'multiscale_logits', 'Predictor', 'make_predictor',
@@ -37,9 +38,10 @@ def slide_windows(height:int, # image height
 # %% ../nbs/07d_evaluation.ipynb #d412aac1
 def whole_logits(model:nn.Module, # gives logits at the input size (or a tuple whose first element they are)
                  x:Tensor, # images `B x 3 x H x W`
+                 **kw, # passed to the model (`out_size`, where its forward takes it)
                 )->Tensor: # logits `B x C x H x W`
     "The whole image through the model at once (the field's default for Cityscapes and VOC)."
-    out = model(x)
+    out = model(x, **kw)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 # %% ../nbs/07d_evaluation.ipynb #29092683
@@ -82,6 +84,9 @@ def multiscale_logits(model:nn.Module, # gives logits at the input size, for inp
     "Multi-scale (+ flip) test-time augmentation as CIRKD's `eval.py`: bilinear resizes (`align_corners=True`), logits averaged."
     if (crop is None) != (stride is None): raise ValueError("crop and stride: give both (sliding windows) or neither (whole image)")
     H, W = x.shape[-2:]
+    fwd = getattr(unwrap(model), 'forward', model)
+    try: direct = crop is None and 'out_size' in inspect.signature(fwd).parameters   # the field's DeepLabV3: its stride-8
+    except (TypeError, ValueError): direct = False                                  # logits resized once, as CIRKD's eval.py
     def resize(t, size):
         return t if tuple(t.shape[-2:]) == tuple(size) else F.interpolate(t, size=size, mode='bilinear', align_corners=True)
     total, n = None, 0
@@ -93,8 +98,9 @@ def multiscale_logits(model:nn.Module, # gives logits at the input size, for inp
         xs = resize(x, size)
         for mirror in ((False, True) if flip else (False,)):
             xi = xs.flip(-1) if mirror else xs
-            z = whole_logits(model, xi) if crop is None else slide_logits(model, xi, crop, stride, window_batch=window_batch)
-            z = resize(z.flip(-1) if mirror else z, (H, W))
+            z = (whole_logits(model, xi, out_size=(H, W)) if direct else whole_logits(model, xi) if crop is None else
+                 slide_logits(model, xi, crop, stride, window_batch=window_batch))
+            z = resize(z.flip(-1) if mirror else z, (H, W))                # (at the image's size already when direct)
             total = z.to(torch.promote_types(z.dtype, torch.float32)) if total is None else total + z
             n += 1
     if n == 0: raise ValueError("scales: expected at least one scale")

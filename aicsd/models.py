@@ -480,10 +480,11 @@ class DeepLabV3(nn.Module):
 
     def forward(self, x:Tensor, # B x 3 x H x W, RGB normalised with the ImageNet mean and std
                 return_features:bool=False, # also return the dict of feature taps (and the aux logits)
+                out_size:tuple|None=None, # the logits' (H, W); default the input's (multi-scale evaluation: the image's)
                ):
         high, low, mid = self.pretrained(x if self.field_input is None else self.field_input(x))
         out8, a, feat = self.head(high, return_features)
-        out = F.interpolate(out8, size=x.shape[2:], mode='bilinear', align_corners=True)
+        out = F.interpolate(out8, size=tuple(out_size or x.shape[2:]), mode='bilinear', align_corners=True)
         if not return_features: return out
         taps = dict(low=low, high=high, **a, decoder=feat, logits4=out8)
         if self.aux: taps['aux'] = self.auxlayer(mid)
