@@ -477,6 +477,22 @@ def args_to_config(a:argparse.Namespace)->dict:
     "The `fit` configuration of a parsed `train` / `distill` command."
     return make_config({k: v for k, v in vars(a).items() if k in DEFAULTS}, mode=a.command)
 
+def _imports_hint(e:BaseException, argv:list)->str:
+    "For a --resume naming a method or term unknown here: the modules the run's terms came from (its checkpoint says)."
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if '--resume' not in argv or not ('unknown method' in msg or 'unknown term' in msg): return ''
+    import torch
+    out = next((argv[i + 1] for i, x in enumerate(argv[:-1]) if x == '--out'), None) or \
+          next((x[6:] for x in argv if x.startswith('--out=')), DEFAULTS['out'])
+    path = Path(out) / 'last.pt'
+    try: terms = torch.load(path, map_location='cpu', weights_only=True)['objective']['terms']
+    except Exception: return ''
+    mods = sorted({t['fn'].rsplit('.', 1)[0] for t in terms.values()
+                   if not t['fn'].startswith('aicsd.') and '<' not in t['fn'].rsplit('.', 1)[0]})
+    return (f". The run in {path.parent} was started with terms of module(s) {', '.join(mods)}: give --import with each "
+            "(the module name or its .py file), as when it started") if mods else ''
+
+
 # %% ../nbs/09_cli.ipynb #0feb4e50
 def parse(argv:list|None=None)->argparse.Namespace:
     "Parse `argv`, reading `--config FILE` first (its keys become defaults; flags still win)."
@@ -509,6 +525,7 @@ def main(argv:list|None=None)->int:
     "Entry point of the `aicsd` console script."
     from aicsd.distill import RunLockedError
     from aicsd.models import CheckpointMismatchError
+    from aicsd.objective import TermError
     old = _stop_on_signals()
     try: return _main(argv)
     except KeyboardInterrupt as e:          # RunInterrupted: last.pt written (Ctrl-C, SIGTERM, SIGHUP); others: said where raised
@@ -521,8 +538,9 @@ def main(argv:list|None=None)->int:
         try: os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (AttributeError, OSError, ValueError): pass
         return 141
-    except (ValueError, KeyError, OSError, RunLockedError, CheckpointMismatchError, FloatingPointError) as e:
-        print(f"aicsd: error: {_error_text(e)}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, RunLockedError, CheckpointMismatchError, FloatingPointError, TermError) as e:
+        print(f"aicsd: error: {_error_text(e)}{_imports_hint(e, [str(x) for x in (sys.argv[1:] if argv is None else argv)])}",
+              file=sys.stderr)
         return 2
     except RuntimeError as e:            # an allocation refused (a crop or scale too large for the machine): one line
         if (oom := _out_of_memory(e)) is None: raise

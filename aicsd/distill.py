@@ -15,7 +15,7 @@ from torch import nn, Tensor
 # %% auto #0
 __all__ = ['poly_lr_lambda', 'checkpoint_kind', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_shapes',
            'tap_channels', 'distill_step', 'train_step', 'Run', 'build_models', 'weights_sha256', 'build_run',
-           'start_warnings', 'train_one_epoch', 'val_ics_distance', 'evaluate_and_keep_best',
+           'start_warnings', 'Diverged', 'train_one_epoch', 'val_ics_distance', 'evaluate_and_keep_best',
            'restarted_with_checkpoint', 'evaluate_checkpoint', 'evaluate_to_files', 'describe_run', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
@@ -419,6 +419,10 @@ def _optimizer(student, modules, O:OptimSpec, loader)->tuple: # (optimizer, sche
     return opt, sched, epochs, total, spe
 
 # %% ../nbs/08_distill.ipynb #3ff4845e
+class Diverged(FloatingPointError):
+    "The loss became non-finite: `what` says at which step and in which terms; the message adds what to do."
+    def __init__(self, what:str, advice:str): super().__init__(f"{what}; {advice}"); self.what, self.advice = what, advice
+
 def _saving_on_data_error(batches, run:Run, prog:Progress, ckpt:Checkpointer):
     "The batches; a file that fails to read mid-run (bad label, missing image) first gets the steps done into last.pt (one process)."
     it = iter(batches)
@@ -459,10 +463,14 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
         if not math.isfinite(float(loss)):   # every rank, every step: nothing non-finite reaches a checkpoint
             bad = [k for k, v in terms.items() if not math.isfinite(float(v))]
             where = f" on rank {run.rank}" if run.world > 1 else ''
-            raise FloatingPointError(
-                f"the loss is {float(loss)} at step {prog.step}{where} (non-finite term(s): {', '.join(bad) or 'none: the sum overflowed'}"
-                f"; lr {lr:.3g}); " + (f"{ckpt.last} holds the last good state. Lower --lr or the term's "
-                f"--weight, or add --clip-grad, and continue with --resume (or restart with --force)" if ckpt.last.exists() else
+            what = (f"the loss is {float(loss)} at step {prog.step}{where} (non-finite term(s): "
+                    f"{', '.join(bad) or 'none: the sum overflowed'}; lr {lr:.3g})")
+            raise Diverged(what, (
+                "that was the first step, before any update: the term(s) computed it from the first batch, so their "
+                "function, the teacher's weights or the data are the cause, not --lr, --weight or --clip-grad" if prog.step == 1 else
+                f"{ckpt.last} holds the last good state: continue from it with --resume --clip-grad NORM (the one change "
+                "--resume takes here), or lower --lr or the term's --weight and start again with --force or another --out "
+                "(--resume keeps a run's learning rate and weights)" if ckpt.last.exists() else
                 "no checkpoint was written yet. Lower --lr or the term's --weight, or add --clip-grad, and run the command "
                 "again without --resume (the logs of this attempt are moved aside)"))
         if run.main and (prog.step % max(1, L.log_every) == 0 or prog.step == run.total):

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from .config import OPTIONS, check_ranges, make_config, size_text
 from .checkpoint import load_checkpoint, write_text_atomic, json_text, make_folder
-from .distill import fit
+from .distill import fit, Diverged
 from .runfolder import RunInterrupted, RunLock, clear_run, how_stopped, sweep_temporaries
 from .objective import METHODS, method_spec, out_of_range, parse_method, reads_teacher
 
@@ -341,6 +341,10 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
                         print(f"  {why}: this student is trained again", flush=True)
                         replacing(); clear_run(d); resumed -= 1; kept -= 1; r = fit(cfg)
                 except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, f'student {m}, seed {sd}', again), e.signum) from None
+                except Diverged as e:                        # its advice names options this command does not take
+                    raise Diverged(f"student {m}, seed {sd}: {e.what}", "a method trains here at its terms' registered weights "
+                                   "and the demo's learning rate: change the term or its `weight` where it is registered "
+                                   f"(`register_term`), then continue with {_continue_with()}: the students finished are kept") from None
                 sec = time.time() - t0
                 d = model_ics({'teacher': teacher, m: r['model']}, val, n=8)[1][m]
                 res.append(dict(seed=sd, miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], ics_dist=d, time_s=sec))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_objective.ipynb #ba8ff410
 from __future__ import annotations
-import difflib, inspect, math, numbers, warnings
+import dataclasses, difflib, inspect, math, numbers, re, warnings
 from dataclasses import dataclass, field
 from typing import Callable
 import torch
@@ -16,11 +16,11 @@ from . import baselines as B
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['TERMS', 'METHODS', 'alw_alpha', 'out_of_range', 'Term', 'register_term', 'term_ce', 'term_kd', 'term_icsd',
-           'term_released_icsd', 'Method', 'register_method', 'term_at', 'term_fitnet', 'term_sp', 'term_ickd',
-           'term_skd', 'term_ifvd', 'term_cwd', 'term_cwd_feat', 'term_dist', 'term_cirkd_pixel', 'CIRKDMemoryTerm',
-           'term_cirkd_memory', 'term_released_pa', 'term_released_ic', 'term_released_pi', 'term_aux', 'method_spec',
-           'parse_method', 'reads_teacher', 'DistillObjective', 'record_changes']
+__all__ = ['TERMS', 'METHODS', 'alw_alpha', 'out_of_range', 'Term', 'TermError', 'register_term', 'term_ce', 'term_kd',
+           'term_icsd', 'term_released_icsd', 'Method', 'register_method', 'term_at', 'term_fitnet', 'term_sp',
+           'term_ickd', 'term_skd', 'term_ifvd', 'term_cwd', 'term_cwd_feat', 'term_dist', 'term_cirkd_pixel',
+           'CIRKDMemoryTerm', 'term_cirkd_memory', 'term_released_pa', 'term_released_ic', 'term_released_pi',
+           'term_aux', 'method_spec', 'parse_method', 'reads_teacher', 'DistillObjective', 'record_changes']
 
 # %% ../nbs/04_objective.ipynb #7affb6ee
 def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
@@ -65,6 +65,7 @@ class Term:
     ref:str='' # where it comes from
     same_size:bool=True # its student and teacher maps must have one height and width (checked before a run starts)
     global_T:bool=False # its parameter `T` is the objective's temperature (`--temperature`), as KD's and ICSD's; else its own
+    ics:bool=False # its parameter `T` is the temperature a run compares ICS matrices at (figures, the logged ICS distance)
 
     @property
     def taps(self)->tuple: return tuple(i for i in self.inputs if i != 'logits')
@@ -75,19 +76,36 @@ class Term:
 # %% ../nbs/04_objective.ipynb #355d217e
 TERMS = {}
 
+class TermError(TypeError):
+    "A term or method aicsd cannot call or use as given (a signature, a declaration, a return value): the message says what to change."
+_BUILT_IN = dict(term=set(), method=set())   # the names aicsd registers (filled at the end of this page): replaced only on purpose
+
+def _same(a, b)->bool:
+    "Two registrations alike: equal, or equal but for function objects of one name (a cell run again, a module re-imported)."
+    if a == b: return True
+    if not isinstance(a, Term) or not isinstance(b, Term): return False
+    name = lambda f: None if f is None else (getattr(f, '__module__', None), getattr(f, '__qualname__', None))
+    named = lambda f: f is None or '<lambda>' not in str(getattr(f, '__qualname__', '<lambda>'))   # lambdas: only themselves
+    return (name(a.fn) == name(b.fn) and name(a.module) == name(b.module) and named(a.fn) and named(a.module)
+            and dataclasses.replace(a, fn=b.fn, module=b.module) == b)
+
+def _refuse_built_in(kind:str, name:str, what:str):
+    raise ValueError(f"register_{kind}({name!r}): {name!r} is one of aicsd's {kind}s; replaced, {what}. Choose another name "
+                     f"(e.g. 'my_{name}'), or pass replace=True to replace it on purpose")
+
 def _check_term(name:str, term:Term):
     "Refuse, naming the term, what the trainer could not call (said at registration, not at the first training step)."
     w = f"term {name!r}"
-    if not isinstance(term, Term): raise TypeError(f"{w}: expected a `Term(fn, ...)`; got {type(term).__name__}")
-    if not callable(term.fn): raise TypeError(f"{w}: `fn` must be a function fn(s, t, target, mod=None, **params); got {term.fn!r}")
+    if not isinstance(term, Term): raise TermError(f"{w}: expected a `Term(fn, ...)`; got {type(term).__name__}")
+    if not callable(term.fn): raise TermError(f"{w}: `fn` must be a function fn(s, t, target, mod=None, **params); got {term.fn!r}")
     if isinstance(term.inputs, str) or not isinstance(term.inputs, (tuple, list)) or not term.inputs or \
        not all(isinstance(i, str) for i in term.inputs):
-        raise TypeError(f"{w}: `inputs` must be a tuple of output names, 'logits' and/or taps, e.g. ('logits',) or "
+        raise TermError(f"{w}: `inputs` must be a tuple of output names, 'logits' and/or taps, e.g. ('logits',) or "
                         f"('decoder',); got {term.inputs!r}")
     if isinstance(term.weight, bool) or not isinstance(term.weight, numbers.Real) or (bad := out_of_range(term.weight, '>=0')):
         raise ValueError(f"{w}: `weight` (its default lambda) must be a finite number >= 0; got {term.weight!r}")
     if term.alw not in ('grow', 'fade'): raise ValueError(f"{w}: `alw` must be 'grow' or 'fade', got {term.alw!r}")
-    if not isinstance(term.params, dict): raise TypeError(f"{w}: `params` must be a dict of name: default; got {term.params!r}")
+    if not isinstance(term.params, dict): raise TermError(f"{w}: `params` must be a dict of name: default; got {term.params!r}")
     if stray := sorted((set(term.bounds) | set(term.choices)) - set(term.params)):
         raise ValueError(f"{w}: `bounds`/`choices` name {stray}, which are not in its `params` {sorted(term.params)}")
     for k, c in term.bounds.items():                  # its own defaults within its own ranges
@@ -100,16 +118,22 @@ def _check_term(name:str, term:Term):
     except (TypeError, ValueError): return            # a builtin without a signature: called as it is
     try: sig.bind(None, None, None, mod=None, **term.params)
     except TypeError as e:
-        raise TypeError(f"{w}: `fn` ({getattr(term.fn, '__qualname__', term.fn)}{sig}) must accept fn(s, t, target, mod=None"
+        raise TermError(f"{w}: `fn` ({getattr(term.fn, '__qualname__', term.fn)}{sig}) must accept fn(s, t, target, mod=None"
                         + ''.join(f", {k}=..." for k in term.params) + f"), its `params` as keywords: {e}") from None
 
 def register_term(name:str, # the name methods, weights and logs use
-                  term:Term)->Term:
-    "Add `term` to the registry under `name` (a term of that name is replaced, with a warning)."
+                  term:Term, # what it computes
+                  replace:bool=False, # allow replacing one of aicsd's own terms (else refused: the built-in methods use them)
+                 )->Term:
+    "Add `term` to the registry under `name` (a term of yours registered again is replaced, with a warning when it differs)."
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"term name must be an identifier (it names a log column); got {name!r}")
     _check_term(name, term)
-    if name in TERMS and TERMS[name] != term:
+    if name in _BUILT_IN['term'] and not replace and not _same(TERMS[name], term):
+        used = [m for m, v in METHODS.items() if name in v.terms and m in _BUILT_IN['method']]
+        _refuse_built_in('term', name, f"the built-in method(s) {', '.join(used)} would train yours under their names" if used
+                         else "every run naming it would compute yours")
+    if name in TERMS and not _same(TERMS[name], term):
         warnings.warn(f"register_term({name!r}): replaces the registered term of that name (runs started with the old "
                       "one refuse --resume)", stacklevel=2)
     TERMS[name] = term
@@ -156,7 +180,7 @@ register_term('ce', Term(term_ce, teacher=False, params=dict(ignore_index=255, b
                          ref='supervised cross-entropy'))
 register_term('kd', Term(term_kd, alw='fade', global_T=True, params=dict(T=1.0, ignore_index=255, skip_ignored=False, upsampled=True), bounds=dict(T='>0'),
                          ref='Hinton et al., NeurIPS-W 2015; pixel-wise as in CIRKD losses/'))
-register_term('icsd', Term(term_icsd, weight=0.1, global_T=True, params=dict(T=1.0, normalize=None), bounds=dict(T='>0'), choices=dict(normalize=(None, 'row')),
+register_term('icsd', Term(term_icsd, weight=0.1, global_T=True, ics=True, params=dict(T=1.0, normalize=None), bounds=dict(T='>0'), choices=dict(normalize=(None, 'row')),
                            ref='AICSD (Mansourian et al., 2025)'))
 register_term('released_icsd', Term(term_released_icsd, weight=0.1, params=dict(softmax='height'), choices=dict(softmax=RELEASED_SOFTMAX),
                                     ref="AICSD authors' released code (see 02_losses)"));
@@ -173,14 +197,21 @@ class Method:
 # %% ../nbs/04_objective.ipynb #49d0e44d
 METHODS = {}
 
-def register_method(name:str, method:Method)->Method:
-    "Add `method` to the table under `name` (a method of that name is replaced, with a warning)."
-    if not isinstance(name, str) or '+' in name or not name: raise ValueError(f"method name must be non-empty without '+'; got {name!r}")
-    if not isinstance(method, Method): raise TypeError(f"method {name!r}: expected a `Method(terms, ...)`; got {type(method).__name__}")
+def register_method(name:str, # what --method and `compare` call it: letters, digits, '_', '-', '.' (a folder's name too)
+                    method:Method, # its terms and ALW
+                    replace:bool=False, # allow replacing one of aicsd's own methods (else refused)
+                   )->Method:
+    "Add `method` to the table under `name` (a method of yours registered again is replaced, with a warning when it differs)."
+    if not isinstance(name, str) or not re.fullmatch(r'[A-Za-z_][A-Za-z0-9_.-]*', name):
+        raise ValueError(f"method name must start with a letter or '_' and hold only letters, digits, '_', '-' and '.' (it names "
+                         f"a folder of `compare`; '+' combines methods); got {name!r}")
+    if not isinstance(method, Method): raise TermError(f"method {name!r}: expected a `Method(terms, ...)`; got {type(method).__name__}")
+    if not isinstance(method.alw, bool): raise TermError(f"method {name!r}: `alw` must be True or False; got {method.alw!r}")
     if isinstance(method.terms, str) or not method.terms:
-        raise TypeError(f"method {name!r}: `terms` must be a tuple of term names, e.g. ('ce', 'kd'); got {method.terms!r}")
+        raise TermError(f"method {name!r}: `terms` must be a tuple of term names, e.g. ('ce', 'kd'); got {method.terms!r}")
     missing = [t for t in method.terms if t not in TERMS]
     if missing: raise KeyError(f"method {name!r} uses unregistered term(s) {missing}; registered: {sorted(TERMS)}")
+    if name in _BUILT_IN['method'] and not replace and METHODS[name] != method: _refuse_built_in('method', name, f"--method {name} and `compare` would train yours under its name")
     if name in METHODS and METHODS[name] != method:
         warnings.warn(f"register_method({name!r}): replaces the registered method of that name (runs started with the "
                       "old one refuse --resume)", stacklevel=2)
@@ -341,6 +372,7 @@ def term_aux(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, ignore_inde
 
 register_term('aux', Term(term_aux, ('aux',), teacher=False, weight=0.4, params=dict(ignore_index=255, batch_average=False),
                           ref="CIRKD train_kd.py: task loss CE + 0.4 x CE of the auxiliary head (ResNet students)"));
+_BUILT_IN['term'].update(TERMS); _BUILT_IN['method'].update(METHODS)   # aicsd's own: `register_*` refuses to replace them
 
 # %% ../nbs/04_objective.ipynb #9c1c7d1b
 def method_spec(spec:str)->str:
@@ -463,7 +495,7 @@ class DistillObjective:
     @property
     def ics_T(self)->float:
         "The temperature at which this method compares ICS matrices (its ICSD term's; 1 without one): the figures' and the ICS distance's."
-        return float(next((p['T'] for n, p in self.params.items() if 'icsd' in n and 'T' in p), 1.0))
+        return float(next((p['T'] for n, p in self.params.items() if TERMS[n].ics and 'T' in p), 1.0))   # (`Term.ics`)
     @property
     def needs_teacher(self)->bool:
         "Whether some term reads the teacher's outputs (False for the baseline)."
@@ -573,7 +605,7 @@ def __call__(self:DistillObjective,
             raise KeyError(f"term {n!r} reads the output {k!r}, which its `Term.inputs` {tuple(term.inputs)} does not declare: "
                            f"the networks are asked only for declared taps; add {k!r} to `inputs`") from None
         if not (torch.is_tensor(value) and value.numel() == 1 and value.is_floating_point()):
-            raise TypeError(f"term {n!r} ({getattr(term.fn, '__qualname__', term.fn)}) returned "
+            raise TermError(f"term {n!r} ({getattr(term.fn, '__qualname__', term.fn)}) returned "
                             + (f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if torch.is_tensor(value) else
                                f"{type(value).__name__} {value!r}") + ": a term returns a floating-point scalar tensor (reduce it, "
                             "e.g. with .mean(), inside the term)")

@@ -82,6 +82,17 @@ def test_compare_quick_every_method_defaults(tmp_path):
     for r in rows: assert all(math.isfinite(r[k]) for k in ('miou', 'pixel_acc', 'ics_dist')), r
     names = {q.name for q in out.iterdir()}
     assert {'report.md', 'ics_matrices.png', 'predictions.png'} | {f'ics_{m}.png' for m in METHODS} <= names, sorted(names)
+    # a method of one's own that gives NaN: its student named, and what to do in `compare` (which takes no --lr or --weight)
+    (tmp_path / 'nan_terms.py').write_text(
+        "from aicsd.objective import Term, Method, register_term, register_method\n"
+        "register_term('nan_t', Term(lambda s, t, target, mod=None: s['logits'].mean() * float('nan'), teacher=False))\n"
+        "register_method('nanm', Method(('ce', 'nan_t')))\n")
+    p = run([*aicsd_cmd(), 'compare', '--quick', '--out', out, '--data-root', tmp_path / 'syn', '--import', 'nan_terms.py',
+             '--methods', 'baseline', 'nanm', '--resume'], cwd=tmp_path, timeout=600, check=False)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+    assert ("aicsd: error: student nanm, seed 0: the loss is nan at step 1 (non-finite term(s): nan_t" in p.stderr
+            and "change the term or its `weight` where it is registered (`register_term`), then continue with the same "
+                "command and --resume" in p.stderr and '--lr' not in p.stderr), p.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------- the benchmarks

@@ -96,5 +96,21 @@ def test_a_method_of_your_own_on_the_command_line(teacher, tiny_data, tmp_path):
     (tmp_path / 'my_terms.py').write_text(MY_TERMS.replace('WEIGHT', '1.0'))
     run(aicsd_cmd() + args + imp + ['--resume'], cwd=tmp_path)
     assert load_checkpoint(out / 'last.pt')['global_step'] == 3
+    bare = [a for a in args if a not in ('--param', 'lskd.T=3')]                 # --resume without --import: the module named
+    p = run(aicsd_cmd() + bare + ['--resume'], cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "unknown method 'lskd_icsd'" in p.stderr, p.stderr
+    assert p.stderr.rstrip().endswith(f"The run in {out} was started with terms of module(s) my_terms: give --import with each "
+                                      "(the module name or its .py file), as when it started"), p.stderr
     p = run(aicsd_cmd() + ['distill', '--help', '--import', 'my_terms'], cwd=tmp_path)   # a module name, from this folder
     assert 'lskd_icsd' in p.stdout and 'CE + logit-standardised KD + ICSD' in p.stdout
+
+
+def test_errors_of_a_module_of_your_own_are_one_line(tmp_path):
+    "A term aicsd cannot call, or one replacing a built-in, is refused at --import in one line (exit 2), not a traceback."
+    for name, body, want in (
+            ('bad_sig', "register_term('bad', Term(lambda s, t: 0))", "aicsd: error: term 'bad': `fn` (<lambda>(s, t)) must accept"),
+            ('clash', "register_term('kd', Term(lambda s, t, target, mod=None: 0))",
+             "aicsd: error: register_term('kd'): 'kd' is one of aicsd's terms; replaced, the built-in method(s) kd, icsd")):
+        (tmp_path / f'{name}.py').write_text(f"from aicsd.objective import Term, register_term\n{body}\n")
+        p = run(aicsd_cmd() + ['distill', '--import', f'{name}.py', '--help'], cwd=tmp_path, check=False)
+        assert p.returncode == 2 and p.stderr.startswith(want) and len(p.stderr.strip().splitlines()) == 1, p.stderr
