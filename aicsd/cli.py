@@ -8,7 +8,7 @@ import argparse, difflib, importlib, importlib.util, inspect, os, signal, sys, t
 from pathlib import Path
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_to_files
 from .models import BACKBONES
-from .config import DISTILL_ONLY, renamed_keys, check_ranges, distill_only, read_config, size_arg, size_text, warn
+from .config import DISTILL_ONLY, renamed_keys, check_ranges, distill_only, read_config, size_arg, size_text, warn, yaml_load
 from .data import DEFAULT_ROOTS
 from .runfolder import STOP_SIGNALS, how_stopped
 from .process import dist_env
@@ -65,15 +65,14 @@ def _weight_arg(s:str)->tuple:
 
 # %% ../nbs/09_cli.ipynb #2c5ce269
 def _param_arg(s:str)->tuple:
-    "argparse type of --param: TERM.KEY=V (V read as YAML: 2, 0.5, true, null)."
-    import yaml
+    "argparse type of --param: TERM.KEY=V (V read as YAML, `yaml_load`: 2, 0.5, 1e-3, true, null)."
     k, sep, v = s.partition('=')
     term, dot, key = k.strip().partition('.')
     if not sep or not dot or not key: raise argparse.ArgumentTypeError(f"expected TERM.KEY=VALUE such as cwd.tau=2, got {s!r}")
     if term not in TERMS: raise argparse.ArgumentTypeError(f"unknown term {term!r}; terms: {', '.join(TERMS)}{_OWN}")
     if key not in TERMS[term].params:                # (ignore_index passes: the objective says why it is not set per term)
         raise argparse.ArgumentTypeError(f"term {term!r} has no parameter {key!r}; it takes {TERMS[term].settable or 'none'}")
-    return term, key, yaml.safe_load(v)
+    return term, key, yaml_load(v, f'--param {s}')
 
 # %% ../nbs/09_cli.ipynb #5b0fb864
 def _once(parser, ns, key:str, value, flag:str):
@@ -193,6 +192,8 @@ def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
     cfg = renamed_keys(cfg)                              # keys of older files under their new names
     for o in OPTIONS:                                # a flag spelled otherwise here (--student) is a key too
         k = dict(o.renamed).get(command, '')[2:].replace('-', '_')
+        if k in cfg and o.name in cfg:
+            raise ValueError(f"config {path}: {k} and {o.name} are one option here (`aicsd {command} --{k}`): keep one")
         if k in cfg: cfg[o.name] = cfg.pop(k); written[o.name] = k
     if cmd != command: raise ValueError(f"config {path} is for `aicsd {cmd}`, not `aicsd {command}`")
     mode = cfg.pop('mode', command)                  # the mode is the subcommand: a key that names another is refused

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07a_config.ipynb #9f15caab
 from __future__ import annotations
-import os, sys
+import os, re, sys
 from dataclasses import dataclass, fields
 from typing import Callable
 from pathlib import Path
@@ -16,8 +16,8 @@ from .models import BACKBONES, V3_BACKBONES
 # %% auto #0
 __all__ = ['DISTILL_ONLY', 'OPTIONS', 'DEFAULTS', 'warn', 'Option', 'size_arg', 'size_text', 'value_text', 'flag_text',
            'check_ranges', 'make_objective', 'eval_predictor', 'RunConfig', 'renamed_keys', 'distill_only',
-           'idle_options', 'warn_idle', 'check_compile', 'make_config', 'resume_changes', 'read_config', 'Spec',
-           'DataSpec', 'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
+           'idle_options', 'warn_idle', 'check_compile', 'make_config', 'resume_changes', 'yaml_load', 'read_config',
+           'Spec', 'DataSpec', 'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
 
 # %% ../nbs/07a_config.ipynb #a5ba81db
 def warn(msg:str):
@@ -221,7 +221,9 @@ def value_text(name:str, # an option of `OPTIONS`
     "A value of option `name` written as its flag takes it (for messages: never a Python repr)."
     if v is None: return 'none'
     if isinstance(v, bool): return 'on' if v else 'off'
-    if isinstance(v, dict): return ' '.join(f'{k}={w}' for k, w in v.items()) or 'none'
+    if isinstance(v, dict):                              # --weight cwd=2; --param cwd.tau=2
+        return ' '.join([f'{k}.{a}={b}' for k, w in v.items() if isinstance(w, dict) for a, b in w.items()] +
+                        [f'{k}={w}' for k, w in v.items() if not isinstance(w, dict)]) or 'none'
     if any(o.name == name and o.type is size_arg for o in OPTIONS): return size_text(v)
     if isinstance(v, (list, tuple)): return ' '.join(map(str, v))
     return str(v)
@@ -283,7 +285,9 @@ def renamed_keys(given:dict)->dict:
     out = dict(given)
     for old, (new, values) in _RENAMED.items():
         if old in out:
-            v = out.pop(old); out.setdefault(new, values.get(v, v))
+            v = out.pop(old)
+            if new in out: warn(f"configuration key {old!r} is now {new!r}, which is given too: {old}={v!r} is ignored"); continue
+            out[new] = values.get(v, v)
             warn(f"configuration key {old!r} is now {new!r}: read {old}={v!r} as {new}={out[new]!r}")
     return out
 
@@ -301,6 +305,8 @@ def idle_options(cfg:dict, # a configuration (`make_config` fills it)
     "Options set away from their default where this configuration makes them change nothing (warned: older recipes set them)."
     on = (lambda k: cfg.get(k, DEFAULTS[k]) != DEFAULTS[k])
     idle = [f"--eval-square: it squares --eval-resize PX, which is not given"] if cfg.get('eval_square') and not cfg.get('eval_resize') else []
+    if cfg.get('max_steps') and on('epochs'):        # the run's length: --max-steps when given (`_optimizer`)
+        idle.append(f"--epochs {cfg['epochs']}: --max-steps {cfg['max_steps']} sets the run's length")
     if cfg.get('arch') == 'deeplabv3' and on('output_stride'):
         idle.append(f"--output-stride {cfg['output_stride']}: the DeepLabV3 (--arch deeplabv3) is built at output stride 8 only")
     if obj is None: return idle
@@ -442,6 +448,39 @@ def resume_changes(old:dict, # configuration stored in last.pt
         (refused if o.resume == 'same' else warned).append(f"{flag} {value_text(o.name, a)} -> {value_text(o.name, b)}")
     return refused, warned
 
+# %% ../nbs/07a_config.ipynb #yamlld01
+def yaml_load(text:str, # a YAML document
+              where:str='<text>', # what its errors name (a file)
+             ): # its value: numbers as YAML 1.2 reads them, no mapping key twice
+    """YAML as PyYAML's `safe_load` reads it, but numbers as YAML 1.2 does: `1e-3` is a float (not a string), `0513` is
+    513 and `1:30` a string (not octal 331 and base-60 90), and a key given twice in one mapping is an error naming both
+    lines (not the last one silently)."""
+    import yaml
+    class Loader(yaml.SafeLoader): pass
+    Loader.yaml_implicit_resolvers = {c: [(t, r) for t, r in rs if t not in ('tag:yaml.org,2002:int', 'tag:yaml.org,2002:float')]
+                                      for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver('tag:yaml.org,2002:int', re.compile(r'^[-+]?[0-9]+$|^0o[0-7]+$|^0x[0-9a-fA-F]+$'), list('-+0123456789'))
+    Loader.add_implicit_resolver('tag:yaml.org,2002:float', re.compile(
+        r'^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$'), list('-+0123456789.'))
+    def integer(loader, node):
+        s = loader.construct_scalar(node)
+        return int(s[2:], 8 if s[1] == 'o' else 16) if s[:2] in ('0o', '0x') else int(s)   # 0513: 513, base 10
+    Loader.add_constructor('tag:yaml.org,2002:int', integer)
+    def mapping(loader, node, deep=False):
+        seen = {}
+        for k, _ in node.value:
+            key = loader.construct_object(k, deep=True)
+            name = key.replace('-', '_') if isinstance(key, str) else key
+            if name in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice (lines {seen[name]} and "
+                                                        f"{k.start_mark.line + 1}): keep one", k.start_mark)
+            seen[name] = k.start_mark.line + 1
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+    Loader.add_constructor('tag:yaml.org,2002:map', lambda loader, node: dict(mapping(loader, node, deep=True)))
+    try: return yaml.load(text, Loader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where} is not valid YAML: {' '.join(str(e).split())}".replace('"<unicode string>", ', '')) from None
+
 # %% ../nbs/07a_config.ipynb #afb44cb1
 def read_config(path:str|Path, # .yaml, .yml or .toml
                )->dict: # keys with underscores
@@ -449,7 +488,7 @@ def read_config(path:str|Path, # .yaml, .yml or .toml
     path = Path(path)
     if path.is_dir(): raise ValueError(f"config file {path} is a folder: give a .yaml or .toml file (`aicsd recipes NAME > FILE` writes one)")
     if not path.is_file(): raise FileNotFoundError(f"config file not found: {path}")
-    try: text = path.read_text(encoding='utf-8')
+    try: text = path.read_text(encoding='utf-8-sig')   # (a BOM, as Windows Notepad writes: YAML skips it, TOML would not)
     except UnicodeDecodeError as e: raise ValueError(f"config file {path} is not text (UTF-8): byte {e.object[e.start]:#04x} at "
                                                      f"position {e.start}; expected a .yaml or .toml file") from None
     if path.suffix.lower() == '.toml':
@@ -458,12 +497,18 @@ def read_config(path:str|Path, # .yaml, .yml or .toml
         try: d = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e: raise ValueError(f"config file {path} is not valid TOML: {e}") from None
     elif path.suffix.lower() in ('.yaml', '.yml'):
-        import yaml
-        try: d = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e: raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        d = yaml_load(text, f"config file {path}")
+        if d is None: d = {}                      # an empty file (a list, a number or `false` is refused below)
     else: raise ValueError(f"config file {path} must end in .yaml, .yml or .toml")
     if not isinstance(d, dict): raise ValueError(f"config file {path} must hold a mapping of option: value")
-    return {k.replace('-', '_'): v for k, v in d.items()}
+    out = {}
+    for k, v in d.items():
+        if not isinstance(k, str):
+            raise ValueError(f"config file {path}: key {k!r} is not an option's name (YAML reads on, off, yes, no and numbers as "
+                             "values): write the option's name, in quotes if needed")
+        if (n := k.replace('-', '_')) in out: raise ValueError(f"config file {path}: {n} is given twice (as {n} and {k}): keep one")
+        out[n] = v
+    return out
 
 
 # %% ../nbs/07a_config.ipynb #09b9bd4d
