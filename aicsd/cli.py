@@ -388,7 +388,8 @@ def _run_data(a):
         root = D.make_synthetic(a.data_root, seed=a.seed, overwrite=a.overwrite, **kw)
         print(f"synthetic data in {root}")
     elif a.data_command == 'sbd':
-        print(f"trainaug written: {D.build_sbd_trainaug(a.sbd_root, a.voc_root)}")
+        lst = D.build_sbd_trainaug(a.sbd_root, a.voc_root)
+        print(f"trainaug written: {lst}, {len(D._read_list(lst))} ids (VOC train and SBD, VOC val left out; the full release: 10,582)")
     else:
         print(D.class_stats(a.data, a.data_root or DEFAULT_ROOTS[a.data], a.split, progress=sys.stderr.isatty()))
 
@@ -570,7 +571,7 @@ def _main(argv):
         res, files = evaluate_to_files(a.ckpt, vars(a), a.json, a.figures_dir)
         if dist_env()[0] == 0:
             print(f"per-class IoU (%):\n{iou_table(res)}", file=sys.stderr)   # for people; stdout keeps one JSON line
-            print(json_text({k: v for k, v in res.items() if not isinstance(v, list)}))   # the scalars
+            print(json_text({k: v for k, v in res.items() if not isinstance(v, (list, dict))}))   # the scalars (--json: all)
             if figs := [str(f) for f in files if Path(f).suffix == '.png']: print(f"figures: {', '.join(figs)}", file=sys.stderr)
     elif a.command == 'demo':
         run_demo(out=a.out, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads, seeds=a.seeds,

@@ -563,6 +563,7 @@ def restarted_with_checkpoint(out:str|Path, # the run folder
 
 # %% ../nbs/08_distill.ipynb #2e196ae1
 _PROTOCOL_KEYS = ('eval_resize', 'eval_square', 'eval_mode', 'eval_crop', 'eval_stride', 'eval_scales', 'eval_flip')
+_PROVENANCE_KEYS = ('mode', 'model', 'method', 'data', 'train_split', 'pretrained_backbone', 'crop_size', 'batch_size', 'max_steps', 'epochs', 'seed')   # in --json
 
 def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file `load_model` reads)
                         opts:dict, # evaluation options (those of `aicsd evaluate`): data, data_root, val_split, eval_*, ...
@@ -599,6 +600,9 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
             print('evaluating as in training: ' + ' '.join(flag_text(k, opts[k]) for k in _PROTOCOL_KEYS if opts[k] != DEFAULTS[k]) +
                   ' (any evaluation option chooses another protocol; --eval-resize 0: native resolution)', file=sys.stderr)
         warn_idle(opts)
+        if trained.get('data', 'synthetic') != 'synthetic' and trained.get('pretrained_backbone', 'x') in (None, 'none'):
+            warn(f"{ckpt} was trained ({ck.get('global_step')} steps) from a backbone of random weights (--pretrained-backbone "
+                 "none): its mIoU is not comparable with the paper's or the field's, whose backbones start from ImageNet weights")
         ds = get_dataset(opts['data'], opts['data_root'], opts['val_split'], eval_transform_for(opts['eval_resize'], opts['eval_square']))
         if len(ds) == 0:
             raise ValueError(f"the split {opts['val_split']!r} of {opts['data_root']} has no images: nothing to evaluate; "
@@ -625,7 +629,10 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
         failed = False
         names = list(getattr(ds, 'classes', None) or [])[:nc]
         return {**{k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in res.items()},
-                'classes': names + [str(i) for i in range(len(names), nc)]}
+                'classes': names + [str(i) for i in range(len(names), nc)],
+                'checkpoint': dict(path=str(ckpt), global_step=ck.get('global_step'),   # what the numbers are of
+                                   **{k: trained.get(k) for k in _PROVENANCE_KEYS if k in trained}),
+                'protocol': {k: opts[k] for k in ('data', 'val_split', *_PROTOCOL_KEYS, 'max_val')}}
     finally: cleanup_distributed(owned, failed=failed)   # a failing rank leaves without waiting for the others
 
 # %% ../nbs/08_distill.ipynb #ev0a1b03
@@ -657,8 +664,8 @@ def describe_run(run, # an `aicsd.distill.Run`, its precision settled (`resolve_
     name = lambda dt: {torch.bfloat16: 'bf16', torch.float16: 'fp16', torch.float64: 'fp64'}.get(dt, 'fp32')
     prec = f"student {name(run.amp_dtype or run.dtype)}" + (f", teacher {name(run.teacher_dtype or run.dtype)}" if run.teacher is not None else '')
     return (f"{c['mode']}: {c['arch']} {c['model']}" + (f" from the teacher {c['teacher']}" if run.teacher is not None else '')
-            + f", method {o.method} ({terms}); {run.data.data} at {run.data.data_root}: {len(run.train_ds)} training / "
-            f"{len(run.val_ds)} validation images, {run.num_classes} classes\n"
+            + f", method {o.method} ({terms}); {run.data.data} at {run.data.data_root}: {len(run.train_ds)} training "
+            f"({run.data.train_split}) / {len(run.val_ds)} validation ({run.data.val_split}) images, {run.num_classes} classes\n"
             f"{L.batch_size} images x {run.world} process(es) = {L.batch_size * run.world} per step, {run.total} steps "
             f"({run.epochs} epoch(s) of {run.steps_per_epoch}); {prec}"
             + (', channels-last' if run.memory_format == torch.channels_last else '') + f"; {run.device}; into {run.out}")

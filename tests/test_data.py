@@ -261,5 +261,5 @@ def test_own_data_in_the_voc_layout(tmp_path):
     p = run(aicsd_cmd() + ['train', '--data', 'voc', '--data-root', root, '--model', 'resnet18', '--max-steps', 1,
                            '--crop-size', 32, '--batch-size', 4, '--pretrained-backbone', 'none', '--out', tmp_path / 'run'],
             cwd=tmp_path)
-    assert 'voc at' in p.stdout and '8 training / 2 validation images, 4 classes' in p.stdout, p.stdout
+    assert 'voc at' in p.stdout and '8 training (train) / 2 validation (val) images, 4 classes' in p.stdout, p.stdout
     assert torch.load(tmp_path / 'run' / 'best.pt', weights_only=True)['arch']['num_classes'] == 4

@@ -219,7 +219,8 @@ def test_evaluate_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path):
     m = json.loads((tmp_path / 'm.json').read_text())
     assert 0 <= m['miou'] <= 1 and len(m['iou']) == len(m['class_acc']) == len(m['classes']) == 21, m
     line = json.loads(p.stdout.strip().splitlines()[-1])      # stdout: one line of the scalars
-    assert line == {k: v for k, v in m.items() if not isinstance(v, list)}, line
+    assert line == {k: v for k, v in m.items() if not isinstance(v, (list, dict))}, line
+    assert m['checkpoint']['path'] == str(voc_teacher / 'best.pt') and m['protocol']['data'] == 'voc', m   # what the numbers are of
     assert 'Traceback' not in p.stderr
 
 
@@ -291,11 +292,13 @@ def test_a_split_without_labelled_pixels_is_refused(voc_teacher, trees, tmp_path
 def test_sbd_trainaug_then_train_defaults(trees, tmp_path):
     import shutil
     voc = tmp_path / 'VOC2012'; shutil.copytree(trees['voc'], voc)   # `data sbd` writes into the VOC tree
-    aicsd('data', 'sbd', '--sbd-root', trees['sbd'], '--voc-root', voc, cwd=tmp_path)
+    p = aicsd('data', 'sbd', '--sbd-root', trees['sbd'], '--voc-root', voc, cwd=tmp_path)
     ids = (voc / 'ImageSets/Segmentation/trainaug.txt').read_text().split()
     assert len(ids) == len(TRAIN_SIZES) + 3 and len(list((voc / 'SegmentationClassAug').glob('*.png'))) == len(ids)
+    assert f"trainaug.txt, {len(ids)} ids (VOC train and SBD, VOC val left out" in p.stdout, p.stdout   # the count to check
     out = tmp_path / 'aug'
     p = aicsd('train', '--model', 'mobilenetv2', *small('voc', voc, out, '--train-split', 'trainaug'), cwd=tmp_path)
+    assert f"{len(ids)} training (trainaug) / " in p.stdout, p.stdout             # the split, in the run's first line
     assert_full_run(out, p, teacher=False, steps=(2,))
 
 
