@@ -705,14 +705,17 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         run = build_run(cfg)
         if run.world == 1 and threading.current_thread() is threading.main_thread():
             def _on_signal(sig, frame):   # first Ctrl-C, SIGTERM or SIGHUP: finish the step, write last.pt, leave; a second: leave
-                if stop and not writing: raise _left_at_once(run.out, sig)   # now, unless that last.pt is being written
+                now = time.monotonic()
+                if stop and not writing:  # now, unless that last.pt is being written, or this is the first one again: within
+                    if now - stop[1] >= 1.0: raise _left_at_once(run.out, sig)   # 1 s, a wrapper (`timeout`, a scheduler's
+                    return                                                    # step) forwarding it to the process group
                 if writing: print(f"aicsd: writing {run.out/'last.pt'} first; leaving right after", file=sys.stderr, flush=True)
-                stop.append(sig)
+                if not stop: stop.extend((sig, now))
             old_handler = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS
                            if signal.getsignal(s) is not signal.SIG_IGN}   # (ignored, as under nohup: left ignored)
         def _interrupted():            # the signal's number once one came; from then on the last checkpoint is being written
             if stop: writing.append(1)
-            return stop[0] if stop else 0
+            return stop[0] if stop else 0               # (stop: the first signal's number and time)
         ckpt = Checkpointer(run)
         L = run.loop
         resume = L.resume or restarted_with_checkpoint(run.out)
