@@ -479,9 +479,8 @@ def args_to_config(a:argparse.Namespace)->dict:
     "The `fit` configuration of a parsed `train` / `distill` command."
     return make_config({k: v for k, v in vars(a).items() if k in DEFAULTS}, mode=a.command)
 
-def _imports_hint(e:BaseException, argv:list)->str:
-    "For a --resume naming a method or term unknown here: the modules the run's terms came from (its checkpoint says)."
-    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+def _imports_hint(msg:str, argv:list)->str:
+    "For a --resume naming a method or term unknown here (`msg`: the error's line): the modules the run's terms came from."
     if '--resume' not in argv or not ('unknown method' in msg or 'unknown term' in msg): return ''
     import torch
     out = next((argv[i + 1] for i, x in enumerate(argv[:-1]) if x == '--out'), None) or \
@@ -541,8 +540,8 @@ def main(argv:list|None=None)->int:
         except (AttributeError, OSError, ValueError): pass
         return 141
     except (ValueError, KeyError, OSError, RunLockedError, CheckpointMismatchError, FloatingPointError, TermError) as e:
-        print(f"aicsd: error: {_error_text(e)}{_imports_hint(e, [str(x) for x in (sys.argv[1:] if argv is None else argv)])}",
-              file=sys.stderr)
+        msg = _error_text(e)
+        print(f"aicsd: error: {msg}{_imports_hint(msg, [str(x) for x in (sys.argv[1:] if argv is None else argv)])}", file=sys.stderr)
         return 2
     except RuntimeError as e:            # an allocation refused (a crop or scale too large for the machine): one line
         if (oom := _out_of_memory(e)) is None: raise
