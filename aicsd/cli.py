@@ -113,6 +113,12 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return h + (' (default: none)' if a.default is None else ' (default: %(default)s)')
 
 # %% ../nbs/09_cli.ipynb #2ee3e7f1
+def _or_none(t:Callable)->Callable: # the argparse type of an option whose default is none
+    "`t`, except that `none` gives None: `--max-steps none` clears a config file's value (the option's default)."
+    def f(s:str): return None if s.strip().lower() == 'none' else t(s)
+    f.__name__ = t.__name__                          # argparse's "invalid int value: 'x'" names the type
+    return f
+
 def _add_option(g, o:Option, command:str='train'):
     "An option of the table as an argument of `command`; `_Help` adds its default."
     long = dict(o.renamed).get(command, f"--{o.name.replace('_', '-')}")
@@ -122,7 +128,10 @@ def _add_option(g, o:Option, command:str='train'):
     elif o.flag == 'optional': g.add_argument(*flags, nargs='?', const=o.const, metavar=o.metavar, **kw)
     elif o.name == 'weight': g.add_argument(*flags, type=_weight_arg, action=_Weights, metavar=o.metavar, **kw)
     elif o.name == 'param': g.add_argument(*flags, type=_param_arg, action=_Params, metavar=o.metavar, **kw)
-    else: g.add_argument(*flags, type=_size_arg if o.type is size_arg else o.type, choices=o.choices, metavar=o.metavar, nargs=o.nargs, **kw)
+    else:
+        t = _size_arg if o.type is size_arg else o.type
+        if o.default is None and t is not None: t = _or_none(t)   # numbers and sizes; a folder or file named `none` stays one
+        g.add_argument(*flags, type=t, choices=o.choices, metavar=o.metavar, nargs=o.nargs, **kw)
 
 # %% ../nbs/09_cli.ipynb #23cfbca9
 def add_train_options(p:argparse.ArgumentParser, # a subcommand parser
@@ -130,7 +139,7 @@ def add_train_options(p:argparse.ArgumentParser, # a subcommand parser
                      )->argparse.ArgumentParser:
     "Add the options of `command` to `p` from `OPTIONS`, grouped by `--help` section, with their defaults."
     if command != 'evaluate':
-        p.add_argument('--config', '-c', type=_path_arg, metavar='FILE', help='YAML or TOML file whose keys are the long options (flags override it)')
+        p.add_argument('--config', '-c', type=_path_arg, metavar='FILE', help='YAML or TOML file whose keys are the long options (flags override it; `--max-steps none` and the like clear a value it sets)')
     groups = {}
     for o in OPTIONS:
         if not o.help or command not in o.commands: continue
@@ -511,6 +520,11 @@ def parse(argv:list|None=None)->argparse.Namespace:
         _apply_config(subs[a.command], read_config(a.config), a.command, a.config)
         a = p.parse_args(argv)
     a.__dict__.pop('_given', None)                   # `_once`'s record of repeated --weight/--param
+    for o in OPTIONS:                                # `--eval-scales none`: the option's default, not a list of it
+        v = getattr(a, o.name, None)
+        if o.nargs and isinstance(v, list) and None in v:
+            if len(v) > 1: subs[a.command].error(f"argument --{o.name.replace('_', '-')}: `none` (the default) stands alone, got {v}")
+            setattr(a, o.name, None)
     return a
 
 # %% ../nbs/09_cli.ipynb #b867e4d2
