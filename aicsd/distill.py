@@ -702,6 +702,7 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
     try:
         if dist_env()[0] == 0:              # the folder locked as it is made: a twin run started on it fails, and leaves it
             lock = RunLock(make_folder(cfg['out'], 'the run folder')).acquire()
+        if cfg['resume']: check_resumable(cfg['out'])   # before the data are built (a default data set written) and checked
         run = build_run(cfg)
         if run.world == 1 and threading.current_thread() is threading.main_thread():
             def _on_signal(sig, frame):   # first Ctrl-C, SIGTERM or SIGHUP: finish the step, write last.pt, leave; a second: leave

@@ -19,7 +19,7 @@ from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write
 # %% auto #0
 __all__ = ['LOGS', 'CHECKPOINTS', 'RUN_FILES', 'STOP_SIGNALS', 'rng_state', 'set_rng_state', 'RunLog', 'has_logs', 'read_run',
            'Progress', 'RunExistsError', 'RunLockedError', 'how_stopped', 'RunInterrupted', 'RunLock', 'Checkpointer',
-           'sweep_temporaries', 'new_folders', 'remove_empty', 'clear_run']
+           'check_resumable', 'sweep_temporaries', 'new_folders', 'remove_empty', 'clear_run']
 
 # %% ../nbs/07b_runfolder.ipynb #540a878f
 def rng_state()->dict:
@@ -244,12 +244,17 @@ def save_best(self:Checkpointer, prog:Progress):
                         epoch=prog.epoch, global_step=prog.step)
 
 # %% ../nbs/07b_runfolder.ipynb #b3e0e15a
+def check_resumable(out:str|Path): # the run folder of a `--resume`
+    "Refuse a `--resume` where `out` holds no checkpoint to continue: `fit` asks before it builds the data and networks."
+    out = Path(out)
+    if not (out/'last.pt').exists() and not (out/'last.prev.pt').exists():
+        raise FileNotFoundError(f"--resume: there is no {out/'last.pt'} to continue; drop --resume to start a run in {out}")
+
 @patch
 def _read_last(self:Checkpointer)->tuple: # (checkpoint, path it came from)
     "`last.pt`, or `last.prev.pt` with a warning when `last.pt` is missing or unreadable."
     r, errors = self.run, []
-    if not self.last.exists() and not self.prev.exists():
-        raise FileNotFoundError(f"--resume: there is no {self.last} to continue; drop --resume to start a run in {r.out}")
+    check_resumable(r.out)
     for p in (self.last, self.prev):
         if not p.exists(): errors.append(f"{p.name} is missing"); continue
         try: ck = load_checkpoint(p)
