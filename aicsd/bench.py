@@ -9,6 +9,7 @@ from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from .similarity import ics_matrix, ics_matrix_plain, ICS_SETTINGS
+from .blocks import ics_settings
 from .losses import (icsd_loss, released_icsd_loss, released_icsd_loop, released_ics_matrix_plain)
 from .models import deeplabv3plus, BACKBONES
 from .objective import DistillObjective
@@ -19,10 +20,9 @@ from .config import check_ranges
 
 # %% auto #0
 __all__ = ['VOC_SHAPES', 'CITYSCAPES_SHAPES', 'DEFAULT_STEP_VARIANTS', 'GAP_REASONS', 'ICSD_GOALS', 'BENCHES', 'machine_info',
-           'time_interleaved', 'peak_memory', 'ics_settings', 'format_rows', 'format_tables', 'append_rows',
-           'read_rows', 'bench_icsd', 'stride4_pair', 'upsample_logits', 'bench_stride4', 'calibrate_bn', 'bench_step',
-           'bench_data', 'bench_loop', 'model_cost', 'bench_latency', 'bf16_ics_effect', 'goals', 'bench_env',
-           'run_benchmarks']
+           'time_interleaved', 'peak_memory', 'format_rows', 'format_tables', 'append_rows', 'read_rows', 'bench_icsd',
+           'stride4_pair', 'upsample_logits', 'bench_stride4', 'calibrate_bn', 'bench_step', 'bench_data', 'bench_loop',
+           'model_cost', 'bench_latency', 'bf16_ics_effect', 'goals', 'bench_env', 'run_benchmarks']
 
 # %% ../nbs/11_bench.ipynb #e94ef55b
 def machine_info()->dict:
@@ -98,14 +98,6 @@ def peak_memory(fn, # callable taking no argument
         fn(); torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     return _cpu_peak(fn)
-
-# %% ../nbs/11_bench.ipynb #b5e1d376
-@contextlib.contextmanager
-def ics_settings(**kw):
-    "Temporarily change `ICS_SETTINGS` (e.g. `workers=1`)."
-    old = {k: ICS_SETTINGS[k] for k in kw}; ICS_SETTINGS.update(kw)
-    try: yield
-    finally: ICS_SETTINGS.update(old)
 
 # %% ../nbs/11_bench.ipynb #7ee0dff5
 def _fmt(v, floatfmt):

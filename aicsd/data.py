@@ -338,6 +338,13 @@ def cityscapes_lut()->np.ndarray:
     for k, v in CITYSCAPES_TRAIN_IDS.items(): lut[k] = v
     return lut
 
+# %% ../nbs/06_data.ipynb #csnear01
+def _cityscapes_root_near(root:Path)->Path|None: # the folder holding leftImg8bit/ and gtFine/, or None
+    "Where Cityscapes is when `root` is a level off: inside it (`data/`), or above it (`.../leftImg8bit`, `.../leftImg8bit/train`)."
+    up = [root.parent, root.parent.parent]
+    down = sorted(p.parent for p in [*root.glob('*/leftImg8bit'), *root.glob('*/*/leftImg8bit')])
+    return next((c for c in [*up, *down] if (c / 'leftImg8bit').is_dir() and (c / 'gtFine').is_dir()), None)
+
 # %% ../nbs/06_data.ipynb #da89f914
 class CityscapesSegmentation(SegmentationDataset):
     "Cityscapes fine annotations, label ids mapped to the 19 train ids (255 ignored)."
@@ -349,7 +356,11 @@ class CityscapesSegmentation(SegmentationDataset):
         self.classes = list(CITYSCAPES_CLASSES)
         img_dir, gt_dir = self.root / 'leftImg8bit' / split, self.root / 'gtFine' / split
         for d in (img_dir, gt_dir):
-            if not d.is_dir(): raise _missing('cityscapes', self.root, f"Folder {d} not found (split {split!r}).")
+            if d.is_dir(): continue
+            if not (self.root / 'leftImg8bit').is_dir() and (near := _cityscapes_root_near(self.root)):   # a level off
+                raise FileNotFoundError(f"Folder {d} not found, but {near} holds leftImg8bit/ and gtFine/: did you mean "
+                                        f"--data-root {near}?")
+            raise _missing('cityscapes', self.root, f"Folder {d} not found (split {split!r}).")
         self.images = sorted(img_dir.glob('*/*_leftImg8bit.png'))
         if not self.images: raise _missing('cityscapes', self.root, f"No */*_leftImg8bit.png files in {img_dir}.")
         self.labels, self.train_ids, missing = [], [], []
@@ -360,11 +371,22 @@ class CityscapesSegmentation(SegmentationDataset):
             elif l.is_file(): self.labels.append(l); self.train_ids.append(False)
             else: missing.append(l)
         if missing:
+            n, eg = len(missing), [str(m) for m in missing[:3]]
+            if n < len(self.images):                    # the others have theirs: these were lost, not the whole zip
+                raise FileNotFoundError(f"{n} of the {len(self.images)} images in {img_dir} have no label file, e.g. {eg} "
+                                        "(nor *_gtFine_labelTrainIds.png): restore them from gtFine_trainvaltest.zip, or "
+                                        "delete those images")
             color = Path(str(missing[0]).replace('_labelIds.png', '_color.png')).is_file()
-            raise FileNotFoundError(f"{len(missing)} label files missing for {img_dir}, e.g. {[str(m) for m in missing[:3]]}. " + (
+            raise FileNotFoundError(f"None of the {n} images in {img_dir} has a label file, e.g. {eg}. " + (
                 "Only *_gtFine_color.png is there: those are colour renderings for viewing, not labels; "
                 "aicsd reads *_gtFine_labelIds.png (or *_gtFine_labelTrainIds.png) from the same zip. " if color else '')
                 + "Unzip gtFine_trainvaltest.zip into the same root as leftImg8bit.")
+        have = {p.parent.name for p in self.images}     # cities labelled but without images: a partial unzip of leftImg8bit
+        if (lost := sorted(d.name for d in gt_dir.iterdir() if d.is_dir() and d.name not in have)) and int(os.environ.get('RANK', 0)) == 0:
+            from aicsd.config import warn
+            warn(f"{gt_dir} has labels of {len(lost)} cit{'y' if len(lost) == 1 else 'ies'} with no images in {img_dir} "
+                 f"({', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''}): {len(self.images)} image(s) are read; unzip "
+                 "leftImg8bit_trainvaltest.zip again if that is not all")
         self._lut = cityscapes_lut()
     def read_mask(self, i:int)->np.ndarray:
         m = read_label(self.labels[i])

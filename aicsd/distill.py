@@ -363,8 +363,8 @@ def build_run(cfg:dict)->Run:
 def start_warnings(cfg:dict, # a run's configuration (`make_config`)
                    world:int, # its processes
                   )->list: # the warnings, one sentence each with its fix
-    "What a run warns about at its start, before any data loads: the images per step against the recipe's, BatchNorm "
-    "statistics of one process's images, a real data set learned from random weights."
+    """What a run warns about at its start, before any data loads: the images per step against the recipe's, BatchNorm
+    statistics of one process's images, a real data set learned from random weights."""
     out, b = [], cfg['batch_size']
     if (want := cfg['total_batch']) and b * world != want:
         g = max(d for d in range(1, min(world, want // 2) + 1) if want % d == 0)   # the most processes that split it evenly

@@ -256,6 +256,9 @@ class DeepLabV3Plus(nn.Module):
     def forward(self, x:Tensor, # B x 3 x H x W, normalised with the ImageNet mean and std
                 return_features:bool=False, # also return the dict of feature taps
                ):
+        """Logits `B x C x H x W` at the input's size; with `return_features`, `(logits, taps)`: 'low' and 'high' (the
+        backbone's), 'aspp_bn' and 'aspp' (the ASPP's, before its ReLU and its dropout), 'decoder' (the head feature
+        before the classifier) and 'logits4' (the logits at the head's stride)."""
         high, low = self.backbone(x)
         a, fa = self.aspp(high, return_features=True)   # the taps before the dropout: a student in training mode hands the
         out4, dec = self.decoder(a, low, return_features=True)   # feature terms its feature, not a randomly masked copy
@@ -482,6 +485,7 @@ class DeepLabV3(nn.Module):
                 return_features:bool=False, # also return the dict of feature taps (and the aux logits)
                 out_size:tuple|None=None, # the logits' (H, W); default the input's (multi-scale evaluation: the image's)
                ):
+        "Logits `B x C x H x W`; with `return_features`, `(logits, taps)`, the taps named as `DeepLabV3Plus`'s, and 'aux' (the auxiliary head's logits) where it has one."
         high, low, mid = self.pretrained(x if self.field_input is None else self.field_input(x))
         out8, a, feat = self.head(high, return_features)
         out = F.interpolate(out8, size=tuple(out_size or x.shape[2:]), mode='bilinear', align_corners=True)

@@ -231,35 +231,42 @@ def _adapted(s, tap, mod): return mod(s[tap]) if mod is not None else s[tap]
 
 # %% ../nbs/04_objective.ipynb #7cb01167
 def term_at(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, p:float=2.0):
+    "Attention transfer (`at_loss`) on the head feature, tap 'decoder'."
     return B.at_loss(s['decoder'], t['decoder'], p=p)
 
 # %% ../nbs/04_objective.ipynb #d1eabbee
 def term_fitnet(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
+    "FitNet (`fitnet_loss`) on the head feature, tap 'decoder', the student's mapped to the teacher's channels by `mod`."
     return B.fitnet_loss(_adapted(s, 'decoder', mod), t['decoder'])
 
 # %% ../nbs/04_objective.ipynb #9983af29
 def term_sp(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
+    "Similarity-preserving KD (`sp_loss`) on the ASPP output, tap 'aspp'."
     return B.sp_loss(s['aspp'], t['aspp'])
 
 # %% ../nbs/04_objective.ipynb #a35e87ab
 def term_ickd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
+    "ICKD (`ickd_loss`) on the ASPP output, tap 'aspp', the student's mapped to the teacher's channels by `mod`."
     return B.ickd_loss(_adapted(s, 'aspp', mod), t['aspp'])
 
 # %% ../nbs/04_objective.ipynb #a6e5a7d4
 def term_skd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, scale:float=0.5, kernel:int|None=2):
+    "SKD's pairwise term (`skd_loss`) on the head feature, tap 'decoder'."
     return B.skd_loss(s['decoder'], t['decoder'], scale=scale, kernel=kernel)
 
 # %% ../nbs/04_objective.ipynb #073ad345
 def term_ifvd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
+    "IFVD (`ifvd_loss`) on the head feature, tap 'decoder', with the labels' class prototypes."
     return B.ifvd_loss(s['decoder'], t['decoder'], target, num_classes=s['logits'].shape[1])
 
 # %% ../nbs/04_objective.ipynb #56e26e63
 def term_cwd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=4.0, upsampled:bool=True):
+    "Channel-wise distillation (`cwd_loss`) on the logits: at the image's size (`upsampled`) or at the head's stride."
     return B.cwd_loss(_head(s, upsampled), _head(t, upsampled), tau=tau)
 
 def term_cwd_feat(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=4.0):
-    "CWD on the head feature ('decoder'), the student's mapped to the teacher's channels by `mod` where they differ; "
-    "divided by B x the student's channels, as CIRKD's `CriterionCWD` (which reads the channels before its conv)."
+    """CWD on the head feature ('decoder'), the student's mapped to the teacher's channels by `mod` where they differ;
+    divided by B x the student's channels, as CIRKD's `CriterionCWD` (which reads the channels before its conv)."""
     fs = s['decoder']; c = fs.shape[1]
     if mod is not None: fs = mod(fs)
     return B.cwd_loss(fs, t['decoder'], tau=tau) * (fs.shape[1] / c)
@@ -267,10 +274,12 @@ def term_cwd_feat(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:fl
 # %% ../nbs/04_objective.ipynb #e84469ff
 def term_dist(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, beta:float=1.0, gamma:float=1.0, tau:float=1.0,
               upsampled:bool=True):
+    "DIST (`dist_loss`): inter- and intra-class correlation of the logits, at the image's size (`upsampled`) or at the head's stride."
     return B.dist_loss(_head(s, upsampled), _head(t, upsampled), beta=beta, gamma=gamma, tau=tau)
 
 # %% ../nbs/04_objective.ipynb #69109db8
 def term_cirkd_pixel(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, tau:float=0.1, pool:int=2):
+    "CIRKD's in-batch pixel-to-pixel term (`cirkd_pixel_loss`) on the head feature, tap 'decoder'."
     return B.cirkd_pixel_loss(s['decoder'], t['decoder'], tau=tau, pool=pool)
 
 # %% ../nbs/04_objective.ipynb #440eec6d
@@ -297,6 +306,7 @@ def term_released_pa(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, sca
 
 # %% ../nbs/04_objective.ipynb #d3f36cba
 def term_released_ic(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
+    "The released code's `ic` term (`released_ic_loss`): channel Gram matrices of the logits."
     return B.released_ic_loss(s['logits'], t['logits'])
 
 # %% ../nbs/04_objective.ipynb #4876f39e
@@ -587,9 +597,12 @@ def __call__(self:DistillObjective,
              student:Tensor|dict, # student logits `B x C x H x W`, or a dict of outputs ('logits' and taps)
              teacher:Tensor|dict|None, # the teacher's, likewise (None allowed when no term needs it)
              target:Tensor, # labels `B x H x W`, `ignore_index` where unlabelled
-             alpha:float|None=None, # ALW factor in [0, 1] (`alw_alpha`); required under ALW
+             alpha:float|None=None, # ALW factor in [0, 1] (`alw_alpha`); required under ALW, ignored without (`alw=True` turns it on)
              modules:nn.ModuleDict|dict|None=None, # the terms' modules (`build_modules`)
             )->tuple: # (total scalar, dict name -> weighted scalar term; the terms sum to the total)
+    """The method's loss on one batch: `(total, {term: weighted value})`. Feature terms read taps: pass
+    `aicsd.distill.model_outputs(model, x, objective.student_taps)` (or `{'logits': out, **taps}` of `out, taps = model(x, return_features=True)`).
+    Not checked for NaN or inf (that would wait for the device at every step): a training loop checks `total`."""
     s, t = _outputs(student), _outputs(teacher)
     if self.needs_teacher and t is None:
         raise ValueError(f"method {self.method!r} needs the teacher's outputs; only 'baseline' runs without a teacher")
@@ -602,7 +615,8 @@ def __call__(self:DistillObjective,
         term = TERMS[n]
         for side, out in (('student', s),) + ((('teacher', t),) if term.teacher else ()):
             missing = [i for i in term.inputs if i not in out]
-            if missing: raise KeyError(f"term {n!r} reads {missing} from the {side}'s outputs, which hold {sorted(out)}")
+            if missing: raise KeyError(f"term {n!r} reads {missing} from the {side}'s outputs, which hold {sorted(out)}: "
+                                       f"pass `aicsd.distill.model_outputs(model, images, objective.{side}_taps)`")
         if term.module is not None and n not in modules:
             raise ValueError(f"term {n!r} needs its module: pass `modules=objective.build_modules(...)`")
         c = self.coefficient(n, alpha)

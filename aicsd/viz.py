@@ -175,7 +175,7 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
         r = (float(D.abs().max()) or 1.0) if diff_scale == 'own' else vmax
         _heat(axs[2], D, cls, -r, r, 'RdBu_r', annot, show_y=False, side=side)
         D0 = D * 10.0 ** e                                 # the difference in the matrices' own unit, for the title
-        axs[2].set_title(f'{names[1]} - {names[0]}\n(mean squared {float((D0 ** 2).mean()):.3g}, largest |.| {float(D0.abs().max()):.3g})')
+        axs[2].set_title(f'{names[1]} - {names[0]}\nmean sq. {float((D0 ** 2).mean()):.3g}, max |.| {float(D0.abs().max()):.3g}')
         hi, lo = float(D.max()) > r, float(D.min()) < -r     # beyond the scale: drawn in its end colours, arrows say so
         fig.colorbar(axs[2].collections[0], ax=axs[2], shrink=0.8, label=f'difference ({unit})',
                      extend='both' if hi and lo else 'max' if hi else 'min' if lo else 'neither')
