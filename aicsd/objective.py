@@ -160,7 +160,7 @@ def _head(o:dict, upsampled:bool=True)->Tensor:
 
 def term_kd(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, T:float=1.0, ignore_index:int=255,
             skip_ignored:bool=False, upsampled:bool=True):
-    "Pixel-wise KD (Hinton) over every pixel, as the paper and CIRKD; `skip_ignored`: leave out pixels labelled `ignore_index`."
+    "Pixel-wise KD (Hinton) over every pixel, as the paper page (section 3) and CIRKD; `skip_ignored`: leave out pixels labelled `ignore_index`."
     zs, zt = _head(s, upsampled), _head(t, upsampled)
     if skip_ignored and target.shape[-2:] != zs.shape[-2:]:   # labels at the head's resolution: nearest, pixel centres
         target = F.interpolate(target[:, None].float(), size=zs.shape[-2:], mode='nearest-exact')[:, 0].long()
