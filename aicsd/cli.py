@@ -279,7 +279,9 @@ def _add_demo_args(p:argparse.ArgumentParser, name:str, quick_help:str):
     "The options `demo` and `compare` share."
     p.add_argument('--quick', action='store_true', help=quick_help)
     p.add_argument('--out', type=_path_arg, default=None, metavar='DIR', help=f"where the report and the runs go (default: runs/{name}; "
-                   f"--quick: runs/{name}-quick, so a quick run never replaces a full one)")
+                   f"--quick: runs/{name}-quick, so a quick run never replaces a full one). Run again, it trains the students "
+                   "again and replaces their runs and the report (no copy; --resume keeps them); it refuses a folder whose "
+                   "report it would replace with less (a full one by --quick, one of more methods)")
     p.add_argument('--data-root', type=_path_arg, default=None, metavar='DIR',
                    help='synthetic data folder (created if missing; default: data/synthetic-demo-64px)')
     p.add_argument('--fresh', action='store_true', help='retrain the teacher even if a cached one matches')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_distill.ipynb #a14e7f63
 from __future__ import annotations
-import dataclasses, hashlib, math, os, shutil, signal, sys, threading, time
+import dataclasses, hashlib, json, math, os, shutil, signal, sys, threading, time
 from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
@@ -636,6 +636,17 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
     finally: cleanup_distributed(owned, failed=failed)   # a failing rank leaves without waiting for the others
 
 # %% ../nbs/08_distill.ipynb #ev0a1b03
+def _check_json_target(path:str|Path, ckpt:str|Path):
+    "Refuse a `--json` file that would replace the checkpoint, or an existing file that is not a JSON result (a run's `.pt`, a log)."
+    f = Path(path)
+    if f.exists() and Path(ckpt).exists() and os.path.samefile(f, ckpt):
+        raise ValueError(f"--json {f} is the checkpoint being evaluated: writing the result there would replace it; give another file")
+    if f.exists():
+        try: ok = isinstance(json.loads(f.read_text()), dict)
+        except (OSError, ValueError): ok = False
+        if not ok: raise ValueError(f"--json {f}: the file exists and is not a JSON result of `aicsd evaluate` (a checkpoint or "
+                                    "a log?); it is not replaced: give another file, or delete it first")
+
 def evaluate_to_files(ckpt:str|Path, # the checkpoint (`evaluate_checkpoint`)
                       opts:dict, # evaluation options (`evaluate_checkpoint`)
                       json_path:str|Path|None=None, # write the whole result here as JSON (`--json`), or None
@@ -643,7 +654,7 @@ def evaluate_to_files(ckpt:str|Path, # the checkpoint (`evaluate_checkpoint`)
                      )->tuple: # (result, files written); on ranks other than 0 nothing is written
     "`evaluate_checkpoint`, then its result into files: destinations checked first, a folder it made removed if it fails."
     main = dist_env()[0] == 0
-    if json_path and main: check_writable(json_path, '--json')
+    if json_path and main: check_writable(json_path, '--json'); _check_json_target(json_path, ckpt)
     made = new_folders(figures_dir) if figures_dir and main else []
     if figures_dir and main: make_folder(figures_dir, 'the figures folder', '--figures-dir')
     try: res = evaluate_checkpoint(ckpt, opts)

@@ -254,6 +254,21 @@ def _mean_std(xs:list)->tuple:
     return (float(statistics.fmean(xs)), float(statistics.stdev(xs)) if len(xs) > 1 else None)   # one seed: no spread
 
 # %% ../nbs/08a_experiments.ipynb #4992944e
+def _would_shrink(out:Path, P:dict, methods:tuple, resume:bool)->str|None: # why this comparison must not replace the report in `out`
+    """A report in `out` that this run would replace with less: a full one by a quick one, or (without `resume`, which
+    keeps every finished run) one with methods this run lacks."""
+    rep = out/'report.md'
+    if not rep.is_file(): return None
+    was = 'quick' if rep.read_text(errors='replace').startswith('# aicsd quick') else 'full'
+    if was != P['name']:
+        return f"{out} holds a {was} comparison (report.md and its runs), which this {P['name']} one would replace"
+    if resume: return None
+    try: had = [r['method'] for r in json.loads((out/'results.json').read_text()) if not r['method'].startswith('teacher')]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError): return None
+    if lost := [m for m in had if m not in methods]:
+        return (f"{out} holds a comparison of {len(had)} methods, and this one's report would leave out "
+                f"{', '.join(lost[:4])}{', ...' if len(lost) > 4 else ''} (--methods {' '.join(methods)}; --resume keeps the runs there)")
+
 def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `quick`, runs/demo-quick)
              quick:bool=False, # the short version (CI)
              data_root:str|Path|None=None, # synthetic data folder (default data/synthetic-demo-{size}px, made when missing)
@@ -287,6 +302,8 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
     if root.exists() and not root.is_dir():                 # before any folder is made
         raise ValueError(f"--data-root {root}: a file, not a folder; name a folder for the synthetic data (made when missing)")
     out = make_folder(out or demo_out('demo', quick), 'the report folder')
+    if why := _would_shrink(out, P, methods, resume):               # another command's report and runs: not replaced by less
+        raise ValueError(f"{why}: give another --out, or delete {out} first")
     lock = RunLock(out).acquire()                       # one demo or comparison in a folder at a time
     try:
         sweep_temporaries(out)                         # files a killed session was writing (report, figures)
@@ -355,9 +372,10 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
             for k in ('miou', 'pixel_acc', 'ics_dist'): row[k], row[k + '_std'] = _mean_std([x[k] for x in res])
             row['runs'] = res
             rows.append(row)
+        total = time.time() - t_start
+        write_report(rows, out, P, total, seeds, resumed=kept > 0 or cached)   # first: the numbers stay if a figure fails
         demo_figures(models, root, out, n=8, seed=seeds[0])
         total = time.time() - t_start
-        write_report(rows, out, P, total, seeds, resumed=kept > 0 or cached)
         print(format_table(rows))
         if 'baseline' in methods: print(paired_text(paired_diffs(rows)) + '\n' + paired_text(paired_diffs(rows, key='ics_dist'), 1.0, ICS_WHAT))
         print(f"finished in {total:.0f} s; report: {out/'report.md'}")
@@ -493,7 +511,7 @@ def write_report(rows, out:Path, P:dict, total:float, seeds:tuple=(0,),
            + "Terms and weights of each method, as its runs computed them:\n\n"
            + ''.join(f"- {r['method']}: {r['terms']}\n" for r in rows if r.get('terms')) + "\n"
            + "ICS distance: mean squared difference between the model's and the teacher's inter-class similarity matrices "
-           f"(averaged over 8 validation images; the figure shows the students of seed {seeds[0]}). The numbers differ between "
+           f"(averaged over 8 validation images; a run's own eval_log.csv averages 4, a quicker check that differs; the figure shows the students of seed {seeds[0]}). The numbers differ between "
            "CPUs and torch builds (float32 rounding takes training at this scale down another path); the paired "
            f"differences are what to compare.\n\nTotal wall time: {total:.0f} s"
            + (" (this session; the runs kept from an earlier one are not in it)" if resumed else "") + ".\n\n"

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07b_runfolder.ipynb #9082a852
 from __future__ import annotations
-import csv, os, random, shutil, signal, socket, sys, tempfile, time
+import csv, errno, os, random, shutil, signal, socket, sys, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -183,6 +183,10 @@ class RunLock:
                 who = f"process {pid} on {host}" if pid is not None else "a run whose lock file names no process"
                 raise RunLockedError(f"{self.path.parent} is in use by {who} (lock file {self.path}); wait "
                                      f"for that run to end or choose another --out; if that process is gone, delete the lock file")
+            except OSError as e:            # (after FileExistsError, one of its kinds)
+                if e.errno != errno.EROFS: raise
+                raise PermissionError(f"--out {self.path.parent}: cannot write in this folder (a read-only file system); "
+                                      "choose another --out") from None
         raise RunLockedError(f"could not take {self.path}")
     def _create(self, text:str):
         "The lock file, whole or not at all: a complete temporary file linked to the name (which fails if it exists)."
@@ -248,6 +252,9 @@ def check_resumable(out:str|Path): # the run folder of a `--resume`
     "Refuse a `--resume` where `out` holds no checkpoint to continue: `fit` asks before it builds the data and networks."
     out = Path(out)
     if not (out/'last.pt').exists() and not (out/'last.prev.pt').exists():
+        if left := [f for f in RUN_FILES if f not in ('last.pt', 'last.prev.pt') and (out/f).exists()]:   # last.pt deleted
+            raise FileNotFoundError(f"--resume: {out} holds {', '.join(left)} of a run but no last.pt (nor last.prev.pt) to "
+                                    "continue from; start the run again with --force (those files are moved aside) or choose another --out")
         raise FileNotFoundError(f"--resume: there is no {out/'last.pt'} to continue; drop --resume to start a run in {out}")
 
 @patch
@@ -277,8 +284,9 @@ def resume(self:Checkpointer)->Progress|None:
     refused, warned = resume_changes(ck['config'], asked)
     was_world = ck.get('world', len(ck['rng']) if isinstance(ck['rng'], list) else 1)   # older files: one RNG state per process
     if was_world != r.world:                         # the images of a step and the epoch's split over processes define the run
-        refused.append(f"{was_world} -> {r.world} process(es) ({r.loop.batch_size} x {was_world} = {r.loop.batch_size * was_world} "
-                       f"images per step then, {r.loop.batch_size * r.world} now); resume with {was_world} process(es)")
+        b = ck['config'].get('batch_size', r.loop.batch_size)   # the run's own batch per process (--batch-size may differ now)
+        refused.append(f"{was_world} -> {r.world} process(es) ({b} x {was_world} = {b * was_world} "
+                       f"images per step then, {r.loop.batch_size} x {r.world} = {r.loop.batch_size * r.world} now); resume with {was_world} process(es)")
     was, now = ck.get('teacher_sha256'), getattr(r, 'teacher_sha256', None)
     moved = ck['config'].get('teacher') != r.cfg.get('teacher')
     if moved and was and was == now:                 # another path, the same weights: the file was moved or copied

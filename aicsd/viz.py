@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from matplotlib.figure import Figure
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import PowerNorm
 from matplotlib.patches import Patch, Rectangle
 import seaborn as sns
@@ -30,6 +31,12 @@ __all__ = ['CITYSCAPES_PALETTE', 'paint', 'class_names', 'palette_for', 'to_rgb'
            'plot_distributions', 'plot_predictions', 'plot_class_iou', 'plot_confusion', 'plot_curves', 'model_logits',
            'model_ics', 'save_figure', 'evaluation_figures', 'demo_figures', 'write_eval_figures', 'run_figures',
            'ics_pair_view', 'ICSExplorer']
+
+# %% ../nbs/10_viz.ipynb #figcanv1
+def _figure(**kw)->Figure: # `Figure`'s arguments (figsize, layout, ...)
+    """A `Figure` with an Agg canvas. Without one, every text measurement (seaborn's heatmap checks its tick labels
+    for overlap) draws the whole figure again to get a renderer: 18 heatmaps took 6.2 GB and 7.7 s to draw that way."""
+    fig = Figure(**kw); FigureCanvasAgg(fig); return fig
 
 # %% ../nbs/10_viz.ipynb #5d4dee8c
 def _register_figure_display():
@@ -126,9 +133,12 @@ def _heat(ax, M, names, vmin, vmax, cmap, annot, show_y=True, center=None, side=
     fmt = '.2f' if big < 9.995 else '.1f' if big < 99.95 else '.0f' if big < 999.5 else '.0e'   # at most 5 characters a cell (9.66, 24.4, 180, 3e+66)
     dec = {'.2f': 2, '.1f': 1, '.0f': 0}.get(fmt)
     shown = (np.round(M.numpy(), dec) if dec is not None else M.numpy()) + 0.0   # -0.001 is written 0.00, not -0.00 (-0.0 + 0.0 = 0.0)
-    sns.heatmap(M.numpy(), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, center=center, square=True, cbar=False,
-                annot=shown if annot else False, fmt=fmt, annot_kws=dict(fontsize=max(5, 9 - C // 3)),
-                xticklabels=names, yticklabels=names if show_y else False, linewidths=0)
+    fig, engine = ax.figure, ax.figure.get_layout_engine()   # seaborn draws the figure to measure the tick labels: without
+    fig.set_layout_engine('none')                             # the layout solved at each of those draws (n panels: n^2 work)
+    try: sns.heatmap(M.numpy(), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, center=center, square=True, cbar=False,
+                     annot=shown if annot else False, fmt=fmt, annot_kws=dict(fontsize=max(5, 9 - C // 3)),
+                     xticklabels=names, yticklabels=names if show_y else False, linewidths=0)
+    finally: fig.set_layout_engine(engine)
     ax.tick_params(labelsize=_tick_size(C, side)); ax.tick_params(axis='y', labelrotation=0)   # (seaborn turns short labels)
     ax.set_xlabel('j'); ax.set_ylabel('i' if show_y else '', rotation=0, labelpad=8)   # upright: a lying 'i' reads as a stray mark
 
@@ -157,7 +167,7 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
     mats = [T] if S is None else [T, S, S - T]
     side = _panel_size(C)
     room = _label_room(cls, C, side)                          # long class names: under the panels and beside the first
-    fig = Figure(figsize=(side * len(mats) + 1.2 * (len(mats) > 1) + 0.8 + room, side + 0.9 + room), layout='constrained')
+    fig = _figure(figsize=(side * len(mats) + 1.2 * (len(mats) > 1) + 0.8 + room, side + 0.9 + room), layout='constrained')
     axs = fig.subplots(1, len(mats), squeeze=False)[0]
     top = max(float(m.max()) for m in mats[:2])
     vmax = float(vmax) if vmax is not None and normalize is None else (top or 1.0)   # row-normalised entries are in [0, 1]
@@ -198,7 +208,7 @@ def plot_ics_models(mats:dict, # name -> ICS matrix `C x C` (or `B x C x C`); th
     side = min(_panel_size(C), 3.6)
     nc = min(len(M), cols); nr = -(-len(M) // nc)
     room = _label_room(cls, C, side)                          # long class names under each row, beside the first column
-    fig = Figure(figsize=(side * nc + 1.5 + room, (side + 0.5 + room) * nr + 0.6), layout='constrained')
+    fig = _figure(figsize=(side * nc + 1.5 + room, (side + 0.5 + room) * nr + 0.6), layout='constrained')
     grid = fig.subplots(nr, nc, squeeze=False)
     for ax in grid.flat[len(M):]: ax.set_axis_off()
     axs = grid.flat[:len(M)]
@@ -248,7 +258,7 @@ def plot_distributions(logits:Tensor, # one image's logits `C x H x W` (or `1 x 
     pw, ph = 2.6 * W / max(H, W), 2.6 * H / max(H, W)                   # a panel, landscape or portrait
     ncol = -(-len(cls) // -(-len(cls) // max(1, max_cols)))               # 21 classes, at most 10 a row: 3 rows of 7
     parts = [cls[k:k + ncol] for k in range(0, len(cls), ncol)]         # each part: a row per network
-    fig = Figure(figsize=(max(pw * ncol + 1.0, 4.0), (ph + 0.5) * len(Ps) * len(parts) + 0.6), layout='constrained')
+    fig = _figure(figsize=(max(pw * ncol + 1.0, 4.0), (ph + 0.5) * len(Ps) * len(parts) + 0.6), layout='constrained')
     axs = fig.subplots(len(Ps) * len(parts), ncol, squeeze=False)
     for k, part in enumerate(parts):
         for r, P in enumerate(Ps):
@@ -303,7 +313,7 @@ def plot_predictions(images, # `B x 3 x H x W` tensor, or a list of images of an
     g = -(-len(maps) // per) if maps else 1                          # rows per image
     ratios = [r.shape[0] / r.shape[1] for r in rgbs for _ in range(g)]   # each row as tall as its image is
     cols, cw = 1 + min(len(maps), per), 2.0
-    fig = Figure(figsize=(cw * cols, cw * sum(ratios) + 0.9 + 0.25 * n * g * (g > 1)), layout='constrained')
+    fig = _figure(figsize=(cw * cols, cw * sum(ratios) + 0.9 + 0.25 * n * g * (g > 1)), layout='constrained')
     axs = fig.subplots(n * g, cols, squeeze=False, gridspec_kw={'height_ratios': ratios})
     seen, names = set(), list(maps)
     for i in range(n):
@@ -343,7 +353,7 @@ def plot_class_iou(iou, # per-class IoU (C values in [0, 1], NaN = absent), a `S
     runs = iou if isinstance(iou, dict) and 'iou' not in iou else {'': iou}
     vals = {k: _iou_of(v).double() * 100 for k, v in runs.items()}
     C = len(next(iter(vals.values()))); cls = class_names(classes, C)
-    fig = Figure(figsize=(6.0, 0.9 + 0.28 * C * max(1, len(vals)) ** 0.5), layout='constrained')
+    fig = _figure(figsize=(6.0, 0.9 + 0.28 * C * max(1, len(vals)) ** 0.5), layout='constrained')
     ax = fig.subplots()
     h = 0.8 / len(vals); y = np.arange(C)
     for k, (nm, v) in enumerate(vals.items()):
@@ -373,7 +383,7 @@ def plot_confusion(confmat, # `C x C` [true, predicted] counts, or a `SegMetrics
     absent = cm.sum(1) == 0                              # no labelled pixel of the class: no row to normalise
     if normalize: cm = cm / cm.sum(1, keepdim=True).clamp(min=1); cm[absent] = float('nan')   # blank, not a row of 0s
     side = _panel_size(C) + 1.0
-    fig = Figure(figsize=(side + 1.0, side), layout='constrained')
+    fig = _figure(figsize=(side + 1.0, side), layout='constrained')
     ax = fig.subplots()
     annot = C <= 12 if annot is None else annot
     sns.heatmap(cm.numpy(), ax=ax, cmap='Blues', vmin=0, vmax=1 if normalize else None, square=True,
@@ -410,7 +420,7 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
     logs = {k: (v if isinstance(v, dict) else read_run(v)) for k, v in runs.items()}
     one = len(logs) == 1
     if alw is None: alw = any(L['train'] and np.any(np.asarray(L['train'].get('alpha', [0])) != 0) for L in logs.values())
-    fig = Figure(figsize=(13, 3.4), layout='constrained')
+    fig = _figure(figsize=(13, 3.4), layout='constrained')
     a_loss, a_alw, a_eval = fig.subplots(1, 3, sharex=True)   # one step axis: a single evaluation sits where it was made
     a_lr = a_alw.twinx() if alw and one else a_alw      # several runs under ALW: alpha alone (one line per run)
     pal, a_ics = sns.color_palette('deep'), None
@@ -685,7 +695,7 @@ def ics_pair_view(logits:Tensor, # one image's logits `C x H x W` (or `1 x C x H
     M = ics_matrix(z, T=T)[0].double()
     kl = float(M[i, j])
     g = _gray(image, (H, W))
-    fig = Figure(figsize=(11.5, 3.8), layout='constrained')
+    fig = _figure(figsize=(11.5, 3.8), layout='constrained')
     a_i, a_j, a_m = fig.subplots(1, 3, width_ratios=[1, 1, 1.3])
     vmax = float(max(P[i].max(), P[j].max())) * H * W
     for ax, c in ((a_i, i), (a_j, j)):

@@ -227,8 +227,8 @@ def test_data_root_either_spelling(tmp_path):
         assert '--data-root DIR, --root DIR' in p.stdout, p.stdout
 
 def test_data_synthetic_defaults(tmp_path):
-    "`aicsd data synthetic` as typed, no flag: the default dataset in ./data/synthetic, complete and consistent on disk;"
-    "`aicsd data stats` (its default --data-root too) counts the pixels numpy counts."
+    """`aicsd data synthetic` as typed, no flag: the default dataset in ./data/synthetic, complete and consistent on disk;
+    `aicsd data stats` (its default --data-root too) counts the pixels numpy counts."""
     import inspect
     import numpy as np
     from PIL import Image

@@ -42,8 +42,8 @@ def test_ddp_matches_single_process(tiny_data, tmp_path):
     assert changed == 0.0                                                 # best.pt = the final weights here
 
 def test_compiled_ddp_resumes_like_one_process(tiny_data, tmp_path):
-    "`--compile` under torchrun (the dynamo `eager` backend: no C++ compiler), stopped after 2 steps and resumed by a new"
-    "torchrun, ends where one uncompiled process with the doubled batch ends (float64, as above)."
+    """`--compile` under torchrun (the dynamo `eager` backend: no C++ compiler), stopped after 2 steps and resumed by a new
+    torchrun, ends where one uncompiled process with the doubled batch ends (float64, as above)."""
     # ResNet-18, as above: MobileNetV2's float64 gradients at random initialisation are ill-conditioned (the biases of
     # its batch norms after 1x1 convs differ by ~1 % of the largest gradient between torch's batch norm and the same
     # formula written out), so no exact comparison holds for it
@@ -62,13 +62,13 @@ def test_compiled_ddp_resumes_like_one_process(tiny_data, tmp_path):
     assert worst < TOL, f"max |w_ddp - w_single| = {worst:.3g} (limit {TOL})"
 
 def test_resume_on_another_process_count_is_refused(tiny_data, tmp_path):
-    "A run started on one process and resumed by torchrun on two would take 2x the images per step and re-split its"
-    "epoch: refused, naming both counts; the recipe's total (--total-batch) is checked at the start of every run."
+    """A run started on one process and resumed by torchrun on two would take 2x the images per step and re-split its
+    epoch: refused, naming both counts; the recipe's total (--total-batch) is checked at the start of every run."""
     args = ['train', '--model', 'mobilenetv2', '--max-steps', 3, *tiny_args(tiny_data, tmp_path / 'r'), '--batch-size', 2]
     run(aicsd_cmd() + args + ['--stop-after', 1], cwd=tmp_path)
     p = run(TORCHRUN + args + ['--resume', '--total-batch', 2], cwd=tmp_path, timeout=300, check=False)
     err = ' '.join(p.stderr.split())
-    assert p.returncode != 0 and '1 -> 2 process(es) (2 x 1 = 2 images per step then, 4 now)' in err, err[-3000:]
+    assert p.returncode != 0 and '1 -> 2 process(es) (2 x 1 = 2 images per step then, 2 x 2 = 4 now)' in err, err[-3000:]
     assert '2 images per process (--batch-size) x 2 process(es) = 4 images per step, not the 2 of --total-batch' in err
     assert torch.load(tmp_path / 'r' / 'last.pt', weights_only=True)['global_step'] == 1      # the run is untouched
 
@@ -97,8 +97,8 @@ def bad_label_copy(src, dst, index=5):
     return dst, f
 
 def test_a_crashing_rank_ends_the_job(tiny_data, tmp_path):
-    "One rank fails (a bad label only it reads): the torchrun job exits non-zero with that rank's message; a hang is"
-    "caught by run's timeout."
+    """One rank fails (a bad label only it reads): the torchrun job exits non-zero with that rank's message; a hang is
+    caught by run's timeout."""
     root, bad = bad_label_copy(tiny_data, tmp_path / 'bad')
     p = run(TORCHRUN + ['train', '--model', 'mobilenetv2', '--epochs', 1, '--sync-bn'] + tiny_args(root, tmp_path / 'x') +
             ['--batch-size', 2], cwd=tmp_path, timeout=240, check=False)
@@ -130,8 +130,8 @@ dist.barrier(); dist.destroy_process_group()
 '''
 
 def test_cirkd_memory_gathers_all_processes(tmp_path):
-    "Under torchrun each process's CIRKD queues equal one process's that enqueued both processes' batches (CIRKD's"
-    "concat_all_gather), with unequal batch sizes; before the fix each process held only its own batch."
+    """Under torchrun each process's CIRKD queues equal one process's that enqueued both processes' batches (CIRKD's
+    concat_all_gather), with unequal batch sizes; before the fix each process held only its own batch."""
     script = tmp_path / 'memory.py'; script.write_text(_MEMORY_SCRIPT)
     p = run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', script, tmp_path,
              Path(__file__).parent], cwd=tmp_path, timeout=300)

@@ -48,8 +48,8 @@ ODD = ('train', 2)   # this image: a 16-bit grayscale PNG whose id holds a dot (
 
 
 def write_voc(root: Path) -> Path:
-    "VOC2012/: JPEGImages/*.jpg, SegmentationClass/*.png (palette), ImageSets/Segmentation/{train,val}.txt."
-    "As files come in the wild: train.txt as Notepad writes it (a UTF-8 BOM, CRLF), one training image a 16-bit PNG."
+    """VOC2012/: JPEGImages/*.jpg, SegmentationClass/*.png (palette), ImageSets/Segmentation/{train,val}.txt.
+    As files come in the wild: train.txt as Notepad writes it (a UTF-8 BOM, CRLF), one training image a 16-bit PNG."""
     from aicsd.data import save_label_png
     for d in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'): (root / d).mkdir(parents=True)
     splits = {'train': TRAIN_SIZES, 'val': VAL_SIZES}
@@ -87,8 +87,8 @@ TRAIN_ID = {ROAD: 0, CAR: 13, UNLABELED: 255}
 
 
 def write_cityscapes(root: Path, train_ids: bool) -> Path:
-    "leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/*_gtFine_labelIds.png (+ labelTrainIds);"
-    "train, val, and test with void labels only."
+    """leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/*_gtFine_labelIds.png (+ labelTrainIds);
+    train, val, and test with void labels only."""
     size = (24, 48)                                                  # a 1:2 frame, smaller than the crop in height
     for s, city, n in (('train', 'aachen', 4), ('val', 'lindau', 2), ('test', 'berlin', 2)):
         (root / 'leftImg8bit' / s / city).mkdir(parents=True); (root / 'gtFine' / s / city).mkdir(parents=True)
@@ -170,8 +170,8 @@ def test_distill_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path, method):
 
 
 def test_torchrun_distill_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path):
-    "The same distillation as two processes under torchrun (gloo): each rank's share of mixed-size validation images"
-    "(2 and 1) evaluated and summed, the figures drawn on rank 0, every default on."
+    """The same distillation as two processes under torchrun (gloo): each rank's share of mixed-size validation images
+    (2 and 1) evaluated and summed, the figures drawn on rank 0, every default on."""
     import sys
     out = tmp_path / 'ddp'
     p = run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'aicsd.cli', 'distill',
@@ -181,8 +181,8 @@ def test_torchrun_distill_voc_mixed_sizes_defaults(voc_teacher, trees, tmp_path)
 
 
 def test_paper_recipe_voc_mixed_sizes(voc_teacher, trees, tmp_path):
-    "The paper's VOC recipe as a config file, run with only what this machine needs overridden (paths, sizes, steps,"
-    "no ImageNet download): its blur, bf16, per-epoch ALW and 513 x 513 square evaluation on mixed-size images."
+    """The paper's VOC recipe as a config file, run with only what this machine needs overridden (paths, sizes, steps,
+    no ImageNet download): its blur, bf16, per-epoch ALW and 513 x 513 square evaluation on mixed-size images."""
     out = tmp_path / 'recipe'
     (tmp_path / 'r.yaml').write_text(aicsd('recipes', 'voc-r18-aicsd', cwd=tmp_path).stdout)
     p = aicsd('distill', '--config', tmp_path / 'r.yaml', '--teacher', voc_teacher / 'best.pt', '--data-root', trees['voc'],
@@ -241,8 +241,8 @@ def test_evaluate_without_data_flags_uses_the_checkpoints(voc_teacher, trees, tm
 
 
 def test_evaluate_voc_mixed_sizes_scores_what_numpy_counts(voc_teacher, trees, tmp_path):
-    "A network that predicts background everywhere, evaluated at every default on mixed sizes: its metrics equal those"
-    "counted with numpy from the label PNGs at their own sizes (a label resized, padded or cropped on the way shows)."
+    """A network that predicts background everywhere, evaluated at every default on mixed sizes: its metrics equal those
+    counted with numpy from the label PNGs at their own sizes (a label resized, padded or cropped on the way shows)."""
     import json, torch
     ck = torch.load(voc_teacher / 'best.pt', map_location='cpu', weights_only=True)
     w, b = 'decoder.last_conv.8.weight', 'decoder.last_conv.8.bias'          # the classifier: logits = bias
@@ -275,8 +275,8 @@ def test_evaluate_voc_mixed_sizes_scores_what_numpy_counts(voc_teacher, trees, t
 
 
 def test_a_split_without_labelled_pixels_is_refused(voc_teacher, trees, tmp_path):
-    "Cityscapes' test split (labels all void) as the validation split: refused before training, naming the split and"
-    "the flags, instead of a run whose mIoU is NaN; `evaluate` likewise."
+    """Cityscapes' test split (labels all void) as the validation split: refused before training, naming the split and
+    the flags, instead of a run whose mIoU is NaN; `evaluate` likewise."""
     out = tmp_path / 'cst'
     p = run([*aicsd_cmd(), 'train', '--model', 'mobilenetv2', *small('cityscapes', trees['cs_ids'], out, '--val-split', 'test')],
             cwd=tmp_path, check=False)
@@ -324,8 +324,8 @@ def _field_teacher(path: Path, num_classes: int) -> Path:
 
 
 def test_field_protocol_voc_mixed_sizes_defaults(trees, tmp_path):
-    "DeepLabV3 from a field teacher file, aux head, sliding-window evaluation over mixed sizes (windows larger and"
-    "smaller than the images); then `aicsd evaluate` with multi-scale + flip. Every other default on."
+    """DeepLabV3 from a field teacher file, aux head, sliding-window evaluation over mixed sizes (windows larger and
+    smaller than the images); then `aicsd evaluate` with multi-scale + flip. Every other default on."""
     out = tmp_path / 'field'
     teacher = _field_teacher(tmp_path / 'deeplabv3_resnet18_voc.pth', 21)
     p = aicsd('distill', '--arch', 'deeplabv3', '--teacher', teacher, '--student', 'resnet18', '--aux-weight', 0.4,
@@ -341,8 +341,8 @@ def test_field_protocol_voc_mixed_sizes_defaults(trees, tmp_path):
 
 
 def test_field_protocol_cityscapes_defaults(trees, tmp_path):
-    "The field's CWD recipe as a config file (DeepLabV3, KD and CWD on the head's stride-8 output, whole-image"
-    "evaluation), from a field teacher file, with only what this machine needs overridden; every other default on."
+    """The field's CWD recipe as a config file (DeepLabV3, KD and CWD on the head's stride-8 output, whole-image
+    evaluation), from a field teacher file, with only what this machine needs overridden; every other default on."""
     out = tmp_path / 'field_cs'
     teacher = _field_teacher(tmp_path / 'deeplabv3_resnet18_citys.pth', 19)
     (tmp_path / 'f.yaml').write_text(aicsd('recipes', 'field-citys-mbv2-cwd', cwd=tmp_path).stdout)

@@ -16,8 +16,8 @@ def aicsd(*args, cwd, timeout=400):
 
 # ---------------------------------------------------------------------------------------------- the demo
 def test_demo_quick_defaults(tmp_path):
-    "`aicsd demo --quick`, then Ctrl-C in a re-run and the same command with --resume: finished students kept, the"
-    "interrupted one continued, no copies pile up."
+    """`aicsd demo --quick`, then Ctrl-C in a re-run and the same command with --resume: finished students kept, the
+    interrupted one continued, no copies pile up."""
     out = tmp_path / 'demo'
     demo = ('demo', '--quick', '--out', out, '--data-root', tmp_path / 'syn')
     aicsd('data', 'synthetic', '--root', tmp_path / 'syn', '--n-train', 40, '--n-val', 20, '--size', 56, cwd=tmp_path)
@@ -101,12 +101,13 @@ def test_bench_quick_defaults(tmp_path):
     p = aicsd('bench', '--quick', '--out', tmp_path / 'rows.jsonl', cwd=tmp_path)
     for section in ('icsd', 'step', 'data', 'loop', 'goals'): assert f'\n## {section}\n' in p.stdout, p.stdout[-2000:]
     rows = [json.loads(l) for l in (tmp_path / 'rows.jsonl').read_text().splitlines()]
-    assert {r['bench'] for r in rows} >= {'icsd', 'step', 'data', 'loop'}, {r['bench'] for r in rows}
+    assert {r['bench'] for r in rows} >= {'machine', 'icsd', 'step', 'data', 'loop'}, {r['bench'] for r in rows}
+    assert all(r['quick'] is True for r in rows), rows                       # a quick run's rows say so
     icsd = [r for r in rows if r['bench'] == 'icsd']
     assert {'floor', 'icsd', 'released'} <= {r['method'] for r in icsd}
     for r in icsd:                                    # each row's ratio is its time over the floor's at its shape
         floor = next(f['time_s'] for f in icsd if f['shape'] == r['shape'] and f['method'] == 'floor')
         assert math.isclose(r['x_floor'], r['time_s'] / floor, rel_tol=1e-9), r
     for r in (r for r in rows if r['bench'] == 'loop'):   # the loader's share: 1 - step-only time / loop time
-        assert math.isclose(r['loader_share'], max(0.0, 1 - r['loop_images_per_s'] / r['step_images_per_s']),
+        assert math.isclose(r['loader_share'], 1 - r['loop_images_per_s'] / r['step_images_per_s'],
                             rel_tol=1e-9, abs_tol=1e-12), r
