@@ -10,7 +10,7 @@ from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_to_fi
 from .models import BACKBONES
 from .config import DISTILL_ONLY, renamed_keys, check_ranges, distill_only, read_config, size_arg, size_text, warn, yaml_load
 from .data import DEFAULT_ROOTS
-from .runfolder import STOP_SIGNALS, how_stopped
+from .runfolder import STOP_SIGNALS, RunInterrupted, how_stopped
 from .process import dist_env
 from .checkpoint import json_text
 from .objective import METHODS, TERMS, parse_method
@@ -546,7 +546,11 @@ def main(argv:list|None=None)->int:
     old = _stop_on_signals()
     try: return _main(argv)
     except KeyboardInterrupt as e:          # RunInterrupted: last.pt written (Ctrl-C, SIGTERM, SIGHUP); others: said where raised
-        print(f"aicsd: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
+        text, args = e.args[0] if e.args else 'interrupted', [str(x) for x in (sys.argv[1:] if argv is None else argv)]
+        if (not isinstance(e, RunInterrupted) and args[:1] in (['train'], ['distill']) and dist_env()[:1] == (0,) and dist_env()[1] > 1):   # torchrun: no last.pt at the signal; the last one written counts
+            text += ("; under torchrun a run goes on from its last checkpoint: the same command and --resume (one is written "
+                     "at each epoch's end, and every --ckpt-every steps)")
+        print(f"aicsd: {text}", file=sys.stderr)
         return 128 + getattr(e, 'signum', 2)  # as the shell reports a process ended by that signal: 130, 143, 129
     except BrokenPipeError as e:
         if not _stdout_closed(): print(f"aicsd: error: {e}", file=sys.stderr); return 2
