@@ -62,7 +62,8 @@ class RunLog:
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(self.out/'tb'), purge_step=resume_step)
+                # events after the checkpoint's step go (they are done again); its own step's stay, as in the CSV logs
+                self.tb = SummaryWriter(str(self.out/'tb'), purge_step=None if resume_step is None else resume_step + 1)
             except Exception as e: warn(f"TensorBoard disabled: {type(e).__name__}: {e}")
     @staticmethod
     def _truncate(f:Path, step:int)->bool: # True when the file was not a log and was moved aside

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_viz.ipynb #7e7a9f12
 from __future__ import annotations
-import io, math
+import io, math, numbers
 from pathlib import Path
 import numpy as np
 import torch
@@ -161,6 +161,7 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
     T = _mean_matrix(teacher)
     S = None if student is None else _mean_matrix(student)
     if S is not None and S.shape != T.shape: raise ValueError(f"teacher {tuple(T.shape)} and student {tuple(S.shape)} differ")
+    if vmax is not None and not vmax > 0: raise ValueError(f"`vmax` (the top of the colour scale) must be > 0; got {vmax!r}")
     if normalize == 'row': T, S = row_normalize(T), (None if S is None else row_normalize(S))
     C = T.shape[0]; cls = class_names(classes, C)
     annot = C <= 10 if annot is None else annot
@@ -203,7 +204,11 @@ def plot_ics_models(mats:dict, # name -> ICS matrix `C x C` (or `B x C x C`); th
                    )->Figure: # one heatmap per model, then one colour bar
     "The ICS matrices of several models side by side on one colour scale, the reference's, in rows of `cols`."
     M = {k: _mean_matrix(v) for k, v in mats.items()}
+    if not M: raise ValueError("`mats` is empty: give name -> ICS matrix, the reference (teacher) first")
     first = next(iter(M))
+    if odd := [f"{k} {tuple(v.shape)}" for k, v in M.items() if v.shape != M[first].shape]:
+        raise ValueError(f"the matrices differ in shape: {first} {tuple(M[first].shape)}, but {', '.join(odd)}")
+    if vmax is not None and not vmax > 0: raise ValueError(f"`vmax` (the top of the colour scale) must be > 0; got {vmax!r}")
     C = M[first].shape[0]; cls = class_names(classes, C)
     side = min(_panel_size(C), 3.6)
     nc = min(len(M), cols); nr = -(-len(M) // nc)
@@ -351,7 +356,13 @@ def plot_class_iou(iou, # per-class IoU (C values in [0, 1], NaN = absent), a `S
                   )->Figure: # one axes of horizontal bars
     "Per-class IoU as bars (grouped when several models are given), mIoU in the title."
     runs = iou if isinstance(iou, dict) and 'iou' not in iou else {'': iou}
-    vals = {k: _iou_of(v).double() * 100 for k, v in runs.items()}
+    vals = {k: _iou_of(v).double() for k, v in runs.items()}
+    if len({len(v) for v in vals.values()}) > 1:
+        raise ValueError(f"the runs give different numbers of classes: {', '.join(f'{k or 0}: {len(v)}' for k, v in vals.items())}")
+    if bad := [k or 'iou' for k, v in vals.items() if bool(((v < 0) | (v > 1)).any())]:   # (NaN: absent, allowed)
+        raise ValueError(f"IoU values are fractions in [0, 1] (NaN: absent); {', '.join(map(str, bad))} holds others "
+                         "(percentages? divide by 100)")
+    vals = {k: v * 100 for k, v in vals.items()}
     C = len(next(iter(vals.values()))); cls = class_names(classes, C)
     fig = _figure(figsize=(6.0, 0.9 + 0.28 * C * max(1, len(vals)) ** 0.5), layout='constrained')
     ax = fig.subplots()
@@ -477,7 +488,7 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
     for ax, more in ((a_loss, ([], [])), (a_eval, a_ics.get_legend_handles_labels() if a_ics else ([], []))):
         h, l = ax.get_legend_handles_labels()
         if h: ax.legend(h + more[0], l + more[1], fontsize=7)
-    h1, l1 = a_alw.get_legend_handles_labels(); h2, l2 = a_lr.get_legend_handles_labels() if alw else ([], [])
+    h1, l1 = a_alw.get_legend_handles_labels(); h2, l2 = a_lr.get_legend_handles_labels() if alw and a_lr is not a_alw else ([], [])   # (one axes: once)
     if h1: a_alw.legend(h1 + h2, l1 + l2, fontsize=7, loc='center right')
     fig.suptitle(title or ('training of ' + (next(iter(logs.values()))['name'] if one else ', '.join(map(str, logs)))))
     return fig
@@ -584,12 +595,14 @@ def demo_figures(models:dict, # name -> model (eval mode, CPU), 'teacher' first
 def _figures_readme(teacher:bool, of:str, alw:bool=False)->str:
     "What the files of a run's figures/ folder show."
     ics = ("teacher | student | student - teacher, on the teacher's colour scale (fixed over the run; larger entries "
-           "in its top colour, an arrow on the colour bar)" if teacher else "the network's matrix (a run without a teacher)")
+           "in its top colour, an arrow on the colour bar)" if teacher else ("the network's matrix (a run without a teacher), each file on its own colour scale: the network changes "
+                                                          "between steps, so compare the colour bars' numbers"))
     return "\n".join([
         "# The figures of this run (aicsd)", "",
         f"Drawn at each evaluation on the same validation images ({of}), so that files of successive steps compare.", "",
         f"- `ics_step<step>.png`: ICS matrices M[i, j] = KL(P_i || P_j), averaged over the images: {ics}.",
-        *(["- `ics_rows_step<step>.png`: the same with each row L2-normalised (what `icsd_loss(normalize='row')` compares).",
+        *(["- `ics_rows_step<step>.png`: the same with each row L2-normalised (what `icsd_loss(normalize='row')` compares), on",
+           "  0..1; the difference on its own scale.",
            "  The ICS distance (the mean squared difference of the two mean matrices) is the column `ics_distance` of",
            "  `eval_log.csv` (TensorBoard: `eval_log/ics_distance`)."]
           if teacher else []),
@@ -629,8 +642,8 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
     if teacher is not None:
         figs['ics'] = plot_ics(M['teacher'], M['student'], cls, title=f'ICS matrices at step {step} ({of})',
                                vmax=float(M['teacher'].max()))        # the teacher's scale: the same at every evaluation
-        figs['ics_rows'] = plot_ics(M['teacher'], M['student'], cls, normalize='row', diff_scale='own',
-                                    title=f'Row-normalised ICS matrices at step {step} ({of})')
+        figs['ics_rows'] = plot_ics(M['teacher'], M['student'], cls, normalize='row', diff_scale='own', vmax=1.0,
+                                    title=f'Row-normalised ICS matrices at step {step} ({of})')   # (rows of norm 1: entries in 0..1)
     else:
         figs['ics'] = plot_ics(M[me], classes=cls, names=(me,), title=f'ICS matrix of the network at step {step} ({of})')
     if is_ds:
@@ -680,6 +693,8 @@ def ics_pair_view(logits:Tensor, # one image's logits `C x H x W` (or `1 x C x H
                   image:Tensor|np.ndarray|None=None, # the image under the maps (any form `to_rgb` takes), or None
                   classes:list|None=None, # class names
                   title:str='', # prefix of the figure title (e.g. the model's name)
+                  m_max:float|None=None, # top of the matrix's colour scale (the explorer: the largest entry of every network's); default its own
+                  p_max:float|None=None, # top of the maps' scale in N * P (likewise); default their own
                  )->dict: # P_i, P_j (`H x W` float64), kl (float), M (`C x C`), fig
     "P_i and P_j over the image, KL(P_i || P_j), and the ICS matrix with cell (i, j) framed."
     if logits.dim() not in (3, 4) or (logits.dim() == 4 and len(logits) != 1):
@@ -697,18 +712,19 @@ def ics_pair_view(logits:Tensor, # one image's logits `C x H x W` (or `1 x C x H
     g = _gray(image, (H, W))
     fig = _figure(figsize=(11.5, 3.8), layout='constrained')
     a_i, a_j, a_m = fig.subplots(1, 3, width_ratios=[1, 1, 1.3])
-    vmax = float(max(P[i].max(), P[j].max())) * H * W
+    vmax = float(max(P[i].max(), P[j].max())) * H * W if p_max is None else float(p_max)
     for ax, c in ((a_i, i), (a_j, j)):
         ax.imshow(g, cmap='gray', vmin=0, vmax=1)
         im = ax.imshow(P[c].numpy() * H * W, cmap='magma', alpha=0.65, norm=PowerNorm(0.5, vmin=0, vmax=vmax))
         ax.set_title(f'P_{c} ({c}: {cn[c]})' if not short else f'P_{c} ({cn[c]})', fontsize=9); ax.set_axis_off()
     fig.colorbar(im, ax=[a_i, a_j], shrink=0.8, label='N * P(x)')
-    e = _power(float(M.max()))                      # tiny values (a high T): drawn x 10^-e, as in `plot_ics`
-    _heat(a_m, M / 10.0 ** e, cn if short else [str(c) for c in range(C)], 0, float(M.max()) / 10.0 ** e or 1.0, 'viridis', C <= 6)
+    top = float(M.max()) if m_max is None else float(m_max)
+    e = _power(top)                                 # tiny values (a high T): drawn x 10^-e, as in `plot_ics`
+    _heat(a_m, M / 10.0 ** e, cn if short else [str(c) for c in range(C)], 0, top / 10.0 ** e or 1.0, 'viridis', C <= 6)
     a_m.add_patch(Rectangle((j, i), 1, 1, fill=False, edgecolor='red', lw=2.5))
     a_m.set_title(f'ICS matrix (T = {T:g}), cell ({i}, {j}) framed', fontsize=9)
     fig.colorbar(a_m.collections[0], ax=a_m, shrink=0.8, label='KL (nats)' + (f' x 1e{e}' if e else ''))
-    fig.suptitle(f'{title + ": " if title else ""}KL(P_{i} || P_{j}) = {kl:.4f} nats,  KL(P_{j} || P_{i}) = {float(M[j, i]):.4f}')
+    fig.suptitle(f'{title + ": " if title else ""}KL(P_{i} || P_{j}) = {kl:.4g} nats,  KL(P_{j} || P_{i}) = {float(M[j, i]):.4g}')
     return dict(P_i=P[i], P_j=P[j], kl=kl, M=M, fig=fig)
 
 # %% ../nbs/10_viz.ipynb #e2c18fa7
@@ -765,7 +781,8 @@ class ICSExplorer:
         "Set the choices (widgets follow), recompute and redraw; return the numbers and the figure."
         B, C = next(iter(self.logits.values())).shape[:2]      # each choice checked first: widgets clamp or refuse obscurely
         for nm, v, n in (('image', image, B), ('i', i, C), ('j', j, C)):
-            if v is not None and not (isinstance(v, int) and 0 <= v < n): raise ValueError(f"`{nm}` must be in 0..{n - 1}; got {v!r}")
+            if v is not None and not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v < n):
+                raise ValueError(f"`{nm}` must be an integer in 0..{n - 1}; got {v!r}")
         if model is not None and model not in self.logits: raise ValueError(f"`model` must be one of {list(self.logits)}; got {model!r}")
         if T is not None:
             T = check_temperature(T)
@@ -773,13 +790,17 @@ class ICSExplorer:
         self._busy = True
         try:
             for w, v in ((self.w_image, image), (self.w_i, i), (self.w_j, j), (self.w_T, T), (self.w_model, model)):
-                if v is not None: w.value = v
+                if v is not None: w.value = int(v) if w is not self.w_T and w is not self.w_model else v
         finally: self._busy = False
         b, m = self.w_image.value, self.w_model.value
         img = None if self.images is None else self.images[b]
-        r = ics_pair_view(self.logits[m][b], self.w_i.value, self.w_j.value, self.w_T.value, img, self.classes, title=m)
+        ci, cj, T = self.w_i.value, self.w_j.value, self.w_T.value
+        z = torch.stack([v[b] for v in self.logits.values()]).float()    # every network on this image: one scale for all,
+        M_all, P_all = ics_matrix(z, T=T), class_distributions(z, T=T)   # so that switching network compares colours
+        r = ics_pair_view(self.logits[m][b], ci, cj, T, img, self.classes, title=m, m_max=float(M_all.max()),
+                          p_max=float(P_all[:, [ci, cj]].max()) * z.shape[-2] * z.shape[-1])
         r.update(image=b, i=self.w_i.value, j=self.w_j.value, T=self.w_T.value, model=m)
-        self.w_kl.value = f"<b>KL(P_{r['i']} || P_{r['j']}) = {r['kl']:.4f} nats</b> ({m}, image {b}, T = {r['T']:.3g})"
+        self.w_kl.value = f"<b>KL(P_{r['i']} || P_{r['j']}) = {r['kl']:.4g} nats</b> ({m}, image {b}, T = {r['T']:.3g})"
         if show:
             from IPython.display import display
             self.w_out.clear_output(wait=True)
