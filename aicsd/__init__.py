@@ -11,4 +11,6 @@ def __getattr__(name):
     if name in _SUBMODULES: return _importlib.import_module(f'{__name__}.{name}')
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-def __dir__(): return sorted(set(globals()) | set(_SUBMODULES))
+_DEV_ONLY = ('docs',)     # needs nbdev (the `dev` extra): left out of dir(), so `help(aicsd)` works in a plain install
+
+def __dir__(): return sorted(set(globals()) | set(_SUBMODULES) - set(_DEV_ONLY))

@@ -338,7 +338,7 @@ def build_parser()->argparse.ArgumentParser:
     r = sub.add_parser('recipes', formatter_class=fmt, help="list the paper's experiments or print one as a config",
         description="Without NAME: every recipe (the paper's on VOC and Cityscapes, the field's on Cityscapes) with its "
                     "published mIoU. A data set's teacher recipe runs first (voc-teacher-r101, cityscapes-teacher-r101): "
-                    "its students read runs/<teacher>/best.pt. The data sets are not downloaded: data/README.md says "
+                    "its students read runs/<teacher>/best.pt. The data sets are not downloaded: data/README.md of the aicsd repository says "
                     "where to get them and where to put them.",
         epilog="example:\n  aicsd recipes                              the list\n"
                "  aicsd recipes voc-teacher-r101 > t.yaml && aicsd train --config t.yaml\n"
@@ -371,7 +371,7 @@ def _add_data_commands(sub, fmt):
     d = {k: v.default for k, v in inspect.signature(make_synthetic).parameters.items()}
     p = sub.add_parser('data', formatter_class=fmt, help='prepare or inspect datasets',
         description="Pascal VOC 2012 and Cityscapes are read in their official layouts from data/VOCdevkit/VOC2012 and "
-                    "data/cityscapes (or --data-root); they are not downloaded: data/README.md says where to get them. "
+                    "data/cityscapes (or --data-root); they are not downloaded: data/README.md of the aicsd repository says where to get them. "
                     "These actions write the synthetic set, build VOC's trainaug split from SBD, or count a split's classes.")
     ds = p.add_subparsers(dest='data_command', metavar='ACTION', required=True)
     s = ds.add_parser('synthetic', formatter_class=fmt, help='write the built-in synthetic dataset (VOC layout)')

@@ -89,14 +89,14 @@ DATASET_HELP = {
 Download VOCtrainval_11-May-2012.tar from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ and unpack it
 so that {root} exists (suggested: data/VOCdevkit/VOC2012). For trainaug, get SBD (benchmark.tgz) from
 https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/ and run
-`aicsd data sbd` (aicsd.data.build_sbd_trainaug). See data/README.md.""",
+`aicsd data sbd` (aicsd.data.build_sbd_trainaug). See data/README.md of the aicsd repository.""",
  'cityscapes': """Expected Cityscapes at {root} (the folder holding leftImg8bit/ and gtFine/), laid out as
   cityscapes/
     leftImg8bit/{{train,val,test}}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
     gtFine/{{train,val,test}}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
                                   (or *_gtFine_labelTrainIds.png, used directly when present)
 Download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com/
-(free registration) and unzip both into {root} (suggested: data/cityscapes). See data/README.md.""",
+(free registration) and unzip both into {root} (suggested: data/cityscapes). See data/README.md of the aicsd repository.""",
  'synthetic': """Expected the synthetic dataset at {root} (VOC layout: JPEGImages/, SegmentationClass/,
 ImageSets/Segmentation/, classes.json). Create it with `aicsd data synthetic --data-root {root}` (in Python:
 aicsd.data.make_synthetic('{root}')); it needs no download. A Pascal VOC or Cityscapes tree is read with --data voc
@@ -865,7 +865,7 @@ def _sbd_dataset_dir(sbd_root:Path)->Path:
         f"{sbd_root}/benchmark_RELEASE/dataset/cls). Expected the original SBD release:\n"
         "  benchmark_RELEASE/dataset/{cls/<id>.mat, img/<id>.jpg, train.txt, val.txt}\n"
         "Download benchmark.tgz from https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/ "
-        "and unpack it. See data/README.md.")
+        "and unpack it. See data/README.md of the aicsd repository.")
 
 # %% ../nbs/06_data.ipynb #e1c56c65
 def read_sbd_mat(path)->np.ndarray:

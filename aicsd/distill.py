@@ -639,6 +639,7 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
 def _check_json_target(path:str|Path, ckpt:str|Path):
     "Refuse a `--json` file that would replace the checkpoint, or an existing file that is not a JSON result (a run's `.pt`, a log)."
     f = Path(path)
+    if str(path) == '-': raise ValueError("--json -: the metrics are on stdout already (one JSON line); --json names a file for the whole result")
     if f.exists() and Path(ckpt).exists() and os.path.samefile(f, ckpt):
         raise ValueError(f"--json {f} is the checkpoint being evaluated: writing the result there would replace it; give another file")
     if f.exists():
@@ -654,7 +655,7 @@ def evaluate_to_files(ckpt:str|Path, # the checkpoint (`evaluate_checkpoint`)
                      )->tuple: # (result, files written); on ranks other than 0 nothing is written
     "`evaluate_checkpoint`, then its result into files: destinations checked first, a folder it made removed if it fails."
     main = dist_env()[0] == 0
-    if json_path and main: check_writable(json_path, '--json'); _check_json_target(json_path, ckpt)
+    if json_path and main: _check_json_target(json_path, ckpt); check_writable(json_path, '--json')
     made = new_folders(figures_dir) if figures_dir and main else []
     if figures_dir and main: make_folder(figures_dir, 'the figures folder', '--figures-dir')
     try: res = evaluate_checkpoint(ckpt, opts)

@@ -82,7 +82,7 @@ FIELD_WEIGHTS = {   # method -> (the method as the field's script runs it, {term
               "contrast 4096 / 1024, temperature 0.1)"),
     'dist': ('dist', dict(dist=1.0), "DIST authors' segmentation/train_kd.py: --lambda-kd 1 on DIST(beta=1, gamma=1) of the "
              "softmax (their run also distils the aux head at 0.4, with weight decay 5e-4 and an lr floor of 1e-4, and their "
-             "ResNet-18 DeepLabV3 head is 128 channels wide, CIRKD's 512: not here, every recipe keeps CIRKD's protocol)"),
+             "ResNet-18 DeepLabV3 head is 128 channels wide, as CIRKD's CVPR 2022 code; its later code and the recipes: 512)"),
 }
 _FIELD_PROTOCOL = dict(arch='deeplabv3', data='cityscapes', data_root='data/cityscapes', train_split='train', val_split='val',
                        crop_size='512x1024', scale_min=0.5, scale_max=2.0, scale_base=1024, hflip=True, blur=False, batch_size=2, total_batch=16,

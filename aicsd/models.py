@@ -473,11 +473,13 @@ class DeepLabV3(nn.Module):
                  num_classes:int,
                  aux:bool=False, # build the auxiliary FCN head on stage 3 (ResNets)
                  field_input:bool=True, # convert the input to CIRKD's (`FieldInput`); False: networks trained on ours
+                 head_width:int|None=None, # the ASPP's and head's channels; None: `V3_CHANNELS`' (CIRKD's code now: 512)
                 ):
         super().__init__()
         self.field_input = FieldInput() if field_input else None
         high, mid, width = V3_CHANNELS[backbone_name]
-        self.pretrained, self.head = backbone, DeepLabV3Head(high, num_classes, width)
+        self.head_width = width if head_width is None else int(head_width)
+        self.pretrained, self.head = backbone, DeepLabV3Head(high, num_classes, self.head_width)
         if aux: self.auxlayer = fcn_head(mid, num_classes)
         self.backbone_name, self.num_classes, self.aux = backbone_name, num_classes, bool(aux)
 
@@ -496,7 +498,8 @@ class DeepLabV3(nn.Module):
 
     def extra_repr(self):
         return (f"backbone={self.backbone_name!r}, num_classes={self.num_classes}, output_stride=8, aux={self.aux}"
-                + ('' if self.field_input is not None else ', field_input=False'))
+                + ('' if self.field_input is not None else ', field_input=False')
+                + ('' if self.head_width == V3_CHANNELS[self.backbone_name][2] else f', head_width={self.head_width}'))
 
 # %% ../nbs/05_models.ipynb #653211ff
 def deeplabv3(backbone:str, # 'resnet101', 'resnet18' or 'mobilenetv2'
@@ -504,6 +507,7 @@ def deeplabv3(backbone:str, # 'resnet101', 'resnet18' or 'mobilenetv2'
               aux:bool=False, # the auxiliary head on stage 3 (ResNets only; CIRKD's teacher and ResNet students have it)
               pretrained_backbone:str|Path|None=None, # an ImageNet weight file of the field (`resnet18-imagenet.pth`, ...)
               field_input:bool=True, # take our input and give the network CIRKD's (`FieldInput`), as its weights expect
+              head_width:int|None=None, # ASPP and head channels; None: `V3_CHANNELS`' 512 (CIRKD's code now); its CVPR 2022 code, the published sizes: 256 (ResNet-101), 128 (ResNet-18)
              )->DeepLabV3:
     "The field's DeepLabV3 (CIRKD's layout, output stride 8)."
     if backbone not in V3_BACKBONES:
@@ -516,7 +520,7 @@ def deeplabv3(backbone:str, # 'resnet101', 'resnet18' or 'mobilenetv2'
                          "are not in torchvision); pass the file, e.g. resnet18-imagenet.pth or mobilenetv2-imagenet.pth")
     bb = (MobileNetV2Dilated() if backbone == 'mobilenetv2' else
           ResNetV1s(*{'resnet101': (Bottleneck, (3, 4, 23, 3)), 'resnet18': (BasicBlock, (2, 2, 2, 2))}[backbone]))
-    model = DeepLabV3(bb, backbone, num_classes, aux, field_input)
+    model = DeepLabV3(bb, backbone, num_classes, aux, field_input, head_width)
     if pretrained_backbone and str(pretrained_backbone).lower() != 'none': load_backbone_weights(model, pretrained_backbone)   # 'none' as the CLI reads it
     return model
 
@@ -663,7 +667,9 @@ def model_arch(model:nn.Module)->dict: # family, backbone, num_classes, output_s
     m = unwrap(model)
     arch = dict(family=getattr(m, 'family', 'deeplabv3plus'), backbone=m.backbone_name, num_classes=m.num_classes,
                 output_stride=m.output_stride)
-    if arch['family'] == 'deeplabv3': arch.update(aux=m.aux, field_input=m.field_input is not None)
+    if arch['family'] == 'deeplabv3':
+        arch.update(aux=m.aux, field_input=m.field_input is not None)
+        if m.head_width != V3_CHANNELS[m.backbone_name][2]: arch['head_width'] = m.head_width   # (the default: not written)
     return arch
 
 # %% ../nbs/05_models.ipynb #754b6f84
@@ -695,7 +701,7 @@ def load_model(path_or_dict:str|Path|dict, # a file written by save_model (or th
                        f"entries, found {found}; for a released checkpoint use load_released_checkpoint, for a field "
                        f"(CIRKD) checkpoint load_cirkd_checkpoint")
     family = ck['arch'].get('family', 'deeplabv3plus')
-    keys = ('backbone', 'num_classes', 'aux') if family == 'deeplabv3' else ('backbone', 'num_classes', 'output_stride')
+    keys = ('backbone', 'num_classes', 'aux', 'head_width') if family == 'deeplabv3' else ('backbone', 'num_classes', 'output_stride')
     # a DeepLabV3 saved before `FieldInput` existed was trained on our input as is
     extra = dict(field_input=ck['arch'].get('field_input', False)) if family == 'deeplabv3' else {}
     model = build_model(family, **{k: ck['arch'][k] for k in keys if k in ck['arch']}, **extra)
@@ -742,7 +748,9 @@ def load_cirkd_checkpoint(path_or_state_dict:str|Path|dict, # a field checkpoint
     if num_classes is None:
         w = sd.get('head.block.4.weight')                # the classifier: num_classes x channels x 1 x 1
         num_classes = int(w.shape[0]) if torch.is_tensor(w) and w.ndim == 4 else 19
-    return load_state_dict_strict(deeplabv3(backbone, num_classes, aux=aux), sd, src).eval()
+    w = sd.get('head.aspp.b0.0.weight')                  # the ASPP's width: CIRKD's code has built 128/256 and 512 channels
+    width = int(w.shape[0]) if torch.is_tensor(w) and w.ndim == 4 else None
+    return load_state_dict_strict(deeplabv3(backbone, num_classes, aux=aux, head_width=width), sd, src).eval()
 
 # %% ../nbs/05_models.ipynb #d3bfac27
 _CLASSIFIER = ('fc.', 'classifier.', 'features.18.')   # ImageNet classifier parts that no segmentation backbone keeps

@@ -1,6 +1,7 @@
 """The package imports, has a version, and its console script answers; measuring CPU memory prints no profiler noise;
 the test suite's settings leave no files behind."""
 import re, subprocess, sys
+from pathlib import Path
 import aicsd
 from conftest import aicsd_cmd, ENV
 
@@ -22,6 +23,31 @@ def test_submodules_on_first_use():
             'try: aicsd.nosuch\nexcept AttributeError as e: print(e)')
     p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=ENV, timeout=120)
     assert p.returncode == 0 and p.stdout.split() == ['0.0', 'module', "'aicsd'", 'has', 'no', 'attribute', "'nosuch'"], p.stdout + p.stderr
+
+def test_help_without_the_dev_extra():
+    "`help(aicsd)` walks `dir(aicsd)`: no module there may need the `dev` extra (nbdev), absent from a plain install."
+    code = ('import sys, importlib.abc\n'
+            'class NoNbdev(importlib.abc.MetaPathFinder):\n'
+            '    def find_spec(self, name, *a):\n'
+            '        if name.split(".")[0] == "nbdev": raise ModuleNotFoundError(name)\n'
+            'sys.meta_path.insert(0, NoNbdev())\n'
+            'import inspect, aicsd; print(len(inspect.getmembers(aicsd)))')
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 0 and int(p.stdout) > 20, p.stdout + p.stderr[-3000:]
+
+def test_sdist_builds_a_wheel(tmp_path):
+    "A source distribution carries what setup.py reads (settings.ini) and the licence, and builds a wheel."
+    import tarfile
+    root = Path(aicsd.__file__).parent.parent
+    p = subprocess.run([sys.executable, 'setup.py', '-q', 'sdist', '-d', str(tmp_path)], cwd=root, capture_output=True, text=True,
+                       env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    sd = next(tmp_path.glob('aicsd-*.tar.gz'))
+    names = {n.split('/', 1)[1] for n in tarfile.open(sd).getnames() if '/' in n}
+    assert {'settings.ini', 'LICENSE', 'README.md', 'aicsd/losses.py'} <= names, sorted(names)[:20]
+    p = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '--no-build-isolation', str(sd), '-w', str(tmp_path)],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 0 and any(tmp_path.glob('aicsd-*.whl')), p.stderr[-3000:]
 
 def test_console_script_help():
     p = subprocess.run(aicsd_cmd() + ['--help'], capture_output=True, text=True, env=ENV, timeout=120)
