@@ -141,6 +141,8 @@ _MODEL = [   # model
        const='imagenet', metavar='FILE', resume='free'),
     _O('aux_weight', 0.0, 'Model', "weight of the cross-entropy of DeepLabV3's auxiliary head on layer3 (0: no aux head; "
        "the field: 0.4)", type=float, check='>=0', metavar='W', resume='same'),
+    _O('head_width', None, 'Model', "channels of DeepLabV3's ASPP and head (--arch deeplabv3; default 512, CIRKD's code now; "
+       "the field's published sizes: 128 for ResNet-18, 256 for ResNet-101)", type=int, check='int>=1', metavar='C', resume='same'),
     _O('no_dropout', False, 'Model', 'set every dropout probability to 0 (e.g. to compare runs across world sizes)', flag='true', resume='same'),
 ]
 
@@ -307,6 +309,8 @@ def idle_options(cfg:dict, # a configuration (`make_config` fills it)
     idle = [f"--eval-square: it squares --eval-resize PX, which is not given"] if cfg.get('eval_square') and not cfg.get('eval_resize') else []
     if cfg.get('max_steps') and on('epochs'):        # the run's length: --max-steps when given (`_optimizer`)
         idle.append(f"--epochs {cfg['epochs']}: --max-steps {cfg['max_steps']} sets the run's length")
+    if cfg.get('arch', 'deeplabv3plus') != 'deeplabv3' and cfg.get('head_width') is not None:
+        idle.append(f"--head-width {cfg['head_width']}: the DeepLabV3+ (--arch deeplabv3plus) has its own head; the width is DeepLabV3's")
     if cfg.get('arch') == 'deeplabv3' and on('output_stride'):
         idle.append(f"--output-stride {cfg['output_stride']}: the DeepLabV3 (--arch deeplabv3) is built at output stride 8 only")
     if obj is None: return idle
@@ -529,7 +533,7 @@ class DataSpec(Spec):
 @dataclass(frozen=True)
 class ModelSpec(Spec):
     "What building the student and loading the teacher read."
-    arch:str; model:str; output_stride:int; pretrained_backbone:str|None; no_dropout:bool; aux_weight:float; seed:int
+    arch:str; model:str; output_stride:int; pretrained_backbone:str|None; no_dropout:bool; aux_weight:float; head_width:int|None; seed:int
     teacher:str|None; teacher_backbone:str|None
 
 # %% ../nbs/07a_config.ipynb #d9c7b65d

@@ -313,7 +313,7 @@ def weights_sha256(model:nn.Module)->str:
 def _student(M:ModelSpec, num_classes:int)->nn.Module:
     "The student network of the model part (ImageNet weights from torchvision or from a file, as asked)."
     pre = M.pretrained_backbone
-    kw = dict(output_stride=M.output_stride) if M.arch == 'deeplabv3plus' else dict(aux=M.aux_weight > 0)
+    kw = dict(output_stride=M.output_stride) if M.arch == 'deeplabv3plus' else dict(aux=M.aux_weight > 0, head_width=M.head_width)
     try:
         return build_model(M.arch, M.model, num_classes, pretrained_backbone=True if pre == 'imagenet' else pre, **kw)
     except OSError as e:   # urllib's URLError (offline), a refused connection, an unwritable cache

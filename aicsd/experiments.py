@@ -68,7 +68,8 @@ FIELD_RERUN = {'resnet18': dict(baseline='76.2-76.3')}   # what users' reruns of
 _S = 'CIRKD train_scripts/'
 FIELD_WEIGHTS = {   # method -> (the method as the field's script runs it, {term: weight}, source); other methods: the table's weights
     'baseline': ('baseline', None, _S + 'train_baseline/citys/deeplabv3_{res18,mbv2}.sh: cross-entropy only'),
-    'kd': ('kd', dict(kd=1.0), _S + "train_kd/deeplabv3_{res18,mbv2}.sh: train_kd.py's KD, --lambda-kd 1.0, --kd-temperature 1.0"),
+    'kd': ('kd', dict(kd=1.0), _S + "train_kd/deeplabv3_{res18,mbv2}.sh with train_kd.py's KD at --lambda-kd 1.0 (the default "
+             "of its earlier train_kd.py; the scripts set none, and its later default is 0), --kd-temperature 1.0"),
     'at': ('at+kd', dict(kd=1.0, at=1e4), _S + 'train_kd/train_at.sh: --lambda-kd 1.0 --lambda-at 10000'),
     'skd': ('skd', dict(kd=1.0, skd=10.0), _S + 'train_kd/train_skd.sh: --lambda-kd 1 --lambda-skd 10 (its adversarial '
             'terms, --lambda-adv 0.001 --lambda-d 0.1, have no term here)'),
@@ -96,7 +97,7 @@ _FIELD_PARAMS = dict(kd=dict(upsampled=False), cwd=dict(upsampled=False), dist=d
 def _field_params(spec:str)->dict:
     "The `param` of a field recipe running method `spec`: `_FIELD_PARAMS` of the terms it has."
     return {n: dict(_FIELD_PARAMS[n]) for n in parse_method(spec)[0] if n in _FIELD_PARAMS}
-_FIELD_STUDENTS = dict(resnet18=dict(aux_weight=0.4, pretrained_backbone='pretrained/resnet18-imagenet.pth'),
+_FIELD_STUDENTS = dict(resnet18=dict(aux_weight=0.4, head_width=128, pretrained_backbone='pretrained/resnet18-imagenet.pth'),   # 128: the published 13.6 M
                        mobilenetv2=dict(aux_weight=0.0, pretrained_backbone='pretrained/mobilenetv2-imagenet.pth'))
 
 # %% ../nbs/08a_experiments.ipynb #d14794a8
