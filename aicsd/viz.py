@@ -253,7 +253,11 @@ def plot_distributions(logits:Tensor, # one image's logits `C x H x W` (or `1 x 
     if len({tuple(z.shape) for z in zs}) > 1: raise ValueError(f"the two networks' logits differ: {[tuple(z.shape) for z in zs]}")
     C, H, W = zs[0].shape[1:]
     if cls is None: cls = torch.unique(zs[0][0].argmax(0)).tolist()      # the (first) network's classes
-    cls = [cls] if isinstance(cls, int) else list(cls)
+    cls = [int(cls)] if isinstance(cls, numbers.Integral) else list(cls)
+    if not cls or any(not isinstance(c, numbers.Integral) or not 0 <= c < C for c in cls):
+        raise ValueError(f"`cls` takes class indices in 0..{C - 1} (at least one); got {cls!r}")
+    if student is not None and (isinstance(names, str) or len(names) != 2):
+        raise ValueError(f"`names` takes the two rows' names (teacher, student); got {names!r}")
     cn = class_names(classes, C)
     Ps = [class_distributions(z.detach().cpu().float(), T=T)[0].reshape(C, H, W).double() * (H * W) for z in zs]
     g = _gray(image, (H, W))
@@ -462,7 +466,9 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
             if one and np.isfinite(ev.get('ics_distance', [np.nan])).any():   # a distillation: how close to the teacher
                 a_ics = a_eval.twinx()
                 a_ics.plot(ev['step'], ev['ics_distance'], marker='^', ms=3, ls=':', color=pal[4], label='ICS distance (right)', **kw)
-                a_ics.set_ylabel('ICS distance to the teacher (nats²)'); a_ics.set_ylim(bottom=0)
+                a_ics.set_ylabel('ICS distance to the teacher (nats²)')
+                _d = np.asarray(ev['ics_distance'], dtype=float)
+                a_ics.set_ylim(0, 1.08 * float(_d[np.isfinite(_d)].max()) or 1)   # from 0, the largest marker whole
             if single:                              # the values written out: markers at one step can cover each other
                 a_eval.set_ylim(0, 100)
                 txt = [f"mIoU {100 * ev['miou'][0]:.1f} %"] + ([f"pixel acc. {100 * ev['pixel_acc'][0]:.1f} %"] if 'pixel_acc' in ev else [])
