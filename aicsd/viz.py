@@ -171,7 +171,7 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
     fig = _figure(figsize=(side * len(mats) + 1.2 * (len(mats) > 1) + 0.8 + room, side + 0.9 + room), layout='constrained')
     axs = fig.subplots(1, len(mats), squeeze=False)[0]
     top = max(float(m.max()) for m in mats[:2])
-    vmax = float(vmax) if vmax is not None and normalize is None else (top or 1.0)   # row-normalised entries are in [0, 1]
+    vmax = float(vmax) if vmax is not None else (top or 1.0)   # (row-normalised entries are in [0, 1]: vmax=1 fixes that scale)
     over = top > vmax                                    # entries above the scale: an arrow on the colour bar
     e = _power(vmax)                                     # tiny values: drawn x 10^-e, the unit says so
     if e: mats, vmax = [m / 10.0 ** e for m in mats], vmax / 10.0 ** e
@@ -590,7 +590,7 @@ def demo_figures(models:dict, # name -> model (eval mode, CPU), 'teacher' first
     save_figure(plot_ics_models(M, cls, dist, title=f'ICS matrices {what}; distance: mean squared difference to the teacher\'s'),
                 out/'ics_matrices.png', dpi=110)
     for nm, m in M.items():                                # one file per model, all on the teacher's scale
-        f = plot_ics(m, classes=cls, names=(nm,), title=f'ICS matrix {what}', vmax=float(M['teacher'].max()))
+        f = plot_ics(m, classes=cls, names=(nm,), title=f'ICS matrix {what}', vmax=float(M['teacher'].max()) or None)
         save_figure(f, out/f'ics_{nm}.png', dpi=100)
     k = min(3, len(raw), len(logits['teacher']))
     save_figure(plot_predictions([raw[i][0] for i in range(k)], [raw[i][1] for i in range(k)],
@@ -647,7 +647,7 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
     figs = {}
     if teacher is not None:
         figs['ics'] = plot_ics(M['teacher'], M['student'], cls, title=f'ICS matrices at step {step} ({of})',
-                               vmax=float(M['teacher'].max()))        # the teacher's scale: the same at every evaluation
+                               vmax=float(M['teacher'].max()) or None)        # the teacher's scale: the same at every evaluation
         figs['ics_rows'] = plot_ics(M['teacher'], M['student'], cls, normalize='row', diff_scale='own', vmax=1.0,
                                     title=f'Row-normalised ICS matrices at step {step} ({of})')   # (rows of norm 1: entries in 0..1)
     else:
