@@ -547,7 +547,7 @@ def main(argv:list|None=None)->int:
     try: return _main(argv)
     except KeyboardInterrupt as e:          # RunInterrupted: last.pt written (Ctrl-C, SIGTERM, SIGHUP); others: said where raised
         text, args = e.args[0] if e.args else 'interrupted', [str(x) for x in (sys.argv[1:] if argv is None else argv)]
-        if (not isinstance(e, RunInterrupted) and args[:1] in (['train'], ['distill']) and dist_env()[:1] == (0,) and dist_env()[1] > 1):   # torchrun: no last.pt at the signal; the last one written counts
+        if (not isinstance(e, RunInterrupted) and args[:1] in (['train'], ['distill']) and (rw := dist_env())[0] == 0 and rw[1] > 1):   # torchrun: no last.pt at the signal; the last one written counts
             text += ("; under torchrun a run goes on from its last checkpoint: the same command and --resume (one is written "
                      "at each epoch's end, and every --ckpt-every steps)")
         print(f"aicsd: {text}", file=sys.stderr)

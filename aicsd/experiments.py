@@ -255,12 +255,14 @@ def _mean_std(xs:list)->tuple:
     return (float(statistics.fmean(xs)), float(statistics.stdev(xs)) if len(xs) > 1 else None)   # one seed: no spread
 
 # %% ../nbs/08a_experiments.ipynb #4992944e
+def _report_title(P:dict)->str: return f"# aicsd {'quick ' if P['name'] == 'quick' else ''}comparison"   # report.md's first line
+
 def _would_shrink(out:Path, P:dict, methods:tuple, resume:bool)->str|None: # why this comparison must not replace the report in `out`
     """A report in `out` that this run would replace with less: a full one by a quick one, or (without `resume`, which
     keeps every finished run) one with methods this run lacks."""
     rep = out/'report.md'
     if not rep.is_file(): return None
-    was = 'quick' if rep.read_text(errors='replace').startswith('# aicsd quick') else 'full'
+    was = 'quick' if rep.read_text(errors='replace').startswith(_report_title(dict(name='quick'))) else 'full'
     if was != P['name']:
         return f"{out} holds a {was} comparison (report.md and its runs), which this {P['name']} one would replace"
     if resume: return None
@@ -496,7 +498,7 @@ def write_report(rows, out:Path, P:dict, total:float, seeds:tuple=(0,),
     ics = paired_diffs(rows, key='ics_dist') if paired else []
     mv = P.get('max_val')                              # the runs score the first `max_val` validation images only
     scored = f", the first {mv} scored{' (--quick)' if P['name'] == 'quick' else ''}" if mv and mv < P['n_val'] else ''
-    txt = (f"# aicsd {'quick ' if P['name'] == 'quick' else ''}comparison\n\n"
+    txt = (_report_title(P) + "\n\n"
            f"Synthetic shapes ({P['n_train']} train / {P['n_val']} val images{scored}, {P['size']} px), teacher DeepLabV3+ "
            f"{P['teacher']} ({P['teacher_steps']} steps), students DeepLabV3+ {P['student']} ({P['student_steps']} "
            f"steps each, crop {P['crop_size']}, batch {P['batch_size']}, seeds {', '.join(map(str, seeds))}), CPU.\n\n"
