@@ -25,8 +25,9 @@ __all__ = ['VOC_SHAPES', 'CITYSCAPES_SHAPES', 'DEFAULT_STEP_VARIANTS', 'GAP_REAS
            'model_cost', 'bench_latency', 'bf16_ics_effect', 'goals', 'bench_env', 'run_benchmarks']
 
 # %% ../nbs/11_bench.ipynb #e94ef55b
-def machine_info()->dict:
-    "CPU model, core and torch thread counts, torch version and GPU (if any) of this process."
+def machine_info(device:str|torch.device|None=None, # the device measured: its GPU is named (a CPU's: none); None: any GPU
+                )->dict:
+    "CPU model, core and torch thread counts, torch version, and the GPU the numbers come from (when one)."
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path('/proc/cpuinfo').read_text().splitlines():
@@ -34,7 +35,8 @@ def machine_info()->dict:
     except OSError: pass
     info = dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 cpu_capability=torch.backends.cpu.get_cpu_capability())
-    if torch.cuda.is_available(): info['gpu'] = torch.cuda.get_device_name()
+    dev = torch.device('cuda' if device is None else device)
+    if dev.type == 'cuda' and torch.cuda.is_available(): info['gpu'] = torch.cuda.get_device_name(dev)
     return info
 
 # %% ../nbs/11_bench.ipynb #870c0e4f
@@ -589,8 +591,8 @@ def run_benchmarks(what:list, # names from BENCHES
     dev = resolve_device(device)                         # a bad --device, or cuda without a GPU, named before any work
     device = dev.type if dev.index in (None, 0) else str(dev)
     if out is not None: check_writable(out, '--out')
-    info = machine_info()
-    print('machine: ' + ', '.join(f'{k} {v}' for k, v in info.items()), flush=True)
+    info = machine_info(device)
+    print('machine: ' + ', '.join(f'{k} {v}' for k, v in info.items()) + f', device {device}', flush=True)
     if out is not None:      # the file says where and how its rows were measured: a machine row, and `quick` on every row
         append_rows(out, [dict(info, device=device, what=' '.join(what), time=time.strftime('%Y-%m-%d %H:%M:%S'))], bench='machine', quick=quick)
     calls = dict(icsd=lambda: bench_icsd(device=device, quick=quick), stride4=lambda: bench_stride4(quick=quick),

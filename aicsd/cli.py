@@ -4,14 +4,14 @@
 
 # %% ../nbs/09_cli.ipynb #543bbab8
 from __future__ import annotations
-import argparse, difflib, importlib, importlib.util, inspect, os, signal, sys, threading
+import argparse, contextlib, difflib, importlib, importlib.util, inspect, io, os, signal, sys, threading
 from pathlib import Path
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_to_files
 from .models import BACKBONES
 from .config import DISTILL_ONLY, renamed_keys, check_ranges, distill_only, read_config, size_arg, size_text, warn, yaml_load
 from .data import DEFAULT_ROOTS
 from .runfolder import STOP_SIGNALS, RunInterrupted, how_stopped
-from .process import dist_env
+from .process import dist_env, PeerFailed
 from .checkpoint import json_text
 from .objective import METHODS, TERMS, parse_method
 from .experiments import RECIPES, recipe_text, run_demo, run_compare
@@ -531,10 +531,14 @@ def parse(argv:list|None=None)->argparse.Namespace:
 
 # %% ../nbs/09_cli.ipynb #b867e4d2
 def _stop_on_signals()->dict: # the handlers replaced, to put back
-    "SIGTERM and SIGHUP, where nothing else handles them, end the command as Ctrl-C does: its cleanup runs and it says so."
+    """SIGTERM and SIGHUP, where nothing else handles them, end the command as Ctrl-C does: its cleanup runs and it says so.
+    Under torchrun, processes other than rank 0 keep the default (end at once): torchrun stops them with SIGTERM when
+    another process failed, often while they wait inside a collective, where a Python handler cannot run (torchrun then
+    waits 30 s and kills them); they hold no lock and write no file."""
     def stop(sig, frame):
         e = KeyboardInterrupt(how_stopped(sig)); e.signum = sig; raise e
     if threading.current_thread() is not threading.main_thread(): return {}   # (Python handles signals in the main thread)
+    if dist_env()[0] != 0: return {}
     return {s: signal.signal(s, stop) for s in STOP_SIGNALS if s != signal.SIGINT and signal.getsignal(s) is signal.SIG_DFL}
 
 # %% ../nbs/09_cli.ipynb #b867e4d3
@@ -563,6 +567,7 @@ def main(argv:list|None=None)->int:
         msg = _error_text(e)
         print(f"aicsd: error: {msg}{_imports_hint(msg, [str(x) for x in (sys.argv[1:] if argv is None else argv)])}", file=sys.stderr)
         return 2
+    except PeerFailed: return 2          # torchrun: another process failed and printed why (`together`)
     except RuntimeError as e:            # an allocation refused (a crop or scale too large for the machine): one line
         if (oom := _out_of_memory(e)) is None: raise
         print(f"aicsd: error: {oom}", file=sys.stderr)
@@ -579,7 +584,9 @@ def iou_table(res:dict, # `evaluate_checkpoint`'s result: `iou` and `classes`
 
 # %% ../nbs/09_cli.ipynb #53721ab3
 def _main(argv):
-    a = parse(argv)
+    rank, world, local = dist_env()
+    with contextlib.redirect_stderr(io.StringIO()) if world > 1 and local != 0 else contextlib.nullcontext():
+        a = parse(argv)                  # torchrun: a wrong flag is said once per machine, not by every process
     if a.command in ('train', 'distill'):
         cfg = args_to_config(a)
         r = fit(cfg, draw=_figure_hook(cfg))

@@ -333,25 +333,26 @@ def build_run(cfg:dict)->Run:
     device, rank, world, local, owned = start_process(cfg['device'], cfg['threads'], cfg['deterministic'],
                                                       cfg['malloc_mmap_mb'])
     out = Path(cfg['out'])
-    if rank == 0: make_folder(out, 'the run folder')
-    if rank == 0:
-        for w in start_warnings(cfg, world): warn(w)
-    train_ds, val_ds, nc = _datasets(D, rank)
-    if len(val_ds) == 0:
-        raise ValueError(f"the validation split {D.val_split!r} of {D.data_root} has no images, so no mIoU and no "
-                         f"best.pt could be computed; check --data-root and --val-split")
-    require_labelled(val_ds, f"the validation split {D.val_split!r} of {D.data_root} (--val-split, --data-root)")
-    if len(train_ds) < L.batch_size * world:
-        raise ValueError(f"the training split {D.train_split!r} of {D.data_root} has {len(train_ds)} image(s): they cannot fill "
-                         f"a batch of {L.batch_size} (--batch-size) on {world} process(es); check --data-root and --train-split")
-    L = dataclasses.replace(L, workers=loader_workers(L.workers, device, int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
-    loader = build_loader(train_ds, L.batch_size, train=True, num_workers=L.workers, seed=M.seed, distributed=world > 1)
-    objective = cfg.objective                                            # the method, parsed once by make_config
-    student, teacher, modules = build_models(M, objective, nc)
+    with together('while building the data and the networks'):   # one process failing: all leave, before DDP's collectives
+        if rank == 0: make_folder(out, 'the run folder')
+        if rank == 0:
+            for w in start_warnings(cfg, world): warn(w)
+        train_ds, val_ds, nc = _datasets(D, rank)
+        if len(val_ds) == 0:
+            raise ValueError(f"the validation split {D.val_split!r} of {D.data_root} has no images, so no mIoU and no "
+                             f"best.pt could be computed; check --data-root and --val-split")
+        require_labelled(val_ds, f"the validation split {D.val_split!r} of {D.data_root} (--val-split, --data-root)")
+        if len(train_ds) < L.batch_size * world:
+            raise ValueError(f"the training split {D.train_split!r} of {D.data_root} has {len(train_ds)} image(s): they cannot fill "
+                             f"a batch of {L.batch_size} (--batch-size) on {world} process(es); check --data-root and --train-split")
+        L = dataclasses.replace(L, workers=loader_workers(L.workers, device, int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+        loader = build_loader(train_ds, L.batch_size, train=True, num_workers=L.workers, seed=M.seed, distributed=world > 1)
+        objective = cfg.objective                                            # the method, parsed once by make_config
+        student, teacher, modules = build_models(M, objective, nc)
+        amp_dtype = _amp_dtype(P.precision, device)
     net = StudentWithModules(student, modules)
     model, teacher, fdt, mf = _place(net, teacher, P, device, world)
     opt, sched, epochs, total, spe = _optimizer(student, modules, O, loader)
-    amp_dtype = _amp_dtype(P.precision, device)
     scaler = torch.amp.GradScaler(device.type) if P.precision == 'fp16' else None
     return Run(cfg=cfg, device=device, rank=rank, world=world, owned=owned, out=out, seed=M.seed, train_ds=train_ds,
                val_ds=val_ds, num_classes=nc, loader=loader, student=student, teacher=teacher, objective=objective, net=net,
@@ -712,9 +713,11 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
     made = new_folders(cfg['out'])           # removed again if the run fails before writing anything into them
     stop, writing, failed = [], [], True     # signals received; set once the last checkpoint is being written
     try:
-        if dist_env()[0] == 0:              # the folder locked as it is made: a twin run started on it fails, and leaves it
-            lock = RunLock(make_folder(cfg['out'], 'the run folder')).acquire()
-        if cfg['resume']: check_resumable(cfg['out'])   # before the data are built (a default data set written) and checked
+        start_process(cfg['device'], cfg['threads'], cfg['deterministic'], cfg['malloc_mmap_mb'])   # the process group first,
+        with together('while checking the run folder'):   # so that what one process finds wrong below stops them all at once
+            if dist_env()[0] == 0:          # the folder locked as it is made: a twin run started on it fails, and leaves it
+                lock = RunLock(make_folder(cfg['out'], 'the run folder')).acquire()
+            if cfg['resume']: check_resumable(cfg['out'])   # before the data are built (a default data set written) and checked
         run = build_run(cfg)
         if run.world == 1 and threading.current_thread() is threading.main_thread():
             def _on_signal(sig, frame):   # first Ctrl-C, SIGTERM or SIGHUP: finish the step, write last.pt, leave; a second: leave
@@ -732,12 +735,13 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         ckpt = Checkpointer(run)
         L = run.loop
         resume = L.resume or restarted_with_checkpoint(run.out)
-        prog = ckpt.resume() if resume else None
-        if prog is not None and run.main and not L.quiet:   # epochs and batches counted from 1, as the progress lines do
-            print(f"resumed {ckpt.resumed_from}: " + (f"the run is complete ({run.total} steps), nothing to do" if prog.step >= run.total == prog.eval_step else
-                  f"its {run.total} steps are done, its final evaluation runs now" if prog.step >= run.total else
-                  f"at epoch {prog.epoch + 1}, batch {prog.step_in_epoch + 1} (step {prog.step} of {run.total})"))
-        if prog is None: prog = ckpt.start()
+        with together('while reading the run folder'):   # a run there and no --resume or --force: seen by rank 0
+            prog = ckpt.resume() if resume else None
+            if prog is not None and run.main and not L.quiet:   # epochs and batches counted from 1, as the progress lines do
+                print(f"resumed {ckpt.resumed_from}: " + (f"the run is complete ({run.total} steps), nothing to do" if prog.step >= run.total == prog.eval_step else
+                      f"its {run.total} steps are done, its final evaluation runs now" if prog.step >= run.total else
+                      f"at epoch {prog.epoch + 1}, batch {prog.step_in_epoch + 1} (step {prog.step} of {run.total})"))
+            if prog is None: prog = ckpt.start()
         resolve_precision(run)
         if run.main and not L.quiet:
             print(describe_run(run), flush=True)

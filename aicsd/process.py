@@ -5,6 +5,7 @@
 # %% ../nbs/07c_process.ipynb #0832ff20
 from __future__ import annotations
 import ctypes, gc, os, platform
+from contextlib import contextmanager
 from pathlib import Path
 import torch
 import torch.distributed as dist
@@ -12,8 +13,8 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['set_malloc_mmap_threshold', 'dist_env', 'resolve_device', 'restart_count', 'init_distributed', 'cleanup_distributed',
-           'start_process', 'loader_workers', 'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'native_bf16', 'amp_dtype',
-           'autocast']
+           'PeerFailed', 'together', 'start_process', 'loader_workers', 'CPUSyncBatchNorm', 'convert_sync_batchnorm',
+           'native_bf16', 'amp_dtype', 'autocast']
 
 # %% ../nbs/07c_process.ipynb #52a90803
 def set_malloc_mmap_threshold(mb:int, # allocations below this many MB come from the heap; 0: leave glibc's default
@@ -90,6 +91,37 @@ def cleanup_distributed(owned:bool, # we created the process group (so we destro
         # training step and would never arrive. It leaves at once with its error; torchrun then stops the others.
         if not failed: dist.barrier()
         dist.destroy_process_group()
+
+# %% ../nbs/07c_process.ipynb #tog0ex01
+class PeerFailed(RuntimeError):
+    "Another process of this torchrun job failed where all of them check or build together; that process prints its error."
+
+def _verdict(texts:list, # per rank: None (its block passed) or its error's text
+             rank:int, # this process's rank
+             what:str, # what the processes were doing
+            )->str|None: # None: go on; 'own': raise this rank's error; otherwise the message of `PeerFailed`
+    "The decision `together` takes on every rank from what every rank said."
+    first = next((r for r, t in enumerate(texts) if t is not None), None)
+    if first is None: return None
+    if texts[rank] is not None and (rank == first or texts[rank] != texts[first]): return 'own'   # printed once per distinct error
+    return f"process {first} failed {what}: {texts[first]}"
+
+@contextmanager
+def together(what:str, # what the block does, for the message of `PeerFailed` ('while building the data')
+            ):
+    "Run the block on every process; under a process group, when any process's block raised, every process raises."
+    err = None
+    try: yield
+    except Exception as e: err = e
+    if dist.is_initialized() and dist.get_world_size() > 1 and not getattr(err, '_agreed', False):
+        texts = [None] * dist.get_world_size()
+        dist.all_gather_object(texts, None if err is None else f"{type(err).__name__}: {err}")
+        v = _verdict(texts, dist.get_rank(), what)
+        if v is not None and v != 'own':
+            e = PeerFailed(v); e._agreed = True
+            raise e from None
+        if err is not None: err._agreed = True
+    if err is not None: raise err
 
 # %% ../nbs/07c_process.ipynb #6fe5b773
 def start_process(device:str='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'

@@ -1,6 +1,6 @@
 """Two processes under torchrun (gloo, CPU) with SyncBatchNorm train like one process with the doubled batch, and
 distributed evaluation gives exactly the single-process metrics."""
-import json, shutil, sys
+import json, shutil, socket, subprocess, sys
 from pathlib import Path
 import torch
 from conftest import aicsd_cmd, run, tiny_args, state_dict
@@ -105,6 +105,34 @@ def test_a_crashing_rank_ends_the_job(tiny_data, tmp_path):
     print(f"torchrun exited {p.returncode}")
     assert p.returncode != 0, p.stderr[-3000:]
     assert f'Label file {bad}' in p.stderr and 'holds values [77]' in p.stderr, p.stderr[-3000:]
+
+def _check_fails_once(p, message):
+    "A torchrun job that failed at set-up: `message` said once, no process's traceback, none killed after torchrun's 30 s."
+    assert p.returncode != 0, p.stderr[-3000:]
+    assert p.stderr.count('aicsd: error:') == 1 and message in p.stderr, p.stderr[-3000:]
+    assert not any(l.startswith('[rank') for l in p.stderr.splitlines()), p.stderr[-3000:]   # a rank's traceback
+    assert 'forcefully exiting via 9' not in p.stderr, p.stderr[-3000:]                    # one ignored torchrun's SIGTERM
+
+def test_a_folder_in_use_stops_every_rank_at_once(tiny_data, tmp_path):
+    """Rank 0 alone takes the run folder's lock and finds it held: every process leaves at set-up with that one message
+    (the other rank used to wait in its first collective until torchrun killed it, 30 s later, with a traceback)."""
+    out = tmp_path / 'busy'; out.mkdir()
+    holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
+    try:
+        (out / '.lock').write_text(f"{holder.pid} {socket.gethostname()}\n")
+        p = run(TORCHRUN + ['train', '--model', 'mobilenetv2', '--max-steps', 1] + tiny_args(tiny_data, out) +
+                ['--batch-size', 2], cwd=tmp_path, timeout=240, check=False)
+    finally: holder.kill(); holder.wait()
+    _check_fails_once(p, f'{out} is in use by process {holder.pid}')
+    assert sorted(f.name for f in out.iterdir()) == ['.lock']
+
+def test_an_error_of_every_rank_is_said_once(tmp_path):
+    "A wrong --data-root, met by both processes: said once (it was printed by each), and no folder is left."
+    p = run(TORCHRUN + ['train', '--model', 'mobilenetv2', '--data', 'voc', '--data-root', tmp_path / 'nothere',
+                        '--max-steps', 1, '--threads', 1, '--device', 'cpu', '--out', tmp_path / 'x'],
+            cwd=tmp_path, timeout=240, check=False)
+    _check_fails_once(p, f'{tmp_path / "nothere"} does not exist')
+    assert not (tmp_path / 'x').exists()
 
 def _memory_batch(rank):
     "Process `rank`'s teacher feature and labels: rank 0 has 2 images, rank 1 one (unequal, as gather_ranks allows)."

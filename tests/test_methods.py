@@ -1,6 +1,6 @@
 """Every method of the methods table trains a few steps with finite losses and resumes exactly (in-process, float64),
 and the command line lists them all and takes combinations, ALW, weights and term parameters."""
-import math
+import hashlib, math
 import pytest
 import torch
 from conftest import aicsd_cmd, run, tiny_args
@@ -22,14 +22,36 @@ def teacher(tiny_data, tmp_path_factory):
     for f in out.glob('last*.pt'): f.unlink()             # 266 MB (float64 weights and momentum); best.pt is the teacher
     return out / 'best.pt'
 
+def _record_rng(monkeypatch)->list:
+    "The global RNG state (a hash) at each training step from now on: dropout's masks are drawn from it."
+    import aicsd.distill as D
+    seen, step = [], D.train_step
+    def recording(*a, **k):
+        seen.append(hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()); return step(*a, **k)
+    monkeypatch.setattr(D, 'train_step', recording)
+    return seen
+
+@pytest.fixture(scope='module')
+def train_rng(tiny_data, tmp_path_factory):
+    "The RNG states at the 3 steps of plain training (no teacher, no term) of the student the methods train."
+    with pytest.MonkeyPatch.context() as mp:
+        seen = _record_rng(mp)
+        fit(_cfg(tiny_data, tmp_path_factory.mktemp('plain'), model='mobilenetv2', max_steps=3))
+    return seen
+
 # small CIRKD memories and contrast sets keep the test fast; everything else at its defaults
 PARAMS = {'cirkd_memory': {'pixel_contrast': 64, 'region_contrast': 16, 'pixel_size': 500, 'region_size': 50}}
 
 @pytest.mark.parametrize('method', [m for m in METHODS if m != 'baseline'])
-def test_method_trains_and_resumes_exactly(method, teacher, tiny_data, tmp_path):
+def test_method_trains_and_resumes_exactly(method, teacher, tiny_data, tmp_path, train_rng, monkeypatch):
     kw = dict(mode='distill', method=method, model='mobilenetv2', teacher=str(teacher), max_steps=3, log_every=1,
               param=PARAMS if 'cirkd' in method else None)
+    seen = _record_rng(monkeypatch)
     a = fit(_cfg(tiny_data, tmp_path / 'a', **kw))                                  # uninterrupted
+    # a fair comparison: every method's student draws the same dropout masks as plain training, step by step (a term's
+    # own random draws, as CIRKD's sampling, use a generator of their own)
+    assert seen == train_rng, f"{method}: the RNG state differs from plain training's at steps " \
+                              f"{[i for i, (x, y) in enumerate(zip(seen, train_rng)) if x != y]}"
     fit(_cfg(tiny_data, tmp_path / 'b', stop_after=1, **kw))                       # stopped mid-epoch ...
     assert load_checkpoint(tmp_path / 'b' / 'last.pt')['global_step'] == 1
     b = fit(_cfg(tiny_data, tmp_path / 'b', resume=True, **kw))                    # ... and resumed
