@@ -20,9 +20,10 @@ from .config import check_ranges
 
 # %% auto #0
 __all__ = ['VOC_SHAPES', 'CITYSCAPES_SHAPES', 'DEFAULT_STEP_VARIANTS', 'GAP_REASONS', 'ICSD_GOALS', 'BENCHES', 'machine_info',
-           'time_interleaved', 'peak_memory', 'format_rows', 'format_tables', 'append_rows', 'read_rows', 'bench_icsd',
-           'stride4_pair', 'upsample_logits', 'bench_stride4', 'calibrate_bn', 'bench_step', 'bench_data', 'bench_loop',
-           'model_cost', 'bench_latency', 'bf16_ics_effect', 'goals', 'bench_env', 'run_benchmarks']
+           'time_interleaved', 'peak_memory', 'format_rows', 'format_tables', 'append_rows', 'read_rows',
+           'check_rows_file', 'bench_icsd', 'stride4_pair', 'upsample_logits', 'bench_stride4', 'calibrate_bn',
+           'bench_step', 'bench_data', 'bench_loop', 'model_cost', 'bench_latency', 'bf16_ics_effect', 'goals',
+           'bench_env', 'run_benchmarks']
 
 # %% ../nbs/11_bench.ipynb #e94ef55b
 def machine_info(device:str|torch.device|None=None, # the device measured: its GPU is named (a CPU's: none); None: any GPU
@@ -149,6 +150,21 @@ def read_rows(path:str|Path, # a file `append_rows` wrote
         except json.JSONDecodeError as e: raise ValueError(f"{path}, line {i}: not a JSON object ({e.msg}); "
                                                           "expected one row per line, as `aicsd bench --out` writes") from None
     return [r for r in rows if bench is None or r.get('bench') == bench]
+
+# %% ../nbs/11_bench.ipynb #chkrows1
+def check_rows_file(path:str|Path, # the file `aicsd bench --out` is to append to
+                    flag:str='--out', # the option that named it
+                   ):
+    "Refuse, before any work, to append rows to an existing file that is not rows of `aicsd bench --out` (a result, a checkpoint, notes)."
+    f = Path(path)
+    if not f.is_file() or f.stat().st_size == 0: return
+    try:
+        bad = next((i for i, l in enumerate(f.read_text().splitlines(), 1)
+                    if l.strip() and not (isinstance(r := json.loads(l), dict) and 'bench' in r)), None)
+    except (UnicodeDecodeError, json.JSONDecodeError): bad = 'some'
+    if bad is not None:
+        raise ValueError(f"{flag} {f}: the file exists and is not rows of `aicsd bench --out` (line {bad} is not one); nothing "
+                         "is appended to it: give another file (one that does not exist yet, or an earlier --out)")
 
 # %% ../nbs/11_bench.ipynb #b33c6cae
 VOC_SHAPES = [(2, 21, 513, 513), (8, 21, 513, 513)]
@@ -590,7 +606,7 @@ def run_benchmarks(what:list, # names from BENCHES
         torch.set_num_threads(int(threads))
     dev = resolve_device(device)                         # a bad --device, or cuda without a GPU, named before any work
     device = dev.type if dev.index in (None, 0) else str(dev)
-    if out is not None: check_writable(out, '--out')
+    if out is not None: check_writable(out, '--out'); check_rows_file(out)
     info = machine_info(device)
     print('machine: ' + ', '.join(f'{k} {v}' for k, v in info.items()) + f', device {device}', flush=True)
     if out is not None:      # the file says where and how its rows were measured: a machine row, and `quick` on every row

@@ -96,7 +96,8 @@ def check_writable(path:str|Path, # a file a command writes at its end
                   ):
     "Refuse, before any work, an output file that could not be written: a missing or read-only folder, a folder in its place."
     f = Path(path); d = f.parent
-    if str(path) == '' or f.is_dir(): raise ValueError(f"{flag} {str(path)!r}: is a folder; give a file name")
+    if str(path) == '' or f.is_dir() or str(path).endswith(('/', os.sep)):   # ('runs/x/': a folder, made or not)
+        raise ValueError(f"{flag} {str(path)!r}: is a folder; give a file name")
     if not d.is_dir(): raise ValueError(f"{flag} {f}: {d} is a file, not a folder" if d.exists() else f"{flag} {f}: folder {d} does not exist")
     if not os.access(d, os.W_OK | os.X_OK) or (f.exists() and not os.access(f, os.W_OK)):
         raise ValueError(f"{flag} {f}: not writable (permission denied)")

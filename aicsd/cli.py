@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_cli.ipynb #543bbab8
 from __future__ import annotations
-import argparse, contextlib, difflib, importlib, importlib.util, inspect, io, os, signal, sys, threading
+import argparse, contextlib, difflib, importlib, importlib.util, inspect, io, os, re, signal, sys, threading
 from pathlib import Path
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_to_files
 from .models import BACKBONES
@@ -45,6 +45,13 @@ def _positive_int(s:str)->int:
     try: v = int(s)
     except ValueError: v = 0
     if v < 1: raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}")
+    return v
+
+def _nonneg_int(s:str)->int:
+    "argparse type of a seed: a whole number >= 0 (numpy's generators take no negative seed)."
+    try: v = int(s)
+    except ValueError: v = -1
+    if v < 0: raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {s!r}")
     return v
 
 def _parsers(p:argparse.ArgumentParser)->list: # `p` and every subcommand parser below it
@@ -222,8 +229,10 @@ def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
     bad = sorted(set(cfg) - valid)
     if bad:
         near = {k: m[0] for k in bad if (m := difflib.get_close_matches(k, valid, n=1, cutoff=0.75))}
+        alias = {f[2:].replace('-', '_'): (c, o.name) for o in OPTIONS for c, f in o.renamed if c != command}
+        near.update({k: f"{alias[k][1]} (`aicsd {alias[k][0]}` calls it {k})" for k in bad if k in alias and alias[k][1] in valid})
         raise ValueError(f"config {path}: unknown key(s) {', '.join(bad)}" + (": did you mean " + ', '.join(
-            f"{v} (for {k})" for k, v in near.items()) + "?" if near else '') + f"; valid keys: {', '.join(sorted(valid))}")
+            f"{v} (for {k})" if '`' not in v else v for k, v in near.items()) + "?" if near else '') + f"; valid keys: {', '.join(sorted(valid))}")
     p.set_defaults(**{k: _config_value(opt[k], v, path, written.get(k)) if k in opt else v for k, v in cfg.items()})
 
 
@@ -281,7 +290,7 @@ def _add_demo_args(p:argparse.ArgumentParser, name:str, quick_help:str):
     p.add_argument('--out', type=_path_arg, default=None, metavar='DIR', help=f"where the report and the runs go (default: runs/{name}; "
                    f"--quick: runs/{name}-quick, so a quick run never replaces a full one). Run again, it trains the students "
                    "again and replaces their runs and the report (no copy; --resume keeps them); it refuses a folder whose "
-                   "report it would replace with less (a full one by --quick, one of more methods)")
+                   "report it would replace with less (a full one by --quick or, without --resume, one of more methods)")
     p.add_argument('--data-root', type=_path_arg, default=None, metavar='DIR',
                    help='synthetic data folder (created if missing; default: data/synthetic-demo-64px)')
     p.add_argument('--fresh', action='store_true', help='retrain the teacher even if a cached one matches')
@@ -376,11 +385,11 @@ def _add_data_commands(sub, fmt):
     ds = p.add_subparsers(dest='data_command', metavar='ACTION', required=True)
     s = ds.add_parser('synthetic', formatter_class=fmt, help='write the built-in synthetic dataset (VOC layout)')
     s.add_argument('--data-root', '--root', dest='data_root', type=_path_arg, default=d['root'], metavar='DIR', help='dataset folder')
-    s.add_argument('--n-train', type=int, default=d['n_train'], metavar='N', help='training images')
-    s.add_argument('--n-val', type=int, default=d['n_val'], metavar='N', help='validation images')
-    s.add_argument('--size', type=int, default=d['size'], metavar='PX', help='image side')
+    s.add_argument('--n-train', type=_positive_int, default=d['n_train'], metavar='N', help='training images')
+    s.add_argument('--n-val', type=_positive_int, default=d['n_val'], metavar='N', help='validation images')
+    s.add_argument('--size', type=_positive_int, default=d['size'], metavar='PX', help='image side')
     s.add_argument('--num-classes', type=int, default=d['num_classes'], metavar='C', help='classes including background (2..28)')
-    s.add_argument('--seed', type=int, default=d['seed'], help='everything drawn depends only on the seed')
+    s.add_argument('--seed', type=_nonneg_int, default=d['seed'], help='everything drawn depends only on the seed')
     s.add_argument('--overwrite', action='store_true', help='replace a synthetic dataset made with other settings')
     b = ds.add_parser('sbd', formatter_class=fmt, help='build VOC trainaug (SegmentationClassAug) from the SBD release')
     b.add_argument('--sbd-root', type=_path_arg, required=True, metavar='DIR', help='the SBD release: benchmark_RELEASE/, its dataset/ (holding cls/*.mat, img/, train.txt, val.txt) or that cls/')
@@ -421,9 +430,14 @@ def import_methods(specs:list, # module names (found in the current folder or on
         if s.endswith('.py') or os.sep in s or '/' in s:
             f = Path(s)
             if not f.is_file(): raise FileNotFoundError(f"--import {s}: no such file (a .py file, or a module name)")
+            if f.suffix != '.py': raise ValueError(f"--import {s}: not a .py file; give the Python file that registers your terms "
+                                                   "and methods (or its module name)")
             name = f.stem
+            if not name.isidentifier():
+                raise ValueError(f"--import {s}: {name!r} is not a Python module name (letters, digits and _, not starting with "
+                                 f"a digit); rename the file, e.g. {re.sub(r'[^0-9a-zA-Z_]', '_', name)}.py")
             if name in sys.modules and getattr(sys.modules[name], '__file__', None) == str(f.resolve()): mods.append(sys.modules[name]); continue
-            if name in sys.modules or name in getattr(sys, 'stdlib_module_names', ()) or not name.isidentifier():
+            if name in sys.modules or name in getattr(sys, 'stdlib_module_names', ()):
                 was = getattr(sys.modules.get(name), '__file__', None) or 'Python itself'
                 raise ValueError(f"--import {s}: its module name {name!r} is taken (by {was}): the file would replace that "
                                  f"module for the whole run; rename the file")

@@ -14,10 +14,10 @@ from .objective import DistillObjective, METHODS, TERMS, out_of_range, method_sp
 from .models import BACKBONES, V3_BACKBONES
 
 # %% auto #0
-__all__ = ['DISTILL_ONLY', 'OPTIONS', 'DEFAULTS', 'warn', 'Option', 'size_arg', 'size_text', 'value_text', 'flag_text',
-           'check_ranges', 'make_objective', 'eval_predictor', 'RunConfig', 'renamed_keys', 'distill_only',
-           'idle_options', 'warn_idle', 'check_compile', 'make_config', 'resume_changes', 'yaml_load', 'read_config',
-           'Spec', 'DataSpec', 'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
+__all__ = ['DISTILL_ONLY', 'OPTIONS', 'DEFAULTS', 'MIN_SIDE', 'warn', 'Option', 'size_arg', 'size_text', 'value_text',
+           'flag_text', 'check_ranges', 'make_objective', 'eval_predictor', 'RunConfig', 'renamed_keys', 'distill_only',
+           'idle_options', 'warn_idle', 'check_compile', 'check_sides', 'make_config', 'resume_changes', 'yaml_load',
+           'read_config', 'Spec', 'DataSpec', 'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
 
 # %% ../nbs/07a_config.ipynb #a5ba81db
 def warn(msg:str):
@@ -96,7 +96,7 @@ _WHAT = [   # what to train
 
 # %% ../nbs/07a_config.ipynb #5efc1a4c
 _DATA = [   # data
-    _E('data', 'synthetic', 'Data', "dataset (evaluate: the checkpoint's, with its --data-root, when neither is given)", choices=tuple(DEFAULT_ROOTS), resume='same'),
+    _E('data', 'synthetic', 'Data', "dataset (default: synthetic; evaluate: the checkpoint's, with its --data-root, when neither is given)", choices=tuple(DEFAULT_ROOTS), resume='same'),
     _E('data_root', None, 'Data', 'dataset folder (VOC2012/, the Cityscapes root, or the synthetic folder); default: '
        + ', '.join(f'{k} {v}' for k, v in DEFAULT_ROOTS.items()), metavar='DIR'),
     _O('train_split', 'train', 'Data', 'training split (VOC: train or trainaug)', resume='same'),
@@ -348,6 +348,25 @@ def check_compile(backend:str|None):
         raise ValueError(f"--compile {backend!r}: torch.compile has no such backend; choose one of "
                          f"{', '.join(torch._dynamo.list_backends())} (or eager, aot_eager to debug)")
 
+# %% ../nbs/07a_config.ipynb #minside1
+MIN_SIDE = 8   # px: the smallest crop, resize or scaled image side a run takes (under it the resizes fail or see nothing)
+
+def check_sides(cfg:dict, # a configuration, or the options of `aicsd evaluate` (no training keys: those checks skipped)
+               ):
+    "Refuse sizes under `MIN_SIDE`: a crop, an evaluation resize or crop, and the short side the random scale can draw."
+    def small(v): return v is not None and min([v] if isinstance(v, int) else v) < MIN_SIDE
+    for k in ('crop_size', 'eval_crop'):
+        if small(cfg.get(k)): raise ValueError(f"--{k.replace('_', '-')} {size_text(cfg[k])}: a side under {MIN_SIDE} px; the network's "
+                                           f"deepest features are at 1/8 or 1/16 of it (the paper's crop: 513)")
+    if cfg['eval_resize'] and cfg['eval_resize'] < MIN_SIDE:
+        raise ValueError(f"--eval-resize {cfg['eval_resize']}: under {MIN_SIDE} px (0 or none: the images' own size)")
+    if 'crop_size' not in cfg: return
+    base = cfg['scale_base'] or min([cfg['crop_size']] if isinstance(cfg['crop_size'], int) else cfg['crop_size'])
+    if int(cfg['scale_min'] * base) < MIN_SIDE:
+        raise ValueError(f"--scale-min {cfg['scale_min']:g} x {base} px (--scale-base, else the crop's short side) = "
+                         f"{int(cfg['scale_min'] * base)} px: training images would be resized to a short side under {MIN_SIDE} px; "
+                         f"raise --scale-min (the paper: 0.5)")
+
 # %% ../nbs/07a_config.ipynb #70afcc9b
 def make_config(cfg:dict|None=None, # options to set; anything left out takes its default
                 **kwargs, # more options (override `cfg`)
@@ -375,6 +394,10 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     elif isinstance(out['method'], str): out['method'] = method_spec(out['method'])   # ' kd + cwd ' -> 'kd+cwd'
     if out['pretrained_backbone'] in (True, False): out['pretrained_backbone'] = 'imagenet' if out['pretrained_backbone'] else None
     if str(out['pretrained_backbone']).lower() == 'none': out['pretrained_backbone'] = None   # over a recipe's `imagenet`
+    if isinstance(out['pretrained_backbone'], str) and not out['pretrained_backbone'].strip():   # '' read as none before
+        raise ValueError("--pretrained-backbone is empty: give imagenet, a weight FILE, or none (random weights)")
+    if isinstance(pb := out['pretrained_backbone'], str) and Path(pb).is_dir():
+        raise ValueError(f"--pretrained-backbone {pb}: a folder; give a weight FILE in it, imagenet or none")
     if out['eval_resize'] == 0: out['eval_resize'] = None        # 0: native resolution, said explicitly
     if not str(out['out']).strip(): raise ValueError("--out is empty: give the run's folder, e.g. --out runs/exp")
     if out['resume'] and out['force']: raise ValueError("--resume continues the run in --out and --force replaces it: give one")
@@ -401,6 +424,12 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     check_compile(out['compile'])
     if out['weight'] is not None: out['weight'] = {k: float(v) for k, v in out['weight'].items()}
     if out['scale_min'] > out['scale_max']: raise ValueError(f"--scale-min {out['scale_min']} > --scale-max {out['scale_max']}")
+    check_sides(out)
+    if out['force'] and out['teacher'] and Path(out['teacher']).name in ('best.pt', 'last.pt', 'last.prev.pt') \
+       and Path(out['teacher']).resolve().parent == Path(out['out']).resolve():   # --force would move it aside, then overwrite it
+        raise ValueError(f"--teacher {out['teacher']} is a checkpoint of the run folder --out {out['out']}, which --force moves "
+                         f"aside before the student's run writes its own {Path(out['teacher']).name} there: copy the teacher "
+                         "elsewhere, or choose another --out")
     if out['mode'] == 'train':                             # the distillation rows mean nothing without a teacher
         given_d = [f"--{o.name.replace('_', '-')}" for o in OPTIONS if o.commands == DISTILL_ONLY and o.name != 'method'
                    and out[o.name] != o.default]
@@ -448,6 +477,8 @@ def resume_changes(old:dict, # configuration stored in last.pt
         if a == b or o.resume == 'free': continue
         if o.name == 'param' and _params_set(a) == _params_set(b): continue   # `ce.batch_average=false` is the term's own
         if o.commands == DISTILL_ONLY and new.get('mode') == 'train': continue   # train now refuses them; an older train run stored them
+        if o.name == 'mode':                         # not a flag: the command
+            refused.append(f"`aicsd {a}` -> `aicsd {b}` (the run was started with `aicsd {a}`)"); continue
         flag = dict(o.renamed).get(new.get('mode'), f"--{o.name.replace('_', '-')}")   # as this command spells it: --student
         (refused if o.resume == 'same' else warned).append(f"{flag} {value_text(o.name, a)} -> {value_text(o.name, b)}")
     return refused, warned
@@ -475,6 +506,9 @@ def yaml_load(text:str, # a YAML document
         for k, _ in node.value:
             key = loader.construct_object(k, deep=True)
             name = key.replace('-', '_') if isinstance(key, str) else key
+            if isinstance(name, (list, dict)):          # YAML's `? [a, b]`: a key Python cannot hold (a TypeError before)
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} (line {k.start_mark.line + 1}) is a list or "
+                                                        "mapping: write an option's name", k.start_mark)
             if name in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice (lines {seen[name]} and "
                                                         f"{k.start_mark.line + 1}): keep one", k.start_mark)
@@ -502,8 +536,10 @@ def read_config(path:str|Path, # .yaml, .yml or .toml
         except tomllib.TOMLDecodeError as e: raise ValueError(f"config file {path} is not valid TOML: {e}") from None
     elif path.suffix.lower() in ('.yaml', '.yml'):
         d = yaml_load(text, f"config file {path}")
-        if d is None: d = {}                      # an empty file (a list, a number or `false` is refused below)
     else: raise ValueError(f"config file {path} must end in .yaml, .yml or .toml")
+    if d is None or d == {}:                  # a run of every default would start: most likely a recipe that was not written
+        raise ValueError(f"config file {path} holds no options (it is empty, or only comments): did `aicsd recipes NAME > "
+                         f"{path.name}` fail? Write `option: value` lines, or leave out --config")
     if not isinstance(d, dict): raise ValueError(f"config file {path} must hold a mapping of option: value")
     out = {}
     for k, v in d.items():

@@ -584,7 +584,7 @@ def _existing_synthetic(root:Path, # the dataset root asked for
                               f"make_synthetic); nothing was changed. Choose another folder (--data-root).")
     if not overwrite:
         raise FileExistsError(f"{root} already holds a synthetic dataset made with {info.get('settings')}; asked for "
-                              f"{settings}. Pass overwrite=True (`--overwrite`) to replace it, or choose another root.")
+                              f"{settings}. Replace it with `--overwrite` (`overwrite=True`), or choose another folder (--data-root).")
     if foreign := _foreign_files(root):   # replacing deletes the folder: only if it holds nothing but our files
         raise FileExistsError(f"{root} holds files make_synthetic did not write ({', '.join(foreign[:5])}"
                               f"{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}); nothing was changed. "
@@ -788,7 +788,8 @@ DEFAULT_ROOTS = {'voc': 'data/VOCdevkit/VOC2012', 'cityscapes': 'data/cityscapes
 
 def _no_root(kind, root):
     "The error for a dataset root that is not a folder: missing, or a file."
-    if root.exists(): return NotADirectoryError(f"Dataset root {root} is a file, not a folder.\n" + DATASET_HELP[kind].format(root=root))
+    if root.exists(): return NotADirectoryError(f"Dataset root {root} is a file, not a folder: give the data set's folder "
+                                                 f"(--data-root), e.g. {DEFAULT_ROOTS[kind]} for --data {kind}")
     return _missing(kind, root, f"Dataset root {root} does not exist.")
 
 def get_dataset(name:str, # 'voc', 'cityscapes' or 'synthetic' (VOC layout)

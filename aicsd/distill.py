@@ -386,6 +386,11 @@ def start_warnings(cfg:dict, # a run's configuration (`make_config`)
                "--pretrained-backbone imagenet, or a weight FILE")
         out.append(f"--data {cfg['data']} with a backbone from random weights (--pretrained-backbone none): the paper and the "
                    f"field start from ImageNet weights ({how}), and their mIoU is out of reach without them")
+    if cfg['threads'] and cfg['threads'] * int(os.environ.get('LOCAL_WORLD_SIZE', 1)) > (os.cpu_count() or 1):
+        n = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+        out.append(f"--threads {cfg['threads']}" + (f" x {n} processes" if n > 1 else '') + f" on {os.cpu_count()} CPU cores: "
+                   f"threads beyond the cores wait for each other (one step took 100 x as long with 1000 threads on 2 cores); "
+                   f"give at most {max(1, (os.cpu_count() or 1) // n)}")
     if cfg['head_mult'] == 0:
         out.append("--head-mult 0: the ASPP, the decoder and the terms' adapters learn at 0 x --lr, so they keep their random "
                    "weights for the whole run; the paper uses 10, the field's recipe 1")
@@ -571,7 +576,7 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
                        )->dict: # metrics as plain floats and lists; `classes`: the dataset's class names
     "Evaluate the network of `ckpt` on the validation split the options name, with the engine's process set-up."
     opts = {**{o.name: o.default for o in OPTIONS if 'evaluate' in o.commands}, **opts}
-    check_ranges(opts)                                  # --max-val, --val-batch-size, ... as for train and distill
+    check_ranges(opts); check_sides(opts)               # --max-val, --val-batch-size, --eval-resize, ... as for train and distill
     dev, _, _, _, owned = start_process(opts['device'], opts['threads'])   # no allocator change: no training
     failed = True
     try:
@@ -643,11 +648,12 @@ def _check_json_target(path:str|Path, ckpt:str|Path):
     if str(path) == '-': raise ValueError("--json -: the metrics are on stdout already (one JSON line); --json names a file for the whole result")
     if f.exists() and Path(ckpt).exists() and os.path.samefile(f, ckpt):
         raise ValueError(f"--json {f} is the checkpoint being evaluated: writing the result there would replace it; give another file")
+    if f.is_dir(): raise ValueError(f"--json {f} is a folder: give a file name, e.g. {f/'eval.json'}")
     if f.exists():
-        try: ok = isinstance(json.loads(f.read_text()), dict)
-        except (OSError, ValueError): ok = False
-        if not ok: raise ValueError(f"--json {f}: the file exists and is not a JSON result of `aicsd evaluate` (a checkpoint or "
-                                    "a log?); it is not replaced: give another file, or delete it first")
+        try: d = json.loads(f.read_text()); ok = isinstance(d, dict) and {'miou', 'iou', 'confmat'} <= set(d)
+        except (OSError, ValueError): ok = False   # another JSON file (a data set's classes.json, a comparison's results) too
+        if not ok: raise ValueError(f"--json {f}: the file exists and is not a result of `aicsd evaluate` (it holds no miou, "
+                                    "iou and confmat); it is not replaced: give another file, or delete it first")
 
 def evaluate_to_files(ckpt:str|Path, # the checkpoint (`evaluate_checkpoint`)
                       opts:dict, # evaluation options (`evaluate_checkpoint`)
@@ -770,9 +776,14 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         elif run.main and not L.quiet:            # --stop-after: an unfinished run, said so
             print(f"stopped at step {prog.step} of {run.total} (--stop-after); {ckpt.last} written: continue with the same "
                   "command and --resume", file=sys.stderr, flush=True)
+        if stop:   # a signal after the last step's check (the final evaluation's figures, best.pt): nothing is lost, still said
+            raise RunInterrupted(f"{how_stopped(stop[0])} after the last step was checked: {ckpt.last} is written" +
+                                 (" and the run is complete" if prog.step >= run.total else
+                                  ": continue with the same command and --resume"), stop[0])
         res = dict(best_miou=prog.best, metrics=prog.metrics, steps=prog.step, time_s=time.time() - t0, out=str(run.out),
                    num_classes=run.num_classes)
-        if run.main and run.world == 1: res['model'] = run.student.to('cpu').eval()
+        if run.main and run.world == 1:       # the trained network, without the last step's gradients (as much memory again)
+            res['model'] = run.student.to('cpu').eval(); res['model'].zero_grad(set_to_none=True)
         failed = False
         return res
     finally:

@@ -308,6 +308,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
     if why := _would_shrink(out, P, methods, resume):               # another command's report and runs: not replaced by less
         raise ValueError(f"{why}: give another --out, or delete {out} first")
     lock = RunLock(out).acquire()                       # one demo or comparison in a folder at a time
+    was_threads = torch.get_num_threads()              # put back at the end: a notebook's next cells run as before
     try:
         sweep_temporaries(out)                         # files a killed session was writing (report, figures)
         def replacing():    # before the first run is replaced: an interrupted re-run leaves no report of runs gone
@@ -387,7 +388,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
         if isinstance(e, RunInterrupted): raise
         sig = getattr(e, 'signum', signal.SIGINT)     # Ctrl-C, or SIGTERM / SIGHUP turned into one by the command line
         raise RunInterrupted(f"{how_stopped(sig)}; the runs finished in {out} are kept: continue with {_continue_with()}", sig) from None
-    finally: lock.release()
+    finally: lock.release(); torch.set_num_threads(was_threads)
 
 
 # %% ../nbs/08a_experiments.ipynb #304f32fd

@@ -89,7 +89,8 @@ def _tv_weights(backbone, pretrained):
     enum = getattr(torchvision.models, _TV[backbone][1])
     name = 'IMAGENET1K_V1' if pretrained is True or pretrained == 'imagenet' else pretrained   # 'imagenet': the CLI's word
     try: return enum[name]
-    except KeyError: raise ValueError(f"pretrained_backbone={pretrained!r}: {_TV[backbone][1]} has {[w.name for w in enum]}") from None
+    except KeyError: raise ValueError(f"--pretrained-backbone {pretrained}: no such file, and not imagenet, none or a torchvision "
+                                      f"weights name of {backbone} ({', '.join(w.name for w in enum)})") from None
 
 # %% ../nbs/05_models.ipynb #823ae947
 def resnet_backbone(name:str='resnet101', # 'resnet101', 'resnet50' or 'resnet18'

@@ -17,9 +17,9 @@ from .models import model_arch
 from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write_text_atomic, replace_synced, pid_alive   # the one writer and reader of files
 
 # %% auto #0
-__all__ = ['LOGS', 'CHECKPOINTS', 'RUN_FILES', 'STOP_SIGNALS', 'rng_state', 'set_rng_state', 'RunLog', 'has_logs', 'read_run',
-           'Progress', 'RunExistsError', 'RunLockedError', 'how_stopped', 'RunInterrupted', 'RunLock', 'Checkpointer',
-           'check_resumable', 'sweep_temporaries', 'new_folders', 'remove_empty', 'clear_run']
+__all__ = ['LOGS', 'CHECKPOINTS', 'RUN_FILES', 'STOP_SIGNALS', 'RESUME_KEYS', 'rng_state', 'set_rng_state', 'RunLog', 'has_logs',
+           'read_run', 'Progress', 'RunExistsError', 'RunLockedError', 'how_stopped', 'RunInterrupted', 'RunLock',
+           'Checkpointer', 'check_resumable', 'sweep_temporaries', 'new_folders', 'remove_empty', 'clear_run']
 
 # %% ../nbs/07b_runfolder.ipynb #540a878f
 def rng_state()->dict:
@@ -249,6 +249,8 @@ def save_best(self:Checkpointer, prog:Progress):
                         epoch=prog.epoch, global_step=prog.step)
 
 # %% ../nbs/07b_runfolder.ipynb #b3e0e15a
+RESUME_KEYS = ('config', 'model', 'optimizer', 'scheduler', 'rng', 'epoch', 'step_in_epoch', 'global_step', 'best_miou')   # what last.pt holds
+
 def check_resumable(out:str|Path): # the run folder of a `--resume`
     "Refuse a `--resume` where `out` holds no checkpoint to continue: `fit` asks before it builds the data and networks."
     out = Path(out)
@@ -267,6 +269,11 @@ def _read_last(self:Checkpointer)->tuple: # (checkpoint, path it came from)
         if not p.exists(): errors.append(f"{p.name} is missing"); continue
         try: ck = load_checkpoint(p)
         except ValueError as e: errors.append(str(e)); continue
+        if lacks := [k for k in RESUME_KEYS if k not in ck]:   # e.g. a best.pt copied to last.pt: weights only
+            errors.append(f"{p} is not a checkpoint to resume from (it lacks {', '.join(lacks)}: a best.pt or a model file? "
+                          "--resume needs the last.pt of `aicsd train` or `aicsd distill`)"); continue
+        if not isinstance(ck['config'], dict) or not all(isinstance(ck[k], int) for k in ('epoch', 'step_in_epoch', 'global_step')):
+            errors.append(f"{p} is damaged: its config or step counts are of the wrong type"); continue
         if errors and r.main:
             warn(f"{errors[0]}; resuming from {p}, the checkpoint written before it (step {ck.get('global_step')})")
         return ck, p

@@ -589,6 +589,8 @@ def demo_figures(models:dict, # name -> model (eval mode, CPU), 'teacher' first
             + (f'; students of seed {seed}' if seed is not None else ''))
     save_figure(plot_ics_models(M, cls, dist, title=f'ICS matrices {what}; distance: mean squared difference to the teacher\'s'),
                 out/'ics_matrices.png', dpi=110)
+    for f in out.glob('ics_*.png'):                        # an earlier comparison's models that this one lacks: not left beside it
+        if f.stem[4:] not in M and f.name != 'ics_matrices.png': f.unlink()
     for nm, m in M.items():                                # one file per model, all on the teacher's scale
         f = plot_ics(m, classes=cls, names=(nm,), title=f'ICS matrix {what}', vmax=float(M['teacher'].max()) or None)
         save_figure(f, out/f'ics_{nm}.png', dpi=100)
@@ -675,7 +677,10 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
         save_figure(figs['curves'], paths['curves'], dpi=dpi)
     d = dist.get('student') if teacher is not None else None
     if tb_writer is not None:
-        for key, f in figs.items(): tb_writer.add_figure(f'figures/{key}', f, global_step=step, close=False)
+        from PIL import Image
+        for key, p in paths.items():   # the PNGs just written: each figure is drawn once (`add_figure` would draw it again)
+            with Image.open(p) as im:
+                tb_writer.add_image(f'figures/{key}', np.asarray(im.convert('RGB')), global_step=step, dataformats='HWC')
         if d is not None and tb_distance: tb_writer.add_scalar('eval/ics_distance', d, step)
     return {**paths, 'ics_distance': d}
 

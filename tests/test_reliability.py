@@ -1,5 +1,5 @@
 """Never lose a run, never use the wrong data silently: each case fails loudly, names the file or option, changes nothing."""
-import os, re, signal, subprocess, sys, time
+import os, re, shutil, signal, subprocess, sys, time
 import pytest
 import torch
 from conftest import ENV, aicsd_cmd, run, tiny_args
@@ -159,6 +159,10 @@ def test_corrupt_last_falls_back_to_the_previous_checkpoint(tiny_data, tmp_path)
     for f in ('last.pt', 'last.prev.pt'): (out / f).write_bytes(b'junk')     # nothing readable: a clear refusal
     r = run(args + ['--resume'], cwd=tmp_path, check=False)
     assert r.returncode == 2 and 'neither checkpoint' in r.stderr and '--force' in r.stderr, r.stderr
+    shutil.copy(out / 'best.pt', out / 'last.pt')                          # "continue from the best": weights only
+    r = run(args + ['--resume'], cwd=tmp_path, check=False)
+    assert r.returncode == 2 and f'{out / "last.pt"} is not a checkpoint to resume from (it lacks optimizer' in r.stderr \
+        and 'a best.pt or a model file?' in r.stderr and 'Traceback' not in r.stderr, r.stderr   # (it said `error: rng`)
 
 def test_resume_refuses_a_changed_schedule_and_warns_about_a_changed_crop(tiny_data, tmp_path):
     out = tmp_path / 'o'
