@@ -327,6 +327,8 @@ def idle_options(cfg:dict, # a configuration (`make_config` fills it)
         idle.append(f"--weight aux={cfg['weight']['aux']}: --aux-weight {cfg['aux_weight']} sets that weight")
     if cfg.get('teacher') and not obj.needs_teacher and Path(cfg['teacher']).is_file():   # a missing one: an error
         idle.append(f"--teacher {cfg['teacher']}: {terms} reads no teacher")
+    if cfg.get('teacher_bf16') is not None and not obj.needs_teacher:   # --teacher-bf16 / --no-teacher-bf16 (default: measured)
+        idle.append(f"--{'' if cfg['teacher_bf16'] else 'no-'}teacher-bf16: {terms} reads no teacher")
     if on('alw_unit') and not obj.alw: idle.append(f"--alw-unit {cfg['alw_unit']}: {terms} runs without ALW (--alw turns it on)")
     return idle
 
