@@ -599,10 +599,15 @@ def iou_table(res:dict, # `evaluate_checkpoint`'s result: `iou` and `classes`
 # %% ../nbs/09_cli.ipynb #53721ab3
 def _main(argv):
     rank, world, local = dist_env()
-    with contextlib.redirect_stderr(io.StringIO()) if world > 1 and local != 0 else contextlib.nullcontext():
-        a = parse(argv)                  # torchrun: a wrong flag is said once per machine, not by every process
+    quiet = world > 1 and local != 0     # torchrun: a wrong flag or configuration is said once per machine, not by every process
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            a = parse(argv)
+            cfg = args_to_config(a) if a.command in ('train', 'distill') else None
+    except (ValueError, KeyError, OSError):   # (argparse's own errors exit inside parse, silenced above)
+        if quiet: return 2               # the same arguments and files on this machine: its first process says it
+        raise
     if a.command in ('train', 'distill'):
-        cfg = args_to_config(a)
         r = fit(cfg, draw=_figure_hook(cfg))
         if dist_env()[0] == 0:
             print(json_text(dict(out=r['out'], steps=r['steps'],   # a NaN as null

@@ -356,11 +356,18 @@ MIN_SIDE = 8   # px: the smallest crop, resize or scaled image side a run takes 
 def check_sides(cfg:dict, # a configuration, or the options of `aicsd evaluate` (no training keys: those checks skipped)
                ):
     "Refuse sizes under `MIN_SIDE`: a crop, an evaluation resize or crop, and the short side the random scale can draw."
-    def small(v): return v is not None and min([v] if isinstance(v, int) else v) < MIN_SIDE
+    def px(v): # the sides of a size as given (PX, 'HxW', [H, W]); None when not a size (other checks name that)
+        if isinstance(v, str):
+            try: v = size_arg(v)
+            except (ValueError, TypeError): return None
+        if isinstance(v, (int, float)) and not isinstance(v, bool): return [v]
+        if isinstance(v, (list, tuple)) and v and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in v): return list(v)
+        return None
+    def small(v): return (p := px(v)) is not None and min(p) < MIN_SIDE
     for k in ('crop_size', 'eval_crop'):
-        if small(cfg.get(k)): raise ValueError(f"--{k.replace('_', '-')} {size_text(cfg[k])}: a side under {MIN_SIDE} px; the network's "
+        if small(cfg.get(k)): raise ValueError(f"--{k.replace('_', '-')} {size_text(px(cfg[k]) if len(px(cfg[k])) > 1 else px(cfg[k])[0])}: a side under {MIN_SIDE} px; the network's "
                                            f"deepest features are at 1/8 or 1/16 of it (the paper's crop: 513)")
-    if cfg['eval_resize'] and cfg['eval_resize'] < MIN_SIDE:
+    if (r := px(cfg.get('eval_resize'))) and 0 < r[0] < MIN_SIDE:
         raise ValueError(f"--eval-resize {cfg['eval_resize']}: under {MIN_SIDE} px (0 or none: the images' own size)")
     if 'crop_size' not in cfg: return
     base = cfg['scale_base'] or min([cfg['crop_size']] if isinstance(cfg['crop_size'], int) else cfg['crop_size'])
@@ -398,7 +405,7 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     if str(out['pretrained_backbone']).lower() == 'none': out['pretrained_backbone'] = None   # over a recipe's `imagenet`
     if isinstance(out['pretrained_backbone'], str) and not out['pretrained_backbone'].strip():   # '' read as none before
         raise ValueError("--pretrained-backbone is empty: give imagenet, a weight FILE, or none (random weights)")
-    if isinstance(pb := out['pretrained_backbone'], str) and Path(pb).is_dir():
+    if isinstance(pb := out['pretrained_backbone'], str) and ('/' in pb or os.sep in pb) and Path(pb).is_dir():   # a path, not a name
         raise ValueError(f"--pretrained-backbone {pb}: a folder; give a weight FILE in it, imagenet or none")
     if out['eval_resize'] == 0: out['eval_resize'] = None        # 0: native resolution, said explicitly
     if not str(out['out']).strip(): raise ValueError("--out is empty: give the run's folder, e.g. --out runs/exp")

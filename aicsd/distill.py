@@ -189,11 +189,11 @@ def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, cla
         if root != Path(DEFAULT_ROOTS['synthetic']):          # a typo in --data-root must not become a new dataset
             raise FileNotFoundError(f"no dataset at {root} (--data-root): write one there with `aicsd data synthetic "
                                     f"--data-root {root}`, or leave out --data-root for {DEFAULT_ROOTS['synthetic']} (made when missing)")
-        if rank == 0:
-            print(f"aicsd: no dataset at {root}: writing the synthetic shapes dataset there (`aicsd data synthetic` "
-                  "makes one with other settings)", flush=True)
-            make_synthetic(root, **({'num_classes': D.num_classes} if D.num_classes else {}))
-        if dist.is_initialized(): dist.barrier()
+        with together('while writing the synthetic data set'):   # the other processes wait for it (and fail with it)
+            if rank == 0:
+                print(f"aicsd: no dataset at {root}: writing the synthetic shapes dataset there (`aicsd data synthetic` "
+                      "makes one with other settings)", flush=True)
+                make_synthetic(root, **({'num_classes': D.num_classes} if D.num_classes else {}))
     ttf = train_transform(D.crop_size, scale=(D.scale_min, D.scale_max), hflip=D.hflip, blur=D.blur, base_size=D.scale_base)
     tr = get_dataset(D.data, root, D.train_split, ttf)
     va = get_dataset(D.data, root, D.val_split, eval_transform_for(D.eval_resize, D.eval_square))

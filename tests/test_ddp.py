@@ -134,6 +134,18 @@ def test_an_error_of_every_rank_is_said_once(tmp_path):
     _check_fails_once(p, f'{tmp_path / "nothere"} does not exist')
     assert not (tmp_path / 'x').exists()
 
+def test_a_failure_writing_the_default_data_stops_every_rank(tmp_path):
+    """Rank 0 writes the default synthetic data set while the others wait for it: when the write fails (here: 40 classes,
+    more than it can draw), every process stops with that one message (a review found them all waiting for ever); an empty
+    --config is said once too (by each machine's first process)."""
+    p = run(TORCHRUN + ['train', '--model', 'mobilenetv2', '--num-classes', 40, '--max-steps', 1, '--crop-size', 32,
+                        '--batch-size', 2, '--threads', 1, '--device', 'cpu', '--out', tmp_path / 'x'],
+            cwd=tmp_path, timeout=240, check=False)
+    _check_fails_once(p, 'num_classes must be in 2..28')
+    (tmp_path / 'empty.yaml').write_text('# nothing\n')
+    p = run(TORCHRUN + ['train', '--config', tmp_path / 'empty.yaml'], cwd=tmp_path, timeout=240, check=False)
+    _check_fails_once(p, 'holds no options')
+
 def _memory_batch(rank):
     "Process `rank`'s teacher feature and labels: rank 0 has 2 images, rank 1 one (unequal, as gather_ranks allows)."
     g = torch.Generator().manual_seed(10 + rank); b = 2 if rank == 0 else 1
