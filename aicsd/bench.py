@@ -158,13 +158,11 @@ def check_rows_file(path:str|Path, # the file `aicsd bench --out` is to append t
     "Refuse, before any work, to append rows to an existing file that is not rows of `aicsd bench --out` (a result, a checkpoint, notes)."
     f = Path(path)
     if not f.is_file() or f.stat().st_size == 0: return
-    try:
-        bad = next((i for i, l in enumerate(f.read_text().splitlines(), 1)
-                    if l.strip() and not (isinstance(r := json.loads(l), dict) and 'bench' in r)), None)
-    except (UnicodeDecodeError, json.JSONDecodeError): bad = 'some'
-    if bad is not None:
-        raise ValueError(f"{flag} {f}: the file exists and is not rows of `aicsd bench --out` (line {bad} is not one); nothing "
-                         "is appended to it: give another file (one that does not exist yet, or an earlier --out)")
+    try: ok = all(isinstance(r, dict) and 'bench' in r for r in read_rows(f))   # the reader of that format
+    except ValueError: ok = False                                                # (not JSON lines, not text)
+    if not ok:
+        raise ValueError(f"{flag} {f}: the file exists and is not rows of `aicsd bench --out`; nothing is appended to it: "
+                         "give another file (one that does not exist yet, or an earlier --out)")
 
 # %% ../nbs/11_bench.ipynb #b33c6cae
 VOC_SHAPES = [(2, 21, 513, 513), (8, 21, 513, 513)]

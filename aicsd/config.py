@@ -11,7 +11,7 @@ from pathlib import Path
 from .data import DEFAULT_ROOTS, parse_size
 from .evaluation import make_predictor, MODES
 from .objective import DistillObjective, METHODS, TERMS, out_of_range, method_spec
-from .models import BACKBONES, V3_BACKBONES
+from .models import BACKBONES, V3_BACKBONES, _weight_file
 
 # %% auto #0
 __all__ = ['DISTILL_ONLY', 'OPTIONS', 'DEFAULTS', 'MIN_SIDE', 'warn', 'Option', 'size_arg', 'size_text', 'value_text',
@@ -365,8 +365,8 @@ def check_sides(cfg:dict, # a configuration, or the options of `aicsd evaluate` 
         return None
     def small(v): return (p := px(v)) is not None and min(p) < MIN_SIDE
     for k in ('crop_size', 'eval_crop'):
-        if small(cfg.get(k)): raise ValueError(f"--{k.replace('_', '-')} {size_text(px(cfg[k]) if len(px(cfg[k])) > 1 else px(cfg[k])[0])}: a side under {MIN_SIDE} px; the network's "
-                                           f"deepest features are at 1/8 or 1/16 of it (the paper's crop: 513)")
+        if small(cfg.get(k)): raise ValueError(f"--{k.replace('_', '-')} {'x'.join(map(str, px(cfg[k])))}: a side under {MIN_SIDE} px; "
+                                           f"the network's deepest features are at 1/8 or 1/16 of it (the paper's crop: 513)")
     if (r := px(cfg.get('eval_resize'))) and 0 < r[0] < MIN_SIDE:
         raise ValueError(f"--eval-resize {cfg['eval_resize']}: under {MIN_SIDE} px (0 or none: the images' own size)")
     if 'crop_size' not in cfg: return
@@ -405,7 +405,7 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     if str(out['pretrained_backbone']).lower() == 'none': out['pretrained_backbone'] = None   # over a recipe's `imagenet`
     if isinstance(out['pretrained_backbone'], str) and not out['pretrained_backbone'].strip():   # '' read as none before
         raise ValueError("--pretrained-backbone is empty: give imagenet, a weight FILE, or none (random weights)")
-    if isinstance(pb := out['pretrained_backbone'], str) and ('/' in pb or os.sep in pb) and Path(pb).is_dir():   # a path, not a name
+    if isinstance(pb := out['pretrained_backbone'], str) and (f := _weight_file(pb)) is not None and f.is_dir():   # a path, not a name
         raise ValueError(f"--pretrained-backbone {pb}: a folder; give a weight FILE in it, imagenet or none")
     if out['eval_resize'] == 0: out['eval_resize'] = None        # 0: native resolution, said explicitly
     if not str(out['out']).strip(): raise ValueError("--out is empty: give the run's folder, e.g. --out runs/exp")

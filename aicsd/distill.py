@@ -386,8 +386,8 @@ def start_warnings(cfg:dict, # a run's configuration (`make_config`)
                "--pretrained-backbone imagenet, or a weight FILE")
         out.append(f"--data {cfg['data']} with a backbone from random weights (--pretrained-backbone none): the paper and the "
                    f"field start from ImageNet weights ({how}), and their mIoU is out of reach without them")
-    if cfg['threads'] and cfg['threads'] * int(os.environ.get('LOCAL_WORLD_SIZE', 1)) > (os.cpu_count() or 1):
-        n = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    n = int(os.environ.get('LOCAL_WORLD_SIZE', 1))   # processes of this run on this machine
+    if cfg['threads'] and cfg['threads'] * n > (os.cpu_count() or 1):
         out.append(f"--threads {cfg['threads']}" + (f" x {n} processes" if n > 1 else '') + f" on {os.cpu_count()} CPU cores: "
                    f"threads beyond the cores wait for each other (one step took 100 x as long with 1000 threads on 2 cores); "
                    f"give at most {max(1, (os.cpu_count() or 1) // n)}")
