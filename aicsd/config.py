@@ -224,7 +224,7 @@ def value_text(name:str, # an option of `OPTIONS`
     if v is None: return 'none'
     if isinstance(v, bool): return 'on' if v else 'off'
     if isinstance(v, dict):                              # --weight cwd=2; --param cwd.tau=2
-        return ' '.join([f'{k}.{a}={b}' for k, w in v.items() if isinstance(w, dict) for a, b in w.items()] +
+        return ' '.join([f"{k}.{a}={'null' if b is None else b}" for k, w in v.items() if isinstance(w, dict) for a, b in w.items()] +
                         [f'{k}={w}' for k, w in v.items() if not isinstance(w, dict)]) or 'none'
     if any(o.name == name and o.type is size_arg for o in OPTIONS): return size_text(v)
     if isinstance(v, (list, tuple)): return ' '.join(map(str, v))

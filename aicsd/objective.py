@@ -6,7 +6,7 @@
 from __future__ import annotations
 import dataclasses, difflib, inspect, math, numbers, re, warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, get_args, get_type_hints
 import torch
 import torch.distributed as dist
 from torch import nn, Tensor
@@ -62,6 +62,7 @@ class Term:
     module:Callable|None=None # factory(s_channels:dict, t_channels:dict, num_classes:int, **params) -> nn.Module, or None
     bounds:dict=field(default_factory=dict) # parameter -> its range (`out_of_range`), checked when a method is configured
     choices:dict=field(default_factory=dict) # parameter -> the tuple of values it takes (a named setting), checked as `bounds`
+    used_with:dict=field(default_factory=dict) # parameter -> (another parameter, the value under which the first is read): setting it otherwise is refused
     ref:str='' # where it comes from
     same_size:bool=True # its student and teacher maps must have one height and width (checked before a run starts)
     global_T:bool=False # its parameter `T` is the objective's temperature (`--temperature`), as KD's and ICSD's; else its own
@@ -106,8 +107,9 @@ def _check_term(name:str, term:Term):
         raise ValueError(f"{w}: `weight` (its default lambda) must be a finite number >= 0; got {term.weight!r}")
     if term.alw not in ('grow', 'fade'): raise ValueError(f"{w}: `alw` must be 'grow' or 'fade', got {term.alw!r}")
     if not isinstance(term.params, dict): raise TermError(f"{w}: `params` must be a dict of name: default; got {term.params!r}")
-    if stray := sorted((set(term.bounds) | set(term.choices)) - set(term.params)):
-        raise ValueError(f"{w}: `bounds`/`choices` name {stray}, which are not in its `params` {sorted(term.params)}")
+    if stray := sorted((set(term.bounds) | set(term.choices) | set(term.used_with) |
+                        {o for o, _ in term.used_with.values()}) - set(term.params)):
+        raise ValueError(f"{w}: `bounds`/`choices`/`used_with` name {stray}, which are not in its `params` {sorted(term.params)}")
     for k, c in term.bounds.items():                  # its own defaults within its own ranges
         if term.params[k] is not None and (bad := out_of_range(term.params[k], c)):
             raise ValueError(f"{w}: the default of parameter {k!r} must be {bad} (its `bounds`); got {term.params[k]!r}")
@@ -333,6 +335,7 @@ for _n, _t in dict(
     sp=Term(term_sp, ('aspp',), weight=3000.0, same_size=False, ref='Tung & Mori, ICCV 2019 (CIFAR weight)'),
     ickd=Term(term_ickd, ('aspp',), weight=2.5, same_size=False, module=_adapter('aspp'), ref='Liu et al., ICCV 2021 (CIFAR weight)'),
     skd=Term(term_skd, ('decoder',), weight=10.0, params=dict(scale=0.5, kernel=2), bounds=dict(scale='>0'),
+             used_with=dict(scale=('kernel', None)),
              ref='Liu et al., CVPR 2019; CIRKD'),
     ifvd=Term(term_ifvd, ('logits', 'decoder'), weight=20.0, ref='Wang et al., ECCV 2020; CIRKD'),
     cwd=Term(term_cwd, weight=3.0, alw='fade', params=dict(tau=4.0, upsampled=True), bounds=dict(tau='>0'), ref='Shu et al., ICCV 2021; CIRKD'),
@@ -431,6 +434,11 @@ def _add_term(method:str, term:str)->str:
     return ("DeepLabV3's auxiliary head adds it: set --aux-weight W" if term == 'aux' else
             f"add the term with --method {method}+{term}")
 
+def _takes_none(fn:Callable, k:str)->bool:
+    "Whether parameter `k` of term function `fn` is annotated as taking None (`kernel:int|None`): then `null` is a value of it."
+    try: return type(None) in get_args(get_type_hints(fn).get(k))
+    except Exception: return False                   # annotations that do not resolve: a number, as its default
+
 class DistillObjective:
     "Total loss and named, weighted terms of a method (or a '+' combination), optionally under ALW."
     def __init__(self,
@@ -488,6 +496,7 @@ class DistillObjective:
             p.update(extra); self.params[n] = p
             for k, v in p.items():
                 d = TERMS[n].params.get(k)                   # its default says its type
+                if k in extra and v is None and _takes_none(TERMS[n].fn, k): continue   # `int|None`: null is a setting
                 if isinstance(d, bool) and not isinstance(v, bool):
                     raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) must be true or false; got {v!r}")
                 if k in extra and isinstance(d, numbers.Real) and not isinstance(d, bool):   # a number: of the default's kind
@@ -500,6 +509,11 @@ class DistillObjective:
             for k, c in TERMS[n].bounds.items():
                 if p.get(k) is not None and (bad := out_of_range(p[k], c)):
                     raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) must be {bad}; got {p[k]!r}")
+            for k, (o, want) in TERMS[n].used_with.items():
+                if k in extra and p[o] != want:
+                    w = 'null' if want is None else want
+                    raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) is read only with {o}={w} "
+                                     f"(--param {n}.{o}={w}); {o} is {p[o]!r}")
             for k, c in TERMS[n].choices.items():
                 if p.get(k) not in c:
                     raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) must be one of "
