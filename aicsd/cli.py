@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, contextlib, difflib, importlib, importlib.util, inspect, io, os, re, signal, sys, threading
 from pathlib import Path
-from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_to_files
+from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_to_files, EVAL_KEYS
 from .models import BACKBONES
 from .config import DISTILL_ONLY, renamed_keys, check_ranges, distill_only, read_config, size_arg, size_text, warn, yaml_load
 from .data import DEFAULT_ROOTS
@@ -613,7 +613,7 @@ def _main(argv):
             print(json_text(dict(out=r['out'], steps=r['steps'],   # a NaN as null
                   best_miou=None if r['best_miou'] is None else round(r['best_miou'], 6), time_s=round(r['time_s'], 1))))
     elif a.command == 'evaluate':
-        res, files = evaluate_to_files(a.ckpt, vars(a), a.json, a.figures_dir)
+        res, files = evaluate_to_files(a.ckpt, {k: getattr(a, k) for k in EVAL_KEYS}, a.json, a.figures_dir)
         if dist_env()[0] == 0:
             print(f"per-class IoU (%):\n{iou_table(res)}", file=sys.stderr)   # for people; stdout keeps one JSON line
             print(json_text({k: v for k, v in res.items() if not isinstance(v, (list, dict))}))   # the scalars (--json: all)

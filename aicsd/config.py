@@ -4,7 +4,7 @@
 
 # %% ../nbs/07a_config.ipynb #9f15caab
 from __future__ import annotations
-import os, re, sys
+import numbers, os, re, sys
 from dataclasses import dataclass, fields
 from typing import Callable
 from pathlib import Path
@@ -387,6 +387,16 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     unknown = sorted(k for k in given if k not in DEFAULTS)
     if unknown: raise KeyError(f"unknown configuration key(s) {unknown}; valid keys: {sorted(DEFAULTS)}")
     out.update(given)
+    for o in OPTIONS:   # a network or a data set in memory where a name or a file is meant: said plainly, not its repr
+        v = out[o.name]
+        if v is not None and not isinstance(v, (str, os.PathLike, numbers.Number, list, tuple, dict)):
+            what = {'teacher': "a checkpoint FILE: write the network with `aicsd.models.save_model(net, 'teacher.pt')` and "
+                               "pass that file (or call `train_step` / `DistillObjective` in a loop of your own)",
+                    'model': f"the name of the network to train ({', '.join(BACKBONES)}); a network of your own: call "
+                             "`train_step` / `DistillObjective` in a loop of your own",
+                    'data': "voc, cityscapes or synthetic; data of your own: a folder in the VOC layout (--data voc "
+                            "--data-root DIR), or your own loop around `train_step`"}.get(o.name, "a value as its flag takes it")
+            raise ValueError(f"configuration '{o.name}' (--{o.name.replace('_', '-')}) is {what}; got a {type(v).__name__} object")
     for o in OPTIONS:   # a number written as text (PyYAML reads `lr: 1e-3` as a string) is read as its flag's argument is
         if o.type in (int, float) and not o.nargs and isinstance(out[o.name], str):
             try: out[o.name] = o.type(out[o.name].strip())

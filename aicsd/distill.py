@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_distill.ipynb #a14e7f63
 from __future__ import annotations
-import dataclasses, hashlib, json, math, os, shutil, signal, sys, threading, time
+import dataclasses, difflib, hashlib, inspect, json, math, os, shutil, signal, sys, threading, time
 from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['poly_lr_lambda', 'checkpoint_kind', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_shapes',
+__all__ = ['EVAL_KEYS', 'poly_lr_lambda', 'checkpoint_kind', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_shapes',
            'tap_channels', 'distill_step', 'train_step', 'Run', 'build_models', 'weights_sha256', 'build_run',
            'start_warnings', 'Diverged', 'train_one_epoch', 'val_ics_distance', 'evaluate_and_keep_best',
            'restarted_with_checkpoint', 'evaluate_checkpoint', 'evaluate_to_files', 'describe_run', 'fit']
@@ -26,7 +26,7 @@ from .data import (crop_upsampling, check_pairs, get_dataset, train_transform, b
 from .objective import alw_alpha, DistillObjective, TERMS
 from .metrics import ics_distance, mean_ics
 from .evaluation import evaluate, eval_transform_for, progress_bar as _progress
-from .process import autocast as _autocast, amp_dtype
+from .process import autocast as _autocast, amp_dtype, _MALLOC
 from .precision import resolve_precision, memory_format
 from .config import *            # the rooms below the engine; their names stay importable from here
 from .checkpoint import *
@@ -114,6 +114,11 @@ def model_outputs(model:nn.Module, # a DeepLabV3Plus (or a `StudentWithModules`,
     "A model's outputs as a dict: the logits and the requested feature taps."
     if isinstance(unwrap(model), StudentWithModules): return model(x, taps=tuple(taps))
     if not taps: return {'logits': _full(model(x))}
+    fwd = inspect.signature(unwrap(model).forward).parameters
+    if 'return_features' not in fwd and not any(p.kind == p.VAR_KEYWORD for p in fwd.values()):
+        raise TypeError(f"{type(unwrap(model)).__name__} has no feature taps, and the terms ask for {', '.join(map(repr, taps))}: "
+                        "a network for them takes `forward(x, return_features=True)` and returns (logits, {tap: feature}), "
+                        "as aicsd's DeepLabV3+ and DeepLabV3 do (`aicsd.models`)")
     out, f = model(x, return_features=True)
     if miss := [k for k in taps if k not in f]:
         e = KeyError(f"{type(unwrap(model)).__name__} gives no tap(s) {', '.join(map(repr, miss))}; its taps: {', '.join(f)}")
@@ -143,7 +148,7 @@ def distill_step(student:nn.Module, # network being trained (train mode): a mode
                  teacher:nn.Module|None, # frozen network, or None for ground-truth-only training
                  objective:DistillObjective, # (student outputs, teacher outputs, target, alpha, modules) -> (total, terms)
                  images:Tensor, target:Tensor, # B x 3 x H x W batch and its B x H x W labels (255 ignored)
-                 alpha:float=0.0, # ALW weight
+                 alpha:float|None=None, # ALW weight `alw_alpha(step, total)`: required by ALW methods (their objective refuses None)
                  amp_dtype:torch.dtype|None=None, # autocast dtype for the student, or None
                  teacher_dtype:torch.dtype|None=None, # autocast dtype for the teacher (e.g. torch.bfloat16), or None
                 )->tuple: # (total loss, dict of weighted terms, student logits)
@@ -165,7 +170,7 @@ def train_step(student:nn.Module, teacher:nn.Module|None, objective:DistillObjec
                optimizer:torch.optim.Optimizer,
                scheduler:torch.optim.lr_scheduler.LRScheduler|None=None, # stepped after each optimiser step, or None
                scaler:torch.amp.GradScaler|None=None, # fp16 loss scaling, or None
-               alpha:float=0.0, amp_dtype:torch.dtype|None=None, teacher_dtype:torch.dtype|None=None,
+               alpha:float|None=None, amp_dtype:torch.dtype|None=None, teacher_dtype:torch.dtype|None=None,
                clip_grad:float|None=None, # max gradient norm, or None
               )->tuple: # (total loss, terms), detached
     "One optimisation step: `distill_step`, backward (through the grad scaler), clipping, SGD and lr update."
@@ -571,12 +576,19 @@ def restarted_with_checkpoint(out:str|Path, # the run folder
 _PROTOCOL_KEYS = ('eval_resize', 'eval_square', 'eval_mode', 'eval_crop', 'eval_stride', 'eval_scales', 'eval_flip')
 _PROVENANCE_KEYS = ('mode', 'model', 'method', 'data', 'train_split', 'pretrained_backbone', 'crop_size', 'batch_size', 'max_steps', 'epochs', 'seed')   # in --json
 
+EVAL_KEYS = tuple(o.name for o in OPTIONS if 'evaluate' in o.commands) + ('backbone',)   # the options of `aicsd evaluate`
+
 def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file `load_model` reads)
                         opts:dict, # evaluation options (those of `aicsd evaluate`): data, data_root, val_split, eval_*, ...
                        )->dict: # metrics as plain floats and lists; `classes`: the dataset's class names
     "Evaluate the network of `ckpt` on the validation split the options name, with the engine's process set-up."
+    if bad := sorted(set(opts) - set(EVAL_KEYS)):        # a misspelt key would evaluate something else without a word
+        near = [f"{k} -> {m[0]}" for k in bad if (m := difflib.get_close_matches(k, EVAL_KEYS, 1))]
+        raise ValueError(f"unknown evaluation option(s) {bad}" + (f" (did you mean {', '.join(near)}?)" if near else '') +
+                         f"; the options of `aicsd evaluate`: {', '.join(EVAL_KEYS)}")
     opts = {**{o.name: o.default for o in OPTIONS if 'evaluate' in o.commands}, **opts}
     check_ranges(opts); check_sides(opts)               # --max-val, --val-batch-size, --eval-resize, ... as for train and distill
+    threads = torch.get_num_threads()                  # put back at the end, as `fit` does
     dev, _, _, _, owned = start_process(opts['device'], opts['threads'])   # no allocator change: no training
     failed = True
     try:
@@ -639,7 +651,9 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
                 'checkpoint': dict(path=str(ckpt), global_step=ck.get('global_step'),   # what the numbers are of
                                    **{k: trained.get(k) for k in _PROVENANCE_KEYS if k in trained}),
                 'protocol': {k: opts[k] for k in ('data', 'val_split', *_PROTOCOL_KEYS, 'max_val')}}
-    finally: cleanup_distributed(owned, failed=failed)   # a failing rank leaves without waiting for the others
+    finally:
+        cleanup_distributed(owned, failed=failed)   # a failing rank leaves without waiting for the others
+        torch.set_num_threads(threads)
 
 # %% ../nbs/08_distill.ipynb #ev0a1b03
 def _check_json_target(path:str|Path, ckpt:str|Path):
@@ -710,11 +724,13 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
 
     Options: the keys of `aicsd.config.DEFAULTS`, each the long flag of `aicsd train --help` / `aicsd distill --help`
     with '_' for '-' (`--batch-size 8` is `batch_size=8`; errors name the flags). `figures` only draws with a `draw` hook.
-    The torch threads and deterministic-algorithms setting it changes are put back when it returns."""
+    What it changes in the process is put back when it returns: torch's threads and deterministic-algorithms setting, the
+    global random generators it seeds (torch, numpy, python), glibc's allocator thresholds (`--malloc-mmap-mb`)."""
     cfg = make_config(cfg, **kwargs)
     t0 = time.time()
     process = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),   # put back at the end: a notebook's
-               torch.is_deterministic_algorithms_warn_only_enabled())                 # next fit() or cell starts as it was
+               torch.is_deterministic_algorithms_warn_only_enabled(),                 # next fit() or cell starts as it was
+               rng_state(cuda=torch.cuda.is_initialized()), _MALLOC['set'])   # (CUDA not started here: torchrun's ranks pick their GPU first)
     run, joined_before, lock, old_handler, log = None, dist.is_initialized(), None, None, None
     made = new_folders(cfg['out'])           # removed again if the run fails before writing anything into them
     stop, writing, failed = [], [], True     # signals received; set once the last checkpoint is being written
@@ -797,3 +813,5 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         cleanup_distributed(owned=not joined_before and dist.is_initialized(), failed=failed)
         if failed and dist_env()[0] == 0: remove_empty(made)
         torch.set_num_threads(process[0]); torch.use_deterministic_algorithms(process[1], warn_only=process[2])
+        set_rng_state(process[3])
+        if not process[4]: restore_malloc_thresholds()   # (a setting made before `fit` is the caller's)

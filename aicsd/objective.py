@@ -16,11 +16,12 @@ from . import baselines as B
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['TERMS', 'METHODS', 'alw_alpha', 'out_of_range', 'Term', 'TermError', 'register_term', 'term_ce', 'term_kd',
-           'term_icsd', 'term_released_icsd', 'Method', 'register_method', 'term_at', 'term_fitnet', 'term_sp',
-           'term_ickd', 'term_skd', 'term_ifvd', 'term_cwd', 'term_cwd_feat', 'term_dist', 'term_cirkd_pixel',
-           'CIRKDMemoryTerm', 'term_cirkd_memory', 'term_released_pa', 'term_released_ic', 'term_released_pi',
-           'term_aux', 'method_spec', 'parse_method', 'reads_teacher', 'DistillObjective', 'record_changes']
+__all__ = ['TERMS', 'LOG_COLUMNS', 'METHODS', 'alw_alpha', 'out_of_range', 'Term', 'TermError', 'register_term', 'term_ce',
+           'term_kd', 'term_icsd', 'term_released_icsd', 'Method', 'register_method', 'term_at', 'term_fitnet',
+           'term_sp', 'term_ickd', 'term_skd', 'term_ifvd', 'term_cwd', 'term_cwd_feat', 'term_dist',
+           'term_cirkd_pixel', 'CIRKDMemoryTerm', 'term_cirkd_memory', 'term_released_pa', 'term_released_ic',
+           'term_released_pi', 'term_aux', 'method_spec', 'parse_method', 'reads_teacher', 'DistillObjective',
+           'record_changes']
 
 # %% ../nbs/04_objective.ipynb #7affb6ee
 def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
@@ -36,13 +37,22 @@ def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
 # %% ../nbs/04_objective.ipynb #63444e14
 _OPS = {'>=': float.__ge__, '<=': float.__le__, '>': float.__gt__, '<': float.__lt__}
 
+def _range_spec(check:str)->tuple: # (whole numbers only, [(operator, bound), ...])
+    "Read a range such as '>0', '>=0,<1' or 'int>=1'; anything else is refused, saying the forms."
+    whole = isinstance(check, str) and check.startswith('int')
+    try:
+        parts = [p.strip() for p in (check[3:] if whole else check).split(',')]
+        bounds = [(op, p[len(op):].strip()) for p in parts for op in [next(o for o in _OPS if p.startswith(o))]]
+        for _, b in bounds: float(b)
+    except (AttributeError, StopIteration, ValueError):
+        raise ValueError(f"{check!r} is not a range: write one such as '>0', '>=0', '>=0,<1' or 'int>=1' (whole numbers)") from None
+    return whole, bounds
+
 def out_of_range(value, # a number, or whatever a flag or a config file gave
                  check:str, # the range: '>0', '>=0', 'int>=1' (whole numbers), two bounds joined by ',': '>=0,<1'
                 )->str|None: # None when `value` is within; else what was expected, e.g. 'a finite number > 0'
     "The one range check of options, term weights and term parameters: a finite number within its bounds."
-    whole = check.startswith('int')
-    bounds = [(op, b) for part in (check[3:] if whole else check).split(',')
-              for op in [next(o for o in _OPS if part.strip().startswith(o))] for b in [part.strip()[len(op):]]]
+    whole, bounds = _range_spec(check)
     want = f"{'an integer' if whole else 'a finite number'} " + ' and '.join(f"{op} {b}" for op, b in bounds)
     try: x = float(value)
     except (TypeError, ValueError): return want
@@ -76,6 +86,7 @@ class Term:
 
 # %% ../nbs/04_objective.ipynb #355d217e
 TERMS = {}
+LOG_COLUMNS = ('step', 'epoch', 'lr', 'alpha', 'loss')   # train_log.csv's own columns, before one per term
 
 class TermError(TypeError):
     "A term or method aicsd cannot call or use as given (a signature, a declaration, a return value): the message says what to change."
@@ -111,6 +122,8 @@ def _check_term(name:str, term:Term):
                         {o for o, _ in term.used_with.values()}) - set(term.params)):
         raise ValueError(f"{w}: `bounds`/`choices`/`used_with` name {stray}, which are not in its `params` {sorted(term.params)}")
     for k, c in term.bounds.items():                  # its own defaults within its own ranges
+        try: _range_spec(c)
+        except ValueError as e: raise ValueError(f"{w}: bounds[{k!r}] = {e}") from None
         if term.params[k] is not None and (bad := out_of_range(term.params[k], c)):
             raise ValueError(f"{w}: the default of parameter {k!r} must be {bad} (its `bounds`); got {term.params[k]!r}")
     for k, c in term.choices.items():
@@ -130,6 +143,9 @@ def register_term(name:str, # the name methods, weights and logs use
     "Add `term` to the registry under `name` (a term of yours registered again is replaced, with a warning when it differs)."
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"term name must be an identifier (it names a log column); got {name!r}")
+    if name in LOG_COLUMNS:
+        raise ValueError(f"term name {name!r} is a column of every train_log.csv ({', '.join(LOG_COLUMNS)}); its values would "
+                         f"be written over that column: choose another name (e.g. 'my_{name}')")
     _check_term(name, term)
     if name in _BUILT_IN['term'] and not replace and not _same(TERMS[name], term):
         used = [m for m, v in METHODS.items() if name in v.terms and m in _BUILT_IN['method']]

@@ -12,18 +12,30 @@ import torch.distributed as dist
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['set_malloc_mmap_threshold', 'dist_env', 'resolve_device', 'restart_count', 'init_distributed', 'cleanup_distributed',
-           'PeerFailed', 'together', 'start_process', 'loader_workers', 'CPUSyncBatchNorm', 'convert_sync_batchnorm',
-           'native_bf16', 'amp_dtype', 'autocast']
+__all__ = ['set_malloc_mmap_threshold', 'restore_malloc_thresholds', 'dist_env', 'resolve_device', 'restart_count',
+           'init_distributed', 'cleanup_distributed', 'PeerFailed', 'together', 'start_process', 'loader_workers',
+           'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'native_bf16', 'amp_dtype', 'autocast']
 
 # %% ../nbs/07c_process.ipynb #52a90803
+_MALLOC = dict(set=False)   # whether this process changed glibc's thresholds (`restore_malloc_thresholds` puts them back)
+
 def set_malloc_mmap_threshold(mb:int, # allocations below this many MB come from the heap; 0: leave glibc's default
                              )->bool: # True when glibc took the setting
     "Keep allocations below `mb` MB on glibc's heap (and twice that free before trimming), in the running process."
     if mb <= 0 or 'MALLOC_MMAP_THRESHOLD_' in os.environ or platform.libc_ver()[0] != 'glibc': return False
     try: mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError): return False
-    return mallopt(-3, int(mb) << 20) == 1 and mallopt(-1, int(mb) << 21) == 1   # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    ok = mallopt(-3, int(mb) << 20) == 1 and mallopt(-1, int(mb) << 21) == 1   # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    _MALLOC['set'] |= ok
+    return ok
+
+def restore_malloc_thresholds()->bool: # True when there was something to put back
+    "glibc's starting thresholds again (128 KB each) and the free heap handed back, after `set_malloc_mmap_threshold`."
+    if not _MALLOC['set']: return False
+    libc = ctypes.CDLL(None)
+    libc.mallopt(-3, 128 << 10); libc.mallopt(-1, 128 << 10); libc.malloc_trim(0)
+    _MALLOC['set'] = False
+    return True
 
 # %% ../nbs/07c_process.ipynb #0547e8c1
 def dist_env()->tuple: # (rank, world_size, local_rank)

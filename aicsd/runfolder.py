@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from fastcore.basics import patch
 from .config import warn, resume_changes
-from .objective import record_changes
+from .objective import record_changes, LOG_COLUMNS
 from .models import model_arch
 from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write_text_atomic, replace_synced, pid_alive   # the one writer and reader of files
 
@@ -22,13 +22,14 @@ __all__ = ['LOGS', 'CHECKPOINTS', 'RUN_FILES', 'STOP_SIGNALS', 'RESUME_KEYS', 'r
            'Checkpointer', 'check_resumable', 'sweep_temporaries', 'new_folders', 'remove_empty', 'clear_run']
 
 # %% ../nbs/07b_runfolder.ipynb #540a878f
-def rng_state()->dict:
+def rng_state(cuda:bool=True, # also CUDA's generators when there is a GPU (this initialises CUDA)
+             )->dict:
     "The RNG states of torch (CPU and CUDA), numpy and python as weights_only-safe objects."
     npst = np.random.get_state()
     st = dict(torch=torch.get_rng_state(), python=random.getstate(),
               numpy=dict(name=npst[0], key=torch.from_numpy(npst[1].astype(np.int64)), pos=int(npst[2]),
                          has_gauss=int(npst[3]), cached_gaussian=float(npst[4])))
-    if torch.cuda.is_available(): st['cuda'] = torch.cuda.get_rng_state_all()
+    if cuda and torch.cuda.is_available(): st['cuda'] = torch.cuda.get_rng_state_all()
     return st
 
 # %% ../nbs/07b_runfolder.ipynb #7b215d03
@@ -103,7 +104,7 @@ class RunLog:
         if self.tb is not None: self.tb.close(); self.tb = None
 
 # %% ../nbs/07b_runfolder.ipynb #36758e70
-_FIXED = ('step', 'epoch', 'lr', 'alpha', 'loss')
+_FIXED = LOG_COLUMNS   # (a term may not take these names: `register_term`)
 
 def _read_csv(path:Path)->dict:
     if not path.is_file(): return {}

@@ -426,12 +426,13 @@ def _log_ticks(axis, # a matplotlib axis on a log scale (`ax.yaxis`)
     if decades < 4: axis.set_major_formatter(FuncFormatter(label))
 
 # %% ../nbs/10_viz.ipynb #eca8c036
-def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder to compare runs
+def plot_curves(run, # a run folder, `read_run`'s result, or several: a list of them, or name -> run folder
                 title:str|None=None, # figure title
                 alw:bool|None=None, # draw the ALW weight alpha; None: when a run's log has a non-zero alpha (runs under ALW)
                )->Figure: # axes: loss terms, ALW alpha (alw) or learning rate, mIoU, then the learning rate's twin axis (alw, one run)
     "Loss terms, ALW weight and learning rate, and validation mIoU of one run (or several) against steps."
-    runs = run if isinstance(run, dict) and 'train' not in run else {None: run}
+    runs = (dict(enumerate(run)) if isinstance(run, (list, tuple)) else   # a list: each labelled with its folder's name
+            run if isinstance(run, dict) and 'train' not in run else {None: run})
     logs = {k: (v if isinstance(v, dict) else read_run(v)) for k, v in runs.items()}
     one = len(logs) == 1
     if alw is None: alw = any(L['train'] and np.any(np.asarray(L['train'].get('alpha', [0])) != 0) for L in logs.values())
@@ -440,7 +441,7 @@ def plot_curves(run, # a run folder, `read_run`'s result, or name -> run folder 
     a_lr = a_alw.twinx() if alw and one else a_alw      # several runs under ALW: alpha alone (one line per run)
     pal, a_ics = sns.color_palette('deep'), None
     for k, (nm, L) in enumerate(logs.items()):
-        tr, ev, lab = L['train'], L['eval'], nm or L['name']
+        tr, ev, lab = L['train'], L['eval'], nm if isinstance(nm, str) and nm else L['name']
         if tr:
             s = tr['step']
             mk = dict(marker='o', ms=3) if len(s) == 1 else {}   # a line through one point draws nothing
