@@ -16,7 +16,7 @@ What nbdev and Pandoc do to the text on the way is checked too: `{{< meta >}}` s
 metadata, backticked words that nbdev's doc-link step turns into unrelated API links, and `--option`s that
 Pandoc's smart typography would print as en dashes.
 """
-import configparser, json, re, sys
+import ast, configparser, json, re, sys
 from pathlib import Path
 
 import pytest
@@ -393,6 +393,30 @@ def test_figures_are_stored():
             if not any('image/png' in o.get('data', {}) for o in c.get('outputs', [])):
                 bad.append(f"{rel(p)} cell {i} ({c.get('id')}): {s.strip().splitlines()[0][:80]}")
     assert not bad, ("cells that draw a figure but store none (execute them and keep the output; nbdev_clean keeps it):\n"
+                     + '\n'.join(bad))
+
+def _shows(code: str) -> bool:
+    "Whether a cell ends in an expression whose value the page shows: a name (`fig`), `Markdown(...)`, a literal, a lookup."
+    try: tree = ast.parse('\n'.join(l for l in code.splitlines() if not l.lstrip().startswith(('#|', '%', '!'))))
+    except SyntaxError: return False
+    last = tree.body[-1] if tree.body else None
+    if not isinstance(last, ast.Expr): return False
+    v = last.value
+    if isinstance(v, ast.Call):
+        f = v.func.id if isinstance(v.func, ast.Name) else v.func.attr if isinstance(v.func, ast.Attribute) else ''
+        return f in ('Markdown', 'HTML', 'display')
+    return isinstance(v, (ast.Name, ast.Tuple, ast.Dict, ast.List, ast.Subscript, ast.Attribute, ast.Compare, ast.BinOp))
+
+def test_shown_values_are_stored():
+    "A cell that ends in a value for the reader (a table, a figure, numbers) keeps its output: the site shows only what is stored."
+    bad = []
+    for p in notebooks():
+        for i, c in enumerate(read_nb(p)['cells']):
+            s = src(c); d = directives(s)
+            if c['cell_type'] != 'code' or _hidden(c) or {'gpu', 'data'} & set(d) or d.get('eval', '') == 'false': continue
+            if _shows(s) and not c.get('outputs'):
+                bad.append(f"{rel(p)} cell {i} ({c.get('id')}): ends in `{s.strip().splitlines()[-1][:70]}`")
+    assert not bad, ("cells that end in a value to show but store no output (execute them and keep the output):\n"
                      + '\n'.join(bad))
 
 _TABLE_RULE = re.compile(r'^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)+\|?\s*$', re.M)
