@@ -273,10 +273,15 @@ class VOCSegmentation(SegmentationDataset):
                 ):
         super().__init__(root, split, transform)
         if not (self.root / 'JPEGImages').is_dir():
-            inside = sorted(self.root.glob('*/JPEGImages')) + sorted(self.root.glob('*/*/JPEGImages'))
-            if inside and inside[0].is_dir():      # the root of the archive (VOCdevkit/), not the folder holding the images
-                raise FileNotFoundError(f"No JPEGImages/ folder in {self.root}, but {inside[0].parent} has one: did you mean "
-                                        f"--data-root {inside[0].parent}?")
+            inside = [p.parent for p in sorted(self.root.glob('*/JPEGImages')) + sorted(self.root.glob('*/*/JPEGImages')) if p.is_dir()]
+            inside.sort(key=lambda d: (kind == 'voc' and d.name != 'VOC2012', (d / 'classes.json').is_file() == (kind == 'voc')))   # VOC 2012 first,
+            if inside:                             # then trees without aicsd's classes.json (--data synthetic: those with it first)
+                raise FileNotFoundError(f"No JPEGImages/ folder in {self.root}, but {inside[0]} has one: did you mean "
+                                        f"--data-root {inside[0]}?" + (f" (folders there with JPEGImages/: {', '.join(map(str, inside))})"
+                                                                       if len(inside) > 1 else ''))
+            up = next((d for d in (self.root.parent, self.root.parent.parent) if (d / 'JPEGImages').is_dir()), None)
+            if up is not None:                     # a level too low: JPEGImages/ or SegmentationClass/ given
+                raise FileNotFoundError(f"No JPEGImages/ folder in {self.root}; {up} holds it: did you mean --data-root {up}?")
             raise _missing(kind, self.root, f"No JPEGImages/ folder in {self.root}.")
         sets = self.root / 'ImageSets' / 'Segmentation'
         names = ['trainaug.txt', 'train_aug.txt'] if split == 'trainaug' else [f'{split}.txt']
@@ -361,7 +366,11 @@ class CityscapesSegmentation(SegmentationDataset):
                 raise FileNotFoundError(f"Folder {d} not found, but {near} holds leftImg8bit/ and gtFine/: did you mean "
                                         f"--data-root {near}?")
             raise _missing('cityscapes', self.root, f"Folder {d} not found (split {split!r}).")
-        self.images = sorted(img_dir.glob('*/*_leftImg8bit.png'))
+        found = [p for p in img_dir.glob('*/*') if p.is_file() and not p.name.startswith('.')]   # (macOS's ._* files: not images)
+        self.images = sorted(p for p in found if p.name.endswith('_leftImg8bit.png'))
+        if (odd := sorted(set(found) - set(self.images))) and self.images and int(os.environ.get('RANK', 0)) == 0:
+            from aicsd.config import warn
+            warn(f"{len(odd)} file(s) in {img_dir} are not named *_leftImg8bit.png and are not read, e.g. {odd[0].name}")
         if not self.images: raise _missing('cityscapes', self.root, f"No */*_leftImg8bit.png files in {img_dir}.")
         self.labels, self.train_ids, missing = [], [], []
         for p in self.images:
@@ -391,7 +400,13 @@ class CityscapesSegmentation(SegmentationDataset):
     def read_mask(self, i:int)->np.ndarray:
         m = read_label(self.labels[i])
         if self.train_ids[i]: _check_values(m, 19, self.labels[i])
-        else: _check_values(m, 34, self.labels[i]); m = self._lut[m]   # label ids 0..33 (and 255) -> train ids
+        else:
+            _check_values(m, 34, self.labels[i])
+            if (m == IGNORE_INDEX).any() and m.max(initial=0, where=m != IGNORE_INDEX) <= 18:   # the devkit's ids have no 255
+                raise ValueError(f"Label file {self.labels[i]} holds 255 and only values 0..18: train ids, not the devkit's label "
+                                 "ids (0..33, no 255), which would be mapped a second time (road and sky read as void, person as "
+                                 "building). Rename the converted files *_gtFine_labelTrainIds.png: aicsd reads those as they are")
+            m = self._lut[m]                                                # label ids 0..33 -> train ids
         if self.limit_note: _check_values(m, self.num_classes, self.labels[i], note=self.limit_note)
         return m
 
@@ -659,6 +674,7 @@ def _tree_bytes(root)->dict:
 def class_frequencies(dataset, # a dataset of this module (or any `(image, mask)` dataset)
                       num_classes:int|None=None, # default `dataset.num_classes`
                       progress:bool=False, # show a tqdm bar
+                      decode:bool=False, # also decode each image in full: a truncated file is found here, not hours into training
                      )->torch.Tensor: # int64 pixel count per class (255 excluded)
     "Count the labelled pixels of each class over a dataset (checking each label against its image's size)."
     C = num_classes or dataset.num_classes
@@ -671,6 +687,10 @@ def class_frequencies(dataset, # a dataset of this module (or any `(image, mask)
         m = dataset.read_mask(i) if hasattr(dataset, 'read_mask') else torch.as_tensor(dataset[i][1]).numpy().astype(np.uint8)
         if hasattr(dataset, 'images'):   # the image's size from its header: a tree that training would refuse is refused here
             _check_sizes(image_hw(dataset.images[i]), m.shape, dataset.images[i], dataset.labels[i])
+            if decode:
+                try:
+                    with Image.open(dataset.images[i]) as im: im.load()
+                except Exception as e: raise _unreadable(dataset.images[i], e) from e
         counts += np.bincount(m.ravel(), minlength=256)
     return torch.from_numpy(counts[:C].copy())
 
@@ -813,9 +833,9 @@ def class_stats(data:str, # 'voc', 'cityscapes' or 'synthetic'
                 split:str='train', # the split to count
                 progress:bool=False, # show a progress bar
                )->str: # a header line, then one line per class: name, share of the labelled pixels (%), count
-    "What `aicsd data stats` prints: each class's share of a split's labelled pixels (void excluded)."
+    "What `aicsd data stats` prints: each class's share of a split's labelled pixels (void excluded); every image and label decoded."
     ds = get_dataset(data, root, split, None)
-    names, n = list(getattr(ds, 'classes', None) or []), class_frequencies(ds, progress=progress).tolist()
+    names, n = list(getattr(ds, 'classes', None) or []), class_frequencies(ds, progress=progress, decode=True).tolist()
     return '\n'.join([f"{data} at {root}, split {split}: {len(ds)} images, {sum(n)} labelled pixels (void excluded)"] +
                      [f"{names[i] if i < len(names) else i!s:>20}  {100 * v / max(1, sum(n)):6.2f} %  {v:>12}" for i, v in enumerate(n)])
 

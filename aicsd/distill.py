@@ -203,6 +203,10 @@ def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, cla
     tr = get_dataset(D.data, root, D.train_split, ttf)
     va = get_dataset(D.data, root, D.val_split, eval_transform_for(D.eval_resize, D.eval_square))
     for ds in (tr, va): check_pairs(ds, say=rank == 0)       # a wrong pair stops the run before its first step
+    if rank == 0 and (both := sorted(set(map(str, getattr(tr, 'images', []))) & set(map(str, getattr(va, 'images', []))))):
+        warn(f"{len(both)} of the {len(va)} validation images (--val-split {D.val_split}) are training images too (--train-split "
+             f"{D.train_split}), e.g. {both[0]}: the validation mIoU, and the choice of best.pt, are measured on images trained "
+             "on; use splits that do not overlap (VOC: train or trainaug without val, and val)")
     n = _num_classes(tr)
     if D.num_classes and D.num_classes > n:
         raise ValueError(f"--num-classes {D.num_classes} is more than the {n} classes of {tr!r}: the extra outputs would "

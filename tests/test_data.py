@@ -1,6 +1,6 @@
 """aicsd.data on files: actionable error messages, byte-identical synthetic data across processes,
 and the loader's sharding under torch.distributed (2 processes, gloo)."""
-import os, subprocess, sys, textwrap
+import os, shutil, subprocess, sys, textwrap
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,22 @@ def test_archive_root_points_at_the_images_folder(tmp_path):
     for up in (root.parent, root.parent.parent):             # VOCdevkit/, data/
         with pytest.raises(FileNotFoundError) as e: VOCSegmentation(up)
         assert str(e.value) == f"No JPEGImages/ folder in {up}, but {root} has one: did you mean --data-root {root}?"
+    for low in (root / 'JPEGImages', root / 'ImageSets' / 'Segmentation'):   # a level or two too low: the folder above
+        with pytest.raises(FileNotFoundError) as e: VOCSegmentation(low)
+        assert str(e.value) == f"No JPEGImages/ folder in {low}; {root} holds it: did you mean --data-root {root}?"
+
+
+def test_data_folder_with_several_trees_points_at_voc2012(tmp_path):
+    "data/ holding aicsd's synthetic set (data/synthetic, classes.json) and VOCdevkit/VOC2007 + VOC2012: VOC 2012 is named, all listed."
+    data = tmp_path / 'data'
+    tree = lambda dest: shutil.move(str(voc_root(tmp_path / dest.name)[0]), str(dest)) and dest
+    syn = tree(data / 'synthetic'); (syn / 'classes.json').write_text('{"classes": ["bg", "a"]}')
+    v07, v12 = tree(data / 'VOCdevkit' / 'VOC2007'), tree(data / 'VOCdevkit' / 'VOC2012')
+    with pytest.raises(FileNotFoundError) as e: VOCSegmentation(data)
+    assert str(e.value) == (f"No JPEGImages/ folder in {data}, but {v12} has one: did you mean --data-root {v12}? "
+                            f"(folders there with JPEGImages/: {v12}, {v07}, {syn})"), str(e.value)
+    with pytest.raises(FileNotFoundError) as e: VOCSegmentation(data, kind='synthetic')   # --data synthetic: aicsd's set first
+    assert f"but {syn} has one" in str(e.value), str(e.value)
 
 
 def test_split_list_naming_missing_files(tmp_path):
@@ -263,3 +279,13 @@ def test_own_data_in_the_voc_layout(tmp_path):
             cwd=tmp_path)
     assert 'voc at' in p.stdout and '8 training (train) / 2 validation (val) images, 4 classes' in p.stdout, p.stdout
     assert torch.load(tmp_path / 'run' / 'best.pt', weights_only=True)['arch']['num_classes'] == 4
+
+
+def test_data_stats_decodes_every_image(tmp_path):
+    "`aicsd data stats` finds a truncated image (headers alone pass it; training failed at that file, hours in)."
+    from aicsd.data import class_stats
+    root, ids = voc_root(tmp_path, n=3, size=(120, 160))
+    class_stats('voc', root)                                                   # whole files: counted
+    f = root / 'JPEGImages' / f'{ids[2]}.jpg'; f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError) as e: class_stats('voc', root)
+    assert f"Cannot read image file {f}" in str(e.value) and 'truncated' in str(e.value).lower(), str(e.value)
