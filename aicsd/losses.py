@@ -19,8 +19,11 @@ from .blocks import (run_blocks, n_workers, empty_grad, compute_dtype, round_up,
 
 # %% ../nbs/02_losses.ipynb #b24cc297
 def _check_pair(student_logits:Tensor, teacher_logits:Tensor):
-    "Raise a clear error unless student and teacher logits are 4-D with the same shape."
+    "Raise a clear error unless student and teacher logits are 4-D with the same shape, on one device."
     check_logits(student_logits, 'student_logits'); check_logits(teacher_logits, 'teacher_logits')
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(f"`student_logits` are on {student_logits.device} and `teacher_logits` on {teacher_logits.device}: "
+                         "put both on one device (e.g. teacher_logits.to(student_logits.device))")
     s, t = student_logits.shape, teacher_logits.shape
     if s != t:                                    # the hint for what differs: images, classes, or the map's size
         why = ('the same images' if s[0] != t[0] else 'the same classes (one label set)' if s[1] != t[1] else
