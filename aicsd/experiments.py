@@ -365,7 +365,8 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
                 except Diverged as e:                        # its advice names options this command does not take
                     raise Diverged(f"student {m}, seed {sd}: {e.what}", "a method trains here at its terms' registered weights "
                                    "and the demo's learning rate: change the term or its `weight` where it is registered "
-                                   f"(`register_term`), then continue with {_continue_with()}: the students finished are kept") from None
+                                   f"(`register_term`), then continue with {_continue_with()}: the students finished are kept; or leave the method "
+                                   f"out: the same command with --methods (the others) and --resume writes the report of those") from None
                 sec = time.time() - t0
                 d = model_ics({'teacher': teacher, m: r['model']}, val, n=8)[1][m]
                 res.append(dict(seed=sd, miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], ics_dist=d, time_s=sec))
@@ -407,6 +408,9 @@ def t_interval(xs:list, # samples (e.g. per-seed differences)
     xs = [float(x) for x in xs]
     if not xs: raise ValueError("t_interval needs at least one value in xs, got none")
     if not 0 < level < 1: raise ValueError(f"level must be in (0, 1), got {level!r}")
+    if bad := [x for x in xs if not math.isfinite(x)]:
+        raise ValueError(f"t_interval: xs holds {len(bad)} value(s) that are not finite ({bad[0]}): a diverged run's result? "
+                         "leave it out (and say so) rather than average it")
     m = statistics.fmean(xs)
     if len(xs) == 1: return m, None, None
     import scipy.stats                # here, not at import: it costs every `aicsd` command 0.7 s
@@ -441,6 +445,11 @@ def paired_diffs(rows:list, # result rows (`run_demo`); rows with per-seed `runs
     return out
 
 # %% ../nbs/08a_experiments.ipynb #6bbcd03a
+def _signed(v:float, scale:float=100.0)->str:
+    "`v * scale` with a sign, 2 decimals; more where that would show a non-zero end of an interval as 0.00."
+    x = scale * v
+    return f"{x:+.2f}" if x == 0 or abs(x) >= 0.005 else f"{x:+.1e}"
+
 def paired_text(diffs:list, # `paired_diffs` output
                 scale:float=100.0, # 100: mIoU in percentage points
                 what:str|None=None, # the measure, named in the text (None: mIoU, unnamed)
@@ -448,14 +457,15 @@ def paired_text(diffs:list, # `paired_diffs` output
     "What the paired comparison lets a report claim: distinguishable differences with their interval; the rest named."
     if not diffs: return "No per-seed results to pair: no difference between methods can be claimed from these rows."
     ref, lev = diffs[0]['reference'], diffs[0]['level']
-    f = lambda v: f"{scale * v:+.2f}"
-    yes = [f"{d['method']} ({f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}], {'above' if d['lo'] > 0 else 'below'})"
-           for d in diffs if d['mark'] == 'distinguishable']
-    no = [d['method'] for d in diffs if d['mark'] == 'not distinguishable']
+    f = lambda v: _signed(v, scale)
+    ci = lambda d: f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]" + (f", n={d['n']}" if d['n'] < max(x['n'] for x in diffs) else '')
+    yes = [f"{d['method']} ({ci(d)}, {'above' if d['lo'] > 0 else 'below'})" for d in diffs if d['mark'] == 'distinguishable']
+    no = [f"{d['method']} ({ci(d)})" for d in diffs if d['mark'] == 'not distinguishable']
     one = [d['method'] for d in diffs if d['n'] < 2]
-    s = f"distinguishable from the {ref} at {100 * lev:g} %: " + ('; '.join(yes) if yes else 'none') + '.'
-    if no: s += ' Not distinguishable: ' + ', '.join(no) + '.'
-    if one: s += ' Cannot tell (fewer than 2 shared seeds): ' + ', '.join(one) + '.'
+    s = (f"distinguishable from the {ref} at {100 * lev:g} %: " + ('; '.join(yes) if yes else 'none') + '.'
+         if any(d['n'] >= 2 for d in diffs) else '')      # (one seed everywhere: no test was made, so no "none")
+    if no: s += ' Not distinguishable: ' + '; '.join(no) + '.'
+    if one: s += (' ' if s else '') + 'Cannot tell (fewer than 2 shared seeds): ' + ', '.join(one) + '.'
     return f"Paired differences{f' in {what}' if what else ''} to the {ref} (same seeds, mean [{100 * lev:g} % Student t interval]): " + s
 
 # %% ../nbs/08a_experiments.ipynb #b0ffc250
@@ -464,14 +474,16 @@ def _pm(r, k, scale=100.0, fmt='.2f'):
     return v + (f" ± {scale * r[k + '_std']:{fmt}}" if r.get('n', 1) > 1 and k + '_std' in r else '')
 
 # %% ../nbs/08a_experiments.ipynb #7ecb1a7b
-def _diff_cells(d:dict|None, is_ref:bool)->str:
+def _diff_cells(d:dict|None, is_ref:bool,
+                n:int|None=None, # the row's seeds: fewer shared with the reference are said (n=k)
+               )->str:
     "The two paired cells of a row: the mean difference with its interval, and the mark."
     if is_ref: return ' (reference) | |'
     if d is None: return ' | |'
     if not d['n']: return f" | {d['mark']} |"
-    f = lambda v: f"{100 * v:+.2f}"
-    ci = f" [{f(d['lo'])}, {f(d['hi'])}]" if d['lo'] is not None else ''
-    return f" {f(d['mean'])}{ci} | {d['mark']} |"
+    ci = f" [{_signed(d['lo'])}, {_signed(d['hi'])}]" if d['lo'] is not None else ''
+    k = f" (n={d['n']})" if n and 2 <= d['n'] < n else ''   # fewer seeds shared than the row has (n=1: the mark says it)
+    return f" {_signed(d['mean'])}{ci}{k} | {d['mark']} |"
 
 # %% ../nbs/08a_experiments.ipynb #3e848941
 def format_table(rows:list, # result rows (`run_demo`)
@@ -485,7 +497,7 @@ def format_table(rows:list, # result rows (`run_demo`)
     h = (f"| method | mIoU (%) |{dh} pixel acc. (%) | ICS distance to teacher | time per run (s) |\n"
          f"|---|---:|{'---:|---|' if paired else ''}---:|---:|---:|\n")
     return h + ''.join(f"| {r['method']} | {_pm(r, 'miou')} |"
-                       f"{_diff_cells(diffs.get(r['method']), r['method'] == reference) if paired else ''} "
+                       f"{_diff_cells(diffs.get(r['method']), r['method'] == reference, r.get('n')) if paired else ''} "
                        f"{_pm(r, 'pixel_acc')} | {_pm(r, 'ics_dist', 1.0, '.4f')} | "
                        f"{r['time_s']:.0f}{' (' + r['note'] + ')' if r.get('note') else ''} |\n" for r in rows)
 
