@@ -607,6 +607,10 @@ def _main(argv):
     except (ValueError, KeyError, OSError):   # (argparse's own errors exit inside parse, silenced above)
         if quiet: return 2               # the same arguments and files on this machine: its first process says it
         raise
+    if world > 1 and a.command not in ('train', 'distill', 'evaluate'):   # each process would run the whole command
+        if local == 0: print(f"aicsd: error: `aicsd {a.command}` runs in one process; torchrun starts train, distill and "
+                              f"evaluate (run `aicsd {a.command}` without torchrun)", file=sys.stderr)
+        return 2
     if a.command in ('train', 'distill'):
         r = fit(cfg, draw=_figure_hook(cfg))
         if dist_env()[0] == 0:

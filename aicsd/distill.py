@@ -399,7 +399,8 @@ def start_warnings(cfg:dict, # a run's configuration (`make_config`)
     if cfg['threads'] and cfg['threads'] * n > (os.cpu_count() or 1):
         out.append(f"--threads {cfg['threads']}" + (f" x {n} processes" if n > 1 else '') + f" on {os.cpu_count()} CPU cores: "
                    f"threads beyond the cores wait for each other (one step took 100 x as long with 1000 threads on 2 cores); "
-                   f"give at most {max(1, (os.cpu_count() or 1) // n)}")
+                   + (f"give at most {(os.cpu_count() or 1) // n}" if (os.cpu_count() or 1) >= n else
+                      f"{n} processes are more than the cores already: run fewer (--nproc_per_node)"))
     if cfg['head_mult'] == 0:
         out.append("--head-mult 0: the ASPP, the decoder and the terms' adapters learn at 0 x --lr, so they keep their random "
                    "weights for the whole run; the paper uses 10, the field's recipe 1")
@@ -488,6 +489,11 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
                 "(--resume keeps a run's learning rate and weights)" if ckpt.last.exists() else
                 "no checkpoint was written yet. Lower --lr or the term's --weight, or add --clip-grad, and run the command "
                 "again without --resume (the logs of this attempt are moved aside)"))
+        if prog.step % max(1, L.log_every) == 0 or prog.step == run.total:   # (the same steps on every process)
+            if run.world > 1:              # the mean over the processes, as DDP's gradient averages theirs: not rank 0's share
+                both = torch.stack([loss.detach().double(), *(v.detach().double() for v in terms.values())])
+                dist.all_reduce(both); both /= run.world
+                loss, terms = both[0], dict(zip(terms, both[1:]))
         if run.main and (prog.step % max(1, L.log_every) == 0 or prog.step == run.total):
             vals = dict(epoch=prog.epoch + 1, lr=lr, alpha=float(alpha), loss=float(loss),
                         **{k: float(v) for k, v in terms.items()})
@@ -543,6 +549,8 @@ def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer
                           ):
     "Evaluate the student, log, and write `best.pt` when the mIoU improves."
     L = run.loop
+    if run.world > 1:   # each process's BatchNorm statistics are its own batches' (without --sync-bn): every process evaluates
+        for b in unwrap(run.model).buffers(): dist.broadcast(b, 0)   # rank 0's, the ones saved (DDP's next forward does the same)
     m = evaluate(run.student, run.val_ds, run.num_classes, batch_size=L.val_batch_size, device=run.device,
                  workers=L.workers, amp_dtype=run.amp_dtype, max_items=L.max_val, progress=tty, predict=run.predict,
                  stop=interrupted)
@@ -594,58 +602,60 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
     check_ranges(opts); check_sides(opts)               # --max-val, --val-batch-size, --eval-resize, ... as for train and distill
     threads = torch.get_num_threads()                  # put back at the end, as `fit` does
     dev, _, _, _, owned = start_process(opts['device'], opts['threads'])   # no allocator change: no training
-    failed = True
+    failed, main = True, dist_env()[0] == 0
+    say = print if main else (lambda *a, **k: None)   # what is evaluated how: said once, not by every process
     try:
-        ck, released = load_checkpoint(ckpt), opts.get('backbone')   # --backbone: a file of the authors' released code
-        kind = checkpoint_kind(ck, str(ckpt), released, '--backbone')
-        model = (load_cirkd_checkpoint(ck, cirkd_backbone(ck), source=str(ckpt)).to(dev) if kind == 'field' else   # check its 78.07 first
-                 load_model(ck, map_location='cpu', source=str(ckpt)).to(dev) if kind == 'aicsd' else None)   # released: built below, with the data's classes
-        trained = ck.get('config') if isinstance(ck.get('config'), dict) else {}   # (an edited file: no training settings)
-        mine = (trained.get('data'), trained.get('data_root') or DEFAULT_ROOTS.get(trained.get('data')))
-        if opts['data'] == DEFAULTS['data'] and not opts.get('data_root') and trained.get('data') and mine != (opts['data'], DEFAULT_ROOTS[opts['data']]):
-            if not Path(mine[1]).exists():                               # e.g. a relative root, from another folder
-                raise FileNotFoundError(f"{ckpt} was trained on --data {mine[0]} --data-root {mine[1]}, which is not found from "
-                                        f"{Path.cwd()}" + ('' if Path(mine[1]).is_absolute() else ' (a relative path: '
-                                        'did training run in another folder?)') + ": give --data-root (and --data) of its data")
-            opts['data'], opts['data_root'] = mine                       # no --data / --data-root: the checkpoint's data
-            print(f"evaluating on the data of training: --data {mine[0]} --data-root {mine[1]} (--data and --data-root "
-                  "choose others)", file=sys.stderr)
-        elif trained.get('data') and opts['data'] == DEFAULTS['data'] != trained['data'] and opts.get('data_root'):
-            opts['data'] = trained['data']                               # --data-root alone: the data set of training, there
-            print(f"evaluating --data-root {opts['data_root']} as --data {opts['data']}, the data of training (--data chooses "
-                  "another)", file=sys.stderr)
-        elif opts['data'] == trained.get('data') != DEFAULTS['data'] and not opts.get('data_root') and Path(mine[1]).exists():
-            opts['data_root'] = mine[1]                                  # --data alone, the training's: its root too
-            print(f"evaluating --data {opts['data']} at {mine[1]}, where training read it (--data-root chooses another)", file=sys.stderr)
-        if all(opts[k] == DEFAULTS[k] for k in _PROTOCOL_KEYS) and any(trained.get(k, DEFAULTS[k]) != DEFAULTS[k] for k in _PROTOCOL_KEYS):
-            opts.update({k: trained.get(k, DEFAULTS[k]) for k in _PROTOCOL_KEYS})   # the checkpoint's own protocol
-            print('evaluating as in training: ' + ' '.join(flag_text(k, opts[k]) for k in _PROTOCOL_KEYS if opts[k] != DEFAULTS[k]) +
-                  ' (any evaluation option chooses another protocol; --eval-resize 0: native resolution)', file=sys.stderr)
-        warn_idle(opts)
-        if trained.get('data', 'synthetic') != 'synthetic' and trained.get('pretrained_backbone', 'x') in (None, 'none'):
-            warn(f"{ckpt} was trained ({ck.get('global_step')} steps) from a backbone of random weights (--pretrained-backbone "
-                 "none): its mIoU is not comparable with the paper's or the field's, whose backbones start from ImageNet weights")
-        ds = get_dataset(opts['data'], opts['data_root'], opts['val_split'], eval_transform_for(opts['eval_resize'], opts['eval_square']))
-        if len(ds) == 0:
-            raise ValueError(f"the split {opts['val_split']!r} of {opts['data_root']} has no images: nothing to evaluate; "
-                             "check --data-root and --val-split")
-        require_labelled(ds, f"the split {opts['val_split']!r} of {getattr(ds, 'root', opts['data_root'])} (--val-split, --data-root)")
-        check_pairs(ds)
-        if model is None:                                                # the released code's file: OS 16, as trained
-            model = load_released_checkpoint(ck, released, getattr(ds, 'num_classes', None) or 21, source=str(ckpt)).to(dev)
-            if all(opts[k] == DEFAULTS[k] for k in _PROTOCOL_KEYS):
-                print("evaluating at native resolution; the released code evaluated on 513 x 513 squares: "
-                      "--eval-resize 513 --eval-square", file=sys.stderr)
-        nc, dnc = model_arch(model)['num_classes'], getattr(ds, 'num_classes', None)
-        here = opts.get('data_root') or DEFAULT_ROOTS[opts['data']]
-        same = mine[0] == opts['data'] and (opts['data'] != 'synthetic' or Path(mine[1]).resolve() == Path(here).resolve())   # synthetic: its folder
-        if dnc is not None and nc < dnc and trained.get('num_classes') == nc and same and hasattr(ds, 'classes'):   # as in training
-            _keep_classes(ds, nc, f"{ckpt} was trained with --num-classes {nc}, the first {nc} of the {dnc} classes of {opts['data']}")
-            print(f"evaluating the first {nc} of the {dnc} classes of {opts['data']}, as {ckpt} was trained (--num-classes "
-                  f"{nc})", file=sys.stderr)
-        elif dnc is not None and dnc != nc:
-            raise ValueError(f"{ckpt} predicts {nc} classes but {opts['data']} ({getattr(ds, 'root', opts['data_root'])}) "
-                             f"has {dnc}: this checkpoint was not trained on this dataset")
+        with together('while reading the checkpoint and the data'):   # one process's error stops all: said once
+            ck, released = load_checkpoint(ckpt), opts.get('backbone')   # --backbone: a file of the authors' released code
+            kind = checkpoint_kind(ck, str(ckpt), released, '--backbone')
+            model = (load_cirkd_checkpoint(ck, cirkd_backbone(ck), source=str(ckpt)).to(dev) if kind == 'field' else   # check its 78.07 first
+                     load_model(ck, map_location='cpu', source=str(ckpt)).to(dev) if kind == 'aicsd' else None)   # released: built below, with the data's classes
+            trained = ck.get('config') if isinstance(ck.get('config'), dict) else {}   # (an edited file: no training settings)
+            mine = (trained.get('data'), trained.get('data_root') or DEFAULT_ROOTS.get(trained.get('data')))
+            if opts['data'] == DEFAULTS['data'] and not opts.get('data_root') and trained.get('data') and mine != (opts['data'], DEFAULT_ROOTS[opts['data']]):
+                if not Path(mine[1]).exists():                               # e.g. a relative root, from another folder
+                    raise FileNotFoundError(f"{ckpt} was trained on --data {mine[0]} --data-root {mine[1]}, which is not found from "
+                                            f"{Path.cwd()}" + ('' if Path(mine[1]).is_absolute() else ' (a relative path: '
+                                            'did training run in another folder?)') + ": give --data-root (and --data) of its data")
+                opts['data'], opts['data_root'] = mine                       # no --data / --data-root: the checkpoint's data
+                say(f"evaluating on the data of training: --data {mine[0]} --data-root {mine[1]} (--data and --data-root "
+                      "choose others)", file=sys.stderr)
+            elif trained.get('data') and opts['data'] == DEFAULTS['data'] != trained['data'] and opts.get('data_root'):
+                opts['data'] = trained['data']                               # --data-root alone: the data set of training, there
+                say(f"evaluating --data-root {opts['data_root']} as --data {opts['data']}, the data of training (--data chooses "
+                      "another)", file=sys.stderr)
+            elif opts['data'] == trained.get('data') != DEFAULTS['data'] and not opts.get('data_root') and Path(mine[1]).exists():
+                opts['data_root'] = mine[1]                                  # --data alone, the training's: its root too
+                say(f"evaluating --data {opts['data']} at {mine[1]}, where training read it (--data-root chooses another)", file=sys.stderr)
+            if all(opts[k] == DEFAULTS[k] for k in _PROTOCOL_KEYS) and any(trained.get(k, DEFAULTS[k]) != DEFAULTS[k] for k in _PROTOCOL_KEYS):
+                opts.update({k: trained.get(k, DEFAULTS[k]) for k in _PROTOCOL_KEYS})   # the checkpoint's own protocol
+                say('evaluating as in training: ' + ' '.join(flag_text(k, opts[k]) for k in _PROTOCOL_KEYS if opts[k] != DEFAULTS[k]) +
+                      ' (any evaluation option chooses another protocol; --eval-resize 0: native resolution)', file=sys.stderr)
+            warn_idle(opts)
+            if trained.get('data', 'synthetic') != 'synthetic' and trained.get('pretrained_backbone', 'x') in (None, 'none'):
+                if main: warn(f"{ckpt} was trained ({ck.get('global_step')} steps) from a backbone of random weights (--pretrained-backbone "
+                     "none): its mIoU is not comparable with the paper's or the field's, whose backbones start from ImageNet weights")
+            ds = get_dataset(opts['data'], opts['data_root'], opts['val_split'], eval_transform_for(opts['eval_resize'], opts['eval_square']))
+            if len(ds) == 0:
+                raise ValueError(f"the split {opts['val_split']!r} of {opts['data_root']} has no images: nothing to evaluate; "
+                                 "check --data-root and --val-split")
+            require_labelled(ds, f"the split {opts['val_split']!r} of {getattr(ds, 'root', opts['data_root'])} (--val-split, --data-root)")
+            check_pairs(ds)
+            if model is None:                                                # the released code's file: OS 16, as trained
+                model = load_released_checkpoint(ck, released, getattr(ds, 'num_classes', None) or 21, source=str(ckpt)).to(dev)
+                if all(opts[k] == DEFAULTS[k] for k in _PROTOCOL_KEYS):
+                    say("evaluating at native resolution; the released code evaluated on 513 x 513 squares: "
+                          "--eval-resize 513 --eval-square", file=sys.stderr)
+            nc, dnc = model_arch(model)['num_classes'], getattr(ds, 'num_classes', None)
+            here = opts.get('data_root') or DEFAULT_ROOTS[opts['data']]
+            same = mine[0] == opts['data'] and (opts['data'] != 'synthetic' or Path(mine[1]).resolve() == Path(here).resolve())   # synthetic: its folder
+            if dnc is not None and nc < dnc and trained.get('num_classes') == nc and same and hasattr(ds, 'classes'):   # as in training
+                _keep_classes(ds, nc, f"{ckpt} was trained with --num-classes {nc}, the first {nc} of the {dnc} classes of {opts['data']}")
+                say(f"evaluating the first {nc} of the {dnc} classes of {opts['data']}, as {ckpt} was trained (--num-classes "
+                      f"{nc})", file=sys.stderr)
+            elif dnc is not None and dnc != nc:
+                raise ValueError(f"{ckpt} predicts {nc} classes but {opts['data']} ({getattr(ds, 'root', opts['data_root'])}) "
+                                 f"has {dnc}: this checkpoint was not trained on this dataset")
         res = evaluate(model, ds, nc, batch_size=opts['val_batch_size'], device=dev, workers=loader_workers(opts['workers'], dev),
                        amp_dtype=_amp_dtype(opts['precision'], dev), max_items=opts['max_val'], predict=eval_predictor(opts))
         failed = False

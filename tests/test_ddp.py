@@ -26,12 +26,18 @@ def _init():
     return {k: v for k, v in deeplabv3plus(MODEL, 4).state_dict().items()}
 
 def test_ddp_matches_single_process(tiny_data, tmp_path):
-    run(aicsd_cmd() + _train(tiny_data, tmp_path / 'one', 4), cwd=tmp_path)
+    from aicsd.runfolder import read_run
+    run(aicsd_cmd() + _train(tiny_data, tmp_path / 'one', 4) + ['--log-every', 1], cwd=tmp_path)
     s1, best = state_dict(tmp_path / 'one' / 'last.pt'), state_dict(tmp_path / 'one' / 'best.pt')
+    log1 = read_run(tmp_path / 'one')['train']
     shutil.rmtree(tmp_path / 'one')                # 665 MB of float64 ResNet-18 checkpoints: one run on disk at a time
-    p = run(TORCHRUN + _train(tiny_data, tmp_path / 'two', 2), cwd=tmp_path, timeout=300)
+    p = run(TORCHRUN + _train(tiny_data, tmp_path / 'two', 2) + ['--log-every', 1], cwd=tmp_path, timeout=300)
     assert 'terminate called' not in p.stderr
     s2 = state_dict(tmp_path / 'two' / 'last.pt')
+    # the logged loss is the mean over the processes (every pixel labelled: the one-process loss), not rank 0's half
+    log2 = read_run(tmp_path / 'two')['train']
+    for k in ('loss', 'ce'):
+        assert len(log1[k]) == STEPS and max(abs(a - b) for a, b in zip(log1[k], log2[k])) < TOL, (k, log1[k], log2[k])
     assert s1.keys() == s2.keys()
     worst = max(float((s1[k].double() - s2[k].double()).abs().max()) for k in s1 if s1[k].is_floating_point())
     print(f"max |w_ddp - w_single| = {worst:.3g}")
@@ -40,6 +46,19 @@ def test_ddp_matches_single_process(tiny_data, tmp_path):
     assert moved > 1e3 * TOL, f"the weights barely moved ({moved:.3g}): the comparison proves nothing"
     changed = max(float((s1[k].double() - v.double()).abs().max()) for k, v in best.items() if v.is_floating_point())
     assert changed == 0.0                                                 # best.pt = the final weights here
+
+def test_without_sync_bn_the_logged_miou_is_the_saved_networks(tiny_data, tmp_path):
+    """Without --sync-bn each process's BatchNorm statistics are its own; the evaluation during training is of rank 0's
+    network, the one saved: eval_log.csv's mIoU equals `aicsd evaluate` of last.pt on one process, exactly (float64)."""
+    args = ['train', '--model', 'mobilenetv2', '--max-steps', 2, '--no-dropout', '--dtype', 'float64'] + \
+           tiny_args(tiny_data, tmp_path / 'r') + ['--batch-size', 2]
+    run(TORCHRUN + args, cwd=tmp_path, timeout=300)
+    ev = ['evaluate', '--ckpt', tmp_path / 'r' / 'last.pt', '--data', 'synthetic', '--data-root', tiny_data,
+          '--threads', 1, '--device', 'cpu', '--json', tmp_path / 'one.json']
+    run(aicsd_cmd() + ev, cwd=tmp_path)
+    from aicsd.runfolder import read_run
+    logged = read_run(tmp_path / 'r')['eval']['miou'][-1]
+    assert logged == json.loads((tmp_path / 'one.json').read_text())['miou'], logged
 
 def test_compiled_ddp_resumes_like_one_process(tiny_data, tmp_path):
     """`--compile` under torchrun (the dynamo `eager` backend: no C++ compiler), stopped after 2 steps and resumed by a new
@@ -185,3 +204,13 @@ def test_cirkd_memory_gathers_all_processes(tmp_path):
         for k, v in ref.state_dict().items(): assert torch.equal(got[r][k], v), (r, k)
     init = _memory_term().memory
     assert int(ref.region_ptr.sum()) > 0 and not torch.equal(ref.pixel_queue, init.pixel_queue)   # something was enqueued
+
+def test_torchrun_says_things_once(tiny_data, tmp_path):
+    """Under torchrun, a command that runs in one process (data, demo, compare, bench, recipes) is refused in one line
+    (`demo` took its own folder's lock from the twin process and hung 30 s), and `aicsd evaluate`'s errors are said once."""
+    p = run(TORCHRUN + ['data', 'stats', '--data', 'synthetic', '--data-root', tiny_data], cwd=tmp_path, timeout=300, check=False)
+    assert p.returncode != 0 and p.stderr.count('aicsd: error:') == 1, p.stderr[-2000:]   # (torchrun exits 1)
+    assert '`aicsd data` runs in one process; torchrun starts train, distill and evaluate' in p.stderr, p.stderr[-2000:]
+    p = run(TORCHRUN + ['evaluate', '--ckpt', tmp_path / 'nothere.pt', '--data', 'synthetic', '--data-root', tiny_data,
+                        '--device', 'cpu', '--threads', 1], cwd=tmp_path, timeout=300, check=False)
+    assert p.returncode != 0 and p.stderr.count('aicsd: error:') == 1 and 'nothere.pt' in p.stderr, p.stderr[-3000:]
