@@ -25,6 +25,8 @@ def _check_pair(s:Tensor, t:Tensor, s_name:str, t_name:str,
                 same_hw:bool=True, same_c:bool=False, same_shape:bool=False):
     "Check a student/teacher pair of 4-D tensors; the message names the argument to fix."
     _check4(s_name, s); _check4(t_name, t)
+    if s.device != t.device:
+        raise ValueError(f"`{s_name}` is on {s.device} and `{t_name}` on {t.device}: put both on one device")
     if same_shape and s.shape != t.shape:
         raise ValueError(f"`{s_name}` {tuple(s.shape)} and `{t_name}` {tuple(t.shape)} must have the same shape")
     if s.shape[0] != t.shape[0]:

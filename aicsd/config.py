@@ -4,7 +4,7 @@
 
 # %% ../nbs/07a_config.ipynb #9f15caab
 from __future__ import annotations
-import numbers, os, re, sys
+import numbers, os, re, sys, warnings
 from dataclasses import dataclass, fields
 from typing import Callable
 from pathlib import Path
@@ -16,8 +16,9 @@ from .models import BACKBONES, V3_BACKBONES, _weight_file
 # %% auto #0
 __all__ = ['DISTILL_ONLY', 'OPTIONS', 'DEFAULTS', 'MIN_SIDE', 'warn', 'Option', 'size_arg', 'size_text', 'value_text',
            'flag_text', 'check_ranges', 'make_objective', 'eval_predictor', 'RunConfig', 'renamed_keys', 'distill_only',
-           'idle_options', 'warn_idle', 'check_compile', 'check_sides', 'make_config', 'resume_changes', 'yaml_load',
-           'read_config', 'Spec', 'DataSpec', 'ModelSpec', 'OptimSpec', 'PrecisionSpec', 'LoopSpec']
+           'idle_options', 'warn_idle', 'check_compile', 'check_sides', 'plain_options', 'make_config',
+           'resume_changes', 'yaml_load', 'read_config', 'Spec', 'DataSpec', 'ModelSpec', 'OptimSpec', 'PrecisionSpec',
+           'LoopSpec']
 
 # %% ../nbs/07a_config.ipynb #a5ba81db
 def warn(msg:str):
@@ -252,9 +253,11 @@ def check_ranges(cfg:dict, # a configuration, or part of one (keys of `OPTIONS`)
 # %% ../nbs/07a_config.ipynb #32b5e72f
 def make_objective(cfg:dict)->DistillObjective:
     "The objective a configuration asks for (method, weights, ALW, temperature; the aux head's term when `aux_weight` > 0)."
-    return DistillObjective(cfg['method'], lambda_kd=cfg['lambda_kd'], lambda_icsd=cfg['lambda_icsd'],
-                            T=cfg['temperature'], weights={**(cfg['weight'] or {}), **({'aux': cfg['aux_weight']} if cfg['aux_weight'] else {})},
-                            alw=cfg['alw'], params=cfg['param'], extra_terms=('aux',) if cfg['aux_weight'] else ())
+    with warnings.catch_warnings():                  # its parameters that change nothing: said by `warn_idle`, once
+        warnings.simplefilter('ignore')
+        return DistillObjective(cfg['method'], lambda_kd=cfg['lambda_kd'], lambda_icsd=cfg['lambda_icsd'],
+                                T=cfg['temperature'], weights={**(cfg['weight'] or {}), **({'aux': cfg['aux_weight']} if cfg['aux_weight'] else {})},
+                                alw=cfg['alw'], params=cfg['param'], extra_terms=('aux',) if cfg['aux_weight'] else ())
 
 # %% ../nbs/07a_config.ipynb #9db55ec8
 def eval_predictor(cfg:dict, # a configuration (or the evaluation options of one)
@@ -314,6 +317,7 @@ def idle_options(cfg:dict, # a configuration (`make_config` fills it)
     if cfg.get('arch') == 'deeplabv3' and on('output_stride'):
         idle.append(f"--output-stride {cfg['output_stride']}: the DeepLabV3 (--arch deeplabv3) is built at output stride 8 only")
     if obj is None: return idle
+    idle += getattr(obj, 'unread', [])               # term parameters set where they are not read (`Term.used_with`)
     terms = f"method {obj.method!r} (terms {', '.join(obj.names)})"
     for t in ('kd', 'icsd'):
         if not on(f'lambda_{t}'): continue
@@ -377,6 +381,31 @@ def check_sides(cfg:dict, # a configuration, or the options of `aicsd evaluate` 
                          f"raise --scale-min (the paper: 0.5)")
 
 # %% ../nbs/07a_config.ipynb #70afcc9b
+def _plain(v):
+    "An option's value as plain Python: a numpy or torch number (np.int64, np.bool_, a 0-d tensor) by its `item()`, a torch.device by its name, lists element by element."
+    if isinstance(v, (list, tuple)): return type(v)(_plain(x) for x in v)
+    if type(v).__name__ == 'device' and type(v).__module__.startswith('torch'): return str(v)
+    if not isinstance(v, (str, bytes)) and hasattr(v, 'item') and tuple(getattr(v, 'shape', (None,))) == (): return v.item()
+    return v
+
+def plain_options(opts:dict, # option name -> value (keys of `OPTIONS`; others pass through)
+                 )->dict: # the values as plain Python (`_plain`); a network or a data set in memory refused, said plainly
+    "Option values as the flags take them: numpy and torch numbers made plain, objects in memory refused naming the option."
+    opts = {k: _plain(v) for k, v in opts.items()}
+    for o in OPTIONS:   # a network or a data set in memory where a name or a file is meant: said plainly, not its repr
+        if o.name not in opts: continue
+        v = opts[o.name]
+        if v is not None and not isinstance(v, (str, os.PathLike, numbers.Number, list, tuple, dict)):
+            what = {'teacher': "a checkpoint FILE: write the network with `aicsd.models.save_model(net, 'teacher.pt')` and "
+                               "pass that file (or call `train_step` / `DistillObjective` in a loop of your own)",
+                    'model': f"the name of the network to train ({', '.join(BACKBONES)}); a network of your own: call "
+                             "`train_step` / `DistillObjective` in a loop of your own",
+                    'data': "voc, cityscapes or synthetic; data of your own: a folder in the VOC layout (--data voc "
+                            "--data-root DIR), or your own loop around `train_step`"}.get(o.name, "a value as its flag takes it")
+            raise ValueError(f"configuration '{o.name}' (--{o.name.replace('_', '-')}) is {what}; got a "
+                             f"{type(v).__module__}.{type(v).__qualname__} object")
+    return opts
+
 def make_config(cfg:dict|None=None, # options to set; anything left out takes its default
                 **kwargs, # more options (override `cfg`)
                )->RunConfig: # a complete, checked, read-only configuration
@@ -386,17 +415,7 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
     given = renamed_keys({**(cfg or {}), **kwargs})
     unknown = sorted(k for k in given if k not in DEFAULTS)
     if unknown: raise KeyError(f"unknown configuration key(s) {unknown}; valid keys: {sorted(DEFAULTS)}")
-    out.update(given)
-    for o in OPTIONS:   # a network or a data set in memory where a name or a file is meant: said plainly, not its repr
-        v = out[o.name]
-        if v is not None and not isinstance(v, (str, os.PathLike, numbers.Number, list, tuple, dict)):
-            what = {'teacher': "a checkpoint FILE: write the network with `aicsd.models.save_model(net, 'teacher.pt')` and "
-                               "pass that file (or call `train_step` / `DistillObjective` in a loop of your own)",
-                    'model': f"the name of the network to train ({', '.join(BACKBONES)}); a network of your own: call "
-                             "`train_step` / `DistillObjective` in a loop of your own",
-                    'data': "voc, cityscapes or synthetic; data of your own: a folder in the VOC layout (--data voc "
-                            "--data-root DIR), or your own loop around `train_step`"}.get(o.name, "a value as its flag takes it")
-            raise ValueError(f"configuration '{o.name}' (--{o.name.replace('_', '-')}) is {what}; got a {type(v).__name__} object")
+    out.update(plain_options(given))                 # (a loop's np.int64, torch.device('cpu'), torch.tensor(0.01))
     for o in OPTIONS:   # a number written as text (PyYAML reads `lr: 1e-3` as a string) is read as its flag's argument is
         if o.type in (int, float) and not o.nargs and isinstance(out[o.name], str):
             try: out[o.name] = o.type(out[o.name].strip())

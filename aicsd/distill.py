@@ -595,16 +595,19 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
                        )->dict: # metrics as plain floats and lists; `classes`: the dataset's class names
     "Evaluate the network of `ckpt` on the validation split the options name, with the engine's process set-up."
     if bad := sorted(set(opts) - set(EVAL_KEYS)):        # a misspelt key would evaluate something else without a word
-        near = [f"{k} -> {m[0]}" for k in bad if (m := difflib.get_close_matches(k, EVAL_KEYS, 1))]
-        raise ValueError(f"unknown evaluation option(s) {bad}" + (f" (did you mean {', '.join(near)}?)" if near else '') +
+        train = [k for k in bad if k in DEFAULTS]; typo = [k for k in bad if k not in DEFAULTS]
+        near = [f"{k} -> {m[0]}" for k in typo if (m := difflib.get_close_matches(k, EVAL_KEYS, 1))]
+        raise ValueError((f"unknown evaluation option(s) {typo}" + (f" (did you mean {', '.join(near)}?)" if near else '') if typo
+                          else f"training option(s) {train}, which evaluation does not read: leave them out") +
                          f"; the options of `aicsd evaluate`: {', '.join(EVAL_KEYS)}")
+    opts = plain_options(opts)                          # numpy/torch values made plain; a data set in memory said plainly
     opts = {**{o.name: o.default for o in OPTIONS if 'evaluate' in o.commands}, **opts}
     check_ranges(opts); check_sides(opts)               # --max-val, --val-batch-size, --eval-resize, ... as for train and distill
     threads = torch.get_num_threads()                  # put back at the end, as `fit` does
-    dev, _, _, _, owned = start_process(opts['device'], opts['threads'])   # no allocator change: no training
-    failed, main = True, dist_env()[0] == 0
+    failed, main, owned = True, dist_env()[0] == 0, False
     say = print if main else (lambda *a, **k: None)   # what is evaluated how: said once, not by every process
     try:
+        dev, _, _, _, owned = start_process(opts['device'], opts['threads'])   # no allocator change: no training
         with together('while reading the checkpoint and the data'):   # one process's error stops all: said once
             ck, released = load_checkpoint(ckpt), opts.get('backbone')   # --backbone: a file of the authors' released code
             kind = checkpoint_kind(ck, str(ckpt), released, '--backbone')

@@ -288,6 +288,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
     from aicsd.viz import demo_figures, model_ics
     t_start = time.time()
     P = DEMO_PRESETS['quick' if quick else 'full']          # the flag's one read: the preset carries its name onwards
+    chosen = methods is not None                            # `aicsd compare` (--methods): a diverged method can be left out
     methods = tuple(methods or DEMO_METHODS); seeds = tuple(P['seeds'] if seeds is None else seeds)
     if len(set(seeds)) != len(seeds):       # a seed twice is the same run twice: a spread of 0 and a false n
         raise ValueError(f"--seeds {' '.join(map(str, seeds))}: give each seed once (a repeated seed repeats the same run)")
@@ -365,8 +366,9 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
                 except Diverged as e:                        # its advice names options this command does not take
                     raise Diverged(f"student {m}, seed {sd}: {e.what}", "a method trains here at its terms' registered weights "
                                    "and the demo's learning rate: change the term or its `weight` where it is registered "
-                                   f"(`register_term`), then continue with {_continue_with()}: the students finished are kept; or leave the method "
-                                   f"out: the same command with --methods (the others) and --resume writes the report of those") from None
+                                   f"(`register_term`), then continue with {_continue_with()}: the students finished are kept"
+                                   + ("; or leave the method out: the same command with --methods (the others) and --resume "
+                                      "writes the report of those" if chosen else '')) from None
                 sec = time.time() - t0
                 d = model_ics({'teacher': teacher, m: r['model']}, val, n=8)[1][m]
                 res.append(dict(seed=sd, miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], ics_dist=d, time_s=sec))

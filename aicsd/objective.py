@@ -6,7 +6,7 @@
 from __future__ import annotations
 import dataclasses, difflib, inspect, math, numbers, re, warnings
 from dataclasses import dataclass, field
-from typing import Callable, get_args, get_type_hints
+from typing import Callable, get_args
 import torch
 import torch.distributed as dist
 from torch import nn, Tensor
@@ -118,6 +118,9 @@ def _check_term(name:str, term:Term):
         raise ValueError(f"{w}: `weight` (its default lambda) must be a finite number >= 0; got {term.weight!r}")
     if term.alw not in ('grow', 'fade'): raise ValueError(f"{w}: `alw` must be 'grow' or 'fade', got {term.alw!r}")
     if not isinstance(term.params, dict): raise TermError(f"{w}: `params` must be a dict of name: default; got {term.params!r}")
+    if not all(isinstance(v, tuple) and len(v) == 2 for v in term.used_with.values()):
+        raise ValueError(f"{w}: `used_with` maps a parameter to (another parameter, its value), e.g. "
+                         f"dict(scale=('kernel', None)); got {term.used_with!r}")
     if stray := sorted((set(term.bounds) | set(term.choices) | set(term.used_with) |
                         {o for o, _ in term.used_with.values()}) - set(term.params)):
         raise ValueError(f"{w}: `bounds`/`choices`/`used_with` name {stray}, which are not in its `params` {sorted(term.params)}")
@@ -350,7 +353,7 @@ for _n, _t in dict(
     fitnet=Term(term_fitnet, ('decoder',), weight=1.0, alw='fade', module=_adapter('decoder'), ref='Romero et al., ICLR 2015 (weight ours)'),
     sp=Term(term_sp, ('aspp',), weight=3000.0, same_size=False, ref='Tung & Mori, ICCV 2019 (CIFAR weight)'),
     ickd=Term(term_ickd, ('aspp',), weight=2.5, same_size=False, module=_adapter('aspp'), ref='Liu et al., ICCV 2021 (CIFAR weight)'),
-    skd=Term(term_skd, ('decoder',), weight=10.0, params=dict(scale=0.5, kernel=2), bounds=dict(scale='>0'),
+    skd=Term(term_skd, ('decoder',), weight=10.0, params=dict(scale=0.5, kernel=2), bounds=dict(scale='>0,<1', kernel='int>=1'),
              used_with=dict(scale=('kernel', None)),
              ref='Liu et al., CVPR 2019; CIRKD'),
     ifvd=Term(term_ifvd, ('logits', 'decoder'), weight=20.0, ref='Wang et al., ECCV 2020; CIRKD'),
@@ -452,8 +455,10 @@ def _add_term(method:str, term:str)->str:
 
 def _takes_none(fn:Callable, k:str)->bool:
     "Whether parameter `k` of term function `fn` is annotated as taking None (`kernel:int|None`): then `null` is a value of it."
-    try: return type(None) in get_args(get_type_hints(fn).get(k))
-    except Exception: return False                   # annotations that do not resolve: a number, as its default
+    try: a = inspect.signature(fn).parameters[k].annotation
+    except (KeyError, TypeError, ValueError): return False
+    if isinstance(a, str): return bool(re.search(r'\bNone\b|Optional\[', a))   # (postponed: read as written, not resolved)
+    return a is None or type(None) in get_args(a)
 
 class DistillObjective:
     "Total loss and named, weighted terms of a method (or a '+' combination), optionally under ALW."
@@ -497,7 +502,7 @@ class DistillObjective:
         if stray := sorted(set(params or {}) - set(self.names)):   # as for weights: a term the method lacks is an error
             raise ValueError(f"--param for term(s) {', '.join(stray)}, which method {method!r} does not use (its terms: "
                              f"{', '.join(self.names)}); " + _add_term(method, stray[0]))
-        self.params = {}
+        self.params, self.unread = {}, []   # unread: parameters set where they change nothing (`Term.used_with`)
         for n in self.names:
             p = dict(TERMS[n].params)
             p.update({k: v for k, v in shared.items() if k in p})
@@ -526,10 +531,10 @@ class DistillObjective:
                 if p.get(k) is not None and (bad := out_of_range(p[k], c)):
                     raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) must be {bad}; got {p[k]!r}")
             for k, (o, want) in TERMS[n].used_with.items():
-                if k in extra and p[o] != want:
+                if k in extra and p[o] != want:   # said, not refused: a run of an older version that set it still resumes
                     w = 'null' if want is None else want
-                    raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) is read only with {o}={w} "
-                                     f"(--param {n}.{o}={w}); {o} is {p[o]!r}")
+                    self.unread.append(f"--param {n}.{k}={extra[k]}: read only with {o}={w} (--param {n}.{o}={w}); {o} is {p[o]!r}")
+                    warnings.warn(f"parameter {k!r} of term {n!r} changes nothing: {self.unread[-1]}", stacklevel=2)
             for k, c in TERMS[n].choices.items():
                 if p.get(k) not in c:
                     raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) must be one of "

@@ -431,9 +431,14 @@ def plot_curves(run, # a run folder, `read_run`'s result, or several: a list of 
                 alw:bool|None=None, # draw the ALW weight alpha; None: when a run's log has a non-zero alpha (runs under ALW)
                )->Figure: # axes: loss terms, ALW alpha (alw) or learning rate, mIoU, then the learning rate's twin axis (alw, one run)
     "Loss terms, ALW weight and learning rate, and validation mIoU of one run (or several) against steps."
+    result = lambda d: isinstance(d, dict) and 'train' not in d and {'out', 'steps'} <= set(d)   # what `fit` returned
     runs = (dict(enumerate(run)) if isinstance(run, (list, tuple)) else   # a list: each labelled with its folder's name
-            run if isinstance(run, dict) and 'train' not in run else {None: run})
-    logs = {k: (v if isinstance(v, dict) else read_run(v)) for k, v in runs.items()}
+            run if isinstance(run, dict) and 'train' not in run and not result(run) else {None: run})
+    logs = {k: (read_run(v['out']) if result(v) else v if isinstance(v, dict) else read_run(v)) for k, v in runs.items()}
+    if isinstance(run, (list, tuple)) and len({L['name'] for L in logs.values()}) < len(logs):   # runs/kd/seed0, runs/cwd/seed0
+        for k, v in runs.items():
+            p = Path(v['out'] if result(v) else v) if result(v) or not isinstance(v, dict) else None
+            if p is not None: logs[k] = {**logs[k], 'name': f"{p.resolve().parent.name}/{p.name}"}
     one = len(logs) == 1
     if alw is None: alw = any(L['train'] and np.any(np.asarray(L['train'].get('alpha', [0])) != 0) for L in logs.values())
     fig = _figure(figsize=(13, 3.4), layout='constrained')
