@@ -489,12 +489,12 @@ def train_one_epoch(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer,
                 "(--resume keeps a run's learning rate and weights)" if ckpt.last.exists() else
                 "no checkpoint was written yet. Lower --lr or the term's --weight, or add --clip-grad, and run the command "
                 "again without --resume (the logs of this attempt are moved aside)"))
-        if prog.step % max(1, L.log_every) == 0 or prog.step == run.total:   # (the same steps on every process)
-            if run.world > 1:              # the mean over the processes, as DDP's gradient averages theirs: not rank 0's share
-                both = torch.stack([loss.detach().double(), *(v.detach().double() for v in terms.values())])
-                dist.all_reduce(both); both /= run.world
-                loss, terms = both[0], dict(zip(terms, both[1:]))
-        if run.main and (prog.step % max(1, L.log_every) == 0 or prog.step == run.total):
+        logged = prog.step % max(1, L.log_every) == 0 or prog.step == run.total   # (the same steps on every process)
+        if logged and run.world > 1:       # the mean over the processes, as DDP's gradient averages theirs: not rank 0's share
+            both = torch.stack([loss.detach().double(), *(v.detach().double() for v in terms.values())])
+            dist.all_reduce(both); both /= run.world
+            loss, terms = both[0], dict(zip(terms, both[1:]))
+        if run.main and logged:
             vals = dict(epoch=prog.epoch + 1, lr=lr, alpha=float(alpha), loss=float(loss),
                         **{k: float(v) for k, v in terms.items()})
             log.row('train_log', prog.step, vals)
@@ -622,22 +622,22 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
                                             'did training run in another folder?)') + ": give --data-root (and --data) of its data")
                 opts['data'], opts['data_root'] = mine                       # no --data / --data-root: the checkpoint's data
                 say(f"evaluating on the data of training: --data {mine[0]} --data-root {mine[1]} (--data and --data-root "
-                      "choose others)", file=sys.stderr)
+                    "choose others)", file=sys.stderr)
             elif trained.get('data') and opts['data'] == DEFAULTS['data'] != trained['data'] and opts.get('data_root'):
                 opts['data'] = trained['data']                               # --data-root alone: the data set of training, there
                 say(f"evaluating --data-root {opts['data_root']} as --data {opts['data']}, the data of training (--data chooses "
-                      "another)", file=sys.stderr)
+                    "another)", file=sys.stderr)
             elif opts['data'] == trained.get('data') != DEFAULTS['data'] and not opts.get('data_root') and Path(mine[1]).exists():
                 opts['data_root'] = mine[1]                                  # --data alone, the training's: its root too
                 say(f"evaluating --data {opts['data']} at {mine[1]}, where training read it (--data-root chooses another)", file=sys.stderr)
             if all(opts[k] == DEFAULTS[k] for k in _PROTOCOL_KEYS) and any(trained.get(k, DEFAULTS[k]) != DEFAULTS[k] for k in _PROTOCOL_KEYS):
                 opts.update({k: trained.get(k, DEFAULTS[k]) for k in _PROTOCOL_KEYS})   # the checkpoint's own protocol
                 say('evaluating as in training: ' + ' '.join(flag_text(k, opts[k]) for k in _PROTOCOL_KEYS if opts[k] != DEFAULTS[k]) +
-                      ' (any evaluation option chooses another protocol; --eval-resize 0: native resolution)', file=sys.stderr)
+                    ' (any evaluation option chooses another protocol; --eval-resize 0: native resolution)', file=sys.stderr)
             warn_idle(opts)
             if trained.get('data', 'synthetic') != 'synthetic' and trained.get('pretrained_backbone', 'x') in (None, 'none'):
-                if main: warn(f"{ckpt} was trained ({ck.get('global_step')} steps) from a backbone of random weights (--pretrained-backbone "
-                     "none): its mIoU is not comparable with the paper's or the field's, whose backbones start from ImageNet weights")
+                if main: warn(f"{ckpt} was trained ({ck.get('global_step')} steps) from a backbone of random weights "
+                              "(--pretrained-backbone none): its mIoU is not comparable with the paper's or the field's, whose backbones start from ImageNet weights")
             ds = get_dataset(opts['data'], opts['data_root'], opts['val_split'], eval_transform_for(opts['eval_resize'], opts['eval_square']))
             if len(ds) == 0:
                 raise ValueError(f"the split {opts['val_split']!r} of {opts['data_root']} has no images: nothing to evaluate; "
@@ -648,14 +648,14 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
                 model = load_released_checkpoint(ck, released, getattr(ds, 'num_classes', None) or 21, source=str(ckpt)).to(dev)
                 if all(opts[k] == DEFAULTS[k] for k in _PROTOCOL_KEYS):
                     say("evaluating at native resolution; the released code evaluated on 513 x 513 squares: "
-                          "--eval-resize 513 --eval-square", file=sys.stderr)
+                        "--eval-resize 513 --eval-square", file=sys.stderr)
             nc, dnc = model_arch(model)['num_classes'], getattr(ds, 'num_classes', None)
             here = opts.get('data_root') or DEFAULT_ROOTS[opts['data']]
             same = mine[0] == opts['data'] and (opts['data'] != 'synthetic' or Path(mine[1]).resolve() == Path(here).resolve())   # synthetic: its folder
             if dnc is not None and nc < dnc and trained.get('num_classes') == nc and same and hasattr(ds, 'classes'):   # as in training
                 _keep_classes(ds, nc, f"{ckpt} was trained with --num-classes {nc}, the first {nc} of the {dnc} classes of {opts['data']}")
                 say(f"evaluating the first {nc} of the {dnc} classes of {opts['data']}, as {ckpt} was trained (--num-classes "
-                      f"{nc})", file=sys.stderr)
+                    f"{nc})", file=sys.stderr)
             elif dnc is not None and dnc != nc:
                 raise ValueError(f"{ckpt} predicts {nc} classes but {opts['data']} ({getattr(ds, 'root', opts['data_root'])}) "
                                  f"has {dnc}: this checkpoint was not trained on this dataset")

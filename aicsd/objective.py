@@ -72,7 +72,7 @@ class Term:
     module:Callable|None=None # factory(s_channels:dict, t_channels:dict, num_classes:int, **params) -> nn.Module, or None
     bounds:dict=field(default_factory=dict) # parameter -> its range (`out_of_range`), checked when a method is configured
     choices:dict=field(default_factory=dict) # parameter -> the tuple of values it takes (a named setting), checked as `bounds`
-    used_with:dict=field(default_factory=dict) # parameter -> (another parameter, the value under which the first is read): setting it otherwise is refused
+    used_with:dict=field(default_factory=dict) # parameter -> (another parameter, the value under which the first is read): set otherwise, warned as changing nothing
     ref:str='' # where it comes from
     same_size:bool=True # its student and teacher maps must have one height and width (checked before a run starts)
     global_T:bool=False # its parameter `T` is the objective's temperature (`--temperature`), as KD's and ICSD's; else its own

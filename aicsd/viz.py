@@ -437,7 +437,7 @@ def plot_curves(run, # a run folder, `read_run`'s result, or several: a list of 
     logs = {k: (read_run(v['out']) if result(v) else v if isinstance(v, dict) else read_run(v)) for k, v in runs.items()}
     if isinstance(run, (list, tuple)) and len({L['name'] for L in logs.values()}) < len(logs):   # runs/kd/seed0, runs/cwd/seed0
         for k, v in runs.items():
-            p = Path(v['out'] if result(v) else v) if result(v) or not isinstance(v, dict) else None
+            p = Path(v['out']) if result(v) else None if isinstance(v, dict) else Path(v)   # (a read_run result: its own name)
             if p is not None: logs[k] = {**logs[k], 'name': f"{p.resolve().parent.name}/{p.name}"}
     one = len(logs) == 1
     if alw is None: alw = any(L['train'] and np.any(np.asarray(L['train'].get('alpha', [0])) != 0) for L in logs.values())

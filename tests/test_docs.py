@@ -382,16 +382,21 @@ def test_import_cells_are_imports_only():
 
 _DRAWS = re.compile(r'plt\.subplots\(|plt\.figure\(|^(fig\s*=\s*)?plot_\w+\(', re.M)
 
-def test_figures_are_stored():
-    "The site shows stored outputs (nbdev does not execute notebooks): a cell that draws a picture for the reader keeps it."
-    bad = []
+def _page_code():
+    "(notebook, index, cell, source) of the code cells the site shows run: not hidden, not flagged gpu/data, not eval: false."
     for p in notebooks():
         for i, c in enumerate(read_nb(p)['cells']):
             s = src(c); d = directives(s)
-            if c['cell_type'] != 'code' or _hidden(c) or {'gpu', 'data'} & set(d) or d.get('eval', '') == 'false': continue
-            if not _DRAWS.search(s) or re.search(r'\btest_\w+\(|\bassert\b', s): continue   # test cells draw to check
-            if not any('image/png' in o.get('data', {}) for o in c.get('outputs', [])):
-                bad.append(f"{rel(p)} cell {i} ({c.get('id')}): {s.strip().splitlines()[0][:80]}")
+            if c['cell_type'] == 'code' and not _hidden(c) and not {'gpu', 'data'} & set(d) and d.get('eval', '') != 'false':
+                yield p, i, c, s
+
+def test_figures_are_stored():
+    "The site shows stored outputs (nbdev does not execute notebooks): a cell that draws a picture for the reader keeps it."
+    bad = []
+    for p, i, c, s in _page_code():
+        if not _DRAWS.search(s) or re.search(r'\btest_\w+\(|\bassert\b', s): continue   # test cells draw to check
+        if not any('image/png' in o.get('data', {}) for o in c.get('outputs', [])):
+            bad.append(f"{rel(p)} cell {i} ({c.get('id')}): {s.strip().splitlines()[0][:80]}")
     assert not bad, ("cells that draw a figure but store none (execute them and keep the output; nbdev_clean keeps it):\n"
                      + '\n'.join(bad))
 
@@ -410,12 +415,9 @@ def _shows(code: str) -> bool:
 def test_shown_values_are_stored():
     "A cell that ends in a value for the reader (a table, a figure, numbers) keeps its output: the site shows only what is stored."
     bad = []
-    for p in notebooks():
-        for i, c in enumerate(read_nb(p)['cells']):
-            s = src(c); d = directives(s)
-            if c['cell_type'] != 'code' or _hidden(c) or {'gpu', 'data'} & set(d) or d.get('eval', '') == 'false': continue
-            if _shows(s) and not c.get('outputs'):
-                bad.append(f"{rel(p)} cell {i} ({c.get('id')}): ends in `{s.strip().splitlines()[-1][:70]}`")
+    for p, i, c, s in _page_code():
+        if _shows(s) and not c.get('outputs'):
+            bad.append(f"{rel(p)} cell {i} ({c.get('id')}): ends in `{s.strip().splitlines()[-1][:70]}`")
     assert not bad, ("cells that end in a value to show but store no output (execute them and keep the output):\n"
                      + '\n'.join(bad))
 
