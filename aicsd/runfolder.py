@@ -104,8 +104,6 @@ class RunLog:
         if self.tb is not None: self.tb.close(); self.tb = None
 
 # %% ../nbs/07b_runfolder.ipynb #36758e70
-_FIXED = LOG_COLUMNS   # (a term may not take these names: `register_term`)
-
 def _read_csv(path:Path)->dict:
     if not path.is_file(): return {}
     with open(path, newline='') as fh: rows = list(csv.DictReader(fh))
@@ -129,7 +127,7 @@ def read_run(run, # run folder holding `train_log.csv` and/or `eval_log.csv`
     run = Path(run)
     tr, ev = (_read_csv(run/f) for f in LOGS)
     if not tr and not ev: raise FileNotFoundError(f"no train_log.csv or eval_log.csv in {run}")
-    return dict(train=tr, eval=ev, terms=[k for k in tr if k not in _FIXED], name=run.name)
+    return dict(train=tr, eval=ev, terms=[k for k in tr if k not in LOG_COLUMNS], name=run.name)
 
 # %% ../nbs/07b_runfolder.ipynb #8a0d14ea
 @dataclass
