@@ -28,7 +28,11 @@ def write_temporary(state:dict, # anything `torch.load(weights_only=True)` can r
         with os.fdopen(fd, 'wb') as fh:
             torch.save(state, fh); fh.flush(); os.fsync(fh.fileno())
             os.fchmod(fh.fileno(), 0o666 & ~UMASK)   # mkstemp makes it 0600: give it the mode `open` would (teammates read it)
-    except BaseException: os.remove(tmp); raise
+    except BaseException as e:
+        os.remove(tmp)
+        if isinstance(e.__context__, KeyboardInterrupt) and not isinstance(e, KeyboardInterrupt):
+            raise e.__context__ from None   # a Ctrl-C inside torch.save: its zip writer then fails as well, hiding the Ctrl-C
+        raise
     return Path(tmp)
 
 # %% ../nbs/05a_checkpoint.ipynb #5a058e4d

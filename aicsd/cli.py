@@ -562,8 +562,13 @@ def main(argv:list|None=None)->int:
     from aicsd.models import CheckpointMismatchError
     from aicsd.objective import TermError
     old = _stop_on_signals()
-    try: return _main(argv)
+    try:
+        try: return _main(argv)
+        except RuntimeError as e:           # a Ctrl-C inside torch's own code may come out as the error it caused there
+            if isinstance(e.__context__, KeyboardInterrupt): raise e.__context__ from None
+            raise
     except KeyboardInterrupt as e:          # RunInterrupted: last.pt written (Ctrl-C, SIGTERM, SIGHUP); others: said where raised
+        if dist_env()[0] != 0: return 128 + getattr(e, 'signum', 2)   # torchrun: a Ctrl-C reaches every process; rank 0 says it
         text, args = e.args[0] if e.args else 'interrupted', [str(x) for x in (sys.argv[1:] if argv is None else argv)]
         if (not isinstance(e, RunInterrupted) and args[:1] in (['train'], ['distill']) and (rw := dist_env())[0] == 0 and rw[1] > 1):   # torchrun: no last.pt at the signal; the last one written counts
             text += ("; under torchrun a run goes on from its last checkpoint: the same command and --resume (one is written "

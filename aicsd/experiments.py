@@ -144,7 +144,7 @@ def recipe_command(name:str, # a key of RECIPES
 # %% ../nbs/08a_experiments.ipynb #292f5749
 def _toml(v)->str:
     if isinstance(v, dict): return '{' + ', '.join(f"{k} = {_toml(x)}" for k, x in v.items()) + '}'
-    return json.dumps(v)
+    return '"null"' if v is None else json.dumps(v)   # TOML has no null; a parameter that takes null reads "null" as it
 
 # %% ../nbs/08a_experiments.ipynb #eb4058ae
 def _field_table()->str:
@@ -379,10 +379,10 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
             for k in ('miou', 'pixel_acc', 'ics_dist'): row[k], row[k + '_std'] = _mean_std([x[k] for x in res])
             row['runs'] = res
             rows.append(row)
-        total = time.time() - t_start
-        write_report(rows, out, P, total, seeds, resumed=kept > 0 or cached)   # first: the numbers stay if a figure fails
+        write_report(rows, out, P, time.time() - t_start, seeds, resumed=kept > 0 or cached)   # first: the numbers stay if a figure fails
         demo_figures(models, root, out, n=8, seed=seeds[0])
         total = time.time() - t_start
+        write_report(rows, out, P, total, seeds, resumed=kept > 0 or cached)   # again: its total wall time counts the figures too
         print(format_table(rows))
         if 'baseline' in methods: print(paired_text(paired_diffs(rows)) + '\n' + paired_text(paired_diffs(rows, key='ics_dist'), 1.0, ICS_WHAT))
         print(f"finished in {total:.0f} s; report: {out/'report.md'}")

@@ -517,7 +517,8 @@ class DistillObjective:
             p.update(extra); self.params[n] = p
             for k, v in p.items():
                 d = TERMS[n].params.get(k)                   # its default says its type
-                if k in extra and v is None and _takes_none(TERMS[n].fn, k): continue   # `int|None`: null is a setting
+                if k in extra and (v is None or v == 'null') and _takes_none(TERMS[n].fn, k):   # `int|None`: null is a setting
+                    p[k] = None; continue                       # ("null" in TOML, which has no null)
                 if isinstance(d, bool) and not isinstance(v, bool):
                     raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) must be true or false; got {v!r}")
                 if k in extra and isinstance(d, numbers.Real) and not isinstance(d, bool):   # a number: of the default's kind

@@ -214,3 +214,24 @@ def test_torchrun_says_things_once(tiny_data, tmp_path):
     p = run(TORCHRUN + ['evaluate', '--ckpt', tmp_path / 'nothere.pt', '--data', 'synthetic', '--data-root', tiny_data,
                         '--device', 'cpu', '--threads', 1], cwd=tmp_path, timeout=300, check=False)
     assert p.returncode != 0 and p.stderr.count('aicsd: error:') == 1 and 'nothere.pt' in p.stderr, p.stderr[-3000:]
+
+def test_a_ctrl_c_under_torchrun_is_said_once(tiny_data, tmp_path):
+    """A Ctrl-C reaches every process of a torchrun job (the terminal signals the whole group): rank 0 says it once,
+    with the way on (each process used to print its own `aicsd: interrupted`)."""
+    import os, signal, time
+    from conftest import ENV
+    out = tmp_path / 'r'
+    p = subprocess.Popen([str(a) for a in TORCHRUN + ['train', '--model', 'mobilenetv2', '--epochs', 100] +
+                          tiny_args(tiny_data, out) + ['--batch-size', 2]],
+                         cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        t0 = time.time()
+        while not (out / 'last.pt').exists() and p.poll() is None and time.time() - t0 < 240: time.sleep(0.5)
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None: os.killpg(p.pid, signal.SIGKILL); p.wait()
+    assert p.returncode != 0
+    said = [l for l in err.splitlines() if l.startswith('aicsd: interrupted')]
+    assert len(said) == 1 and '--resume' in said[0], err[-3000:]

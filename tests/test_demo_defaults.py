@@ -4,7 +4,7 @@ method of the table) and `aicsd bench --quick` (its default sections, threads an
 Apart from tests/test_defaults.py (the commands that read real-format data trees) so that `make test`'s two
 pytest workers (pytest-xdist, one test file each at a time) can run these long jobs beside that file.
 """
-import json, math, signal, subprocess, time
+import json, math, re, signal, subprocess, time
 
 from conftest import ENV, run, aicsd_cmd
 
@@ -21,10 +21,12 @@ def test_demo_quick_defaults(tmp_path):
     out = tmp_path / 'demo'
     demo = ('demo', '--quick', '--out', out, '--data-root', tmp_path / 'syn')
     aicsd('data', 'synthetic', '--root', tmp_path / 'syn', '--n-train', 40, '--n-val', 20, '--size', 56, cwd=tmp_path)
-    aicsd(*demo, cwd=tmp_path, timeout=600)
+    so = aicsd(*demo, cwd=tmp_path, timeout=600).stdout
     # the data used (not the preset's) and the images scored: --quick evaluates the first 16 (max_val) of the 20
     assert 'Synthetic shapes (40 train / 20 val images, the first 16 scored (--quick), 56 px)' in (out / 'report.md').read_text()
     assert {'ics_matrices.png', 'predictions.png'} <= {q.name for q in out.rglob('*.png')}
+    said = re.search(r'finished in (\d+) s', so).group(1)                  # the time printed is the report's (figures too)
+    assert f'Total wall time: {said} s.' in (out / 'report.md').read_text(), said
     first = {r['method']: r for r in json.loads((out / 'results.json').read_text())}
     # Ctrl-C while the kd student trains: the line says how to continue
     p = subprocess.Popen([str(a) for a in (*aicsd_cmd(), *demo)], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
