@@ -483,6 +483,12 @@ def _out_of_memory(e:BaseException)->str|None: # the one line for an allocation 
     return (f"out of memory ({first}): lower --batch-size or --crop-size (training), --val-batch-size, --eval-crop or "
             "--eval-scales (evaluation), or use a device with more memory")
 
+def _peer_lost(e:BaseException)->bool:
+    "Whether `e` is a collective that failed because another process of the torchrun job ended (gloo's words, or its store gone)."
+    import torch.distributed as dist
+    return (isinstance(e, getattr(dist, 'DistNetworkError', ())) or
+            any(s in str(e) for s in ('Connection closed by peer', 'Connection reset by peer')))
+
 def _stdout_closed(fd:int|None=None)->bool: # True when the reader of stdout (a pipe) has gone
     "Whether writing to `fd` (stdout) fails because its reader left, so a BrokenPipeError came from stdout."
     try:
@@ -588,6 +594,10 @@ def main(argv:list|None=None)->int:
         return 2
     except PeerFailed: return 2          # torchrun: another process failed and printed why (`together`)
     except RuntimeError as e:            # an allocation refused (a crop or scale too large for the machine): one line
+        if (rw := dist_env())[1] > 1 and _peer_lost(e):   # torchrun: this process follows one that failed (and said why)
+            print(f"aicsd: process {rw[0]} stops: another process of this torchrun job ended first (its error is above, or in "
+                  "torchrun's summary)", file=sys.stderr)
+            return 2
         if (oom := _out_of_memory(e)) is None: raise
         print(f"aicsd: error: {oom}", file=sys.stderr)
         return 2

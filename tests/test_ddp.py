@@ -116,14 +116,16 @@ def bad_label_copy(src, dst, index=5):
     return dst, f
 
 def test_a_crashing_rank_ends_the_job(tiny_data, tmp_path):
-    """One rank fails (a bad label only it reads): the torchrun job exits non-zero with that rank's message; a hang is
-    caught by run's timeout."""
+    """One rank fails (a bad label only it reads): the torchrun job exits non-zero with that rank's message, and the other
+    process's traceback is not shown; a hang is caught by run's timeout."""
     root, bad = bad_label_copy(tiny_data, tmp_path / 'bad')
     p = run(TORCHRUN + ['train', '--model', 'mobilenetv2', '--epochs', 1, '--sync-bn'] + tiny_args(root, tmp_path / 'x') +
             ['--batch-size', 2], cwd=tmp_path, timeout=240, check=False)
     print(f"torchrun exited {p.returncode}")
     assert p.returncode != 0, p.stderr[-3000:]
     assert f'Label file {bad}' in p.stderr and 'holds values [77]' in p.stderr, p.stderr[-3000:]
+    # the other process, whose next collective fails on the closed connection, says so in one line (or was stopped first)
+    assert not any(l.startswith('[rank') for l in p.stderr.splitlines()), p.stderr[-3000:]
 
 def _check_fails_once(p, message):
     "A torchrun job that failed at set-up: `message` said once, no process's traceback, none killed after torchrun's 30 s."
