@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_cli.ipynb #543bbab8
 from __future__ import annotations
-import argparse, contextlib, difflib, importlib, importlib.util, inspect, io, os, re, signal, sys, threading
+import argparse, contextlib, difflib, importlib, importlib.util, inspect, io, os, re, signal, sys, threading, traceback
 from pathlib import Path
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_to_files, EVAL_KEYS
 from .models import BACKBONES
@@ -483,6 +483,15 @@ def _out_of_memory(e:BaseException)->str|None: # the one line for an allocation 
     return (f"out of memory ({first}): lower --batch-size or --crop-size (training), --val-batch-size, --eval-crop or "
             "--eval-scales (evaluation), or use a device with more memory")
 
+def _raised_in_your_code(e:BaseException)->bool:
+    "Whether `e` came from code of the user's (a term of an --import module, say): the last frame outside Python's and the installed packages' files is not aicsd's."
+    lib = tuple(str(Path(p).resolve()) + os.sep for p in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix})
+    ours, last = str(Path(importlib.import_module('aicsd').__file__).resolve().parent) + os.sep, None
+    for f in traceback.extract_tb(e.__traceback__):
+        p = str(Path(f.filename).resolve()) if not f.filename.startswith('<') else None
+        if p is not None and not p.startswith(lib): last = p
+    return last is not None and not last.startswith(ours)
+
 def _peer_lost(e:BaseException)->bool:
     "Whether `e` is a collective that failed because another process of the torchrun job ended (gloo's words, or its store gone)."
     import torch.distributed as dist
@@ -590,6 +599,7 @@ def main(argv:list|None=None)->int:
         return 141
     except (ValueError, KeyError, OSError, RunLockedError, CheckpointMismatchError, FloatingPointError, TermError) as e:
         msg = _error_text(e)
+        if _raised_in_your_code(e): traceback.print_exception(e)   # where, in your file (aicsd's own errors: one line)
         print(f"aicsd: error: {msg}{_imports_hint(msg, [str(x) for x in (sys.argv[1:] if argv is None else argv)])}", file=sys.stderr)
         return 2
     except PeerFailed: return 2          # torchrun: another process failed and printed why (`together`)

@@ -323,9 +323,13 @@ def idle_options(cfg:dict, # a configuration (`make_config` fills it)
         if not on(f'lambda_{t}'): continue
         if t not in obj.names: idle.append(f"--lambda-{t} {cfg[f'lambda_{t}']}: {terms} has no {t} term")
         elif t in (cfg.get('weight') or {}): idle.append(f"--lambda-{t} {cfg[f'lambda_{t}']}: --weight {t}={cfg['weight'][t]} sets that weight")
-    if on('temperature') and not any('T' in obj.params[n] for n in obj.names):
-        idle.append(f"--temperature {cfg['temperature']}: no term of {terms} has a temperature T (set a term's own with --param TERM.KEY=V)")
-    elif on('temperature') and all('T' in (cfg.get('param') or {}).get(n, {}) for n in obj.names if 'T' in obj.params[n]):
+    glob = [n for n in obj.names if TERMS[n].global_T]   # the terms --temperature sets (a term's own T is its own: `global_T`)
+    if on('temperature') and not glob:
+        own = [n for n in obj.names if 'T' in obj.params[n]]
+        idle.append(f"--temperature {cfg['temperature']}: no term of {terms} takes the shared temperature" +
+                    (f" (the T of {', '.join(own)} is the term's own: --param {own[0]}.T=V)" if own else
+                     " (set a term's own parameters with --param TERM.KEY=V)"))
+    elif on('temperature') and all('T' in (cfg.get('param') or {}).get(n, {}) for n in glob):
         idle.append(f"--temperature {cfg['temperature']}: --param sets the T of every term that has one")
     if cfg.get('aux_weight') and 'aux' in (cfg.get('weight') or {}):
         idle.append(f"--weight aux={cfg['weight']['aux']}: --aux-weight {cfg['aux_weight']} sets that weight")

@@ -16,12 +16,12 @@ from . import baselines as B
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['TERMS', 'LOG_COLUMNS', 'METHODS', 'alw_alpha', 'out_of_range', 'Term', 'TermError', 'register_term', 'term_ce',
-           'term_kd', 'term_icsd', 'term_released_icsd', 'Method', 'register_method', 'term_at', 'term_fitnet',
-           'term_sp', 'term_ickd', 'term_skd', 'term_ifvd', 'term_cwd', 'term_cwd_feat', 'term_dist',
-           'term_cirkd_pixel', 'CIRKDMemoryTerm', 'term_cirkd_memory', 'term_released_pa', 'term_released_ic',
-           'term_released_pi', 'term_aux', 'method_spec', 'parse_method', 'reads_teacher', 'DistillObjective',
-           'record_changes']
+__all__ = ['NETWORK_OUTPUTS', 'TERMS', 'METHODS', 'LOG_COLUMNS', 'alw_alpha', 'out_of_range', 'Term', 'TermError',
+           'register_term', 'term_ce', 'term_kd', 'term_icsd', 'term_released_icsd', 'Method', 'register_method',
+           'term_at', 'term_fitnet', 'term_sp', 'term_ickd', 'term_skd', 'term_ifvd', 'term_cwd', 'term_cwd_feat',
+           'term_dist', 'term_cirkd_pixel', 'CIRKDMemoryTerm', 'term_cirkd_memory', 'term_released_pa',
+           'term_released_ic', 'term_released_pi', 'term_aux', 'method_spec', 'parse_method', 'reads_teacher',
+           'DistillObjective', 'record_changes']
 
 # %% ../nbs/04_objective.ipynb #7affb6ee
 def alw_alpha(step:int|float, # current iteration (or epoch), 0-based
@@ -60,6 +60,8 @@ def out_of_range(value, # a number, or whatever a flag or a config file gave
     return None if all(_OPS[op](x, float(b)) for op, b in bounds) else want
 
 # %% ../nbs/04_objective.ipynb #b311ed1b
+NETWORK_OUTPUTS = ('logits', 'logits4', 'low', 'high', 'aspp', 'aspp_bn', 'decoder', 'aux')   # what aicsd's networks give (05_models)
+
 @dataclass(frozen=True)
 class Term:
     "One distillation (or supervision) term: a function and what it declares."
@@ -86,6 +88,7 @@ class Term:
 
 # %% ../nbs/04_objective.ipynb #355d217e
 TERMS = {}
+METHODS = {}   # name -> `Method` (`register_method`, below): a term may not take a method's name
 LOG_COLUMNS = ('step', 'epoch', 'lr', 'alpha', 'loss')   # train_log.csv's own columns, before one per term
 
 class TermError(TypeError):
@@ -104,6 +107,16 @@ def _same(a, b)->bool:
 def _refuse_built_in(kind:str, name:str, what:str):
     raise ValueError(f"register_{kind}({name!r}): {name!r} is one of aicsd's {kind}s; replaced, {what}. Choose another name "
                      f"(e.g. 'my_{name}'), or pass replace=True to replace it on purpose")
+
+def _check_factory(w:str, term:Term):
+    "A term's `module` is called as module(s_channels, t_channels, num_classes, **params) and returns an `nn.Module`."
+    f, want = term.module, "module(s_channels, t_channels, num_classes" + ''.join(f", {k}=..." for k in term.params) + ") -> nn.Module"
+    if not callable(f): raise TermError(f"{w}: `module` must be a factory {want}; got {f!r}")
+    try: sig = inspect.signature(f)
+    except (TypeError, ValueError): return
+    try: sig.bind({}, {}, 0, **term.params)
+    except TypeError as e:
+        raise TermError(f"{w}: `module` ({getattr(f, '__qualname__', f)}{sig}) must accept {want}, its `params` as keywords: {e}") from None
 
 def _check_term(name:str, term:Term):
     "Refuse, naming the term, what the trainer could not call (said at registration, not at the first training step)."
@@ -132,6 +145,7 @@ def _check_term(name:str, term:Term):
     for k, c in term.choices.items():
         if term.params[k] not in c: raise ValueError(f"{w}: the default of parameter {k!r} must be one of {c} (its `choices`); got {term.params[k]!r}")
     if term.global_T and 'T' not in term.params: raise ValueError(f"{w}: `global_T=True` needs a parameter 'T' in `params`")
+    if term.module is not None: _check_factory(w, term)
     try: sig = inspect.signature(term.fn)
     except (TypeError, ValueError): return            # a builtin without a signature: called as it is
     try: sig.bind(None, None, None, mod=None, **term.params)
@@ -154,6 +168,9 @@ def register_term(name:str, # the name methods, weights and logs use
         used = [m for m, v in METHODS.items() if name in v.terms and m in _BUILT_IN['method']]
         _refuse_built_in('term', name, f"the built-in method(s) {', '.join(used)} would train yours under their names" if used
                          else "every run naming it would compute yours")
+    if name in METHODS and name not in METHODS[name].terms:   # 'kd+NAME' reads the method: the term could never be chosen
+        raise ValueError(f"term name {name!r} is the name of a method ({', '.join(METHODS[name].terms)}) that does not use it: "
+                         f"--method kd+{name} would add that method, never this term; choose another name")
     if name in TERMS and not _same(TERMS[name], term):
         warnings.warn(f"register_term({name!r}): replaces the registered term of that name (runs started with the old "
                       "one refuse --resume)", stacklevel=2)
@@ -216,8 +233,6 @@ class Method:
     paper:str='' # where it comes from
 
 # %% ../nbs/04_objective.ipynb #49d0e44d
-METHODS = {}
-
 def register_method(name:str, # what --method and `compare` call it: letters, digits, '_', '-', '.' (a folder's name too)
                     method:Method, # its terms and ALW
                     replace:bool=False, # allow replacing one of aicsd's own methods (else refused)
@@ -233,6 +248,9 @@ def register_method(name:str, # what --method and `compare` call it: letters, di
     missing = [t for t in method.terms if t not in TERMS]
     if missing: raise KeyError(f"method {name!r} uses unregistered term(s) {missing}; registered: {sorted(TERMS)}")
     if name in _BUILT_IN['method'] and not replace and METHODS[name] != method: _refuse_built_in('method', name, f"--method {name} and `compare` would train yours under its name")
+    if name in TERMS and name not in method.terms:   # 'cwd+NAME' would read the method, no longer the term
+        raise ValueError(f"method name {name!r} is the name of a term, which this method does not use: --method cwd+{name} would "
+                         f"then add this method instead of that term; choose another name")
     if name in METHODS and METHODS[name] != method:
         warnings.warn(f"register_method({name!r}): replaces the registered method of that name (runs started with the "
                       "old one refuse --resume)", stacklevel=2)
@@ -580,8 +598,19 @@ def build_modules(self:DistillObjective,
                 if miss := [t for t in TERMS[n].taps if t not in (ch or {})]:
                     raise ValueError(f"term {n!r} reads the feature tap(s) {miss}: `{side}` must give their channels "
                                      f"(e.g. `aicsd.distill.tap_channels(model, taps)`); got {dict(ch or {})}")
-    return nn.ModuleDict({n: TERMS[n].module(s_channels, t_channels, num_classes, **self.params[n])
-                          for n in self.names if TERMS[n].module is not None})
+    mods = {}
+    for n in self.names:
+        if TERMS[n].module is None: continue
+        try: m = TERMS[n].module(s_channels, t_channels, num_classes, **self.params[n])
+        except KeyError as e:                # channels of a tap it does not declare: not measured
+            if (k := e.args[0] if e.args else None) not in NETWORK_OUTPUTS or k in TERMS[n].inputs: raise
+            raise KeyError(f"term {n!r}: its `module` reads the channels of {k!r}, which its `Term.inputs` {tuple(TERMS[n].inputs)} "
+                           f"does not declare (only declared taps are measured); add {k!r} to `inputs`") from None
+        if not isinstance(m, nn.Module):
+            raise TermError(f"term {n!r}: its `module` returned {type(m).__name__}, not an `nn.Module` (trained with the student "
+                            "and saved in its checkpoint)")
+        mods[n] = m
+    return nn.ModuleDict(mods)
 
 # %% ../nbs/04_objective.ipynb #1ebe15dc
 @patch
@@ -659,7 +688,7 @@ def __call__(self:DistillObjective,
         try: value = term.fn(s, t, target, mod=modules[n] if n in modules else None, **self.params[n])
         except KeyError as e:                            # an output the term reads but does not declare: the trainer never asked for it
             k = e.args[0] if e.args else None
-            if not isinstance(k, str) or not k.isidentifier() or k in term.inputs or k in s: raise
+            if k not in NETWORK_OUTPUTS or k in term.inputs or k in s: raise   # (a key of the term's own: its own error)
             raise KeyError(f"term {n!r} reads the output {k!r}, which its `Term.inputs` {tuple(term.inputs)} does not declare: "
                            f"the networks are asked only for declared taps; add {k!r} to `inputs`") from None
         if not (torch.is_tensor(value) and value.numel() == 1 and value.is_floating_point()):

@@ -136,3 +136,17 @@ def test_errors_of_a_module_of_your_own_are_one_line(tmp_path):
         (tmp_path / f'{name}.py').write_text(f"from aicsd.objective import Term, register_term\n{body}\n")
         p = run(aicsd_cmd() + ['distill', '--import', f'{name}.py', '--help'], cwd=tmp_path, check=False)
         assert p.returncode == 2 and p.stderr.startswith(want) and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_an_error_in_your_own_term_shows_where(teacher, tiny_data, tmp_path):
+    """A term of an --import module that raises (here a ValueError, which aicsd's own errors print in one line) comes with
+    its traceback, down to the line of the user's file, then the one line."""
+    (tmp_path / 'my_bug.py').write_text(
+        "from aicsd.objective import Term, Method, register_term, register_method\n"
+        "def term_bug(s, t, target, mod=None):\n"
+        "    raise ValueError('my bug')\n"
+        "register_term('bug', Term(term_bug)); register_method('bugm', Method(('ce', 'bug')))\n")
+    p = run(aicsd_cmd() + ['distill', '--import', 'my_bug.py', '--teacher', teacher, '--student', 'mobilenetv2', '--method',
+                           'bugm', '--max-steps', 1] + tiny_args(tiny_data, tmp_path / 'b'), cwd=tmp_path, check=False)
+    assert p.returncode == 2 and 'Traceback' in p.stderr and 'my_bug.py", line 3, in term_bug' in p.stderr, p.stderr
+    assert p.stderr.rstrip().splitlines()[-1] == 'aicsd: error: my bug', p.stderr
