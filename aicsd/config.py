@@ -186,8 +186,11 @@ _LOGS = [   # checkpoints and logs
     _O('stop_after', None, 'Checkpoints and logs', 'leave after N iterations of this session (resume later; default: run '
        'to the end)', type=int, metavar='N', resume='free', check='int>=1'),
     _O('tensorboard', True, 'Checkpoints and logs', 'write TensorBoard events', flag='bool', resume='free'),
-    _O('figures', True, 'Checkpoints and logs', 'at each evaluation, draw the ICS matrices (in distill: teacher | student | '
-       'difference), predictions and curves into out/figures/ and TensorBoard', flag='bool', resume='free'),
+    _O('figures', True, 'Checkpoints and logs', 'at evaluations (--figures-every), draw the ICS matrices (in distill: teacher | '
+       'student | difference), predictions and curves into out/figures/ and TensorBoard', flag='bool', resume='free'),
+    _O('figures_every', 5, 'Checkpoints and logs', 'draw the figures at every K-th evaluation and at the last one (a drawing '
+       'takes rank 0 seconds, about 10 s at 21 classes, while the other processes wait)', type=int, metavar='K',
+       resume='free', check='int>=1'),
     _O('quiet', False, 'Checkpoints and logs', 'no progress: bars on a terminal, else a line per logged step (--log-every); no per-epoch lines', flags=('-q',), flag='bool', resume='free'),
 ]
 
@@ -316,6 +319,8 @@ def idle_options(cfg:dict, # a configuration (`make_config` fills it)
         idle.append(f"--head-width {cfg['head_width']}: the DeepLabV3+ (--arch deeplabv3plus) has its own head; the width is DeepLabV3's")
     if cfg.get('arch') == 'deeplabv3' and on('output_stride'):
         idle.append(f"--output-stride {cfg['output_stride']}: the DeepLabV3 (--arch deeplabv3) is built at output stride 8 only")
+    if not cfg.get('figures', True) and on('figures_every'):
+        idle.append(f"--figures-every {cfg['figures_every']}: --no-figures draws none")
     if obj is None: return idle
     idle += getattr(obj, 'unread', [])               # term parameters set where they are not read (`Term.used_with`)
     terms = f"method {obj.method!r} (terms {', '.join(obj.names)})"
@@ -631,5 +636,5 @@ class PrecisionSpec(Spec):
 @dataclass(frozen=True)
 class LoopSpec(Spec):
     "What the loop and its evaluations read (the loop never reads the configuration)."
-    batch_size:int; alw_unit:str; clip_grad:float|None; log_every:int; ckpt_every:int; eval_every:int
+    batch_size:int; alw_unit:str; clip_grad:float|None; log_every:int; ckpt_every:int; eval_every:int; figures_every:int
     val_batch_size:int; workers:int; max_val:int|None; quiet:bool; tensorboard:bool; resume:bool; stop_after:int|None; force:bool

@@ -767,9 +767,11 @@ def _worker_init(worker_id:int):
 LOADER_TIMEOUT = 600   # s a batch may take to arrive from a loader worker before the run fails (0: wait forever)
 
 def worker_options(num_workers:int, # loader processes (0: load in the main process)
+                   pin_memory:bool|None=None, # page-locked batches, for copies to a GPU; None: when CUDA is there
                   )->dict: # DataLoader keywords: how every loader of the package runs its workers
     "Seeded workers that leave signals to the main process, pinned memory on CUDA, a lost batch an error (not a hang)."
-    return dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory   # (a CPU run on a GPU machine: False, no CUDA started)
+    return dict(num_workers=num_workers, pin_memory=pin, worker_init_fn=_worker_init,
                 timeout=LOADER_TIMEOUT if num_workers > 0 else 0)
 
 def build_loader(dataset, # a dataset giving `(image, mask)` pairs
@@ -779,6 +781,7 @@ def build_loader(dataset, # a dataset giving `(image, mask)` pairs
                  seed:int=0, # shuffling and augmentation seed
                  distributed:bool|None=None, # shard across ranks; default: when torch.distributed is initialised
                  drop_last:bool|None=None, # default True for training (BatchNorm needs full batches), False for evaluation
+                 pin_memory:bool|None=None, # as `worker_options`'s: the run's device is a GPU
                 )->DataLoader: # `loader.sampler` has `set_epoch(epoch, skip=0)`
     "A DataLoader for training or evaluation, seeded, distributed-aware, with padding collate."
     if distributed is None: distributed = tdist.is_available() and tdist.is_initialized()
@@ -791,7 +794,7 @@ def build_loader(dataset, # a dataset giving `(image, mask)` pairs
         sampler, data = ShardSampler(len(dataset), K, r), dataset
     g = torch.Generator(); g.manual_seed(seed)
     return DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=pad_collate, drop_last=drop_last,
-                      generator=g, persistent_workers=num_workers > 0, **worker_options(num_workers))
+                      generator=g, persistent_workers=num_workers > 0, **worker_options(num_workers, pin_memory))
 
 # %% ../nbs/06_data.ipynb #ce8b35c9
 def close_loader(loader:DataLoader|None, # a loader, possibly with live (persistent) worker processes

@@ -15,8 +15,9 @@ from torch import nn, Tensor
 # %% auto #0
 __all__ = ['EVAL_KEYS', 'poly_lr_lambda', 'checkpoint_kind', 'load_teacher', 'StudentWithModules', 'model_outputs', 'tap_shapes',
            'tap_channels', 'distill_step', 'train_step', 'Run', 'build_models', 'weights_sha256', 'build_run',
-           'start_warnings', 'Diverged', 'train_one_epoch', 'val_ics_distance', 'evaluate_and_keep_best',
-           'restarted_with_checkpoint', 'evaluate_checkpoint', 'evaluate_to_files', 'describe_run', 'fit']
+           'start_warnings', 'Diverged', 'train_one_epoch', 'val_ics_distance', 'draws_figures',
+           'evaluate_and_keep_best', 'restarted_with_checkpoint', 'evaluate_checkpoint', 'evaluate_to_files',
+           'describe_run', 'fit']
 
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import (build_model, param_groups, model_arch, load_model, load_released_checkpoint,
@@ -311,9 +312,9 @@ def build_models(M:ModelSpec, # the model part of the configuration
 
 # %% ../nbs/08_distill.ipynb #66e33893
 def weights_sha256(model:nn.Module)->str:
-    "A fingerprint of a model's weights: SHA-256 over every `state_dict` entry's name, shape, dtype and bytes."
+    "A fingerprint of a model's weights: SHA-256 over every `state_dict` entry's name, shape, dtype and bytes (of the network inside any DDP or compile wrapper)."
     h = hashlib.sha256()
-    for k, v in model.state_dict().items():
+    for k, v in unwrap(model).state_dict().items():
         v = v.detach().cpu().contiguous().reshape(-1)
         h.update(f'{k}:{tuple(v.shape)}:{v.dtype};'.encode()); h.update(v.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -355,7 +356,8 @@ def build_run(cfg:dict)->Run:
             raise ValueError(f"the training split {D.train_split!r} of {D.data_root} has {len(train_ds)} image(s): they cannot fill "
                              f"a batch of {L.batch_size} (--batch-size) on {world} process(es); check --data-root and --train-split")
         L = dataclasses.replace(L, workers=loader_workers(L.workers, device, int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
-        loader = build_loader(train_ds, L.batch_size, train=True, num_workers=L.workers, seed=M.seed, distributed=world > 1)
+        loader = build_loader(train_ds, L.batch_size, train=True, num_workers=L.workers, seed=M.seed, distributed=world > 1,
+                              pin_memory=device.type == 'cuda')
         objective = cfg.objective                                            # the method, parsed once by make_config
         student, teacher, modules = build_models(M, objective, nc)
         amp_dtype = _amp_dtype(P.precision, device)
@@ -543,7 +545,12 @@ def val_ics_distance(run:Run, # the run: its student, teacher (None: no distance
             finally: m.train(was)
     return ics_distance(M['s'] / k, M['t'] / k)
 
-def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer, t0:float, tty:bool=False,
+def draws_figures(run:Run, prog:Progress)->bool:
+    "Whether this evaluation draws the figures: every `--figures-every`-th evaluation (counted by epoch), and the last."
+    L = run.loop
+    return prog.step >= run.total or (prog.epoch // max(1, L.eval_every)) % L.figures_every == 0
+
+def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer, tty:bool=False,
                            draw:Callable|None=None, # figure hook (run, step, tb_writer) -> dict, or None
                            interrupted:Callable|None=None, # as `train_one_epoch`'s: a signal ends the evaluation, last.pt written
                           ):
@@ -565,11 +572,11 @@ def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer
         except Exception as e: d = None; warn(f"ICS distance at step {prog.step} not computed: {type(e).__name__}: {e}")
         if d is not None: prog.metrics['ics_distance'] = d
         log.row('eval_log', prog.step, dict(epoch=prog.epoch, **{k: v for k, v in prog.metrics.items() if isinstance(v, float)},
-                                            time_s=round(time.time() - t0, 2)))
+                                            time_s=round(time.time() - prog.started, 2)))
         if not L.quiet:
             print(f"epoch {prog.epoch}/{run.epochs} step {prog.step}: mIoU {prog.metrics['miou']:.4f} "
                   f"pixel acc {prog.metrics['pixel_acc']:.4f}", flush=True)
-    if run.main and draw is not None and run.dtype == torch.float32:   # (figures are drawn from float32 logits)
+    if run.main and draw is not None and run.dtype == torch.float32 and draws_figures(run, prog):   # (from float32 logits)
         _eval_figures(run, prog, log, draw)
     if prog.best is None or prog.metrics['miou'] > prog.best:
         prog.best = prog.metrics['miou']
@@ -659,8 +666,14 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
             elif dnc is not None and dnc != nc:
                 raise ValueError(f"{ckpt} predicts {nc} classes but {opts['data']} ({getattr(ds, 'root', opts['data_root'])}) "
                                  f"has {dnc}: this checkpoint was not trained on this dataset")
+        amp = _amp_dtype(opts['precision'], dev)
+        if opts['precision'] == 'auto' and (ck.get('decided') or {}).get('student_bf16'):   # its run evaluated in bf16: so here
+            if native_bf16(dev): amp = torch.bfloat16; say("evaluating under bf16 autocast, as its run's own evaluations did "
+                                                           "(--precision fp32: in fp32)", file=sys.stderr)
+            else: say(f"its run evaluated under bf16 autocast; this {dev.type} has no native bf16, so fp32 here: the mIoU may "
+                      "differ from its eval_log.csv's in the last digits (--precision bf16: as the run did)", file=sys.stderr)
         res = evaluate(model, ds, nc, batch_size=opts['val_batch_size'], device=dev, workers=loader_workers(opts['workers'], dev),
-                       amp_dtype=_amp_dtype(opts['precision'], dev), max_items=opts['max_val'], predict=eval_predictor(opts))
+                       amp_dtype=amp, max_items=opts['max_val'], predict=eval_predictor(opts))
         failed = False
         names = list(getattr(ds, 'classes', None) or [])[:nc]
         return {**{k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in res.items()},
@@ -791,7 +804,7 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
                      written=wrote, eval_step=prog.eval_step if resume else None)
         tty = sys.stderr.isatty() and not L.quiet and run.main and 'PYTEST_CURRENT_TEST' not in os.environ
         stop_at = prog.step + int(L.stop_after) if L.stop_after else None
-        ev = lambda: evaluate_and_keep_best(run, prog, log, ckpt, t0, tty, draw, interrupted=_interrupted)
+        ev = lambda: evaluate_and_keep_best(run, prog, log, ckpt, tty, draw, interrupted=_interrupted)
         if 0 < prog.step < run.total and prog.step_in_epoch == 0 and prog.eval_step != prog.step \
            and prog.epoch % max(1, L.eval_every) == 0:   # resumed at an epoch's end its checkpoint holds no evaluation of: that first
             ev()                                         # (recorded by the next checkpoint, as each epoch's evaluation)

@@ -186,7 +186,7 @@ def evaluate(model:nn.Module, # network to evaluate (eval mode is set here)
     K, r = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     dl = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), K, r), collate_fn=same_size_groups,
                     generator=torch.Generator(),       # its iterator's seed: not drawn from the training's random stream
-                    **worker_options(workers))         # as the training loader's workers
+                    **worker_options(workers, torch.device(device).type == 'cuda'))         # as the training loader's workers
     was = model.training; model.eval()
     fdt = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     m = SegMetrics(num_classes, ignore_index=255)

@@ -257,6 +257,10 @@ def _mean_std(xs:list)->tuple:
 # %% ../nbs/08a_experiments.ipynb #4992944e
 def _report_title(P:dict)->str: return f"# aicsd {'quick ' if P['name'] == 'quick' else ''}comparison"   # report.md's first line
 
+def _reported(out:Path)->list: # the students' methods of the report in `out` (none: no report, or not one of ours)
+    try: return [r['method'] for r in json.loads((out/'results.json').read_text()) if not r['method'].startswith('teacher')]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError): return []
+
 def _would_shrink(out:Path, P:dict, methods:tuple, resume:bool)->str|None: # why this comparison must not replace the report in `out`
     """A report in `out` that this run would replace with less: a full one by a quick one, or (without `resume`, which
     keeps every finished run) one with methods this run lacks."""
@@ -266,8 +270,7 @@ def _would_shrink(out:Path, P:dict, methods:tuple, resume:bool)->str|None: # why
     if was != P['name']:
         return f"{out} holds a {was} comparison (report.md and its runs), which this {P['name']} one would replace"
     if resume: return None
-    try: had = [r['method'] for r in json.loads((out/'results.json').read_text()) if not r['method'].startswith('teacher')]
-    except (OSError, ValueError, TypeError, KeyError, AttributeError): return None
+    had = _reported(out)
     if lost := [m for m in had if m not in methods]:
         return (f"{out} holds a comparison of {len(had)} methods, and this one's report would leave out "
                 f"{', '.join(lost[:4])}{', ...' if len(lost) > 4 else ''} (--methods {' '.join(methods)}; --resume keeps the runs there)")
@@ -308,6 +311,9 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
     out = make_folder(out or demo_out('demo', quick), 'the report folder')
     if why := _would_shrink(out, P, methods, resume):               # another command's report and runs: not replaced by less
         raise ValueError(f"{why}: give another --out, or delete {out} first")
+    if resume and (lost := [m for m in _reported(out) if m not in methods]):   # --resume with fewer --methods: kept, said
+        print(f"the new report covers {', '.join(methods)}; {', '.join(lost)}, in the earlier report, are left out of it (their "
+              f"runs stay in {out}: name them in --methods with --resume to report them again)", flush=True)
     lock = RunLock(out).acquire()                       # one demo or comparison in a folder at a time
     was_threads = torch.get_num_threads()              # put back at the end: a notebook's next cells run as before
     try:

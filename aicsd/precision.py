@@ -78,9 +78,10 @@ def _measure_precision(run, todo:list)->tuple: # ({decision: bool}, what was mea
     "Rank 0's measurements behind the automatic choices in `todo` ('student_bf16', 'teacher_bf16')."
     im = run.val_ds[0][0][None].to(run.device, dtype=torch.float32)     # a real image for the numerics check
     got, said = {}, []
-    if 'student_bf16' in todo:
-        got['student_bf16'], why = bf16_agrees(run.student, im)
-        said.append(f"student in {'bf16 (autocast)' if got['student_bf16'] else 'fp32'}: on the first validation image its {why}")
+    if 'student_bf16' in todo:   # judged on trained weights, the teacher's where there is one: a student at step 0 gives
+        who, net = ('teacher', run.teacher) if run.teacher is not None else ('student', run.student)   # near-flat logits
+        got['student_bf16'], why = bf16_agrees(net, im)            # (ICS entries ~1e-5), whose ICS matrix any rounding moves
+        said.append(f"student in {'bf16 (autocast)' if got['student_bf16'] else 'fp32'}: on the first validation image the {who}'s {why}")
     if 'teacher_bf16' in todo and not got.get('student_bf16'):
         g = torch.Generator().manual_seed(0)                               # the run's own RNG streams are not touched
         h, w = size_pair(run.data.crop_size, 'crop_size')

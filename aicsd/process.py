@@ -144,7 +144,9 @@ def start_process(device:str='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'
                  )->tuple: # (device, rank, world, local_rank, we_initialised the process group)
     "Set up this process for a command: threads, determinism, device, allocator, process group (under torchrun)."
     if threads: torch.set_num_threads(int(threads))
-    if deterministic: torch.use_deterministic_algorithms(True, warn_only=True)
+    if deterministic:   # cuBLAS is deterministic only with a fixed workspace, set before it starts (PyTorch's reproducibility notes)
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True, warn_only=True)
     dev = resolve_device(device, dist_env()[2])
     if dev.type == 'cpu': set_malloc_mmap_threshold(malloc_mmap_mb)
     return (dev, *init_distributed(dev))

@@ -22,14 +22,14 @@ __all__ = ['LOGS', 'CHECKPOINTS', 'RUN_FILES', 'STOP_SIGNALS', 'RESUME_KEYS', 'r
            'Checkpointer', 'check_resumable', 'sweep_temporaries', 'new_folders', 'remove_empty', 'clear_run']
 
 # %% ../nbs/07b_runfolder.ipynb #540a878f
-def rng_state(cuda:bool=True, # also CUDA's generators when there is a GPU (this initialises CUDA)
+def rng_state(cuda:bool=True, # also the CUDA generator of this process's GPU, when there is one (this initialises CUDA)
              )->dict:
     "The RNG states of torch (CPU and CUDA), numpy and python as weights_only-safe objects."
     npst = np.random.get_state()
     st = dict(torch=torch.get_rng_state(), python=random.getstate(),
               numpy=dict(name=npst[0], key=torch.from_numpy(npst[1].astype(np.int64)), pos=int(npst[2]),
                          has_gauss=int(npst[3]), cached_gaussian=float(npst[4])))
-    if cuda and torch.cuda.is_available(): st['cuda'] = torch.cuda.get_rng_state_all()
+    if cuda and torch.cuda.is_available(): st['cuda'] = torch.cuda.get_rng_state()   # the current device's: a resume may see fewer GPUs
     return st
 
 # %% ../nbs/07b_runfolder.ipynb #7b215d03
@@ -40,7 +40,10 @@ def set_rng_state(st:dict):
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = st['numpy']
     np.random.set_state((n['name'], n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
-    if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
+    if 'cuda' in st and torch.cuda.is_available():
+        c = st['cuda']                   # a list in older files: every visible GPU's; this process's is its current device's
+        if isinstance(c, (list, tuple)): c = c[torch.cuda.current_device()] if torch.cuda.current_device() < len(c) else None
+        if c is not None: torch.cuda.set_rng_state(c)
 
 # %% ../nbs/07b_runfolder.ipynb #30619a26
 class RunLog:
@@ -53,8 +56,8 @@ class RunLog:
                  eval_step:int|None=None, # resuming: the checkpoint's last evaluation; eval rows after it are dropped too
                 ):
         self.out, self.enabled, self.tb, self._said = Path(out), enabled, None, set()
+        ev = resume_step if eval_step is None or resume_step is None else min(resume_step, eval_step)   # (saved before its evaluation: that row goes)
         if enabled and resume_step is not None:
-            ev = resume_step if eval_step is None else min(resume_step, eval_step)   # (saved before its evaluation: that row goes)
             moved = [n for n, s in (('train_log', resume_step), ('eval_log', ev)) if self._truncate(self.out/f'{n}.csv', s)]
             for name in written:
                 if name not in moved and not (self.out/f'{name}.csv').exists():   # (a damaged one was said already)
@@ -63,9 +66,24 @@ class RunLog:
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                # events after the checkpoint's step go (they are done again); its own step's stay, as in the CSV logs
-                self.tb = SummaryWriter(str(self.out/'tb'), purge_step=None if resume_step is None else resume_step + 1)
+                # events after what the checkpoint holds go (they are done again), as in the CSV logs: after its step, and after
+                # its last evaluation (a checkpoint written before its evaluation: that evaluation runs again); TensorBoard
+                # purges every tag from one step, so the training rows kept in between are written again from the CSV
+                purge = None if resume_step is None else ev + 1
+                self.tb = SummaryWriter(str(self.out/'tb'), purge_step=purge)
+                if purge is not None and purge <= resume_step: self._replay('train_log', purge, resume_step)
             except Exception as e: warn(f"TensorBoard disabled: {type(e).__name__}: {e}")
+    def _replay(self, name:str, lo:int, hi:int):
+        "Write the rows of `name`.csv of steps `lo`..`hi` to TensorBoard again (after a purge from `lo`)."
+        f = self.out/f'{name}.csv'
+        if not f.is_file(): return
+        with open(f, newline='') as fh:
+            for r in csv.DictReader(fh):
+                if not (r.get('step') or '').strip().isdigit() or not lo <= int(r['step']) <= hi: continue
+                for k, v in r.items():
+                    try: x = float(v)
+                    except (TypeError, ValueError): continue
+                    if k != 'step': self.tb.add_scalar(f'{name}/{k}', x, int(r['step']))
     @staticmethod
     def _truncate(f:Path, step:int)->bool: # True when the file was not a log and was moved aside
         "Keep the header and the rows of steps <= `step`, every line ending in '\\n' (a temporary file, then moved into place)."
@@ -135,6 +153,7 @@ class Progress:
     "Where a run stands: the next batch to train, the best mIoU so far and the step of the last evaluation (-1: none)."
     epoch:int=0; step_in_epoch:int=0; step:int=0; best:float|None=None; metrics:dict=field(default_factory=dict)
     eval_step:int=-1
+    started:float=field(default_factory=time.time)   # time.time() at the run's start, less earlier sessions' time (eval_log's time_s)
 
 def _best(v)->float|None:
     "The best mIoU a `last.pt` holds: None before the first evaluation (older files wrote -1.0 for that)."
@@ -225,7 +244,7 @@ def save_last(self:Checkpointer, prog:Progress):
     "Write `last.pt` (every rank takes part: the RNG states are gathered); a complete run's leaves out the optimizer state."
     r = self.run
     done = prog.step >= r.total and prog.eval_step == prog.step   # nothing left to train: momentum buffers are a model's size
-    st = rng_state()
+    st = rng_state(cuda=r.device.type == 'cuda')   # (a CPU run on a GPU machine starts no CUDA)
     if r.world > 1:
         allst = [None] * r.world
         dist.all_gather_object(allst, st)
@@ -235,7 +254,7 @@ def save_last(self:Checkpointer, prog:Progress):
                               optimizer={} if done else r.opt.state_dict(), scheduler=r.sched.state_dict(),
                               scaler=r.scaler.state_dict() if r.scaler is not None else {},
                               epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step, eval_step=prog.eval_step, world=r.world,
-                              best_miou=prog.best, metrics=prog.metrics or {}, rng=allst, train_images=_n_train(r)), self.last)
+                              best_miou=prog.best, metrics=prog.metrics or {}, elapsed_s=time.time() - prog.started, rng=allst, train_images=_n_train(r)), self.last)
         if self.last.exists(): os.replace(self.last, self.prev)
         replace_synced(tmp, self.last)                # and the folder synced: the renames survive a power cut
 
@@ -328,7 +347,8 @@ def resume(self:Checkpointer)->Progress|None:
     for k, v in kept.items():                        # automatic decisions are kept, not taken again
         if r.decided.get(k) is None and v is not None: r.decided[k] = bool(v)
     return Progress(ck['epoch'], ck['step_in_epoch'], ck['global_step'], _best(ck['best_miou']), ck['metrics'],
-                    ck.get('eval_step', ck['global_step']))   # older files: taken as evaluated where they stopped
+                    ck.get('eval_step', ck['global_step']),   # older files: taken as evaluated where they stopped
+                    time.time() - ck.get('elapsed_s', 0.0))   # the sessions before count in eval_log's time_s
 
 # %% ../nbs/07b_runfolder.ipynb #202c2d94
 def _aside(out:Path)->Path:

@@ -473,8 +473,10 @@ def plot_curves(run, # a run folder, `read_run`'s result, or several: a list of 
                 a_ics = a_eval.twinx()
                 a_ics.plot(ev['step'], ev['ics_distance'], marker='^', ms=3, ls=':', color=pal[4], label='ICS distance (right)', **kw)
                 a_ics.set_ylabel('ICS distance to the teacher (nats²)')
-                _d = np.asarray(ev['ics_distance'], dtype=float)
-                a_ics.set_ylim(0, 1.08 * float(_d[np.isfinite(_d)].max()) or 1)   # from 0, the largest marker whole
+                _d = np.asarray(ev['ics_distance'], dtype=float); _p = _d[np.isfinite(_d) & (_d > 0)]
+                if _p.size > 1 and _p.max() > 30 * _p.min():   # an early spike would flatten the late approach against 0
+                    a_ics.set_yscale('log'); a_ics.set_ylabel('ICS distance to the teacher (nats², log scale)')
+                else: a_ics.set_ylim(0, 1.08 * float(_d[np.isfinite(_d)].max()) or 1)   # from 0, the largest marker whole
             if single:                              # the values written out: markers at one step can cover each other
                 a_eval.set_ylim(0, 100)
                 txt = [f"mIoU {100 * ev['miou'][0]:.1f} %"] + ([f"pixel acc. {100 * ev['pixel_acc'][0]:.1f} %"] if 'pixel_acc' in ev else [])
@@ -613,7 +615,8 @@ def _figures_readme(teacher:bool, of:str, alw:bool=False)->str:
                                                           "between steps, so compare the colour bars' numbers"))
     return "\n".join([
         "# The figures of this run (aicsd)", "",
-        f"Drawn at each evaluation on the same validation images ({of}), so that files of successive steps compare.", "",
+        f"Drawn at every --figures-every-th evaluation and the last, on the same validation images ({of}), so that files of "
+        "successive steps compare.", "",
         f"- `ics_step<step>.png`: ICS matrices M[i, j] = KL(P_i || P_j), averaged over the images: {ics}.",
         *(["- `ics_rows_step<step>.png`: the same with each row L2-normalised (what `icsd_loss(normalize='row')` compares), on",
            "  0..1; the difference on its own scale.",
@@ -751,7 +754,8 @@ def _explorer_controls(n_images:int, # images to choose from
                        T:float, i:int, j:int, # initial temperature and class pair
                       )->dict: # the widgets by role, and `box`, the layout holding them
     "The explorer's widgets: image slider, class dropdowns, temperature slider, network buttons, KL line, output."
-    import ipywidgets as W
+    try: import ipywidgets as W
+    except ImportError: raise ImportError("the ICS explorer needs ipywidgets (a requirement of aicsd): pip install ipywidgets") from None
     C, opts = len(classes), [(f'{c}: {n}', c) for c, n in enumerate(classes)]
     w = dict(image=W.IntSlider(value=0, min=0, max=n_images - 1, description='image'),
              i=W.Dropdown(options=opts, value=min(i, C - 1), description='class i'),
@@ -763,6 +767,14 @@ def _explorer_controls(n_images:int, # images to choose from
     return w
 
 # %% ../nbs/10_viz.ipynb #250f6fd0
+def _stacked(v, k:str):
+    "`model_logits`' list of `1 x C x H x W` logits as one batch (images of one size), anything else as it is."
+    if not isinstance(v, (list, tuple)) or not v or not all(torch.is_tensor(z) and z.ndim == 4 for z in v): return v
+    if len({tuple(z.shape[1:]) for z in v}) > 1:
+        raise ValueError(f"`logits[{k!r}]` holds images of different sizes {sorted({tuple(z.shape[2:]) for z in v})}: the "
+                         "explorer takes one batch B x C x H x W; pass images of one size (e.g. the first of each size)")
+    return torch.cat(list(v))
+
 class ICSExplorer:
     "Interactive view of class distributions and their KL: image, class pair, temperature and network."
     def __init__(self, logits:dict, # name -> logits `B x C x H x W` of the same images ('teacher', 'student', ...)
@@ -773,7 +785,7 @@ class ICSExplorer:
                 ):
         if not isinstance(logits, dict) or not logits:
             raise ValueError("`logits` must be a dict name -> logits `B x C x H x W` (e.g. {'teacher': zt, 'student': zs})")
-        self.logits = {k: check_logits(v, f'logits[{k!r}]').detach().cpu() for k, v in logits.items()}
+        self.logits = {k: check_logits(_stacked(v, k), f'logits[{k!r}]').detach().cpu() for k, v in logits.items()}
         if len(shapes := {k: tuple(v.shape[:2]) for k, v in self.logits.items()}.values()) and len(set(shapes)) > 1:
             raise ValueError(f"every network's logits must have the same images and classes (B, C); got "
                              f"{ {k: tuple(v.shape[:2]) for k, v in self.logits.items()} }")

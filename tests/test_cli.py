@@ -280,3 +280,18 @@ def test_documented_commands_parse():
         except SystemExit as e:
             if e.code not in (0, None): bad.append(f"{f}: aicsd {c}\n    {err.getvalue().strip().splitlines()[-1]}")
     assert not bad, 'commands in the docs that `aicsd` refuses:\n' + '\n'.join(bad)
+
+
+def test_evaluate_takes_the_precision_its_run_evaluated_in(tiny_data, tmp_path):
+    """A student trained (and evaluated during training) under bf16 autocast is evaluated under bf16 by a plain `aicsd
+    evaluate`, so its mIoU is eval_log.csv's; on a CPU without native bf16 it says why it is fp32 instead."""
+    from aicsd.process import native_bf16
+    from aicsd.runfolder import read_run
+    run(aicsd_cmd() + ['train', '--model', 'mobilenetv2', '--max-steps', 2, '--precision', 'bf16'] +
+        tiny_args(tiny_data, tmp_path / 'r'), cwd=tmp_path)
+    p = run(aicsd_cmd() + ['evaluate', '--ckpt', tmp_path / 'r' / 'last.pt', '--data', 'synthetic', '--data-root', tiny_data,
+                           '--threads', 1, '--device', 'cpu', '--json', tmp_path / 'e.json'], cwd=tmp_path)
+    got, logged = json.loads((tmp_path / 'e.json').read_text())['miou'], read_run(tmp_path / 'r')['eval']['miou'][-1]
+    if native_bf16(torch.device('cpu')):
+        assert 'evaluating under bf16 autocast, as its run' in p.stderr and got == logged, (p.stderr, got, logged)
+    else: assert 'has no native bf16, so fp32 here' in p.stderr, p.stderr

@@ -92,6 +92,7 @@ def test_compare_quick_every_method_defaults(tmp_path):
     p = run([*aicsd_cmd(), 'compare', '--quick', '--out', out, '--data-root', tmp_path / 'syn', '--import', 'nan_terms.py',
              '--methods', 'baseline', 'nanm', '--resume'], cwd=tmp_path, timeout=600, check=False)
     assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+    assert 'the new report covers baseline, nanm; kd, ' in p.stdout and 'are left out of it (their runs stay in' in p.stdout, p.stdout
     assert ("aicsd: error: student nanm, seed 0: the loss is nan at step 1 (non-finite term(s): nan_t" in p.stderr
             and "change the term or its `weight` where it is registered (`register_term`), then continue with the same "
                 "command and --resume" in p.stderr and '--lr' not in p.stderr), p.stderr[-3000:]
