@@ -609,7 +609,8 @@ def run_benchmarks(what:list, # names from BENCHES
     print('machine: ' + ', '.join(f'{k} {v}' for k, v in info.items()) + f', device {device}', flush=True)
     if out is not None:      # the file says where and how its rows were measured: a machine row, and `quick` on every row
         append_rows(out, [dict(info, device=device, what=' '.join(what), time=time.strftime('%Y-%m-%d %H:%M:%S'))], bench='machine', quick=quick)
-    calls = dict(icsd=lambda: bench_icsd(device=device, quick=quick), stride4=lambda: bench_stride4(quick=quick),
+    calls = dict(icsd=lambda: bench_icsd(device=device, quick=quick),
+                 stride4=lambda: [dict(r, device='cpu') for r in bench_stride4(quick=quick)],   # (on the CPU, whatever --device)
                  step=lambda: bench_step(device=device, quick=quick), data=lambda: bench_data(quick=quick),
                  loop=lambda: bench_loop(device=device, quick=quick),
                  latency=lambda: bench_latency(device=device, quick=quick))

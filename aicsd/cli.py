@@ -13,7 +13,7 @@ from .data import DEFAULT_ROOTS
 from .runfolder import STOP_SIGNALS, RunInterrupted, how_stopped
 from .process import dist_env, PeerFailed
 from .checkpoint import json_text
-from .objective import METHODS, TERMS, parse_method
+from .objective import METHODS, TERMS, parse_method, _near
 from .experiments import RECIPES, recipe_text, run_demo, run_compare
 from .bench import BENCHES, run_benchmarks
 
@@ -67,7 +67,7 @@ def _weight_arg(s:str)->tuple:
     except ValueError: w = None
     if not sep or w is None or not k.strip():
         raise argparse.ArgumentTypeError(f"expected TERM=WEIGHT such as cwd=3, got {s!r}")
-    if k.strip() not in TERMS: raise argparse.ArgumentTypeError(f"unknown term {k.strip()!r}; terms: {', '.join(TERMS)}{_OWN}")
+    if k.strip() not in TERMS: raise argparse.ArgumentTypeError(f"unknown term {k.strip()!r}{_near(k.strip(), TERMS)}; terms: {', '.join(TERMS)}{_OWN}")
     return k.strip(), w
 
 # %% ../nbs/09_cli.ipynb #2c5ce269
@@ -76,7 +76,7 @@ def _param_arg(s:str)->tuple:
     k, sep, v = s.partition('=')
     term, dot, key = k.strip().partition('.')
     if not sep or not dot or not key: raise argparse.ArgumentTypeError(f"expected TERM.KEY=VALUE such as cwd.tau=2, got {s!r}")
-    if term not in TERMS: raise argparse.ArgumentTypeError(f"unknown term {term!r}; terms: {', '.join(TERMS)}{_OWN}")
+    if term not in TERMS: raise argparse.ArgumentTypeError(f"unknown term {term!r}{_near(term, TERMS)}; terms: {', '.join(TERMS)}{_OWN}")
     if key not in TERMS[term].params:                # (ignore_index passes: the objective says why it is not set per term)
         raise argparse.ArgumentTypeError(f"term {term!r} has no parameter {key!r}; it takes {TERMS[term].settable or 'none'}")
     return term, key, yaml_load(v, f'--param {s}')

@@ -466,6 +466,11 @@ def _known_terms(names:tuple)->tuple:
     return tuple(names)
 
 # %% ../nbs/04_objective.ipynb #0d75648c
+def _near(name:str, names)->str:
+    "' (did you mean X?)' for the closest of `names` to a misspelt `name`, else ''."
+    near = difflib.get_close_matches(str(name), list(names), n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ''
+
 def _add_term(method:str, term:str)->str:
     "How to give method `method` the term `term` it lacks (for the refusal of a weight or parameter of that term)."
     return ("DeepLabV3's auxiliary head adds it: set --aux-weight W" if term == 'aux' else
@@ -503,7 +508,7 @@ class DistillObjective:
         if lambda_kd is not None: given.setdefault('kd', lambda_kd)
         if lambda_icsd is not None: given.setdefault('icsd', lambda_icsd)
         for k, v in given.items():
-            if k not in TERMS: raise ValueError(f"weight for unknown term {k!r}; terms: {', '.join(TERMS)}")
+            if k not in TERMS: raise ValueError(f"weight for unknown term {k!r}{_near(k, self.names)}; terms: {', '.join(TERMS)}")
             if bad := out_of_range(v, '>=0'):
                 arg = f"lambda_{k}" if k in ('kd', 'icsd') and k not in (weights or {}) else f"weights[{k!r}]"   # the argument given
                 raise ValueError(f"weight of {k!r} (`{arg}`, --weight {k}=W) must be {bad}; got {v}")
@@ -518,6 +523,9 @@ class DistillObjective:
             raise ValueError(f"`params` maps each term to its parameters, e.g. {{'cwd': {{'tau': 4.0}}}} (on the command line "
                              f"--param cwd.tau=4); got {params!r}")
         if stray := sorted(set(params or {}) - set(self.names)):   # as for weights: a term the method lacks is an error
+            if unknown := [n for n in stray if n not in TERMS]:
+                raise ValueError(f"--param for unknown term {unknown[0]!r}{_near(unknown[0], self.names)}; the terms of method "
+                                 f"{method!r}: {', '.join(self.names)}")
             raise ValueError(f"--param for term(s) {', '.join(stray)}, which method {method!r} does not use (its terms: "
                              f"{', '.join(self.names)}); " + _add_term(method, stray[0]))
         self.params, self.unread = {}, []   # unread: parameters set where they change nothing (`Term.used_with`)
