@@ -145,6 +145,8 @@ def _check_term(name:str, term:Term):
     for k, c in term.choices.items():
         if term.params[k] not in c: raise ValueError(f"{w}: the default of parameter {k!r} must be one of {c} (its `choices`); got {term.params[k]!r}")
     if term.global_T and 'T' not in term.params: raise ValueError(f"{w}: `global_T=True` needs a parameter 'T' in `params`")
+    if term.ics and 'T' not in term.params: raise ValueError(f"{w}: `ics=True` needs a parameter 'T' in `params` (the temperature "
+                                                             "a run compares ICS matrices at)")
     if term.module is not None: _check_factory(w, term)
     try: sig = inspect.signature(term.fn)
     except (TypeError, ValueError): return            # a builtin without a signature: called as it is
