@@ -232,7 +232,7 @@ def test_a_failure_drawing_figures_does_not_end_the_run(tiny_data, tmp_path, mon
     def boom(*a, **k): raise RuntimeError('stack expects each tensor\nto be equal size')
     monkeypatch.setattr(aicsd.viz, 'write_eval_figures', boom)
     from aicsd.viz import run_figures                     # the command line's hook (--figures, the default)
-    r = fit(_cfg(tiny_data, tmp_path / 'g', epochs=2, figures=True), draw=run_figures)
+    r = fit(_cfg(tiny_data, tmp_path / 'g', epochs=2, figures=True, figures_every=1), draw=run_figures)   # both evaluations draw
     assert r['steps'] == 6 and (tmp_path / 'g' / 'best.pt').exists()
     warned = [l for l in capsys.readouterr().err.splitlines() if 'warning' in l]
     assert warned == [f'aicsd: warning: figures at step {s} not drawn: RuntimeError: stack expects each tensor to be '
