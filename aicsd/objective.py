@@ -551,10 +551,10 @@ class DistillObjective:
                     raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) must be true or false; got {v!r}")
                 if k in extra and isinstance(d, numbers.Real) and not isinstance(d, bool):   # a number: of the default's kind
                     whole = isinstance(d, int)
-                    if isinstance(v, bool) or not isinstance(v, numbers.Real) or (whole and not float(v).is_integer()
-                                                                                   and k not in TERMS[n].bounds):
+                    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) or \
+                       (whole and not float(v).is_integer() and k not in TERMS[n].bounds):
                         raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) must be "
-                                         f"{'a whole number' if whole else 'a number'} (its default is {d}); got {v!r}")
+                                         f"{'a whole number' if whole else 'a finite number'} (its default is {d}); got {v!r}")
                     if not whole or float(v).is_integer(): p[k] = type(d)(v)   # T=2 as 2.0 when the default is 2.0
             for k, c in TERMS[n].bounds.items():
                 if p.get(k) is not None and (bad := out_of_range(p[k], c)):
