@@ -85,7 +85,10 @@ GPU_ENV = export PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}; \
 	 if ! $(GPU_PY) -c 'import fastcore' 2>/dev/null; then \
 	   if ! ls .whl/fastcore-*.whl >/dev/null 2>&1; then echo "gpu-check: $(GPU_PY) has no fastcore: run make gpu-wheels where pip reaches the package index, and bring .whl/"; exit 2; fi; \
 	   $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl || exit 2; \
-	   export PYTHONPATH=$$PYTHONPATH:$(GPU_SITE); fi
+	   export PYTHONPATH=$$PYTHONPATH:$(GPU_SITE); fi; \
+	 $(GPU_PY) -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)'; rc=$$?; \
+	 if [ $$rc = 3 ]; then echo "gpu-check: no CUDA GPU here (torch.cuda.is_available() is False)"; exit 2; \
+	 elif [ $$rc != 0 ]; then echo "gpu-check: $(GPU_PY) cannot import torch"; exit 2; fi
 gpu-wheels:
 	mkdir -p .whl && $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_17_x86_64 -d .whl 'fastcore>=1.5,<2' && ls .whl

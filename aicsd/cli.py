@@ -484,13 +484,13 @@ def _out_of_memory(e:BaseException)->str|None: # the one line for an allocation 
             "--eval-scales (evaluation), or use a device with more memory")
 
 def _raised_in_your_code(e:BaseException)->bool:
-    "Whether `e` came from code of the user's (a term of an --import module, say): the last frame outside Python's and the installed packages' files is not aicsd's."
-    lib = tuple(str(Path(p).resolve()) + os.sep for p in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix})
-    ours, last = str(Path(importlib.import_module('aicsd').__file__).resolve().parent) + os.sep, None
-    for f in traceback.extract_tb(e.__traceback__):
-        p = str(Path(f.filename).resolve()) if not f.filename.startswith('<') else None
-        if p is not None and not p.startswith(lib): last = p
-    return last is not None and not last.startswith(ours)
+    """Whether `e` passed through a function of the user's (a term of an --import module, or a helper it called): a frame
+    outside aicsd and outside Python's and the installed packages' files, in a function (a module's own lines, such as
+    a `register_term` call aicsd refuses, keep aicsd's one line)."""
+    skip = tuple(str(Path(p).resolve()) + os.sep for p in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                                                           Path(importlib.import_module('aicsd').__file__).parent})
+    return any(not f.filename.startswith('<') and f.name != '<module>' and not str(Path(f.filename).resolve()).startswith(skip)
+               for f in traceback.extract_tb(e.__traceback__))
 
 def _peer_lost(e:BaseException)->bool:
     "Whether `e` is a collective that failed because another process of the torchrun job ended (gloo's words, or its store gone)."

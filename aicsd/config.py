@@ -10,7 +10,7 @@ from typing import Callable
 from pathlib import Path
 from .data import DEFAULT_ROOTS, parse_size
 from .evaluation import make_predictor, MODES
-from .objective import DistillObjective, METHODS, TERMS, out_of_range, method_spec
+from .objective import DistillObjective, METHODS, TERMS, out_of_range, method_spec, _takes_none
 from .models import BACKBONES, V3_BACKBONES, _weight_file
 
 # %% auto #0
@@ -459,6 +459,9 @@ def make_config(cfg:dict|None=None, # options to set; anything left out takes it
             raise ValueError(f"configuration '{k}' must be {want}; got {out[k]!r}")
     if out['weight'] is not None: out['weight'] = {str(k): v for k, v in dict(out['weight']).items()}
     if out['param'] is not None: out['param'] = {str(k): dict(v) for k, v in dict(out['param']).items()}
+    for t, d in (out['param'] or {}).items():   # TOML's "null" (TOML has no null) as YAML's null: one value in last.pt
+        for k, v in d.items():
+            if v == 'null' and t in TERMS and _takes_none(TERMS[t].fn, k): d[k] = None
     for k in ('crop_size', 'eval_crop', 'eval_stride'):    # sizes: PX, 'HxW', [H, W] -> PX or [H, W] (plain types)
         v = out[k]
         if isinstance(v, str):

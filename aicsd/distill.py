@@ -747,7 +747,7 @@ def _left_at_once(out:Path, # the run folder
 
 # %% ../nbs/08_distill.ipynb #db7bd979
 def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take their defaults
-        draw:Callable|None=None, # figure hook at each evaluation, e.g. `aicsd.viz.run_figures` (the CLI's, with --figures)
+        draw:Callable|None=None, # figure hook at every --figures-every-th evaluation and the last, e.g. `aicsd.viz.run_figures` (the CLI's, with --figures)
         **kwargs, # more options, e.g. fit(epochs=2, out='runs/x')
        )->dict: # best_miou (None before any evaluation), metrics (last evaluation), steps, time_s, out, num_classes, model (one process only: unwrapped, CPU)
     """Train (or distil into) a network according to `cfg`; resume from `out/last.pt` if `resume`.
@@ -760,7 +760,8 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
     t0 = time.time()
     process = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),   # put back at the end: a notebook's
                torch.is_deterministic_algorithms_warn_only_enabled(),                 # next fit() or cell starts as it was
-               rng_state(cuda=torch.cuda.is_initialized()), _MALLOC['set'])   # (CUDA not started here: torchrun's ranks pick their GPU first)
+               rng_state(cuda=False), _MALLOC['set'],   # (CUDA not started here: torchrun's ranks pick their GPU first)
+               torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)   # every GPU's: fit may switch device
     run, joined_before, lock, old_handler, log = None, dist.is_initialized(), None, None, None
     made = new_folders(cfg['out'])           # removed again if the run fails before writing anything into them
     stop, writing, failed = [], [], True     # signals received; set once the last checkpoint is being written
@@ -844,4 +845,5 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         if failed and dist_env()[0] == 0: remove_empty(made)
         torch.set_num_threads(process[0]); torch.use_deterministic_algorithms(process[1], warn_only=process[2])
         set_rng_state(process[3])
+        if process[5] is not None: torch.cuda.set_rng_state_all(process[5])
         if not process[4]: restore_malloc_thresholds()   # (a setting made before `fit` is the caller's)

@@ -261,10 +261,10 @@ def save_last(self:Checkpointer, prog:Progress):
 # %% ../nbs/07b_runfolder.ipynb #e088cfbe
 @patch
 def save_best(self:Checkpointer, prog:Progress):
-    "Write `best.pt`: the student, its metrics and the configuration."
+    "Write `best.pt`: the student, its metrics, the configuration and the precision it was evaluated in (`decided`)."
     if self.run.main:
         save_checkpoint(self.best, **self._student(), config=dict(self.run.cfg), objective=self.run.objective.record(), metrics=prog.metrics,
-                        epoch=prog.epoch, global_step=prog.step)
+                        decided=dict(self.run.decided), epoch=prog.epoch, global_step=prog.step)
 
 # %% ../nbs/07b_runfolder.ipynb #b3e0e15a
 RESUME_KEYS = ('config', 'model', 'optimizer', 'scheduler', 'rng', 'epoch', 'step_in_epoch', 'global_step', 'best_miou')   # what last.pt holds

@@ -289,9 +289,11 @@ def test_evaluate_takes_the_precision_its_run_evaluated_in(tiny_data, tmp_path):
     from aicsd.runfolder import read_run
     run(aicsd_cmd() + ['train', '--model', 'mobilenetv2', '--max-steps', 2, '--precision', 'bf16'] +
         tiny_args(tiny_data, tmp_path / 'r'), cwd=tmp_path)
-    p = run(aicsd_cmd() + ['evaluate', '--ckpt', tmp_path / 'r' / 'last.pt', '--data', 'synthetic', '--data-root', tiny_data,
-                           '--threads', 1, '--device', 'cpu', '--json', tmp_path / 'e.json'], cwd=tmp_path)
-    got, logged = json.loads((tmp_path / 'e.json').read_text())['miou'], read_run(tmp_path / 'r')['eval']['miou'][-1]
-    if native_bf16(torch.device('cpu')):
-        assert 'evaluating under bf16 autocast, as its run' in p.stderr and got == logged, (p.stderr, got, logged)
-    else: assert 'has no native bf16, so fp32 here' in p.stderr, p.stderr
+    logged = read_run(tmp_path / 'r')['eval']['miou'][-1]
+    for f in ('best.pt', 'last.pt'):                  # best.pt (what people evaluate) keeps the decision as last.pt does
+        p = run(aicsd_cmd() + ['evaluate', '--ckpt', tmp_path / 'r' / f, '--data', 'synthetic', '--data-root', tiny_data,
+                               '--threads', 1, '--device', 'cpu', '--json', tmp_path / 'e.json'], cwd=tmp_path)
+        got = json.loads((tmp_path / 'e.json').read_text())['miou']
+        if native_bf16(torch.device('cpu')):
+            assert 'evaluating under bf16 autocast, as its run' in p.stderr and got == logged, (f, p.stderr, got, logged)
+        else: assert 'has no native bf16, so fp32 here' in p.stderr, (f, p.stderr)
