@@ -551,8 +551,8 @@ class DistillObjective:
                     raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) must be true or false; got {v!r}")
                 if k in extra and isinstance(d, numbers.Real) and not isinstance(d, bool):   # a number: of the default's kind
                     whole = isinstance(d, int)
-                    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) or \
-                       (whole and not float(v).is_integer() and k not in TERMS[n].bounds):
+                    if isinstance(v, bool) or not isinstance(v, numbers.Real) or (k not in TERMS[n].bounds and   # (bounds: said there,
+                       (not math.isfinite(float(v)) or whole and not float(v).is_integer())):                  # with the range)
                         raise ValueError(f"parameter {k!r} of term {n!r} (--param {n}.{k}) must be "
                                          f"{'a whole number' if whole else 'a finite number'} (its default is {d}); got {v!r}")
                     if not whole or float(v).is_integer(): p[k] = type(d)(v)   # T=2 as 2.0 when the default is 2.0
