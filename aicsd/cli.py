@@ -546,6 +546,13 @@ def parse(argv:list|None=None)->argparse.Namespace:
                 if any(o.name == a.dest and o.commands == ('distill',) for o in OPTIONS)}
         given = [t.split('=')[0] for t in argv[1:] if t.split('=')[0] in only]
         if given: subs['train'].error(distill_only(given))
+    elif argv[:1] == ['evaluate']:                   # a training flag (a distill command copied): say why it is not taken
+        have = {s for a in subs['evaluate']._actions for s in a.option_strings}
+        only = {s for c in ('train', 'distill') for a in subs[c]._actions for s in a.option_strings} - have
+        flags = argv[1:argv.index('--')] if '--' in argv else argv[1:]
+        given = [t for t in dict.fromkeys(t.split('=')[0] for t in flags) if t in only]
+        if given: subs['evaluate'].error(f"{', '.join(given)}: option(s) of training (`aicsd train`, `aicsd distill`); "
+                                         "`aicsd evaluate` takes the network and how it was trained from --ckpt: remove them")
     a = p.parse_args(argv)
     if getattr(a, 'config', None):
         _apply_config(subs[a.command], read_config(a.config), a.command, a.config)
