@@ -344,6 +344,10 @@ def build_parser()->argparse.ArgumentParser:
         epilog="methods:\n" + methods_help())
     c.add_argument('--methods', nargs='+', type=_method_arg, default=None, metavar='METHOD', help='methods to compare (default: all)')
     _add_demo_args(c, 'compare', 'tiny settings, one seed (a smoke test)')
+    c.add_argument('--weight', type=_weight_arg, action=_Weights, default=None, metavar='TERM=W', help="weight of a term in "
+                   "every compared method that uses it, e.g. --weight kd=2 (repeatable; default: each term's registered weight)")
+    c.add_argument('--param', type=_param_arg, action=_Params, default=None, metavar='TERM.KEY=V', help="a term's hyper-parameter "
+                   "in every compared method that uses it, e.g. --param cwd.tau=2 (repeatable)")
     r = sub.add_parser('recipes', formatter_class=fmt, help="list the paper's experiments or print one as a config",
         description="Without NAME: every recipe (the paper's on VOC and Cityscapes, the field's on Cityscapes) with its "
                     "published mIoU. A data set's teacher recipe runs first (voc-teacher-r101, cityscapes-teacher-r101): "
@@ -659,7 +663,7 @@ def _main(argv):
                  resume=a.resume)
     elif a.command == 'compare':
         run_compare(out=a.out, methods=a.methods, quick=a.quick, data_root=a.data_root, fresh=a.fresh, threads=a.threads,
-                    seeds=a.seeds, resume=a.resume)
+                    seeds=a.seeds, resume=a.resume, weight=a.weight, param=a.param)
     elif a.command == 'recipes':
         if a.name is not None: sys.stdout.write(recipe_text(a.name, a.format))
         else:

@@ -275,6 +275,14 @@ def _would_shrink(out:Path, P:dict, methods:tuple, resume:bool)->str|None: # why
         return (f"{out} holds a comparison of {len(had)} methods, and this one's report would leave out "
                 f"{', '.join(lost[:4])}{', ...' if len(lost) > 4 else ''} (--methods {' '.join(methods)}; --resume keeps the runs there)")
 
+def _overrides(terms:tuple, # the terms of one method
+               weight:dict, # term -> weight, given for every compared method (`--weight`)
+               param:dict, # term -> {key: value}, likewise (`--param`)
+              )->dict: # `weight` and `param` of that method's configuration (None: its terms' registered ones)
+    "The weights and parameters of one compared method: the demo's parameters (`DEMO_PARAMS`), then the user's, of its terms."
+    p = {t: {**DEMO_PARAMS.get(t, {}), **param.get(t, {})} for t in terms if t in DEMO_PARAMS or t in param}
+    return dict(weight={t: w for t, w in weight.items() if t in terms} or None, param=p or None)
+
 def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `quick`, runs/demo-quick)
              quick:bool=False, # the short version (CI)
              data_root:str|Path|None=None, # synthetic data folder (default data/synthetic-demo-{size}px, made when missing)
@@ -284,6 +292,8 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
              methods:tuple|None=None, # methods to train (default the demo's four; `aicsd compare`: all)
              seeds:tuple|None=None, # student seeds (default: the preset's, 3 for the full demo)
              resume:bool=False, # keep the students already trained and continue an interrupted one (after a Ctrl-C)
+             weight:dict|None=None, # term -> weight, for every method that uses the term (`--weight`; default: the registered weights)
+             param:dict|None=None, # term -> {key: value}, likewise (`--param`)
             )->list: # rows of the results table (dicts with mean and std over seeds)
     "Synthetic data -> teacher -> students of each method and seed -> report, heatmaps, predictions."
     from aicsd.data import make_synthetic, get_dataset, eval_transform, read_synthetic_info
@@ -302,6 +312,14 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
     same = [parse_method(m) for m in methods]              # a misspelt one fails now, not after the teacher's minutes
     if dup := [m for i, m in enumerate(methods) if same[i] in same[:i]]:
         raise ValueError(f"--methods: {', '.join(dup)} trains the same terms as a method before it: give each once")
+    weight, param = dict(weight or {}), {t: dict(kv) for t, kv in (param or {}).items()}
+    used = {t for terms, _ in same for t in terms}
+    for flag, given in (('--weight', weight), ('--param', param)):   # a term no compared method has would change nothing
+        if idle := [t for t in given if t not in used]:
+            raise ValueError(f"{flag} {', '.join(idle)}: no method of {', '.join(methods)} uses that term; the terms they use: "
+                             f"{', '.join(sorted(used))}")
+    for m, (terms, _) in zip(methods, same):  # a weight or parameter out of its range fails now, not after the teacher's minutes
+        make_config({}, mode='distill', method=m, teacher='-', **_overrides(terms, weight, param))
     check_ranges(dict(threads=threads))                     # as the command line checks --threads: an integer >= 1
     if fresh and resume:                                    # as train's --force with --resume: opposite wishes
         raise ValueError("--fresh trains the teacher and every student again and --resume keeps what was trained: give one")
@@ -354,8 +372,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
                       + (": its run in this folder is resumed (or kept, if complete) ..." if resume and (d/'last.pt').exists() else " ..."), flush=True)
                 cfg = make_config(base, mode='distill', method=m, model=P['student'], seed=sd,
                                   teacher=str(tck) if reads_teacher(m) else None,   # baseline: none
-                                  max_steps=P['student_steps'], out=str(d),
-                                  param={k: v for k, v in DEMO_PARAMS.items() if k in parse_method(m)[0]} or None)
+                                  max_steps=P['student_steps'], out=str(d), **_overrides(parse_method(m)[0], weight, param))
                 if (cont := resume and (d/'last.pt').exists()): resumed += 1; kept += 1
                 else: replacing()
                 if not cont and (freed := clear_run(d)):    # one at a time: an interruption keeps the runs not reached yet
@@ -371,7 +388,8 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
                 except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, f'student {m}, seed {sd}', again), e.signum) from None
                 except Diverged as e:                        # its advice names options this command does not take
                     raise Diverged(f"student {m}, seed {sd}: {e.what}", "a method trains here at its terms' registered weights "
-                                   "and the demo's learning rate: change the term or its `weight` where it is registered "
+                                   "(or those of --weight) and the demo's learning rate: give the term a smaller --weight TERM=W "
+                                   "(it applies to every method using the term) or change it where it is registered "
                                    f"(`register_term`), then continue with {_continue_with()}: the students finished are kept"
                                    + ("; or leave the method out: the same command with --methods (the others) and --resume "
                                       "writes the report of those" if chosen else '')) from None
@@ -380,7 +398,8 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
                 res.append(dict(seed=sd, miou=r['metrics']['miou'], pixel_acc=r['metrics']['pixel_acc'], ics_dist=d, time_s=sec))
                 print(f"  mIoU {100 * r['metrics']['miou']:.2f} %, ICS distance to the teacher {d:.4f}, {sec:.0f} s", flush=True)
                 if sd == seeds[0]: models[m] = r['model']
-            row = dict(method=m, terms=cfg.objective.terms_text(), n=len(res), time_s=sum(x['time_s'] for x in res) / len(res),
+            own = {n: t['fn'] for n, t in cfg.objective.record()['terms'].items() if not t['fn'].startswith('aicsd.')}
+            row = dict(method=m, terms=cfg.objective.terms_text() + ''.join(f"; {n} is {f}" for n, f in own.items()), n=len(res), time_s=sum(x['time_s'] for x in res) / len(res),
                        note=f"{resumed} of {len(res)} resumed: this session's time only" if resumed else '')
             for k in ('miou', 'pixel_acc', 'ics_dist'): row[k], row[k + '_std'] = _mean_std([x[k] for x in res])
             row['runs'] = res

@@ -84,7 +84,7 @@ def test_compare_quick_every_method_defaults(tmp_path):
     for r in rows: assert all(math.isfinite(r[k]) for k in ('miou', 'pixel_acc', 'ics_dist')), r
     names = {q.name for q in out.iterdir()}
     assert {'report.md', 'ics_matrices.png', 'predictions.png'} | {f'ics_{m}.png' for m in METHODS} <= names, sorted(names)
-    # a method of one's own that gives NaN: its student named, and what to do in `compare` (which takes no --lr or --weight)
+    # a method of one's own that gives NaN: its student named, and what to do in `compare` (which takes no --lr)
     (tmp_path / 'nan_terms.py').write_text(
         "from aicsd.objective import Term, Method, register_term, register_method\n"
         "register_term('nan_t', Term(lambda s, t, target, mod=None: s['logits'].mean() * float('nan'), teacher=False))\n"
@@ -94,8 +94,26 @@ def test_compare_quick_every_method_defaults(tmp_path):
     assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-3000:]
     assert 'the new report covers baseline, nanm; kd, ' in p.stdout and 'are left out of it (their runs stay in' in p.stdout, p.stdout
     assert ("aicsd: error: student nanm, seed 0: the loss is nan at step 1 (non-finite term(s): nan_t" in p.stderr
-            and "change the term or its `weight` where it is registered (`register_term`), then continue with the same "
-                "command and --resume" in p.stderr and '--lr' not in p.stderr), p.stderr[-3000:]
+            and "give the term a smaller --weight TERM=W (it applies to every method using the term) or change it where it "
+                "is registered (`register_term`), then continue with the same command and --resume" in p.stderr
+            and '--lr' not in p.stderr), p.stderr[-3000:]
+    # --weight and --param for every compared method with the term: those students are trained again on --resume
+    (tmp_path / 'ok_terms.py').write_text(          # and a method of one's own: the report says where its term comes from
+        "from aicsd.objective import Term, Method, register_term, register_method\n"
+        "def term_mse(s, t, target, mod=None): return (s['logits'] - t['logits']).pow(2).mean()\n"
+        "register_term('mse_logits', Term(term_mse, weight=0.5))\n"
+        "register_method('msem', Method(('ce', 'mse_logits')))\n")
+    p = aicsd('compare', '--quick', '--out', out, '--data-root', tmp_path / 'syn', '--methods', 'kd', 'cwd', 'baseline', 'msem',
+              '--weight', 'kd=2', '--param', 'cwd.tau=3', '--import', 'ok_terms.py', '--resume', cwd=tmp_path, timeout=600)
+    assert p.stdout.count('this student is trained again') == 2 and 'kd=2.0' in p.stdout, p.stdout
+    rows = {r['method']: r for r in json.loads((out / 'results.json').read_text())}
+    import torch
+    kd, cwd = (torch.load(out / f'student-{m}' / 'seed0' / 'last.pt', map_location='cpu', weights_only=True)['config']
+               for m in ('kd', 'cwd'))
+    assert (kd['weight'], kd['param'], cwd['weight'], cwd['param']) == ({'kd': 2.0}, None, None, {'cwd': {'tau': 3}}), (kd, cwd)
+    assert rows['kd']['terms'] == 'ce 1, kd 2' and rows['cwd']['terms'].endswith('[tau=3]'), rows
+    assert rows['msem']['terms'] == 'ce 1, mse_logits 0.5; mse_logits is ok_terms.term_mse', rows['msem']
+    assert '- msem: ce 1, mse_logits 0.5; mse_logits is ok_terms.term_mse\n' in (out / 'report.md').read_text()
 
 
 # ---------------------------------------------------------------------------------------------- the benchmarks
