@@ -362,7 +362,7 @@ def build_parser()->argparse.ArgumentParser:
         description='Ours vs the released-code approach vs the floor, in one process with interleaved rounds '
                     '(aicsd.bench, nbs/11_bench.ipynb); prints markdown tables with the machine they came from.',
         epilog="examples:\n  aicsd bench                      icsd, step, data and loop (a few minutes on a CPU)\n"
-               "  aicsd bench --latency            params, GMACs and images/s of every backbone\n"
+               "  aicsd bench latency              params, GMACs and images/s of every backbone (the table alone)\n"
                "  aicsd bench icsd --quick         tiny shapes (seconds)\n  make gpu-check                   every GPU path, checked (tests/gpu_check.py)")
     b.add_argument('what', nargs='*', metavar='WHAT', help=f"any of {', '.join(BENCHES)} (default: {' '.join(BENCH_DEFAULT)})")
     b.add_argument('--latency', action='store_true', help='also the latency table (same as adding `latency`)')

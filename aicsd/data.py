@@ -27,7 +27,7 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VO
            'train_transform', 'eval_transform', 'crop_upsampling', 'synthetic_classes', 'attribute_overlap',
            'draw_synthetic', 'make_synthetic', 'class_frequencies', 'pad_collate', 'sample_seed', 'EpochSampler',
            'SeededDataset', 'ShardSampler', 'worker_options', 'build_loader', 'close_loader', 'get_dataset',
-           'class_stats', 'require_labelled', 'check_pairs', 'read_sbd_mat', 'build_sbd_trainaug', 'size_pair',
+           'require_labelled', 'check_pairs', 'class_stats', 'read_sbd_mat', 'build_sbd_trainaug', 'size_pair',
            'parse_size']
 
 # %% ../nbs/06_data.ipynb #0e871ed7
@@ -121,21 +121,26 @@ def read_image(path, # image file (JPEG or PNG)
         return tv_tensors.Image(torch.from_numpy(a).permute(2, 0, 1).contiguous())
     except Exception as e: raise _unreadable(path, e) from e
 
-def _unreadable(path, e): return ValueError(f"Cannot read image file {path} (expected a JPEG or PNG image): {e}. Re-download "
-                                            "or remove this file (and its id from the split list).")
+def _unreadable(path, e, what:str='image'):
+    p = Path(path)
+    link = f" (a link to {os.readlink(p)}, which does not exist)" if p.is_symlink() and not p.exists() else ''
+    return ValueError(f"Cannot read {what} file {path}{link} (expected {'a JPEG or PNG image' if what == 'image' else 'a PNG label'}): "
+                      f"{e}. Re-download or remove this file (and its id from the split list).")
 
 def image_hw(path, # image file
+             what:str='image', # what the error calls it ('image' or 'label')
             )->tuple: # (height, width), from the header alone
     "An image file's size without decoding it; a file that is not an image raises the error of `read_image`."
     try:
         with Image.open(path) as im: w, h = im.size
         return h, w
-    except Exception as e: raise _unreadable(path, e) from e
+    except Exception as e: raise _unreadable(path, e, what) from e
 
 # %% ../nbs/06_data.ipynb #ade1d782
 def read_label(path, # label PNG (palette or 8-bit grayscale): one class index per pixel
+               voc_colours:bool=True, # a palette of VOC's colours at other indices gives their VOC classes (Pascal VOC's own labels only)
               )->np.ndarray: # uint8 `H x W`
-    "Read an index label image without colour conversion (palette PNGs give their indices; renumbered VOC colours, their classes)."
+    "Read an index label image without colour conversion (palette PNGs give their indices; with `voc_colours`, renumbered VOC colours their classes)."
     try:
         with Image.open(path) as im:
             if im.format == 'JPEG':   # lossy: the class indices at region edges become other values
@@ -147,7 +152,7 @@ def read_label(path, # label PNG (palette or 8-bit grayscale): one class index p
                 raise ValueError(f"label file {path} has mode {im.mode} ({what}); expected a palette ('P') or "
                                  "8-bit grayscale ('L') PNG holding one class index per pixel")
             a = np.array(im, dtype=np.uint8)
-            return _by_voc_colour(a, im.getpalette()) if im.mode == 'P' else a
+            return _by_voc_colour(a, im.getpalette(), path) if im.mode == 'P' and voc_colours else a
     except ValueError: raise
     except Exception as e: raise ValueError(f"Cannot read label file {path}: {e}") from e
 
@@ -161,6 +166,7 @@ def _voc_index_of_colour(pal:bytes)->np.ndarray: # per palette entry: the VOC in
 
 def _by_voc_colour(a:np.ndarray, # a palette label's indices, `H x W` uint8
                    palette:list|None, # its palette (`Image.getpalette()`: r, g, b, r, g, b, ...)
+                   path='the label', # its file, for the error
                   )->np.ndarray: # the class indices
     "The classes of a palette label: its indices, or where it holds VOC colours at other indices, their VOC indices."
     if not palette: return a
@@ -168,6 +174,13 @@ def _by_voc_colour(a:np.ndarray, # a palette label's indices, `H x W` uint8
     used = np.flatnonzero(np.bincount(a.ravel(), minlength=256))
     if used[-1] >= len(to): return a                         # an index past the palette's end: no colour to go by
     m = to[used]
+    if (m < 0).any() and (moved := (m >= 0) & (m != used)).any():   # some VOC colours moved, some no VOC colour: no safe reading
+        name = lambda v: VOC_CLASSES[v] if v < len(VOC_CLASSES) else 'void' if v == IGNORE_INDEX else f'VOC index {v}'
+        rgb = np.frombuffer(bytes(palette), np.uint8)[:len(palette) // 3 * 3].reshape(-1, 3)
+        raise ValueError(f"label file {path} holds VOC colours at other indices (e.g. index {used[moved][0]}: the colour of "
+                         f"{name(int(m[moved][0]))}) and colours of no VOC class ({', '.join(str(tuple(map(int, rgb[u]))) for u in used[m < 0][:4])} "
+                         f"at index {', '.join(map(str, used[m < 0][:4]))}): neither its indices nor its colours say its classes "
+                         "(re-saved by an image editor?). Save it with index i for class i (`aicsd.data.save_label_png`)")
     if (m == used).all() or (m < 0).any() or len(np.unique(m)) < len(m): return a   # VOC's numbering; other colours; two indices alike
     lut = np.arange(256, dtype=np.uint8); lut[used] = m
     return lut[a]
@@ -195,6 +208,7 @@ class SegmentationDataset(Dataset):
     "Base class: lists of image and label files, the class names, and reading with checks."
     images: list; labels: list; classes: list
     transform = None
+    voc_colours = False   # read renumbered VOC colours as their classes (`read_label`): Pascal VOC's own labels only
     limit_note = ''    # set when a run keeps fewer classes than the dataset has (--num-classes): said by label errors
     def __init__(self, root:str|Path, # the dataset's folder
                  split:str='train', # which split the subclass lists
@@ -207,7 +221,7 @@ class SegmentationDataset(Dataset):
     def __len__(self): return len(self.images)
     def read_mask(self, i:int)->np.ndarray:
         "Label `i` as a uint8 `H x W` array of class indices (255 ignored), checked."
-        m = read_label(self.labels[i])
+        m = read_label(self.labels[i], self.voc_colours)
         _check_values(m, self.num_classes, self.labels[i], note=self.limit_note)
         return m
     def __getitem__(self, i:int):
@@ -322,6 +336,7 @@ class VOCSegmentation(SegmentationDataset):
             raise ValueError(f"{self.root / 'classes.json'} has no 'classes' list: write the dataset again "
                              f"(`aicsd data synthetic --root {self.root}`) or restore the file")
         self.classes = list(info['classes']) if info is not None else list(VOC_CLASSES)
+        self.voc_colours = info is None              # VOC's classes: its colours say them (a tree of one's own classes: indices)
 
 # %% ../nbs/06_data.ipynb #855f12d4
 def save_label_png(mask, # `H x W` class indices (0..254, 255 = void)
@@ -345,8 +360,8 @@ def cityscapes_lut()->np.ndarray:
 
 # %% ../nbs/06_data.ipynb #csnear01
 def _cityscapes_root_near(root:Path)->Path|None: # the folder holding leftImg8bit/ and gtFine/, or None
-    "Where Cityscapes is when `root` is a level off: inside it (`data/`), or above it (`.../leftImg8bit`, `.../leftImg8bit/train`)."
-    up = [root.parent, root.parent.parent]
+    "Where Cityscapes is when `root` is a level off: inside it (`data/`), or above it (`.../leftImg8bit`, `.../leftImg8bit/train`, a city's folder)."
+    up = [root.parent, root.parent.parent, root.parent.parent.parent]   # (.../leftImg8bit/train/aachen: three)
     down = sorted(p.parent for p in [*root.glob('*/leftImg8bit'), *root.glob('*/*/leftImg8bit')])
     return next((c for c in [*up, *down] if (c / 'leftImg8bit').is_dir() and (c / 'gtFine').is_dir()), None)
 
@@ -371,6 +386,10 @@ class CityscapesSegmentation(SegmentationDataset):
         if (odd := sorted(set(found) - set(self.images))) and self.images and int(os.environ.get('RANK', 0)) == 0:
             from aicsd.config import warn
             warn(f"{len(odd)} file(s) in {img_dir} are not named *_leftImg8bit.png and are not read, e.g. {odd[0].name}")
+        if not self.images and odd:                      # converted (JPEG, upper case): not a download to redo
+            raise FileNotFoundError(f"No */*_leftImg8bit.png files in {img_dir}, but {len(odd)} other file(s), e.g. "
+                                    f"{odd[0].relative_to(img_dir)}: aicsd reads Cityscapes' own PNGs, named <city>_<seq>_<frame>"
+                                    "_leftImg8bit.png; convert the images back (or unzip leftImg8bit_trainvaltest.zip again)")
         if not self.images: raise _missing('cityscapes', self.root, f"No */*_leftImg8bit.png files in {img_dir}.")
         self.labels, self.train_ids, missing = [], [], []
         for p in self.images:
@@ -398,7 +417,7 @@ class CityscapesSegmentation(SegmentationDataset):
                  "leftImg8bit_trainvaltest.zip again if that is not all")
         self._lut = cityscapes_lut()
     def read_mask(self, i:int)->np.ndarray:
-        m = read_label(self.labels[i])
+        m = read_label(self.labels[i], voc_colours=False)   # label ids, never VOC classes
         if self.train_ids[i]: _check_values(m, 19, self.labels[i])
         else:
             _check_values(m, 34, self.labels[i])
@@ -830,18 +849,6 @@ def get_dataset(name:str, # 'voc', 'cityscapes' or 'synthetic' (VOC layout)
     if not root.is_dir(): raise _no_root(name, root)
     return VOCSegmentation(root, split, transform, kind=name)
 
-# %% ../nbs/06_data.ipynb #ds0a1b01
-def class_stats(data:str, # 'voc', 'cityscapes' or 'synthetic'
-                root:str|Path, # the dataset's folder
-                split:str='train', # the split to count
-                progress:bool=False, # show a progress bar
-               )->str: # a header line, then one line per class: name, share of the labelled pixels (%), count
-    "What `aicsd data stats` prints: each class's share of a split's labelled pixels (void excluded); every image and label decoded."
-    ds = get_dataset(data, root, split, None)
-    names, n = list(getattr(ds, 'classes', None) or []), class_frequencies(ds, progress=progress, decode=True).tolist()
-    return '\n'.join([f"{data} at {root}, split {split}: {len(ds)} images, {sum(n)} labelled pixels (void excluded)"] +
-                     [f"{names[i] if i < len(names) else i!s:>20}  {100 * v / max(1, sum(n)):6.2f} %  {v:>12}" for i, v in enumerate(n)])
-
 # %% ../nbs/06_data.ipynb #b9b8c7d7
 def require_labelled(ds:SegmentationDataset, # a dataset (with `read_mask`)
                      what:str, # how the message names it, e.g. "the validation split 'val' of data/cityscapes"
@@ -866,7 +873,7 @@ def check_pairs(ds:SegmentationDataset, # a dataset of files: `images` and `labe
             with Image.open(ip) as im: (w, h), o = im.size, im.getexif().get(0x0112, 1)
         except Exception as e: raise _unreadable(ip, e) from e
         if o in _ORIENTATION: turned.append((ip, o))
-        if (h, w) != (lhw := image_hw(lp)): bad.append(((h, w), lhw, ip, lp))
+        if (h, w) != (lhw := image_hw(lp, 'label')): bad.append(((h, w), lhw, ip, lp))
     if bad:
         try: _check_sizes(*bad[0])
         except ValueError as e:
@@ -878,6 +885,19 @@ def check_pairs(ds:SegmentationDataset, # a dataset of files: `images` and `labe
              f"{_ORIENTATION[turned[0][1]]} for viewing); aicsd reads pixels as stored, as Pillow and torchvision do: "
              "their labels must match the stored pixels, not the picture a viewer shows")
     return turned
+
+# %% ../nbs/06_data.ipynb #ds0a1b01
+def class_stats(data:str, # 'voc', 'cityscapes' or 'synthetic'
+                root:str|Path, # the dataset's folder
+                split:str='train', # the split to count
+                progress:bool=False, # show a progress bar
+               )->str: # a header line, then one line per class: name, share of the labelled pixels (%), count
+    "What `aicsd data stats` prints: each class's share of a split's labelled pixels (void excluded); every image and label decoded."
+    ds = get_dataset(data, root, split, None)
+    check_pairs(ds)                                  # sizes from the headers first; images a viewer would turn, warned of
+    names, n = list(getattr(ds, 'classes', None) or []), class_frequencies(ds, progress=progress, decode=True).tolist()
+    return '\n'.join([f"{data} at {root}, split {split}: {len(ds)} images, {sum(n)} labelled pixels (void excluded)"] +
+                     [f"{names[i] if i < len(names) else i!s:>20}  {100 * v / max(1, sum(n)):6.2f} %  {v:>12}" for i, v in enumerate(n)])
 
 # %% ../nbs/06_data.ipynb #a88d89ad
 def _sbd_dataset_dir(sbd_root:Path)->Path:
