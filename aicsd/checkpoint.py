@@ -4,7 +4,7 @@
 
 # %% ../nbs/05a_checkpoint.ipynb #6f1b7795
 from __future__ import annotations
-import contextlib, json, os, tempfile
+import contextlib, json, os, shutil, tempfile
 from pathlib import Path
 import torch
 
@@ -19,11 +19,26 @@ __all__ = ['UMASK', 'write_temporary', 'replace_synced', 'save_checkpoint', 'wri
            'make_folder', 'pid_alive', 'load_checkpoint']
 
 # %% ../nbs/05a_checkpoint.ipynb #7d21d810
+def _cannot_write(path:Path, # the file being written
+                  e:BaseException, # what writing it raised (torch.save's zip writer: a RuntimeError after the OSError)
+                 )->OSError|None: # one line (a full disk, a quota, an I/O error), or None for any other error
+    "An OS error while writing `path`, said with the file, the space left there, and what is kept."
+    os_e = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
+    if os_e is None: return None
+    try: free = f", {shutil.disk_usage(path.parent).free / 1e6:.0f} MB free there"
+    except OSError: free = ''
+    err = OSError(f"cannot write {path}: {os_e.strerror or os_e}{free}; nothing was replaced ({path.name}, if there, is as it "
+                  "was): free space (or choose another --out) and run the command again; a run goes on from its last "
+                  "checkpoint with --resume")
+    err.errno = os_e.errno
+    return err
+
 def write_temporary(state:dict, # anything `torch.load(weights_only=True)` can read back
                     path:Path, # the file it is meant for: the temporary file is made beside it
                    )->Path: # the complete temporary file, for the caller to move into place
     "`torch.save` `state` to a new temporary file beside `path` (`.NAME.*.tmp`), synced to the disk."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try: fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    except OSError as e: raise _cannot_write(path, e) from None
     try:
         with os.fdopen(fd, 'wb') as fh:
             torch.save(state, fh); fh.flush(); os.fsync(fh.fileno())
@@ -32,6 +47,7 @@ def write_temporary(state:dict, # anything `torch.load(weights_only=True)` can r
         os.remove(tmp)
         if isinstance(e.__context__, KeyboardInterrupt) and not isinstance(e, KeyboardInterrupt):
             raise e.__context__ from None   # a Ctrl-C inside torch.save: its zip writer then fails as well, hiding the Ctrl-C
+        if (err := _cannot_write(path, e)) is not None: raise err from None
         raise
     return Path(tmp)
 
@@ -117,6 +133,8 @@ def make_folder(path:str|Path, # an output folder a command writes into (made wi
     except (FileExistsError, NotADirectoryError): raise ValueError(f"{flag} {p}: a file is in the way ({what}, or a folder "
                                                                   f"above it, is a file); choose another {flag}") from None
     except OSError as e: raise ValueError(f"{flag} {p}: cannot create it ({e.strerror}: {e.filename})") from None
+    if not os.access(p, os.W_OK | os.X_OK):          # an existing folder that is read-only: said now, not after the work
+        raise PermissionError(f"{flag} {p}: {what} is not writable (permission denied); choose another {flag} or make it writable")
     return p
 
 def pid_alive(pid:int, # a process id of this machine
@@ -126,6 +144,9 @@ def pid_alive(pid:int, # a process id of this machine
     except ProcessLookupError: return False
     except PermissionError: return True
     return True
+    with mock.patch('os.access', lambda p, m: Path(p) != Path(d)/'a'):   # an existing read-only folder (root writes anywhere)
+        test_fail(lambda: make_folder(Path(d)/'a', 'the figures folder', '--figures-dir'),
+                  contains=f"--figures-dir {d}/a: the figures folder is not writable (permission denied)")
 
 # %% ../nbs/05a_checkpoint.ipynb #84570adf
 def _numpy_scalars()->list:

@@ -669,7 +669,10 @@ def make_synthetic(root='data/synthetic', # output folder (VOC layout)
     for old in root.parent.glob(f'{glob.escape(me)}*'):     # left by a process of this machine that was killed while writing
         pid = old.name[len(me):].split('-')[0]
         if pid.isdigit() and not pid_alive(int(pid)): shutil.rmtree(old, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'{me}{os.getpid()}-', dir=root.parent))
+    try: tmp = Path(tempfile.mkdtemp(prefix=f'{me}{os.getpid()}-', dir=root.parent))
+    except OSError as e: raise PermissionError(f"--data-root {root}: cannot write in {root.parent} ({e.strerror}): the set is "
+                                                "written there first, beside its folder, then moved into place; choose a "
+                                                "--data-root in a folder you can write") from None
     os.chmod(tmp, 0o777 & ~UMASK)                          # mkdtemp makes it 0700: the mode `mkdir` would give
     try:
         _write_synthetic(tmp, table, settings)
@@ -949,7 +952,11 @@ def build_sbd_trainaug(sbd_root, # the SBD release: `benchmark_RELEASE/`, its `d
     # every label is read and checked (values, size against its image) into a staging folder; the VOC root changes only
     # once all are good: a truncated .mat of a partial download stops the build with the VOC root as it was
     out, stage = voc / 'SegmentationClassAug', voc / '.SegmentationClassAug.partial'
-    shutil.rmtree(stage, ignore_errors=True); stage.mkdir()
+    shutil.rmtree(stage, ignore_errors=True)
+    try: stage.mkdir()
+    except OSError as e: raise PermissionError(f"--voc-root {voc}: cannot write there ({e.strerror}): the build adds "
+                                               "SegmentationClassAug/ and ImageSets/Segmentation/trainaug.txt to the VOC root; "
+                                               "make it writable, or copy VOC2012 to a folder you can write") from None
     try:
         for i in tqdm(ids, desc='SBD -> SegmentationClassAug', disable=not progress):
             lab = read_sbd_mat(src[i]) if src[i].suffix == '.mat' else read_label(src[i])

@@ -201,32 +201,61 @@ def _demo_cfg(P:dict, root:Path, threads, seed)->dict:
                 max_val=P.get('max_val'))
 
 # %% ../nbs/08a_experiments.ipynb #ba611d5b
+def _other_teacher(c:dict, # a teacher checkpoint (`best.pt` or `last.pt`)
+                   cfg:dict, # the configuration the demo would train it with
+                   data:dict|None, # the synthetic data's settings now (its classes.json)
+                   stamp:dict|None, # its folder's data.json: {'settings': the data it was trained on, 'complete': bool}
+                  )->str|None: # how it differs from the teacher this demo would train, or None
+    "Whether a cached teacher is the one this demo would train: the same options, on the same data."
+    was = c['config']
+    if diff := [k for k in _TEACHER_KEYS if was.get(k) != cfg[k]]:
+        return f"other settings ({', '.join(f'{k} {was.get(k)} -> {cfg[k]}' for k in diff)})"
+    if stamp is None: return "no record of its data (an older aicsd, or an interrupted run)"
+    old, now = stamp['settings'], data or {}
+    if changed := [k for k in {**old, **now} if old.get(k) != now.get(k)]:
+        return (f"other data: the synthetic set in {cfg['data_root']} was written again since "
+                f"({', '.join(f'{k} {old.get(k)} -> {now.get(k)}' for k in changed)})")
+    return None
+
 def _teacher(P, base, out, fresh, resume=False,
              replacing:Callable=lambda: None, # called before anything of an earlier run is replaced
             ):
-    "Train the demo teacher, or reuse the cached one when its configuration matches (`resume`: continue an interrupted one)."
+    """Train the demo teacher, or reuse the cached one when its configuration and data match (`resume`: continue an
+    interrupted one of these settings and data; one of others is trained again)."""
+    from aicsd.data import read_synthetic_info
     tdir = out/f"teacher-{P['name']}"
     cfg = make_config(base, mode='train', model=P['teacher'], max_steps=P['teacher_steps'], out=str(tdir))
+    data = (read_synthetic_info(cfg['data_root']) or {}).get('settings') or {}
+    sf = tdir/'data.json'                            # the data it is trained on, and whether its training finished
+    try: stamp = json.loads(sf.read_text()); stamp = stamp if isinstance(stamp.get('settings'), dict) else None
+    except (OSError, ValueError, AttributeError): stamp = None
     ck = tdir/'best.pt'
     c = None
     if ck.exists() and not fresh:
         try: c = load_checkpoint(ck)
         except ValueError as e:                      # damaged: trained again (a complete run's --resume would not rewrite it)
             print(f"teacher: {e}: it is trained again", flush=True); resume = False
-    if c is not None:
-        if all(c['config'].get(k) == cfg[k] for k in _TEACHER_KEYS):
+    if c is not None and (stamp or {}).get('complete'):
+        if (why := _other_teacher(c, cfg, data, stamp)) is None:
             print(f"teacher: reused {ck}, trained earlier with these settings (--fresh trains it again)", flush=True)
             lock = RunLock(tdir).acquire()         # (a lock left by a killed run: taken over, said)
             try: sweep_temporaries(tdir)           # a save that was killed midway
             finally: lock.release()
             return ck, c['metrics'], 0.0, True
+        print(f"teacher: {ck} was trained with {why}: it is trained again", flush=True); resume = False
+    elif c is not None and not resume: print(f"teacher: {ck} is of an unfinished or older run: it is trained again", flush=True)
+    if resume and not fresh and (tdir/'last.pt').exists():   # an interrupted teacher: continued only if it is this one
+        try: why = _other_teacher(load_checkpoint(tdir/'last.pt'), cfg, data, stamp)
+        except ValueError as e: why = str(e)
+        if why: print(f"teacher: the interrupted run in {tdir} has {why}: it is trained again", flush=True); resume = False
     print(f"teacher: DeepLabV3+ {P['teacher']}, {P['teacher_steps']} steps ...", flush=True)
     t0 = time.time(); replacing()
-    if resume and not fresh and (tdir/'last.pt').exists():   # its own checks refuse a teacher of other settings
-        r = fit(make_config(cfg, force=False, resume=True))
-        return ck, r['metrics'], time.time() - t0, False
-    if clear_run(tdir): print(f"the earlier teacher in {tdir} is replaced (the demo keeps no copy)", flush=True)
-    r = fit(cfg)
+    if resume and not fresh and (tdir/'last.pt').exists(): r = fit(make_config(cfg, force=False, resume=True))
+    else:
+        if clear_run(tdir): print(f"the earlier teacher in {tdir} is replaced (the demo keeps no copy)", flush=True)
+        make_folder(tdir, 'the teacher\'s run folder'); write_text_atomic(sf, json.dumps(dict(settings=data, complete=False)))
+        r = fit(cfg)
+    write_text_atomic(sf, json.dumps(dict(settings=data, complete=True)))
     return ck, r['metrics'], time.time() - t0, False
 
 # %% ../nbs/08a_experiments.ipynb #9d4f1b37
