@@ -772,6 +772,10 @@ def load_backbone_weights(model:nn.Module, # a DeepLabV3 or DeepLabV3Plus (a DDP
     m = unwrap(model)
     p, sd = Path(path), load_checkpoint(path, map_location)
     if isinstance(sd, dict) and isinstance(sd.get('state_dict'), dict): sd = sd['state_dict']
+    if isinstance(sd, dict) and isinstance(sd.get('model'), dict) and 'arch' in sd:   # a run's best.pt / last.pt
+        raise KeyError(f"{p}: a checkpoint of an aicsd run (a whole {sd['arch'].get('family', 'network')} "
+                       f"{sd['arch'].get('backbone', '')}), not backbone weights: --pretrained-backbone takes ImageNet weights "
+                       "of the backbone (e.g. resnet18-imagenet.pth); a trained network is a --teacher, or evaluated with --ckpt")
     if not (isinstance(sd, dict) and sd and all(torch.is_tensor(v) for v in sd.values())):
         raise KeyError(f"{p}: expected a state_dict of tensors (ImageNet weights of the backbone)")
     sd, v3, mbv2 = _strip_prefixes(dict(sd)), getattr(m, 'family', 'deeplabv3plus') == 'deeplabv3', m.backbone_name == 'mobilenetv2'
