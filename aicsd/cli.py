@@ -243,15 +243,20 @@ def _unrecognized(p:argparse.ArgumentParser, # the parser that does not know the
     "'unrecognized arguments: ...' and, for an unknown flag close to one of `p`'s, 'did you mean ...?'."
     known = [s for a in p._actions for s in a.option_strings]
     bare = {s.lstrip('-'): s for s in known}         # compared without dashes: '--' alone makes '--bogus' look like '--out'
-    near = {}                                        # unknown flag -> nearest known one
+    near, elsewhere = {}, {}                         # unknown flag -> nearest known one; -> the other commands that take it
+    others = {n: q for n, q in getattr(p, 'siblings', {}).items() if q is not p}
     for t in extra:
         f = t.split('=')[0]
-        if not f.startswith('-') or f in known or f in near: continue
+        if not f.startswith('-') or f in known or f in near or f in elsewhere: continue
+        if owners := [n for n, q in others.items() if any(f in a.option_strings for a in q._actions)]:
+            elsewhere[f] = owners; continue
         try: float(f); continue                      # a negative number is a value, not a flag
         except ValueError: pass
         m = difflib.get_close_matches(f.lstrip('-'), list(bare), n=1)
         if m: near[f] = bare[m[0]]
     msg = f"unrecognized arguments: {' '.join(extra)}"
+    for f, owners in elsewhere.items():              # e.g. a training option given to `aicsd bench`
+        msg += f"; {f} is an option of {', '.join(f'aicsd {n}' for n in owners)}, not of {p.prog}"
     if len(near) == 1: return msg + f"; did you mean {next(iter(near.values()))}?"
     if near: return msg + "; did you mean " + ', '.join(f"{v} for {k}" for k, v in near.items()) + '?'
     return msg
@@ -374,7 +379,7 @@ def build_parser()->argparse.ArgumentParser:
     for n in IMPORT_COMMANDS:                        # read before parsing (`parse`); declared here for --help
         sub.choices[n].add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
             help='a module (name or .py file) that registers terms and methods of your own; repeatable; --resume needs it again')
-    for q in _parsers(p): q.allow_abbrev = False  # `--ckpt 3` to train is an error, not --ckpt-every 3
+    for q in _parsers(p): q.allow_abbrev = False; q.siblings = sub.choices   # (`_unrecognized`: which command takes a flag)  # `--ckpt 3` to train is an error, not --ckpt-every 3
     return p
 
 
