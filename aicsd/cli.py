@@ -6,6 +6,17 @@
 from __future__ import annotations
 import argparse, contextlib, difflib, importlib, importlib.util, inspect, io, os, re, signal, sys, threading, traceback
 from pathlib import Path
+
+# %% auto #0
+__all__ = ['BENCH_DEFAULT', 'IMPORT_COMMANDS', 'EPILOG', 'methods_help', 'add_train_options', 'build_parser', 'import_methods',
+           'args_to_config', 'parse', 'main', 'iou_table']
+
+# %% ../nbs/09_cli.ipynb #clmain01
+if __name__ == '__main__' and Path(sys.argv[0]).name == 'cli.py':   # `python -m aicsd.cli` (torchrun -m aicsd.cli) runs as the
+    from aicsd.entry import console_main                              # console script does: a Ctrl-C while torch loads (below)
+    sys.exit(console_main())                                          # ends in one line, not a traceback
+
+# %% ../nbs/09_cli.ipynb #climp002
 from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_to_files, EVAL_KEYS
 from .models import BACKBONES
 from .config import DISTILL_ONLY, renamed_keys, check_ranges, distill_only, read_config, size_arg, size_text, warn, yaml_load
@@ -16,10 +27,6 @@ from .checkpoint import json_text
 from .objective import METHODS, TERMS, parse_method, _near
 from .experiments import RECIPES, recipe_text, run_demo, run_compare
 from .bench import BENCHES, run_benchmarks
-
-# %% auto #0
-__all__ = ['BENCH_DEFAULT', 'IMPORT_COMMANDS', 'EPILOG', 'methods_help', 'add_train_options', 'build_parser', 'import_methods',
-           'args_to_config', 'parse', 'main', 'iou_table']
 
 # %% ../nbs/09_cli.ipynb #939854fc
 def _method_arg(s:str)->str:
@@ -679,6 +686,3 @@ def _main(argv):
     elif a.command == 'bench': run_benchmarks(a.what or list(BENCH_DEFAULT), latency=a.latency, quick=a.quick,
                                          device=a.device, threads=a.threads, out=a.out)
     return 0
-
-# %% ../nbs/09_cli.ipynb #57de37ec
-if __name__ == '__main__' and Path(sys.argv[0]).name == 'cli.py': sys.exit(main())

@@ -180,11 +180,13 @@ def test_docs_examples_on_synthetic_data_are_small():
     assert lines
     for l in lines: assert '--crop-size 64' in l and '--epochs 5' in l, l
 
-def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+@pytest.mark.parametrize('how', ['console script', 'python -m aicsd.cli'])   # (the second: what torchrun -m aicsd.cli runs)
+def test_ctrl_c_while_torch_loads_is_one_line(how, tmp_path):
     "Ctrl-C once torch has begun to load (its library mapped into the process) or later: one line, exit 130, no traceback."
     import signal, subprocess, sys, time
     from conftest import aicsd_cmd
-    p = subprocess.Popen(aicsd_cmd() + ['bench', 'icsd', '--quick'], cwd=tmp_path, stdout=subprocess.DEVNULL,
+    cmd = aicsd_cmd() if how == 'console script' else [sys.executable, '-m', 'aicsd.cli']
+    p = subprocess.Popen(cmd + ['bench', 'icsd', '--quick'], cwd=tmp_path, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # a point fixed by the process, not by a delay: before it Python itself is starting (a Ctrl-C there is Python's own
     # traceback: no code of ours has run yet); after it `console_main` is importing aicsd.cli, or the command runs
@@ -202,7 +204,8 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     (['data', 'stats', '--splt', 'val'], 'aicsd data stats', '--splt val', '--split'),
     (['data', 'synthetic', '--nval', '3'], 'aicsd data synthetic', '--nval 3', '--n-val'),
     (['evaluate', '--ckpt', 'x.pt', '--bogus'], 'aicsd evaluate', '--bogus', None),     # nothing near: no guess
-    (['train', '--ckpt', '3'], 'aicsd train', '--ckpt 3', None),                # not read as --ckpt-every
+    (['train', '--ckpt', '3'], 'aicsd train', '--ckpt 3', '; --ckpt is an option of aicsd evaluate, not of aicsd train'),   # not --ckpt-every
+    (['demo', '--methods', 'kd'], 'aicsd demo', '--methods kd', '; --methods is an option of aicsd compare, not of aicsd demo'),
 ])
 def test_unknown_flag_is_the_subcommands_error(argv, prog, bad, guess, tmp_path):
     "A misspelt flag: the subcommand's usage and one error line from it, with the nearest flag it takes; exit 2."
@@ -210,7 +213,8 @@ def test_unknown_flag_is_the_subcommands_error(argv, prog, bad, guess, tmp_path)
     assert p.returncode == 2 and 'Traceback' not in p.stderr, (p.returncode, p.stderr[-3000:])
     lines = p.stderr.splitlines()
     assert lines[0].startswith(f'usage: {prog} [-h]') and 'COMMAND' not in p.stderr, p.stderr   # not the top-level usage
-    want = f"{prog}: error: unrecognized arguments: {bad}" + (f"; did you mean {guess}?" if guess else '')
+    want = f"{prog}: error: unrecognized arguments: {bad}" + (guess if (guess or '').startswith(';') else
+                                                              f"; did you mean {guess}?" if guess else '')   # (or who takes it)
     assert [l for l in lines if 'error:' in l] == [want] and lines[-1] == want, p.stderr
     assert not list(tmp_path.iterdir())                                       # nothing ran
 
