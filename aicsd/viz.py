@@ -118,6 +118,9 @@ def _tick_size(C:int, side:float|None=None)->float:
     small = max(5, 9 - C // 6)                           # no panel size given: the size for the densest layout
     return small if side is None else max(small, min(8.0, 0.4 * side * 72 / C))   # 19 classes on 6 in: 8 pt, not 6
 
+def _short(name:str, n:int=22)->str: # a class name for a panel title: at most `n` characters
+    return name if len(name) <= n else name[:n - 1] + '…'
+
 def _label_room(names:list, C:int, side:float|None=None)->float:
     "Inches the longest class name takes as a tick label of a heatmap (`_heat`'s font size): room the layout must give."
     return max(map(len, names), default=0) * _tick_size(C, side) * 0.6 / 72
@@ -126,6 +129,13 @@ def _power(top:float)->int:
     """The power of ten that brings a scale whose top is `top` into [1, 10): 0 unless `top` < 0.1 (KL at high T is ~1e-4)
     or 1e3 <= `top` < 1e6 (peaked classes at low T), where cells of at most 5 characters would keep one figure."""
     return math.floor(math.log10(top)) if 0 < top < 0.1 or 1e3 <= top < 1e6 else 0
+
+def _kl_unit(e:int, # the power of ten the drawn values were divided by (`_power`)
+             row:bool=False, # row-normalised KL (no unit)
+            )->str: # a colour bar's label: the unit a cell's number counts, so that 1.03 under 'KL (in 1e-2 nats)' is 0.0103 nats
+    "The label of KL values drawn divided by 10^e, written as their unit ('x 1e-2' read either way: 0.0103 or 103 nats)."
+    if row: return 'row-normalised KL' + (f' (in units of 1e{e})' if e else '')
+    return f'KL (in 1e{e} nats)' if e else 'KL (nats)'
 
 # %% ../nbs/10_viz.ipynb #1a8907b6
 def _heat(ax, M, names, vmin, vmax, cmap, annot, show_y=True, center=None, side=None, big=None):   # side: the panel's inches (`_tick_size`)
@@ -175,7 +185,7 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
     over = top > vmax                                    # entries above the scale: an arrow on the colour bar
     e = _power(vmax)                                     # tiny values: drawn x 10^-e, the unit says so
     if e: mats, vmax = [m / 10.0 ** e for m in mats], vmax / 10.0 ** e
-    unit = ('row-normalised KL' if normalize == 'row' else 'KL (nats)') + (f' x 1e{e}' if e else '')
+    unit = _kl_unit(e, normalize == 'row')
     for k, (ax, M, nm) in enumerate(zip(axs, mats[:2], names)):
         _heat(ax, M, cls, 0, vmax, 'viridis', annot, show_y=k == 0, side=side,
               big=max(float(m.abs().max()) for m in mats[:2]))   # teacher and student cells in one format
@@ -188,7 +198,7 @@ def plot_ics(teacher, # teacher ICS matrix `C x C` (or `B x C x C`: averaged ove
         D0 = D * 10.0 ** e                                 # the difference in the matrices' own unit, for the title
         axs[2].set_title(f'{names[1]} - {names[0]}\nmean sq. {float((D0 ** 2).mean()):.3g}, max |.| {float(D0.abs().max()):.3g}')
         hi, lo = float(D.max()) > r, float(D.min()) < -r     # beyond the scale: drawn in its end colours, arrows say so
-        fig.colorbar(axs[2].collections[0], ax=axs[2], shrink=0.8, label=f'difference ({unit})',
+        fig.colorbar(axs[2].collections[0], ax=axs[2], shrink=0.8, label=f'difference: {unit}',
                      extend='both' if hi and lo else 'max' if hi else 'min' if lo else 'neither')
     fig.suptitle(title or ('Row-normalised ICS matrices' if normalize == 'row' else
                            'ICS matrices  M[i, j] = KL(P_i || P_j)'))
@@ -225,7 +235,7 @@ def plot_ics_models(mats:dict, # name -> ICS matrix `C x C` (or `B x C x C`); th
         _heat(ax, m, cls, 0, vmax, 'viridis', C <= 6, show_y=k % nc == 0, side=side)
         d = None if dists is None else dists.get(nm)
         ax.set_title(nm if nm == first or d is None else f'{nm}\n(distance to {first} {d:.3g})', fontsize=9)
-    fig.colorbar(axs[0].collections[0], ax=list(grid.flat), shrink=0.8, label='KL (nats)' + (f' x 1e{e}' if e else ''), extend='max' if top > vmax else 'neither')
+    fig.colorbar(axs[0].collections[0], ax=list(grid.flat), shrink=0.8, label=_kl_unit(e), extend='max' if top > vmax else 'neither')
     fig.suptitle(title or 'ICS matrices M[i, j] = KL(P_i || P_j)')
     return fig
 
@@ -275,7 +285,7 @@ def plot_distributions(logits:Tensor, # one image's logits `C x H x W` (or `1 x 
             for ax, c in zip(row, part):
                 ax.imshow(g, cmap='gray', vmin=0, vmax=1)
                 im = ax.imshow(P[c].numpy(), cmap='magma', alpha=alpha, norm=PowerNorm(0.5, vmin=0, vmax=vmax))
-                ax.set_title((f'{names[r]}: ' if student is not None else '') + f'P_{c}: {cn[c]}', fontsize=8)
+                ax.set_title((f'{names[r]}: ' if student is not None else '') + f'P_{c}: {_short(cn[c])}', fontsize=8)
             for ax in row: ax.set_axis_off()
     fig.colorbar(im, ax=list(axs.flat), shrink=0.8, label='N * P_c(x)  (1 = uniform)')
     fig.suptitle(f'Where each class lives: P_c(x), T = {T:g}', fontsize=9)
@@ -368,7 +378,7 @@ def plot_class_iou(iou, # per-class IoU (C values in [0, 1], NaN = absent), a `S
                          "(percentages? divide by 100)")
     vals = {k: v * 100 for k, v in vals.items()}
     C = len(next(iter(vals.values()))); cls = class_names(classes, C)
-    fig = _figure(figsize=(6.0, 0.9 + 0.28 * C * max(1, len(vals)) ** 0.5), layout='constrained')
+    fig = _figure(figsize=(4.8 + max(map(len, cls)) * 0.075, 0.9 + 0.28 * C * max(1, len(vals)) ** 0.5), layout='constrained')   # long names: wider
     ax = fig.subplots()
     h = 0.8 / len(vals); y = np.arange(C)
     for k, (nm, v) in enumerate(vals.items()):
@@ -378,12 +388,14 @@ def plot_class_iou(iou, # per-class IoU (C values in [0, 1], NaN = absent), a `S
     mi = {nm: float(np.nanmean(v.numpy())) if np.isfinite(v.numpy()).any() else None for nm, v in vals.items()}   # None: no class seen
     ax.set_title(title or ('per-class IoU, ' + ', '.join(f"{(nm + ' ') if nm else ''}mIoU " + (f"{x:.1f}%" if x is not None else
                                                                   'n/a (no labelled pixels)') for nm, x in mi.items())), fontsize=9)
-    for k, v in enumerate(vals.values()):                # an absent class (NaN): 'n/a', not a bar of 0; a bar of 0: '0'
+    for k, v in enumerate(vals.values()):                # an absent class (NaN): 'n/a', not a bar of 0; a bar of 0: '0'; under 1 %: its value
         for c in np.flatnonzero(np.isnan(v.numpy())):
             ax.text(1, c - 0.4 + h * (k + 0.5), 'n/a (absent)', va='center', fontsize=7, color='0.4')
         for c in np.flatnonzero(v.numpy() == 0):
             ax.text(1, c - 0.4 + h * (k + 0.5), '0', va='center', fontsize=7, color='0.2')
-    if len(vals) > 1: ax.legend(fontsize=7, loc='lower right')
+        for c in np.flatnonzero((v.numpy() > 0) & (v.numpy() < 1)):   # a bar too short to see: not to be read as missing
+            ax.text(1.5, c - 0.4 + h * (k + 0.5), f'{float(v[c]):.2g}', va='center', fontsize=7, color='0.2')
+    if len(vals) > 1: fig.legend(fontsize=7, loc='outside lower center', ncols=min(len(vals), 4))   # (over no bar)
     return fig
 
 # %% ../nbs/10_viz.ipynb #93804ace
@@ -398,15 +410,16 @@ def plot_confusion(confmat, # `C x C` [true, predicted] counts, or a `SegMetrics
     absent = cm.sum(1) == 0                              # no labelled pixel of the class: no row to normalise
     if normalize: cm = cm / cm.sum(1, keepdim=True).clamp(min=1); cm[absent] = float('nan')   # blank, not a row of 0s
     side = _panel_size(C) + 1.0
-    fig = _figure(figsize=(side + 1.0, side), layout='constrained')
-    ax = fig.subplots()
+    room = _label_room(cls, C, side)                     # long class names: the matrix keeps its size
+    fig = _figure(figsize=(side + 1.0 + room, side + room), layout='constrained')
+    ax = fig.subplots(); ax.set_facecolor('0.8')          # a row of an absent class (NaN): grey, not white like 0
     annot = C <= 12 if annot is None else annot
     sns.heatmap(cm.numpy(), ax=ax, cmap='Blues', vmin=0, vmax=1 if normalize else None, square=True,
                 annot=annot, fmt='.2f' if normalize else '.0f', annot_kws=dict(fontsize=max(5, 9 - C // 3)),
                 xticklabels=cls, yticklabels=cls, cbar_kws=dict(shrink=0.8, label='fraction of the row' if normalize else 'pixels'))
     ax.tick_params(labelsize=_tick_size(C, side))
     ax.tick_params(axis='y', labelrotation=0); ax.set_xlabel('predicted'); ax.set_ylabel('true')
-    ax.set_title('confusion matrix' + (' (rows sum to 1' + ('; blank: class absent from the labels' if absent.any() else '')
+    ax.set_title('confusion matrix' + (' (rows sum to 1' + ('; grey: class absent from the labels' if absent.any() else '')
                                        + ')' if normalize else ''), fontsize=9 if normalize and absent.any() else None)
     return fig
 
@@ -743,7 +756,7 @@ def ics_pair_view(logits:Tensor, # one image's logits `C x H x W` (or `1 x C x H
     _heat(a_m, M / 10.0 ** e, cn if short else [str(c) for c in range(C)], 0, top / 10.0 ** e or 1.0, 'viridis', C <= 6)
     a_m.add_patch(Rectangle((j, i), 1, 1, fill=False, edgecolor='red', lw=2.5))
     a_m.set_title(f'ICS matrix (T = {T:g}), cell ({i}, {j}) framed', fontsize=9)
-    fig.colorbar(a_m.collections[0], ax=a_m, shrink=0.8, label='KL (nats)' + (f' x 1e{e}' if e else ''))
+    fig.colorbar(a_m.collections[0], ax=a_m, shrink=0.8, label=_kl_unit(e))
     fig.suptitle(f'{title + ": " if title else ""}KL(P_{i} || P_{j}) = {kl:.4g} nats,  KL(P_{j} || P_{i}) = {float(M[j, i]):.4g}')
     return dict(P_i=P[i], P_j=P[j], kl=kl, M=M, fig=fig)
 
@@ -755,7 +768,8 @@ def _explorer_controls(n_images:int, # images to choose from
                       )->dict: # the widgets by role, and `box`, the layout holding them
     "The explorer's widgets: image slider, class dropdowns, temperature slider, network buttons, KL line, output."
     try: import ipywidgets as W
-    except ImportError: raise ImportError("the ICS explorer needs ipywidgets (a requirement of aicsd): pip install ipywidgets") from None
+    except ImportError: raise ImportError("the ICS explorer needs ipywidgets (a requirement of aicsd): pip install ipywidgets; "
+                                              "without widgets, `ics_pair_view(logits[b], i, j, T)['fig']` draws one view") from None
     C, opts = len(classes), [(f'{c}: {n}', c) for c, n in enumerate(classes)]
     w = dict(image=W.IntSlider(value=0, min=0, max=n_images - 1, description='image'),
              i=W.Dropdown(options=opts, value=min(i, C - 1), description='class i'),
@@ -774,6 +788,11 @@ def _stacked(v, k:str):
         raise ValueError(f"`logits[{k!r}]` holds images of different sizes {sorted({tuple(z.shape[2:]) for z in v})}: the "
                          "explorer takes one batch B x C x H x W; pass images of one size (e.g. the first of each size)")
     return torch.cat(list(v))
+
+def _in_notebook()->bool: # an IPython kernel with a display (Jupyter), not a plain Python session
+    try: from IPython import get_ipython
+    except ImportError: return False
+    return getattr(get_ipython(), 'kernel', None) is not None
 
 class ICSExplorer:
     "Interactive view of class distributions and their KL: image, class pair, temperature and network."
@@ -830,7 +849,7 @@ class ICSExplorer:
                           p_max=float(P_all[:, [ci, cj]].max()) * z.shape[-2] * z.shape[-1])
         r.update(image=b, i=self.w_i.value, j=self.w_j.value, T=self.w_T.value, model=m)
         self.w_kl.value = f"<b>KL(P_{r['i']} || P_{r['j']}) = {r['kl']:.4g} nats</b> ({m}, image {b}, T = {r['T']:.3g})"
-        if show:
+        if show and _in_notebook():                              # (a script: no output widget to draw in; `['fig']` is the view)
             from IPython.display import display
             self.w_out.clear_output(wait=True)
             with self.w_out: display(r['fig'])
@@ -839,6 +858,10 @@ class ICSExplorer:
 
     def _changed(self, change):
         if not self._busy: self.update()
+
+    def __repr__(self):
+        return (f"ICSExplorer({', '.join(self.logits)}; {len(next(iter(self.logits.values())))} images): display it in Jupyter; "
+                "in a script, `update(...)['fig']` is the figure of a choice")
 
     def _ipython_display_(self):
         from IPython.display import display
