@@ -587,7 +587,9 @@ def write_report(rows, out:Path, P:dict, total:float, seeds:tuple=(0,),
            "CPUs and torch builds (float32 rounding takes training at this scale down another path); the paired "
            f"differences are what to compare.\n\nTotal wall time: {total:.0f} s"
            + (" (this session; the runs kept from an earlier one are not in it)" if resumed else "") + ".\n\n"
-           "![ICS matrices](ics_matrices.png)\n\n![Predictions](predictions.png)\n")
+           "![ICS matrices](ics_matrices.png)\n\nEvery model on the teacher's scale above (a student far from it saturates); "
+           "each on its own scale: " + ', '.join(f"[{r['method'].split(' (')[0]}](ics_{r['method'].split(' (')[0]}.png)" for r in rows)
+           + ".\n\n![Predictions](predictions.png)\n")
     write_text_atomic(out/'report.md', txt)
     by, by_ics = ({d['method']: d for d in ds} for ds in (diffs, ics))
     write_text_atomic(out/'results.json', json_text([{**r, **({'paired': by[r['method']]} if r['method'] in by else {}),
