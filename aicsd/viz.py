@@ -357,6 +357,10 @@ def plot_predictions(images, # `B x 3 x H x W` tensor, or a list of images of an
 def _is_metrics(m)->bool: return hasattr(m, 'compute') and hasattr(m, 'confmat')   # a SegMetrics
 
 # %% ../nbs/10_viz.ipynb #e0359974
+def _unlabelled(m)->np.ndarray|None: # per class: no labelled pixel (from the confusion matrix), or None where it is not given
+    cm = m.confmat if _is_metrics(m) else m.get('confmat') if isinstance(m, dict) else None
+    return None if cm is None else (torch.as_tensor(cm).sum(1) == 0).cpu().numpy()
+
 def _iou_of(m)->Tensor:
     if _is_metrics(m): return torch.as_tensor(m.compute()['iou'])
     v = m['iou'] if isinstance(m, dict) else m
@@ -391,8 +395,10 @@ def plot_class_iou(iou, # per-class IoU (C values in [0, 1], NaN = absent), a `S
     for k, v in enumerate(vals.values()):                # an absent class (NaN): 'n/a', not a bar of 0; a bar of 0: '0'; under 1 %: its value
         for c in np.flatnonzero(np.isnan(v.numpy())):
             ax.text(1, c - 0.4 + h * (k + 0.5), 'n/a (absent)', va='center', fontsize=7, color='0.4')
+        nolab = _unlabelled(list(runs.values())[k])      # 0 for a class only predicted: its IoU says false positives alone
         for c in np.flatnonzero(v.numpy() == 0):
-            ax.text(1, c - 0.4 + h * (k + 0.5), '0', va='center', fontsize=7, color='0.2')
+            ax.text(1, c - 0.4 + h * (k + 0.5), '0 (not in the labels: predicted only)' if nolab is not None and nolab[c] else '0',
+                    va='center', fontsize=7, color='0.2')
         for c in np.flatnonzero((v.numpy() > 0) & (v.numpy() < 1)):   # a bar too short to see: not to be read as missing
             ax.text(1.5, c - 0.4 + h * (k + 0.5), f'{float(v[c]):.2g}', va='center', fontsize=7, color='0.2')
     if len(vals) > 1: fig.legend(fontsize=7, loc='outside lower center', ncols=min(len(vals), 4))   # (over no bar)
