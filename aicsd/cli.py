@@ -256,7 +256,7 @@ def _unrecognized(p:argparse.ArgumentParser, # the parser that does not know the
         f = t.split('=')[0]
         if not f.startswith('-') or f in known or f in near or f in elsewhere: continue
         if owners := [n for n, q in others.items() if any(f in a.option_strings for a in q._actions)]:
-            elsewhere[f] = owners; continue
+            elsewhere[f] = owners                    # (and its nearest flag here too: compare --method -> --methods)
         try: float(f); continue                      # a negative number is a value, not a flag
         except ValueError: pass
         m = difflib.get_close_matches(f.lstrip('-'), list(bare), n=1)
@@ -551,6 +551,8 @@ def _imports_hint(msg:str, argv:list)->str:
 
 
 # %% ../nbs/09_cli.ipynb #0feb4e50
+_TRAINED = ('What to train', 'Distillation', 'Data', 'Model', 'Optimisation')   # --help sections of how a network was trained
+
 def parse(argv:list|None=None)->argparse.Namespace:
     "Parse `argv`, reading `--config FILE` first (its keys become defaults; flags still win)."
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -562,9 +564,10 @@ def parse(argv:list|None=None)->argparse.Namespace:
                 if any(o.name == a.dest and o.commands == ('distill',) for o in OPTIONS)}
         given = [t.split('=')[0] for t in argv[1:] if t.split('=')[0] in only]
         if given: subs['train'].error(distill_only(given))
-    elif argv[:1] == ['evaluate']:                   # a training flag (a distill command copied): say why it is not taken
+    elif argv[:1] == ['evaluate']:                   # a flag of how the network was trained (a distill command copied): why not
         have = {s for a in subs['evaluate']._actions for s in a.option_strings}
-        only = {s for c in ('train', 'distill') for a in subs[c]._actions for s in a.option_strings} - have
+        trained = {o.name for o in OPTIONS if o.group in _TRAINED and o.name != 'batch_size'} | {'imports'}   # (-> --val-batch-size)
+        only = {s for c in ('train', 'distill') for a in subs[c]._actions if a.dest in trained for s in a.option_strings} - have
         flags = argv[1:argv.index('--')] if '--' in argv else argv[1:]
         given = [t for t in dict.fromkeys(t.split('=')[0] for t in flags) if t in only]
         if given: subs['evaluate'].error(f"{', '.join(given)}: option(s) of training (`aicsd train`, `aicsd distill`); "

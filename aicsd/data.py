@@ -172,7 +172,8 @@ def _by_voc_colour(a:np.ndarray, # a palette label's indices, `H x W` uint8
     if not palette: return a
     to = _voc_index_of_colour(bytes(palette))
     used = np.flatnonzero(np.bincount(a.ravel(), minlength=256))
-    if used[-1] >= len(to): return a                         # an index past the palette's end: no colour to go by
+    used = used[used != IGNORE_INDEX]                        # 255 is void whatever its colour (a palette padded with black)
+    if not len(used) or used[-1] >= len(to): return a        # void only; an index past the palette's end: no colour to go by
     m = to[used]
     if (m < 0).any() and (moved := (m >= 0) & (m != used)).any():   # some VOC colours moved, some no VOC colour: no safe reading
         name = lambda v: VOC_CLASSES[v] if v < len(VOC_CLASSES) else 'void' if v == IGNORE_INDEX else f'VOC index {v}'

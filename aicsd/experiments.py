@@ -245,9 +245,13 @@ def _teacher(P, base, out, fresh, resume=False,
         print(f"teacher: {ck} was trained with {why}: it is trained again", flush=True); resume = False
     elif c is not None and not resume: print(f"teacher: {ck} is of an unfinished or older run: it is trained again", flush=True)
     if resume and not fresh and (tdir/'last.pt').exists():   # an interrupted teacher: continued only if it is this one
-        try: why = _other_teacher(load_checkpoint(tdir/'last.pt'), cfg, data, stamp)
-        except ValueError as e: why = str(e)
+        try: last = load_checkpoint(tdir/'last.pt'); why = _other_teacher(last, cfg, data, stamp)
+        except ValueError as e: last, why = {}, str(e)
         if why: print(f"teacher: the interrupted run in {tdir} has {why}: it is trained again", flush=True); resume = False
+        elif c is not None and last.get('global_step', -1) >= cfg['max_steps'] and last.get('eval_step') == last['global_step']:
+            write_text_atomic(sf, json.dumps(dict(settings=data, complete=True)))   # it had finished (stopped before its record):
+            print(f"teacher: reused {ck}, its run had finished", flush=True)         # its students stay
+            return ck, c['metrics'], 0.0, True
     print(f"teacher: DeepLabV3+ {P['teacher']}, {P['teacher_steps']} steps ...", flush=True)
     t0 = time.time(); replacing()
     if resume and not fresh and (tdir/'last.pt').exists(): r = fit(make_config(cfg, force=False, resume=True))
@@ -411,7 +415,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
                     try: r = fit(make_config(cfg, force=False, resume=True) if cont else cfg)
                     except ValueError as e:                  # unreadable, or of other settings: this student again, the rest kept
                         if not cont or not str(e).startswith(('cannot resume', '--resume:')): raise
-                        why = str(e).split('. Start the run again with --force')[0].split(' (or --force to move this one aside)')[0]
+                        why = str(e).split('. Start the run again with --force')[0].split(' (or --force to move this one aside)')[0].split('. These options define the run')[0]   # (fit's advice: not this command's)
                         print(f"  {why}: this student is trained again", flush=True)
                         replacing(); clear_run(d); resumed -= 1; kept -= 1; r = fit(cfg)
                 except RunInterrupted as e: raise RunInterrupted(_interrupted_text(e, f'student {m}, seed {sd}', again), e.signum) from None
@@ -587,8 +591,8 @@ def write_report(rows, out:Path, P:dict, total:float, seeds:tuple=(0,),
            "CPUs and torch builds (float32 rounding takes training at this scale down another path); the paired "
            f"differences are what to compare.\n\nTotal wall time: {total:.0f} s"
            + (" (this session; the runs kept from an earlier one are not in it)" if resumed else "") + ".\n\n"
-           "![ICS matrices](ics_matrices.png)\n\nEvery model on the teacher's scale above (a student far from it saturates); "
-           "each on its own scale: " + ', '.join(f"[{r['method'].split(' (')[0]}](ics_{r['method'].split(' (')[0]}.png)" for r in rows)
+           "![ICS matrices](ics_matrices.png)\n\nEvery model on the teacher's scale above (a student far above it saturates); "
+           "each alone, its values written in the cells: " + ', '.join(f"[{r['method'].split(' (')[0]}](ics_{r['method'].split(' (')[0]}.png)" for r in rows)
            + ".\n\n![Predictions](predictions.png)\n")
     write_text_atomic(out/'report.md', txt)
     by, by_ics = ({d['method']: d for d in ds} for ds in (diffs, ics))
