@@ -4,7 +4,7 @@
 
 # %% ../nbs/05a_checkpoint.ipynb #6f1b7795
 from __future__ import annotations
-import contextlib, json, os, shutil, tempfile
+import contextlib, errno, json, os, shutil, tempfile
 from pathlib import Path
 import torch
 
@@ -27,9 +27,10 @@ def _cannot_write(path:Path, # the file being written
     if os_e is None: return None
     try: free = f", {shutil.disk_usage(path.parent).free / 1e6:.0f} MB free there"
     except OSError: free = ''
+    full = os_e.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC))   # the disk or a quota full: space to free
     err = OSError(f"cannot write {path}: {os_e.strerror or os_e}{free}; nothing was replaced ({path.name}, if there, is as it "
-                  "was): free space (or choose another --out) and run the command again; a run goes on from its last "
-                  "checkpoint with --resume")
+                  f"was): {'free space (or choose another --out)' if full else 'choose another --out'} and run the command "
+                  "again; a run goes on from its last checkpoint with --resume")
     err.errno = os_e.errno
     return err
 

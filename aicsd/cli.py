@@ -570,6 +570,9 @@ def parse(argv:list|None=None)->argparse.Namespace:
         only = {s for c in ('train', 'distill') for a in subs[c]._actions if a.dest in trained for s in a.option_strings} - have
         flags = argv[1:argv.index('--')] if '--' in argv else argv[1:]
         given = [t for t in dict.fromkeys(t.split('=')[0] for t in flags) if t in only]
+        if '--out' in (t.split('=')[0] for t in flags):   # a run folder: evaluate writes files where its own flags say
+            subs['evaluate'].error("--out: `aicsd evaluate` writes no run folder; --json FILE (every metric) and --figures-dir "
+                                   "DIR (class_iou.png, confusion.png) say where its results go")
         if given: subs['evaluate'].error(f"{', '.join(given)}: option(s) of training (`aicsd train`, `aicsd distill`); "
                                          "`aicsd evaluate` takes the network and how it was trained from --ckpt: remove them")
     a = p.parse_args(argv)

@@ -359,6 +359,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
     root = Path(data_root or f"data/synthetic-demo-{P['size']}px")
     if root.exists() and not root.is_dir():                 # before any folder is made
         raise ValueError(f"--data-root {root}: a file, not a folder; name a folder for the synthetic data (made when missing)")
+    made = not Path(out or demo_out('demo', quick)).exists()   # (a folder this call made, left empty by a failure: removed)
     out = make_folder(out or demo_out('demo', quick), 'the report folder')
     if why := _would_shrink(out, P, methods, resume):               # another command's report and runs: not replaced by less
         raise ValueError(f"{why}: give another --out, or delete {out} first")
@@ -449,7 +450,9 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
         if isinstance(e, RunInterrupted): raise
         sig = getattr(e, 'signum', signal.SIGINT)     # Ctrl-C, or SIGTERM / SIGHUP turned into one by the command line
         raise RunInterrupted(f"{how_stopped(sig)}; the runs finished in {out} are kept: continue with {_continue_with()}", sig) from None
-    finally: lock.release(); torch.set_num_threads(was_threads)
+    finally:
+        lock.release(); torch.set_num_threads(was_threads)
+        if made and out.is_dir() and not any(out.iterdir()): out.rmdir()
 
 
 # %% ../nbs/08a_experiments.ipynb #304f32fd
