@@ -559,18 +559,18 @@ def parse(argv:list|None=None)->argparse.Namespace:
     import_methods(_import_specs(argv))              # a user's terms and methods, before --method and --help read them
     p = build_parser()
     subs = p._subparsers._group_actions[0].choices
+    flags = list(dict.fromkeys(t.split('=')[0] for t in argv[1:argv.index('--') if '--' in argv else None]))   # once each
     if argv[:1] == ['train']:                        # a distillation flag given to train: say where it belongs
         only = {s: a.dest for a in subs['distill']._actions for s in a.option_strings
                 if any(o.name == a.dest and o.commands == ('distill',) for o in OPTIONS)}
-        given = [t.split('=')[0] for t in argv[1:] if t.split('=')[0] in only]
+        given = [t for t in flags if t in only]
         if given: subs['train'].error(distill_only(given))
     elif argv[:1] == ['evaluate']:                   # a flag of how the network was trained (a distill command copied): why not
         have = {s for a in subs['evaluate']._actions for s in a.option_strings}
         trained = {o.name for o in OPTIONS if o.group in _TRAINED and o.name != 'batch_size'} | {'imports'}   # (-> --val-batch-size)
         only = {s for c in ('train', 'distill') for a in subs[c]._actions if a.dest in trained for s in a.option_strings} - have
-        flags = argv[1:argv.index('--')] if '--' in argv else argv[1:]
-        given = [t for t in dict.fromkeys(t.split('=')[0] for t in flags) if t in only]
-        if '--out' in (t.split('=')[0] for t in flags):   # a run folder: evaluate writes files where its own flags say
+        given = [t for t in flags if t in only]
+        if '--out' in flags:   # a run folder: evaluate writes files where its own flags say
             subs['evaluate'].error("--out: `aicsd evaluate` writes no run folder; --json FILE (every metric) and --figures-dir "
                                    "DIR (class_iou.png, confusion.png) say where its results go")
         if given: subs['evaluate'].error(f"{', '.join(given)}: option(s) of training (`aicsd train`, `aicsd distill`); "

@@ -11,7 +11,7 @@ import torch
 from .config import OPTIONS, check_ranges, make_config, size_text
 from .checkpoint import load_checkpoint, write_text_atomic, json_text, make_folder
 from .distill import fit, Diverged
-from .runfolder import RunInterrupted, RunLock, clear_run, how_stopped, sweep_temporaries
+from .runfolder import RunInterrupted, RunLock, clear_run, how_stopped, sweep_temporaries, new_folders, remove_empty
 from .objective import METHODS, method_spec, out_of_range, parse_method, reads_teacher
 
 # %% auto #0
@@ -229,6 +229,7 @@ def _teacher(P, base, out, fresh, resume=False,
     sf = tdir/'data.json'                            # the data it is trained on, and whether its training finished
     try: stamp = json.loads(sf.read_text()); stamp = stamp if isinstance(stamp.get('settings'), dict) else None
     except (OSError, ValueError, AttributeError): stamp = None
+    record = lambda complete: write_text_atomic(sf, json.dumps(dict(settings=data, complete=complete)))
     ck = tdir/'best.pt'
     c = None
     if ck.exists() and not fresh:
@@ -249,7 +250,7 @@ def _teacher(P, base, out, fresh, resume=False,
         except ValueError as e: last, why = {}, str(e)
         if why: print(f"teacher: the interrupted run in {tdir} has {why}: it is trained again", flush=True); resume = False
         elif c is not None and last.get('global_step', -1) >= cfg['max_steps'] and last.get('eval_step') == last['global_step']:
-            write_text_atomic(sf, json.dumps(dict(settings=data, complete=True)))   # it had finished (stopped before its record):
+            record(True)                                                              # it had finished (stopped before its record):
             print(f"teacher: reused {ck}, its run had finished", flush=True)         # its students stay
             return ck, c['metrics'], 0.0, True
     print(f"teacher: DeepLabV3+ {P['teacher']}, {P['teacher_steps']} steps ...", flush=True)
@@ -257,9 +258,9 @@ def _teacher(P, base, out, fresh, resume=False,
     if resume and not fresh and (tdir/'last.pt').exists(): r = fit(make_config(cfg, force=False, resume=True))
     else:
         if clear_run(tdir): print(f"the earlier teacher in {tdir} is replaced (the demo keeps no copy)", flush=True)
-        make_folder(tdir, 'the teacher\'s run folder'); write_text_atomic(sf, json.dumps(dict(settings=data, complete=False)))
+        make_folder(tdir, 'the teacher\'s run folder'); record(False)
         r = fit(cfg)
-    write_text_atomic(sf, json.dumps(dict(settings=data, complete=True)))
+    record(True)
     return ck, r['metrics'], time.time() - t0, False
 
 # %% ../nbs/08a_experiments.ipynb #9d4f1b37
@@ -359,7 +360,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
     root = Path(data_root or f"data/synthetic-demo-{P['size']}px")
     if root.exists() and not root.is_dir():                 # before any folder is made
         raise ValueError(f"--data-root {root}: a file, not a folder; name a folder for the synthetic data (made when missing)")
-    made = not Path(out or demo_out('demo', quick)).exists()   # (a folder this call made, left empty by a failure: removed)
+    made = new_folders(out or demo_out('demo', quick))        # (folders this call makes, left empty by a failure: removed)
     out = make_folder(out or demo_out('demo', quick), 'the report folder')
     if why := _would_shrink(out, P, methods, resume):               # another command's report and runs: not replaced by less
         raise ValueError(f"{why}: give another --out, or delete {out} first")
@@ -452,7 +453,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
         raise RunInterrupted(f"{how_stopped(sig)}; the runs finished in {out} are kept: continue with {_continue_with()}", sig) from None
     finally:
         lock.release(); torch.set_num_threads(was_threads)
-        if made and out.is_dir() and not any(out.iterdir()): out.rmdir()
+        remove_empty(made)                             # (a folder holding anything stays)
 
 
 # %% ../nbs/08a_experiments.ipynb #304f32fd
