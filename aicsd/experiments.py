@@ -78,6 +78,8 @@ FIELD_WEIGHTS = {   # method -> (the method as the field's script runs it, {term
     'cwd': ('cwd+kd+cwd_feat', dict(kd=1.0, cwd=3.0, cwd_feat=50.0), _S + 'train_kd/train_cwd.sh: --lambda-kd 1.0 '
             '--lambda-cwd-logit 3 --lambda-cwd-fea 50 (tau 4 in train_kd.py; its adversarial terms, --lambda-adv 0.001 '
             '--lambda-d 0.1, have no term here)'),
+    'fitnet': ('fitnet+kd', dict(kd=1.0, fitnet=10.0), _S + 'train_kd/train_fitnet.sh: --lambda-kd 1.0 --lambda-fitnet 10. '
+               "(losses/fitnet.py: a 1x1 conv without BN maps the student's feature: fitnet.bn=false)"),
     'cirkd': ('cirkd', dict(kd=1.0, cirkd_pixel=1.0, cirkd_memory=0.1), "CIRKD train_cirkd.py defaults: --lambda-kd 1, "
               "--lambda-minibatch-pixel 1, --lambda-memory-pixel 0.1, --lambda-memory-region 0.1 (memories 20000 / 2000, "
               "contrast 4096 / 1024, temperature 0.1)"),
@@ -92,7 +94,8 @@ _FIELD_PROTOCOL = dict(arch='deeplabv3', data='cityscapes', data_root='data/city
                        eval_every=4)   # 54 evaluations in 40k steps (185 a epoch); CIRKD's --val-per-iters 800: 50
 # as CIRKD's scripts compute them: logit terms on the head's output at stride 8 (its DeepLabV3 returns no upsampled
 # logits), the mini-batch pixel term on the unpooled head feature (CriterionMiniBatchCrossImagePair's pooling=False)
-_FIELD_PARAMS = dict(kd=dict(upsampled=False), cwd=dict(upsampled=False), dist=dict(upsampled=False), cirkd_pixel=dict(pool=1))
+_FIELD_PARAMS = dict(kd=dict(upsampled=False), cwd=dict(upsampled=False), dist=dict(upsampled=False), cirkd_pixel=dict(pool=1),
+                     fitnet=dict(bn=False))
 
 def _field_params(spec:str)->dict:
     "The `param` of a field recipe running method `spec`: `_FIELD_PARAMS` of the terms it has."

@@ -276,7 +276,9 @@ def term_at(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None, p:float=2.0)
     return B.at_loss(s['decoder'], t['decoder'], p=p)
 
 # %% ../nbs/04_objective.ipynb #d1eabbee
-def term_fitnet(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
+def term_fitnet(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None,
+                bn:bool=True, # the adapter's (`_fitnet_adapter`): a batch norm after its 1x1 conv; False: the conv alone, as CIRKD
+               ):
     "FitNet (`fitnet_loss`) on the head feature, tap 'decoder', the student's mapped to the teacher's channels by `mod`."
     return B.fitnet_loss(_adapted(s, 'decoder', mod), t['decoder'])
 
@@ -352,11 +354,15 @@ def term_released_ic(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
 
 # %% ../nbs/04_objective.ipynb #4876f39e
 def term_released_pi(s:dict, t:dict, target:Tensor, mod:nn.Module|None=None):
-    "The released code's pixel KD: `KLDivLoss()` with mean reduction, i.e. our KD (T = 1, every pixel) divided by C."
+    "The pixel KD of the released code's commented-out line (`KLDivLoss()`, mean: our KD at T = 1 / C), our reading of its `pi`."
     return pixel_kd_loss(s['logits'], t['logits']) / s['logits'].shape[1]
 
 # %% ../nbs/04_objective.ipynb #063f6a76
 def _adapter(tap): return lambda sc, tc, nc, **_: B.channel_adapter(sc[tap], tc[tap])
+
+def _fitnet_adapter(sc, tc, nc, bn:bool=True, **_):
+    "The module of `fitnet`: 1x1 conv + BN (`channel_adapter`), or with `bn=False` CIRKD's 1x1 conv alone (no bias)."
+    return B.channel_adapter(sc['decoder'], tc['decoder']) if bn else nn.Conv2d(sc['decoder'], tc['decoder'], 1, bias=False)
 
 # %% ../nbs/04_objective.ipynb #9d536755
 def _cirkd_memory(sc, tc, nc, pixel_size:int=20000, region_size:int=2000, **_):
@@ -370,7 +376,8 @@ def _cwd_feat_conv(sc, tc, nc, **_):
 for _n, _t in dict(
     at=Term(term_at, ('decoder',), weight=1e4, alw='fade', params=dict(p=2.0), bounds=dict(p='>0'),
             ref='Zagoruyko & Komodakis, ICLR 2017; CIRKD'),
-    fitnet=Term(term_fitnet, ('decoder',), weight=1.0, alw='fade', module=_adapter('decoder'), ref='Romero et al., ICLR 2015 (weight ours)'),
+    fitnet=Term(term_fitnet, ('decoder',), weight=1.0, alw='fade', params=dict(bn=True), module=_fitnet_adapter,
+                ref='Romero et al., ICLR 2015 (weight ours); CIRKD train_fitnet.sh: 10, adapter without BN (bn=false)'),
     sp=Term(term_sp, ('aspp',), weight=3000.0, same_size=False, ref='Tung & Mori, ICCV 2019 (CIFAR weight)'),
     ickd=Term(term_ickd, ('aspp',), weight=2.5, same_size=False, module=_adapter('aspp'), ref='Liu et al., ICCV 2021 (CIFAR weight)'),
     skd=Term(term_skd, ('decoder',), weight=10.0, params=dict(scale=0.5, kernel=2), bounds=dict(scale='>0,<1', kernel='int>=1'),
@@ -410,7 +417,7 @@ for _n, _m in dict(
     released_readme_icsd=Method(('ce', 'released_pa'), doc="what the released README's 'ICSD' command trains (pa 9500)",
                                 paper="AICSD authors' code"),
     released_readme_aicsd=Method(('ce', 'released_pa', 'released_pi'),
-                                 doc="the released README's 'AICSD' command (pa 9500 + pi 10; its --ALW flag does not exist)",
+                                 doc="the released README's 'AICSD' command (pa 9500 + pi 10, pi read as pixel KD; its --ALW flag does not exist)",
                                  paper="AICSD authors' code"),
     released_ic=Method(('ce', 'released_ic'), doc="CE + the released code's logit-ICKD 'ic' term", paper="AICSD authors' code"),
 ).items(): register_method(_n, _m)
