@@ -204,7 +204,7 @@ def _inert(o:Option, v, command:str)->bool:
     "Does value `v` of option `o` do nothing in `command`? (its default, off, or the method `train` uses anyway)"
     return v is None or v == o.default or v is False or (command == 'train' and o.name == 'method' and v == 'baseline')
 
-def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
+def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path)->set: # the options it set
     "Make the keys of config file `path` the defaults of subcommand parser `p`; refuse what `command` does not take."
     valid = {a.dest for a in p._actions} - {'help', 'config', 'imports'}
     if given := [k for k in ('import', 'imports') if k in cfg]:   # read before the file: a module must register its names first
@@ -241,6 +241,7 @@ def _apply_config(p:argparse.ArgumentParser, cfg:dict, command:str, path):
         raise ValueError(f"config {path}: unknown key(s) {', '.join(bad)}" + (": did you mean " + ', '.join(
             f"{v} (for {k})" if '`' not in v else v for k, v in near.items()) + "?" if near else '') + f"; valid keys: {', '.join(sorted(valid))}")
     p.set_defaults(**{k: _config_value(opt[k], v, path, written.get(k)) if k in opt else v for k, v in cfg.items()})
+    return set(cfg)
 
 
 # %% ../nbs/09_cli.ipynb #5d1f0c2a
@@ -575,10 +576,11 @@ def parse(argv:list|None=None)->argparse.Namespace:
                                    "DIR (class_iou.png, confusion.png) say where its results go")
         if given: subs['evaluate'].error(f"{', '.join(given)}: option(s) of training (`aicsd train`, `aicsd distill`); "
                                          "`aicsd evaluate` takes the network and how it was trained from --ckpt: remove them")
-    a = p.parse_args(argv)
+    a, chosen = p.parse_args(argv), set()
     if getattr(a, 'config', None):
-        _apply_config(subs[a.command], read_config(a.config), a.command, a.config)
+        chosen = _apply_config(subs[a.command], read_config(a.config), a.command, a.config)
         a = p.parse_args(argv)
+    a._chosen = chosen | {x.dest for x in subs[a.command]._actions if set(x.option_strings) & set(flags)}   # typed or in the file
     a.__dict__.pop('_given', None)                   # `_once`'s record of repeated --weight/--param
     for o in OPTIONS:                                # `--eval-scales none`: the option's default, not a list of it
         v = getattr(a, o.name, None)
@@ -671,7 +673,7 @@ def _main(argv):
             print(json_text(dict(out=r['out'], steps=r['steps'],   # a NaN as null
                   best_miou=None if r['best_miou'] is None else round(r['best_miou'], 6), time_s=round(r['time_s'], 1))))
     elif a.command == 'evaluate':
-        res, files = evaluate_to_files(a.ckpt, {k: getattr(a, k) for k in EVAL_KEYS}, a.json, a.figures_dir)
+        res, files = evaluate_to_files(a.ckpt, {k: getattr(a, k) for k in EVAL_KEYS}, a.json, a.figures_dir, a._chosen)
         if dist_env()[0] == 0:
             print(f"per-class IoU (%):\n{iou_table(res)}", file=sys.stderr)   # for people; stdout keeps one JSON line
             print(json_text({k: v for k, v in res.items() if not isinstance(v, (list, dict))}))   # the scalars (--json: all)

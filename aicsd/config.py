@@ -312,7 +312,8 @@ def idle_options(cfg:dict, # a configuration (`make_config` fills it)
                 )->list: # 'flag value: why', one a line
     "Options set away from their default where this configuration makes them change nothing (warned: older recipes set them)."
     on = (lambda k: cfg.get(k, DEFAULTS[k]) != DEFAULTS[k])
-    idle = [f"--eval-square: it squares --eval-resize PX, which is not given"] if cfg.get('eval_square') and not cfg.get('eval_resize') else []
+    idle = [f"--eval-square: it squares --eval-resize PX, which is " + ("0 (native resolution)" if cfg.get('eval_resize') == 0 else "not given")
+            ] if cfg.get('eval_square') and not cfg.get('eval_resize') else []
     if cfg.get('max_steps') and on('epochs'):        # the run's length: --max-steps when given (`_optimizer`)
         idle.append(f"--epochs {cfg['epochs']}: --max-steps {cfg['max_steps']} sets the run's length")
     if cfg.get('arch', 'deeplabv3plus') != 'deeplabv3' and cfg.get('head_width') is not None:

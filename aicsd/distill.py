@@ -599,6 +599,7 @@ EVAL_KEYS = tuple(o.name for o in OPTIONS if 'evaluate' in o.commands) + ('backb
 
 def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file `load_model` reads)
                         opts:dict, # evaluation options (those of `aicsd evaluate`): data, data_root, val_split, eval_*, ...
+                        chosen:set|None=None, # the options the user chose (flags, config keys); None: the keys of `opts`
                        )->dict: # metrics as plain floats and lists; `classes`: the dataset's class names
     "Evaluate the network of `ckpt` on the validation split the options name, with the engine's process set-up."
     if bad := sorted(set(opts) - set(EVAL_KEYS)):        # a misspelt key would evaluate something else without a word
@@ -607,6 +608,7 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
         raise ValueError((f"unknown evaluation option(s) {typo}" + (f" (did you mean {', '.join(near)}?)" if near else '') if typo
                           else f"training option(s) {train}, which evaluation does not read: leave them out") +
                          f"; the options of `aicsd evaluate`: {', '.join(EVAL_KEYS)}")
+    chosen = set(opts if chosen is None else chosen)     # what was asked for is used, even at its default value
     opts = plain_options(opts)                          # numpy/torch values made plain; a data set in memory said plainly
     opts = {**{o.name: o.default for o in OPTIONS if 'evaluate' in o.commands}, **opts}
     check_ranges(opts); check_sides(opts)               # --max-val, --val-batch-size, --eval-resize, ... as for train and distill
@@ -622,7 +624,7 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
                      load_model(ck, map_location='cpu', source=str(ckpt)).to(dev) if kind == 'aicsd' else None)   # released: built below, with the data's classes
             trained = ck.get('config') if isinstance(ck.get('config'), dict) else {}   # (an edited file: no training settings)
             mine = (trained.get('data'), trained.get('data_root') or DEFAULT_ROOTS.get(trained.get('data')))
-            if opts['data'] == DEFAULTS['data'] and not opts.get('data_root') and trained.get('data') and mine != (opts['data'], DEFAULT_ROOTS[opts['data']]):
+            if 'data' not in chosen and not opts.get('data_root') and trained.get('data') and mine != (opts['data'], DEFAULT_ROOTS[opts['data']]):
                 if not Path(mine[1]).exists():                               # e.g. a relative root, from another folder
                     raise FileNotFoundError(f"{ckpt} was trained on --data {mine[0]} --data-root {mine[1]}, which is not found from "
                                             f"{Path.cwd()}" + ('' if Path(mine[1]).is_absolute() else ' (a relative path: '
@@ -630,15 +632,17 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
                 opts['data'], opts['data_root'] = mine                       # no --data / --data-root: the checkpoint's data
                 say(f"evaluating on the data of training: --data {mine[0]} --data-root {mine[1]} (--data and --data-root "
                     "choose others)", file=sys.stderr)
-            elif trained.get('data') and opts['data'] == DEFAULTS['data'] != trained['data'] and opts.get('data_root'):
+            elif trained.get('data') and 'data' not in chosen and opts['data'] != trained['data'] and opts.get('data_root'):
                 opts['data'] = trained['data']                               # --data-root alone: the data set of training, there
                 say(f"evaluating --data-root {opts['data_root']} as --data {opts['data']}, the data of training (--data chooses "
                     "another)", file=sys.stderr)
             elif opts['data'] == trained.get('data') != DEFAULTS['data'] and not opts.get('data_root') and Path(mine[1]).exists():
                 opts['data_root'] = mine[1]                                  # --data alone, the training's: its root too
                 say(f"evaluating --data {opts['data']} at {mine[1]}, where training read it (--data-root chooses another)", file=sys.stderr)
-            if all(opts[k] == DEFAULTS[k] for k in _PROTOCOL_KEYS) and any(trained.get(k, DEFAULTS[k]) != DEFAULTS[k] for k in _PROTOCOL_KEYS):
-                opts.update({k: trained.get(k, DEFAULTS[k]) for k in _PROTOCOL_KEYS})   # the checkpoint's own protocol
+            own = {k: trained.get(k, DEFAULTS[k]) for k in _PROTOCOL_KEYS}   # the checkpoint's protocol, ...
+            if not own['eval_resize']: own.update(eval_resize=DEFAULTS['eval_resize'], eval_square=DEFAULTS['eval_square'])   # (native: nothing to square)
+            if not chosen & set(_PROTOCOL_KEYS) and any(own[k] != DEFAULTS[k] for k in _PROTOCOL_KEYS):
+                opts.update(own)                                             # ... when no evaluation option is given
                 say('evaluating as in training: ' + ' '.join(flag_text(k, opts[k]) for k in _PROTOCOL_KEYS if opts[k] != DEFAULTS[k]) +
                     ' (any evaluation option chooses another protocol; --eval-resize 0: native resolution)', file=sys.stderr)
             warn_idle(opts)
@@ -653,7 +657,7 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
             check_pairs(ds)
             if model is None:                                                # the released code's file: OS 16, as trained
                 model = load_released_checkpoint(ck, released, getattr(ds, 'num_classes', None) or 21, source=str(ckpt)).to(dev)
-                if all(opts[k] == DEFAULTS[k] for k in _PROTOCOL_KEYS):
+                if not chosen & set(_PROTOCOL_KEYS):
                     say("evaluating at native resolution; the released code evaluated on 513 x 513 squares: "
                         "--eval-resize 513 --eval-square", file=sys.stderr)
             nc, dnc = model_arch(model)['num_classes'], getattr(ds, 'num_classes', None)
@@ -703,13 +707,14 @@ def evaluate_to_files(ckpt:str|Path, # the checkpoint (`evaluate_checkpoint`)
                       opts:dict, # evaluation options (`evaluate_checkpoint`)
                       json_path:str|Path|None=None, # write the whole result here as JSON (`--json`), or None
                       figures_dir:str|Path|None=None, # draw the per-class IoU and the confusion matrix here (`--figures-dir`), or None
+                      chosen:set|None=None, # the options the user chose (`evaluate_checkpoint`)
                      )->tuple: # (result, files written); on ranks other than 0 nothing is written
     "`evaluate_checkpoint`, then its result into files: destinations checked first, a folder it made removed if it fails."
     main = dist_env()[0] == 0
     if json_path and main: _check_json_target(json_path, ckpt); check_writable(json_path, '--json')
     made = new_folders(figures_dir) if figures_dir and main else []
     if figures_dir and main: make_folder(figures_dir, 'the figures folder', '--figures-dir')
-    try: res = evaluate_checkpoint(ckpt, opts)
+    try: res = evaluate_checkpoint(ckpt, opts, chosen)
     except BaseException: remove_empty(made); raise
     files = []
     if main and json_path: files.append(write_text_atomic(json_path, json_text(res, indent=1)))
@@ -770,6 +775,8 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         with together('while checking the run folder'):   # so that what one process finds wrong below stops them all at once
             if dist_env()[0] == 0:          # the folder locked as it is made: a twin run started on it fails, and leaves it
                 lock = RunLock(make_folder(cfg['out'], 'the run folder')).acquire()
+                if other := mixed_with(cfg['out'], 'run'):   # a run's files among a report's runs: neither says what it is
+                    raise ValueError(f"--out {cfg['out']} holds {other}: a run written there would mix with it; choose another --out")
             if cfg['resume']: check_resumable(cfg['out'])   # before the data are built (a default data set written) and checked
         run = build_run(cfg)
         if run.world == 1 and threading.current_thread() is threading.main_thread():

@@ -6,12 +6,40 @@
 __all__ = ['console_main']
 
 # %% ../nbs/09a_entry.ipynb #f14e7c51
-import importlib, sys
+import importlib, os, signal, sys, threading
+
+_STOPS = tuple(getattr(signal, n) for n in ('SIGTERM', 'SIGHUP') if hasattr(signal, n))   # (no SIGHUP on Windows)
+
+def _raise_stop(sig, frame):
+    "SIGTERM or SIGHUP ends the command as a Ctrl-C does: its cleanup runs, and it says how it stopped."
+    e = KeyboardInterrupt(f'stopped by {signal.Signals(sig).name}'); e.signum = sig; raise e
+
+def _catch_stops()->list: # the signals now handled by `_raise_stop`
+    """SIGTERM and SIGHUP from our first line on, where nothing else handles them (a `nohup` keeps its ignored SIGHUP);
+    under torchrun only rank 0, as `aicsd.cli` does (the others end at once: see its `_stop_on_signals`)."""
+    if threading.current_thread() is not threading.main_thread() or int(os.environ.get('RANK', 0) or 0) != 0: return []
+    ours = [s for s in _STOPS if signal.getsignal(s) is signal.SIG_DFL]
+    for s in ours: signal.signal(s, _raise_stop)
+    return ours
+
+def _exit_with(status:int):
+    "A handler for a stop that comes once the command has finished: its results are complete, so exit with its own status."
+    def done(sig, frame):
+        for f in (sys.stdout, sys.stderr):
+            try: f.flush()
+            except Exception: pass
+        os._exit(status)
+    return done
 
 def console_main(load=lambda: importlib.import_module('aicsd.cli').main, # returns the command's `main` (imports torch)
                 )->int: # the exit status
-    "The `aicsd` console script (settings.ini): `aicsd.cli.main`, imported here so that a Ctrl-C while torch loads ends quietly."
-    try: run = load()
-    except KeyboardInterrupt:
-        print('aicsd: interrupted', file=sys.stderr); return 130
-    return run()
+    """The `aicsd` console script (settings.ini): `aicsd.cli.main`, imported here so that a Ctrl-C, SIGTERM or SIGHUP
+    while torch loads ends with one line and the shell's status (130, 143, 129)."""
+    ours = _catch_stops()
+    try:
+        run = load()
+        status = int(run() or 0)
+    except KeyboardInterrupt as e:
+        print(f"aicsd: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr); status = 128 + getattr(e, 'signum', 2)
+    for s in ours: signal.signal(s, _exit_with(status))   # a scheduler's SIGTERM after the end: the command's status
+    return status

@@ -121,10 +121,10 @@ class Predictor:
 
     def __post_init__(self):
         if self.mode not in MODES: raise ValueError(f"mode: expected one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.mode == 'whole' and (self.crop is not None or self.stride is not None):   # (before: 'give both' would mislead)
+            raise ValueError("crop and stride: mode 'whole' takes none; use mode 'slide' (or 'multiscale' to slide at each scale)")
         if (self.crop is None) != (self.stride is None) or (self.mode == 'slide' and self.crop is None):
             raise ValueError(f"mode {self.mode!r}: give crop and stride together" + (" (sliding windows need both)" if self.mode == 'slide' else ''))
-        if self.mode == 'whole' and self.crop is not None:
-            raise ValueError("crop and stride: mode 'whole' takes none; use mode 'slide' (or 'multiscale' to slide at each scale)")
         if self.crop is not None:
             (ch, cw), (sh, sw) = size_pair(self.crop, 'crop'), size_pair(self.stride, 'stride')
             if sh > ch or sw > cw: raise ValueError(f"stride {self.stride}: expected 0 < stride <= crop {self.crop} on each side")

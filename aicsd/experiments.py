@@ -11,7 +11,7 @@ import torch
 from .config import OPTIONS, check_ranges, make_config, size_text
 from .checkpoint import load_checkpoint, write_text_atomic, json_text, make_folder
 from .distill import fit, Diverged
-from .runfolder import RunInterrupted, RunLock, clear_run, how_stopped, sweep_temporaries, new_folders, remove_empty
+from .runfolder import RunInterrupted, RunLock, clear_run, how_stopped, sweep_temporaries, new_folders, remove_empty, mixed_with
 from .objective import METHODS, method_spec, out_of_range, parse_method, reads_teacher
 
 # %% auto #0
@@ -365,6 +365,8 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
         raise ValueError(f"--data-root {root}: a file, not a folder; name a folder for the synthetic data (made when missing)")
     made = new_folders(out or demo_out('demo', quick))        # (folders this call makes, left empty by a failure: removed)
     out = make_folder(out or demo_out('demo', quick), 'the report folder')
+    if other := mixed_with(out, 'report'):                    # a run's own folder: a report and runs beside its files say nothing
+        raise ValueError(f"--out {out} holds {other}: a demo or comparison written there would mix with it; choose another --out")
     if why := _would_shrink(out, P, methods, resume):               # another command's report and runs: not replaced by less
         raise ValueError(f"{why}: give another --out, or delete {out} first")
     if resume and (lost := [m for m in _reported(out) if m not in methods]):   # --resume with fewer --methods: kept, said

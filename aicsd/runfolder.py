@@ -17,9 +17,10 @@ from .models import model_arch
 from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write_text_atomic, replace_synced, pid_alive   # the one writer and reader of files
 
 # %% auto #0
-__all__ = ['LOGS', 'CHECKPOINTS', 'RUN_FILES', 'STOP_SIGNALS', 'RESUME_KEYS', 'rng_state', 'set_rng_state', 'RunLog', 'has_logs',
-           'read_run', 'Progress', 'RunExistsError', 'RunLockedError', 'how_stopped', 'RunInterrupted', 'RunLock',
-           'Checkpointer', 'check_resumable', 'sweep_temporaries', 'new_folders', 'remove_empty', 'clear_run']
+__all__ = ['LOGS', 'CHECKPOINTS', 'RUN_FILES', 'STOP_SIGNALS', 'RESUME_KEYS', 'rng_state', 'set_rng_state', 'RunLog',
+           'mixed_with', 'has_logs', 'read_run', 'Progress', 'RunExistsError', 'RunLockedError', 'how_stopped',
+           'RunInterrupted', 'RunLock', 'Checkpointer', 'check_resumable', 'sweep_temporaries', 'new_folders',
+           'remove_empty', 'clear_run']
 
 # %% ../nbs/07b_runfolder.ipynb #540a878f
 def rng_state(cuda:bool=True, # also the CUDA generator of this process's GPU, when there is one (this initialises CUDA)
@@ -134,6 +135,19 @@ def _read_csv(path:Path)->dict:
 LOGS = ('train_log.csv', 'eval_log.csv')                  # the names of a run's files: here, and nowhere else
 CHECKPOINTS = ('last.pt', 'last.prev.pt', 'best.pt')
 RUN_FILES = CHECKPOINTS + LOGS + ('tb', 'figures')        # what a run writes in its folder (`--force` sets them aside)
+
+def mixed_with(out, # the folder a command is about to write into
+               writes:str, # what that command writes there: 'run' (train, distill) or 'report' (demo, compare)
+              )->str|None: # what else `out` holds, said for an error; None: nothing of the other kind
+    "Whether `out` holds the other kind of folder: a run's files (a run's `--out`), or a demo's or comparison's report and runs."
+    out = Path(out)
+    if not out.is_dir(): return None
+    if writes == 'report':
+        run = [f for f in CHECKPOINTS + LOGS if (out/f).is_file()]
+        return f"a training run ({', '.join(run)})" if run else None
+    rep = [f for f in ('report.md', 'results.json') if (out/f).is_file()]
+    rep += sorted(f"{d.name}/" for d in out.iterdir() if d.is_dir() and d.name.startswith(('teacher-', 'student-')))[:2]
+    return f"a demo or comparison ({', '.join(rep)})" if rep else None
 
 def has_logs(run)->bool:
     "Whether the run folder `run` holds a log `read_run` can read."

@@ -522,7 +522,8 @@ def plot_curves(run, # a run folder, `read_run`'s result, or several: a list of 
         h, l = ax.get_legend_handles_labels()
         if h: ax.legend(h + more[0], l + more[1], fontsize=7)
     h1, l1 = a_alw.get_legend_handles_labels(); h2, l2 = a_lr.get_legend_handles_labels() if alw and a_lr is not a_alw else ([], [])   # (one axes: once)
-    if h1: a_alw.legend(h1 + h2, l1 + l2, fontsize=7, loc='center right')
+    one_row = any(len(getattr(h, 'get_xdata', lambda: [0, 0])()) < 2 for h in h1 + h2)   # a single logged row: a marker at the
+    if h1: a_alw.legend(h1 + h2, l1 + l2, fontsize=7, loc='upper left' if one_row else 'center right')   # right edge, mid-height
     fig.suptitle(title or ('training of ' + (next(iter(logs.values()))['name'] if one else ', '.join(map(str, logs)))))
     return fig
 

@@ -180,23 +180,25 @@ def test_docs_examples_on_synthetic_data_are_small():
     assert lines
     for l in lines: assert '--crop-size 64' in l and '--epochs 5' in l, l
 
-@pytest.mark.parametrize('how', ['console script', 'python -m aicsd.cli'])   # (the second: what torchrun -m aicsd.cli runs)
-def test_ctrl_c_while_torch_loads_is_one_line(how, tmp_path):
-    "Ctrl-C once torch has begun to load (its library mapped into the process) or later: one line, exit 130, no traceback."
+@pytest.mark.parametrize('how, sig', [('console script', 'SIGINT'), ('python -m aicsd.cli', 'SIGINT'),   # (the second: what
+                                      ('console script', 'SIGTERM')])                             # torchrun -m aicsd.cli runs)
+def test_ctrl_c_while_torch_loads_is_one_line(how, sig, tmp_path):
+    """Ctrl-C (or a scheduler's SIGTERM) once torch has begun to load (its library mapped into the process) or later:
+    one line, exit 130 (143), no traceback."""
     import signal, subprocess, sys, time
     from conftest import aicsd_cmd
     cmd = aicsd_cmd() if how == 'console script' else [sys.executable, '-m', 'aicsd.cli']
-    p = subprocess.Popen(cmd + ['bench', 'icsd', '--quick'], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = subprocess.Popen(cmd + ['bench', 'icsd', '--quick'], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)])
     # a point fixed by the process, not by a delay: before it Python itself is starting (a Ctrl-C there is Python's own
     # traceback: no code of ours has run yet); after it `console_main` is importing aicsd.cli, or the command runs
     t0 = time.time()
     while 'libtorch' not in Path(f'/proc/{p.pid}/maps').read_text():
         assert p.poll() is None and time.time() - t0 < 120, p.communicate()[1][-3000:] if p.poll() is not None else 'too slow'
         time.sleep(0.005)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     err = p.communicate(timeout=120)[1]
-    assert p.returncode == 130 and 'Traceback' not in err and err.strip().splitlines()[-1].startswith('aicsd: '), err[-2000:]
+    assert p.returncode == 128 + getattr(signal, sig) and 'Traceback' not in err and err.strip().splitlines()[-1].startswith('aicsd: '), err[-2000:]
 
 @pytest.mark.parametrize('argv, prog, bad, guess', [
     (['train', '--epoch', '1'], 'aicsd train', '--epoch 1', '--epochs'),         # a prefix is not taken (allow_abbrev off)
