@@ -21,7 +21,7 @@ from .distill import DEFAULTS, OPTIONS, Option, make_config, fit, evaluate_to_fi
 from .models import BACKBONES
 from .config import DISTILL_ONLY, renamed_keys, check_ranges, distill_only, read_config, size_arg, size_text, warn, yaml_load
 from .data import DEFAULT_ROOTS
-from .runfolder import STOP_SIGNALS, RunInterrupted, how_stopped
+from .runfolder import STOP_SIGNALS, CHECKPOINTS, RunInterrupted, how_stopped
 from .process import dist_env, PeerFailed
 from .checkpoint import json_text
 from .objective import METHODS, TERMS, parse_method, _near
@@ -617,7 +617,12 @@ def main(argv:list|None=None)->int:
         if dist_env()[0] != 0: return 128 + getattr(e, 'signum', 2)   # torchrun: a Ctrl-C reaches every process; rank 0 says it
         text, args = e.args[0] if e.args else 'interrupted', [str(x) for x in (sys.argv[1:] if argv is None else argv)]
         if (not isinstance(e, RunInterrupted) and args[:1] in (['train'], ['distill']) and (rw := dist_env())[0] == 0 and rw[1] > 1):   # torchrun: no last.pt at the signal; the last one written counts
-            text += ("; under torchrun a run goes on from its last checkpoint: the same command and --resume (one is written "
+            if getattr(e, 'signum', 2) == signal.SIGTERM:   # from torchrun: stopped by the user, or after another process ended
+                text += " (from torchrun: the job was stopped, or another of its processes ended: see torchrun's summary)"
+            out = getattr(e, 'out', None)
+            text += ("; no checkpoint was written yet: run the same command again (without --resume)"
+                     if out is not None and not any((Path(out)/f).exists() for f in CHECKPOINTS[:2]) else
+                     "; under torchrun a run goes on from its last checkpoint: the same command and --resume (one is written "
                      "at each epoch's end, and every --ckpt-every steps)")
         print(f"aicsd: {text}", file=sys.stderr)
         return 128 + getattr(e, 'signum', 2)  # as the shell reports a process ended by that signal: 130, 143, 129

@@ -588,6 +588,7 @@ def restarted_with_checkpoint(out:str|Path, # the run folder
     "Whether this process is a torchrun restart of a run that has a checkpoint (then `fit` resumes by itself)."
     n = restart_count()
     if n == 0 or not any((Path(out)/f).exists() for f in CHECKPOINTS[:2]): return False   # last.pt, last.prev.pt
+    if not job_checkpointed(out): return False   # there before this job: the restart does what its first attempt did
     if dist_env()[0] == 0: warn(f"torchrun restarted the job (restart {n}): resuming the run in {out} from its last checkpoint")
     return True
 
@@ -840,6 +841,9 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
             res['model'] = run.student.to('cpu').eval(); res['model'].zero_grad(set_to_none=True)
         failed = False
         return res
+    except KeyboardInterrupt as e:           # (under torchrun rank 0's signal comes out here: the command line says what to do)
+        if getattr(e, 'out', None) is None: e.out = str(cfg['out'])
+        raise
     finally:
         if log is not None: log.close()     # TensorBoard's writer (a thread, a file) also after an error or a Ctrl-C
         for s, h in (old_handler or {}).items():

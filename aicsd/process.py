@@ -13,8 +13,9 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['set_malloc_mmap_threshold', 'restore_malloc_thresholds', 'dist_env', 'resolve_device', 'restart_count',
-           'init_distributed', 'cleanup_distributed', 'PeerFailed', 'together', 'start_process', 'loader_workers',
-           'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'native_bf16', 'amp_dtype', 'autocast']
+           'mark_checkpointed', 'job_checkpointed', 'init_distributed', 'cleanup_distributed', 'PeerFailed', 'together',
+           'start_process', 'loader_workers', 'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'native_bf16', 'amp_dtype',
+           'autocast']
 
 # %% ../nbs/07c_process.ipynb #52a90803
 _MALLOC = dict(set=False)   # whether this process changed glibc's thresholds (`restore_malloc_thresholds` puts them back)
@@ -81,6 +82,30 @@ def _attempt_store(world:int): # a store whose keys belong to this torchrun atte
     from datetime import timedelta
     store = dist.TCPStore(e['MASTER_ADDR'], int(e['MASTER_PORT']), world, is_master=False, timeout=timedelta(minutes=10))
     return dist.PrefixStore(f'aicsd/attempt_{n}', store)
+
+# %% ../nbs/07c_process.ipynb #jobmark1
+_JOB = {}   # this process's client of the torchrun agent's store (one connection)
+
+def _job_store(): # the store of the torchrun agent, which lives as long as the job, every restart of it; None outside
+    e = os.environ
+    if e.get('TORCHELASTIC_USE_AGENT_STORE') != 'True' or 'MASTER_ADDR' not in e: return None
+    if 'store' not in _JOB:
+        from datetime import timedelta
+        _JOB['store'] = dist.TCPStore(e['MASTER_ADDR'], int(e['MASTER_PORT']), int(e.get('WORLD_SIZE', 1)), is_master=False,
+                                      timeout=timedelta(minutes=2))
+    return _JOB['store']
+
+def _job_key(out)->str: return f"aicsd/checkpointed/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{Path(out).resolve()}"
+
+def mark_checkpointed(out): # the run folder whose last.pt this process (rank 0) has just written
+    "Under torchrun: record in the job's store that this job wrote a checkpoint in `out` (its restarts continue it)."
+    if (s := _job_store()) is not None: s.set(_job_key(out), '1')
+
+def job_checkpointed(out)->bool:
+    """Whether this torchrun job, in an earlier attempt, wrote the checkpoint in `out`: a restart continues that one, and
+    not a checkpoint that was there before the job began (an earlier run the job was refused to replace, or set aside)."""
+    s = _job_store()
+    return s is not None and s.check([_job_key(out)])
 
 # %% ../nbs/07c_process.ipynb #2452d903
 def init_distributed(device:torch.device)->tuple: # (rank, world, local_rank, we_initialised)

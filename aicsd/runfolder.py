@@ -14,6 +14,7 @@ from fastcore.basics import patch
 from .config import warn, resume_changes
 from .objective import record_changes, LOG_COLUMNS
 from .models import model_arch
+from .process import mark_checkpointed   # (a torchrun restart continues only its own job's checkpoints)
 from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write_text_atomic, replace_synced, pid_alive   # the one writer and reader of files
 
 # %% auto #0
@@ -271,6 +272,7 @@ def save_last(self:Checkpointer, prog:Progress):
                               best_miou=prog.best, metrics=prog.metrics or {}, elapsed_s=time.time() - prog.started, rng=allst, train_images=_n_train(r)), self.last)
         if self.last.exists(): os.replace(self.last, self.prev)
         replace_synced(tmp, self.last)                # and the folder synced: the renames survive a power cut
+        mark_checkpointed(r.out)                      # under torchrun: a restart of this job continues this file
 
 # %% ../nbs/07b_runfolder.ipynb #e088cfbe
 @patch

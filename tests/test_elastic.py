@@ -69,3 +69,17 @@ def test_a_lost_worker_restarts_the_group_from_last_pt(tiny_data, tmp_path):
     import csv
     steps = [int(r['step']) for r in csv.DictReader(open(tmp_path / 'lost' / 'train_log.csv'))]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS, steps                        # no step logged twice
+
+
+def test_a_restart_continues_only_the_jobs_own_checkpoint(tiny_data, tmp_path):
+    """`torchrun --max-restarts 1` where the first attempt is refused (the folder holds an earlier run; no --resume, no
+    --force): the restart refuses too, and the earlier run is not continued behind the refusal."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
+    args = ['-m', 'aicsd.cli', 'train', '--max-steps', 4, *tiny_args(tiny_data, tmp_path / 'r'), '--batch-size', 2]
+    run(cmd + args + ['--stop-after', 2], cwd=tmp_path, timeout=300)                  # an earlier run, stopped at step 2
+    step = lambda: torch.load(tmp_path / 'r' / 'last.pt', map_location='cpu', weights_only=True)['global_step']
+    assert step() == 2
+    p = subprocess.run([str(a) for a in cmd + ['--max-restarts', 1] + args], cwd=tmp_path, env=ENV, capture_output=True,
+                       text=True, timeout=400)
+    assert p.returncode != 0 and 'already holds a run' in p.stderr, p.stderr[-3000:]
+    assert 'torchrun restarted the job' not in p.stderr and step() == 2, p.stderr[-3000:]
