@@ -637,7 +637,7 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
                 opts['data'] = trained['data']                               # --data-root alone: the data set of training, there
                 say(f"evaluating --data-root {opts['data_root']} as --data {opts['data']}, the data of training (--data chooses "
                     "another)", file=sys.stderr)
-            elif opts['data'] == trained.get('data') != DEFAULTS['data'] and not opts.get('data_root') and Path(mine[1]).exists():
+            elif 'data' in chosen and opts['data'] == trained.get('data') and not opts.get('data_root') and Path(mine[1]).exists():
                 opts['data_root'] = mine[1]                                  # --data alone, the training's: its root too
                 say(f"evaluating --data {opts['data']} at {mine[1]}, where training read it (--data-root chooses another)", file=sys.stderr)
             own = {k: trained.get(k, DEFAULTS[k]) for k in _PROTOCOL_KEYS}   # the checkpoint's protocol, ...

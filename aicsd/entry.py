@@ -22,16 +22,13 @@ def _catch_stops()->list: # the signals now handled by `_raise_stop`
     for s in ours: signal.signal(s, _raise_stop)
     return ours
 
-def _exit_with(status:int):
-    "A handler for a stop that comes once the command has finished: its results are complete, so exit with its own status."
-    def done(sig, frame):
-        for f in (sys.stdout, sys.stderr):
-            try: f.flush()
-            except Exception: pass
-        os._exit(status)
-    return done
+def _load_cli():
+    "`aicsd.cli.main`, numpy imported first: a signal while torch's C code imports numpy would be lost there (it drops the error)."
+    importlib.import_module('numpy')
+    return importlib.import_module('aicsd.cli').main
 
-def console_main(load=lambda: importlib.import_module('aicsd.cli').main, # returns the command's `main` (imports torch)
+def console_main(load=_load_cli, # returns the command's `main` (imports torch)
+                 at_exit:bool=True, # the process ends when this returns (the console script, `python -m aicsd.cli`)
                 )->int: # the exit status
     """The `aicsd` console script (settings.ini): `aicsd.cli.main`, imported here so that a Ctrl-C, SIGTERM or SIGHUP
     while torch loads ends with one line and the shell's status (130, 143, 129)."""
@@ -41,5 +38,6 @@ def console_main(load=lambda: importlib.import_module('aicsd.cli').main, # retur
         status = int(run() or 0)
     except KeyboardInterrupt as e:
         print(f"aicsd: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr); status = 128 + getattr(e, 'signum', 2)
-    for s in ours: signal.signal(s, _exit_with(status))   # a scheduler's SIGTERM after the end: the command's status
+    if at_exit:   # a scheduler's SIGTERM once the command has finished (results complete) must not make it look killed; ignored,
+        for s in ours: signal.signal(s, signal.SIG_IGN)   # as Python's handlers no longer run while the interpreter shuts down
     return status

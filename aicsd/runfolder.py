@@ -4,7 +4,7 @@
 
 # %% ../nbs/07b_runfolder.ipynb #9082a852
 from __future__ import annotations
-import csv, errno, os, random, shutil, signal, socket, sys, tempfile, time
+import csv, errno, json, os, random, shutil, signal, socket, sys, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -137,6 +137,11 @@ LOGS = ('train_log.csv', 'eval_log.csv')                  # the names of a run's
 CHECKPOINTS = ('last.pt', 'last.prev.pt', 'best.pt')
 RUN_FILES = CHECKPOINTS + LOGS + ('tb', 'figures')        # what a run writes in its folder (`--force` sets them aside)
 
+def _a_report(f:Path)->bool: # a demo's results.json: a list of {'method': ...}; `aicsd evaluate --json`'s is a dict (kept in runs)
+    try: r = json.loads(f.read_text())
+    except (OSError, ValueError): return False
+    return isinstance(r, list) and all(isinstance(x, dict) and 'method' in x for x in r)
+
 def mixed_with(out, # the folder a command is about to write into
                writes:str, # what that command writes there: 'run' (train, distill) or 'report' (demo, compare)
               )->str|None: # what else `out` holds, said for an error; None: nothing of the other kind
@@ -146,7 +151,7 @@ def mixed_with(out, # the folder a command is about to write into
     if writes == 'report':
         run = [f for f in CHECKPOINTS + LOGS if (out/f).is_file()]
         return f"a training run ({', '.join(run)})" if run else None
-    rep = [f for f in ('report.md', 'results.json') if (out/f).is_file()]
+    rep = [f for f in ('report.md', 'results.json') if (out/f).is_file() and (f == 'report.md' or _a_report(out/f))]
     rep += sorted(f"{d.name}/" for d in out.iterdir() if d.is_dir() and d.name.startswith(('teacher-', 'student-')))[:2]
     return f"a demo or comparison ({', '.join(rep)})" if rep else None
 
