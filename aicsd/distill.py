@@ -363,7 +363,8 @@ def build_run(cfg:dict)->Run:
         amp_dtype = _amp_dtype(P.precision, device)
     net = StudentWithModules(student, modules)
     model, teacher, fdt, mf = _place(net, teacher, P, device, world)
-    opt, sched, epochs, total, spe = _optimizer(student, modules, O, loader)
+    with together('while building the optimizer'):   # (its schedule checks --warmup-steps against the run's steps: said once)
+        opt, sched, epochs, total, spe = _optimizer(student, modules, O, loader)
     scaler = torch.amp.GradScaler(device.type) if P.precision == 'fp16' else None
     return Run(cfg=cfg, device=device, rank=rank, world=world, owned=owned, out=out, seed=M.seed, train_ds=train_ds,
                val_ds=val_ds, num_classes=nc, loader=loader, student=student, teacher=teacher, objective=objective, net=net,

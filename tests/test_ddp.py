@@ -155,6 +155,12 @@ def test_an_error_of_every_rank_is_said_once(tmp_path):
     _check_fails_once(p, f'{tmp_path / "nothere"} does not exist')
     assert not (tmp_path / 'x').exists()
 
+def test_a_schedule_error_is_said_once(tiny_data, tmp_path):
+    "--warmup-steps past the run's end, found as the optimizer is built (after DDP's set-up): said once, by one process."
+    p = run(TORCHRUN + ['train', '--model', 'mobilenetv2', *tiny_args(tiny_data, tmp_path / 'w'), '--batch-size', 2,
+                        '--max-steps', 2, '--warmup-steps', 2], cwd=tmp_path, timeout=240, check=False)
+    _check_fails_once(p, '--warmup-steps 2: the warm-up must end before the run')
+
 def test_a_failure_writing_the_default_data_stops_every_rank(tmp_path):
     """Rank 0 writes the default synthetic data set while the others wait for it: when the write fails (here: 40 classes,
     more than it can draw), every process stops with that one message (a review found them all waiting for ever); an empty
