@@ -99,13 +99,15 @@ def _job_key(out)->str: return f"aicsd/checkpointed/{os.environ.get('TORCHELASTI
 
 def mark_checkpointed(out): # the run folder whose last.pt this process (rank 0) has just written
     "Under torchrun: record in the job's store that this job wrote a checkpoint in `out` (its restarts continue it)."
-    if (s := _job_store()) is not None: s.set(_job_key(out), '1')
+    try:
+        if (s := _job_store()) is not None: s.set(_job_key(out), '1')
+    except RuntimeError: pass   # the store unreachable: the checkpoint stands; a restart then refuses as the first attempt would
 
 def job_checkpointed(out)->bool:
     """Whether this torchrun job, in an earlier attempt, wrote the checkpoint in `out`: a restart continues that one, and
     not a checkpoint that was there before the job began (an earlier run the job was refused to replace, or set aside)."""
-    s = _job_store()
-    return s is not None and s.check([_job_key(out)])
+    try: s = _job_store(); return s is not None and s.check([_job_key(out)])
+    except RuntimeError: return False
 
 # %% ../nbs/07c_process.ipynb #2452d903
 def init_distributed(device:torch.device)->tuple: # (rank, world, local_rank, we_initialised)
