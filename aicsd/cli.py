@@ -22,6 +22,7 @@ from .models import BACKBONES
 from .config import DISTILL_ONLY, renamed_keys, check_ranges, distill_only, read_config, size_arg, size_text, warn, yaml_load
 from .data import DEFAULT_ROOTS
 from .runfolder import STOP_SIGNALS, CHECKPOINTS, RunInterrupted, how_stopped
+from .entry import _raise_stop   # (the one handler that makes SIGTERM / SIGHUP a Ctrl-C)
 from .process import dist_env, PeerFailed
 from .checkpoint import json_text
 from .objective import METHODS, TERMS, parse_method, _near
@@ -595,11 +596,9 @@ def _stop_on_signals()->dict: # the handlers replaced, to put back
     Under torchrun, processes other than rank 0 keep the default (end at once): torchrun stops them with SIGTERM when
     another process failed, often while they wait inside a collective, where a Python handler cannot run (torchrun then
     waits 30 s and kills them); they hold no lock and write no file."""
-    def stop(sig, frame):
-        e = KeyboardInterrupt(how_stopped(sig)); e.signum = sig; raise e
     if threading.current_thread() is not threading.main_thread(): return {}   # (Python handles signals in the main thread)
     if dist_env()[0] != 0: return {}
-    return {s: signal.signal(s, stop) for s in STOP_SIGNALS if s != signal.SIGINT and signal.getsignal(s) is signal.SIG_DFL}
+    return {s: signal.signal(s, _raise_stop) for s in STOP_SIGNALS if s != signal.SIGINT and signal.getsignal(s) is signal.SIG_DFL}
 
 # %% ../nbs/09_cli.ipynb #b867e4d3
 def main(argv:list|None=None)->int:

@@ -12,7 +12,8 @@ _STOPS = tuple(getattr(signal, n) for n in ('SIGTERM', 'SIGHUP') if hasattr(sign
 
 def _raise_stop(sig, frame):
     "SIGTERM or SIGHUP ends the command as a Ctrl-C does: its cleanup runs, and it says how it stopped."
-    e = KeyboardInterrupt(f'stopped by {signal.Signals(sig).name}'); e.signum = sig; raise e
+    e = KeyboardInterrupt('interrupted' if sig == signal.SIGINT else f'stopped by {signal.Signals(sig).name}')   # (`how_stopped`'s words)
+    e.signum = sig; raise e
 
 def _catch_stops()->list: # the signals now handled by `_raise_stop`
     """SIGTERM and SIGHUP from our first line on, where nothing else handles them (a `nohup` keeps its ignored SIGHUP);

@@ -11,7 +11,7 @@ import torch
 from .config import OPTIONS, check_ranges, make_config, size_text
 from .checkpoint import load_checkpoint, write_text_atomic, json_text, make_folder
 from .distill import fit, Diverged
-from .runfolder import RunInterrupted, RunLock, clear_run, how_stopped, sweep_temporaries, new_folders, remove_empty, mixed_with
+from .runfolder import RunInterrupted, RunLock, clear_run, how_stopped, sweep_temporaries, new_folders, remove_empty, mixed_with, report_rows
 from .objective import METHODS, method_spec, out_of_range, parse_method, reads_teacher
 
 # %% auto #0
@@ -295,8 +295,9 @@ def _mean_std(xs:list)->tuple:
 def _report_title(P:dict)->str: return f"# aicsd {'quick ' if P['name'] == 'quick' else ''}comparison"   # report.md's first line
 
 def _reported(out:Path)->list: # the students' methods of the report in `out` (none: no report, or not one of ours)
-    try: return [r['method'] for r in json.loads((out/'results.json').read_text()) if not r['method'].startswith('teacher')]
-    except (OSError, ValueError, TypeError, KeyError, AttributeError): return []
+    rows = report_rows(out/'results.json') or []
+    if not all(isinstance(r['method'], str) for r in rows): return []
+    return [r['method'] for r in rows if not r['method'].startswith('teacher')]
 
 def _would_shrink(out:Path, P:dict, methods:tuple, resume:bool)->str|None: # why this comparison must not replace the report in `out`
     """A report in `out` that this run would replace with less: a full one by a quick one, or (without `resume`, which

@@ -73,16 +73,6 @@ def restart_count()->int: # 0 on the first attempt (and outside torchrun)
     "How many times torchrun has restarted this job's workers (`TORCHELASTIC_RESTART_COUNT`)."
     return int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') or 0)
 
-# %% ../nbs/07c_process.ipynb #e4460294
-def _attempt_store(world:int): # a store whose keys belong to this torchrun attempt, or None: the default rendezvous
-    "After a torchrun restart, the agent's store with a prefix of this attempt (its keys of the failed attempt are stale)."
-    e = os.environ
-    n = restart_count()
-    if n == 0 or e.get('TORCHELASTIC_USE_AGENT_STORE') != 'True': return None
-    from datetime import timedelta
-    store = dist.TCPStore(e['MASTER_ADDR'], int(e['MASTER_PORT']), world, is_master=False, timeout=timedelta(minutes=10))
-    return dist.PrefixStore(f'aicsd/attempt_{n}', store)
-
 # %% ../nbs/07c_process.ipynb #jobmark1
 _JOB = {}   # this process's client of the torchrun agent's store (one connection)
 
@@ -92,7 +82,7 @@ def _job_store(): # the store of the torchrun agent, which lives as long as the 
     if 'store' not in _JOB:
         from datetime import timedelta
         _JOB['store'] = dist.TCPStore(e['MASTER_ADDR'], int(e['MASTER_PORT']), int(e.get('WORLD_SIZE', 1)), is_master=False,
-                                      timeout=timedelta(minutes=2))
+                                      timeout=timedelta(minutes=10))   # (also the process group's, after a restart)
     return _JOB['store']
 
 def _job_key(out)->str: return f"aicsd/checkpointed/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{Path(out).resolve()}"
@@ -109,12 +99,20 @@ def job_checkpointed(out)->bool:
     try: s = _job_store(); return s is not None and s.check([_job_key(out)])
     except RuntimeError: return False
 
+# %% ../nbs/07c_process.ipynb #e4460294
+def _attempt_store(): # a store whose keys belong to this torchrun attempt, or None: the default rendezvous
+    "After a torchrun restart, the agent's store with a prefix of this attempt (its keys of the failed attempt are stale)."
+    e = os.environ
+    n = restart_count()
+    if n == 0 or e.get('TORCHELASTIC_USE_AGENT_STORE') != 'True': return None
+    return dist.PrefixStore(f'aicsd/attempt_{n}', _job_store())
+
 # %% ../nbs/07c_process.ipynb #2452d903
 def init_distributed(device:torch.device)->tuple: # (rank, world, local_rank, we_initialised)
     "Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."
     rank, world, local = dist_env()
     if world > 1 and not dist.is_initialized():
-        backend, store = 'nccl' if device.type == 'cuda' else 'gloo', _attempt_store(world)
+        backend, store = 'nccl' if device.type == 'cuda' else 'gloo', _attempt_store()
         if store is None: dist.init_process_group(backend)
         else: dist.init_process_group(backend, store=store, rank=rank, world_size=world)
         return rank, world, local, True

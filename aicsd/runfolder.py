@@ -19,9 +19,9 @@ from .checkpoint import save_checkpoint, load_checkpoint, write_temporary, write
 
 # %% auto #0
 __all__ = ['LOGS', 'CHECKPOINTS', 'RUN_FILES', 'STOP_SIGNALS', 'RESUME_KEYS', 'rng_state', 'set_rng_state', 'RunLog',
-           'mixed_with', 'has_logs', 'read_run', 'Progress', 'RunExistsError', 'RunLockedError', 'how_stopped',
-           'RunInterrupted', 'RunLock', 'Checkpointer', 'check_resumable', 'sweep_temporaries', 'new_folders',
-           'remove_empty', 'clear_run']
+           'report_rows', 'mixed_with', 'has_logs', 'read_run', 'Progress', 'RunExistsError', 'RunLockedError',
+           'how_stopped', 'RunInterrupted', 'RunLock', 'Checkpointer', 'check_resumable', 'sweep_temporaries',
+           'new_folders', 'remove_empty', 'clear_run']
 
 # %% ../nbs/07b_runfolder.ipynb #540a878f
 def rng_state(cuda:bool=True, # also the CUDA generator of this process's GPU, when there is one (this initialises CUDA)
@@ -137,10 +137,11 @@ LOGS = ('train_log.csv', 'eval_log.csv')                  # the names of a run's
 CHECKPOINTS = ('last.pt', 'last.prev.pt', 'best.pt')
 RUN_FILES = CHECKPOINTS + LOGS + ('tb', 'figures')        # what a run writes in its folder (`--force` sets them aside)
 
-def _a_report(f:Path)->bool: # a demo's results.json: a list of {'method': ...}; `aicsd evaluate --json`'s is a dict (kept in runs)
-    try: r = json.loads(f.read_text())
-    except (OSError, ValueError): return False
-    return isinstance(r, list) and all(isinstance(x, dict) and 'method' in x for x in r)
+def report_rows(f:Path)->list|None: # a demo's or comparison's results.json: its rows ({'method': ...}); None: not one
+    "The rows of a comparison's `results.json`; None for anything else (missing, damaged, `aicsd evaluate --json`'s dict)."
+    try: r = json.loads(Path(f).read_text())
+    except (OSError, ValueError): return None
+    return r if isinstance(r, list) and all(isinstance(x, dict) and 'method' in x for x in r) else None
 
 def mixed_with(out, # the folder a command is about to write into
                writes:str, # what that command writes there: 'run' (train, distill) or 'report' (demo, compare)
@@ -151,7 +152,7 @@ def mixed_with(out, # the folder a command is about to write into
     if writes == 'report':
         run = [f for f in CHECKPOINTS + LOGS if (out/f).is_file()]
         return f"a training run ({', '.join(run)})" if run else None
-    rep = [f for f in ('report.md', 'results.json') if (out/f).is_file() and (f == 'report.md' or _a_report(out/f))]
+    rep = [f for f in ('report.md', 'results.json') if (out/f).is_file() and (f == 'report.md' or report_rows(out/f) is not None)]
     rep += sorted(f"{d.name}/" for d in out.iterdir() if d.is_dir() and d.name.startswith(('teacher-', 'student-')))[:2]
     return f"a demo or comparison ({', '.join(rep)})" if rep else None
 
