@@ -593,9 +593,9 @@ def parse(argv:list|None=None)->argparse.Namespace:
 # %% ../nbs/09_cli.ipynb #b867e4d2
 def _stop_on_signals()->dict: # the handlers replaced, to put back
     """SIGTERM and SIGHUP, where nothing else handles them, end the command as Ctrl-C does: its cleanup runs and it says so.
-    Under torchrun, processes other than rank 0 keep the default (end at once): torchrun stops them with SIGTERM when
-    another process failed, often while they wait inside a collective, where a Python handler cannot run (torchrun then
-    waits 30 s and kills them); they hold no lock and write no file."""
+    Under torchrun, processes other than rank 0 keep the default (end at once) until the training loop handles signals on
+    every process (`fit`): torchrun stops them with SIGTERM when another process failed, often while they wait inside a
+    collective, where a Python handler cannot run (torchrun then waits 30 s and kills them); they hold no lock and write no file."""
     if threading.current_thread() is not threading.main_thread(): return {}   # (Python handles signals in the main thread)
     if dist_env()[0] != 0: return {}
     return {s: signal.signal(s, _raise_stop) for s in STOP_SIGNALS if s != signal.SIGINT and signal.getsignal(s) is signal.SIG_DFL}
@@ -615,7 +615,7 @@ def main(argv:list|None=None)->int:
     except KeyboardInterrupt as e:          # RunInterrupted: last.pt written (Ctrl-C, SIGTERM, SIGHUP); others: said where raised
         if dist_env()[0] != 0: return 128 + getattr(e, 'signum', 2)   # torchrun: a Ctrl-C reaches every process; rank 0 says it
         text, args = e.args[0] if e.args else 'interrupted', [str(x) for x in (sys.argv[1:] if argv is None else argv)]
-        if (not isinstance(e, RunInterrupted) and args[:1] in (['train'], ['distill']) and (rw := dist_env())[0] == 0 and rw[1] > 1):   # torchrun: no last.pt at the signal; the last one written counts
+        if (not isinstance(e, RunInterrupted) and args[:1] in (['train'], ['distill']) and (rw := dist_env())[0] == 0 and rw[1] > 1):   # torchrun, outside the training loop: the last last.pt written counts
             if getattr(e, 'signum', 2) == signal.SIGTERM:   # from torchrun: stopped by the user, or after another process ended
                 text += " (from torchrun: the job was stopped, or another of its processes ended: see torchrun's summary)"
             out = getattr(e, 'out', None)

@@ -183,8 +183,8 @@ _LOGS = [   # checkpoints and logs
     _O('resume', False, 'Checkpoints and logs', 'continue the run in --out from its last.pt, at the exact batch', flag='bool', resume='free'),
     _O('force', False, 'Checkpoints and logs', 'start afresh in an --out that holds a run: its files are moved aside to '
        'out/replaced-<time>/ (nothing is deleted)', flag='bool', resume='free'),
-    _O('stop_after', None, 'Checkpoints and logs', 'leave after N iterations of this session (resume later; default: run '
-       'to the end)', type=int, metavar='N', resume='free', check='int>=1'),
+    _O('stop_after', None, 'Checkpoints and logs', 'leave after N iterations of this session (of the job under torchrun, '
+       'its restarts included; resume later; default: run to the end)', type=int, metavar='N', resume='free', check='int>=1'),
     _O('tensorboard', True, 'Checkpoints and logs', 'write TensorBoard events', flag='bool', resume='free'),
     _O('figures', True, 'Checkpoints and logs', 'at evaluations (--figures-every), draw the ICS matrices (in distill: teacher | '
        'student | difference), predictions and curves into out/figures/ and TensorBoard', flag='bool', resume='free'),

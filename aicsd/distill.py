@@ -781,19 +781,23 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
                     raise ValueError(f"--out {cfg['out']} holds {other}: a run written there would mix with it; choose another --out")
             if cfg['resume']: check_resumable(cfg['out'])   # before the data are built (a default data set written) and checked
         run = build_run(cfg)
-        if run.world == 1 and threading.current_thread() is threading.main_thread():
+        vote = stop_vote()             # every process, here: under torchrun a signal stops all of them at the same step
+        if threading.current_thread() is threading.main_thread():
             def _on_signal(sig, frame):   # first Ctrl-C, SIGTERM or SIGHUP: finish the step, write last.pt, leave; a second: leave
                 now = time.monotonic()
                 if stop and not writing:  # now, unless that last.pt is being written, or this is the first one again: within
                     if now - stop[1] >= 1.0: raise _left_at_once(run.out, sig)   # 1 s, a wrapper (`timeout`, a scheduler's
                     return                                                    # step) forwarding it to the process group
-                if writing: print(f"aicsd: writing {run.out/'last.pt'} first; leaving right after", file=sys.stderr, flush=True)
+                if writing and run.main: print(f"aicsd: writing {run.out/'last.pt'} first; leaving right after", file=sys.stderr, flush=True)
                 if not stop: stop.extend((sig, now))
             old_handler = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS
                            if signal.getsignal(s) is not signal.SIG_IGN}   # (ignored, as under nohup: left ignored)
-        def _interrupted():            # the signal's number once one came; from then on the last checkpoint is being written
-            if stop: writing.append(1)
-            return stop[0] if stop else 0               # (stop: the first signal's number and time)
+        def _interrupted():            # the signal's number once one came (to any process); from then on last.pt is being written
+            sig = vote(stop[0] if stop else 0)          # (stop: the first signal's number and time)
+            if sig:
+                if not stop: stop.extend((sig, time.monotonic()))   # another process's signal: this one leaves with it
+                writing.append(1)
+            return sig
         ckpt = Checkpointer(run)
         L = run.loop
         resume = L.resume or restarted_with_checkpoint(run.out)
@@ -813,7 +817,7 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         log = RunLog(run.out, enabled=run.main, tensorboard=L.tensorboard, resume_step=prog.step if resume else None,
                      written=wrote, eval_step=prog.eval_step if resume else None)
         tty = sys.stderr.isatty() and not L.quiet and run.main and 'PYTEST_CURRENT_TEST' not in os.environ
-        stop_at = prog.step + int(L.stop_after) if L.stop_after else None
+        stop_at = job_stop_at(run.out, prog.step + int(L.stop_after) if L.stop_after else None)   # (torchrun: the job's)
         ev = lambda: evaluate_and_keep_best(run, prog, log, ckpt, tty, draw, interrupted=_interrupted)
         if 0 < prog.step < run.total and prog.step_in_epoch == 0 and prog.eval_step != prog.step \
            and prog.epoch % max(1, L.eval_every) == 0:   # resumed at an epoch's end its checkpoint holds no evaluation of: that first

@@ -179,7 +179,7 @@ def evaluate(model:nn.Module, # network to evaluate (eval mode is set here)
              max_items:int|None=None, # evaluate the first `max_items` only
              progress:bool=False, # show a progress bar
              predict:Callable|None=None, # the protocol, (model, x) -> scores `B x C x H x W` (`make_predictor`); None: whole image
-             stop:Callable|None=None, # () -> true once the evaluation should end early (a Ctrl-C or SIGTERM); then None is returned
+             stop:Callable|None=None, # () -> true once the evaluation should end early (a Ctrl-C or SIGTERM); then None is returned. Under a process group every process calls it at the same batches, so it may be a collective (`aicsd.process.stop_vote`)
             )->dict|None: # SegMetrics.compute() over all ranks; None when `stop` ended it
     "Confusion-matrix metrics of `model` on `dataset`, sharded over ranks and summed."
     if max_items is not None and max_items < len(dataset): dataset = Subset(dataset, range(int(max_items)))
@@ -187,13 +187,14 @@ def evaluate(model:nn.Module, # network to evaluate (eval mode is set here)
     dl = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), K, r), collate_fn=same_size_groups,
                     generator=torch.Generator(),       # its iterator's seed: not drawn from the training's random stream
                     **worker_options(workers, torch.device(device).type == 'cuda'))         # as the training loader's workers
+    votes = math.ceil(len(range(K - 1, len(dataset), K)) / batch_size)   # batches every shard has (the last rank's is the smallest)
     was = model.training; model.eval()
     fdt = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     m = SegMetrics(num_classes, ignore_index=255)
     dev, predict = torch.device(device), predict or whole_logits
     try:
-        for groups in progress_bar(dl, progress and r == 0, desc='eval'):
-            if stop is not None and stop(): return None           # (one process: a signal is never seen by a rank alone)
+        for i, groups in enumerate(progress_bar(dl, progress and r == 0, desc='eval')):
+            if stop is not None and i < votes and stop(): return None
             for x, y in groups:
                 if not x.is_floating_point():                       # raw images (a dataset without its transform)
                     raise ValueError(f"evaluate needs normalised float images (the dataset's eval transform, e.g. "

@@ -7,15 +7,16 @@ from __future__ import annotations
 import ctypes, gc, os, platform
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['set_malloc_mmap_threshold', 'restore_malloc_thresholds', 'dist_env', 'resolve_device', 'restart_count',
-           'mark_checkpointed', 'job_checkpointed', 'init_distributed', 'cleanup_distributed', 'PeerFailed', 'together',
-           'start_process', 'loader_workers', 'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'native_bf16', 'amp_dtype',
-           'autocast']
+           'mark_checkpointed', 'job_checkpointed', 'job_stop_at', 'init_distributed', 'cleanup_distributed',
+           'PeerFailed', 'together', 'stop_vote', 'start_process', 'loader_workers', 'CPUSyncBatchNorm',
+           'convert_sync_batchnorm', 'native_bf16', 'amp_dtype', 'autocast']
 
 # %% ../nbs/07c_process.ipynb #52a90803
 _MALLOC = dict(set=False)   # whether this process changed glibc's thresholds (`restore_malloc_thresholds` puts them back)
@@ -85,7 +86,8 @@ def _job_store(): # the store of the torchrun agent, which lives as long as the 
                                       timeout=timedelta(minutes=10))   # (also the process group's, after a restart)
     return _JOB['store']
 
-def _job_key(out)->str: return f"aicsd/checkpointed/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{Path(out).resolve()}"
+def _job_key(out, what:str='checkpointed')->str:
+    return f"aicsd/{what}/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{Path(out).resolve()}"
 
 def mark_checkpointed(out): # the run folder whose last.pt this process (rank 0) has just written
     "Under torchrun: record in the job's store that this job wrote a checkpoint in `out` (its restarts continue it)."
@@ -98,6 +100,20 @@ def job_checkpointed(out)->bool:
     not a checkpoint that was there before the job began (an earlier run the job was refused to replace, or set aside)."""
     try: s = _job_store(); return s is not None and s.check([_job_key(out)])
     except RuntimeError: return False
+
+def job_stop_at(out, # the run folder
+                step:int|None, # where `--stop-after` ends this attempt: its N steps past the step it starts at (None: not given)
+               )->int|None: # the step where the job's first attempt was to stop (outside torchrun, and on that attempt: `step`)
+    """`--stop-after N` counts the steps of the torchrun job: a restart stops where its first attempt was to stop, not
+    N steps past the checkpoint it resumed from (which would train more than was asked)."""
+    if step is None: return None
+    try:
+        if (s := _job_store()) is None: return step
+        k = _job_key(out, 'stop_at')
+        if restart_count() > 0 and s.check([k]): return int(s.get(k))
+        if dist_env()[0] == 0: s.set(k, str(step))
+    except RuntimeError: pass   # the store unreachable: this attempt's own count
+    return step
 
 # %% ../nbs/07c_process.ipynb #e4460294
 def _attempt_store(): # a store whose keys belong to this torchrun attempt, or None: the default rendezvous
@@ -160,6 +176,18 @@ def together(what:str, # what the block does, for the message of `PeerFailed` ('
             raise e from None
         if err is not None: err._agreed = True
     if err is not None: raise err
+
+# %% ../nbs/07c_process.ipynb #stopv0ex
+def stop_vote()->Callable: # (this process's signal number, 0 for none) -> the largest over all processes
+    """A collective vote on stopping: every process of the group must create it at the same point and call it at the
+    same points of the run. One process (no group): its own number back, nothing exchanged."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1): return lambda sig: int(sig)
+    group = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else None   # NCCL: the vote stays on the CPU
+    def vote(sig:int)->int:
+        t = torch.tensor([int(sig)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return int(t)
+    return vote
 
 # %% ../nbs/07c_process.ipynb #6fe5b773
 def start_process(device:str='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'

@@ -223,23 +223,62 @@ def test_torchrun_says_things_once(tiny_data, tmp_path):
                         '--device', 'cpu', '--threads', 1], cwd=tmp_path, timeout=300, check=False)
     assert p.returncode != 0 and p.stderr.count('aicsd: error:') == 1 and 'nothere.pt' in p.stderr, p.stderr[-3000:]
 
-def test_a_ctrl_c_under_torchrun_is_said_once(tiny_data, tmp_path):
-    """A Ctrl-C reaches every process of a torchrun job (the terminal signals the whole group): rank 0 says it once,
-    with the way on (each process used to print its own `aicsd: interrupted`)."""
+def _stopped_torchrun(root, out, tmp_path, stop):
+    """A torchrun job of 2 processes, long enough to be stopped by `stop(torchrun's process)` once rank 0 has logged
+    3 steps; returns (exit status, stderr)."""
     import os, signal, time
     from conftest import ENV
-    out = tmp_path / 'r'
-    p = subprocess.Popen([str(a) for a in TORCHRUN + ['train', '--model', 'mobilenetv2', '--epochs', 100] +
-                          tiny_args(tiny_data, out) + ['--batch-size', 2]],
+    p = subprocess.Popen([str(a) for a in TORCHRUN + ['train', '--model', 'mobilenetv2', '--max-steps', 10000, '--log-every', 1] +
+                          tiny_args(root, out) + ['--batch-size', 2]],
                          cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        t0 = time.time()
-        while not (out / 'last.pt').exists() and p.poll() is None and time.time() - t0 < 240: time.sleep(0.5)
+        t0, log = time.time(), out / 'train_log.csv'
+        while p.poll() is None and time.time() - t0 < 240 and not (log.exists() and len(log.read_text().splitlines()) > 3):
+            time.sleep(0.2)
         assert p.poll() is None, p.communicate()[1][-3000:]
-        os.killpg(p.pid, signal.SIGINT)
+        stop(p)
         _, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None: os.killpg(p.pid, signal.SIGKILL); p.wait()
-    assert p.returncode != 0
-    said = [l for l in err.splitlines() if l.startswith('aicsd: interrupted')]
-    assert len(said) == 1 and '--resume' in said[0], err[-3000:]
+    return p.returncode, err
+
+def _said_step(err, how):
+    "The step N of rank 0's one line `aicsd: <how> [during the evaluation] at step N; <out>/last.pt written ... --resume`."
+    import re
+    said = [l for l in err.splitlines() if l.startswith('aicsd: ') and not l.startswith('aicsd: warning: ')]
+    assert len(said) == 1, err[-3000:]                                                # said once, by rank 0
+    m = re.match(rf'aicsd: {how} (?:during the evaluation )?at step (\d+); \S*last\.pt written.*: continue with the same '
+                 'command and --resume', said[0])
+    assert m, err[-3000:]
+    return int(m[1])
+
+def test_a_ctrl_c_under_torchrun_writes_last_pt(tiny_data, tmp_path):
+    """A Ctrl-C reaches every process of a torchrun job (the terminal signals the whole group, torchrun forwards it):
+    every process finishes the same step, last.pt holds it, rank 0 says so once, and --resume goes on from that step.
+    (Before: each process left where the signal found it, no checkpoint was written, up to an epoch was lost.)"""
+    import os, signal
+    from aicsd.checkpoint import load_checkpoint
+    out = tmp_path / 'r'
+    rc, err = _stopped_torchrun(tiny_data, out, tmp_path, lambda p: os.killpg(p.pid, signal.SIGINT))
+    n = _said_step(err, 'interrupted')
+    assert n >= 3 and load_checkpoint(out / 'last.pt')['global_step'] == n, (n, err[-3000:])
+    p = run(TORCHRUN + ['train', '--model', 'mobilenetv2', '--max-steps', 10000, '--log-every', 1] + tiny_args(tiny_data, out) +
+            ['--batch-size', 2, '--resume', '--stop-after', 2], cwd=tmp_path, timeout=300)
+    assert load_checkpoint(out / 'last.pt')['global_step'] == n + 2, p.stderr[-3000:]
+    from aicsd.runfolder import read_run
+    assert list(read_run(out)['train']['step']) == list(range(1, n + 3)), p.stderr[-3000:]   # each step logged once
+
+def test_a_sigterm_to_one_process_stops_the_whole_job(tiny_data, tmp_path):
+    """A `kill` of one torchrun worker (rank 1 alone gets SIGTERM): the processes agree to stop at the same step, last.pt
+    holds it and rank 0 says so. (Before: rank 1 died, rank 0 waited for it in a collective, no checkpoint.)"""
+    import os, signal
+    from aicsd.checkpoint import load_checkpoint
+    def _rank1(p):
+        kids = subprocess.run(['pgrep', '-P', str(p.pid)], capture_output=True, text=True).stdout.split()
+        r1 = [k for k in kids if b'RANK=1' in Path(f'/proc/{k}/environ').read_bytes().split(b'\0')]
+        assert len(r1) == 1, kids
+        os.kill(int(r1[0]), signal.SIGTERM)
+    out = tmp_path / 'r'
+    rc, err = _stopped_torchrun(tiny_data, out, tmp_path, _rank1)
+    n = _said_step(err, 'stopped by SIGTERM')
+    assert rc != 0 and load_checkpoint(out / 'last.pt')['global_step'] == n, (rc, n, err[-3000:])

@@ -83,3 +83,16 @@ def test_a_restart_continues_only_the_jobs_own_checkpoint(tiny_data, tmp_path):
                        text=True, timeout=400)
     assert p.returncode != 0 and 'already holds a run' in p.stderr, p.stderr[-3000:]
     assert 'torchrun restarted the job' not in p.stderr and step() == 2, p.stderr[-3000:]
+
+
+def test_stop_after_counts_the_jobs_steps_across_a_restart(tiny_data, tmp_path):
+    """`--stop-after 4` in a job whose worker is lost at step 3 (`--max-restarts 1`): the restart resumes from step 2 and
+    stops at step 4, where the job was to stop (before: 4 steps past its checkpoint, so the run went on to its end)."""
+    faulty = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--max-restarts', '1',
+              str(HERE / 'elastic_worker.py')]
+    env = {**ENV, 'AICSD_TEST_KILL_RANK': '1', 'AICSD_TEST_KILL_STEP': '3', 'PYTHONPATH': str(HERE)}
+    args = _train(tiny_data, tmp_path / 'r', 2, '--ckpt-every', 1, '--max-steps', 6, '--stop-after', 4, '--dtype', 'float32')
+    p = subprocess.run([str(a) for a in faulty + args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0 and 'torchrun restarted the job (restart 1)' in p.stderr, p.stderr[-5000:]
+    ck = torch.load(tmp_path / 'r' / 'last.pt', map_location='cpu', weights_only=True)
+    assert ck['global_step'] == 4, (ck['global_step'], p.stderr[-3000:])
