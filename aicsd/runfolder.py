@@ -4,7 +4,7 @@
 
 # %% ../nbs/07b_runfolder.ipynb #9082a852
 from __future__ import annotations
-import csv, errno, json, os, random, shutil, signal, socket, sys, tempfile, time
+import csv, errno, json, math, os, random, shutil, signal, socket, sys, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -47,6 +47,16 @@ def set_rng_state(st:dict):
         if isinstance(c, (list, tuple)): c = c[torch.cuda.current_device()] if torch.cuda.current_device() < len(c) else None
         if c is not None: torch.cuda.set_rng_state(c)
 
+# %% ../nbs/07b_runfolder.ipynb #36758e70
+def _read_csv(path:Path)->dict: # column -> array of floats (NaN where empty); {} for a missing or empty file
+    "A log's columns: the one reader of the CSV logs (`read_run`, and `RunLog` replaying rows into TensorBoard)."
+    if not path.is_file(): return {}
+    with open(path, newline='') as fh: rows = list(csv.DictReader(fh))
+    if not rows: return {}
+    f = lambda v: float(v) if v not in (None, '') else float('nan')
+    try: return {k: np.array([f(r.get(k)) for r in rows]) for k in rows[0]}
+    except ValueError as e: raise ValueError(f"{path}: not a log aicsd wrote (every value a number): {e}") from None
+
 # %% ../nbs/07b_runfolder.ipynb #30619a26
 class RunLog:
     "CSV (and optionally TensorBoard) logging on rank 0; a no-op on other ranks."
@@ -77,15 +87,11 @@ class RunLog:
             except Exception as e: warn(f"TensorBoard disabled: {type(e).__name__}: {e}")
     def _replay(self, name:str, lo:int, hi:int):
         "Write the rows of `name`.csv of steps `lo`..`hi` to TensorBoard again (after a purge from `lo`)."
-        f = self.out/f'{name}.csv'
-        if not f.is_file(): return
-        with open(f, newline='') as fh:
-            for r in csv.DictReader(fh):
-                if not (r.get('step') or '').strip().isdigit() or not lo <= int(r['step']) <= hi: continue
-                for k, v in r.items():
-                    try: x = float(v)
-                    except (TypeError, ValueError): continue
-                    if k != 'step': self.tb.add_scalar(f'{name}/{k}', x, int(r['step']))
+        cols = _read_csv(self.out/f'{name}.csv')      # (truncated to the checkpoint's step already: numbers only)
+        for i, s in enumerate(cols.get('step', ())):
+            if lo <= s <= hi:
+                for k, v in cols.items():
+                    if k != 'step' and not math.isnan(v[i]): self.tb.add_scalar(f'{name}/{k}', float(v[i]), int(s))
     @staticmethod
     def _truncate(f:Path, step:int)->bool: # True when the file was not a log and was moved aside
         "Keep the header and the rows of steps <= `step`, every line ending in '\\n' (a temporary file, then moved into place)."
@@ -122,15 +128,6 @@ class RunLog:
     def close(self):
         "Close TensorBoard's writer (its thread and file); again: nothing."
         if self.tb is not None: self.tb.close(); self.tb = None
-
-# %% ../nbs/07b_runfolder.ipynb #36758e70
-def _read_csv(path:Path)->dict:
-    if not path.is_file(): return {}
-    with open(path, newline='') as fh: rows = list(csv.DictReader(fh))
-    if not rows: return {}
-    f = lambda v: float(v) if v not in (None, '') else float('nan')
-    try: return {k: np.array([f(r.get(k)) for r in rows]) for k in rows[0]}
-    except ValueError as e: raise ValueError(f"{path}: not a log aicsd wrote (every value a number): {e}") from None
 
 # %% ../nbs/07b_runfolder.ipynb #d68ebac5
 LOGS = ('train_log.csv', 'eval_log.csv')                  # the names of a run's files: here, and nowhere else
