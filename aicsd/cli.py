@@ -615,7 +615,7 @@ def main(argv:list|None=None)->int:
     except KeyboardInterrupt as e:          # RunInterrupted: last.pt written (Ctrl-C, SIGTERM, SIGHUP); others: said where raised
         if dist_env()[0] != 0: return 128 + getattr(e, 'signum', 2)   # torchrun: a Ctrl-C reaches every process; rank 0 says it
         text, args = e.args[0] if e.args else 'interrupted', [str(x) for x in (sys.argv[1:] if argv is None else argv)]
-        if (not isinstance(e, RunInterrupted) and args[:1] in (['train'], ['distill']) and (rw := dist_env())[0] == 0 and rw[1] > 1):   # torchrun, outside the training loop: the last last.pt written counts
+        if (not isinstance(e, RunInterrupted) and not getattr(e, 'said', False) and args[:1] in (['train'], ['distill']) and (rw := dist_env())[0] == 0 and rw[1] > 1):   # torchrun, outside the training loop: the last last.pt written counts
             if getattr(e, 'signum', 2) == signal.SIGTERM:   # from torchrun: stopped by the user, or after another process ended
                 text += " (from torchrun: the job was stopped, or another of its processes ended: see torchrun's summary)"
             out = getattr(e, 'out', None)

@@ -577,7 +577,7 @@ def evaluate_and_keep_best(run:Run, prog:Progress, log:RunLog, ckpt:Checkpointer
         if not L.quiet:
             print(f"epoch {prog.epoch}/{run.epochs} step {prog.step}: mIoU {prog.metrics['miou']:.4f} "
                   f"pixel acc {prog.metrics['pixel_acc']:.4f}", flush=True)
-    if run.main and draw is not None and run.dtype == torch.float32 and draws_figures(run, prog):   # (from float32 logits)
+    if run.main and draw is not None and draws_figures(run, prog):
         _eval_figures(run, prog, log, draw)
     if prog.best is None or prog.metrics['miou'] > prog.best:
         prog.best = prog.metrics['miou']
@@ -713,10 +713,11 @@ def evaluate_to_files(ckpt:str|Path, # the checkpoint (`evaluate_checkpoint`)
                      )->tuple: # (result, files written); on ranks other than 0 nothing is written
     "`evaluate_checkpoint`, then its result into files: destinations checked first, a folder it made removed if it fails."
     main = dist_env()[0] == 0
-    if json_path and main: _check_json_target(json_path, ckpt); check_writable(json_path, '--json')
     made = new_folders(figures_dir) if figures_dir and main else []
-    if figures_dir and main: make_folder(figures_dir, 'the figures folder', '--figures-dir')
-    try: res = evaluate_checkpoint(ckpt, opts, chosen)
+    try:
+        if figures_dir and main: make_folder(figures_dir, 'the figures folder', '--figures-dir')   # first: --json may go into it
+        if json_path and main: _check_json_target(json_path, ckpt); check_writable(json_path, '--json')
+        res = evaluate_checkpoint(ckpt, opts, chosen)
     except BaseException: remove_empty(made); raise
     files = []
     if main and json_path: files.append(write_text_atomic(json_path, json_text(res, indent=1)))
@@ -750,7 +751,7 @@ def _left_at_once(out:Path, # the run folder
     go_on = (f"{last} (written earlier) holds the last saved step: continue with the same command and --resume"
              if last.exists() else "no checkpoint was written: run the same command again (without --resume)")
     e = KeyboardInterrupt(f"{how_stopped(sig)} twice: left at once, without writing last.pt; {go_on}")
-    e.signum = sig; return e
+    e.signum, e.said = sig, True; return e   # (said: the command line adds no advice of its own)
 
 # %% ../nbs/08_distill.ipynb #db7bd979
 def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take their defaults
@@ -822,6 +823,8 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         if 0 < prog.step < run.total and prog.step_in_epoch == 0 and prog.eval_step != prog.step \
            and prog.epoch % max(1, L.eval_every) == 0:   # resumed at an epoch's end its checkpoint holds no evaluation of: that first
             ev()                                         # (recorded by the next checkpoint, as each epoch's evaluation)
+            if stop_at is not None and prog.step >= stop_at: ckpt.save_last(prog)   # no step follows (a torchrun restart
+                                                                                      # at the job's --stop-after): kept now
         while prog.epoch < run.epochs and prog.step < run.total and not (stop_at is not None and prog.step >= stop_at):
             if train_one_epoch(run, prog, log, ckpt, stop_at, tty, interrupted=_interrupted,
                                lines=not tty and run.main and not L.quiet): break
@@ -836,10 +839,10 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         elif run.main and not L.quiet:            # --stop-after: an unfinished run, said so
             print(f"stopped at step {prog.step} of {run.total} (--stop-after); {ckpt.last} written: continue with the same "
                   "command and --resume", file=sys.stderr, flush=True)
-        if stop:   # a signal after the last step's check (the final evaluation's figures, best.pt): nothing is lost, still said
-            raise RunInterrupted(f"{how_stopped(stop[0])} after the last step was checked: {ckpt.last} is written" +
-                                 (" and the run is complete" if prog.step >= run.total else
-                                  ": continue with the same command and --resume"), stop[0])
+        if sig := _interrupted():   # a signal after the last step's check (the final evaluation's figures, best.pt): nothing
+            raise RunInterrupted(f"{how_stopped(sig)} after the last step was checked: {ckpt.last} is written" +   # is lost,
+                                 (" and the run is complete" if prog.step >= run.total else        # still said (a vote: under
+                                  ": continue with the same command and --resume"), sig)           # torchrun all say it)
         res = dict(best_miou=prog.best, metrics=prog.metrics, steps=prog.step, time_s=time.time() - t0, out=str(run.out),
                    num_classes=run.num_classes)
         if run.main and run.world == 1:       # the trained network, without the last step's gradients (as much memory again)
@@ -857,7 +860,8 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
         if run is not None:                 # loader workers stopped now, not by the garbage collector (5 s each)
             close_loader(run.loader); run.model = run.opt = run.sched = run.net = None   # DDP, optimizer: first
         run = ckpt = None
-        cleanup_distributed(owned=not joined_before and dist.is_initialized(), failed=failed)
+        cleanup_distributed(owned=not joined_before and dist.is_initialized(),   # a stop all processes agreed on: they
+                            failed=failed and not writing)                      # wait for rank 0's last.pt, then leave together
         if failed and dist_env()[0] == 0: remove_empty(made)
         torch.set_num_threads(process[0]); torch.use_deterministic_algorithms(process[1], warn_only=process[2])
         set_rng_state(process[3])

@@ -30,7 +30,7 @@ from .models import unwrap
 __all__ = ['CITYSCAPES_PALETTE', 'paint', 'class_names', 'palette_for', 'to_rgb', 'row_normalize', 'plot_ics', 'plot_ics_models',
            'plot_distributions', 'plot_predictions', 'plot_class_iou', 'plot_confusion', 'plot_curves', 'model_logits',
            'model_ics', 'save_figure', 'evaluation_figures', 'demo_figures', 'write_eval_figures', 'run_figures',
-           'ics_pair_view', 'ICSExplorer']
+           'evaluated_as', 'ics_pair_view', 'ICSExplorer']
 
 # %% ../nbs/10_viz.ipynb #figcanv1
 def _figure(**kw)->Figure: # `Figure`'s arguments (figsize, layout, ...)
@@ -459,13 +459,14 @@ def plot_curves(run, # a run folder, `read_run`'s result, or several: a list of 
             p = Path(v['out']) if result(v) else None if isinstance(v, dict) else Path(v)   # (a read_run result: its own name)
             if p is not None: logs[k] = {**logs[k], 'name': f"{p.resolve().parent.name}/{p.name}"}
     one = len(logs) == 1
+    labels = {nm: nm if isinstance(nm, str) and nm else L['name'] for nm, L in logs.items()}   # a name given, else the folder's
     if alw is None: alw = any(L['train'] and np.any(np.asarray(L['train'].get('alpha', [0])) != 0) for L in logs.values())
     fig = _figure(figsize=(13, 3.4), layout='constrained')
     a_loss, a_alw, a_eval = fig.subplots(1, 3, sharex=True)   # one step axis: a single evaluation sits where it was made
     a_lr = a_alw.twinx() if alw and one else a_alw      # several runs under ALW: alpha alone (one line per run)
     pal, a_ics = sns.color_palette('deep'), None
     for k, (nm, L) in enumerate(logs.items()):
-        tr, ev, lab = L['train'], L['eval'], nm if isinstance(nm, str) and nm else L['name']
+        tr, ev, lab = L['train'], L['eval'], labels[nm]
         if tr:
             s = tr['step']
             mk = dict(marker='o', ms=3) if len(s) == 1 else {}   # a line through one point draws nothing
@@ -481,6 +482,10 @@ def plot_curves(run, # a run folder, `read_run`'s result, or several: a list of 
                 if one and fade: a_alw.plot(s, 1 - tr['alpha'], color=pal[1], ls='--', label=f"1 - alpha (x {', '.join(fade)})", **mk)
             if one or not alw:
                 a_lr.plot(s, tr['lr'], color='0.4' if one else pal[k % 10], ls=':', label='lr' if one else lab, **mk)
+            if one and len(s) == 1:   # one row: alpha, 1 - alpha and lr would share one spot; the values written out, lr higher
+                if tr['lr'][0] > 0: a_lr.set_ylim(0, 1.25 * float(tr['lr'][0]))
+                a_alw.text(0.03, 0.06, f"step {int(s[0])}:" + (f" alpha {float(tr['alpha'][0]):.3g}," if alw and 'alpha' in tr else '')
+                           + f" lr {float(tr['lr'][0]):.3g}", transform=a_alw.transAxes, va='bottom', fontsize=8)
         if ev:
             single = one and len(ev['step']) == 1   # one evaluation: its markers share a step, at the panel's edge
             kw = dict(clip_on=False) if single else {}
@@ -504,7 +509,8 @@ def plot_curves(run, # a run folder, `read_run`'s result, or several: a list of 
                     txt.append(f"ICS distance {d:.3g}")
                 a_eval.text(0.03, 0.5, f"step {int(ev['step'][0])}:\n" + '\n'.join(txt), transform=a_eval.transAxes,
                             va='center', fontsize=8)
-    vals = [v for L in logs.values() if L['train'] for c in ['loss', *L['terms']] for v in L['train'][c] if np.isfinite(v)]
+    vals = [v for L in logs.values() if L['train'] for c in ['loss', *(L['terms'] if one else [])]   # the lines drawn (several
+            for v in L['train'][c] if np.isfinite(v)]                                                  # runs: their totals)
     span = math.log10(max(vals) / min(vals)) if vals and min(vals) > 0 else 0.0   # decades the losses cover
     log = span >= 0.5              # linear when a term is 0 somewhere (ALW's start) or all lie within a factor of 3: the label says which
     if log: a_loss.set_yscale('log'); _log_ticks(a_loss.yaxis, span)
@@ -524,7 +530,7 @@ def plot_curves(run, # a run folder, `read_run`'s result, or several: a list of 
     h1, l1 = a_alw.get_legend_handles_labels(); h2, l2 = a_lr.get_legend_handles_labels() if alw and a_lr is not a_alw else ([], [])   # (one axes: once)
     one_row = any(len(getattr(h, 'get_xdata', lambda: [0, 0])()) < 2 for h in h1 + h2)   # a single logged row: a marker at the
     if h1: a_alw.legend(h1 + h2, l1 + l2, fontsize=7, loc='upper left' if one_row else 'center right')   # right edge, mid-height
-    fig.suptitle(title or ('training of ' + (next(iter(logs.values()))['name'] if one else ', '.join(map(str, logs)))))
+    fig.suptitle(title or ('training of ' + (next(iter(logs.values()))['name'] if one else ', '.join(labels.values()))))
     return fig
 
 # %% ../nbs/10_viz.ipynb #ef864849
@@ -594,9 +600,13 @@ def evaluation_figures(res:dict, # `aicsd.distill.evaluate_checkpoint`'s result:
                        folder:str|Path, # where the pictures go (made when missing)
                       )->list: # the files written
     "What `aicsd evaluate --figures-dir` draws: the per-class IoU bars and the confusion matrix."
-    folder = Path(folder)
-    return [save_figure(plot_class_iou(res, res['classes']), folder/'class_iou.png'),
-            save_figure(plot_confusion(res['confmat'], res['classes']), folder/'confusion.png')]
+    folder, ck, pr = Path(folder), res.get('checkpoint') or {}, res.get('protocol') or {}
+    of = (f"{Path(Path(ck['path']).parent.name, Path(ck['path']).name)}" + (f" (step {ck['global_step']})" if ck.get('global_step') is not None else '')
+          + (f" on {pr.get('data')} {pr.get('val_split')}" if pr.get('data') else '')) if ck.get('path') else ''   # which network, on what
+    figs = {'class_iou.png': plot_class_iou(res, res['classes']), 'confusion.png': plot_confusion(res['confmat'], res['classes'])}
+    for f in figs.values():
+        if of: f.suptitle(of, fontsize=9)
+    return [save_figure(f, folder/name) for name, f in figs.items()]
 
 # %% ../nbs/10_viz.ipynb #810062ee
 def demo_figures(models:dict, # name -> model (eval mode, CPU), 'teacher' first
@@ -628,8 +638,11 @@ def demo_figures(models:dict, # name -> model (eval mode, CPU), 'teacher' first
     return dist
 
 # %% ../nbs/10_viz.ipynb #7d909e40
-def _figures_readme(teacher:bool, of:str, alw:bool=False)->str:
-    "What the files of a run's figures/ folder show."
+def _figures_readme(teacher:bool, of:str, alw:bool=False,
+                    written:tuple=('ics', 'ics_rows', 'predictions', 'distributions', 'curves'), # the figures drawn
+                    shown:str='', # how the images were shown, when not as stored (e.g. squared by --eval-square)
+                   )->str:
+    "What the files of a run's figures/ folder show: those that were written."
     ics = ("teacher | student | student - teacher, on the teacher's colour scale (fixed over the run; larger entries "
            "in its top colour, an arrow on the colour bar)" if teacher else ("the network's matrix (a run without a teacher), each file on its own colour scale: the network changes "
                                                           "between steps, so compare the colour bars' numbers"))
@@ -642,13 +655,16 @@ def _figures_readme(teacher:bool, of:str, alw:bool=False)->str:
            "  0..1; the difference on its own scale.",
            "  The ICS distance (the mean squared difference of the two mean matrices) is the column `ics_distance` of",
            "  `eval_log.csv` (TensorBoard: `eval_log/ics_distance`)."]
-          if teacher else []),
-        "- `predictions_step<step>.png`: up to 3 images, their ground truth and the predictions (void pixels: ignored).",
+          if 'ics_rows' in written else []),
+        *([f"- `predictions_step<step>.png`: up to 3 images, their ground truth and the predictions (void pixels: ignored)"
+           + (f"; {shown}." if shown else ".")] if 'predictions' in written else []),
         *(["- `distributions_step<step>.png`: the first image's class distributions P_c(x) (the softmax of class c's logits",
-           "  over the image, at T), teacher above student, for the classes the teacher predicts there (at most 6)."] if teacher else []),
-        f"- `curves.png`: {'the loss and its weighted terms' if teacher else 'the loss'}, "
-        f"{'the ALW weight alpha and the learning rate' if alw else 'the learning rate'}, validation mIoU and pixel accuracy"
-        f"{' and the ICS distance to the teacher' if teacher else ''} so far (redrawn each time).", ""])
+           "  over the image, at T), teacher above student, for the classes the teacher predicts there (at most 6)."]
+          if 'distributions' in written else []),
+        *([f"- `curves.png`: {'the loss and its weighted terms' if teacher else 'the loss'}, "
+           f"{'the ALW weight alpha and the learning rate' if alw else 'the learning rate'}, validation mIoU and pixel accuracy"
+           f"{' and the ICS distance to the teacher' if teacher else ''} so far (redrawn each time)."] if 'curves' in written else []),
+        ""])
 
 def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`; curves read from `out`)
                        step:int, # global step: names the files, and the TensorBoard step
@@ -663,6 +679,7 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
                        dpi:int=90, # resolution of the PNGs
                        T:float=1.0, # temperature of the ICS matrices (the run's ICSD temperature: what its loss compares)
                        tb_distance:bool=True, # add the ICS distance to TensorBoard as `eval/ics_distance` (the engine logs it itself)
+                       shown:str='', # how `data`'s images differ from the files, said on the predictions (e.g. squared by --eval-square)
                       )->dict: # name -> written path, and 'ics_distance' (student to teacher; None without teacher)
     "Write the ICS (teacher | student | difference; without a teacher the network's alone), prediction and curve figures of one evaluation."
     out = Path(out); fdir = out/'figures'; fdir.mkdir(parents=True, exist_ok=True)
@@ -688,6 +705,7 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
         items = [data[i] for i in range(k)]
         figs['predictions'] = plot_predictions([x for x, _ in items], [y for _, y in items],
                                                {nm: ls[:k] for nm, ls in logits.items()}, cls, max_rows=k)
+        if shown: figs['predictions'].suptitle(f"images {shown}", fontsize=9)
         if teacher is not None:                          # where the teacher puts each class, and where the student does
             zt = logits['teacher'][0]
             top = torch.bincount(zt[0].argmax(0).flatten(), minlength=C).argsort(descending=True)[:6]
@@ -696,7 +714,6 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
                                                        student=logits['student'][0])
     paths = {}
     alw = teacher is not None if alw is None else alw    # the curves' ALW panel: distillation under ALW only
-    write_text_atomic(fdir/'README.md', _figures_readme(teacher is not None, of, alw and curves))
     for key, f in figs.items():
         paths[key] = fdir/f'{key}_step{step:07d}.png'
         save_figure(f, paths[key], dpi=dpi)
@@ -704,6 +721,7 @@ def write_eval_figures(out:str|Path, # run folder (figures go to `out/figures/`;
         figs['curves'] = plot_curves(out, alw=alw)
         paths['curves'] = fdir/'curves.png'
         save_figure(figs['curves'], paths['curves'], dpi=dpi)
+    write_text_atomic(fdir/'README.md', _figures_readme(teacher is not None, of, alw, tuple(paths), shown))   # what was drawn
     d = dist.get('student') if teacher is not None else None
     if tb_writer is not None:
         from PIL import Image
@@ -723,7 +741,16 @@ def run_figures(run, # the engine's `Run`: its folder `out`, `student`, `teacher
     T = getattr(o, 'ics_T', 1.0)
     teacher = unwrap(run.teacher) if run.teacher is not None else None   # (torch.compile's wrapper: not compiled again on rank 0 alone)
     return write_eval_figures(run.out, step, run.student, teacher, data=run.val_ds, n=4, tb_writer=tb_writer,
-                              alw=getattr(o, 'alw', None), T=T, tb_distance=False)   # no alpha panel for kd, cwd, ...
+                              alw=getattr(o, 'alw', None), T=T, tb_distance=False,   # no alpha panel for kd, cwd, ...
+                              shown=evaluated_as(getattr(run, 'data', None)))
+
+def evaluated_as(data, # the run's data options (`eval_resize`, `eval_square`), or None
+                )->str: # '' at native resolution
+    "How a run's validation images are resized before its network sees them (as its figures show them), in words."
+    r, sq = getattr(data, 'eval_resize', None), getattr(data, 'eval_square', False)
+    if not r: return ''
+    return (f"as evaluated: resized to {r} x {r} px (--eval-resize {r} --eval-square: the aspect ratio is not kept)" if sq else
+            f"as evaluated: the short side resized to {r} px (--eval-resize {r})")
 
 # %% ../nbs/10_viz.ipynb #79507da9
 def ics_pair_view(logits:Tensor, # one image's logits `C x H x W` (or `1 x C x H x W`)

@@ -57,7 +57,7 @@ def test_a_lost_worker_restarts_the_group_from_last_pt(tiny_data, tmp_path):
     run(whole + _train(tiny_data, tmp_path / 'whole', 2, '--ckpt-every', 1), cwd=tmp_path, timeout=300)
     a = _keep_weights(tmp_path / 'whole')
     faulty = [sys.executable, '-m', 'torch.distributed.run', *base, '--max-restarts', '1', str(HERE / 'elastic_worker.py')]
-    env = {**ENV, 'AICSD_TEST_KILL_RANK': '1', 'AICSD_TEST_KILL_STEP': '3', 'PYTHONPATH': str(HERE)}
+    env = {**ENV, 'AICSD_TEST_RANK': '1', 'AICSD_TEST_AT': 'step:3', 'PYTHONPATH': str(HERE)}
     p = subprocess.run([str(a) for a in faulty + _train(tiny_data, tmp_path / 'lost', 2, '--ckpt-every', 1)],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-5000:]
@@ -90,9 +90,55 @@ def test_stop_after_counts_the_jobs_steps_across_a_restart(tiny_data, tmp_path):
     stops at step 4, where the job was to stop (before: 4 steps past its checkpoint, so the run went on to its end)."""
     faulty = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--max-restarts', '1',
               str(HERE / 'elastic_worker.py')]
-    env = {**ENV, 'AICSD_TEST_KILL_RANK': '1', 'AICSD_TEST_KILL_STEP': '3', 'PYTHONPATH': str(HERE)}
+    env = {**ENV, 'AICSD_TEST_RANK': '1', 'AICSD_TEST_AT': 'step:3', 'PYTHONPATH': str(HERE)}
     args = _train(tiny_data, tmp_path / 'r', 2, '--ckpt-every', 1, '--max-steps', 6, '--stop-after', 4, '--dtype', 'float32')
     p = subprocess.run([str(a) for a in faulty + args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0 and 'torchrun restarted the job (restart 1)' in p.stderr, p.stderr[-5000:]
     ck = torch.load(tmp_path / 'r' / 'last.pt', map_location='cpu', weights_only=True)
     assert ck['global_step'] == 4, (ck['global_step'], p.stderr[-3000:])
+
+
+def _faulty(tmp_path, args, restarts=0, **env):
+    "A torchrun job of 2 processes running tests/elastic_worker.py with the fault `env` (AICSD_TEST_*): (rc, stderr)."
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--max-restarts', restarts,
+           str(HERE / 'elastic_worker.py'), *args]
+    p = subprocess.run([str(a) for a in cmd], cwd=tmp_path, env={**ENV, 'PYTHONPATH': str(HERE), **env}, capture_output=True,
+                       text=True, timeout=400)
+    return p.returncode, p.stderr
+
+
+def _said(err) -> list:
+    "The lines the processes said (not warnings, not torchrun's)."
+    return [l for l in err.splitlines() if l.startswith('aicsd: ') and not l.startswith('aicsd: warning: ')]
+
+
+def test_a_restart_at_the_jobs_stop_after_keeps_its_evaluation(tiny_data, tmp_path):
+    """--stop-after 3 (an epoch's end) and a worker lost in that evaluation: the restart resumes at step 3, evaluates it
+    and stops there, and its last.pt records that evaluation (a --resume then does not run it again)."""
+    args = _train(tiny_data, tmp_path / 'r', 2, '--max-steps', 6, '--stop-after', 3, '--dtype', 'float32')
+    rc, err = _faulty(tmp_path, args, restarts=1, AICSD_TEST_AT='eval')
+    assert rc == 0 and 'torchrun restarted the job (restart 1)' in err, err[-5000:]
+    ck = torch.load(tmp_path / 'r' / 'last.pt', map_location='cpu', weights_only=True)
+    assert (ck['global_step'], ck['eval_step']) == (3, 3), (ck['global_step'], ck['eval_step'], err[-3000:])
+
+
+def test_a_signal_to_one_process_after_the_last_step_is_said_once(tiny_data, tmp_path):
+    """SIGTERM to rank 1 once the run is complete (after its last vote): both processes leave alike and rank 0 says so,
+    once (before: rank 1 left alone and rank 0 said another process had ended first, with no error anywhere)."""
+    args = _train(tiny_data, tmp_path / 'r', 2, '--max-steps', 2, '--dtype', 'float32')
+    rc, err = _faulty(tmp_path, args, AICSD_TEST_AT='finish', AICSD_TEST_SIGNAL='TERM')
+    said = _said(err)
+    assert len(said) == 1 and said[0].startswith('aicsd: stopped by SIGTERM after the last step was checked') and \
+           said[0].endswith('is written and the run is complete'), err[-3000:]
+    assert torch.load(tmp_path / 'r' / 'last.pt', map_location='cpu', weights_only=True)['global_step'] == 2
+
+
+def test_processes_wait_for_the_checkpoint_of_a_stop(tiny_data, tmp_path):
+    """SIGTERM to rank 1 at step 3 while rank 0's checkpoint takes 3 s to write: rank 1 waits for it (before: it left at
+    once, and torchrun sent rank 0 a SIGTERM in the middle of its write, said as a second signal)."""
+    args = _train(tiny_data, tmp_path / 'r', 2, '--max-steps', 6, '--dtype', 'float32')
+    rc, err = _faulty(tmp_path, args, AICSD_TEST_AT='step:3', AICSD_TEST_SIGNAL='TERM', AICSD_TEST_SLOW_SAVE='3')
+    said = _said(err)
+    assert len(said) == 1 and said[0].startswith('aicsd: stopped by SIGTERM at step 3;'), err[-3000:]
+    assert 'closing signal' not in err, err[-3000:]                          # torchrun stopped no one: both had ended
+    assert torch.load(tmp_path / 'r' / 'last.pt', map_location='cpu', weights_only=True)['global_step'] == 3
