@@ -27,8 +27,8 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE_INDEX', 'IGNORE_COLOUR', 'VO
            'train_transform', 'eval_transform', 'crop_upsampling', 'synthetic_classes', 'attribute_overlap',
            'draw_synthetic', 'make_synthetic', 'class_frequencies', 'pad_collate', 'sample_seed', 'EpochSampler',
            'SeededDataset', 'ShardSampler', 'worker_options', 'build_loader', 'close_loader', 'get_dataset',
-           'require_labelled', 'check_pairs', 'class_stats', 'read_sbd_mat', 'build_sbd_trainaug', 'size_pair',
-           'parse_size']
+           'require_labelled', 'check_pairs', 'void_objects', 'class_stats', 'read_sbd_mat', 'build_sbd_trainaug',
+           'size_pair', 'parse_size']
 
 # %% ../nbs/06_data.ipynb #0e871ed7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -181,10 +181,21 @@ def _by_voc_colour(a:np.ndarray, # a palette label's indices, `H x W` uint8
         raise ValueError(f"label file {path} holds VOC colours at other indices (e.g. index {used[moved][0]}: the colour of "
                          f"{name(int(m[moved][0]))}) and colours of no VOC class ({', '.join(str(tuple(map(int, rgb[u]))) for u in used[m < 0][:4])} "
                          f"at index {', '.join(map(str, used[m < 0][:4]))}): neither its indices nor its colours say its classes "
-                         "(re-saved by an image editor?). Save it with index i for class i (`aicsd.data.save_label_png`)")
+                         "(re-saved by an image editor?). Save it with index i for class i (`aicsd.data.save_label_png`); or, where "
+                         "its indices are its classes (a palette of your own), add classes.json to the data set's folder "
+                         "(data/README.md): then every label is read by its indices")
     if (m == used).all() or (m < 0).any() or len(np.unique(m)) < len(m): return a   # VOC's numbering; other colours; two indices alike
     lut = np.arange(256, dtype=np.uint8); lut[used] = m
+    if (key := bytes(palette)) not in _SAID_PALETTES and int(os.environ.get('RANK', 0)) == 0:   # once per palette: a tree
+        _SAID_PALETTES.add(key)                                                        # of one's own colours would be renumbered
+        from aicsd.config import warn
+        moves = ', '.join(f"{u} -> {v} ({VOC_CLASSES[v] if v < len(VOC_CLASSES) else v})" for u, v in zip(used, m) if u != v)
+        warn(f"label file {path} (and any with its palette) is read by its colours, which are VOC's at other indices: "
+             f"index {moves}. If its indices are its classes (a palette of your own), add classes.json to the data set's "
+             "folder (data/README.md): then labels are read by their indices")
     return lut[a]
+
+_SAID_PALETTES = set()   # palettes whose renumbering was said
 
 # %% ../nbs/06_data.ipynb #659fb668
 def _check_values(m:np.ndarray, valid:int, path, extra=(), note:str=''):
@@ -236,22 +247,29 @@ class SegmentationDataset(Dataset):
 # %% ../nbs/06_data.ipynb #20a19e1c
 def read_synthetic_info(root, # a dataset folder
                        )->dict|None: # `classes.json` (`classes`, `attributes`, `settings`), or None
-    "The `classes.json` of a synthetic dataset (`classes`, `attributes`, `settings`), or None."
+    "The `classes.json` of a dataset folder: a synthetic dataset's (`classes`, `attributes`, `settings`), or a user's (`classes`)."
     p = Path(root) / 'classes.json'
     if not p.is_file(): return None
-    try: info = json.loads(p.read_text())
+    try: info = json.loads(_text_of(p.read_bytes()))       # (Notepad's and PowerShell's BOMs, as split lists)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p} is not valid JSON ({e}): a synthetic dataset's classes.json was damaged; "
-                         f"write the dataset again (`aicsd data synthetic --root {root}`) or restore the file") from None
-    if not isinstance(info, dict): raise ValueError(f"{p} must hold a JSON object (classes, attributes, settings)")
+        raise ValueError(f"{p} is not valid JSON ({e}): {_classes_json_help(root)}") from None
+    if isinstance(info, list) and all(isinstance(c, str) for c in info): info = {'classes': info}   # the names alone
+    if not isinstance(info, dict): raise ValueError(f"{p} holds no 'classes' list: {_classes_json_help(root)}")
     return info
+
+def _classes_json_help(root)->str: # what a classes.json holds, and what to do about a damaged one
+    return ('expected {"classes": ["background", ...]} (data/README.md, "Your own data"); a synthetic dataset\'s: write it '
+            f'again (`aicsd data synthetic --data-root {root}`) or restore the file')
+
+def _text_of(raw:bytes)->str: # the text of a file of a user's: UTF-8, with or without a BOM, or UTF-16 with its BOM
+    return raw.decode('utf-16') if raw[:2] in (b'\xff\xfe', b'\xfe\xff') else raw.decode('utf-8-sig')
 
 # %% ../nbs/06_data.ipynb #8aa6f605
 def _read_list(path:Path)->list:
     "Ids of a split list, each once; accepts `id` lines and `/JPEGImages/id.jpg /SegmentationClassAug/id.png` lines (and `#` comment lines)."
     ids, first, again = [], {}, []
     raw = path.read_bytes()
-    try: text = raw.decode('utf-16') if raw[:2] in (b'\xff\xfe', b'\xfe\xff') else raw.decode('utf-8-sig')   # (BOMs: Notepad's, PowerShell's)
+    try: text = _text_of(raw)                                  # (BOMs: Notepad's, PowerShell's)
     except UnicodeDecodeError as e: raise ValueError(f"Split list {path} is not UTF-8 text ({e}); expected one image id a line") from None
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -334,8 +352,7 @@ class VOCSegmentation(SegmentationDataset):
                 "A Pascal VOC tree is read with --data voc by train, distill and evaluate (demo and compare run on "
                 "synthetic data only); a synthetic dataset is written into a new folder: aicsd data synthetic --data-root DIR")
         if info is not None and not isinstance(info.get('classes'), list):
-            raise ValueError(f"{self.root / 'classes.json'} has no 'classes' list: write the dataset again "
-                             f"(`aicsd data synthetic --root {self.root}`) or restore the file")
+            raise ValueError(f"{self.root / 'classes.json'} holds no 'classes' list: {_classes_json_help(self.root)}")
         self.classes = list(info['classes']) if info is not None else list(VOC_CLASSES)
         self.voc_colours = info is None              # VOC's classes: its colours say them (a tree of one's own classes: indices)
 
@@ -382,6 +399,9 @@ class CityscapesSegmentation(SegmentationDataset):
                 raise FileNotFoundError(f"Folder {d} not found, but {near} holds leftImg8bit/ and gtFine/: did you mean "
                                         f"--data-root {near}?")
             raise _missing('cityscapes', self.root, f"Folder {d} not found (split {split!r}).")
+        if broken := sorted(p for p in img_dir.glob('*/*') if p.is_symlink() and not p.exists()):   # not skipped unsaid
+            raise FileNotFoundError(f"{len(broken)} file(s) in {img_dir} are links to files that do not exist, e.g. {broken[0]} -> "
+                                    f"{os.readlink(broken[0])}: restore the files they point to (or remove the links)")
         found = [p for p in img_dir.glob('*/*') if p.is_file() and not p.name.startswith('.')]   # (macOS's ._* files: not images)
         self.images = sorted(p for p in found if p.name.endswith('_leftImg8bit.png'))
         if (odd := sorted(set(found) - set(self.images))) and self.images and int(os.environ.get('RANK', 0)) == 0:
@@ -391,6 +411,10 @@ class CityscapesSegmentation(SegmentationDataset):
             raise FileNotFoundError(f"No */*_leftImg8bit.png files in {img_dir}, but {len(odd)} other file(s), e.g. "
                                     f"{odd[0].relative_to(img_dir)}: aicsd reads Cityscapes' own PNGs, named <city>_<seq>_<frame>"
                                     "_leftImg8bit.png; convert the images back (or unzip leftImg8bit_trainvaltest.zip again)")
+        if not self.images and (flat := sorted(img_dir.glob('*_leftImg8bit.png'))):   # the images without their city folders
+            raise FileNotFoundError(f"No */*_leftImg8bit.png files in {img_dir}, but {len(flat)} directly in it, e.g. {flat[0].name}: "
+                                    "Cityscapes keeps each city's images in a folder of its own (leftImg8bit/<split>/<city>/, "
+                                    "gtFine/<split>/<city>/); move them there, as the zip unpacks")
         if not self.images: raise _missing('cityscapes', self.root, f"No */*_leftImg8bit.png files in {img_dir}.")
         self.labels, self.train_ids, missing = [], [], []
         for p in self.images:
@@ -890,6 +914,21 @@ def check_pairs(ds:SegmentationDataset, # a dataset of files: `images` and `labe
              "their labels must match the stored pixels, not the picture a viewer shows")
     return turned
 
+# %% ../nbs/06_data.ipynb #void0ex1
+def void_objects(ds, # a dataset with label files `labels` (read here as stored: 255 = void)
+                 n:int=8, # labels read, spread over the split
+                )->str|None: # what to say, or None
+    "Whether `ds`'s labels look like binary masks whose object was stored as 255 (void) instead of 1."
+    if not getattr(ds, 'labels', None): return None
+    idx = sorted({int(i) for i in np.linspace(0, len(ds) - 1, min(n, len(ds)))})
+    try: counts = sum(np.bincount(read_label(ds.labels[i], getattr(ds, 'voc_colours', False)).ravel(), minlength=256) for i in idx)
+    except (OSError, ValueError): return None     # a damaged label, or values the run refuses: said where it is read
+    share = counts[IGNORE_INDEX] / max(1, counts.sum())
+    if set(np.flatnonzero(counts).tolist()) - {0, IGNORE_INDEX} or share <= 0.1: return None
+    return (f"the {len(idx)} labels read of {ds!r} hold only 0 and 255, and 255 is {100 * share:.0f} % of their pixels: "
+            "255 is void (ignored by the loss and the metrics), so the network learns background alone and its mIoU "
+            "says nothing. A binary mask stores the object as 1 (`aicsd.data.save_label_png`)")
+
 # %% ../nbs/06_data.ipynb #ds0a1b01
 def class_stats(data:str, # 'voc', 'cityscapes' or 'synthetic'
                 root:str|Path, # the dataset's folder
@@ -901,7 +940,8 @@ def class_stats(data:str, # 'voc', 'cityscapes' or 'synthetic'
     check_pairs(ds)                                  # sizes from the headers first; images a viewer would turn, warned of
     names, n = list(getattr(ds, 'classes', None) or []), class_frequencies(ds, progress=progress, decode=True).tolist()
     return '\n'.join([f"{data} at {root}, split {split}: {len(ds)} images, {sum(n)} labelled pixels (void excluded)"] +
-                     [f"{names[i] if i < len(names) else i!s:>20}  {100 * v / max(1, sum(n)):6.2f} %  {v:>12}" for i, v in enumerate(n)])
+                     [f"{names[i] if i < len(names) else i!s:>20}  {100 * v / max(1, sum(n)):6.2f} %  {v:>12}" for i, v in enumerate(n)]
+                     + ([f"warning: {w}"] if (w := void_objects(ds)) else []))
 
 # %% ../nbs/06_data.ipynb #a88d89ad
 def _sbd_dataset_dir(sbd_root:Path)->Path:

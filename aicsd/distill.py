@@ -22,7 +22,7 @@ __all__ = ['EVAL_KEYS', 'poly_lr_lambda', 'checkpoint_kind', 'load_teacher', 'St
 # %% ../nbs/08_distill.ipynb #6ace8058
 from .models import (build_model, param_groups, model_arch, load_model, load_released_checkpoint,
                           cirkd_backbone, load_cirkd_checkpoint, unwrap)
-from .data import (crop_upsampling, check_pairs, get_dataset, train_transform, build_loader, make_synthetic, close_loader, require_labelled, size_pair,
+from .data import (crop_upsampling, void_objects, check_pairs, get_dataset, train_transform, build_loader, make_synthetic, close_loader, require_labelled, size_pair,
                         DEFAULT_ROOTS)
 from .objective import alw_alpha, DistillObjective, TERMS
 from .metrics import ics_distance, mean_ics
@@ -216,6 +216,7 @@ def _datasets(D:DataSpec, rank:int)->tuple: # (training set, validation set, cla
         for ds in (tr, va):                               # labels are checked against the run's classes
             _keep_classes(ds, D.num_classes, f"--num-classes {D.num_classes} keeps the first {D.num_classes} of the {n} "
                           f"classes of {D.data}: leave it out (or raise it) to train on these labels")
+    if rank == 0 and (w := void_objects(tr)): warn(w)   # binary masks with the object as 255: background alone would train
     up = crop_upsampling(tr, D.crop_size) if rank == 0 and D.scale_base is None else None   # scaled from the crop's side
     if up and up[0] > 2:
         cs, f = D.crop_size, up[0]        # the size that trains at the images' own scale: the crop divided by the factor

@@ -289,3 +289,20 @@ def test_data_stats_decodes_every_image(tmp_path):
     f = root / 'JPEGImages' / f'{ids[2]}.jpg'; f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(ValueError) as e: class_stats('voc', root)
     assert f"Cannot read image file {f}" in str(e.value) and 'truncated' in str(e.value).lower(), str(e.value)
+
+
+def test_binary_masks_with_the_object_as_255_are_said(tmp_path):
+    """Masks of 0 and 255 (the common binary-mask format): 255 is void, so a run would learn background alone and score
+    mIoU 1.0; `aicsd data stats` and `aicsd train` say so (on a tree in VOC's layout, labels saved as grayscale PNGs)."""
+    from conftest import run, aicsd_cmd, tiny_args
+    root, ids = voc_root(tmp_path, n=3)
+    for k, i in enumerate(ids):
+        m = np.zeros((40, 50), np.uint8); m[8:30, 10 + k:40 + k] = 255                # the object: 33 % of the pixels
+        Image.fromarray(m, 'L').save(root / 'SegmentationClass' / f'{i}.png')
+    (root / 'ImageSets/Segmentation/val.txt').write_text(''.join(f'{i}\n' for i in ids))
+    want = 'hold only 0 and 255, and 255 is 33 % of their pixels: 255 is void'
+    p = run(aicsd_cmd() + ['data', 'stats', '--data', 'voc', '--data-root', root], cwd=tmp_path)
+    assert want in p.stdout, p.stdout
+    args = [a if a != 'synthetic' else 'voc' for a in tiny_args(root, tmp_path / 'r')]
+    p = run(aicsd_cmd() + ['train', '--model', 'mobilenetv2', '--max-steps', 1, *args, '--batch-size', 2], cwd=tmp_path)
+    assert want in p.stderr, p.stderr[-3000:]
