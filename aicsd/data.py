@@ -104,7 +104,11 @@ or --data cityscapes.""",
 }
 
 def _missing(kind, root, what):
-    return FileNotFoundError(f"{what}\n" + DATASET_HELP[kind].format(root=root))
+    r = Path(root)                                    # a tree of the other kind: the flag is wrong, not the download
+    other = ('cityscapes' if kind != 'cityscapes' and (r / 'leftImg8bit').is_dir() and (r / 'gtFine').is_dir() else
+             'voc' if kind == 'cityscapes' and (r / 'JPEGImages').is_dir() else None)
+    hint = f"{r} holds a {'Cityscapes' if other == 'cityscapes' else 'VOC-layout'} tree: did you mean --data {other}?\n" if other else ''
+    return FileNotFoundError(f"{what}\n{hint}" + DATASET_HELP[kind].format(root=root))
 
 # %% ../nbs/06_data.ipynb #980176b0
 def read_image(path, # image file (JPEG or PNG)
