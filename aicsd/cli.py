@@ -633,7 +633,8 @@ def main(argv:list|None=None)->int:
         except (AttributeError, OSError, ValueError): pass
         return 141
     except (ValueError, KeyError, OSError, RunLockedError, CheckpointMismatchError, FloatingPointError, TermError) as e:
-        msg = _error_text(e)
+        if getattr(e, 'same_on_every_process', False) and (rw := dist_env())[1] > 1 and rw[2] != 0: return 2   # (torchrun:
+        msg = _error_text(e)                                                       # said by the machine's first process)
         if _raised_in_your_code(e): traceback.print_exception(e)   # where, in your file (aicsd's own errors: one line)
         print(f"aicsd: error: {msg}{_imports_hint(msg, [str(x) for x in (sys.argv[1:] if argv is None else argv)])}", file=sys.stderr)
         return 2

@@ -200,7 +200,9 @@ def start_process(device:str='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'
     if deterministic:   # cuBLAS is deterministic only with a fixed workspace, set before it starts (PyTorch's reproducibility notes)
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
         torch.use_deterministic_algorithms(True, warn_only=True)
-    dev = resolve_device(device, dist_env()[2])
+    try: dev = resolve_device(device, dist_env()[2])
+    except ValueError as e:   # the same on every process of a machine (none depends on the local rank): said by its first
+        e.same_on_every_process = True; raise
     if dev.type == 'cpu': set_malloc_mmap_threshold(malloc_mmap_mb)
     return (dev, *init_distributed(dev))
 

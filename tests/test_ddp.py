@@ -222,6 +222,10 @@ def test_torchrun_says_things_once(tiny_data, tmp_path):
     p = run(TORCHRUN + ['evaluate', '--ckpt', tmp_path / 'nothere.pt', '--data', 'synthetic', '--data-root', tiny_data,
                         '--device', 'cpu', '--threads', 1], cwd=tmp_path, timeout=300, check=False)
     assert p.returncode != 0 and p.stderr.count('aicsd: error:') == 1 and 'nothere.pt' in p.stderr, p.stderr[-3000:]
+    if not torch.cuda.is_available():                  # a device this machine lacks: said by its first process only
+        p = run(TORCHRUN + ['train', '--device', 'cuda:7', '--data', 'synthetic', '--data-root', tiny_data], cwd=tmp_path,
+                timeout=300, check=False)
+        assert p.returncode != 0 and p.stderr.count('aicsd: error: --device cuda:7') == 1, p.stderr[-3000:]
 
 def _stopped_torchrun(root, out, tmp_path, stop):
     """A torchrun job of 2 processes, long enough to be stopped by `stop(torchrun's process)` once rank 0 has logged
