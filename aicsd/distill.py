@@ -614,7 +614,8 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
     chosen = set(opts if chosen is None else chosen)     # what was asked for is used, even at its default value
     opts = plain_options(opts)                          # numpy/torch values made plain; a data set in memory said plainly
     opts = {**{o.name: o.default for o in OPTIONS if 'evaluate' in o.commands}, **opts}
-    check_ranges(opts); check_sides(opts)               # --max-val, --val-batch-size, --eval-resize, ... as for train and distill
+    try: check_ranges(opts); check_sides(opts)          # --max-val, --val-batch-size, --eval-resize, ... as for train and distill
+    except ValueError as e: e.same_on_every_process = True; raise   # (the options alone: torchrun's processes say it once a machine)
     threads = torch.get_num_threads()                  # put back at the end, as `fit` does
     failed, main, owned = True, dist_env()[0] == 0, False
     say = print if main else (lambda *a, **k: None)   # what is evaluated how: said once, not by every process

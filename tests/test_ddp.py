@@ -226,6 +226,9 @@ def test_torchrun_says_things_once(tiny_data, tmp_path):
         p = run(TORCHRUN + ['train', '--device', 'cuda:7', '--data', 'synthetic', '--data-root', tiny_data], cwd=tmp_path,
                 timeout=300, check=False)
         assert p.returncode != 0 and p.stderr.count('aicsd: error: --device cuda:7') == 1, p.stderr[-3000:]
+    p = run(TORCHRUN + ['evaluate', '--ckpt', tmp_path / 'nothere.pt', '--val-batch-size', 0, '--device', 'cpu'], cwd=tmp_path,
+            timeout=300, check=False)                    # an option out of range: likewise
+    assert p.returncode != 0 and p.stderr.count("aicsd: error: 'val_batch_size' (--val-batch-size)") == 1, p.stderr[-3000:]
 
 def _stopped_torchrun(root, out, tmp_path, stop):
     """A torchrun job of 2 processes, long enough to be stopped by `stop(torchrun's process)` once rank 0 has logged
