@@ -190,16 +190,17 @@ def _by_voc_colour(a:np.ndarray, # a palette label's indices, `H x W` uint8
                          "(data/README.md): then every label is read by its indices")
     if (m == used).all() or (m < 0).any() or len(np.unique(m)) < len(m): return a   # VOC's numbering; other colours; two indices alike
     lut = np.arange(256, dtype=np.uint8); lut[used] = m
-    if (key := bytes(palette)) not in _SAID_PALETTES and int(os.environ.get('RANK', 0)) == 0:   # once per palette: a tree
-        _SAID_PALETTES.add(key)                                                        # of one's own colours would be renumbered
+    if (key := str(Path(path).parent)) not in _SAID_PALETTES and int(os.environ.get('RANK', 0)) == 0 \
+       and torch.utils.data.get_worker_info() is None:   # once per labels folder, by the main process (not each loader worker)
+        _SAID_PALETTES.add(key)
         from aicsd.config import warn
         moves = ', '.join(f"{u} -> {v} ({VOC_CLASSES[v] if v < len(VOC_CLASSES) else v})" for u, v in zip(used, m) if u != v)
-        warn(f"label file {path} (and any with its palette) is read by its colours, which are VOC's at other indices: "
+        warn(f"label file {path} (and any like it in {key}) is read by its colours, which are VOC's at other indices: "
              f"index {moves}. If its indices are its classes (a palette of your own), add classes.json to the data set's "
              "folder (data/README.md): then labels are read by their indices")
     return lut[a]
 
-_SAID_PALETTES = set()   # palettes whose renumbering was said
+_SAID_PALETTES = set()   # label folders whose renumbering was said
 
 # %% ../nbs/06_data.ipynb #659fb668
 def _check_values(m:np.ndarray, valid:int, path, extra=(), note:str=''):
@@ -258,7 +259,7 @@ def read_synthetic_info(root, # a dataset folder
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{p} is not valid JSON ({e}): {_classes_json_help(root)}") from None
     if isinstance(info, list) and all(isinstance(c, str) for c in info): info = {'classes': info}   # the names alone
-    if not isinstance(info, dict): raise ValueError(f"{p} holds no 'classes' list: {_classes_json_help(root)}")
+    if not isinstance(info, dict) or info.get('classes') == []: raise ValueError(f"{p} holds no 'classes' list: {_classes_json_help(root)}")
     return info
 
 def _classes_json_help(root)->str: # what a classes.json holds, and what to do about a damaged one
@@ -928,8 +929,8 @@ def void_objects(ds, # a dataset with label files `labels` (read here as stored:
     try: counts = sum(np.bincount(read_label(ds.labels[i], getattr(ds, 'voc_colours', False)).ravel(), minlength=256) for i in idx)
     except (OSError, ValueError): return None     # a damaged label, or values the run refuses: said where it is read
     share = counts[IGNORE_INDEX] / max(1, counts.sum())
-    if set(np.flatnonzero(counts).tolist()) - {0, IGNORE_INDEX} or share <= 0.1: return None
-    return (f"the {len(idx)} labels read of {ds!r} hold only 0 and 255, and 255 is {100 * share:.0f} % of their pixels: "
+    if set(np.flatnonzero(counts).tolist()) != {0, IGNORE_INDEX}: return None   # (an object of any size: cells, defects)
+    return (f"the {len(idx)} labels read of {ds!r} hold only 0 and 255, and 255 is {100 * share:.2g} % of their pixels: "
             "255 is void (ignored by the loss and the metrics), so the network learns background alone and its mIoU "
             "says nothing. A binary mask stores the object as 1 (`aicsd.data.save_label_png`)")
 

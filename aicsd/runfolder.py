@@ -87,7 +87,9 @@ class RunLog:
             except Exception as e: warn(f"TensorBoard disabled: {type(e).__name__}: {e}")
     def _replay(self, name:str, lo:int, hi:int):
         "Write the rows of `name`.csv of steps `lo`..`hi` to TensorBoard again (after a purge from `lo`)."
-        cols = _read_csv(self.out/f'{name}.csv')      # (truncated to the checkpoint's step already: numbers only)
+        try: cols = _read_csv(self.out/f'{name}.csv')   # (truncated to the checkpoint's step already: numbers only)
+        except ValueError as e:                        # a damaged value: TensorBoard goes on without those rows
+            warn(f"TensorBoard: the rows of steps {lo}..{hi} of {name}.csv are not written again ({e})"); return
         for i, s in enumerate(cols.get('step', ())):
             if lo <= s <= hi:
                 for k, v in cols.items():

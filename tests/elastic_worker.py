@@ -4,7 +4,7 @@ AICSD_TEST_AT says where, AICSD_TEST_SIGNAL what (default KILL: SIGKILL, as a lo
 - `step:N`: when the process is about to train step N (counted from 1);
 - `eval`: when its first evaluation starts;
 - `finish`: once the run's last checkpoint is written (after its last vote on stopping).
-AICSD_TEST_SLOW_SAVE=S makes rank 0's checkpoint writes take S seconds more (a large model on a slow disk)."""
+AICSD_TEST_SLOW_SAVE=S makes rank 0's checkpoint writes end S seconds later (a large model on a slow disk)."""
 import os, signal, sys, time
 
 import aicsd.distill as engine
@@ -32,7 +32,8 @@ if os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0' and os.environ.get('
         Checkpointer.finish = _finish
 if os.environ.get('AICSD_TEST_SLOW_SAVE') and os.environ.get('RANK') == '0':
     _real_save, _wait = Checkpointer.save_last, float(os.environ['AICSD_TEST_SLOW_SAVE'])
-    def _save(self, *args, **kwargs): time.sleep(_wait); return _real_save(self, *args, **kwargs)
+    def _save(self, *args, **kwargs):            # (after the save's collective part: the other processes go on meanwhile)
+        r = _real_save(self, *args, **kwargs); time.sleep(_wait); return r
     Checkpointer.save_last = _save
 
 sys.exit(main(sys.argv[1:]))

@@ -135,10 +135,10 @@ def test_a_signal_to_one_process_after_the_last_step_is_said_once(tiny_data, tmp
 
 def test_processes_wait_for_the_checkpoint_of_a_stop(tiny_data, tmp_path):
     """SIGTERM to rank 1 at step 3 while rank 0's checkpoint takes 3 s to write: rank 1 waits for it (before: it left at
-    once, and torchrun sent rank 0 a SIGTERM in the middle of its write, said as a second signal)."""
+    once, and torchrun sent rank 0 a SIGTERM in the middle of its write, said as a second line, "writing ... first").
+    (torchrun may still signal rank 0 after the write, while it exits: the processes' ends are not synchronised.)"""
     args = _train(tiny_data, tmp_path / 'r', 2, '--max-steps', 6, '--dtype', 'float32')
     rc, err = _faulty(tmp_path, args, AICSD_TEST_AT='step:3', AICSD_TEST_SIGNAL='TERM', AICSD_TEST_SLOW_SAVE='3')
     said = _said(err)
     assert len(said) == 1 and said[0].startswith('aicsd: stopped by SIGTERM at step 3;'), err[-3000:]
-    assert 'closing signal' not in err, err[-3000:]                          # torchrun stopped no one: both had ended
     assert torch.load(tmp_path / 'r' / 'last.pt', map_location='cpu', weights_only=True)['global_step'] == 3
