@@ -190,9 +190,9 @@ def _by_voc_colour(a:np.ndarray, # a palette label's indices, `H x W` uint8
                          "(data/README.md): then every label is read by its indices")
     if (m == used).all() or (m < 0).any() or len(np.unique(m)) < len(m): return a   # VOC's numbering; other colours; two indices alike
     lut = np.arange(256, dtype=np.uint8); lut[used] = m
-    if (key := str(Path(path).parent)) not in _SAID_PALETTES and int(os.environ.get('RANK', 0)) == 0 \
+    if (key := str(Path(path).parent)) not in _SAID_RENUMBERED and int(os.environ.get('RANK', 0)) == 0 \
        and torch.utils.data.get_worker_info() is None:   # once per labels folder, by the main process (not each loader worker)
-        _SAID_PALETTES.add(key)
+        _SAID_RENUMBERED.add(key)
         from aicsd.config import warn
         moves = ', '.join(f"{u} -> {v} ({VOC_CLASSES[v] if v < len(VOC_CLASSES) else v})" for u, v in zip(used, m) if u != v)
         warn(f"label file {path} (and any like it in {key}) is read by its colours, which are VOC's at other indices: "
@@ -200,7 +200,7 @@ def _by_voc_colour(a:np.ndarray, # a palette label's indices, `H x W` uint8
              "folder (data/README.md): then labels are read by their indices")
     return lut[a]
 
-_SAID_PALETTES = set()   # label folders whose renumbering was said
+_SAID_RENUMBERED = set()   # label folders whose renumbering was said
 
 # %% ../nbs/06_data.ipynb #659fb668
 def _check_values(m:np.ndarray, valid:int, path, extra=(), note:str=''):

@@ -72,6 +72,10 @@ def tiny_args(root, out, *more) -> list:
             '--batch-size', 4, '--val-batch-size', 5, '--lr', 0.01, '--threads', 1, '--device', 'cpu',
             '--no-tensorboard', '--no-figures', '--quiet', '--out', out, *more]
 
+def said_lines(err:str) -> list:
+    "The lines a command said on stderr (`aicsd: ...`), without its warnings and without torchrun's own lines."
+    return [l for l in err.splitlines() if l.startswith('aicsd: ') and not l.startswith('aicsd: warning: ')]
+
 def state_dict(path):
     import torch
     return torch.load(path, map_location='cpu', weights_only=True)['model']

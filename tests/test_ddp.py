@@ -252,7 +252,8 @@ def _stopped_torchrun(root, out, tmp_path, stop):
 def _said_step(err, how):
     "The step N of rank 0's one line `aicsd: <how> [during the evaluation] at step N; <out>/last.pt written ... --resume`."
     import re
-    said = [l for l in err.splitlines() if l.startswith('aicsd: ') and not l.startswith('aicsd: warning: ')]
+    from conftest import said_lines
+    said = said_lines(err)
     assert len(said) == 1, err[-3000:]                                                # said once, by rank 0
     m = re.match(rf'aicsd: {how} (?:during the evaluation )?at step (\d+); \S*last\.pt written.*: continue with the same '
                  'command and --resume', said[0])

@@ -6,7 +6,7 @@ import os, signal, socket, subprocess, sys
 from pathlib import Path
 
 import torch
-from conftest import ENV, aicsd_cmd, run, tiny_args, state_dict
+from conftest import ENV, aicsd_cmd, run, tiny_args, state_dict, said_lines
 
 MODEL, STEPS, LR, TOL = 'resnet18', 4, 0.0005, 1e-10
 HERE = Path(__file__).resolve().parent
@@ -85,19 +85,6 @@ def test_a_restart_continues_only_the_jobs_own_checkpoint(tiny_data, tmp_path):
     assert 'torchrun restarted the job' not in p.stderr and step() == 2, p.stderr[-3000:]
 
 
-def test_stop_after_counts_the_jobs_steps_across_a_restart(tiny_data, tmp_path):
-    """`--stop-after 4` in a job whose worker is lost at step 3 (`--max-restarts 1`): the restart resumes from step 2 and
-    stops at step 4, where the job was to stop (before: 4 steps past its checkpoint, so the run went on to its end)."""
-    faulty = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--max-restarts', '1',
-              str(HERE / 'elastic_worker.py')]
-    env = {**ENV, 'AICSD_TEST_RANK': '1', 'AICSD_TEST_AT': 'step:3', 'PYTHONPATH': str(HERE)}
-    args = _train(tiny_data, tmp_path / 'r', 2, '--ckpt-every', 1, '--max-steps', 6, '--stop-after', 4, '--dtype', 'float32')
-    p = subprocess.run([str(a) for a in faulty + args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert p.returncode == 0 and 'torchrun restarted the job (restart 1)' in p.stderr, p.stderr[-5000:]
-    ck = torch.load(tmp_path / 'r' / 'last.pt', map_location='cpu', weights_only=True)
-    assert ck['global_step'] == 4, (ck['global_step'], p.stderr[-3000:])
-
-
 def _faulty(tmp_path, args, restarts=0, **env):
     "A torchrun job of 2 processes running tests/elastic_worker.py with the fault `env` (AICSD_TEST_*): (rc, stderr)."
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--max-restarts', restarts,
@@ -107,9 +94,14 @@ def _faulty(tmp_path, args, restarts=0, **env):
     return p.returncode, p.stderr
 
 
-def _said(err) -> list:
-    "The lines the processes said (not warnings, not torchrun's)."
-    return [l for l in err.splitlines() if l.startswith('aicsd: ') and not l.startswith('aicsd: warning: ')]
+def test_stop_after_counts_the_jobs_steps_across_a_restart(tiny_data, tmp_path):
+    """`--stop-after 4` in a job whose worker is lost at step 3 (`--max-restarts 1`): the restart resumes from step 2 and
+    stops at step 4, where the job was to stop (before: 4 steps past its checkpoint, so the run went on to its end)."""
+    args = _train(tiny_data, tmp_path / 'r', 2, '--ckpt-every', 1, '--max-steps', 6, '--stop-after', 4, '--dtype', 'float32')
+    rc, err = _faulty(tmp_path, args, restarts=1, AICSD_TEST_AT='step:3')
+    assert rc == 0 and 'torchrun restarted the job (restart 1)' in err, err[-5000:]
+    ck = torch.load(tmp_path / 'r' / 'last.pt', map_location='cpu', weights_only=True)
+    assert ck['global_step'] == 4, (ck['global_step'], err[-3000:])
 
 
 def test_a_restart_at_the_jobs_stop_after_keeps_its_evaluation(tiny_data, tmp_path):
@@ -127,7 +119,7 @@ def test_a_signal_to_one_process_after_the_last_step_is_said_once(tiny_data, tmp
     once (before: rank 1 left alone and rank 0 said another process had ended first, with no error anywhere)."""
     args = _train(tiny_data, tmp_path / 'r', 2, '--max-steps', 2, '--dtype', 'float32')
     rc, err = _faulty(tmp_path, args, AICSD_TEST_AT='finish', AICSD_TEST_SIGNAL='TERM')
-    said = _said(err)
+    said = said_lines(err)
     assert len(said) == 1 and said[0].startswith('aicsd: stopped by SIGTERM after the last step was checked') and \
            said[0].endswith('is written and the run is complete'), err[-3000:]
     assert torch.load(tmp_path / 'r' / 'last.pt', map_location='cpu', weights_only=True)['global_step'] == 2
@@ -139,6 +131,6 @@ def test_processes_wait_for_the_checkpoint_of_a_stop(tiny_data, tmp_path):
     (torchrun may still signal rank 0 after the write, while it exits: the processes' ends are not synchronised.)"""
     args = _train(tiny_data, tmp_path / 'r', 2, '--max-steps', 6, '--dtype', 'float32')
     rc, err = _faulty(tmp_path, args, AICSD_TEST_AT='step:3', AICSD_TEST_SIGNAL='TERM', AICSD_TEST_SLOW_SAVE='3')
-    said = _said(err)
+    said = said_lines(err)
     assert len(said) == 1 and said[0].startswith('aicsd: stopped by SIGTERM at step 3;'), err[-3000:]
     assert torch.load(tmp_path / 'r' / 'last.pt', map_location='cpu', weights_only=True)['global_step'] == 3
