@@ -289,7 +289,7 @@ class RunConfig(dict):
 _RENAMED = {'amp': ('precision', {'none': 'fp32'})}   # old key -> (new key, old value -> new value)
 
 def renamed_keys(given:dict)->dict:
-    "Keys of older configuration files under their new names (with one warning each); `--amp none` is `--precision fp32`."
+    "Keys of older configuration files under their new names (with one warning each); a file's `amp: none` is read as `precision: fp32`."
     out = dict(given)
     for old, (new, values) in _RENAMED.items():
         if old in out:
