@@ -526,6 +526,7 @@ def resume_changes(old:dict, # configuration stored in last.pt
     for o in OPTIONS:
         a, b = old.get(o.name, o.default), new.get(o.name, o.default)
         if a == b or o.resume == 'free': continue
+        if o.metavar in ('DIR', 'FILE', 'CKPT') and isinstance(a, str) and isinstance(b, str) and os.path.normpath(a) == os.path.normpath(b): continue   # syn/, ./syn
         if o.name == 'param' and _params_set(a) == _params_set(b): continue   # `ce.batch_average=false` is the term's own
         if o.commands == DISTILL_ONLY and new.get('mode') == 'train': continue   # train now refuses them; an older train run stored them
         if o.name == 'mode':                         # not a flag: the command

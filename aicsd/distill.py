@@ -687,7 +687,8 @@ def evaluate_checkpoint(ckpt:str|Path, # best.pt / last.pt of a run (or any file
         return {**{k: (v.tolist() if isinstance(v, Tensor) else float(v)) for k, v in res.items()},
                 'classes': names + [str(i) for i in range(len(names), nc)],
                 'checkpoint': dict(path=str(ckpt), global_step=ck.get('global_step'),   # what the numbers are of
-                                   **{k: trained.get(k) for k in _PROVENANCE_KEYS if k in trained}),
+                                   **{k: trained.get(k) for k in _PROVENANCE_KEYS if k in trained},
+                                   **({'changed_on_resume': ck['changes']} if ck.get('changes') else {})),
                 'protocol': {k: opts[k] for k in ('data', 'val_split', *_PROTOCOL_KEYS, 'max_val')}}
     finally:
         cleanup_distributed(owned, failed=failed)   # a failing rank leaves without waiting for the others
@@ -836,6 +837,7 @@ def fit(cfg:dict|None=None, # configuration (see `OPTIONS`); keys left out take 
                 ev()                                     # its result is recorded by the next checkpoint (or a signal's)
                 if done or (stop_at is not None and prog.step >= stop_at): ckpt.save_last(prog)   # nothing comes after
         if prog.step >= run.total and prog.eval_step != prog.step:   # stopped on the last step before its evaluation (Ctrl-C)
+            if prog.step_in_epoch: prog.epoch += 1; prog.step_in_epoch = 0   # that step's epoch is over, as in a run not stopped
             ev(); ckpt.save_last(prog)
         if prog.step >= run.total: ckpt.finish()
         elif run.main and not L.quiet:            # --stop-after: an unfinished run, said so

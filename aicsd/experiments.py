@@ -413,6 +413,7 @@ def run_demo(out:str|Path|None=None, # report folder (default runs/demo; with `q
                       + (": its run in this folder is resumed (or kept, if complete) ..." if resume and (d/'last.pt').exists() else " ..."), flush=True)
                 cfg = make_config(base, mode='distill', method=m, model=P['student'], seed=sd,
                                   teacher=str(tck) if reads_teacher(m) else None,   # baseline: none
+                                  teacher_bf16=False if reads_teacher(m) else None,   # every student sees one teacher (not a timing's pick)
                                   max_steps=P['student_steps'], out=str(d), **_overrides(parse_method(m)[0], weight, param))
                 if (cont := resume and (d/'last.pt').exists()): resumed += 1; kept += 1
                 else: replacing()

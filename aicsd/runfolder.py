@@ -247,6 +247,7 @@ class Checkpointer:
     def __init__(self, run):   # the engine's `Run`: its folder, networks, optimiser, rank
         self.run, self.last, self.best = run, run.out/'last.pt', run.out/'best.pt'
         self.prev = run.out/'last.prev.pt'   # the last.pt before the current one (see `resume`)
+        self.changes = []   # options changed by --resume sessions, [{'step': N, 'changes': [...]}]: kept in every checkpoint
         if run.main:   # temporary files of writes that were killed midway (they are never read): checkpoints, logs, figures
             sweep_temporaries(run.out, run.out/'figures')
 
@@ -270,7 +271,7 @@ def save_last(self:Checkpointer, prog:Progress):
         dist.all_gather_object(allst, st)
     else: allst = st
     if r.main:   # the new file complete on disk first, then two renames: last.pt -> last.prev.pt, new -> last.pt
-        tmp = write_temporary(dict(**self._student(), config=dict(r.cfg), objective=r.objective.record(), decided=dict(r.decided), teacher_sha256=getattr(r, 'teacher_sha256', None), modules=r.net.extras.state_dict(),
+        tmp = write_temporary(dict(**self._student(), config=dict(r.cfg), objective=r.objective.record(), decided=dict(r.decided), changes=self.changes, teacher_sha256=getattr(r, 'teacher_sha256', None), modules=r.net.extras.state_dict(),
                               optimizer={} if done else r.opt.state_dict(), scheduler=r.sched.state_dict(),
                               scaler=r.scaler.state_dict() if r.scaler is not None else {},
                               epoch=prog.epoch, step_in_epoch=prog.step_in_epoch, global_step=prog.step, eval_step=prog.eval_step, world=r.world,
@@ -285,7 +286,7 @@ def save_best(self:Checkpointer, prog:Progress):
     "Write `best.pt`: the student, its metrics, the configuration and the precision it was evaluated in (`decided`)."
     if self.run.main:
         save_checkpoint(self.best, **self._student(), config=dict(self.run.cfg), objective=self.run.objective.record(), metrics=prog.metrics,
-                        decided=dict(self.run.decided), epoch=prog.epoch, global_step=prog.step)
+                        decided=dict(self.run.decided), changes=self.changes, epoch=prog.epoch, global_step=prog.step)
 
 # %% ../nbs/07b_runfolder.ipynb #b3e0e15a
 RESUME_KEYS = ('config', 'model', 'optimizer', 'scheduler', 'rng', 'epoch', 'step_in_epoch', 'global_step', 'best_miou')   # what last.pt holds
@@ -356,7 +357,8 @@ def resume(self:Checkpointer)->Progress|None:
     if refused:
         raise ValueError(f"cannot resume {path}: {'; '.join(refused)}. These options define the run: resume with the values "
                          f"it was started with, or start a new run with another --out (or --force to move this one aside)")
-    if warned and r.main:
+    self.changes = list(ck.get('changes') or []) + ([dict(step=ck['global_step'], changes=warned)] if warned else [])   # (the
+    if warned and r.main:                            # config the checkpoints store is the latest session's)
         warn(f"--resume {path}: {'; '.join(warned)}; the rest of the run uses the new value(s)")
     self.resumed_from = path                         # last.pt, or last.prev.pt when last.pt could not be read
     r.student.load_state_dict(ck['model']); r.net.extras.load_state_dict(ck.get('modules', {}))

@@ -111,6 +111,7 @@ def test_compare_quick_every_method_defaults(tmp_path):
     kd, cwd = (torch.load(out / f'student-{m}' / 'seed0' / 'last.pt', map_location='cpu', weights_only=True)['config']
                for m in ('kd', 'cwd'))
     assert (kd['weight'], kd['param'], cwd['weight'], cwd['param']) == ({'kd': 2.0}, None, None, {'cwd': {'tau': 3}}), (kd, cwd)
+    assert kd['teacher_bf16'] is cwd['teacher_bf16'] is False      # one teacher precision for every student, not a timing's pick
     assert rows['kd']['terms'] == 'ce 1, kd 2' and rows['cwd']['terms'].endswith('[tau=3]'), rows
     assert rows['msem']['terms'] == 'ce 1, mse_logits 0.5; mse_logits is ok_terms.term_mse', rows['msem']
     assert '- msem: ce 1, mse_logits 0.5; mse_logits is ok_terms.term_mse\n' in (out / 'report.md').read_text()

@@ -1,5 +1,5 @@
 """Never lose a run, never use the wrong data silently: each case fails loudly, names the file or option, changes nothing."""
-import os, re, shutil, signal, subprocess, sys, time
+import json, os, re, shutil, signal, subprocess, sys, time
 import pytest
 import torch
 from conftest import ENV, aicsd_cmd, run, tiny_args
@@ -172,6 +172,14 @@ def test_resume_refuses_a_changed_schedule_and_warns_about_a_changed_crop(tiny_d
     assert torch.load(out / 'last.pt', map_location='cpu', weights_only=True)['global_step'] == 1      # unchanged
     r = run(_train(tiny_data, out, '--crop-size', 24, '--resume'), cwd=tmp_path, check=False)
     assert r.returncode == 0 and 'warning' in r.stderr and '--crop-size 32 -> 24' in r.stderr, r.stderr
+    # the checkpoints store the latest session's options and, beside them, what each --resume changed and from which step
+    changed = [dict(step=1, changes=['--crop-size 32 -> 24'])]
+    for f in ('last.pt', 'best.pt'):
+        ck = torch.load(out / f, map_location='cpu', weights_only=True)
+        assert (ck['config']['crop_size'], ck['changes']) == (24, changed), (f, ck['config']['crop_size'], ck.get('changes'))
+    run(aicsd_cmd() + ['evaluate', '--ckpt', out / 'best.pt', '--device', 'cpu', '--threads', 1, '--json', tmp_path / 'm.json'],
+        cwd=tmp_path)
+    assert json.loads((tmp_path / 'm.json').read_text())['checkpoint']['changed_on_resume'] == changed
 
 def test_device_and_teacher_backbone_messages(tiny_data, tmp_path):
     out = tmp_path / 't'

@@ -15,13 +15,13 @@ def _args(root, out, cmd=None):
 _KILLED = r'''
 import os, signal, sys
 from aicsd.runfolder import RunLog
-kill_at, row = int(sys.argv[1]), RunLog.row
+kill_at, sig, row = int(sys.argv[1]), getattr(signal, sys.argv[2]), RunLog.row
 def killing_row(self, name, step, values):
     row(self, name, step, values)
-    if name == 'train_log' and step == kill_at: os.kill(os.getpid(), signal.SIGKILL)
+    if name == 'train_log' and step == kill_at: os.kill(os.getpid(), sig)
 RunLog.row = killing_row
 from aicsd.cli import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(sys.argv[3:]))
 '''
 
 @pytest.fixture(scope='module')
@@ -31,16 +31,18 @@ def uninterrupted(tiny_data, tmp_path_factory):
     yield a
     shutil.rmtree(a.parent, ignore_errors=True)
 
-@pytest.mark.parametrize('kill_at, resumed_from', [(3, 2), (4, 3)])    # mid-epoch 1, and the end of epoch 1
-def test_sigkill_resume_bit_exact(tiny_data, tmp_path, uninterrupted, kill_at, resumed_from):
+@pytest.mark.parametrize('kill_at, sig, resumed_from', [(3, 'SIGKILL', 2), (4, 'SIGKILL', 3),   # mid-epoch 1, the end of
+                                                       (6, 'SIGINT', 6)])   # epoch 1; Ctrl-C on the last step, before its evaluation
+def test_sigkill_resume_bit_exact(tiny_data, tmp_path, uninterrupted, kill_at, sig, resumed_from):
     # random scale, crop and flip (and dropout) stay on: their randomness must resume too
     a, b = uninterrupted, tmp_path / 'b'
     (tmp_path / 'killed.py').write_text(_KILLED)
-    p = run(_args(tiny_data, b, [sys.executable, tmp_path / 'killed.py', kill_at]), cwd=tmp_path, check=False)
-    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    p = run(_args(tiny_data, b, [sys.executable, tmp_path / 'killed.py', kill_at, sig]), cwd=tmp_path, check=False)
+    assert p.returncode == (-signal.SIGKILL if sig == 'SIGKILL' else 130), p.stderr[-3000:]
     ck = torch.load(b / 'last.pt', map_location='cpu', weights_only=True)
     assert ck['global_step'] == resumed_from
-    assert f'\n{kill_at},' in (b / 'train_log.csv').read_text()          # a row the checkpoint does not hold
+    if sig == 'SIGKILL': assert f'\n{kill_at},' in (b / 'train_log.csv').read_text()   # a row the checkpoint does not hold
+    else: assert ck['eval_step'] == 3, ck['eval_step']                  # last.pt written before the last step's evaluation
     run(_args(tiny_data, b) + ['--resume'], cwd=tmp_path)
     sa, sb = state_dict(a / 'last.pt'), state_dict(b / 'last.pt')
     assert sa.keys() == sb.keys()
@@ -52,6 +54,12 @@ def test_sigkill_resume_bit_exact(tiny_data, tmp_path, uninterrupted, kill_at, r
     # the log of the resumed run has every step once, with the uninterrupted run's values (rows the killed session
     # wrote after its last checkpoint were dropped on resume)
     assert (a / 'train_log.csv').read_text() == (b / 'train_log.csv').read_text()
+    assert _rows(a / 'eval_log.csv') == _rows(b / 'eval_log.csv')       # each evaluation once, at its step and epoch
+    assert [(c['epoch'], c['step_in_epoch']) for c in (ca, cb)] == [(2, 0)] * 2, (ca['epoch'], cb['epoch'])
+
+def _rows(csv): # a log's rows without its columns of time
+    import csv as C
+    return [{k: v for k, v in r.items() if not k.startswith('time')} for r in C.DictReader(open(csv))]
 
 def test_the_cuda_layout_on_a_cpu_resumes_like_a_contiguous_run(tiny_data, tmp_path, monkeypatch, capsys):
     """Channels-last, the layout of every CUDA run, never runs in CI otherwise (`memory_format` gives it on CUDA only).
