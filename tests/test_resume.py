@@ -1,4 +1,5 @@
-"""Kill a run with SIGKILL between two checkpoints, resume it: its final weights equal an uninterrupted run's, bit for bit."""
+"""Kill a run with SIGKILL between two checkpoints (or Ctrl-C it on its last step), resume it: its final weights, logs and
+progress equal an uninterrupted run's, bit for bit."""
 import shutil, signal, sys
 import pytest
 import torch
@@ -33,7 +34,7 @@ def uninterrupted(tiny_data, tmp_path_factory):
 
 @pytest.mark.parametrize('kill_at, sig, resumed_from', [(3, 'SIGKILL', 2), (4, 'SIGKILL', 3),   # mid-epoch 1, the end of
                                                        (6, 'SIGINT', 6)])   # epoch 1; Ctrl-C on the last step, before its evaluation
-def test_sigkill_resume_bit_exact(tiny_data, tmp_path, uninterrupted, kill_at, sig, resumed_from):
+def test_killed_or_interrupted_run_resumes_bit_exact(tiny_data, tmp_path, uninterrupted, kill_at, sig, resumed_from):
     # random scale, crop and flip (and dropout) stay on: their randomness must resume too
     a, b = uninterrupted, tmp_path / 'b'
     (tmp_path / 'killed.py').write_text(_KILLED)
